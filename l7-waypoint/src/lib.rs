@@ -1,0 +1,4 @@
+//! `sinew-waypoint`: the optional L7 proxy (issue 5, not built yet).
+//!
+//! This crate holds its place in the workspace layout.
+#![forbid(unsafe_code)]

@@ -1,0 +1,220 @@
+//! The node agent's local API: what enrolls and un-enrolls pods on a node.
+//!
+//! One JSON object per line over a Unix socket, request then response, as many as the caller
+//! likes on one connection. The `sinew` CLI, the tests and (later) the chained CNI plugin all
+//! speak it through [`Client`], so the shape follows what a CNI ADD carries: the pod's UID, its
+//! network namespace path, and its cgroup, given or discovered from the UID.
+#![forbid(unsafe_code)]
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::IpAddr,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the agent listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/sinew/agent.sock";
+
+/// The largest request line the agent reads; longer lines are refused.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// A pod as the caller knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PodSpec {
+    /// Kubernetes pod UID (or any node-unique id in local mode): `[A-Za-z0-9._-]`, 1..=128.
+    pub uid: String,
+    /// Pod name.
+    pub name: String,
+    /// Kubernetes namespace; only pods of enrolled namespaces are captured.
+    pub namespace: String,
+    /// Service account, the identity the pod will hold.
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    /// Path of the pod's network namespace, such as `/var/run/netns/<name>`.
+    pub netns: PathBuf,
+    /// The pod's cgroup v2 directory; discovered from the UID when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    /// The pod's addresses.
+    pub ips: Vec<IpAddr>,
+}
+
+fn default_service_account() -> String {
+    "default".into()
+}
+
+/// A request to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Add a pod (idempotent for the same spec).
+    Enroll {
+        /// The pod.
+        pod: PodSpec,
+    },
+    /// Remove a pod and everything attached for it.
+    Unenroll {
+        /// The pod's UID.
+        uid: String,
+    },
+    /// The agent's pods and counters.
+    Status {},
+}
+
+/// A pod as the agent holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    /// What the caller sent, with the cgroup filled in.
+    pub spec: PodSpec,
+    /// True when the pod's traffic goes through the agent.
+    pub captured: bool,
+    /// Why it is not captured, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Connection counters since the agent started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Counters {
+    /// Connections captured leaving a pod.
+    pub outbound: u64,
+    /// Connections captured arriving at a pod.
+    pub inbound: u64,
+    /// Connections open now.
+    pub active: u64,
+    /// Captured connections whose upstream could not be reached.
+    pub upstream_errors: u64,
+    /// Captured connections whose original destination could not be recovered.
+    pub original_dst_errors: u64,
+}
+
+/// The agent's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// Every pod the agent knows, captured or not.
+    pub pods: Vec<PodStatus>,
+    /// Connection counters.
+    pub counters: Counters,
+}
+
+/// The agent's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    /// The pod is known to the agent now.
+    Enrolled(PodStatus),
+    /// The pod is gone, with everything attached for it.
+    Unenrolled {
+        /// The pod's UID.
+        uid: String,
+    },
+    /// Answer to [`Request::Status`].
+    Status(AgentStatus),
+    /// The request was refused and nothing changed.
+    Error {
+        /// What was wrong, naming the field or resource.
+        message: String,
+    },
+}
+
+/// Failures talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket could not be reached.
+    #[error("cannot reach the agent at {path}: {source} (is sinew-agent running?)")]
+    Connect {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Reading or writing failed mid-request.
+    #[error("talking to the agent at {path}: {source}")]
+    Io {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The agent's answer was not a response.
+    #[error("the agent at {path} sent an unreadable response: {source}")]
+    Decode {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: serde_json::Error,
+    },
+    /// The agent refused the request.
+    #[error("the agent refused: {0}")]
+    Refused(String),
+}
+
+/// A blocking client of the local API.
+pub struct Client {
+    path: PathBuf,
+    timeout: Duration,
+}
+
+impl Client {
+    /// A client of the agent listening at `path`.
+    pub fn new(path: impl AsRef<Path>) -> Self {
+        Self { path: path.as_ref().to_path_buf(), timeout: Duration::from_secs(30) }
+    }
+
+    /// Sends one request; an [`Response::Error`] becomes [`ClientError::Refused`].
+    pub fn call(&self, request: &Request) -> Result<Response, ClientError> {
+        let mut line = serde_json::to_vec(request).expect("requests always serialize");
+        line.push(b'\n');
+        match self.call_raw(&line)? {
+            Response::Error { message } => Err(ClientError::Refused(message)),
+            r => Ok(r),
+        }
+    }
+
+    /// Sends raw bytes as one request line and reads one response (for testing bad input).
+    pub fn call_raw(&self, line: &[u8]) -> Result<Response, ClientError> {
+        let io = |source| ClientError::Io { path: self.path.clone(), source };
+        let mut stream = UnixStream::connect(&self.path)
+            .map_err(|source| ClientError::Connect { path: self.path.clone(), source })?;
+        stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
+        stream.write_all(line).map_err(io)?;
+        let mut reader = BufReader::new(stream);
+        let mut answer = String::new();
+        reader.read_line(&mut answer).map_err(io)?;
+        serde_json::from_str(&answer)
+            .map_err(|source| ClientError::Decode { path: self.path.clone(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enroll_request_round_trips_with_defaults() {
+        let line = r#"{"op":"enroll","pod":{"uid":"u1","name":"a","namespace":"n","netns":"/run/netns/a","ips":["198.18.0.2","2001:2::2"]}}"#;
+        let req: Request = serde_json::from_str(line).unwrap();
+        let Request::Enroll { pod } = &req else { panic!("{req:?}") };
+        assert_eq!(pod.service_account, "default");
+        assert_eq!(pod.cgroup, None);
+        assert_eq!(pod.ips.len(), 2);
+        let again: Request = serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
+        assert_eq!(again, req);
+    }
+
+    #[test]
+    fn unknown_fields_and_ops_are_refused() {
+        assert!(serde_json::from_str::<Request>(r#"{"op":"status","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
+        let bad_ip = r#"{"op":"enroll","pod":{"uid":"u","name":"a","namespace":"n","netns":"/x","ips":["300.1.1.1"]}}"#;
+        assert!(serde_json::from_str::<Request>(bad_ip).is_err());
+    }
+}

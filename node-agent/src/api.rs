@@ -1,0 +1,77 @@
+//! The local API server: JSON lines over a Unix socket (see `sinew-local-api`).
+
+use std::sync::Arc;
+
+use sinew_local_api::{MAX_REQUEST_BYTES, Request, Response};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::{debug, warn};
+
+use crate::pods::Registry;
+
+/// Serves requests until the task is aborted.
+pub async fn serve(listener: UnixListener, registry: Arc<Registry>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(connection(stream, registry.clone()));
+            }
+            Err(e) => {
+                warn!(error = %e, "local API accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(stream: UnixStream, registry: Arc<Registry>) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // One byte past the limit tells an oversized request from one that just fits.
+        let n = match (&mut reader)
+            .take(MAX_REQUEST_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) => return debug!(error = %e, "local API read failed"),
+        };
+        let oversized = n > MAX_REQUEST_BYTES;
+        let response = if oversized {
+            Response::Error { message: format!("request longer than {MAX_REQUEST_BYTES} bytes") }
+        } else {
+            handle(&line, &registry).await
+        };
+        let mut out = serde_json::to_vec(&response).expect("responses always serialize");
+        out.push(b'\n');
+        if write.write_all(&out).await.is_err() || oversized {
+            return;
+        }
+    }
+}
+
+async fn handle(line: &[u8], registry: &Arc<Registry>) -> Response {
+    let request: Request = match serde_json::from_slice(line) {
+        Ok(r) => r,
+        Err(e) => return Response::Error { message: format!("malformed request: {e}") },
+    };
+    let registry = registry.clone();
+    // Enrollment enters namespaces and touches bpffs: keep it off the data path's workers.
+    let result = tokio::task::spawn_blocking(move || match request {
+        Request::Enroll { pod } => registry.enroll(pod).map(Response::Enrolled),
+        Request::Unenroll { uid } => registry.unenroll(&uid).map(|()| Response::Unenrolled { uid }),
+        Request::Status {} => Ok(Response::Status(registry.status())),
+    })
+    .await;
+    match result {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Response::Error { message: e.to_string() },
+        Err(e) => Response::Error { message: format!("internal error: {e}") },
+    }
+}

@@ -1,0 +1,104 @@
+//! cgroup v2: where it is mounted, joining the agent's own cgroup, finding a pod's cgroup.
+
+use std::path::{Path, PathBuf};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// No cgroup2 line in /proc/mounts.
+    #[error("no cgroup v2 hierarchy is mounted (looked for a cgroup2 line in /proc/mounts)")]
+    NoCgroup2,
+    /// A path given as a pod cgroup is not a cgroup v2 directory.
+    #[error("cgroup {path}: {reason}")]
+    Invalid {
+        /// The path.
+        path: PathBuf,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// Discovery by UID found nothing.
+    #[error("no cgroup found for pod uid {uid} under {root}")]
+    NotFound {
+        /// Pod UID.
+        uid: String,
+        /// Where we looked.
+        root: PathBuf,
+    },
+    /// An I/O error on a cgroup file.
+    #[error("cgroup {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// The cgroup v2 mount point, read from /proc/mounts (hybrid hosts mount it at
+/// /sys/fs/cgroup/unified, pure v2 hosts at /sys/fs/cgroup).
+pub fn v2_mount() -> Result<PathBuf, CgroupError> {
+    let mounts = std::fs::read_to_string("/proc/mounts")
+        .map_err(|source| CgroupError::Io { path: "/proc/mounts".into(), source })?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .next()
+        .ok_or(CgroupError::NoCgroup2)
+}
+
+/// Moves this whole process into `dir` (created if missing), so that its sockets are never
+/// matched by programs attached to pod cgroups.
+pub fn join(dir: &Path) -> Result<(), CgroupError> {
+    let io = |source| CgroupError::Io { path: dir.to_path_buf(), source };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).map_err(io)
+}
+
+/// Checks that `path` is a cgroup v2 directory below `root`.
+pub fn validate(root: &Path, path: &Path) -> Result<PathBuf, CgroupError> {
+    let invalid =
+        |reason: &str| CgroupError::Invalid { path: path.to_path_buf(), reason: reason.into() };
+    let canonical = path.canonicalize().map_err(|e| invalid(&format!("does not exist ({e})")))?;
+    if !canonical.starts_with(root) {
+        return Err(invalid(&format!(
+            "is not inside the cgroup v2 hierarchy at {}",
+            root.display()
+        )));
+    }
+    if !canonical.join("cgroup.procs").exists() {
+        return Err(invalid("is not a cgroup directory (no cgroup.procs)"));
+    }
+    if canonical == root {
+        return Err(invalid("is the root cgroup; a pod needs its own"));
+    }
+    Ok(canonical)
+}
+
+/// Finds a pod's cgroup from its UID the way kubelet names them: `pod<uid>` with the cgroupfs
+/// driver, `...-pod<uid_with_underscores>.slice` with systemd. Depth-limited.
+pub fn discover(root: &Path, uid: &str) -> Result<PathBuf, CgroupError> {
+    let plain = format!("pod{uid}");
+    let systemd = format!("pod{}.slice", uid.replace('-', "_"));
+    let mut stack = vec![(root.to_path_buf(), 0u32)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.filter_map(Result::ok) {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name == plain || name.ends_with(&systemd) {
+                return Ok(entry.path());
+            }
+            if depth < 5 {
+                stack.push((entry.path(), depth + 1));
+            }
+        }
+    }
+    Err(CgroupError::NotFound { uid: uid.into(), root: root.to_path_buf() })
+}

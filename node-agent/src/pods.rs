@@ -1,0 +1,388 @@
+//! The agent's pods: enrollment, capture, un-enrollment, persistence and re-adoption.
+//!
+//! Every change is checked in full before anything is touched, and undone if a later step
+//! fails, so a refused request changes nothing. Known pods are persisted to
+//! `<state-dir>/pods.json` so a restarted agent re-creates its in-pod listeners and re-adopts
+//! the pinned programs that kept the pods failing closed meanwhile.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use sinew_ebpf_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, SLOT_PLAINTEXT};
+use sinew_local_api::{AgentStatus, PodSpec, PodStatus};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::{
+    bpf::{self, BpfError, Capture},
+    cgroup::{self, CgroupError},
+    netns::{Netns, NetnsError},
+    proxy::{self, Direction, PodNet, Stats},
+};
+
+/// Why a request was refused. Nothing changed when one of these is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    /// A field of the request is invalid.
+    #[error("pod {uid}: field {field}: {reason}")]
+    Invalid {
+        /// Pod UID as sent.
+        uid: String,
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The UID is enrolled already with a different spec.
+    #[error("pod {0} is already enrolled with a different spec; un-enroll it first")]
+    Conflict(String),
+    /// No such pod.
+    #[error("pod {0} is not enrolled")]
+    Unknown(String),
+    /// The network namespace is unusable.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    /// The cgroup is unusable.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// Attaching failed.
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    /// A listener could not be created inside the pod.
+    #[error("pod {uid}: listener {addr}: {source}")]
+    Listener {
+        /// Pod UID.
+        uid: String,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The state file could not be written.
+    #[error("state file {path}: {source}")]
+    State {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Static settings the pod registry needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Pins live here.
+    pub bpffs_dir: PathBuf,
+    /// `pods.json` lives here.
+    pub state_dir: PathBuf,
+    /// Namespace resources are read from here.
+    pub config_dir: PathBuf,
+    /// The cgroup v2 mount.
+    pub cgroup_root: PathBuf,
+}
+
+struct Pod {
+    status: PodStatus,
+    /// Listener tasks; aborting them closes the listeners (and drops them from the SockHash).
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// All pods of this node.
+pub struct Registry {
+    settings: Settings,
+    capture: Mutex<Capture>,
+    pods: Mutex<BTreeMap<String, Pod>>,
+    stats: Arc<Stats>,
+}
+
+impl Registry {
+    /// A registry over loaded programs.
+    pub fn new(settings: Settings, capture: Capture, stats: Arc<Stats>) -> Self {
+        Self { settings, capture: Mutex::new(capture), pods: Mutex::new(BTreeMap::new()), stats }
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.settings.state_dir.join("pods.json")
+    }
+
+    /// Re-adopts the pods of the state file (after a restart). Pods whose namespace is gone are
+    /// dropped with their pins; others are logged and kept for a later retry by the caller.
+    pub fn restore(&self) -> Result<usize, PodError> {
+        let path = self.state_file();
+        let specs: Vec<PodSpec> = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| PodError::State {
+                path: path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => return Err(PodError::State { path, source }),
+        };
+        let mut restored = 0;
+        for spec in specs {
+            let uid = spec.uid.clone();
+            match self.enroll(spec) {
+                Ok(_) => restored += 1,
+                Err(e) => {
+                    warn!(pod = %uid, error = %e, "dropping a pod that cannot be re-adopted");
+                    let _ = bpf::detach_pod(&self.settings.bpffs_dir, &uid);
+                }
+            }
+        }
+        self.persist()?;
+        Ok(restored)
+    }
+
+    /// Adds a pod; captures it when its namespace is enrolled. Idempotent for the same spec.
+    pub fn enroll(&self, mut spec: PodSpec) -> Result<PodStatus, PodError> {
+        validate(&spec)?;
+        spec.cgroup = Some(match &spec.cgroup {
+            Some(p) => cgroup::validate(&self.settings.cgroup_root, p)?,
+            None => cgroup::discover(&self.settings.cgroup_root, &spec.uid)?,
+        });
+        let netns = Netns::open(&spec.netns)?;
+
+        let mut pods = self.pods.lock().expect("pod registry lock poisoned");
+        if let Some(existing) = pods.get(&spec.uid) {
+            return if existing.status.spec == spec {
+                Ok(existing.status.clone())
+            } else {
+                Err(PodError::Conflict(spec.uid))
+            };
+        }
+        let config = sinew_model::load_dir(&self.settings.config_dir);
+        for e in &config.errors {
+            warn!(error = %e, "ignoring invalid configuration");
+        }
+        let (pod, captured) = if config.namespace_is_ambient(&spec.namespace) {
+            let tasks = self.capture_pod(&spec, netns)?;
+            (Pod { status: PodStatus { spec, captured: true, reason: None }, tasks }, true)
+        } else {
+            let reason = format!(
+                "namespace {:?} is not enrolled (label {}={})",
+                spec.namespace,
+                sinew_model::DATAPLANE_MODE_LABEL,
+                sinew_model::DATAPLANE_MODE_AMBIENT
+            );
+            (
+                Pod {
+                    status: PodStatus { spec, captured: false, reason: Some(reason) },
+                    tasks: vec![],
+                },
+                false,
+            )
+        };
+        let status = pod.status.clone();
+        let uid = status.spec.uid.clone();
+        pods.insert(uid.clone(), pod);
+        drop(pods);
+        if let Err(e) = self.persist() {
+            // Undo so that the refusal leaves nothing behind.
+            self.unenroll(&uid).ok();
+            return Err(e);
+        }
+        info!(pod = %uid, captured, "enrolled");
+        Ok(status)
+    }
+
+    /// Creates the pod's listeners, registers its addresses and attaches the programs.
+    fn capture_pod(&self, spec: &PodSpec, netns: Netns) -> Result<Vec<JoinHandle<()>>, PodError> {
+        let uid = &spec.uid;
+        let listen = |addr: SocketAddr, dual: bool| {
+            proxy::listen_in(&netns, addr, dual).map_err(|source| PodError::Listener {
+                uid: uid.clone(),
+                addr,
+                source,
+            })
+        };
+        let out4 = listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT), false)?;
+        // IPv6 may be disabled in the pod; then IPv4 listeners serve alone.
+        let out6 = listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT), false).ok();
+        let inbound = listen(proxy::any(true, INBOUND_PLAINTEXT_PORT), true)
+            .or_else(|_| listen(proxy::any(false, INBOUND_PLAINTEXT_PORT), false))?;
+
+        let mut capture = self.capture.lock().expect("capture lock poisoned");
+        let undo = |capture: &mut Capture| {
+            for ip in &spec.ips {
+                capture.remove_addr(*ip);
+            }
+            let _ = bpf::detach_pod(&self.settings.bpffs_dir, uid);
+        };
+        let mut register = || -> Result<(), PodError> {
+            for ip in &spec.ips {
+                capture.set_listener(*ip, SLOT_PLAINTEXT, &inbound)?;
+                capture.add_addr(*ip)?;
+            }
+            if !capture.pod_attached(uid) {
+                let cgroup = spec.cgroup.as_deref().expect("cgroup resolved before capture");
+                capture.attach_pod(uid, cgroup, &netns)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = register() {
+            undo(&mut capture);
+            return Err(e);
+        }
+        drop(capture);
+
+        let pod = Arc::new(PodNet {
+            name: format!("{}/{}", spec.namespace, spec.name),
+            netns,
+            stats: self.stats.clone(),
+        });
+        let mut tasks = Vec::new();
+        for (l, dir) in [
+            (Some(out4), Direction::Outbound),
+            (out6, Direction::Outbound),
+            (Some(inbound), Direction::Inbound),
+        ] {
+            let Some(l) = l else { continue };
+            let l = TcpListener::from_std(l).map_err(|source| PodError::Listener {
+                uid: uid.clone(),
+                addr: proxy::any(false, 0),
+                source,
+            })?;
+            tasks.push(tokio::spawn(proxy::serve(l, dir, pod.clone())));
+        }
+        Ok(tasks)
+    }
+
+    /// Removes a pod: its links, addresses and listeners. Connections already open finish.
+    pub fn unenroll(&self, uid: &str) -> Result<(), PodError> {
+        let pod = self
+            .pods
+            .lock()
+            .expect("pod registry lock poisoned")
+            .remove(uid)
+            .ok_or_else(|| PodError::Unknown(uid.into()))?;
+        bpf::detach_pod(&self.settings.bpffs_dir, uid)?;
+        let mut capture = self.capture.lock().expect("capture lock poisoned");
+        for ip in &pod.status.spec.ips {
+            capture.remove_addr(*ip);
+        }
+        drop(capture);
+        drop(pod);
+        self.persist()?;
+        info!(pod = %uid, "un-enrolled");
+        Ok(())
+    }
+
+    /// Pods and counters.
+    pub fn status(&self) -> AgentStatus {
+        let pods = self.pods.lock().expect("pod registry lock poisoned");
+        AgentStatus {
+            pods: pods.values().map(|p| p.status.clone()).collect(),
+            counters: self.stats.snapshot(),
+        }
+    }
+
+    fn persist(&self) -> Result<(), PodError> {
+        let specs: Vec<PodSpec> = self
+            .pods
+            .lock()
+            .expect("pod registry lock poisoned")
+            .values()
+            .map(|p| p.status.spec.clone())
+            .collect();
+        let path = self.state_file();
+        let err = |source| PodError::State { path: path.clone(), source };
+        std::fs::create_dir_all(&self.settings.state_dir).map_err(err)?;
+        let tmp = path.with_extension("json.tmp");
+        let json = serde_json::to_vec_pretty(&specs).expect("pod specs always serialize");
+        std::fs::write(&tmp, json).map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)
+    }
+}
+
+/// Field checks that need no system access.
+fn validate(spec: &PodSpec) -> Result<(), PodError> {
+    let invalid = |field, reason: &str| PodError::Invalid {
+        uid: spec.uid.clone(),
+        field,
+        reason: reason.into(),
+    };
+    if spec.uid.is_empty()
+        || spec.uid.len() > 128
+        || !spec.uid.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        || spec.uid.starts_with('.')
+    {
+        return Err(invalid(
+            "uid",
+            "must be 1 to 128 characters of [A-Za-z0-9._-], not starting with '.'",
+        ));
+    }
+    if !sinew_model::is_dns_label(&spec.namespace) {
+        return Err(invalid("namespace", "must be an RFC 1123 label"));
+    }
+    if spec.name.is_empty() || spec.name.len() > 253 {
+        return Err(invalid("name", "must be 1 to 253 characters"));
+    }
+    if spec.service_account.is_empty() {
+        return Err(invalid("serviceAccount", "must not be empty"));
+    }
+    if spec.ips.is_empty() {
+        return Err(invalid("ips", "a pod needs at least one address"));
+    }
+    if let Some(ip) =
+        spec.ips.iter().find(|ip| ip.is_loopback() || ip.is_unspecified() || ip.is_multicast())
+    {
+        return Err(invalid("ips", &format!("{ip} cannot be a pod address")));
+    }
+    if !spec.netns.is_absolute() {
+        return Err(invalid("netns", "must be an absolute path"));
+    }
+    Ok(())
+}
+
+/// The state directory's pod file, for `cleanup`.
+pub fn state_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("pods.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+
+    fn spec() -> PodSpec {
+        PodSpec {
+            uid: "u-1".into(),
+            name: "client".into(),
+            namespace: "demo".into(),
+            service_account: "default".into(),
+            netns: "/run/netns/x".into(),
+            cgroup: None,
+            ips: vec!["198.18.1.2".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        assert!(validate(&spec()).is_ok());
+        let cases: [(fn(&mut PodSpec), &str); 5] = [
+            (|s| s.uid = "../etc".into(), "uid"),
+            (|s| s.namespace = "Demo".into(), "namespace"),
+            (|s| s.ips.clear(), "ips"),
+            (|s| s.ips = vec![IpAddr::from([127, 0, 0, 1])], "ips"),
+            (|s| s.netns = "relative".into(), "netns"),
+        ];
+        for (mutate, field) in cases {
+            let mut s = spec();
+            mutate(&mut s);
+            let err = validate(&s).unwrap_err().to_string();
+            assert!(err.contains(&format!("field {field}:")), "{err}");
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The data path: accept captured connections inside a pod's namespace, recover where they
+//! were going, connect there from inside the right namespace, and copy bytes both ways with
+//! half-close and reset carried across.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use sinew_ebpf_common::{OUTBOUND_PORT, SO_ORIGINAL_DST};
+use socket2::{Domain, SockRef};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::{debug, warn};
+
+use crate::netns::Netns;
+
+/// Bytes buffered per direction; large enough that a single stream is not limited by
+/// syscalls, small enough for thousands of connections.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// Connection counters, shared by every pod's tasks.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// See [`sinew_local_api::Counters`].
+    pub outbound: AtomicU64,
+    /// See [`sinew_local_api::Counters`].
+    pub inbound: AtomicU64,
+    /// See [`sinew_local_api::Counters`].
+    pub active: AtomicU64,
+    /// See [`sinew_local_api::Counters`].
+    pub upstream_errors: AtomicU64,
+    /// See [`sinew_local_api::Counters`].
+    pub original_dst_errors: AtomicU64,
+}
+
+impl Stats {
+    /// A snapshot for the local API.
+    pub fn snapshot(&self) -> sinew_local_api::Counters {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        sinew_local_api::Counters {
+            outbound: g(&self.outbound),
+            inbound: g(&self.inbound),
+            active: g(&self.active),
+            upstream_errors: g(&self.upstream_errors),
+            original_dst_errors: g(&self.original_dst_errors),
+        }
+    }
+}
+
+/// Which way a listener's connections go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Leaving the pod (its 15001 listener).
+    Outbound,
+    /// Arriving at the pod (its 15006 listener).
+    Inbound,
+}
+
+/// What a pod's tasks share.
+pub struct PodNet {
+    /// `namespace/name`, for logs.
+    pub name: String,
+    /// The pod's network namespace.
+    pub netns: Netns,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+/// Accepts on `listener` until the task is aborted.
+pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodNet>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer, direction, pod.clone()));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning; the listener stays.
+                warn!(pod = %pod.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, pod: Arc<PodNet>) {
+    let stats = &pod.stats;
+    let target = match direction {
+        Direction::Outbound => {
+            stats.outbound.fetch_add(1, Ordering::Relaxed);
+            original_dst(&downstream)
+        }
+        Direction::Inbound => {
+            stats.inbound.fetch_add(1, Ordering::Relaxed);
+            // sk_lookup keeps the destination the client used: it is our local address.
+            downstream.local_addr().map(canonical)
+        }
+    };
+    let target = match target {
+        Ok(t) if !(direction == Direction::Outbound && is_own_listener(t)) => t,
+        Ok(t) => {
+            warn!(pod = %pod.name, %peer, %t, "refusing a connection to the agent's own listener");
+            return reset(&downstream);
+        }
+        Err(e) => {
+            stats.original_dst_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(pod = %pod.name, %peer, error = %e, "original destination unknown");
+            return reset(&downstream);
+        }
+    };
+    let upstream = match connect_in(&pod.netns, target).await {
+        Ok(u) => u,
+        Err(e) => {
+            stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            debug!(pod = %pod.name, %peer, %target, error = %e, "upstream connect failed");
+            return reset(&downstream);
+        }
+    };
+    stats.active.fetch_add(1, Ordering::Relaxed);
+    debug!(pod = %pod.name, ?direction, %peer, %target, "proxying");
+    let result = copy(downstream, upstream).await;
+    stats.active.fetch_sub(1, Ordering::Relaxed);
+    if let Err(e) = result {
+        debug!(pod = %pod.name, %peer, %target, error = %e, "connection ended with an error");
+    }
+}
+
+/// Copies both ways; an EOF is passed on as a FIN (half-close), an error as a reset.
+async fn copy(mut a: TcpStream, mut b: TcpStream) -> io::Result<(u64, u64)> {
+    let result =
+        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER, COPY_BUFFER).await;
+    if result.is_err() {
+        // One side was reset or failed: reset the other rather than let it see a clean end.
+        reset(&a);
+        reset(&b);
+    }
+    result
+}
+
+/// Makes the next close send RST instead of FIN.
+fn reset(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+fn is_own_listener(addr: SocketAddr) -> bool {
+    addr.port() == OUTBOUND_PORT && addr.ip().is_loopback()
+}
+
+/// Folds IPv4-mapped IPv6 addresses (from dual-stack listeners) to IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Connects to `target` from a socket created inside `netns`.
+pub async fn connect_in(netns: &Netns, target: SocketAddr) -> io::Result<TcpStream> {
+    let sock = netns.tcp_socket(Domain::for_address(target))?;
+    sock.set_nonblocking(true)?;
+    sock.set_tcp_nodelay(true)?;
+    TcpSocket::from_std_stream(sock.into()).connect(target).await
+}
+
+/// Asks the kernel (our getsockopt program) where an outbound connection was going.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    // SAFETY: `storage` is larger than the `len` bytes we offer the kernel.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_IP,
+            SO_ORIGINAL_DST,
+            (&raw mut storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    match storage.ss_family as i32 {
+        libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says sockaddr_in and the kernel wrote that many bytes.
+            let sin: libc::sockaddr_in = unsafe { std::ptr::read((&raw const storage).cast()) };
+            let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+        }
+        libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read((&raw const storage).cast()) };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Ok(canonical(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sin6.sin6_port), 0, 0))))
+        }
+        family => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("SO_ORIGINAL_DST returned family {family}, length {len}"),
+        )),
+    }
+}
+
+/// Binds a listener inside `netns`. `dual_stack` lets an IPv6 wildcard also take IPv4.
+pub fn listen_in(
+    netns: &Netns,
+    addr: SocketAddr,
+    dual_stack: bool,
+) -> io::Result<std::net::TcpListener> {
+    let sock = netns.tcp_socket(Domain::for_address(addr))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(!dual_stack)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    Ok(sock.into())
+}
+
+/// True for addresses of the unspecified kind (used to pick wildcard listeners).
+pub fn any(v6: bool, port: u16) -> SocketAddr {
+    let ip: IpAddr = if v6 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+    SocketAddr::new(ip, port)
+}

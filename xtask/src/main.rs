@@ -1,0 +1,92 @@
+//! `cargo xtask`: builds the eBPF objects and drives the demo, the tests and the benchmarks.
+//!
+//! Every command first ensures what it needs (see [`setup`]), so a fresh machine goes from
+//! clone to a running mesh with `cargo xtask demo` and to every test tier with
+//! `cargo xtask test`.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Sinew's build, demo, test and benchmark driver")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing (apt packages, rust-src, bpf-linker) and mount bpffs.
+    Setup,
+    /// Build the eBPF object into target/ebpf/sinew.bpf.o.
+    BuildEbpf,
+    /// Build the eBPF object and every binary (debug).
+    Build,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => {
+            setup::ebpf_toolchain()?;
+            setup::runtime()
+        }
+        Cmd::BuildEbpf => build_ebpf().map(|_| ()),
+        Cmd::Build => build_all(),
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Builds the kernel programs and copies the object to `target/ebpf/sinew.bpf.o`.
+fn build_ebpf() -> Result<PathBuf> {
+    setup::ebpf_toolchain()?;
+    let root = workspace();
+    let target_dir = root.join("target/bpf");
+    println!("build-ebpf: cargo build -p sinew-ebpf --target bpfel-unknown-none");
+    // RUSTC_BOOTSTRAP only here: -Z build-std=core on stable, for this one build.
+    let flags =
+        ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f");
+    setup::run(
+        Command::new(env!("CARGO"))
+            .current_dir(&root)
+            .args(["build", "--package", "sinew-ebpf", "--bins", "--release"])
+            .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env("CARGO_ENCODED_RUSTFLAGS", flags)
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER"),
+    )?;
+    let built = target_dir.join("bpfel-unknown-none/release/sinew-ebpf");
+    let out_dir = root.join("target/ebpf");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = out_dir.join("sinew.bpf.o");
+    std::fs::copy(&built, &out).with_context(|| format!("copying {}", built.display()))?;
+    println!("build-ebpf: {}", out.display());
+    Ok(out)
+}
+
+fn build_all() -> Result<()> {
+    build_ebpf()?;
+    println!("build: cargo build --workspace --bins");
+    setup::run(Command::new(env!("CARGO")).current_dir(workspace()).args([
+        "build",
+        "--workspace",
+        "--bins",
+        "--exclude",
+        "sinew-ebpf",
+    ]))
+}
