@@ -1,1 +1,15 @@
+//! Test support: a local cluster of "nodes" and "pods" built from real network namespaces,
+//! veth pairs, bridges and cgroup v2 directories, with real `sinew-agent` processes.
+//!
+//! Everything a [`Cluster`] creates is torn down when it is dropped, including when a test
+//! panics: processes are killed, namespaces deleted, cgroups removed, pins unlinked.
+//! Addresses come from 198.18.0.0/15 and 2001:2::/48 only, inside namespaces made here.
+//!
+//! Topology: a `fabric` namespace holds a bridge; node k has an uplink on it (198.18.0.k,
+//! 2001:2:0:ff::k) and a bridge of its own for its pods (198.18.k.0/24, 2001:2:0:k::/64).
+//! Nodes route each other's pod subnets, like a flat CNI.
 
+pub mod cluster;
+pub mod wire;
+
+pub use cluster::{Agent, Cluster, Node, Pod};

@@ -1,0 +1,235 @@
+//! `sinew-testapp`: the application the tests, the demo and the benchmarks run inside pods.
+//!
+//! `serve` answers the protocol of `sinew_test_util::wire`; the client commands exit non-zero
+//! with a message when anything differs from what was expected.
+
+use std::{
+    net::{Ipv6Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use sinew_test_util::wire::{CHUNK, Checksum, Stream, expected};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpSocket, TcpStream},
+};
+
+const USAGE: &str = "usage: sinew-testapp serve PORT... | xfer TARGET UP DOWN SEED | \
+many TARGETS(,) COUNT | sink TARGET SECS | ping TARGET COUNT";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let arg = |i: usize| args.get(i).map(String::as_str).context(USAGE);
+    rt.block_on(async {
+        match arg(0)? {
+            "serve" => serve(args[1..].iter().map(|p| p.parse()).collect::<Result<_, _>>()?).await,
+            "xfer" => {
+                xfer(arg(1)?.parse()?, arg(2)?.parse()?, arg(3)?.parse()?, arg(4)?.parse()?).await
+            }
+            "many" => {
+                let targets =
+                    arg(1)?.split(',').map(str::parse).collect::<Result<Vec<SocketAddr>, _>>()?;
+                many(targets, arg(2)?.parse()?).await
+            }
+            "sink" => sink(arg(1)?.parse()?, arg(2)?.parse()?).await,
+            "ping" => ping(arg(1)?.parse()?, arg(2)?.parse()?).await,
+            _ => bail!(USAGE),
+        }
+    })
+}
+
+async fn serve(ports: Vec<u16>) -> Result<()> {
+    ensure!(!ports.is_empty(), USAGE);
+    let mut tasks = Vec::new();
+    for port in ports {
+        let sock = TcpSocket::new_v6()?;
+        sock.set_reuseaddr(true)?;
+        // Dual-stack: IPv4 arrives as IPv4-mapped addresses.
+        socket2::SockRef::from(&sock).set_only_v6(false)?;
+        sock.bind(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port))?;
+        let l: TcpListener = sock.listen(4096)?;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                if let Ok((s, _)) = l.accept().await {
+                    tokio::spawn(async move {
+                        if let Err(e) = answer(s).await {
+                            eprintln!("serve: {e:#}");
+                        }
+                    });
+                }
+            }
+        }));
+    }
+    println!("ready");
+    for t in tasks {
+        t.await?;
+    }
+    Ok(())
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+async fn answer(s: TcpStream) -> Result<()> {
+    let local = canonical(s.local_addr()?);
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::new(r);
+    let mut line = String::new();
+    r.read_line(&mut line).await?;
+    let f: Vec<&str> = line.split_whitespace().collect();
+    match f.as_slice() {
+        ["ADDR"] => {
+            w.write_all(format!("{local}\n").as_bytes()).await?;
+            // Hold the connection until the client is done, so they are all open at once.
+            let mut rest = Vec::new();
+            r.read_to_end(&mut rest).await?;
+        }
+        ["PING"] => w.write_all(b"P").await?,
+        ["SINK"] => {
+            let n = tokio::io::copy(&mut r, &mut tokio::io::sink()).await?;
+            w.write_all(format!("{n}\n").as_bytes()).await?;
+        }
+        ["XFER", up, down, seed] => {
+            let (up, down, seed): (usize, usize, u64) = (up.parse()?, down.parse()?, seed.parse()?);
+            let writer = tokio::spawn(async move {
+                send(&mut w, seed.wrapping_add(1), down).await?;
+                anyhow::Ok(w)
+            });
+            let got = receive(&mut r).await?;
+            let mut w = writer.await??;
+            ensure!(got.0 == up, "received {} bytes, expected {up}", got.0);
+            w.write_all(got.1.as_bytes()).await?;
+        }
+        _ => bail!("bad header {line:?}"),
+    }
+    Ok(())
+}
+
+async fn send(w: &mut (impl AsyncWriteExt + Unpin), seed: u64, len: usize) -> Result<()> {
+    let mut s = Stream::new(seed);
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK);
+        s.fill(&mut buf[..n]);
+        w.write_all(&buf[..n]).await?;
+        left -= n;
+    }
+    Ok(())
+}
+
+async fn receive(r: &mut (impl AsyncReadExt + Unpin)) -> Result<(usize, String)> {
+    let mut c = Checksum::default();
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok((total, c.hex()));
+        }
+        c.update(&buf[..n]);
+        total += n;
+    }
+}
+
+async fn xfer(target: SocketAddr, up: usize, down: usize, seed: u64) -> Result<()> {
+    let s = TcpStream::connect(target).await.with_context(|| format!("connect {target}"))?;
+    let peer = canonical(s.peer_addr()?);
+    ensure!(peer == target, "getpeername shows {peer}, dialled {target}");
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(format!("XFER {up} {down} {seed}\n").as_bytes()).await?;
+        send(&mut w, seed, up).await?;
+        // Half-close: the server must still be able to answer.
+        w.shutdown().await?;
+        anyhow::Ok(())
+    });
+    let mut data = vec![0u8; down];
+    r.read_exact(&mut data).await.context("reading the download")?;
+    let mut c = Checksum::default();
+    c.update(&data);
+    let mut trailer = String::new();
+    r.read_to_string(&mut trailer).await?;
+    writer.await??;
+    ensure!(c.hex() == expected(seed.wrapping_add(1), down, CHUNK), "download checksum differs");
+    ensure!(trailer == expected(seed, up, CHUNK), "server's upload checksum {trailer:?} differs");
+    println!("ok {up} up, {down} down, checksums match");
+    Ok(())
+}
+
+async fn many(targets: Vec<SocketAddr>, count: usize) -> Result<()> {
+    ensure!(!targets.is_empty() && count > 0, USAGE);
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(count));
+    let mut tasks = Vec::new();
+    for i in 0..count {
+        let target = targets[i % targets.len()];
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = tokio::time::timeout(Duration::from_secs(20), TcpStream::connect(target))
+                .await
+                .context("connect timed out")?
+                .with_context(|| format!("connect {target}"))?;
+            // Every connection is open before any is used.
+            barrier.wait().await;
+            let (r, mut w) = s.into_split();
+            w.write_all(b"ADDR\n").await?;
+            let mut line = String::new();
+            BufReader::new(r).read_line(&mut line).await?;
+            let got: SocketAddr = line.trim().parse().with_context(|| format!("bad answer {line:?}"))?;
+            ensure!(got == target, "dialled {target}, the server saw {got}");
+            anyhow::Ok(())
+        }));
+    }
+    let mut failures = 0;
+    for t in tasks {
+        if let Err(e) = t.await? {
+            failures += 1;
+            if failures <= 5 {
+                eprintln!("many: {e:#}");
+            }
+        }
+    }
+    ensure!(failures == 0, "{failures} of {count} connections failed");
+    println!("ok {count} connections, every destination correct");
+    Ok(())
+}
+
+async fn sink(target: SocketAddr, secs: f64) -> Result<()> {
+    let s = TcpStream::connect(target).await?;
+    let (mut r, mut w) = s.into_split();
+    w.write_all(b"SINK\n").await?;
+    let buf = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    let limit = Duration::from_secs_f64(secs);
+    while start.elapsed() < limit {
+        w.write_all(&buf).await?;
+    }
+    w.shutdown().await?;
+    let mut answer = String::new();
+    r.read_to_string(&mut answer).await?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let bytes: f64 = answer.trim().parse()?;
+    println!("{}", serde_json::json!({ "bytes": bytes, "secs": elapsed, "bytes_per_sec": bytes / elapsed }));
+    Ok(())
+}
+
+async fn ping(target: SocketAddr, count: usize) -> Result<()> {
+    let mut us = Vec::with_capacity(count);
+    for _ in 0..count {
+        let start = Instant::now();
+        let mut s = TcpStream::connect(target).await?;
+        s.set_nodelay(true)?;
+        s.write_all(b"PING\n").await?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await?;
+        us.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    us.sort_by(f64::total_cmp);
+    let p = |q: f64| us[((us.len() as f64 - 1.0) * q) as usize];
+    let mean = us.iter().sum::<f64>() / us.len() as f64;
+    println!("{}", serde_json::json!({ "count": count, "mean_us": mean, "p50_us": p(0.5), "p99_us": p(0.99) }));
+    Ok(())
+}

@@ -1,0 +1,484 @@
+//! The local cluster: nodes and pods as network namespaces and cgroups, agents as processes.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use sinew_local_api::{AgentStatus, Client, PodSpec, PodStatus, Request, Response};
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command and fails with its stderr.
+pub fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program} (is it installed?)"))?;
+    ensure!(
+        out.status.success(),
+        "{program} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Where the workspace's binaries and the eBPF object are.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SINEW_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    // Test binaries live in target/<profile>/deps; binaries in target/<profile>.
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// A binary of the workspace, built beforehand by `cargo xtask`.
+pub fn binary(name: &str) -> PathBuf {
+    target_dir().join(name)
+}
+
+/// The eBPF object built by `cargo xtask build-ebpf`.
+pub fn ebpf_object() -> PathBuf {
+    std::env::var_os("SINEW_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("../ebpf/sinew.bpf.o"))
+}
+
+fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .context("no cgroup2 mount")
+}
+
+/// A node: a network namespace with a bridge for its pods, and maybe an agent.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// 1-based index; also the third octet of its pod subnet.
+    pub index: u8,
+    /// Its network namespace name.
+    pub netns: String,
+}
+
+/// A pod: a network namespace and a cgroup v2 directory.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    /// Pod name (unique in the cluster).
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Network namespace name.
+    pub netns: String,
+    /// Absolute cgroup directory.
+    pub cgroup: PathBuf,
+    /// IPv4 then IPv6 address.
+    pub ips: [IpAddr; 2],
+    /// The node it runs on.
+    pub node: u8,
+}
+
+impl Pod {
+    /// The pod's IPv4 address.
+    pub fn v4(&self) -> IpAddr {
+        self.ips[0]
+    }
+
+    /// The pod's IPv6 address.
+    pub fn v6(&self) -> IpAddr {
+        self.ips[1]
+    }
+
+    /// The enrollment request for this pod.
+    pub fn spec(&self) -> PodSpec {
+        PodSpec {
+            uid: format!("uid-{}", self.name),
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            service_account: "default".into(),
+            netns: PathBuf::from("/run/netns").join(&self.netns),
+            cgroup: Some(self.cgroup.clone()),
+            ips: self.ips.to_vec(),
+        }
+    }
+
+    /// A command that runs `program` inside the pod (its cgroup, then its namespace).
+    pub fn command(&self, program: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec nsenter "--net=$@""#)
+            .arg(&self.cgroup)
+            .arg(Path::new("/run/netns").join(&self.netns))
+            .arg(program)
+            .args(args);
+        cmd
+    }
+}
+
+/// A running `sinew-agent` process.
+pub struct Agent {
+    /// The local API socket.
+    pub socket: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+    /// Its pin directory.
+    pub bpffs_dir: PathBuf,
+    /// Its state directory.
+    pub state_dir: PathBuf,
+    /// Its own cgroup, relative to the cgroup2 mount.
+    pub cgroup_rel: String,
+    node_netns: String,
+    config_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::File::create(&self.log)?;
+        // nsenter, not `ip netns exec`: the latter remounts /sys, hiding cgroup2 and bpffs.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node_netns))
+            .arg(binary("sinew-agent"))
+            .arg("run")
+            .arg("--api-socket")
+            .arg(&self.socket)
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs_dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--cgroup")
+            .arg(&self.cgroup_rel)
+            .arg("--config-dir")
+            .arg(&self.config_dir)
+            .arg("--ebpf-object")
+            .arg(ebpf_object())
+            .env("RUST_LOG", std::env::var("SINEW_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning sinew-agent")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Response::Status(_)) = self.client().call(&Request::Status {}) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("sinew-agent exited with {status}: {}", self.log_text());
+            }
+            ensure!(Instant::now() < deadline, "sinew-agent not ready in 20 s: {}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A client of its local API.
+    pub fn client(&self) -> Client {
+        Client::new(&self.socket)
+    }
+
+    /// Enrolls a pod.
+    pub fn enroll(&self, pod: &Pod) -> Result<PodStatus> {
+        match self.client().call(&Request::Enroll { pod: pod.spec() })? {
+            Response::Enrolled(s) => Ok(s),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// Un-enrolls a pod.
+    pub fn unenroll(&self, pod: &Pod) -> Result<()> {
+        self.client().call(&Request::Unenroll { uid: pod.spec().uid })?;
+        Ok(())
+    }
+
+    /// Pods and counters.
+    pub fn status(&self) -> Result<AgentStatus> {
+        match self.client().call(&Request::Status {})? {
+            Response::Status(s) => Ok(s),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// Kills the agent abruptly (SIGKILL), leaving its pins in place.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the agent again after [`Agent::kill`].
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A local cluster. Dropping it removes everything it made.
+pub struct Cluster {
+    id: String,
+    dir: PathBuf,
+    cgroup_root: PathBuf,
+    cgroup_base: PathBuf,
+    fabric: String,
+    /// The nodes.
+    pub nodes: Vec<Node>,
+    /// The pods.
+    pub pods: Vec<Pod>,
+    /// Agents by node index - 1 (`None` where none was started).
+    pub agents: Vec<Option<Agent>>,
+    children: Vec<Child>,
+    netns: Vec<String>,
+}
+
+impl Cluster {
+    /// An empty cluster with a fabric namespace; `ambient` namespaces are enrolled in the mesh.
+    pub fn new(ambient: &[&str]) -> Result<Self> {
+        let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let id = format!("sn{}x{n}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("sinew-test-{id}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("config"))?;
+        let cgroup_root = cgroup2_root()?;
+        let cgroup_base = cgroup_root.join(format!("sinew-test-{id}"));
+        std::fs::create_dir_all(&cgroup_base)?;
+        let mut c = Self {
+            fabric: format!("{id}-fabric"),
+            id,
+            dir,
+            cgroup_root,
+            cgroup_base,
+            nodes: vec![],
+            pods: vec![],
+            agents: vec![],
+            children: vec![],
+            netns: vec![],
+        };
+        let mut yaml = String::new();
+        for ns in ["default", "plain"].iter().chain(ambient) {
+            let label = if ambient.contains(ns) {
+                "\n  labels:\n    sinew.io/dataplane-mode: ambient"
+            } else {
+                ""
+            };
+            yaml.push_str(&format!("---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}{label}\n"));
+        }
+        std::fs::write(c.dir.join("config/namespaces.yaml"), yaml)?;
+        let fabric = c.fabric.clone();
+        c.add_netns(&fabric)?;
+        c.ip(&fabric, "link add br0 type bridge")?;
+        c.ip(&fabric, "link set br0 up")?;
+        Ok(c)
+    }
+
+    /// The cluster's scratch directory (logs, sockets, state).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn ip(&self, netns: &str, args: &str) -> Result<()> {
+        let mut all = vec!["-n", netns];
+        all.extend(args.split_whitespace());
+        sh("ip", &all).map(drop)
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<()> {
+        sh("ip", &["netns", "add", name])?;
+        self.netns.push(name.to_owned());
+        self.ip(name, "link set lo up")?;
+        // No duplicate address detection: addresses are usable at once.
+        sh("ip", &["netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])?;
+        Ok(())
+    }
+
+    /// Adds a node and routes between it and every other node.
+    pub fn add_node(&mut self) -> Result<Node> {
+        let k = self.nodes.len() as u8 + 1;
+        let node = Node { index: k, netns: format!("{}-n{k}", self.id) };
+        self.add_netns(&node.netns)?;
+        let (ns, fabric) = (node.netns.clone(), self.fabric.clone());
+        sh("ip", &["link", "add", "up0", "netns", &ns, "type", "veth", "peer", "name", &format!("n{k}"), "netns", &fabric])?;
+        self.ip(&fabric, &format!("link set n{k} master br0 up"))?;
+        self.ip(&ns, "link set up0 up")?;
+        self.ip(&ns, &format!("addr add 198.18.0.{k}/24 dev up0"))?;
+        self.ip(&ns, &format!("addr add 2001:2:0:ff::{k}/64 dev up0 nodad"))?;
+        self.ip(&ns, "link add br0 type bridge")?;
+        self.ip(&ns, "link set br0 up")?;
+        self.ip(&ns, &format!("addr add 198.18.{k}.1/24 dev br0"))?;
+        self.ip(&ns, &format!("addr add 2001:2:0:{k}::1/64 dev br0 nodad"))?;
+        sh("ip", &["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
+        for other in &self.nodes {
+            let j = other.index;
+            self.ip(&ns, &format!("route add 198.18.{j}.0/24 via 198.18.0.{j}"))?;
+            self.ip(&ns, &format!("route add 2001:2:0:{j}::/64 via 2001:2:0:ff::{j}"))?;
+            self.ip(&other.netns, &format!("route add 198.18.{k}.0/24 via 198.18.0.{k}"))?;
+            self.ip(&other.netns, &format!("route add 2001:2:0:{k}::/64 via 2001:2:0:ff::{k}"))?;
+        }
+        self.nodes.push(node.clone());
+        self.agents.push(None);
+        Ok(node)
+    }
+
+    /// Adds a pod on node `node` (1-based) in Kubernetes namespace `namespace`.
+    pub fn add_pod(&mut self, node: u8, name: &str, namespace: &str) -> Result<Pod> {
+        let n = self.nodes.get(node as usize - 1).context("no such node")?.clone();
+        let host = 10 + self.pods.iter().filter(|p| p.node == node).count() as u8;
+        let pod = Pod {
+            name: name.into(),
+            namespace: namespace.into(),
+            netns: format!("{}-p-{name}", self.id),
+            cgroup: self.cgroup_base.join(format!("pod-{name}")),
+            ips: [
+                format!("198.18.{node}.{host}").parse()?,
+                format!("2001:2:0:{node}::{host}").parse()?,
+            ],
+            node,
+        };
+        self.add_netns(&pod.netns)?;
+        let peer = format!("p{host}");
+        sh("ip", &["link", "add", "eth0", "netns", &pod.netns, "type", "veth", "peer", "name", &peer, "netns", &n.netns])?;
+        self.ip(&n.netns, &format!("link set {peer} master br0 up"))?;
+        self.ip(&pod.netns, "link set eth0 up")?;
+        self.ip(&pod.netns, &format!("addr add {}/24 dev eth0", pod.v4()))?;
+        self.ip(&pod.netns, &format!("addr add {}/64 dev eth0 nodad", pod.v6()))?;
+        self.ip(&pod.netns, &format!("route add default via 198.18.{node}.1"))?;
+        self.ip(&pod.netns, &format!("-6 route add default via 2001:2:0:{node}::1"))?;
+        std::fs::create_dir_all(&pod.cgroup)?;
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// Starts an agent on node `node` (1-based).
+    pub fn start_agent(&mut self, node: u8) -> Result<&mut Agent> {
+        let n = self.nodes.get(node as usize - 1).context("no such node")?.clone();
+        let rel = self.cgroup_base.strip_prefix(&self.cgroup_root)?.join(format!("agent-n{node}"));
+        let mut agent = Agent {
+            socket: self.dir.join(format!("agent-n{node}.sock")),
+            log: self.dir.join(format!("agent-n{node}.log")),
+            bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/{}-n{node}", self.id)),
+            state_dir: self.dir.join(format!("state-n{node}")),
+            cgroup_rel: rel.to_string_lossy().into_owned(),
+            node_netns: n.netns,
+            config_dir: self.dir.join("config"),
+            child: None,
+        };
+        agent.spawn()?;
+        let slot = &mut self.agents[node as usize - 1];
+        *slot = Some(agent);
+        Ok(slot.as_mut().expect("just set"))
+    }
+
+    /// The agent of node `node` (1-based).
+    pub fn agent(&mut self, node: u8) -> &mut Agent {
+        self.agents[node as usize - 1].as_mut().expect("no agent started on that node")
+    }
+
+    /// Starts `sinew-testapp serve` in `pod` and waits until it listens.
+    pub fn serve(&mut self, pod: &Pod, ports: &[u16]) -> Result<()> {
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let args: Vec<&str> = std::iter::once("serve").chain(ports.iter().map(String::as_str)).collect();
+        let mut child = pod
+            .command(&binary("sinew-testapp"), &args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("stdout")?;
+        self.children.push(child);
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        ensure!(line.trim() == "ready", "testapp server in {} did not start: {line:?}", pod.name);
+        Ok(())
+    }
+
+    /// Runs `sinew-testapp <args>` in `pod` to completion; Ok(stdout) on success.
+    pub fn run_in(&self, pod: &Pod, args: &[&str]) -> Result<String> {
+        let out = pod.command(&binary("sinew-testapp"), args).output()?;
+        ensure!(
+            out.status.success(),
+            "testapp {} in {} failed: {}",
+            args.join(" "),
+            pod.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Whether any eBPF link is attached to `pod`'s cgroup or network namespace
+    /// (asked of the kernel with bpftool).
+    pub fn pod_has_links(&self, pod: &Pod) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let cgroup_id = std::fs::metadata(&pod.cgroup)?.ino();
+        let netns_ino = std::fs::metadata(Path::new("/run/netns").join(&pod.netns))?.ino();
+        let links: serde_json::Value = serde_json::from_str(&sh("bpftool", &["-j", "link", "show"])?)?;
+        Ok(links.as_array().into_iter().flatten().any(|l| {
+            l.get("cgroup_id").and_then(|v| v.as_u64()) == Some(cgroup_id)
+                || l.get("netns_ino").and_then(|v| v.as_u64()) == Some(netns_ino)
+        }))
+    }
+
+    /// A target address string for testapp.
+    pub fn target(ip: IpAddr, port: u16) -> String {
+        SocketAddr::new(ip, port).to_string()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for a in self.agents.iter_mut().flatten() {
+            a.kill();
+            let _ = std::fs::remove_dir_all(&a.bpffs_dir);
+        }
+        for ns in self.netns.iter().rev() {
+            // Kill anything left in the namespace, then delete it.
+            if let Ok(pids) = sh("ip", &["netns", "pids", ns]) {
+                for pid in pids.split_whitespace() {
+                    let _ = sh("kill", &["-9", pid]);
+                }
+            }
+            let _ = sh("ip", &["netns", "del", ns]);
+        }
+        // Children before parents; a cgroup can be removed once its processes are gone.
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&self.cgroup_base)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect())
+            .unwrap_or_default();
+        dirs.push(self.cgroup_base.clone());
+        for d in dirs {
+            for _ in 0..50 {
+                if std::fs::remove_dir(&d).is_ok() || !d.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if std::env::var_os("SINEW_KEEP_TEST_DIR").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

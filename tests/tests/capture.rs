@@ -1,0 +1,240 @@
+//! Root tier: eBPF capture of enrolled pods into the node agent, end to end.
+
+use anyhow::{Result, ensure};
+use sinew_local_api::{Request, Response};
+use sinew_test_util::{Cluster, Pod};
+
+const MIB: usize = 1024 * 1024;
+
+fn must_be_root() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid.split_whitespace().nth(2) == Some("0"),
+        "the root tier needs root (CI runs as root): run `sudo -E cargo xtask test`"
+    );
+}
+
+/// Two nodes with agents, an enrolled client on node 1 and an enrolled server on node 2.
+fn two_nodes() -> Result<(Cluster, Pod, Pod)> {
+    must_be_root();
+    let mut c = Cluster::new(&["demo"])?;
+    c.add_node()?;
+    c.add_node()?;
+    let client = c.add_pod(1, "client", "demo")?;
+    let server = c.add_pod(2, "server", "demo")?;
+    c.start_agent(1)?;
+    c.start_agent(2)?;
+    ensure!(c.agent(1).enroll(&client)?.captured);
+    ensure!(c.agent(2).enroll(&server)?.captured);
+    c.serve(&server, &[8080, 9090])?;
+    Ok((c, client, server))
+}
+
+fn xfer(c: &Cluster, from: &Pod, to: &str, up: usize, down: usize) -> Result<String> {
+    c.run_in(from, &["xfer", to, &up.to_string(), &down.to_string(), "7"])
+}
+
+#[test]
+fn cross_node_16_mib_each_way_ipv4_and_ipv6() -> Result<()> {
+    let (mut c, client, server) = two_nodes()?;
+    for ip in [server.v4(), server.v6()] {
+        let out = xfer(&c, &client, &Cluster::target(ip, 8080), 16 * MIB, 16 * MIB)?;
+        ensure!(out.contains("checksums match"), "{out}");
+    }
+    // Both ends went through an agent: outbound on node 1, inbound on node 2.
+    let (n1, n2) = (c.agent(1).status()?.counters, c.agent(2).status()?.counters);
+    ensure!(n1.outbound == 2 && n2.inbound == 2, "node1 {n1:?} node2 {n2:?}");
+    ensure!(n1.upstream_errors == 0 && n1.original_dst_errors == 0, "{n1:?}");
+    Ok(())
+}
+
+#[test]
+fn thousand_concurrent_connections_keep_their_original_destinations() -> Result<()> {
+    must_be_root();
+    let mut c = Cluster::new(&["demo"])?;
+    c.add_node()?;
+    c.add_node()?;
+    let clients = [c.add_pod(1, "c1", "demo")?, c.add_pod(1, "c2", "demo")?, c.add_pod(2, "c3", "demo")?];
+    let servers = [c.add_pod(1, "s1", "demo")?, c.add_pod(2, "s2", "demo")?];
+    c.start_agent(1)?;
+    c.start_agent(2)?;
+    for p in clients.iter().chain(&servers) {
+        c.agent(p.node).enroll(p)?;
+    }
+    let mut targets = Vec::new();
+    for s in &servers {
+        c.serve(s, &[8001, 8002, 8003])?;
+        for port in [8001, 8002, 8003] {
+            targets.push(Cluster::target(s.v4(), port));
+            targets.push(Cluster::target(s.v6(), port));
+        }
+    }
+    let targets = targets.join(",");
+    // Three pods at once, 1,002 connections open together.
+    let results: Vec<Result<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = clients
+            .iter()
+            .map(|p| s.spawn(|| c.run_in(p, &["many", &targets, "334"])))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in results {
+        let out = r?;
+        ensure!(out.contains("ok 334 connections"), "{out}");
+    }
+    let (n1, n2) = (c.agent(1).status()?.counters, c.agent(2).status()?.counters);
+    ensure!(n1.outbound + n2.outbound == 1002, "node1 {n1:?} node2 {n2:?}");
+    ensure!(n1.inbound + n2.inbound == 1002, "node1 {n1:?} node2 {n2:?}");
+    Ok(())
+}
+
+#[test]
+fn inbound_capture_on_any_port_including_the_applications() -> Result<()> {
+    let (mut c, _client, server) = two_nodes()?;
+    // A client outside the mesh: only the server's inbound capture sees its connections.
+    let outsider = c.add_pod(1, "outsider", "plain")?;
+    let status = c.agent(1).enroll(&outsider)?;
+    ensure!(!status.captured, "a pod of a plain namespace must not be captured");
+    for port in [8080, 9090] {
+        let before = c.agent(2).status()?.counters.inbound;
+        let out = xfer(&c, &outsider, &Cluster::target(server.v4(), port), MIB, MIB)?;
+        ensure!(out.contains("checksums match"), "{out}");
+        let after = c.agent(2).status()?.counters.inbound;
+        ensure!(after == before + 1, "port {port}: inbound {before} -> {after}");
+    }
+    // A port nothing listens on: captured, then refused by the application's namespace.
+    let err = xfer(&c, &outsider, &Cluster::target(server.v4(), 7777), 1, 1).unwrap_err();
+    ensure!(format!("{err:#}").contains("refused") || format!("{err:#}").contains("reset"), "{err:#}");
+    Ok(())
+}
+
+#[test]
+fn agent_connections_are_not_captured_and_plain_namespaces_stay_direct() -> Result<()> {
+    let (mut c, client, server) = two_nodes()?;
+    let outsider = c.add_pod(1, "outsider", "plain")?;
+    let plain_server = c.add_pod(2, "plainsrv", "plain")?;
+    c.agent(1).enroll(&outsider)?;
+    ensure!(!c.agent(2).enroll(&plain_server)?.captured);
+    c.serve(&plain_server, &[8080])?;
+    ensure!(!c.pod_has_links(&outsider)? && !c.pod_has_links(&plain_server)?);
+    ensure!(c.pod_has_links(&client)? && c.pod_has_links(&server)?);
+
+    // Plain to plain: no agent sees it.
+    xfer(&c, &outsider, &Cluster::target(plain_server.v4(), 8080), 4096, 4096)?;
+    let (n1, n2) = (c.agent(1).status()?.counters, c.agent(2).status()?.counters);
+    ensure!(n1.outbound == 0 && n2.inbound == 0, "node1 {n1:?} node2 {n2:?}");
+
+    // Captured client to a plain server: exactly one outbound connection per client
+    // connection, so the agent's own upstream connection was not captured again (no loop).
+    for _ in 0..3 {
+        xfer(&c, &client, &Cluster::target(plain_server.v6(), 8080), 4096, 4096)?;
+    }
+    let n1 = c.agent(1).status()?.counters;
+    ensure!(n1.outbound == 3 && n1.inbound == 0, "{n1:?}");
+    Ok(())
+}
+
+#[test]
+fn agent_down_fails_closed_and_restart_readopts() -> Result<()> {
+    let (mut c, client, server) = two_nodes()?;
+    let outsider = c.add_pod(1, "outsider", "plain")?;
+    let to_server = Cluster::target(server.v4(), 8080);
+    xfer(&c, &client, &to_server, 4096, 4096)?;
+
+    c.agent(1).kill();
+    c.agent(2).kill();
+    // Outbound from an enrolled pod is refused, not sent around the mesh...
+    let err = xfer(&c, &client, &to_server, 4096, 4096).unwrap_err();
+    ensure!(format!("{err:#}").contains("refused"), "{err:#}");
+    // ...and so is inbound to one.
+    let err = xfer(&c, &outsider, &to_server, 4096, 4096).unwrap_err();
+    ensure!(format!("{err:#}").contains("refused"), "{err:#}");
+    ensure!(c.pod_has_links(&client)? && c.pod_has_links(&server)?, "pins must keep capture in place");
+
+    c.agent(1).restart()?;
+    c.agent(2).restart()?;
+    let pods = c.agent(1).status()?.pods;
+    ensure!(pods.len() == 1 && pods[0].captured, "re-adopted pods: {pods:?}");
+    let out = xfer(&c, &client, &to_server, MIB, MIB)?;
+    ensure!(out.contains("checksums match"), "{out}");
+    ensure!(c.agent(1).status()?.counters.outbound == 1);
+    xfer(&c, &outsider, &to_server, 4096, 4096)?;
+    ensure!(c.agent(2).status()?.counters.inbound == 2);
+    Ok(())
+}
+
+#[test]
+fn unenroll_goes_direct_and_leaves_nothing_attached() -> Result<()> {
+    let (mut c, client, server) = two_nodes()?;
+    let to_server = Cluster::target(server.v6(), 8080);
+    xfer(&c, &client, &to_server, 4096, 4096)?;
+    c.agent(1).unenroll(&client)?;
+    c.agent(2).unenroll(&server)?;
+    ensure!(!c.pod_has_links(&client)? && !c.pod_has_links(&server)?, "links left attached");
+    let pins = c.agent(1).bpffs_dir.join("pods/uid-client");
+    ensure!(!pins.exists(), "{} left behind", pins.display());
+    let before = (c.agent(1).status()?.counters, c.agent(2).status()?.counters);
+    let out = xfer(&c, &client, &to_server, MIB, MIB)?;
+    ensure!(out.contains("checksums match"), "{out}");
+    let after = (c.agent(1).status()?.counters, c.agent(2).status()?.counters);
+    ensure!(before == after, "un-enrolled traffic went through an agent: {before:?} -> {after:?}");
+    ensure!(c.agent(1).status()?.pods.is_empty());
+
+    // The documented host cleanup removes the maps too once the agent is stopped.
+    let agent = c.agent(1);
+    agent.kill();
+    let out = std::process::Command::new(sinew_test_util::cluster::binary("sinew-agent"))
+        .arg("cleanup")
+        .arg("--api-socket")
+        .arg(&agent.socket)
+        .arg("--bpffs-dir")
+        .arg(&agent.bpffs_dir)
+        .arg("--state-dir")
+        .arg(&agent.state_dir)
+        .arg("--cgroup")
+        .arg(&agent.cgroup_rel)
+        .output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(!agent.bpffs_dir.exists(), "cleanup left {}", agent.bpffs_dir.display());
+    Ok(())
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() -> Result<()> {
+    let (mut c, client, _server) = two_nodes()?;
+    let extra = c.add_pod(1, "extra", "demo")?;
+    let agent = c.agent(1);
+    let before = agent.status()?;
+
+    let mut missing_netns = extra.spec();
+    missing_netns.netns = "/run/netns/does-not-exist".into();
+    let mut missing_cgroup = extra.spec();
+    missing_cgroup.cgroup = Some("/sys/fs/cgroup/unified/does-not-exist".into());
+    let mut not_a_netns = extra.spec();
+    not_a_netns.netns = "/etc/hostname".into();
+    let mut taken_uid = extra.spec();
+    taken_uid.uid = client.spec().uid;
+    for (spec, expect) in [
+        (missing_netns, "does-not-exist"),
+        (missing_cgroup, "does-not-exist"),
+        (not_a_netns, "not a network namespace"),
+        (taken_uid, "already enrolled"),
+    ] {
+        let err = agent.client().call(&Request::Enroll { pod: spec }).unwrap_err().to_string();
+        ensure!(err.contains(expect), "expected {expect:?} in {err:?}");
+    }
+    for raw in [&b"{not json\n"[..], b"{\"op\":\"enroll\"}\n", b"{\"op\":\"reboot\"}\n"] {
+        match agent.client().call_raw(raw)? {
+            Response::Error { message } => ensure!(message.contains("malformed request"), "{message}"),
+            other => anyhow::bail!("{other:?}"),
+        }
+    }
+    let mut huge = vec![b'x'; sinew_local_api::MAX_REQUEST_BYTES + 10];
+    huge.push(b'\n');
+    ensure!(matches!(agent.client().call_raw(&huge)?, Response::Error { .. }));
+    ensure!(agent.status()? == before, "a refused request changed the agent's state");
+    ensure!(!c.pod_has_links(&extra)?);
+    ensure!(!c.agent(1).bpffs_dir.join("pods/uid-extra").exists());
+    Ok(())
+}
