@@ -32,16 +32,16 @@ pub enum BpfError {
     Load {
         /// Object path.
         path: PathBuf,
-        /// Cause.
-        source: aya::EbpfError,
+        /// Cause (boxed: aya's error is large and this path is cold).
+        source: Box<aya::EbpfError>,
     },
     /// A program is missing from the object or was refused by the kernel.
     #[error("eBPF program {name}: {source}")]
     Program {
         /// Program name.
         name: &'static str,
-        /// Cause.
-        source: aya::programs::ProgramError,
+        /// Cause (boxed, as above).
+        source: Box<aya::programs::ProgramError>,
     },
     /// A program is missing from the object.
     #[error("eBPF object has no program {0} (rebuild it with `cargo xtask build-ebpf`)")]
@@ -114,10 +114,10 @@ impl Capture {
         ensure_bpffs(pin_root)?;
         let maps_dir = pin_root.join("maps");
         std::fs::create_dir_all(&maps_dir).map_err(io_err(&maps_dir))?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
-            .load_file(object)
-            .map_err(|source| BpfError::Load { path: object.to_path_buf(), source })?;
+        let mut ebpf =
+            EbpfLoader::new().default_map_pin_directory(&maps_dir).load_file(object).map_err(
+                |source| BpfError::Load { path: object.to_path_buf(), source: Box::new(source) },
+            )?;
 
         for name in CGROUP_PROGRAMS.into_iter().chain([SK_LOOKUP, GETSOCKOPT]) {
             let prog = ebpf.program_mut(name).ok_or(BpfError::MissingProgram(name))?;
@@ -128,14 +128,14 @@ impl Capture {
                 aya::programs::Program::CgroupSockopt(p) => p.load(),
                 _ => return Err(BpfError::MissingProgram(name)),
             };
-            loaded.map_err(|source| BpfError::Program { name, source })?;
+            loaded.map_err(|source| BpfError::Program { name, source: Box::new(source) })?;
         }
 
         let cgroup = File::open(own_cgroup).map_err(io_err(own_cgroup))?;
         let getsockopt: &mut CgroupSockopt = program(&mut ebpf, GETSOCKOPT)?;
         getsockopt
             .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|source| BpfError::Program { name: GETSOCKOPT, source })?;
+            .map_err(|source| BpfError::Program { name: GETSOCKOPT, source: Box::new(source) })?;
 
         let map_err = |name: &'static str| {
             move |e: aya::maps::MapError| BpfError::Map { name, reason: e.to_string() }
@@ -187,17 +187,19 @@ impl Capture {
                 Some(aya::programs::Program::CgroupSockAddr(p)) => {
                     let id = p
                         .attach(&cg, CgroupAttachMode::Single)
-                        .map_err(|source| BpfError::Program { name, source })?;
-                    let link =
-                        p.take_link(id).map_err(|source| BpfError::Program { name, source })?;
+                        .map_err(|source| BpfError::Program { name, source: Box::new(source) })?;
+                    let link = p
+                        .take_link(id)
+                        .map_err(|source| BpfError::Program { name, source: Box::new(source) })?;
                     link.try_into().map_err(|e: aya::programs::links::LinkError| pin_err(dir, e))?
                 }
                 Some(aya::programs::Program::SockOps(p)) => {
                     let id = p
                         .attach(&cg, CgroupAttachMode::Single)
-                        .map_err(|source| BpfError::Program { name, source })?;
-                    let link =
-                        p.take_link(id).map_err(|source| BpfError::Program { name, source })?;
+                        .map_err(|source| BpfError::Program { name, source: Box::new(source) })?;
+                    let link = p
+                        .take_link(id)
+                        .map_err(|source| BpfError::Program { name, source: Box::new(source) })?;
                     link.try_into().map_err(|e: aya::programs::links::LinkError| pin_err(dir, e))?
                 }
                 _ => return Err(BpfError::MissingProgram(name)),
@@ -207,10 +209,10 @@ impl Capture {
         let sk_lookup: &mut SkLookup = program(&mut self.ebpf, SK_LOOKUP)?;
         let id = sk_lookup
             .attach(netns.file())
-            .map_err(|source| BpfError::Program { name: SK_LOOKUP, source })?;
+            .map_err(|source| BpfError::Program { name: SK_LOOKUP, source: Box::new(source) })?;
         let link = sk_lookup
             .take_link(id)
-            .map_err(|source| BpfError::Program { name: SK_LOOKUP, source })?;
+            .map_err(|source| BpfError::Program { name: SK_LOOKUP, source: Box::new(source) })?;
         let link: FdLink = link.into();
         pin(link, &dir.join(SK_LOOKUP))
     }
@@ -253,7 +255,7 @@ where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
     let prog = ebpf.program_mut(name).ok_or(BpfError::MissingProgram(name))?;
-    prog.try_into().map_err(|source| BpfError::Program { name, source })
+    prog.try_into().map_err(|source| BpfError::Program { name, source: Box::new(source) })
 }
 
 fn pin_err(dir: &Path, e: impl std::fmt::Display) -> BpfError {

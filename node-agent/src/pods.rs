@@ -371,7 +371,8 @@ mod tests {
     #[test]
     fn validation_names_the_field() {
         assert!(validate(&spec()).is_ok());
-        let cases: [(fn(&mut PodSpec), &str); 5] = [
+        type Mutation = fn(&mut PodSpec);
+        let cases: [(Mutation, &str); 5] = [
             (|s| s.uid = "../etc".into(), "uid"),
             (|s| s.namespace = "Demo".into(), "namespace"),
             (|s| s.ips.clear(), "ips"),

@@ -55,7 +55,8 @@ fn thousand_concurrent_connections_keep_their_original_destinations() -> Result<
     let mut c = Cluster::new(&["demo"])?;
     c.add_node()?;
     c.add_node()?;
-    let clients = [c.add_pod(1, "c1", "demo")?, c.add_pod(1, "c2", "demo")?, c.add_pod(2, "c3", "demo")?];
+    let clients =
+        [c.add_pod(1, "c1", "demo")?, c.add_pod(1, "c2", "demo")?, c.add_pod(2, "c3", "demo")?];
     let servers = [c.add_pod(1, "s1", "demo")?, c.add_pod(2, "s2", "demo")?];
     c.start_agent(1)?;
     c.start_agent(2)?;
@@ -73,10 +74,8 @@ fn thousand_concurrent_connections_keep_their_original_destinations() -> Result<
     let targets = targets.join(",");
     // Three pods at once, 1,002 connections open together.
     let results: Vec<Result<String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = clients
-            .iter()
-            .map(|p| s.spawn(|| c.run_in(p, &["many", &targets, "334"])))
-            .collect();
+        let handles: Vec<_> =
+            clients.iter().map(|p| s.spawn(|| c.run_in(p, &["many", &targets, "334"]))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for r in results {
@@ -105,7 +104,10 @@ fn inbound_capture_on_any_port_including_the_applications() -> Result<()> {
     }
     // A port nothing listens on: captured, then refused by the application's namespace.
     let err = xfer(&c, &outsider, &Cluster::target(server.v4(), 7777), 1, 1).unwrap_err();
-    ensure!(format!("{err:#}").contains("refused") || format!("{err:#}").contains("reset"), "{err:#}");
+    ensure!(
+        format!("{err:#}").contains("refused") || format!("{err:#}").contains("reset"),
+        "{err:#}"
+    );
     Ok(())
 }
 
@@ -150,7 +152,10 @@ fn agent_down_fails_closed_and_restart_readopts() -> Result<()> {
     // ...and so is inbound to one.
     let err = xfer(&c, &outsider, &to_server, 4096, 4096).unwrap_err();
     ensure!(format!("{err:#}").contains("refused"), "{err:#}");
-    ensure!(c.pod_has_links(&client)? && c.pod_has_links(&server)?, "pins must keep capture in place");
+    ensure!(
+        c.pod_has_links(&client)? && c.pod_has_links(&server)?,
+        "pins must keep capture in place"
+    );
 
     c.agent(1).restart()?;
     c.agent(2).restart()?;
@@ -182,9 +187,10 @@ fn unenroll_goes_direct_and_leaves_nothing_attached() -> Result<()> {
     ensure!(c.agent(1).status()?.pods.is_empty());
 
     // The documented host cleanup removes the maps too once the agent is stopped.
+    let agent_bin = c.binary("sinew-agent");
     let agent = c.agent(1);
     agent.kill();
-    let out = std::process::Command::new(sinew_test_util::cluster::binary("sinew-agent"))
+    let out = std::process::Command::new(agent_bin)
         .arg("cleanup")
         .arg("--api-socket")
         .arg(&agent.socket)
@@ -226,7 +232,9 @@ fn bad_input_is_refused_and_changes_nothing() -> Result<()> {
     }
     for raw in [&b"{not json\n"[..], b"{\"op\":\"enroll\"}\n", b"{\"op\":\"reboot\"}\n"] {
         match agent.client().call_raw(raw)? {
-            Response::Error { message } => ensure!(message.contains("malformed request"), "{message}"),
+            Response::Error { message } => {
+                ensure!(message.contains("malformed request"), "{message}")
+            }
             other => anyhow::bail!("{other:?}"),
         }
     }

@@ -4,6 +4,8 @@
 //! clone to a running mesh with `cargo xtask demo` and to every test tier with
 //! `cargo xtask test`.
 
+mod bench;
+mod demo;
 mod setup;
 
 use std::{
@@ -29,6 +31,22 @@ enum Cmd {
     BuildEbpf,
     /// Build the eBPF object and every binary (debug).
     Build,
+    /// Run a local two-node mesh and show traffic being captured.
+    Demo,
+    /// Every test tier: lints, unit and in-process tests, then the root tier.
+    Test,
+    /// Benchmarks (release build); each writes target/bench/<suite>.json.
+    Bench {
+        /// Which suite.
+        #[arg(value_enum, default_value = "capture")]
+        suite: Suite,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Suite {
+    /// Direct vs captured plain TCP: throughput and new-connection latency.
+    Capture,
 }
 
 fn main() -> Result<()> {
@@ -38,8 +56,36 @@ fn main() -> Result<()> {
             setup::runtime()
         }
         Cmd::BuildEbpf => build_ebpf().map(|_| ()),
-        Cmd::Build => build_all(),
+        Cmd::Build => build_all(false),
+        Cmd::Demo => {
+            setup::runtime()?;
+            build_all(false)?;
+            demo::run(&workspace().join("target/debug"))
+        }
+        Cmd::Test => test(),
+        Cmd::Bench { suite: Suite::Capture } => {
+            setup::runtime()?;
+            build_all(true)?;
+            let root = workspace();
+            bench::capture(&root.join("target/release"), &root.join("target/bench/capture.json"))
+        }
     }
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    println!("test: cargo {}", args.join(" "));
+    setup::run(Command::new(env!("CARGO")).current_dir(workspace()).args(args))
+}
+
+/// Lints, tier 1 (unprivileged), tier 2 (root: netns, cgroups, eBPF, real agents).
+fn test() -> Result<()> {
+    setup::runtime()?;
+    build_all(false)?;
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&["test", "--workspace", "--exclude", "sinew-ebpf", "--exclude", "sinew-tests"])?;
+    // One cluster at a time: two cores, and timings stay honest.
+    cargo(&["test", "-p", "sinew-tests", "--", "--test-threads=1"])
 }
 
 fn workspace() -> PathBuf {
@@ -79,14 +125,13 @@ fn build_ebpf() -> Result<PathBuf> {
     Ok(out)
 }
 
-fn build_all() -> Result<()> {
+fn build_all(release: bool) -> Result<()> {
     build_ebpf()?;
-    println!("build: cargo build --workspace --bins");
-    setup::run(Command::new(env!("CARGO")).current_dir(workspace()).args([
-        "build",
-        "--workspace",
-        "--bins",
-        "--exclude",
-        "sinew-ebpf",
-    ]))
+    let mut args = vec!["build", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    println!("build: cargo {}", args.join(" "));
+    // The default members: everything but the eBPF crate, which only builds for BPF.
+    setup::run(Command::new(env!("CARGO")).current_dir(workspace()).args(&args))
 }

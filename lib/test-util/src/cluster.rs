@@ -42,16 +42,11 @@ pub fn target_dir() -> PathBuf {
     dir
 }
 
-/// A binary of the workspace, built beforehand by `cargo xtask`.
-pub fn binary(name: &str) -> PathBuf {
-    target_dir().join(name)
-}
-
-/// The eBPF object built by `cargo xtask build-ebpf`.
-pub fn ebpf_object() -> PathBuf {
+/// The eBPF object built by `cargo xtask build-ebpf`, beside a profile directory.
+pub fn ebpf_object(bin_dir: &Path) -> PathBuf {
     std::env::var_os("SINEW_EBPF_OBJECT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("../ebpf/sinew.bpf.o"))
+        .unwrap_or_else(|| bin_dir.join("../ebpf/sinew.bpf.o"))
 }
 
 fn cgroup2_root() -> Result<PathBuf> {
@@ -142,6 +137,7 @@ pub struct Agent {
     pub cgroup_rel: String,
     node_netns: String,
     config_dir: PathBuf,
+    bin_dir: PathBuf,
     child: Option<Child>,
 }
 
@@ -151,7 +147,7 @@ impl Agent {
         // nsenter, not `ip netns exec`: the latter remounts /sys, hiding cgroup2 and bpffs.
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.node_netns))
-            .arg(binary("sinew-agent"))
+            .arg(self.bin_dir.join("sinew-agent"))
             .arg("run")
             .arg("--api-socket")
             .arg(&self.socket)
@@ -164,7 +160,7 @@ impl Agent {
             .arg("--config-dir")
             .arg(&self.config_dir)
             .arg("--ebpf-object")
-            .arg(ebpf_object())
+            .arg(ebpf_object(&self.bin_dir))
             .env("RUST_LOG", std::env::var("SINEW_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(log)
@@ -179,7 +175,11 @@ impl Agent {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("sinew-agent exited with {status}: {}", self.log_text());
             }
-            ensure!(Instant::now() < deadline, "sinew-agent not ready in 20 s: {}", self.log_text());
+            ensure!(
+                Instant::now() < deadline,
+                "sinew-agent not ready in 20 s: {}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -252,6 +252,7 @@ pub struct Cluster {
     pub agents: Vec<Option<Agent>>,
     children: Vec<Child>,
     netns: Vec<String>,
+    bin_dir: PathBuf,
 }
 
 impl Cluster {
@@ -276,6 +277,7 @@ impl Cluster {
             agents: vec![],
             children: vec![],
             netns: vec![],
+            bin_dir: target_dir(),
         };
         let mut yaml = String::new();
         for ns in ["default", "plain"].iter().chain(ambient) {
@@ -284,7 +286,9 @@ impl Cluster {
             } else {
                 ""
             };
-            yaml.push_str(&format!("---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}{label}\n"));
+            yaml.push_str(&format!(
+                "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}{label}\n"
+            ));
         }
         std::fs::write(c.dir.join("config/namespaces.yaml"), yaml)?;
         let fabric = c.fabric.clone();
@@ -292,6 +296,16 @@ impl Cluster {
         c.ip(&fabric, "link add br0 type bridge")?;
         c.ip(&fabric, "link set br0 up")?;
         Ok(c)
+    }
+
+    /// Uses the binaries of another profile directory (such as `target/release`).
+    pub fn set_bin_dir(&mut self, dir: &Path) {
+        self.bin_dir = dir.to_path_buf();
+    }
+
+    /// The path of a workspace binary this cluster runs.
+    pub fn binary(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
     }
 
     /// The cluster's scratch directory (logs, sockets, state).
@@ -310,7 +324,18 @@ impl Cluster {
         self.netns.push(name.to_owned());
         self.ip(name, "link set lo up")?;
         // No duplicate address detection: addresses are usable at once.
-        sh("ip", &["netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])?;
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                name,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        )?;
         Ok(())
     }
 
@@ -320,7 +345,23 @@ impl Cluster {
         let node = Node { index: k, netns: format!("{}-n{k}", self.id) };
         self.add_netns(&node.netns)?;
         let (ns, fabric) = (node.netns.clone(), self.fabric.clone());
-        sh("ip", &["link", "add", "up0", "netns", &ns, "type", "veth", "peer", "name", &format!("n{k}"), "netns", &fabric])?;
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                "up0",
+                "netns",
+                &ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("n{k}"),
+                "netns",
+                &fabric,
+            ],
+        )?;
         self.ip(&fabric, &format!("link set n{k} master br0 up"))?;
         self.ip(&ns, "link set up0 up")?;
         self.ip(&ns, &format!("addr add 198.18.0.{k}/24 dev up0"))?;
@@ -329,7 +370,18 @@ impl Cluster {
         self.ip(&ns, "link set br0 up")?;
         self.ip(&ns, &format!("addr add 198.18.{k}.1/24 dev br0"))?;
         self.ip(&ns, &format!("addr add 2001:2:0:{k}::1/64 dev br0 nodad"))?;
-        sh("ip", &["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+            ],
+        )?;
         for other in &self.nodes {
             let j = other.index;
             self.ip(&ns, &format!("route add 198.18.{j}.0/24 via 198.18.0.{j}"))?;
@@ -359,7 +411,13 @@ impl Cluster {
         };
         self.add_netns(&pod.netns)?;
         let peer = format!("p{host}");
-        sh("ip", &["link", "add", "eth0", "netns", &pod.netns, "type", "veth", "peer", "name", &peer, "netns", &n.netns])?;
+        sh(
+            "ip",
+            &[
+                "link", "add", "eth0", "netns", &pod.netns, "type", "veth", "peer", "name", &peer,
+                "netns", &n.netns,
+            ],
+        )?;
         self.ip(&n.netns, &format!("link set {peer} master br0 up"))?;
         self.ip(&pod.netns, "link set eth0 up")?;
         self.ip(&pod.netns, &format!("addr add {}/24 dev eth0", pod.v4()))?;
@@ -383,6 +441,7 @@ impl Cluster {
             cgroup_rel: rel.to_string_lossy().into_owned(),
             node_netns: n.netns,
             config_dir: self.dir.join("config"),
+            bin_dir: self.bin_dir.clone(),
             child: None,
         };
         agent.spawn()?;
@@ -399,9 +458,10 @@ impl Cluster {
     /// Starts `sinew-testapp serve` in `pod` and waits until it listens.
     pub fn serve(&mut self, pod: &Pod, ports: &[u16]) -> Result<()> {
         let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-        let args: Vec<&str> = std::iter::once("serve").chain(ports.iter().map(String::as_str)).collect();
+        let args: Vec<&str> =
+            std::iter::once("serve").chain(ports.iter().map(String::as_str)).collect();
         let mut child = pod
-            .command(&binary("sinew-testapp"), &args)
+            .command(&self.binary("sinew-testapp"), &args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -415,7 +475,7 @@ impl Cluster {
 
     /// Runs `sinew-testapp <args>` in `pod` to completion; Ok(stdout) on success.
     pub fn run_in(&self, pod: &Pod, args: &[&str]) -> Result<String> {
-        let out = pod.command(&binary("sinew-testapp"), args).output()?;
+        let out = pod.command(&self.binary("sinew-testapp"), args).output()?;
         ensure!(
             out.status.success(),
             "testapp {} in {} failed: {}",
@@ -432,7 +492,8 @@ impl Cluster {
         use std::os::unix::fs::MetadataExt;
         let cgroup_id = std::fs::metadata(&pod.cgroup)?.ino();
         let netns_ino = std::fs::metadata(Path::new("/run/netns").join(&pod.netns))?.ino();
-        let links: serde_json::Value = serde_json::from_str(&sh("bpftool", &["-j", "link", "show"])?)?;
+        let links: serde_json::Value =
+            serde_json::from_str(&sh("bpftool", &["-j", "link", "show"])?)?;
         Ok(links.as_array().into_iter().flatten().any(|l| {
             l.get("cgroup_id").and_then(|v| v.as_u64()) == Some(cgroup_id)
                 || l.get("netns_ino").and_then(|v| v.as_u64()) == Some(netns_ino)

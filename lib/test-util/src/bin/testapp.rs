@@ -42,7 +42,6 @@ fn main() -> Result<()> {
 
 async fn serve(ports: Vec<u16>) -> Result<()> {
     ensure!(!ports.is_empty(), USAGE);
-    let mut tasks = Vec::new();
     for port in ports {
         let sock = TcpSocket::new_v6()?;
         sock.set_reuseaddr(true)?;
@@ -50,7 +49,7 @@ async fn serve(ports: Vec<u16>) -> Result<()> {
         socket2::SockRef::from(&sock).set_only_v6(false)?;
         sock.bind(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port))?;
         let l: TcpListener = sock.listen(4096)?;
-        tasks.push(tokio::spawn(async move {
+        tokio::spawn(async move {
             loop {
                 if let Ok((s, _)) = l.accept().await {
                     tokio::spawn(async move {
@@ -60,12 +59,11 @@ async fn serve(ports: Vec<u16>) -> Result<()> {
                     });
                 }
             }
-        }));
+        });
     }
     println!("ready");
-    for t in tasks {
-        t.await?;
-    }
+    // Serve until killed.
+    std::future::pending::<()>().await;
     Ok(())
 }
 
@@ -178,7 +176,8 @@ async fn many(targets: Vec<SocketAddr>, count: usize) -> Result<()> {
             w.write_all(b"ADDR\n").await?;
             let mut line = String::new();
             BufReader::new(r).read_line(&mut line).await?;
-            let got: SocketAddr = line.trim().parse().with_context(|| format!("bad answer {line:?}"))?;
+            let got: SocketAddr =
+                line.trim().parse().with_context(|| format!("bad answer {line:?}"))?;
             ensure!(got == target, "dialled {target}, the server saw {got}");
             anyhow::Ok(())
         }));
@@ -212,7 +211,10 @@ async fn sink(target: SocketAddr, secs: f64) -> Result<()> {
     r.read_to_string(&mut answer).await?;
     let elapsed = start.elapsed().as_secs_f64();
     let bytes: f64 = answer.trim().parse()?;
-    println!("{}", serde_json::json!({ "bytes": bytes, "secs": elapsed, "bytes_per_sec": bytes / elapsed }));
+    println!(
+        "{}",
+        serde_json::json!({ "bytes": bytes, "secs": elapsed, "bytes_per_sec": bytes / elapsed })
+    );
     Ok(())
 }
 
@@ -230,6 +232,9 @@ async fn ping(target: SocketAddr, count: usize) -> Result<()> {
     us.sort_by(f64::total_cmp);
     let p = |q: f64| us[((us.len() as f64 - 1.0) * q) as usize];
     let mean = us.iter().sum::<f64>() / us.len() as f64;
-    println!("{}", serde_json::json!({ "count": count, "mean_us": mean, "p50_us": p(0.5), "p99_us": p(0.99) }));
+    println!(
+        "{}",
+        serde_json::json!({ "count": count, "mean_us": mean, "p50_us": p(0.5), "p99_us": p(0.99) })
+    );
     Ok(())
 }

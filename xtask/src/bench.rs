@@ -1,0 +1,69 @@
+//! `cargo xtask bench capture`: direct vs captured plain TCP, measured in one run.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+use sinew_test_util::Cluster;
+
+fn field(out: &str, key: &str) -> Result<f64> {
+    let v: Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("bad output {out:?}"))?;
+    v[key].as_f64().with_context(|| format!("no {key} in {out}"))
+}
+
+pub fn capture(bin_dir: &Path, out_file: &Path) -> Result<()> {
+    let mut c = Cluster::new(&["mesh"])?;
+    c.set_bin_dir(bin_dir);
+    c.add_node()?;
+    c.add_node()?;
+    // The same two nodes carry both paths: a captured pair and a direct pair.
+    let mc = c.add_pod(1, "mesh-client", "mesh")?;
+    let ms = c.add_pod(2, "mesh-server", "mesh")?;
+    let dc = c.add_pod(1, "direct-client", "plain")?;
+    let ds = c.add_pod(2, "direct-server", "plain")?;
+    c.start_agent(1)?;
+    c.start_agent(2)?;
+    for p in [&mc, &ms, &dc, &ds] {
+        c.agent(p.node).enroll(p)?;
+    }
+    c.serve(&ms, &[8080])?;
+    c.serve(&ds, &[8080])?;
+    let secs = "5";
+    let pings = "1000";
+    let mut results = Vec::new();
+    for (name, client, server) in [("direct", &dc, &ds), ("captured", &mc, &ms)] {
+        let target = Cluster::target(server.v4(), 8080);
+        // Warm up (ARP, page cache) before measuring.
+        c.run_in(client, &["ping", &target, "50"])?;
+        let tput = field(&c.run_in(client, &["sink", &target, secs])?, "bytes_per_sec")?;
+        let ping = c.run_in(client, &["ping", &target, pings])?;
+        let (mean, p50) = (field(&ping, "mean_us")?, field(&ping, "p50_us")?);
+        println!(
+            "{name:>9}: single stream {:8.1} MiB/s   new connection + first byte: mean {mean:7.1} us, p50 {p50:7.1} us",
+            tput / 1048576.0
+        );
+        results.push((tput, mean, p50));
+    }
+    let (d, m) = (results[0], results[1]);
+    let report = json!({
+        "suite": "capture",
+        "direct": { "throughput_bytes_per_sec": d.0, "connect_mean_us": d.1, "connect_p50_us": d.2 },
+        "captured": { "throughput_bytes_per_sec": m.0, "connect_mean_us": m.1, "connect_p50_us": m.2 },
+        "throughput_ratio": m.0 / d.0,
+        "connect_latency_ratio": m.1 / d.1,
+        "goals": { "throughput_ratio": ">= 0.6", "connect_latency_ratio": "<= 1.5" },
+        "method": "two nodes, both pods enrolled (client and server agents) vs a plain pair on the same nodes; \
+                   throughput = one TCP stream for 5 s; connect latency = connect() until the first byte \
+                   of the server's answer, 1000 sequential connections",
+    });
+    println!(
+        "throughput_ratio {:.3} (goal >= 0.6)   connect_latency_ratio {:.3} (goal <= 1.5)",
+        m.0 / d.0,
+        m.1 / d.1
+    );
+    std::fs::create_dir_all(out_file.parent().context("bench dir")?)?;
+    std::fs::write(out_file, serde_json::to_string_pretty(&report)?)?;
+    println!("wrote {}", out_file.display());
+    Ok(())
+}
