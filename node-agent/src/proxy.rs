@@ -16,7 +16,7 @@ use std::{
 use sinew_ebpf_common::{OUTBOUND_PORT, SO_ORIGINAL_DST};
 use socket2::{Domain, SockRef};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::netns::Netns;
 
@@ -89,6 +89,7 @@ pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodNet>
 }
 
 async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, pod: Arc<PodNet>) {
+    let peer = canonical(peer);
     let stats = &pod.stats;
     let target = match direction {
         Direction::Outbound => {
@@ -122,11 +123,22 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, p
         }
     };
     stats.active.fetch_add(1, Ordering::Relaxed);
-    debug!(pod = %pod.name, ?direction, %peer, %target, "proxying");
+    let start = std::time::Instant::now();
     let result = copy(downstream, upstream).await;
     stats.active.fetch_sub(1, Ordering::Relaxed);
-    if let Err(e) = result {
-        debug!(pod = %pod.name, %peer, %target, error = %e, "connection ended with an error");
+    let duration_ms = start.elapsed().as_millis() as u64;
+    let dir = match direction {
+        Direction::Outbound => "outbound",
+        Direction::Inbound => "inbound",
+    };
+    // One access-log line per connection, under its own target so it can be routed apart.
+    match result {
+        Ok((sent, received)) => {
+            info!(target: "access", pod = %pod.name, direction = dir, src = %peer, dst = %target, sent, received, duration_ms, "connection closed")
+        }
+        Err(e) => {
+            info!(target: "access", pod = %pod.name, direction = dir, src = %peer, dst = %target, duration_ms, error = %e, "connection reset")
+        }
     }
 }
 

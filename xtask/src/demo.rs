@@ -52,10 +52,13 @@ pub fn run(bin_dir: &Path) -> Result<()> {
     ensure!(n2.inbound == 3, "expected 3 inbound connections captured on node 2");
     println!("  shop/client's two connections left through node 1's agent; all three arrivals at");
     println!("  shop/server, including plain/legacy's, came in through node 2's agent.");
-    let log = c.agent(1).log_text();
-    println!("\nnode 1 agent log:");
-    for l in log.lines().take(6) {
-        println!("  {l}");
+    for node in [1, 2] {
+        println!(
+            "\nnode {node} agent access log (src is the app's socket, dst the original destination):"
+        );
+        for l in c.agent(node).log_text().lines().filter(|l| l.contains(" access:")) {
+            println!("  {}", l.split_once(" access: ").map_or(l, |(_, rest)| rest));
+        }
     }
 
     println!("\nStopping node 1's agent: shop/client fails closed");
@@ -63,7 +66,10 @@ pub fn run(bin_dir: &Path) -> Result<()> {
     let err = c
         .run_in(&client, &["xfer", &Cluster::target(server.v4(), 8080), "1", "1", "3"])
         .unwrap_err();
-    println!("  {}", format!("{err:#}").lines().last().unwrap_or_default());
+    println!(
+        "  {}",
+        format!("{err:#}").lines().find(|l| l.contains("refused")).unwrap_or("refused")
+    );
     c.agent(1).restart()?;
     print!(
         "Restarted: {}",

@@ -85,7 +85,7 @@ fn test() -> Result<()> {
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     cargo(&["test", "--workspace", "--exclude", "sinew-ebpf", "--exclude", "sinew-tests"])?;
     // One cluster at a time: two cores, and timings stay honest.
-    cargo(&["test", "-p", "sinew-tests", "--", "--test-threads=1"])
+    cargo(&["test", "-p", "sinew-tests", "--tests", "--", "--test-threads=1"])
 }
 
 fn workspace() -> PathBuf {

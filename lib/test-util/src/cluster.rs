@@ -118,7 +118,9 @@ impl Pod {
             .arg(&self.cgroup)
             .arg(Path::new("/run/netns").join(&self.netns))
             .arg(program)
-            .args(args);
+            .args(args)
+            // Errors are read by tests and people: the message, not a backtrace.
+            .env("RUST_BACKTRACE", "0");
         cmd
     }
 }
@@ -161,6 +163,7 @@ impl Agent {
             .arg(&self.config_dir)
             .arg("--ebpf-object")
             .arg(ebpf_object(&self.bin_dir))
+            .env("RUST_BACKTRACE", "0")
             .env("RUST_LOG", std::env::var("SINEW_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(log)
