@@ -122,6 +122,8 @@ fn run(args: RunArgs) -> Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
+    // Each proxied connection holds two sockets and two pipes: use all descriptors allowed.
+    raise_nofile();
     // Before any thread exists, so the whole process moves.
     cgroup::join(&own).with_context(|| format!("joining the agent cgroup {}", own.display()))?;
     let capture = Capture::load(&object, &args.common.bpffs_dir, &own)?;
@@ -159,6 +161,16 @@ fn run(args: RunArgs) -> Result<()> {
         info!("sinew-agent stopping; pinned capture stays in place");
         Ok(())
     })
+}
+
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+    }
 }
 
 async fn shutdown_signal() {

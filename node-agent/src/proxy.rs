@@ -20,6 +20,8 @@ use tracing::{debug, info, warn};
 
 use crate::netns::Netns;
 
+mod splice;
+
 /// Bytes buffered per direction; large enough that a single stream is not limited by
 /// syscalls, small enough for thousands of connections.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -143,9 +145,14 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, p
 }
 
 /// Copies both ways; an EOF is passed on as a FIN (half-close), an error as a reset.
+/// splice(2) when two pipes can be had, user-space buffers otherwise (out of descriptors).
 async fn copy(mut a: TcpStream, mut b: TcpStream) -> io::Result<(u64, u64)> {
-    let result =
-        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER, COPY_BUFFER).await;
+    let result = match splice::Pipe::new().and_then(|p| Ok((p, splice::Pipe::new()?))) {
+        Ok(pipes) => splice::copy(&a, &b, &pipes).await,
+        Err(_) => {
+            tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER, COPY_BUFFER).await
+        }
+    };
     if result.is_err() {
         // One side was reset or failed: reset the other rather than let it see a clean end.
         reset(&a);

@@ -50,6 +50,16 @@ fn cross_node_16_mib_each_way_ipv4_and_ipv6() -> Result<()> {
 }
 
 #[test]
+fn resets_propagate_through_both_agents() -> Result<()> {
+    let (c, client, server) = two_nodes()?;
+    for ip in [server.v4(), server.v6()] {
+        let out = c.run_in(&client, &["reset", &Cluster::target(ip, 8080)])?;
+        ensure!(out.contains("ok reset propagated"), "{out}");
+    }
+    Ok(())
+}
+
+#[test]
 fn thousand_concurrent_connections_keep_their_original_destinations() -> Result<()> {
     must_be_root();
     let mut c = Cluster::new(&["demo"])?;

@@ -5,6 +5,7 @@
 //! - `ADDR`: the server answers with the local address the connection arrived at.
 //! - `SINK`: the server counts bytes until EOF and answers with the count.
 //! - `PING`: the server answers `P`.
+//! - `RESET`: the server aborts the connection (RST).
 
 use std::hash::Hasher;
 

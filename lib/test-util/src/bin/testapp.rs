@@ -16,7 +16,7 @@ use tokio::{
 };
 
 const USAGE: &str = "usage: sinew-testapp serve PORT... | xfer TARGET UP DOWN SEED | \
-many TARGETS(,) COUNT | sink TARGET SECS | ping TARGET COUNT";
+many TARGETS(,) COUNT | sink TARGET SECS | ping TARGET COUNT | reset TARGET";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,6 +35,7 @@ fn main() -> Result<()> {
             }
             "sink" => sink(arg(1)?.parse()?, arg(2)?.parse()?).await,
             "ping" => ping(arg(1)?.parse()?, arg(2)?.parse()?).await,
+            "reset" => reset(arg(1)?.parse()?).await,
             _ => bail!(USAGE),
         }
     })
@@ -86,6 +87,11 @@ async fn answer(s: TcpStream) -> Result<()> {
             r.read_to_end(&mut rest).await?;
         }
         ["PING"] => w.write_all(b"P").await?,
+        ["RESET"] => {
+            // Abort: the client must see a reset, not a clean end.
+            let s = r.into_inner().reunite(w)?;
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+        }
         ["SINK"] => {
             let n = tokio::io::copy(&mut r, &mut tokio::io::sink()).await?;
             w.write_all(format!("{n}\n").as_bytes()).await?;
@@ -237,4 +243,17 @@ async fn ping(target: SocketAddr, count: usize) -> Result<()> {
         serde_json::json!({ "count": count, "mean_us": mean, "p50_us": p(0.5), "p99_us": p(0.99) })
     );
     Ok(())
+}
+
+async fn reset(target: SocketAddr) -> Result<()> {
+    let mut s = TcpStream::connect(target).await?;
+    s.write_all(b"RESET\n").await?;
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await? {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            println!("ok reset propagated");
+            Ok(())
+        }
+        other => bail!("expected a connection reset, got {other:?}"),
+    }
 }
