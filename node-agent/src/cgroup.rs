@@ -102,3 +102,49 @@ pub fn discover(root: &Path, uid: &str) -> Result<PathBuf, CgroupError> {
     }
     Err(CgroupError::NotFound { uid: uid.into(), root: root.to_path_buf() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discovers_kubelet_cgroup_names() {
+        let root = tempfile::tempdir().unwrap();
+        let cgroupfs = root.path().join("kubepods/besteffort/pod1234-ab");
+        let systemd = root
+            .path()
+            .join("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod99_cd.slice");
+        std::fs::create_dir_all(&cgroupfs).unwrap();
+        std::fs::create_dir_all(&systemd).unwrap();
+        assert_eq!(discover(root.path(), "1234-ab").unwrap(), cgroupfs);
+        assert_eq!(discover(root.path(), "99-cd").unwrap(), systemd);
+        let err = discover(root.path(), "nope").unwrap_err().to_string();
+        assert!(err.contains("no cgroup found for pod uid nope"), "{err}");
+    }
+
+    #[test]
+    fn validation_refuses_paths_outside_the_hierarchy() {
+        let root = tempfile::tempdir().unwrap();
+        let pod = root.path().join("pod");
+        std::fs::create_dir_all(&pod).unwrap();
+        std::fs::write(pod.join("cgroup.procs"), "").unwrap();
+        let root_c = root.path().canonicalize().unwrap();
+        assert!(validate(&root_c, &pod).is_ok());
+        assert!(
+            validate(&root_c, Path::new("/etc")).unwrap_err().to_string().contains("not inside")
+        );
+        assert!(
+            validate(&root_c, &root_c.join("missing"))
+                .unwrap_err()
+                .to_string()
+                .contains("does not exist")
+        );
+        std::fs::create_dir_all(root.path().join("plain")).unwrap();
+        assert!(
+            validate(&root_c, &root_c.join("plain"))
+                .unwrap_err()
+                .to_string()
+                .contains("cgroup.procs")
+        );
+    }
+}

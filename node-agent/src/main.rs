@@ -154,14 +154,30 @@ fn run(args: RunArgs) -> Result<()> {
             .with_context(|| format!("binding the local API at {}", socket.display()))?;
         std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         info!(api = %socket.display(), object = %object.display(), restored, "sinew-agent ready");
-        let server = tokio::spawn(api::serve(listener, registry));
+        let server = tokio::spawn(api::serve(listener, registry.clone()));
+        let reconciler = tokio::spawn(reconcile_loop(registry));
         shutdown_signal().await;
         server.abort();
+        reconciler.abort();
         // Pins stay: enrolled pods keep failing closed until the agent is back.
         info!("sinew-agent stopping; pinned capture stays in place");
         Ok(())
     })
 }
+
+/// Picks up namespace label changes from the config directory.
+async fn reconcile_loop(registry: Arc<Registry>) {
+    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let r = registry.clone();
+        let _ = tokio::task::spawn_blocking(move || r.reconcile()).await;
+    }
+}
+
+/// How often the config directory is re-read for namespace enrollment changes.
+const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn raise_nofile() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};

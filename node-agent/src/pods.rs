@@ -169,12 +169,7 @@ impl Registry {
             let tasks = self.capture_pod(&spec, netns)?;
             (Pod { status: PodStatus { spec, captured: true, reason: None }, tasks }, true)
         } else {
-            let reason = format!(
-                "namespace {:?} is not enrolled (label {}={})",
-                spec.namespace,
-                sinew_model::DATAPLANE_MODE_LABEL,
-                sinew_model::DATAPLANE_MODE_AMBIENT
-            );
+            let reason = not_enrolled(&spec.namespace);
             (
                 Pod {
                     status: PodStatus { spec, captured: false, reason: Some(reason) },
@@ -258,6 +253,71 @@ impl Registry {
         Ok(tasks)
     }
 
+    /// Detaches a pod's programs and forgets its addresses; its listeners stay until the
+    /// caller drops its tasks.
+    fn release(&self, spec: &PodSpec) -> Result<(), PodError> {
+        bpf::detach_pod(&self.settings.bpffs_dir, &spec.uid)?;
+        let mut capture = self.capture.lock().expect("capture lock poisoned");
+        for ip in &spec.ips {
+            capture.remove_addr(*ip);
+        }
+        Ok(())
+    }
+
+    /// Applies namespace enrollment changes to known pods, without restarting them: pods of a
+    /// namespace labelled since are captured, pods of one unlabelled are released. While the
+    /// configuration has errors nothing changes: the last good state keeps serving.
+    /// Returns how many pods changed.
+    pub fn reconcile(&self) -> usize {
+        let config = sinew_model::load_dir(&self.settings.config_dir);
+        if !config.errors.is_empty() {
+            for e in &config.errors {
+                warn!(error = %e, "configuration rejected; keeping the current capture state");
+            }
+            return 0;
+        }
+        let mut changed = 0;
+        let mut pods = self.pods.lock().expect("pod registry lock poisoned");
+        for pod in pods.values_mut() {
+            let spec = &pod.status.spec;
+            let want = config.namespace_is_ambient(&spec.namespace);
+            if want == pod.status.captured {
+                continue;
+            }
+            if want {
+                let captured = Netns::open(&spec.netns)
+                    .map_err(PodError::from)
+                    .and_then(|netns| self.capture_pod(spec, netns));
+                match captured {
+                    Ok(tasks) => {
+                        pod.tasks = tasks;
+                        pod.status.captured = true;
+                        pod.status.reason = None;
+                        changed += 1;
+                        info!(pod = %spec.uid, "namespace enrolled: captured");
+                    }
+                    Err(e) => {
+                        warn!(pod = %spec.uid, error = %e, "cannot capture pod");
+                        pod.status.reason = Some(format!("capture failed: {e}"));
+                    }
+                }
+            } else {
+                if let Err(e) = self.release(spec) {
+                    warn!(pod = %spec.uid, error = %e, "cannot release pod");
+                    continue;
+                }
+                for t in pod.tasks.drain(..) {
+                    t.abort();
+                }
+                pod.status.captured = false;
+                pod.status.reason = Some(not_enrolled(&spec.namespace));
+                changed += 1;
+                info!(pod = %spec.uid, "namespace left the mesh: released");
+            }
+        }
+        changed
+    }
+
     /// Removes a pod: its links, addresses and listeners. Connections already open finish.
     pub fn unenroll(&self, uid: &str) -> Result<(), PodError> {
         let pod = self
@@ -266,12 +326,7 @@ impl Registry {
             .expect("pod registry lock poisoned")
             .remove(uid)
             .ok_or_else(|| PodError::Unknown(uid.into()))?;
-        bpf::detach_pod(&self.settings.bpffs_dir, uid)?;
-        let mut capture = self.capture.lock().expect("capture lock poisoned");
-        for ip in &pod.status.spec.ips {
-            capture.remove_addr(*ip);
-        }
-        drop(capture);
+        self.release(&pod.status.spec)?;
         drop(pod);
         self.persist()?;
         info!(pod = %uid, "un-enrolled");
@@ -303,6 +358,14 @@ impl Registry {
         std::fs::write(&tmp, json).map_err(err)?;
         std::fs::rename(&tmp, &path).map_err(err)
     }
+}
+
+fn not_enrolled(namespace: &str) -> String {
+    format!(
+        "namespace {namespace:?} is not enrolled (label {}={})",
+        sinew_model::DATAPLANE_MODE_LABEL,
+        sinew_model::DATAPLANE_MODE_AMBIENT
+    )
 }
 
 /// Field checks that need no system access.

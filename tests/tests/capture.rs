@@ -256,3 +256,42 @@ fn bad_input_is_refused_and_changes_nothing() -> Result<()> {
     ensure!(!c.agent(1).bpffs_dir.join("pods/uid-extra").exists());
     Ok(())
 }
+
+#[test]
+fn labelling_a_namespace_captures_its_running_pods_and_bad_config_changes_nothing() -> Result<()> {
+    let (mut c, _client, server) = two_nodes()?;
+    let late = c.add_pod(1, "late", "later")?;
+    ensure!(!c.agent(1).enroll(&late)?.captured);
+    let config = c.dir().join("config/later.yaml");
+    let wait_captured = |c: &mut Cluster, want: bool| -> Result<()> {
+        for _ in 0..100 {
+            if c.agent(1).status()?.pods.iter().any(|p| p.spec.name == "late" && p.captured == want)
+            {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        anyhow::bail!("pod late never became captured={want}")
+    };
+    std::fs::write(
+        &config,
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: later\n  labels:\n    sinew.io/dataplane-mode: ambient\n",
+    )?;
+    wait_captured(&mut c, true)?;
+    let to_server = Cluster::target(server.v4(), 8080);
+    xfer(&c, &late, &to_server, 4096, 4096)?;
+    ensure!(c.agent(1).status()?.counters.outbound == 1);
+
+    // A broken file must not release anything: the last good state keeps serving.
+    std::fs::write(&config, "apiVersion: v1\nkind: Namespace\nmetadata: [broken\n")?;
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    ensure!(c.agent(1).status()?.pods.iter().any(|p| p.spec.name == "late" && p.captured));
+    ensure!(c.agent(1).log_text().contains("later.yaml"), "the error must name the file");
+
+    std::fs::write(&config, "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: later\n")?;
+    wait_captured(&mut c, false)?;
+    ensure!(!c.pod_has_links(&late)?);
+    xfer(&c, &late, &to_server, 4096, 4096)?;
+    ensure!(c.agent(1).status()?.counters.outbound == 1, "released pod still captured");
+    Ok(())
+}
