@@ -8,7 +8,7 @@
 use std::{
     fs::File,
     net::IpAddr,
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
 };
 
@@ -159,6 +159,21 @@ impl Capture {
     pub fn pod_attached(&self, uid: &str) -> bool {
         let dir = self.pod_dir(uid);
         CGROUP_PROGRAMS.iter().chain([&SK_LOOKUP]).all(|p| dir.join(p).exists())
+    }
+
+    /// Points a pod's pinned links at this agent's programs (`BPF_LINK_UPDATE`, atomic), so a
+    /// restarted or upgraded agent runs its own code without the pod ever being detached.
+    pub fn relink_pod(&mut self, uid: &str) -> Result<(), BpfError> {
+        let dir = self.pod_dir(uid);
+        for name in CGROUP_PROGRAMS.into_iter().chain([SK_LOOKUP]) {
+            let path = dir.join(name);
+            let prog = self.ebpf.program(name).ok_or(BpfError::MissingProgram(name))?;
+            let prog_fd =
+                prog.fd().map_err(|source| BpfError::Program { name, source: Box::new(source) })?;
+            let link = sys::obj_get(&path).map_err(io_err(&path))?;
+            sys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(io_err(&path))?;
+        }
+        Ok(())
     }
 
     /// Attaches the capture programs to a pod's cgroup and network namespace and pins the
@@ -315,5 +330,61 @@ pub fn remove_all(pin_root: &Path) -> Result<bool, BpfError> {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(source) => Err(BpfError::Io { path: pin_root.to_path_buf(), source }),
+    }
+}
+
+/// The two bpf(2) commands aya 0.14 does not expose: opening a pinned object and
+/// `BPF_LINK_UPDATE`.
+mod sys {
+    use std::{
+        ffi::CString,
+        io,
+        os::{
+            fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+            unix::ffi::OsStrExt,
+        },
+        path::Path,
+    };
+
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+
+    /// `union bpf_attr` as these two commands use it; the tail must be zero.
+    #[repr(C)]
+    struct Attr {
+        a: u64,
+        b: u32,
+        c: u32,
+        tail: [u64; 14],
+    }
+
+    fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+        // SAFETY: `attr` is a valid, fully initialised bpf_attr of the size passed.
+        let r = unsafe {
+            libc::syscall(libc::SYS_bpf, cmd, attr as *mut Attr, std::mem::size_of::<Attr>())
+        };
+        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+    }
+
+    /// `BPF_OBJ_GET`: a descriptor for the object pinned at `path`.
+    pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // pathname (u64), bpf_fd = 0, file_flags = 0.
+        let mut attr = Attr { a: c.as_ptr() as u64, b: 0, c: 0, tail: [0; 14] };
+        let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+        // SAFETY: the kernel returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// `BPF_LINK_UPDATE`: link_fd, new_prog_fd, flags = 0, old_prog_fd = 0.
+    pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+        let (link, prog) = (link.as_raw_fd() as u32, prog.as_raw_fd() as u32);
+        // The first two u32 fields share `a`, in memory order.
+        let mut bytes = [0u8; 8];
+        bytes[..4].copy_from_slice(&link.to_ne_bytes());
+        bytes[4..].copy_from_slice(&prog.to_ne_bytes());
+        let mut attr = Attr { a: u64::from_ne_bytes(bytes), b: 0, c: 0, tail: [0; 14] };
+        bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
     }
 }

@@ -219,7 +219,11 @@ impl Registry {
                 capture.set_listener(*ip, SLOT_PLAINTEXT, &inbound)?;
                 capture.add_addr(*ip)?;
             }
-            if !capture.pod_attached(uid) {
+            if capture.pod_attached(uid) {
+                // Pinned by an earlier agent: keep the links (the pod never stops failing
+                // closed) and swap our programs in.
+                capture.relink_pod(uid)?;
+            } else {
                 let cgroup = spec.cgroup.as_deref().expect("cgroup resolved before capture");
                 capture.attach_pod(uid, cgroup, &netns)?;
             }

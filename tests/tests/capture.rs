@@ -166,8 +166,16 @@ fn agent_down_fails_closed_and_restart_readopts() -> Result<()> {
         c.pod_has_links(&client)? && c.pod_has_links(&server)?,
         "pins must keep capture in place"
     );
+    let old_programs = c.pod_link_programs(&client)?;
 
     c.agent(1).restart()?;
+    // Same links, now running the restarted agent's programs (BPF_LINK_UPDATE).
+    let new_programs = c.pod_link_programs(&client)?;
+    ensure!(new_programs.len() == 6, "links of the client pod: {new_programs:?}");
+    ensure!(
+        old_programs.iter().all(|p| !new_programs.contains(p)),
+        "{old_programs:?} -> {new_programs:?}"
+    );
     c.agent(2).restart()?;
     let pods = c.agent(1).status()?.pods;
     ensure!(pods.len() == 1 && pods[0].captured, "re-adopted pods: {pods:?}");

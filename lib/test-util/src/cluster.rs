@@ -492,15 +492,28 @@ impl Cluster {
     /// Whether any eBPF link is attached to `pod`'s cgroup or network namespace
     /// (asked of the kernel with bpftool).
     pub fn pod_has_links(&self, pod: &Pod) -> Result<bool> {
+        Ok(!self.pod_link_programs(pod)?.is_empty())
+    }
+
+    /// The program ids of the links attached to `pod`'s cgroup or network namespace.
+    pub fn pod_link_programs(&self, pod: &Pod) -> Result<Vec<u64>> {
         use std::os::unix::fs::MetadataExt;
         let cgroup_id = std::fs::metadata(&pod.cgroup)?.ino();
         let netns_ino = std::fs::metadata(Path::new("/run/netns").join(&pod.netns))?.ino();
         let links: serde_json::Value =
             serde_json::from_str(&sh("bpftool", &["-j", "link", "show"])?)?;
-        Ok(links.as_array().into_iter().flatten().any(|l| {
-            l.get("cgroup_id").and_then(|v| v.as_u64()) == Some(cgroup_id)
-                || l.get("netns_ino").and_then(|v| v.as_u64()) == Some(netns_ino)
-        }))
+        let mut ids: Vec<u64> = links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| {
+                l.get("cgroup_id").and_then(|v| v.as_u64()) == Some(cgroup_id)
+                    || l.get("netns_ino").and_then(|v| v.as_u64()) == Some(netns_ino)
+            })
+            .filter_map(|l| l.get("prog_id").and_then(|v| v.as_u64()))
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
     }
 
     /// A target address string for testapp.
