@@ -198,25 +198,21 @@ impl Capture {
     ) -> Result<(), BpfError> {
         let cg = File::open(cgroup).map_err(io_err(cgroup))?;
         for name in CGROUP_PROGRAMS {
-            let link: FdLink = match self.ebpf.program_mut(name) {
-                Some(aya::programs::Program::CgroupSockAddr(p)) => {
-                    let id = p
-                        .attach(&cg, CgroupAttachMode::Single)
-                        .map_err(|source| BpfError::Program { name, source: Box::new(source) })?;
-                    let link = p
-                        .take_link(id)
-                        .map_err(|source| BpfError::Program { name, source: Box::new(source) })?;
-                    link.try_into().map_err(|e: aya::programs::links::LinkError| pin_err(dir, e))?
-                }
-                Some(aya::programs::Program::SockOps(p)) => {
-                    let id = p
-                        .attach(&cg, CgroupAttachMode::Single)
-                        .map_err(|source| BpfError::Program { name, source: Box::new(source) })?;
-                    let link = p
-                        .take_link(id)
-                        .map_err(|source| BpfError::Program { name, source: Box::new(source) })?;
-                    link.try_into().map_err(|e: aya::programs::links::LinkError| pin_err(dir, e))?
-                }
+            let prog_err = |source: aya::programs::ProgramError| BpfError::Program {
+                name,
+                source: Box::new(source),
+            };
+            // The program types differ but attach alike; a macro keeps one copy of the steps.
+            macro_rules! attach {
+                ($p:expr) => {{
+                    let id = $p.attach(&cg, CgroupAttachMode::Single).map_err(prog_err)?;
+                    let link = $p.take_link(id).map_err(prog_err)?;
+                    FdLink::try_from(link).map_err(|e| pin_err(dir, e))?
+                }};
+            }
+            let link = match self.ebpf.program_mut(name) {
+                Some(aya::programs::Program::CgroupSockAddr(p)) => attach!(p),
+                Some(aya::programs::Program::SockOps(p)) => attach!(p),
                 _ => return Err(BpfError::MissingProgram(name)),
             };
             pin(link, &dir.join(name))?;

@@ -205,21 +205,11 @@ fn unenroll_goes_direct_and_leaves_nothing_attached() -> Result<()> {
     ensure!(c.agent(1).status()?.pods.is_empty());
 
     // The documented host cleanup removes the maps too once the agent is stopped.
-    let agent_bin = c.binary("sinew-agent");
     let agent = c.agent(1);
+    ensure!(agent.cleanup().is_err(), "cleanup must refuse while the agent answers");
     agent.kill();
-    let out = std::process::Command::new(agent_bin)
-        .arg("cleanup")
-        .arg("--api-socket")
-        .arg(&agent.socket)
-        .arg("--bpffs-dir")
-        .arg(&agent.bpffs_dir)
-        .arg("--state-dir")
-        .arg(&agent.state_dir)
-        .arg("--cgroup")
-        .arg(&agent.cgroup_rel)
-        .output()?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = agent.cleanup()?;
+    ensure!(out.contains("removed"), "{out}");
     ensure!(!agent.bpffs_dir.exists(), "cleanup left {}", agent.bpffs_dir.display());
     Ok(())
 }

@@ -151,14 +151,7 @@ impl Agent {
             .arg(format!("--net=/run/netns/{}", self.node_netns))
             .arg(self.bin_dir.join("sinew-agent"))
             .arg("run")
-            .arg("--api-socket")
-            .arg(&self.socket)
-            .arg("--bpffs-dir")
-            .arg(&self.bpffs_dir)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--cgroup")
-            .arg(&self.cgroup_rel)
+            .args(self.host_args())
             .arg("--config-dir")
             .arg(&self.config_dir)
             .arg("--ebpf-object")
@@ -185,6 +178,33 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The flags naming this agent's socket, pins, state and cgroup (shared by `run` and
+    /// `cleanup`).
+    fn host_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args = Vec::new();
+        for (flag, value) in [
+            ("--api-socket", self.socket.as_os_str()),
+            ("--bpffs-dir", self.bpffs_dir.as_os_str()),
+            ("--state-dir", self.state_dir.as_os_str()),
+            ("--cgroup", std::ffi::OsStr::new(&self.cgroup_rel)),
+        ] {
+            args.push(flag.into());
+            args.push(value.to_owned());
+        }
+        args
+    }
+
+    /// Runs `sinew-agent cleanup` for this agent's host paths (stop it first).
+    pub fn cleanup(&self) -> Result<String> {
+        let out = Command::new(self.bin_dir.join("sinew-agent"))
+            .arg("cleanup")
+            .args(self.host_args())
+            .env("RUST_BACKTRACE", "0")
+            .output()?;
+        ensure!(out.status.success(), "cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The agent's log so far.
