@@ -132,11 +132,14 @@ impl Registry {
         let mut restored = 0;
         for spec in specs {
             let uid = spec.uid.clone();
+            let spec_copy = spec.clone();
             match self.enroll(spec) {
                 Ok(_) => restored += 1,
                 Err(e) => {
                     warn!(pod = %uid, error = %e, "dropping a pod that cannot be re-adopted");
-                    let _ = bpf::detach_pod(&self.settings.bpffs_dir, &uid);
+                    // Its pinned links and addresses would otherwise refuse traffic forever
+                    // for whatever gets that address next.
+                    let _ = self.release(&spec_copy);
                 }
             }
         }

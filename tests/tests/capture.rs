@@ -293,3 +293,19 @@ fn labelling_a_namespace_captures_its_running_pods_and_bad_config_changes_nothin
     ensure!(c.agent(1).status()?.counters.outbound == 1, "released pod still captured");
     Ok(())
 }
+
+#[test]
+fn restart_drops_pods_whose_namespace_is_gone() -> Result<()> {
+    let (mut c, _client, _server) = two_nodes()?;
+    let gone = c.add_pod(2, "gone", "demo")?;
+    ensure!(c.agent(2).enroll(&gone)?.captured);
+    c.agent(2).kill();
+    sinew_test_util::cluster::sh("ip", &["netns", "del", &gone.netns])?;
+    c.agent(2).restart()?;
+    let pods = c.agent(2).status()?.pods;
+    ensure!(pods.iter().all(|p| p.spec.name != "gone"), "{pods:?}");
+    ensure!(pods.iter().any(|p| p.spec.name == "server" && p.captured), "{pods:?}");
+    ensure!(!c.agent(2).bpffs_dir.join("pods/uid-gone").exists(), "pins of a gone pod left behind");
+    ensure!(c.agent(2).log_text().contains("cannot be re-adopted"));
+    Ok(())
+}
