@@ -90,9 +90,10 @@ impl Netns {
         Ok(out)
     }
 
-    /// A new TCP socket of `domain` inside this namespace.
+    /// A new non-blocking TCP socket of `domain` inside this namespace (one syscall: the
+    /// flag is set at creation).
     pub fn tcp_socket(&self, domain: Domain) -> io::Result<Socket> {
-        self.run(|| Socket::new(domain, Type::STREAM, Some(Protocol::TCP)))
+        self.run(|| Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP)))
             .map_err(io::Error::from)?
     }
 }

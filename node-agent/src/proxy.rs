@@ -147,8 +147,15 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, p
 /// Copies both ways; an EOF is passed on as a FIN (half-close), an error as a reset.
 /// splice(2) when two pipes can be had, user-space buffers otherwise (out of descriptors).
 async fn copy(mut a: TcpStream, mut b: TcpStream) -> io::Result<(u64, u64)> {
-    let result = match splice::Pipe::new().and_then(|p| Ok((p, splice::Pipe::new()?))) {
-        Ok(pipes) => splice::copy(&a, &b, &pipes).await,
+    let result = match splice::Pipes::take() {
+        Ok(pipes) => {
+            let result = splice::copy(&a, &b, &pipes).await;
+            if result.is_ok() {
+                // Both directions reached EOF with their pipes drained: reusable.
+                pipes.give_back();
+            }
+            result
+        }
         Err(_) => {
             tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER, COPY_BUFFER).await
         }
@@ -178,7 +185,6 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
 /// Connects to `target` from a socket created inside `netns`.
 pub async fn connect_in(netns: &Netns, target: SocketAddr) -> io::Result<TcpStream> {
     let sock = netns.tcp_socket(Domain::for_address(target))?;
-    sock.set_nonblocking(true)?;
     sock.set_tcp_nodelay(true)?;
     TcpSocket::from_std_stream(sock.into()).connect(target).await
 }
