@@ -13,7 +13,9 @@ use std::{
     time::Duration,
 };
 
-use sinew_ebpf_common::{OUTBOUND_PORT, SO_ORIGINAL_DST};
+use sinew_ebpf_common::{
+    INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, SO_ORIGINAL_DST,
+};
 use socket2::{Domain, SockRef};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
@@ -105,7 +107,7 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, p
         }
     };
     let target = match target {
-        Ok(t) if !(direction == Direction::Outbound && is_own_listener(t)) => t,
+        Ok(t) if !is_own_listener(direction, t) => t,
         Ok(t) => {
             warn!(pod = %pod.name, %peer, %t, "refusing a connection to the agent's own listener");
             return reset(&downstream);
@@ -173,8 +175,15 @@ fn reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-fn is_own_listener(addr: SocketAddr) -> bool {
-    addr.port() == OUTBOUND_PORT && addr.ip().is_loopback()
+/// Connecting to one of the agent's own in-pod listeners would loop back into the agent
+/// (a connection to pod:15006 is captured onto 15006, whose upstream is pod:15006 again...).
+fn is_own_listener(direction: Direction, addr: SocketAddr) -> bool {
+    match direction {
+        Direction::Outbound => addr.port() == OUTBOUND_PORT && addr.ip().is_loopback(),
+        Direction::Inbound => {
+            [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT].contains(&addr.port())
+        }
+    }
 }
 
 /// Folds IPv4-mapped IPv6 addresses (from dual-stack listeners) to IPv4.
@@ -248,4 +257,21 @@ pub fn listen_in(
 pub fn any(v6: bool, port: u16) -> SocketAddr {
     let ip: IpAddr = if v6 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
     SocketAddr::new(ip, port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_listeners_are_never_upstreams() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(is_own_listener(Direction::Outbound, a("127.0.0.1:15001")));
+        assert!(is_own_listener(Direction::Outbound, a("[::1]:15001")));
+        assert!(!is_own_listener(Direction::Outbound, a("198.18.2.10:15001")));
+        for port in [15001, 15006, 15008] {
+            assert!(is_own_listener(Direction::Inbound, a(&format!("198.18.2.10:{port}"))));
+        }
+        assert!(!is_own_listener(Direction::Inbound, a("198.18.2.10:8080")));
+    }
 }

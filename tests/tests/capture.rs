@@ -112,6 +112,11 @@ fn inbound_capture_on_any_port_including_the_applications() -> Result<()> {
         let after = c.agent(2).status()?.counters.inbound;
         ensure!(after == before + 1, "port {port}: inbound {before} -> {after}");
     }
+    // The agent's own port: refused, not looped back into the agent.
+    let before = c.agent(2).status()?.counters.inbound;
+    ensure!(xfer(&c, &outsider, &Cluster::target(server.v4(), 15006), 1, 1).is_err());
+    let after = c.agent(2).status()?.counters.inbound;
+    ensure!(after == before + 1, "a connection to :15006 looped: inbound {before} -> {after}");
     // A port nothing listens on: captured, then refused by the application's namespace.
     let err = xfer(&c, &outsider, &Cluster::target(server.v4(), 7777), 1, 1).unwrap_err();
     ensure!(
