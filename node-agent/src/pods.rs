@@ -99,9 +99,24 @@ impl Drop for Pod {
     }
 }
 
+/// The last good configuration and the errors already logged.
+struct ConfigState {
+    store: sinew_model::Store,
+    reported: Vec<String>,
+}
+
+impl std::ops::Deref for ConfigState {
+    type Target = sinew_model::Store;
+
+    fn deref(&self) -> &Self::Target {
+        &self.store
+    }
+}
+
 /// All pods of this node.
 pub struct Registry {
     settings: Settings,
+    config: Mutex<ConfigState>,
     capture: Mutex<Capture>,
     pods: Mutex<BTreeMap<String, Pod>>,
     stats: Arc<Stats>,
@@ -110,7 +125,14 @@ pub struct Registry {
 impl Registry {
     /// A registry over loaded programs.
     pub fn new(settings: Settings, capture: Capture, stats: Arc<Stats>) -> Self {
-        Self { settings, capture: Mutex::new(capture), pods: Mutex::new(BTreeMap::new()), stats }
+        let config = Mutex::new(ConfigState { store: sinew_model::Store::new(), reported: vec![] });
+        Self {
+            settings,
+            config,
+            capture: Mutex::new(capture),
+            pods: Mutex::new(BTreeMap::new()),
+            stats,
+        }
     }
 
     fn state_file(&self) -> PathBuf {
@@ -164,11 +186,7 @@ impl Registry {
                 Err(PodError::Conflict(spec.uid))
             };
         }
-        let config = sinew_model::load_dir(&self.settings.config_dir);
-        for e in &config.errors {
-            warn!(error = %e, "ignoring invalid configuration");
-        }
-        let (pod, captured) = if config.namespace_is_ambient(&spec.namespace) {
+        let (pod, captured) = if self.reload_config().namespace_is_ambient(&spec.namespace) {
             let tasks = self.capture_pod(&spec, netns)?;
             (Pod { status: PodStatus { spec, captured: true, reason: None }, tasks }, true)
         } else {
@@ -271,18 +289,29 @@ impl Registry {
         Ok(())
     }
 
+    /// Re-reads the configuration directory into the store of last good resources, logging
+    /// each rejected file, resource or field once (not at every reload).
+    fn reload_config(&self) -> std::sync::MutexGuard<'_, ConfigState> {
+        let mut config = self.config.lock().expect("config lock poisoned");
+        let errors: Vec<String> = config
+            .store
+            .reload_dir(&self.settings.config_dir)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for e in errors.iter().filter(|e| !config.reported.contains(*e)) {
+            warn!(error = %e, "configuration rejected; its last good version (if any) stays in force");
+        }
+        config.reported = errors;
+        config
+    }
+
     /// Applies namespace enrollment changes to known pods, without restarting them: pods of a
-    /// namespace labelled since are captured, pods of one unlabelled are released. While the
-    /// configuration has errors nothing changes: the last good state keeps serving.
+    /// namespace labelled since are captured, pods of one unlabelled are released. A rejected
+    /// resource changes nothing: its last good version stays in force.
     /// Returns how many pods changed.
     pub fn reconcile(&self) -> usize {
-        let config = sinew_model::load_dir(&self.settings.config_dir);
-        if !config.errors.is_empty() {
-            for e in &config.errors {
-                warn!(error = %e, "configuration rejected; keeping the current capture state");
-            }
-            return 0;
-        }
+        let config = self.reload_config();
         let mut changed = 0;
         let mut pods = self.pods.lock().expect("pod registry lock poisoned");
         for pod in pods.values_mut() {

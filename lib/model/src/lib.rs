@@ -1,273 +1,169 @@
-//! Sinew's resource model: Kubernetes-shaped resources (apiVersion, kind, metadata, spec) read
-//! from a directory of YAML files, validated field by field.
+//! Sinew's resource model, defined once for the control service, the node agent and the
+//! waypoint: Kubernetes-shaped resources (apiVersion, kind, metadata, spec) with every field
+//! validated.
 //!
-//! This first cut carries the `Namespace` resource, whose `sinew.io/dataplane-mode=ambient`
-//! label enrolls a namespace in the mesh. Loading never fails as a whole: every document that
-//! does not validate becomes a [`ConfigError`] naming the file, the resource and the field,
-//! and the valid ones still load.
+//! Kinds: `Namespace` (enrollment and waypoint labels), `Workload`, `Service`,
+//! `AuthorizationPolicy`, `PeerAuthentication`, Gateway API v1 `HTTPRoute` and `GRPCRoute`, and
+//! `DestinationPolicy` (load balancing, connection limits, outlier detection).
+//!
+//! [`parse_document`] turns one YAML document into a [`Resource`] or a list of
+//! [`ConfigError`]s naming the file, the resource and each bad field (all of them, not just
+//! the first). [`Store`] keeps the last good version of every resource across reloads of a
+//! directory: a rejected resource never replaces a good one, and the rest of the batch applies.
 #![forbid(unsafe_code)]
 
-use std::{
-    collections::BTreeMap,
-    fmt,
-    path::{Path, PathBuf},
-};
+mod kinds;
+mod store;
+mod validate;
 
-use serde::Deserialize;
+use std::{collections::BTreeMap, fmt, path::PathBuf};
+
+pub use kinds::*;
+use serde::{Deserialize, Serialize};
+pub use store::{Rejected, Store, parse_document, parse_file};
+pub use validate::{Duration, is_dns_label, is_dns_subdomain};
 
 /// The label that enrolls a namespace, and its enrolling value.
 pub const DATAPLANE_MODE_LABEL: &str = "sinew.io/dataplane-mode";
 /// The value of [`DATAPLANE_MODE_LABEL`] that enrolls a namespace.
 pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
+/// The label that sends a namespace's or service's traffic through a waypoint.
+pub const USE_WAYPOINT_LABEL: &str = "sinew.io/use-waypoint";
+/// Policies in this namespace apply mesh-wide (Istio's root namespace, renamed).
+pub const ROOT_NAMESPACE: &str = "sinew-system";
 
-/// One rejected resource or file, with where it came from.
+/// One rejected file, resource or field, with where it came from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}: {resource}: {field}: {message}", file = .file.display())]
 pub struct ConfigError {
     /// The file the resource came from.
     pub file: PathBuf,
-    /// `Kind/name`, or `document N` when the document has no usable kind or name.
+    /// `Kind/namespace/name`, `Kind/name` for cluster-scoped kinds, or `document N`.
     pub resource: String,
-    /// The field path, such as `metadata.labels`, or `-` for the document as a whole.
+    /// The field path, such as `spec.rules[0].backendRefs[1].weight`, or `-`.
     pub field: String,
     /// What is wrong.
     pub message: String,
 }
 
-/// A mesh namespace.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Namespace {
-    /// `metadata.name`.
-    pub name: String,
-    /// `metadata.labels`.
-    pub labels: BTreeMap<String, String>,
-}
-
-impl Namespace {
-    /// True when the namespace's traffic is captured by the mesh.
-    pub fn is_ambient(&self) -> bool {
-        self.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_MODE_AMBIENT)
-    }
-}
-
-#[derive(Deserialize)]
+/// `metadata`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawNamespace {
-    api_version: String,
-    #[allow(dead_code, reason = "checked by the kind dispatch before this type is used")]
-    kind: String,
-    metadata: RawMetadata,
-    #[serde(default)]
-    #[allow(dead_code, reason = "Namespace has no spec fields Sinew reads")]
-    spec: Option<serde_yaml::Value>,
+pub struct ObjectMeta {
+    /// Name.
+    pub name: String,
+    /// Namespace (required for namespaced kinds, refused for cluster-scoped ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations (kept, not interpreted).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMetadata {
-    name: String,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    #[serde(default)]
-    #[allow(dead_code, reason = "accepted for kubectl-style files; not used")]
-    annotations: BTreeMap<String, String>,
+/// A resource of one kind: its metadata and its validated spec.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Object<S> {
+    /// Metadata.
+    pub metadata: ObjectMeta,
+    /// Spec.
+    pub spec: S,
 }
 
-/// Everything valid in a configuration directory, and what was rejected.
-#[derive(Debug, Default)]
-pub struct Config {
-    /// Valid namespaces by name.
-    pub namespaces: BTreeMap<String, Namespace>,
-    /// Every rejected file or resource.
-    pub errors: Vec<ConfigError>,
+/// What identifies a resource: kind, namespace (empty for cluster-scoped kinds), name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ResourceKey {
+    /// Kind.
+    pub kind: &'static str,
+    /// Namespace, empty for cluster-scoped kinds.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
 }
 
-impl Config {
-    /// True when `namespace` exists and carries the ambient label.
-    pub fn namespace_is_ambient(&self, namespace: &str) -> bool {
-        self.namespaces.get(namespace).is_some_and(Namespace::is_ambient)
+impl fmt::Display for ResourceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{}/{}", self.kind, self.name)
+        } else {
+            write!(f, "{}/{}/{}", self.kind, self.namespace, self.name)
+        }
     }
 }
 
-/// Whether `s` is an RFC 1123 label, as Kubernetes requires of namespace names.
-pub fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
+macro_rules! resources {
+    ($($variant:ident($spec:ty) = $kind:literal, $api:literal, $namespaced:literal;)*) => {
+        /// Every resource kind Sinew reads.
+        #[derive(Debug, Clone, PartialEq, Serialize)]
+        #[serde(tag = "kind")]
+        #[allow(clippy::large_enum_variant, reason = "resources are few and long-lived")]
+        pub enum Resource {
+            $(
+                #[doc = concat!("`", $kind, "` (", $api, ").")]
+                #[serde(rename = $kind)]
+                $variant(Object<$spec>),
+            )*
+        }
 
-/// Reads every `*.yaml`/`*.yml` file of `dir` (not recursive), in name order.
-pub fn load_dir(dir: &Path) -> Config {
-    let mut config = Config::default();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) => {
-            config.errors.push(ConfigError {
-                file: dir.to_path_buf(),
-                resource: "-".into(),
-                field: "-".into(),
-                message: format!("cannot read directory: {e}"),
-            });
-            return config;
+        /// (kind, apiVersion, namespaced) of every kind.
+        pub const KINDS: &[(&str, &str, bool)] = &[$(($kind, $api, $namespaced)),*];
+
+        impl Resource {
+            /// The resource's kind.
+            pub fn kind(&self) -> &'static str {
+                match self { $(Self::$variant(_) => $kind,)* }
+            }
+
+            /// The resource's metadata.
+            pub fn metadata(&self) -> &ObjectMeta {
+                match self { $(Self::$variant(o) => &o.metadata,)* }
+            }
+        }
+
+        pub(crate) fn parse_kind(
+            kind: &str,
+            value: serde_yaml::Value,
+        ) -> Option<Result<Resource, Vec<(String, String)>>> {
+            match kind {
+                $($kind => Some(store::typed::<$spec>(value).map(Resource::$variant)),)*
+                _ => None,
+            }
         }
     };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-        .collect();
-    files.sort();
-    for file in files {
-        match std::fs::read_to_string(&file) {
-            Ok(text) => load_str(&file, &text, &mut config),
-            Err(e) => config.errors.push(ConfigError {
-                file,
-                resource: "-".into(),
-                field: "-".into(),
-                message: format!("cannot read file: {e}"),
-            }),
-        }
-    }
-    config
 }
 
-/// Adds the resources of one multi-document YAML text to `config`.
-pub fn load_str(file: &Path, text: &str, config: &mut Config) {
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let err = |resource: String, field: &str, message: String| ConfigError {
-            file: file.to_path_buf(),
-            resource,
-            field: field.into(),
-            message,
-        };
-        let value = match serde_yaml::Value::deserialize(doc) {
-            Ok(serde_yaml::Value::Null) => continue,
-            Ok(v) => v,
-            Err(e) => {
-                config.errors.push(err(format!("document {}", i + 1), "-", e.to_string()));
-                // A syntax error ends the stream: later documents cannot be located reliably.
-                break;
-            }
-        };
-        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
-        let name = value
-            .get("metadata")
-            .and_then(|m| m.get("name"))
-            .and_then(|n| n.as_str())
-            .unwrap_or_default()
-            .to_owned();
-        let resource =
-            if kind.is_empty() { format!("document {}", i + 1) } else { format!("{kind}/{name}") };
-        match kind.as_str() {
-            "Namespace" => match parse_namespace(value) {
-                Ok(ns) => {
-                    config.namespaces.insert(ns.name.clone(), ns);
-                }
-                Err((field, message)) => config.errors.push(err(resource, &field, message)),
-            },
-            // Kinds served by later components are accepted and ignored here.
-            "" => config.errors.push(err(resource, "kind", "missing".into())),
-            _ => {}
+resources! {
+    Namespace(NamespaceSpec) = "Namespace", "v1", false;
+    Workload(WorkloadSpec) = "Workload", "sinew.io/v1alpha1", true;
+    Service(ServiceSpec) = "Service", "v1", true;
+    AuthorizationPolicy(AuthorizationPolicySpec) = "AuthorizationPolicy", "security.sinew.io/v1", true;
+    PeerAuthentication(PeerAuthenticationSpec) = "PeerAuthentication", "security.sinew.io/v1", true;
+    HttpRoute(HttpRouteSpec) = "HTTPRoute", "gateway.networking.k8s.io/v1", true;
+    GrpcRoute(GrpcRouteSpec) = "GRPCRoute", "gateway.networking.k8s.io/v1", true;
+    DestinationPolicy(DestinationPolicySpec) = "DestinationPolicy", "networking.sinew.io/v1alpha1", true;
+}
+
+impl Resource {
+    /// The resource's identity.
+    pub fn key(&self) -> ResourceKey {
+        let m = self.metadata();
+        ResourceKey {
+            kind: self.kind(),
+            namespace: m.namespace.clone().unwrap_or_default(),
+            name: m.name.clone(),
         }
     }
 }
 
-fn parse_namespace(value: serde_yaml::Value) -> Result<Namespace, (String, String)> {
-    let raw: RawNamespace =
-        serde_yaml::from_value(value).map_err(|e| (field_of(&e.to_string()), e.to_string()))?;
-    if raw.api_version != "v1" {
-        return Err(("apiVersion".into(), format!("must be v1, not {:?}", raw.api_version)));
-    }
-    if !is_dns_label(&raw.metadata.name) {
-        return Err((
-            "metadata.name".into(),
-            format!("{:?} is not a valid namespace name (RFC 1123 label)", raw.metadata.name),
-        ));
-    }
-    if let Some(mode) = raw.metadata.labels.get(DATAPLANE_MODE_LABEL)
-        && mode != DATAPLANE_MODE_AMBIENT
-        && mode != "none"
-    {
-        return Err((
-            format!("metadata.labels.{DATAPLANE_MODE_LABEL}"),
-            format!("must be \"ambient\" or \"none\", not {mode:?}"),
-        ));
-    }
-    Ok(Namespace { name: raw.metadata.name, labels: raw.metadata.labels })
-}
+/// A spec that checks its own fields. Each problem is `(field path below spec, message)`.
+pub trait Validate: Sized {
+    /// Every problem found, or none.
+    fn validate(&self, errors: &mut validate::Errors);
 
-/// Best-effort field name from a serde message such as "unknown field `foo`, expected ...".
-fn field_of(message: &str) -> String {
-    message.split('`').nth(1).map(str::to_owned).unwrap_or_else(|| "-".into())
-}
-
-impl fmt::Display for Namespace {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Namespace/{}", self.name)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn load(text: &str) -> Config {
-        let mut c = Config::default();
-        load_str(Path::new("ns.yaml"), text, &mut c);
-        c
-    }
-
-    #[test]
-    fn ambient_label_enrolls() {
-        let c = load(
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    sinew.io/dataplane-mode: ambient\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: plain\n",
-        );
-        assert!(c.errors.is_empty(), "{:?}", c.errors);
-        assert!(c.namespace_is_ambient("shop"));
-        assert!(!c.namespace_is_ambient("plain"));
-        assert!(!c.namespace_is_ambient("absent"));
-    }
-
-    #[test]
-    fn bad_documents_are_named_and_the_rest_loads() {
-        let c = load(
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: Bad_Name\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: ok\n  colour: blue\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: good\n  labels:\n    sinew.io/dataplane-mode: sometimes\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: fine\n",
-        );
-        let fields: Vec<_> =
-            c.errors.iter().map(|e| (e.resource.as_str(), e.field.as_str())).collect();
-        assert_eq!(
-            fields,
-            [
-                ("Namespace/Bad_Name", "metadata.name"),
-                ("Namespace/ok", "colour"),
-                ("Namespace/good", "metadata.labels.sinew.io/dataplane-mode"),
-            ]
-        );
-        assert!(c.errors[0].to_string().starts_with("ns.yaml: Namespace/Bad_Name: metadata.name:"));
-        assert_eq!(c.namespaces.keys().collect::<Vec<_>>(), ["fine"]);
-    }
-
-    #[test]
-    fn syntax_error_names_the_file() {
-        let c = load("kind: Namespace\nmetadata: [unclosed\n");
-        assert_eq!(c.errors.len(), 1);
-        assert_eq!(c.errors[0].resource, "document 1");
-    }
-
-    #[test]
-    fn directory_loading_skips_other_files() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("a.yaml"),
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n",
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("notes.txt"), "not yaml: [").unwrap();
-        let c = load_dir(dir.path());
-        assert!(c.errors.is_empty());
-        assert!(c.namespaces.contains_key("a"));
-        assert!(!load_dir(&dir.path().join("missing")).errors.is_empty());
+    /// The spec of a document without one, or `None` when `spec` is required.
+    fn empty() -> Option<Self> {
+        None
     }
 }

@@ -1,0 +1,1035 @@
+//! The spec of every kind, with Kubernetes / Istio / Gateway API field names, and their checks.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Validate,
+    validate::{Duration, Errors, Port, dns_label, is_dns_label, is_dns_subdomain},
+};
+
+// ---- Namespace ----
+
+/// `Namespace.spec` (nothing Sinew reads; enrollment is in labels).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSpec {
+    /// Kubernetes' finalizers, accepted and ignored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub finalizers: Vec<String>,
+}
+
+impl Validate for NamespaceSpec {
+    fn validate(&self, _: &mut Errors) {}
+
+    fn empty() -> Option<Self> {
+        Some(Self::default())
+    }
+}
+
+// ---- Workload ----
+
+/// `Workload.spec`: a pod or VM, where it runs and as whom.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    /// The identity it holds: `spiffe://<td>/ns/<namespace>/sa/<serviceAccount>`.
+    #[serde(default = "default_sa")]
+    pub service_account: String,
+    /// The node it runs on; only that node's agent may get its certificate.
+    pub node: String,
+    /// Its addresses.
+    pub ips: Vec<IpAddr>,
+}
+
+fn default_sa() -> String {
+    "default".into()
+}
+
+impl Validate for WorkloadSpec {
+    fn validate(&self, e: &mut Errors) {
+        dns_label(e, "serviceAccount", &self.service_account);
+        e.check(is_dns_subdomain(&self.node), "node", || {
+            format!("{:?} is not a node name", self.node)
+        });
+        e.check(!self.ips.is_empty(), "ips", || "a workload needs at least one address".into());
+        e.each("ips", &self.ips, |e, ip| {
+            e.check(!ip.is_unspecified() && !ip.is_loopback() && !ip.is_multicast(), "", || {
+                format!("{ip} cannot be a workload address")
+            })
+        });
+    }
+}
+
+// ---- Service ----
+
+/// `Service.spec`: virtual IPs, ports, and the workloads behind them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Virtual IPs (empty: headless).
+    #[serde(default, rename = "clusterIPs")]
+    pub cluster_ips: Vec<IpAddr>,
+    /// Ports.
+    pub ports: Vec<ServicePort>,
+    /// Workloads whose labels match are the endpoints.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+}
+
+/// One service port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    /// Optional name (an RFC 1123 label).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The service port.
+    pub port: Port,
+    /// The workload port (defaults to `port`).
+    #[serde(default)]
+    pub target_port: Option<Port>,
+    /// Only TCP is carried.
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    /// `http`, `http2`, `grpc`, `tcp`...: how a waypoint should treat it.
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+}
+
+fn tcp() -> String {
+    "TCP".into()
+}
+
+impl Validate for ServiceSpec {
+    fn validate(&self, e: &mut Errors) {
+        e.check(!self.ports.is_empty(), "ports", || "a service needs at least one port".into());
+        e.each("ports", &self.ports, |e, p| {
+            if let Some(n) = &p.name {
+                dns_label(e, "name", n);
+            }
+            e.check(p.protocol == "TCP", "protocol", || {
+                format!("{:?}: only TCP is supported", p.protocol)
+            });
+        });
+        let mut seen = std::collections::BTreeSet::new();
+        e.each("ports", &self.ports, |e, p| {
+            e.check(seen.insert(p.port), "port", || format!("port {} is listed twice", p.port.0));
+        });
+        e.each("clusterIPs", &self.cluster_ips, |e, ip| {
+            e.check(!ip.is_unspecified() && !ip.is_multicast(), "", || {
+                format!("{ip} cannot be a service address")
+            });
+        });
+    }
+}
+
+// ---- AuthorizationPolicy ----
+
+/// `matchLabels` selector.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabelSelector {
+    /// Every label must match.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// What a matching policy does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Action {
+    /// Admit what matches.
+    #[default]
+    Allow,
+    /// Refuse what matches.
+    Deny,
+    /// Log what matches as a would-be denial, admit it.
+    Audit,
+}
+
+/// `AuthorizationPolicy.spec` (Istio's field names and semantics).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    /// Workloads it applies to; absent: the whole namespace (or mesh, in the root namespace).
+    #[serde(default)]
+    pub selector: Option<LabelSelector>,
+    /// ALLOW (default), DENY or AUDIT.
+    #[serde(default)]
+    pub action: Action,
+    /// Any rule matching makes the policy match; no rules: ALLOW matches nothing, DENY all.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+/// One rule: every present part must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Sources; any may match.
+    #[serde(default)]
+    pub from: Vec<RuleFrom>,
+    /// Operations; any may match.
+    #[serde(default)]
+    pub to: Vec<RuleTo>,
+}
+
+/// `from[i]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFrom {
+    /// The source.
+    pub source: Source,
+}
+
+/// `to[i]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleTo {
+    /// The operation.
+    pub operation: Operation,
+}
+
+/// Who a connection or request comes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Source {
+    /// `<trust-domain>/ns/<ns>/sa/<sa>`, with `*` prefix or suffix wildcards.
+    #[serde(default)]
+    pub principals: Vec<String>,
+    /// Negated `principals`.
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    /// Source namespaces.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Negated `namespaces`.
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    /// Source service accounts as `<ns>/<sa>` or `<sa>` (same namespace).
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    /// Negated `serviceAccounts`.
+    #[serde(default)]
+    pub not_service_accounts: Vec<String>,
+    /// Source addresses or CIDRs.
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    /// Negated `ipBlocks`.
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+}
+
+/// What is being done.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Operation {
+    /// Destination ports.
+    #[serde(default)]
+    pub ports: Vec<Port>,
+    /// Negated `ports`.
+    #[serde(default)]
+    pub not_ports: Vec<Port>,
+    /// HTTP methods (L7, waypoint only).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Negated `methods`.
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    /// HTTP paths with `*` prefix or suffix wildcards (L7, waypoint only).
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Negated `paths`.
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+}
+
+/// Parses `ipBlocks` entries: a CIDR or a single address.
+pub fn parse_ip_block(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+fn wildcard_ok(s: &str) -> bool {
+    !s.is_empty() && (s == "*" || !s.trim_start_matches('*').trim_end_matches('*').contains('*'))
+}
+
+impl Validate for AuthorizationPolicySpec {
+    fn validate(&self, e: &mut Errors) {
+        e.each("rules", &self.rules, |e, rule| {
+            e.each("from", &rule.from, |e, f| {
+                e.at("source", |e| f.source.validate(e));
+            });
+            e.each("to", &rule.to, |e, t| {
+                e.at("operation", |e| t.operation.validate(e));
+            });
+        });
+    }
+}
+
+impl Validate for Source {
+    fn validate(&self, e: &mut Errors) {
+        for (field, list) in
+            [("principals", &self.principals), ("notPrincipals", &self.not_principals)]
+        {
+            e.each(field, list, |e, p| {
+                e.check(wildcard_ok(p), "", || format!("{p:?}: `*` only as a prefix or suffix"))
+            });
+        }
+        for (field, list) in
+            [("namespaces", &self.namespaces), ("notNamespaces", &self.not_namespaces)]
+        {
+            e.each(field, list, |e, n| {
+                e.check(n == "*" || is_dns_label(n), "", || {
+                    format!("{n:?} is not a namespace name")
+                })
+            });
+        }
+        for (field, list) in [
+            ("serviceAccounts", &self.service_accounts),
+            ("notServiceAccounts", &self.not_service_accounts),
+        ] {
+            e.each(field, list, |e, sa| {
+                let ok = match sa.split_once('/') {
+                    Some((ns, name)) => is_dns_label(ns) && is_dns_label(name),
+                    None => is_dns_label(sa),
+                };
+                e.check(ok, "", || {
+                    format!("{sa:?} is not <namespace>/<service account> or <service account>")
+                });
+            });
+        }
+        for (field, list) in [("ipBlocks", &self.ip_blocks), ("notIpBlocks", &self.not_ip_blocks)] {
+            e.each(field, list, |e, b| {
+                e.check(parse_ip_block(b).is_some(), "", || {
+                    format!("{b:?} is not an address or CIDR")
+                })
+            });
+        }
+    }
+}
+
+impl Validate for Operation {
+    fn validate(&self, e: &mut Errors) {
+        for (field, list) in [("methods", &self.methods), ("notMethods", &self.not_methods)] {
+            e.each(field, list, |e, m| {
+                e.check(!m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()), "", || {
+                    format!("{m:?} is not an HTTP method")
+                })
+            });
+        }
+        for (field, list) in [("paths", &self.paths), ("notPaths", &self.not_paths)] {
+            e.each(field, list, |e, p| {
+                e.check(wildcard_ok(p) && (p.starts_with('/') || p.starts_with('*')), "", || {
+                    format!("{p:?} is not a path")
+                })
+            });
+        }
+    }
+}
+
+// ---- PeerAuthentication ----
+
+/// mTLS mode of inbound traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Inherit from the namespace or mesh.
+    #[default]
+    Unset,
+    /// mTLS only.
+    Strict,
+    /// mTLS or plaintext.
+    Permissive,
+    /// Plaintext (not recommended).
+    Disable,
+}
+
+/// `PeerAuthentication.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    /// Workloads it applies to; absent: the namespace (or mesh, in the root namespace).
+    #[serde(default)]
+    pub selector: Option<LabelSelector>,
+    /// The mode.
+    #[serde(default)]
+    pub mtls: Option<Mtls>,
+}
+
+/// `mtls`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mtls {
+    /// STRICT, PERMISSIVE, UNSET or DISABLE.
+    #[serde(default)]
+    pub mode: MtlsMode,
+}
+
+impl Validate for PeerAuthenticationSpec {
+    fn validate(&self, _: &mut Errors) {}
+}
+
+// ---- HTTPRoute / GRPCRoute (Gateway API v1) ----
+
+/// `parentRefs[i]`: the Service (or waypoint) the route attaches to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ParentRef {
+    /// `""` (core) for a Service, `gateway.networking.k8s.io` for a Gateway.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// `Service` or `Gateway`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Name.
+    pub name: String,
+    /// Namespace (defaults to the route's).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Port of the parent.
+    #[serde(default)]
+    pub port: Option<Port>,
+}
+
+/// `backendRefs[i]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackendRef {
+    /// `""` (core) only: backends are Services.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// `Service` only.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Service name.
+    pub name: String,
+    /// Namespace (defaults to the route's).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Service port.
+    pub port: Port,
+    /// Relative weight, 0 to 1,000,000 (default 1).
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Filters applied when this backend is picked.
+    #[serde(default)]
+    pub filters: Vec<HttpFilter>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Path match type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PathMatchType {
+    /// Whole path.
+    Exact,
+    /// Path prefix on `/` boundaries.
+    #[default]
+    PathPrefix,
+    /// Regular expression.
+    RegularExpression,
+}
+
+/// Header, query or method-name match type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StringMatchType {
+    /// Exact value.
+    #[default]
+    Exact,
+    /// Regular expression.
+    RegularExpression,
+}
+
+/// `matches[i].path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathMatch {
+    /// Match type (default PathPrefix).
+    #[serde(default, rename = "type")]
+    pub kind: PathMatchType,
+    /// Value (default `/`).
+    #[serde(default = "slash")]
+    pub value: String,
+}
+
+fn slash() -> String {
+    "/".into()
+}
+
+/// A header or query parameter match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueMatch {
+    /// Match type (default Exact).
+    #[serde(default, rename = "type")]
+    pub kind: StringMatchType,
+    /// Header or parameter name.
+    pub name: String,
+    /// Value or expression.
+    pub value: String,
+}
+
+/// `rules[i].matches[j]`: every present part must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteMatch {
+    /// Path.
+    #[serde(default)]
+    pub path: Option<PathMatch>,
+    /// Headers.
+    #[serde(default)]
+    pub headers: Vec<ValueMatch>,
+    /// Query parameters.
+    #[serde(default)]
+    pub query_params: Vec<ValueMatch>,
+    /// Method.
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+/// Header modifier.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderModifier {
+    /// Replace or add.
+    #[serde(default)]
+    pub set: Vec<HeaderValue>,
+    /// Append.
+    #[serde(default)]
+    pub add: Vec<HeaderValue>,
+    /// Remove by name.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// A header name and value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderValue {
+    /// Name.
+    pub name: String,
+    /// Value.
+    pub value: String,
+}
+
+/// Path rewrite in redirects and URL rewrites.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum PathModifier {
+    /// Replace the whole path.
+    ReplaceFullPath {
+        /// New path.
+        #[serde(rename = "replaceFullPath")]
+        replace_full_path: String,
+    },
+    /// Replace the matched prefix.
+    ReplacePrefixMatch {
+        /// New prefix.
+        #[serde(rename = "replacePrefixMatch")]
+        replace_prefix_match: String,
+    },
+}
+
+/// `RequestRedirect`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestRedirect {
+    /// `http` or `https`.
+    #[serde(default)]
+    pub scheme: Option<String>,
+    /// New host.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// New path.
+    #[serde(default)]
+    pub path: Option<PathModifier>,
+    /// New port.
+    #[serde(default)]
+    pub port: Option<Port>,
+    /// 301 or 302 (default 302).
+    #[serde(default = "found")]
+    pub status_code: u16,
+}
+
+fn found() -> u16 {
+    302
+}
+
+/// `URLRewrite`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UrlRewrite {
+    /// New host.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// New path.
+    #[serde(default)]
+    pub path: Option<PathModifier>,
+}
+
+/// `RequestMirror`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestMirror {
+    /// Where copies go.
+    pub backend_ref: MirrorBackend,
+    /// Share of requests copied, 0-100 (default 100).
+    #[serde(default = "hundred")]
+    pub percent: u32,
+}
+
+fn hundred() -> u32 {
+    100
+}
+
+/// A mirror target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorBackend {
+    /// Service name.
+    pub name: String,
+    /// Namespace.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Port.
+    pub port: Port,
+}
+
+/// `filters[i]`: the Gateway API's tagged filter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum HttpFilter {
+    /// Modify request headers.
+    RequestHeaderModifier {
+        /// The change.
+        #[serde(rename = "requestHeaderModifier")]
+        request_header_modifier: HeaderModifier,
+    },
+    /// Modify response headers.
+    ResponseHeaderModifier {
+        /// The change.
+        #[serde(rename = "responseHeaderModifier")]
+        response_header_modifier: HeaderModifier,
+    },
+    /// Answer with a redirect.
+    RequestRedirect {
+        /// The redirect.
+        #[serde(rename = "requestRedirect")]
+        request_redirect: RequestRedirect,
+    },
+    /// Rewrite host or path.
+    #[serde(rename = "URLRewrite")]
+    UrlRewrite {
+        /// The rewrite.
+        #[serde(rename = "urlRewrite")]
+        url_rewrite: UrlRewrite,
+    },
+    /// Copy requests to another backend.
+    RequestMirror {
+        /// The mirror.
+        #[serde(rename = "requestMirror")]
+        request_mirror: RequestMirror,
+    },
+}
+
+/// `rules[i].timeouts`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Timeouts {
+    /// The whole request, retries included.
+    #[serde(default)]
+    pub request: Option<Duration>,
+    /// Each try.
+    #[serde(default)]
+    pub backend_request: Option<Duration>,
+}
+
+/// `rules[i].retry` (Gateway API's experimental shape).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    /// HTTP status codes (5xx, or 4xx like 429) that are retried.
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    /// Retries after the first try.
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    /// Base backoff between tries (jittered, doubling).
+    #[serde(default)]
+    pub backoff: Option<Duration>,
+}
+
+/// `HTTPRoute.spec.rules[i]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteRule {
+    /// Any match selects the rule; none: everything.
+    #[serde(default)]
+    pub matches: Vec<HttpRouteMatch>,
+    /// Filters.
+    #[serde(default)]
+    pub filters: Vec<HttpFilter>,
+    /// Weighted backends.
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+    /// Timeouts.
+    #[serde(default)]
+    pub timeouts: Option<Timeouts>,
+    /// Retries.
+    #[serde(default)]
+    pub retry: Option<Retry>,
+}
+
+/// `HTTPRoute.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteSpec {
+    /// Services the route attaches to.
+    pub parent_refs: Vec<ParentRef>,
+    /// Host names it applies to.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Rules.
+    #[serde(default)]
+    pub rules: Vec<HttpRouteRule>,
+}
+
+/// gRPC method match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcMethodMatch {
+    /// Exact (default) or RegularExpression.
+    #[serde(default, rename = "type")]
+    pub kind: StringMatchType,
+    /// Fully qualified service, such as `shop.Cart`.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Method name.
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+/// `GRPCRoute.spec.rules[i].matches[j]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcRouteMatch {
+    /// Method.
+    #[serde(default)]
+    pub method: Option<GrpcMethodMatch>,
+    /// Metadata (headers).
+    #[serde(default)]
+    pub headers: Vec<ValueMatch>,
+}
+
+/// `GRPCRoute.spec.rules[i]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteRule {
+    /// Any match selects the rule.
+    #[serde(default)]
+    pub matches: Vec<GrpcRouteMatch>,
+    /// Filters (header modifiers and mirrors).
+    #[serde(default)]
+    pub filters: Vec<HttpFilter>,
+    /// Weighted backends.
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+}
+
+/// `GRPCRoute.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteSpec {
+    /// Services the route attaches to.
+    pub parent_refs: Vec<ParentRef>,
+    /// Host names.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Rules.
+    #[serde(default)]
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+fn regex_ok(e: &mut Errors, field: &str, re: &str) {
+    if let Err(err) = regex::Regex::new(re) {
+        e.add(field, format!("invalid regular expression: {err}"));
+    }
+}
+
+fn validate_value_matches(e: &mut Errors, field: &str, list: &[ValueMatch], headers: bool) {
+    e.each(field, list, |e, m| {
+        let name_ok = !m.name.is_empty()
+            && m.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && (!headers || !m.name.starts_with(':'));
+        e.check(name_ok, "name", || format!("{:?} is not a valid name", m.name));
+        if m.kind == StringMatchType::RegularExpression {
+            regex_ok(e, "value", &m.value);
+        }
+    });
+}
+
+fn validate_refs(e: &mut Errors, parents: &[ParentRef], backends: &[&[BackendRef]]) {
+    e.check(!parents.is_empty(), "parentRefs", || "a route needs at least one parent".into());
+    e.each("parentRefs", parents, |e, p| {
+        dns_label(e, "name", &p.name);
+        let kind = p.kind.as_deref().unwrap_or("Service");
+        e.check(matches!(kind, "Service" | "Gateway"), "kind", || {
+            format!("{kind:?}: only Service or Gateway")
+        });
+    });
+    for (i, list) in backends.iter().enumerate() {
+        e.at(format!("rules[{i}]"), |e| {
+            e.each("backendRefs", list, |e, b| {
+                dns_label(e, "name", &b.name);
+                e.check(b.weight <= 1_000_000, "weight", || {
+                    format!("{} is out of range 0-1000000", b.weight)
+                });
+                let kind = b.kind.as_deref().unwrap_or("Service");
+                e.check(kind == "Service", "kind", || {
+                    format!("{kind:?}: backends must be Services")
+                });
+                validate_filters(e, &b.filters);
+            });
+        });
+    }
+}
+
+fn validate_filters(e: &mut Errors, filters: &[HttpFilter]) {
+    e.each("filters", filters, |e, f| match f {
+        HttpFilter::RequestRedirect { request_redirect: r } => {
+            e.check(matches!(r.status_code, 301 | 302), "requestRedirect.statusCode", || {
+                format!("{} must be 301 or 302", r.status_code)
+            });
+            if let Some(s) = &r.scheme {
+                e.check(matches!(s.as_str(), "http" | "https"), "requestRedirect.scheme", || {
+                    format!("{s:?} must be http or https")
+                });
+            }
+        }
+        HttpFilter::RequestMirror { request_mirror: m } => {
+            e.check(m.percent <= 100, "requestMirror.percent", || {
+                format!("{} is out of range 0-100", m.percent)
+            });
+        }
+        _ => {}
+    });
+}
+
+impl Validate for HttpRouteSpec {
+    fn validate(&self, e: &mut Errors) {
+        e.each("hostnames", &self.hostnames, |e, h| {
+            e.check(is_dns_subdomain(h.trim_start_matches("*.")), "", || {
+                format!("{h:?} is not a host name")
+            })
+        });
+        e.each("rules", &self.rules, |e, r| {
+            e.each("matches", &r.matches, |e, m| {
+                if let Some(p) = &m.path {
+                    match p.kind {
+                        PathMatchType::RegularExpression => regex_ok(e, "path.value", &p.value),
+                        _ => e.check(p.value.starts_with('/'), "path.value", || {
+                            format!("{:?} must start with /", p.value)
+                        }),
+                    }
+                }
+                validate_value_matches(e, "headers", &m.headers, true);
+                validate_value_matches(e, "queryParams", &m.query_params, false);
+                if let Some(method) = &m.method {
+                    e.check(
+                        [
+                            "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                            "PATCH",
+                        ]
+                        .contains(&method.as_str()),
+                        "method",
+                        || format!("{method:?} is not an HTTP method"),
+                    );
+                }
+            });
+            validate_filters(e, &r.filters);
+            if let Some(t) = &r.timeouts
+                && let (Some(req), Some(per_try)) = (t.request, t.backend_request)
+            {
+                e.check(per_try <= req, "timeouts.backendRequest", || {
+                    "must not exceed timeouts.request".into()
+                });
+            }
+            if let Some(retry) = &r.retry {
+                e.each("retry.codes", &retry.codes, |e, c| {
+                    e.check((400..600).contains(c), "", || format!("{c} is not a 4xx or 5xx code"))
+                });
+                e.check(retry.attempts.is_none_or(|a| a <= 10), "retry.attempts", || {
+                    "at most 10".into()
+                });
+            }
+        });
+        let backends: Vec<&[BackendRef]> =
+            self.rules.iter().map(|r| r.backend_refs.as_slice()).collect();
+        validate_refs(e, &self.parent_refs, &backends);
+    }
+}
+
+impl Validate for GrpcRouteSpec {
+    fn validate(&self, e: &mut Errors) {
+        e.each("rules", &self.rules, |e, r| {
+            e.each("matches", &r.matches, |e, m| {
+                if let Some(method) = &m.method {
+                    e.check(method.service.is_some() || method.method.is_some(), "method", || {
+                        "needs service or method".into()
+                    });
+                    if method.kind == StringMatchType::RegularExpression {
+                        for v in method.service.iter().chain(&method.method) {
+                            regex_ok(e, "method", v);
+                        }
+                    }
+                }
+                validate_value_matches(e, "headers", &m.headers, true);
+            });
+            validate_filters(e, &r.filters);
+        });
+        let backends: Vec<&[BackendRef]> =
+            self.rules.iter().map(|r| r.backend_refs.as_slice()).collect();
+        validate_refs(e, &self.parent_refs, &backends);
+    }
+}
+
+// ---- DestinationPolicy ----
+
+/// Load-balancing algorithm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LbAlgorithm {
+    /// Power of two choices over EWMA latency (the default).
+    #[default]
+    LeastRequest,
+    /// Round robin.
+    RoundRobin,
+    /// Random.
+    Random,
+}
+
+/// Consistent hashing key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConsistentHash {
+    /// Hash this request header.
+    #[serde(default)]
+    pub http_header_name: Option<String>,
+    /// Hash this cookie.
+    #[serde(default)]
+    pub http_cookie: Option<String>,
+    /// Hash the source address.
+    #[serde(default)]
+    pub use_source_ip: bool,
+}
+
+/// `loadBalancer`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoadBalancer {
+    /// Algorithm, unless `consistentHash` is set.
+    #[serde(default)]
+    pub simple: LbAlgorithm,
+    /// Consistent hashing instead.
+    #[serde(default)]
+    pub consistent_hash: Option<ConsistentHash>,
+}
+
+/// `connectionPool`: circuit-breaking limits per destination.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConnectionPool {
+    /// Connections open at once.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection.
+    #[serde(default)]
+    pub max_pending_requests: Option<u32>,
+    /// Requests in flight.
+    #[serde(default)]
+    pub max_requests: Option<u32>,
+    /// Connect timeout.
+    #[serde(default)]
+    pub connect_timeout: Option<Duration>,
+}
+
+/// `outlierDetection`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Consecutive 5xx or connect failures before ejection (default 5).
+    #[serde(default)]
+    pub consecutive_errors: Option<u32>,
+    /// How often ejections are evaluated.
+    #[serde(default)]
+    pub interval: Option<Duration>,
+    /// First ejection time, multiplied by the number of ejections.
+    #[serde(default)]
+    pub base_ejection_time: Option<Duration>,
+    /// Cap on the ejected share of endpoints, 0-100 (default 10).
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+}
+
+/// `DestinationPolicy.spec`: how clients treat a service's endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DestinationPolicySpec {
+    /// The Service (in the policy's namespace).
+    pub service: String,
+    /// Load balancing.
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancer>,
+    /// Limits.
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPool>,
+    /// Ejection of failing endpoints.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+impl Validate for DestinationPolicySpec {
+    fn validate(&self, e: &mut Errors) {
+        dns_label(e, "service", &self.service);
+        if let Some(h) = self.load_balancer.as_ref().and_then(|lb| lb.consistent_hash.as_ref()) {
+            let keys = h.http_header_name.is_some() as u8
+                + h.http_cookie.is_some() as u8
+                + h.use_source_ip as u8;
+            e.check(keys == 1, "loadBalancer.consistentHash", || {
+                "exactly one of httpHeaderName, httpCookie, useSourceIp".into()
+            });
+        }
+        if let Some(p) = &self.connection_pool {
+            for (field, v) in [
+                ("maxConnections", p.max_connections),
+                ("maxPendingRequests", p.max_pending_requests),
+                ("maxRequests", p.max_requests),
+            ] {
+                e.check(v != Some(0), &format!("connectionPool.{field}"), || {
+                    "must be at least 1".into()
+                });
+            }
+        }
+        if let Some(o) = &self.outlier_detection {
+            e.check(
+                o.max_ejection_percent.is_none_or(|p| p <= 100),
+                "outlierDetection.maxEjectionPercent",
+                || format!("{} is out of range 0-100", o.max_ejection_percent.unwrap_or_default()),
+            );
+            e.check(o.consecutive_errors != Some(0), "outlierDetection.consecutiveErrors", || {
+                "must be at least 1".into()
+            });
+        }
+    }
+}
+
+/// Namespace helpers.
+pub trait Namespace {
+    /// True when the namespace carries `sinew.io/dataplane-mode=ambient`.
+    fn is_ambient(&self) -> bool;
+}

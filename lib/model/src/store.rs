@@ -1,0 +1,319 @@
+//! Parsing YAML documents into resources, and the store that keeps the last good version of
+//! each across reloads.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use serde::de::DeserializeOwned;
+
+use crate::{
+    ConfigError, KINDS, Namespace, Object, ObjectMeta, Resource, ResourceKey, Validate,
+    validate::{Errors, is_dns_label, is_dns_subdomain},
+};
+
+/// The envelope every document shares, with the spec's type.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Envelope<S> {
+    #[allow(dead_code, reason = "checked against KINDS before typed parsing")]
+    api_version: String,
+    #[allow(dead_code, reason = "dispatched on before typed parsing")]
+    kind: String,
+    metadata: ObjectMeta,
+    #[serde(default = "Option::default")]
+    spec: Option<S>,
+}
+
+/// Deserializes one kind with the failing field's path, then validates every field.
+pub(crate) fn typed<S>(value: serde_yaml::Value) -> Result<Object<S>, Vec<(String, String)>>
+where
+    S: DeserializeOwned + Validate,
+{
+    let env: Envelope<S> = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "-".to_owned() } else { path };
+        vec![(field, e.into_inner().to_string())]
+    })?;
+    let Some(spec) = env.spec.or_else(S::empty) else {
+        return Err(vec![("spec".into(), "missing".into())]);
+    };
+    let mut errors = Errors::default();
+    errors.at("spec", |e| spec.validate(e));
+    if !errors.found.is_empty() {
+        return Err(errors.found);
+    }
+    Ok(Object { metadata: env.metadata, spec })
+}
+
+/// A document that did not validate: its identity when it could be told, and every problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Kind, namespace and name, when the document named them.
+    pub key: Option<ResourceKey>,
+    /// Every problem, each naming file, resource and field.
+    pub errors: Vec<ConfigError>,
+}
+
+/// Parses one YAML document. `Ok(None)` for an empty document.
+pub fn parse_document(
+    file: &Path,
+    index: usize,
+    value: serde_yaml::Value,
+) -> Result<Option<Resource>, Rejected> {
+    if value.is_null() {
+        return Ok(None);
+    }
+    let text = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    let meta = |k: &str| {
+        value
+            .get("metadata")
+            .and_then(|m| m.get(k))
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (kind, api, name, namespace) =
+        (text("kind"), text("apiVersion"), meta("name"), meta("namespace"));
+    let known = KINDS.iter().find(|(k, _, _)| *k == kind);
+    let label = match known {
+        Some((k, _, true)) if !namespace.is_empty() => format!("{k}/{namespace}/{name}"),
+        Some((k, _, _)) => format!("{k}/{name}"),
+        None if !kind.is_empty() => format!("{kind}/{name}"),
+        None => format!("document {}", index + 1),
+    };
+    let fail = |key: Option<ResourceKey>, found: Vec<(String, String)>| {
+        let errors = found
+            .into_iter()
+            .map(|(field, message)| ConfigError {
+                file: file.to_path_buf(),
+                resource: label.clone(),
+                field,
+                message,
+            })
+            .collect();
+        Rejected { key, errors }
+    };
+    let Some(&(kind, want_api, namespaced)) = known else {
+        let known: Vec<&str> = KINDS.iter().map(|k| k.0).collect();
+        let msg = if kind.is_empty() {
+            "missing".to_owned()
+        } else {
+            format!("unknown kind {kind:?} (known: {})", known.join(", "))
+        };
+        return Err(fail(None, vec![("kind".into(), msg)]));
+    };
+    let key = ResourceKey {
+        kind,
+        namespace: if namespaced { namespace.clone() } else { String::new() },
+        name: name.clone(),
+    };
+    let mut found = Vec::new();
+    if api != want_api {
+        found.push((
+            "apiVersion".to_owned(),
+            format!("must be {want_api:?} for {kind}, not {api:?}"),
+        ));
+    }
+    if !is_dns_subdomain(&name) || name.is_empty() {
+        found.push(("metadata.name".to_owned(), format!("{name:?} is not a valid name")));
+    }
+    match (namespaced, namespace.is_empty()) {
+        (true, true) => found.push((
+            "metadata.namespace".to_owned(),
+            format!("{kind} is namespaced: set metadata.namespace"),
+        )),
+        (true, false) if !is_dns_label(&namespace) => found.push((
+            "metadata.namespace".to_owned(),
+            format!("{namespace:?} is not a namespace name"),
+        )),
+        (false, false) => found.push((
+            "metadata.namespace".to_owned(),
+            format!("{kind} is cluster-scoped: remove metadata.namespace"),
+        )),
+        _ => {}
+    }
+    if kind == "Namespace" && !is_dns_label(&name) {
+        found.push(("metadata.name".to_owned(), format!("{name:?} is not an RFC 1123 label")));
+    }
+    match crate::parse_kind(kind, value) {
+        Some(Ok(resource)) if found.is_empty() => {
+            if let Resource::Namespace(ns) = &resource
+                && let Some(mode) = ns.metadata.labels.get(crate::DATAPLANE_MODE_LABEL)
+                && mode != crate::DATAPLANE_MODE_AMBIENT
+                && mode != "none"
+            {
+                let field = format!("metadata.labels.{}", crate::DATAPLANE_MODE_LABEL);
+                return Err(fail(
+                    Some(key),
+                    vec![(field, format!("must be \"ambient\" or \"none\", not {mode:?}"))],
+                ));
+            }
+            Ok(Some(resource))
+        }
+        Some(Ok(_)) => Err(fail(Some(key), found)),
+        Some(Err(more)) => {
+            found.extend(more);
+            Err(fail(Some(key), found))
+        }
+        None => unreachable!("kind {kind} is in KINDS"),
+    }
+}
+
+/// What one file held the last time it was read.
+#[derive(Debug, Default, Clone)]
+struct FileState {
+    resources: BTreeMap<ResourceKey, Resource>,
+}
+
+/// Parses a whole file: every valid resource, every rejected one (with its key when known),
+/// or a file-level error that makes the whole file unreadable.
+pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Result<Resource, Rejected>>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value =
+            serde::Deserialize::deserialize(doc).map_err(|e: serde_yaml::Error| ConfigError {
+                file: file.to_path_buf(),
+                resource: format!("document {}", i + 1),
+                field: "-".into(),
+                message: format!("YAML syntax: {e}"),
+            })?;
+        match parse_document(file, i, value) {
+            Ok(Some(r)) => out.push(Ok(r)),
+            Ok(None) => {}
+            Err(e) => out.push(Err(e)),
+        }
+    }
+    Ok(out)
+}
+
+/// The last good version of every resource of a configuration directory.
+#[derive(Debug, Default, Clone)]
+pub struct Store {
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+impl Store {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Re-reads every `*.yaml`/`*.yml` file of `dir` and returns what was rejected.
+    ///
+    /// A valid resource replaces its previous version; a rejected one keeps its previous
+    /// version (if any) in service; a file that cannot be read or parsed keeps all of its
+    /// previous resources; a file that is gone takes its resources with it.
+    pub fn reload_dir(&mut self, dir: &Path) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                errors.push(ConfigError {
+                    file: dir.to_path_buf(),
+                    resource: "-".into(),
+                    field: "-".into(),
+                    message: format!(
+                        "cannot read directory ({e}); keeping the last good configuration"
+                    ),
+                });
+                return errors;
+            }
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .collect();
+        paths.sort();
+        let mut next = BTreeMap::new();
+        for path in paths {
+            let previous = self.files.get(&path).cloned().unwrap_or_default();
+            let parsed = std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError {
+                    file: path.clone(),
+                    resource: "-".into(),
+                    field: "-".into(),
+                    message: format!("cannot read file: {e}"),
+                })
+                .and_then(|text| parse_file(&path, &text));
+            let state = match parsed {
+                Err(e) => {
+                    errors.push(e);
+                    previous
+                }
+                Ok(docs) => {
+                    let mut state = FileState::default();
+                    for doc in docs {
+                        match doc {
+                            Ok(r) => {
+                                state.resources.insert(r.key(), r);
+                            }
+                            Err(Rejected { key, errors: errs }) => {
+                                errors.extend(errs);
+                                if let Some(old) =
+                                    key.and_then(|k| previous.resources.get(&k).cloned())
+                                {
+                                    state.resources.insert(old.key(), old);
+                                }
+                            }
+                        }
+                    }
+                    state
+                }
+            };
+            next.insert(path, state);
+        }
+        self.files = next;
+        // The same resource in two files: the first file (in name order) wins.
+        let mut seen: BTreeMap<ResourceKey, PathBuf> = BTreeMap::new();
+        for (path, state) in &self.files {
+            for key in state.resources.keys() {
+                if let Some(first) = seen.get(key) {
+                    errors.push(ConfigError {
+                        file: path.clone(),
+                        resource: key.to_string(),
+                        field: "metadata.name".into(),
+                        message: format!("also defined in {}; that one is used", first.display()),
+                    });
+                } else {
+                    seen.insert(key.clone(), path.clone());
+                }
+            }
+        }
+        errors
+    }
+
+    /// Every resource in service, each key once.
+    pub fn resources(&self) -> BTreeMap<&ResourceKey, &Resource> {
+        let mut out = BTreeMap::new();
+        for state in self.files.values() {
+            for (k, r) in &state.resources {
+                out.entry(k).or_insert(r);
+            }
+        }
+        out
+    }
+
+    /// A namespace by name.
+    pub fn namespace(&self, name: &str) -> Option<&Object<crate::NamespaceSpec>> {
+        let key = ResourceKey { kind: "Namespace", namespace: String::new(), name: name.into() };
+        match self.resources().get(&key) {
+            Some(Resource::Namespace(ns)) => Some(ns),
+            _ => None,
+        }
+    }
+
+    /// True when `namespace` exists and carries the ambient label.
+    pub fn namespace_is_ambient(&self, namespace: &str) -> bool {
+        self.namespace(namespace).is_some_and(Namespace::is_ambient)
+    }
+}
+
+impl Namespace for Object<crate::NamespaceSpec> {
+    fn is_ambient(&self) -> bool {
+        self.metadata.labels.get(crate::DATAPLANE_MODE_LABEL).map(String::as_str)
+            == Some(crate::DATAPLANE_MODE_AMBIENT)
+    }
+}

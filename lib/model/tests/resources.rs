@@ -1,0 +1,266 @@
+//! Every kind parses from Kubernetes-shaped YAML; every kind of bad input is named precisely;
+//! the store never lets a bad version replace a good one.
+
+use std::path::Path;
+
+use sinew_model::{ConfigError, Resource, Store, parse_file};
+
+const ALL_KINDS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels:
+    sinew.io/dataplane-mode: ambient
+    sinew.io/use-waypoint: shop-waypoint
+---
+apiVersion: sinew.io/v1alpha1
+kind: Workload
+metadata:
+  name: reviews-v1-abc
+  namespace: shop
+  labels: {app: reviews, version: v1}
+spec:
+  serviceAccount: reviews
+  node: node-1
+  ips: [198.18.1.10, "2001:2:0:1::10"]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  clusterIPs: [198.19.0.10]
+  ports:
+    - {name: http, port: 9080, targetPort: 8080, appProtocol: http}
+  selector: {app: reviews}
+---
+apiVersion: security.sinew.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-viewers, namespace: shop}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: ALLOW
+  rules:
+    - from:
+        - source:
+            principals: ["cluster.local/ns/shop/sa/productpage"]
+            notNamespaces: [untrusted]
+            ipBlocks: [198.18.0.0/15]
+      to:
+        - operation: {ports: ["9080"], methods: [GET], paths: ["/reviews/*"]}
+---
+apiVersion: security.sinew.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec:
+  mtls: {mode: STRICT}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+    - matches:
+        - path: {type: PathPrefix, value: /reviews}
+          headers: [{name: x-canary, value: "true"}]
+          queryParams: [{type: RegularExpression, name: user, value: "^[a-z]+$"}]
+          method: GET
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {set: [{name: x-route, value: canary}], remove: [x-debug]}
+        - type: RequestMirror
+          requestMirror: {backendRef: {name: reviews-shadow, port: 9080}, percent: 10}
+      backendRefs:
+        - {name: reviews-v1, port: 9080, weight: 90}
+        - {name: reviews-v2, port: 9080, weight: 10}
+      timeouts: {request: 10s, backendRequest: 2s}
+      retry: {codes: [503], attempts: 3, backoff: 100ms}
+    - matches: [{path: {type: Exact, value: /old}}]
+      filters:
+        - type: RequestRedirect
+          requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: cart, namespace: shop}
+spec:
+  parentRefs: [{name: cart}]
+  rules:
+    - matches: [{method: {service: shop.Cart, method: Add}}]
+      backendRefs: [{name: cart-v2, port: 50051}]
+---
+apiVersion: networking.sinew.io/v1alpha1
+kind: DestinationPolicy
+metadata: {name: reviews, namespace: shop}
+spec:
+  service: reviews
+  loadBalancer: {consistentHash: {httpHeaderName: x-user}}
+  connectionPool: {maxConnections: 100, maxPendingRequests: 10, maxRequests: 1000, connectTimeout: 1s}
+  outlierDetection: {consecutiveErrors: 5, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 50}
+"#;
+
+fn errors_of(text: &str) -> Vec<ConfigError> {
+    parse_file(Path::new("f.yaml"), text)
+        .expect("parses as YAML")
+        .into_iter()
+        .filter_map(Result::err)
+        .flat_map(|r| r.errors)
+        .collect()
+}
+
+fn fields(errors: &[ConfigError]) -> Vec<(&str, &str)> {
+    errors.iter().map(|e| (e.resource.as_str(), e.field.as_str())).collect()
+}
+
+#[test]
+fn every_kind_parses() {
+    let docs = parse_file(Path::new("all.yaml"), ALL_KINDS).unwrap();
+    let kinds: Vec<&str> = docs
+        .iter()
+        .map(|d| d.as_ref().map(Resource::kind).unwrap_or_else(|e| panic!("{:?}", e.errors)))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "Namespace",
+            "Workload",
+            "Service",
+            "AuthorizationPolicy",
+            "PeerAuthentication",
+            "HTTPRoute",
+            "GRPCRoute",
+            "DestinationPolicy"
+        ]
+    );
+    let Ok(Resource::HttpRoute(route)) = &docs[5] else { panic!() };
+    assert_eq!(route.spec.rules[0].backend_refs[1].weight, 10);
+    assert_eq!(route.spec.rules[0].timeouts.as_ref().unwrap().request.unwrap().0.as_secs(), 10);
+}
+
+#[test]
+fn unknown_fields_are_named_with_their_path() {
+    let e = errors_of(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{name: svc}]\n  rules:\n    - matches: [{pathh: {value: /}}]\n",
+    );
+    assert_eq!(fields(&e), [("HTTPRoute/shop/r", "spec.rules[0].matches[0].pathh")]);
+    assert!(e[0].message.contains("unknown field `pathh`"), "{}", e[0].message);
+    assert!(
+        e[0].to_string()
+            .starts_with("f.yaml: HTTPRoute/shop/r: spec.rules[0].matches[0].pathh: unknown field")
+    );
+}
+
+#[test]
+fn out_of_range_values_are_named_all_at_once() {
+    let e = errors_of(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{name: svc}]\n  rules:\n    - backendRefs: [{name: a, port: 80, weight: 2000000}]\n      matches: [{path: {type: RegularExpression, value: \"([\"}}]\n      retry: {codes: [200]}\n",
+    );
+    assert_eq!(
+        fields(&e),
+        [
+            ("HTTPRoute/shop/r", "spec.rules[0].matches[0].path.value"),
+            ("HTTPRoute/shop/r", "spec.rules[0].retry.codes[0]"),
+            ("HTTPRoute/shop/r", "spec.rules[0].backendRefs[0].weight"),
+        ]
+    );
+    let e = errors_of(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: shop}\nspec:\n  ports: [{port: 70000}]\n",
+    );
+    assert_eq!(fields(&e), [("Service/shop/s", "spec.ports[0].port")]);
+    assert!(e[0].message.contains("out of range"), "{}", e[0].message);
+}
+
+#[test]
+fn envelope_mistakes_are_named() {
+    let e = errors_of(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 80}]}\n---\nkind: Gizmo\nmetadata: {name: g}\n---\napiVersion: v2\nkind: Namespace\nmetadata: {name: n, namespace: x}\n---\napiVersion: sinew.io/v1alpha1\nkind: Workload\nmetadata: {name: w, namespace: shop}\n",
+    );
+    assert_eq!(
+        fields(&e),
+        [
+            ("Service/s", "metadata.namespace"),
+            ("Gizmo/g", "kind"),
+            ("Namespace/n", "apiVersion"),
+            ("Namespace/n", "metadata.namespace"),
+            ("Workload/shop/w", "spec"),
+        ]
+    );
+}
+
+#[test]
+fn policy_fields_are_checked() {
+    let e = errors_of(
+        "apiVersion: security.sinew.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  action: DENY\n  rules:\n    - from: [{source: {ipBlocks: [300.0.0.0/8], serviceAccounts: [\"a/b/c\"], principals: [\"a*b\"]}}]\n      to: [{operation: {ports: [\"http\"]}}]\n",
+    );
+    assert_eq!(
+        fields(&e),
+        [("AuthorizationPolicy/shop/p", "spec.rules[0].to[0].operation.ports[0]")]
+    );
+    let e = errors_of(
+        "apiVersion: security.sinew.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  action: DENY\n  rules:\n    - from: [{source: {ipBlocks: [300.0.0.0/8], serviceAccounts: [\"a/b/c\"], principals: [\"a*b\"]}}]\n",
+    );
+    assert_eq!(
+        fields(&e),
+        [
+            ("AuthorizationPolicy/shop/p", "spec.rules[0].from[0].source.principals[0]"),
+            ("AuthorizationPolicy/shop/p", "spec.rules[0].from[0].source.serviceAccounts[0]"),
+            ("AuthorizationPolicy/shop/p", "spec.rules[0].from[0].source.ipBlocks[0]"),
+        ]
+    );
+}
+
+#[test]
+fn store_keeps_the_last_good_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    let ns = |name: &str, mode: &str| {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels:\n    sinew.io/dataplane-mode: {mode}\n"
+        )
+    };
+    write("a.yaml", &format!("{}---\n{}", ns("shop", "ambient"), ns("blog", "ambient")));
+    write("b.yaml", &ns("wiki", "ambient"));
+    let mut store = Store::new();
+    assert!(store.reload_dir(dir.path()).is_empty());
+    assert!(store.namespace_is_ambient("shop") && store.namespace_is_ambient("blog"));
+
+    // shop turns invalid, blog is unlabelled (valid): blog changes, shop keeps its last good.
+    write("a.yaml", &format!("{}---\n{}", ns("shop", "sometimes"), ns("blog", "none")));
+    // b.yaml breaks as YAML: all of it stays as it was.
+    write("b.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: [\n");
+    let errors = store.reload_dir(dir.path());
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("a.yaml: Namespace/shop: metadata.labels.sinew.io/dataplane-mode")
+    );
+    assert!(errors[1].to_string().contains("b.yaml: document 1: -: YAML syntax"));
+    assert!(store.namespace_is_ambient("shop"), "the bad version must not replace the good one");
+    assert!(!store.namespace_is_ambient("blog"), "the rest of the batch applies");
+    assert!(store.namespace_is_ambient("wiki"));
+
+    // A removed file takes its resources with it; a duplicate is reported, the first kept.
+    std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+    write("c.yaml", &ns("blog", "ambient"));
+    let errors = store.reload_dir(dir.path());
+    assert!(store.namespace("wiki").is_none());
+    assert!(!store.namespace_is_ambient("blog"));
+    assert_eq!(
+        fields(&errors),
+        [
+            ("Namespace/shop", "metadata.labels.sinew.io/dataplane-mode"),
+            ("Namespace/blog", "metadata.name")
+        ]
+    );
+    assert!(
+        errors[1].to_string().contains("c.yaml: Namespace/blog: metadata.name: also defined in"),
+        "{errors:?}"
+    );
+
+    // An unreadable directory keeps everything.
+    let errors = store.reload_dir(&dir.path().join("missing"));
+    assert_eq!(errors.len(), 1);
+    assert!(store.namespace_is_ambient("shop"));
+}
