@@ -1,0 +1,489 @@
+//! The certificate authority: a root generated on first start and persisted, or supplied by the
+//! operator; CSR signing; leaf verification against a bundle of roots.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+use x509_parser::{
+    certificate::X509Certificate,
+    extensions::{GeneralName, ParsedExtension},
+    pem::Pem,
+};
+
+use crate::SpiffeId;
+
+/// Default SVID lifetime.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Root lifetime when generated.
+const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Backdating against clock skew between nodes.
+const SKEW: Duration = Duration::from_secs(5 * 60);
+
+/// Errors of the CA, each naming the file or what was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// A CA file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A CA file does not hold what it should.
+    #[error("{path}: {reason}")]
+    BadFile {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The CSR cannot be used.
+    #[error("CSR refused: {0}")]
+    Csr(String),
+    /// A certificate does not verify.
+    #[error("certificate refused: {0}")]
+    Verify(String),
+    /// Generating or signing failed.
+    #[error("signing failed: {0}")]
+    Sign(#[from] rcgen::Error),
+}
+
+/// A signing root and the trust bundle it serves.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    root_pem: String,
+    bundle: Vec<String>,
+    trust_domain: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.trust_domain)
+            .field("roots", &self.bundle.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
+    move |source| CaError::Io { path: path.to_path_buf(), source }
+}
+
+fn offset(t: SystemTime) -> OffsetDateTime {
+    OffsetDateTime::from(t)
+}
+
+fn random_serial() -> Result<SerialNumber, CaError> {
+    // 16 random bytes from a fresh key's randomness source, without another RNG dependency:
+    // the key's DER is random past its fixed header.
+    let k = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let der = k.serialize_der();
+    let mut bytes: Vec<u8> = der[der.len() - 16..].to_vec();
+    bytes[0] &= 0x7f; // positive
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+impl Ca {
+    /// A new self-signed root for `trust_domain`.
+    pub fn generate(trust_domain: &str) -> Result<Self, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "sinew");
+        dn.push(DnType::CommonName, format!("sinew root {trust_domain}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = SystemTime::now();
+        params.not_before = offset(now - SKEW);
+        params.not_after = offset(now + ROOT_TTL);
+        params.serial_number = Some(random_serial()?);
+        let cert = params.self_signed(&key)?;
+        let root_pem = cert.pem();
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            bundle: vec![root_pem.clone()],
+            root_pem,
+            trust_domain: trust_domain.into(),
+        })
+    }
+
+    /// Loads `ca-cert.pem` and `ca-key.pem` from `dir`, or generates and persists them
+    /// (directory 0700, key 0600) on first start. `roots.pem`, when present, adds roots to
+    /// the trust bundle (the previous root during a rotation).
+    pub fn load_or_generate(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
+        let (cert, key) = (dir.join("ca-cert.pem"), dir.join("ca-key.pem"));
+        let mut ca = if cert.exists() || key.exists() {
+            Self::load(&cert, &key, trust_domain)?
+        } else {
+            let ca = Self::generate(trust_domain)?;
+            write_private_dir(dir)?;
+            write_file(&key, ca.issuer.key().serialize_pem().as_bytes(), 0o600)?;
+            write_file(&cert, ca.root_pem.as_bytes(), 0o644)?;
+            ca
+        };
+        let extra = dir.join("roots.pem");
+        if extra.exists() {
+            ca.add_roots_pem(&extra)?;
+        }
+        Ok(ca)
+    }
+
+    /// Loads an operator-supplied root (cert-manager, Vault, ...) from PEM files.
+    pub fn load(cert: &Path, key: &Path, trust_domain: &str) -> Result<Self, CaError> {
+        let cert_pem = std::fs::read_to_string(cert).map_err(io(cert))?;
+        let key_pem = std::fs::read_to_string(key).map_err(io(key))?;
+        let bad =
+            |path: &Path, reason: String| CaError::BadFile { path: path.to_path_buf(), reason };
+        let key_pair = KeyPair::from_pem(&key_pem)
+            .map_err(|e| bad(key, format!("not a PEM private key: {e}")))?;
+        let parsed = parse_pems(&cert_pem).map_err(|r| bad(cert, r))?;
+        let first = parsed.first().ok_or_else(|| bad(cert, "no certificate in the file".into()))?;
+        let x509 = first.parse_x509().map_err(|e| bad(cert, format!("not a certificate: {e}")))?;
+        if !x509.is_ca() {
+            return Err(bad(cert, "not a CA certificate (basicConstraints CA:false)".into()));
+        }
+        if x509.public_key().raw
+            != rcgen::PublicKeyData::subject_public_key_info(&key_pair).as_slice()
+        {
+            return Err(bad(key, format!("does not match the certificate in {}", cert.display())));
+        }
+        let issuer =
+            Issuer::from_ca_cert_pem(&cert_pem, key_pair).map_err(|e| bad(cert, e.to_string()))?;
+        Ok(Self {
+            issuer,
+            bundle: vec![cert_pem.clone()],
+            root_pem: cert_pem,
+            trust_domain: trust_domain.into(),
+        })
+    }
+
+    /// Adds every certificate of a PEM file to the trust bundle (not as a signer).
+    pub fn add_roots_pem(&mut self, path: &Path) -> Result<(), CaError> {
+        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        let pems = parse_pems(&text)
+            .map_err(|reason| CaError::BadFile { path: path.to_path_buf(), reason })?;
+        for p in pems {
+            p.parse_x509().map_err(|e| CaError::BadFile {
+                path: path.to_path_buf(),
+                reason: format!("not a certificate: {e}"),
+            })?;
+            let pem = pem_encode("CERTIFICATE", &p.contents);
+            if !self.bundle.contains(&pem) {
+                self.bundle.push(pem);
+            }
+        }
+        Ok(())
+    }
+
+    /// The signing root (PEM).
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    /// Every trusted root, PEM, signing root first.
+    pub fn bundle(&self) -> &[String] {
+        &self.bundle
+    }
+
+    /// The trust domain this CA signs for.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Signs `csr_pem` as `id` for `ttl`. The caller has authorized `id`; the CSR only proves
+    /// possession of an ECDSA P-256 key, and any identity it asks for must be `id`.
+    pub fn sign(&self, csr_pem: &str, id: &SpiffeId, ttl: Duration) -> Result<String, CaError> {
+        if id.trust_domain != self.trust_domain {
+            return Err(CaError::Csr(format!(
+                "{id} is outside trust domain {}",
+                self.trust_domain
+            )));
+        }
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::Csr(e.to_string()))?;
+        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+            return Err(CaError::Csr("the key must be ECDSA P-256".into()));
+        }
+        let want = id.to_string();
+        for san in &csr.params.subject_alt_names {
+            match san {
+                SanType::URI(uri) if uri.as_str() == want => {}
+                other => {
+                    return Err(CaError::Csr(format!(
+                        "asks for {other:?}; only {want} can be granted"
+                    )));
+                }
+            }
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names =
+            vec![SanType::URI(want.try_into().map_err(|e| CaError::Csr(format!("{e}")))?)];
+        params.key_usages =
+            vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = SystemTime::now();
+        params.not_before = offset(now - SKEW.min(ttl / 4));
+        params.not_after = offset(now + ttl);
+        params.serial_number = Some(random_serial()?);
+        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
+    }
+}
+
+/// A new key and a CSR for `id` (what an agent sends). Returns (key PEM, CSR PEM).
+pub fn new_csr(id: &SpiffeId) -> Result<(String, String), CaError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names =
+        vec![SanType::URI(id.to_string().try_into().map_err(|e| CaError::Csr(format!("{e}")))?)];
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// When a certificate valid from `not_before` to `not_after` should be renewed: half-way.
+pub fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    not_before + life / 2
+}
+
+/// Checks a leaf SVID against a bundle of roots (any may have signed it), its validity at
+/// `now`, its key usage for TLS, and returns its SPIFFE id and expiry.
+pub fn verify_leaf(
+    leaf_pem: &str,
+    bundle: &[String],
+    now: SystemTime,
+) -> Result<(SpiffeId, SystemTime), CaError> {
+    let v = |s: String| CaError::Verify(s);
+    let leaf = parse_pems(leaf_pem).map_err(v)?;
+    let leaf = leaf.first().ok_or_else(|| v("no certificate".into()))?;
+    let leaf = leaf.parse_x509().map_err(|e| v(format!("unreadable certificate: {e}")))?;
+    let at = x509_parser::time::ASN1Time::from_timestamp(
+        now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64,
+    )
+    .map_err(|e| v(e.to_string()))?;
+    if !leaf.validity().is_valid_at(at) {
+        return Err(v(format!(
+            "not valid now (valid {} to {})",
+            leaf.validity().not_before,
+            leaf.validity().not_after
+        )));
+    }
+    let mut signed = false;
+    for root in bundle {
+        let pems = parse_pems(root).map_err(v)?;
+        for p in pems {
+            let r = p.parse_x509().map_err(|e| v(format!("unreadable root: {e}")))?;
+            if leaf.verify_signature(Some(r.public_key())).is_ok() && r.validity().is_valid_at(at) {
+                signed = true;
+            }
+        }
+    }
+    if !signed {
+        return Err(v("not signed by any root of the trust bundle".into()));
+    }
+    let id = spiffe_id_of(&leaf).map_err(v)?;
+    let expiry = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(leaf.validity().not_after.timestamp().max(0) as u64);
+    Ok((id, expiry))
+}
+
+fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, String> {
+    let mut uris = Vec::new();
+    for ext in cert.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+            for name in &san.general_names {
+                if let GeneralName::URI(u) = name {
+                    uris.push(*u);
+                }
+            }
+        }
+    }
+    match uris.as_slice() {
+        [one] => one.parse().map_err(|e: crate::SpiffeIdError| e.to_string()),
+        _ => Err(format!("an SVID has exactly one URI SAN, this one has {}", uris.len())),
+    }
+}
+
+fn parse_pems(text: &str) -> Result<Vec<Pem>, String> {
+    let mut out = Vec::new();
+    for p in Pem::iter_from_buffer(text.as_bytes()) {
+        let p = p.map_err(|e| format!("bad PEM: {e}"))?;
+        if p.label == "CERTIFICATE" {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for chunk in der.chunks(3) {
+        let n =
+            chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn write_private_dir(dir: &Path) -> Result<(), CaError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))
+}
+
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(data).and_then(|()| f.sync_all()).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "shop", sa).unwrap()
+    }
+
+    #[test]
+    fn signs_an_svid_with_the_design_shape() {
+        let ca = Ca::generate("cluster.local").unwrap();
+        let (_key, csr) = new_csr(&id("reviews")).unwrap();
+        let pem = ca.sign(&csr, &id("reviews"), DEFAULT_TTL).unwrap();
+        let (got, expiry) = verify_leaf(&pem, ca.bundle(), SystemTime::now()).unwrap();
+        assert_eq!(got, id("reviews"));
+        let left = expiry.duration_since(SystemTime::now()).unwrap();
+        assert!(left > Duration::from_secs(23 * 3600) && left <= DEFAULT_TTL, "{left:?}");
+        let der = Pem::iter_from_buffer(pem.as_bytes()).next().unwrap().unwrap();
+        let cert = der.parse_x509().unwrap();
+        assert!(cert.subject().iter().next().is_none(), "subject must be empty");
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        assert!(!cert.is_ca());
+    }
+
+    #[test]
+    fn a_csr_cannot_ask_for_another_identity_or_domain() {
+        let ca = Ca::generate("cluster.local").unwrap();
+        let (_key, csr) = new_csr(&id("admin")).unwrap();
+        let err = ca.sign(&csr, &id("reviews"), DEFAULT_TTL).unwrap_err().to_string();
+        assert!(
+            err.contains("only spiffe://cluster.local/ns/shop/sa/reviews can be granted"),
+            "{err}"
+        );
+        let other = SpiffeId::new("evil.local", "shop", "reviews").unwrap();
+        assert!(ca.sign(&csr, &other, DEFAULT_TTL).is_err());
+        assert!(
+            ca.sign(
+                "-----BEGIN CERTIFICATE REQUEST-----\ngarbage\n-----END CERTIFICATE REQUEST-----\n",
+                &id("a"),
+                DEFAULT_TTL
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn untrusted_and_expired_certificates_are_refused() {
+        let (ca, other) =
+            (Ca::generate("cluster.local").unwrap(), Ca::generate("cluster.local").unwrap());
+        let (_k, csr) = new_csr(&id("a")).unwrap();
+        let pem = other.sign(&csr, &id("a"), DEFAULT_TTL).unwrap();
+        let err = verify_leaf(&pem, ca.bundle(), SystemTime::now()).unwrap_err().to_string();
+        assert!(err.contains("not signed by any root"), "{err}");
+        let short = ca.sign(&csr, &id("a"), Duration::from_secs(60)).unwrap();
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        assert!(
+            verify_leaf(&short, ca.bundle(), later)
+                .unwrap_err()
+                .to_string()
+                .contains("not valid now")
+        );
+    }
+
+    #[test]
+    fn root_rotation_accepts_both_roots_during_the_overlap() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Ca::load_or_generate(&dir.path().join("old"), "cluster.local").unwrap();
+        let new_dir = dir.path().join("new");
+        let mut new = Ca::load_or_generate(&new_dir, "cluster.local").unwrap();
+        std::fs::write(new_dir.join("roots.pem"), old.root_pem()).unwrap();
+        new = {
+            drop(new);
+            Ca::load_or_generate(&new_dir, "cluster.local").unwrap()
+        };
+        assert_eq!(new.bundle().len(), 2);
+        let (_k, csr) = new_csr(&id("a")).unwrap();
+        for signer in [&old, &new] {
+            let pem = signer.sign(&csr, &id("a"), DEFAULT_TTL).unwrap();
+            assert_eq!(verify_leaf(&pem, new.bundle(), SystemTime::now()).unwrap().0, id("a"));
+        }
+    }
+
+    #[test]
+    fn root_is_persisted_privately_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let first = Ca::load_or_generate(&ca_dir, "cluster.local").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&ca_dir.join("ca-key.pem")), 0o600);
+        assert_eq!(mode(&ca_dir), 0o700);
+        let again = Ca::load_or_generate(&ca_dir, "cluster.local").unwrap();
+        assert_eq!(first.root_pem(), again.root_pem());
+        // A key that does not belong to the certificate is named.
+        let other = Ca::generate("cluster.local").unwrap();
+        std::fs::write(ca_dir.join("ca-key.pem"), other.issuer.key().serialize_pem()).unwrap();
+        let err = Ca::load_or_generate(&ca_dir, "cluster.local").unwrap_err().to_string();
+        assert!(err.contains("ca-key.pem: does not match the certificate"), "{err}");
+        std::fs::write(ca_dir.join("ca-cert.pem"), "not pem").unwrap();
+        assert!(
+            Ca::load_or_generate(&ca_dir, "cluster.local").unwrap_err().to_string().contains("ca-")
+        );
+    }
+
+    #[test]
+    fn renewal_is_at_half_life() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        assert_eq!(renew_at(t0, t0 + Duration::from_secs(100)), t0 + Duration::from_secs(50));
+    }
+}

@@ -1,0 +1,15 @@
+//! Workload identity: SPIFFE ids, the certificate authority that signs X.509 SVIDs, and the
+//! checks a peer's certificate must pass.
+//!
+//! SVIDs follow DESIGN.md: one URI SAN `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`, ECDSA P-256,
+//! empty subject, EKU server and client auth, 24 h by default, renewed at half life. The CA
+//! signs a CSR only for the identity the caller (the control service, after node
+//! authorization) names; the CSR proves possession of the key and may not ask for anything
+//! else. A trust bundle holds several roots so a root can be rotated without downtime.
+#![forbid(unsafe_code)]
+
+mod ca;
+mod spiffe;
+
+pub use ca::{Ca, CaError, DEFAULT_TTL, new_csr, renew_at, verify_leaf};
+pub use spiffe::{SpiffeId, SpiffeIdError};
