@@ -6,7 +6,8 @@ use anyhow::{Context, Result, bail};
 
 /// Debian packages the build and the test tiers need. llvm-22-dev is what bpf-linker links
 /// against; iproute2 builds the test networks; tcpdump, wrk, nginx and curl are real peers.
-pub const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "bpftool", "tcpdump", "curl"];
+pub const APT_PACKAGES: &[&str] =
+    &["llvm-22-dev", "iproute2", "bpftool", "tcpdump", "curl", "protobuf-compiler"];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
