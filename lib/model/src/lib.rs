@@ -146,6 +146,39 @@ resources! {
 }
 
 impl Resource {
+    /// The resource as Kubernetes-shaped JSON (apiVersion, kind, metadata, spec): what the
+    /// control service sends and [`Resource::from_json`] reads back, validating again.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = serde_json::to_value(self).expect("resources always serialize");
+        let api = KINDS.iter().find(|k| k.0 == self.kind()).map(|k| k.1).unwrap_or_default();
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("apiVersion".into(), api.into());
+        }
+        serde_json::to_vec(&v).expect("JSON values always serialize")
+    }
+
+    /// Parses and validates a resource received as JSON; `source` names where it came from.
+    pub fn from_json(source: &str, body: &[u8]) -> Result<Self, Vec<ConfigError>> {
+        let value: serde_yaml::Value = serde_json::from_slice(body).map_err(|e| {
+            vec![ConfigError {
+                file: source.into(),
+                resource: "-".into(),
+                field: "-".into(),
+                message: format!("not JSON: {e}"),
+            }]
+        })?;
+        match store::parse_document(std::path::Path::new(source), 0, value) {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(vec![ConfigError {
+                file: source.into(),
+                resource: "-".into(),
+                field: "-".into(),
+                message: "empty".into(),
+            }]),
+            Err(rejected) => Err(rejected.errors),
+        }
+    }
+
     /// The resource's identity.
     pub fn key(&self) -> ResourceKey {
         let m = self.metadata();

@@ -109,8 +109,24 @@ impl Duration {
 }
 
 impl fmt::Display for Duration {
+    /// The Gateway API syntax, largest units first (`1h2m3s4ms`), so it parses back.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}ms", self.0.as_millis())
+        let ms = self.0.as_millis();
+        if ms == 0 {
+            return f.write_str("0s");
+        }
+        let parts = [
+            (ms / 3_600_000, "h"),
+            (ms / 60_000 % 60, "m"),
+            (ms / 1_000 % 60, "s"),
+            (ms % 1_000, "ms"),
+        ];
+        for (n, unit) in parts {
+            if n > 0 {
+                write!(f, "{n}{unit}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -163,6 +179,11 @@ mod tests {
         assert_eq!(ms("1m30s"), Ok(90_000));
         assert_eq!(ms("250ms"), Ok(250));
         assert_eq!(ms("1h"), Ok(3_600_000));
+        for s in ["1h2m3s4ms", "250ms", "10s", "0s", "90m"] {
+            let d = Duration::parse(s).unwrap();
+            assert_eq!(Duration::parse(&d.to_string()), Ok(d), "{s} -> {d}");
+        }
+        assert_eq!(Duration::parse("90m").unwrap().to_string(), "1h30m");
         for bad in ["", "10", "s", "1.5s", "-1s", "1d", "123456s", "1h1m1s1ms1s"] {
             assert!(Duration::parse(bad).is_err(), "{bad}");
         }

@@ -139,6 +139,18 @@ fn every_kind_parses() {
 }
 
 #[test]
+fn every_kind_round_trips_through_json() {
+    for doc in parse_file(Path::new("all.yaml"), ALL_KINDS).unwrap() {
+        let r = doc.unwrap();
+        let back = Resource::from_json("control", &r.to_json())
+            .unwrap_or_else(|e| panic!("{}: {e:?}", r.kind()));
+        assert_eq!(back, r);
+    }
+    let err = Resource::from_json("control", b"{\"kind\": \"Service\"}").unwrap_err();
+    assert!(err[0].to_string().starts_with("control: Service/: "), "{err:?}");
+}
+
+#[test]
 fn unknown_fields_are_named_with_their_path() {
     let e = errors_of(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{name: svc}]\n  rules:\n    - matches: [{pathh: {value: /}}]\n",
