@@ -1,0 +1,64 @@
+//! `sinew-control`: flags, the CA, the file source, and the gRPC server.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use sinew_control::{ca::CaService, discovery::Registry, source::FileSource, tokens::Tokens};
+use tokio::sync::watch;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(name = "sinew-control", version, about = "Sinew control service: CA and configuration")]
+struct Args {
+    /// Directory of resource YAML (watched; changes apply live).
+    #[arg(long, default_value = "/etc/sinew")]
+    config_dir: PathBuf,
+    /// gRPC listen address (CA and discovery).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// Where the CA root lives: generated on first start, or ca-cert.pem/ca-key.pem supplied.
+    #[arg(long, default_value = "/var/lib/sinew-control/ca")]
+    ca_dir: PathBuf,
+    /// Trust domain of the SPIFFE ids.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Bootstrap tokens: `<node> <token>` per line.
+    #[arg(long, default_value = "/etc/sinew-control/tokens")]
+    tokens: PathBuf,
+    /// Default (and maximum) certificate lifetime in seconds.
+    #[arg(long, default_value_t = 24 * 3600)]
+    cert_ttl_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    if !sinew_model::is_dns_subdomain(&args.trust_domain) {
+        anyhow::bail!("--trust-domain {:?}: not a DNS name", args.trust_domain);
+    }
+    let tokens = Tokens::load(&args.tokens)?;
+    let ca = sinew_identity::Ca::load_or_generate(&args.ca_dir, &args.trust_domain)?;
+    let (source, first) = FileSource::new(&args.config_dir);
+    let (tx, rx) = watch::channel(Arc::new(first));
+    tokio::spawn(source.run(tx));
+    let ca =
+        CaService::new(Arc::new(ca), tokens, rx.clone(), Duration::from_secs(args.cert_ttl_secs));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    info!(listen = %args.listen, config = %args.config_dir.display(), "sinew-control ready");
+    tokio::select! {
+        r = sinew_control::serve(listener, rx, ca, Arc::new(Registry::default())) => r?,
+        _ = tokio::signal::ctrl_c() => info!("stopping"),
+    }
+    Ok(())
+}

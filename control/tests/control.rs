@@ -1,0 +1,360 @@
+//! The control service over real gRPC on loopback: CA node authorization, validation with the
+//! last good version kept, deltas to many clients with ACKs, resume after restarts, renewal.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use sinew_control::{ca::CaService, discovery::Registry, source::FileSource, tokens::Tokens};
+use sinew_control_client::{
+    CertConfig, ClientConfig, ConfigView, request_certificate, start_certificate, start_config,
+};
+use sinew_identity::{Ca, SpiffeId};
+use tokio::{sync::watch, task::JoinHandle};
+
+const TOKEN_1: &str = "node-1-token-0123456789";
+const TOKEN_2: &str = "node-2-token-0123456789";
+
+const BASE: &str = "apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels: {sinew.io/dataplane-mode: ambient}
+---
+apiVersion: sinew.io/v1alpha1
+kind: Workload
+metadata: {name: reviews-1, namespace: shop, labels: {app: reviews}}
+spec: {serviceAccount: reviews, node: node-1, ips: [198.18.1.10]}
+---
+apiVersion: sinew.io/v1alpha1
+kind: Workload
+metadata: {name: ratings-1, namespace: shop, labels: {app: ratings}}
+spec: {serviceAccount: ratings, node: node-2, ips: [198.18.2.10]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  clusterIPs: [198.19.0.10]
+  ports: [{port: 9080}]
+  selector: {app: reviews}
+";
+
+fn policy(sa: &str) -> String {
+    format!(
+        "apiVersion: security.sinew.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: reviews, namespace: shop}}\nspec:\n  action: DENY\n  rules: [{{from: [{{source: {{serviceAccounts: [shop/{sa}]}}}}]}}]\n"
+    )
+}
+
+struct Control {
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    errors: Arc<std::sync::Mutex<Vec<sinew_model::ConfigError>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Control {
+    async fn start(config: &Path, ca_dir: &Path, addr: SocketAddr) -> Self {
+        let ca = Ca::load_or_generate(ca_dir, "cluster.local").unwrap();
+        let tokens =
+            Tokens::parse("tokens", &format!("node-1 {TOKEN_1}\nnode-2 {TOKEN_2}\n")).unwrap();
+        let (source, first) = FileSource::new(config);
+        let errors = source.errors();
+        let (tx, rx) = watch::channel(Arc::new(first));
+        let ca = CaService::new(Arc::new(ca), tokens, rx.clone(), Duration::from_secs(3600));
+        let registry = Arc::new(Registry::default());
+        // After a stop, the aborted server lets go of the port a moment later.
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("binding {addr}: {e}"),
+            }
+        };
+        let addr = listener.local_addr().unwrap();
+        let reg = registry.clone();
+        let tasks = vec![
+            tokio::spawn(source.run(tx)),
+            tokio::spawn(async move {
+                sinew_control::serve(listener, rx, ca, reg).await.unwrap();
+            }),
+        ];
+        Self { addr, registry, errors, tasks }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn stop(self) -> SocketAddr {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.addr
+    }
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("config")).unwrap();
+        std::fs::write(dir.path().join("config/base.yaml"), BASE).unwrap();
+        std::fs::write(dir.path().join("config/policy.yaml"), policy("ratings")).unwrap();
+        Self { dir }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    fn client(&self, control: &Control, name: &str) -> ClientConfig {
+        ClientConfig {
+            endpoint: control.endpoint(),
+            name: name.into(),
+            role: "agent".into(),
+            cache_dir: self.dir.path().join("cache").join(name),
+        }
+    }
+}
+
+async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn policy_version(view: &ConfigView) -> Option<String> {
+    view.resources.get("AuthorizationPolicy/shop/reviews").map(|h| h.version.clone())
+}
+
+fn denied_sa(view: &ConfigView) -> Option<String> {
+    match view.resources.get("AuthorizationPolicy/shop/reviews")?.resource.as_ref() {
+        sinew_model::Resource::AuthorizationPolicy(p) => {
+            p.spec.rules[0].from[0].source.service_accounts.first().cloned()
+        }
+        _ => None,
+    }
+}
+
+fn cert_config(control: &Control, token: &str, sa: &str, cache: &Path) -> CertConfig {
+    CertConfig {
+        endpoint: control.endpoint(),
+        token: token.into(),
+        identity: SpiffeId::new("cluster.local", "shop", sa).unwrap(),
+        ttl: None,
+        cache_dir: cache.to_path_buf(),
+    }
+}
+
+#[tokio::test]
+async fn ca_signs_only_identities_scheduled_on_the_callers_node() {
+    let s = Setup::new();
+    let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;
+    let cache = s.dir.path().join("certs");
+    let svid =
+        request_certificate(&cert_config(&control, TOKEN_1, "reviews", &cache)).await.unwrap();
+    assert!(svid.cert_pem.contains("BEGIN CERTIFICATE"));
+
+    let err =
+        request_certificate(&cert_config(&control, TOKEN_1, "ratings", &cache)).await.unwrap_err();
+    let sinew_control_client::ClientError::Status(status) = err else { panic!("{err}") };
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+    assert!(status.message().contains(
+        "node node-1 runs no workload with identity spiffe://cluster.local/ns/shop/sa/ratings"
+    ));
+
+    for token in ["wrong-token-000000000000", ""] {
+        let err = request_certificate(&cert_config(&control, token, "reviews", &cache))
+            .await
+            .unwrap_err();
+        let sinew_control_client::ClientError::Status(status) = err else { panic!("{err}") };
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status}");
+    }
+    control.stop();
+}
+
+#[tokio::test]
+async fn invalid_resources_are_named_and_the_previous_version_stays_served() {
+    let s = Setup::new();
+    let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;
+    let (rx, task) = start_config(s.client(&control, "node-1"));
+    let v1 = wait_for("the first configuration", || policy_version(&rx.borrow())).await;
+
+    let cases = [
+        (
+            "apiVersion: security.sinew.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: reviews, namespace: shop\n",
+            "policy.yaml: document 1: -: YAML syntax",
+        ),
+        (
+            "apiVersion: security.sinew.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: reviews, namespace: shop}\nspec:\n  actoin: DENY\n",
+            "policy.yaml: AuthorizationPolicy/shop/reviews: spec.actoin: unknown field",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{name: reviews}]\n  rules: [{backendRefs: [{name: reviews, port: 9080, weight: 9999999}]}]\n---\n",
+            "AuthorizationPolicy",
+        ),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let text = if i == 2 {
+            format!("{text}{}", policy("ratings").replace("action: DENY", "action: ALLOW"))
+        } else {
+            text.to_string()
+        };
+        std::fs::write(s.config().join("policy.yaml"), &text).unwrap();
+        let needle = if i == 2 { "spec.rules[0].backendRefs[0].weight" } else { expected };
+        let all: Vec<String> = wait_for("the rejection", || {
+            let e: Vec<String> =
+                control.errors.lock().unwrap().iter().map(ToString::to_string).collect();
+            e.iter().any(|e| e.contains(needle)).then_some(e)
+        })
+        .await;
+        if i == 2 {
+            // Out of range: the route is rejected, the valid policy in the same file applies.
+            assert!(all.iter().any(|e| e.contains("policy.yaml: HTTPRoute/shop/r: spec.rules[0].backendRefs[0].weight: 9999999 is out of range")), "{all:?}");
+            wait_for("the valid policy of the batch", || {
+                (policy_version(&rx.borrow()) != Some(v1.clone())).then_some(())
+            })
+            .await;
+        } else {
+            assert!(all.iter().any(|e| e.contains(expected)), "{all:?}");
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            assert_eq!(
+                policy_version(&rx.borrow()),
+                Some(v1.clone()),
+                "a rejected version replaced the good one"
+            );
+            assert_eq!(denied_sa(&rx.borrow()).as_deref(), Some("shop/ratings"));
+        }
+    }
+    task.abort();
+    control.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_receive_a_policy_change_as_a_delta_and_ack_it() {
+    let s = Setup::new();
+    let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;
+    let clients: Vec<_> =
+        (0..50).map(|i| start_config(s.client(&control, &format!("node-{i}")))).collect();
+    wait_for("50 clients with the first configuration", || {
+        clients.iter().all(|(rx, _)| policy_version(&rx.borrow()).is_some()).then_some(())
+    })
+    .await;
+    let sent_before = control.registry.resources_sent.load(Ordering::Relaxed);
+    std::fs::write(s.config().join("policy.yaml"), policy("admin")).unwrap();
+    wait_for("every client to hold the change", || {
+        clients
+            .iter()
+            .all(|(rx, _)| denied_sa(&rx.borrow()).as_deref() == Some("shop/admin"))
+            .then_some(())
+    })
+    .await;
+    // A delta: one resource per client, not the whole configuration.
+    assert_eq!(control.registry.resources_sent.load(Ordering::Relaxed) - sent_before, 50);
+    let new_version = policy_version(&clients[0].0.borrow()).unwrap();
+    wait_for("50 ACKs of the new version", || {
+        let c = control.registry.clients();
+        (c.len() == 50
+            && c.iter()
+                .all(|c| c.acked.get("AuthorizationPolicy/shop/reviews") == Some(&new_version)))
+        .then_some(())
+    })
+    .await;
+    for (_, t) in clients {
+        t.abort();
+    }
+    control.stop();
+}
+
+#[tokio::test]
+async fn restarts_resume_without_a_full_resend_and_clients_serve_their_cache() {
+    let s = Setup::new();
+    let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;
+    let (rx, task) = start_config(s.client(&control, "node-1"));
+    let v1 = wait_for("the first configuration", || policy_version(&rx.borrow())).await;
+    let addr = control.stop();
+
+    // Control comes back on the same address: the client resumes, nothing is resent.
+    let control = Control::start(&s.config(), &s.ca(), addr).await;
+    wait_for("the client to resume", || (control.registry.clients().len() == 1).then_some(()))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        control.registry.resources_sent.load(Ordering::Relaxed),
+        0,
+        "a resumed client got a resend"
+    );
+    assert_eq!(policy_version(&rx.borrow()), Some(v1.clone()));
+    let addr = control.stop();
+    task.abort();
+
+    // A client restarted while control is down serves its cached configuration...
+    let (rx2, task2) = start_config(ClientConfig {
+        endpoint: format!("http://{addr}"),
+        ..s.client(&Control::dummy(addr), "node-1")
+    });
+    assert!(rx2.borrow().from_cache);
+    assert_eq!(policy_version(&rx2.borrow()), Some(v1));
+    // ...and its cached certificate.
+    let control = Control::start(&s.config(), &s.ca(), addr).await;
+    let cache = s.dir.path().join("certs");
+    let (cert_rx, cert_task) = start_certificate(cert_config(&control, TOKEN_1, "reviews", &cache));
+    let first = wait_for("a certificate", || cert_rx.borrow().clone()).await;
+    cert_task.abort();
+    control.stop();
+    let (cert_rx, cert_task) =
+        start_certificate(cert_config(&Control::dummy(addr), TOKEN_1, "reviews", &cache));
+    assert_eq!(
+        cert_rx.borrow().as_deref(),
+        Some(first.as_ref()),
+        "the cached certificate must serve at once"
+    );
+    cert_task.abort();
+    task2.abort();
+}
+
+#[tokio::test]
+async fn a_short_lived_certificate_is_renewed_before_it_expires() {
+    let s = Setup::new();
+    let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;
+    let mut cfg = cert_config(&control, TOKEN_1, "reviews", &s.dir.path().join("certs"));
+    cfg.ttl = Some(Duration::from_secs(4));
+    let (mut rx, task) = start_certificate(cfg);
+    let first = wait_for("a certificate", || rx.borrow_and_update().clone()).await;
+    tokio::time::timeout(Duration::from_secs(10), rx.changed())
+        .await
+        .expect("renewed in time")
+        .unwrap();
+    let second = rx.borrow().clone().unwrap();
+    assert_ne!(first.cert_pem, second.cert_pem);
+    assert!(second.issued < first.expires, "renewed only after the old one expired");
+    task.abort();
+    control.stop();
+}
+
+impl Control {
+    /// Stands for a control service that is not running (for clients that must not reach it).
+    fn dummy(addr: SocketAddr) -> Self {
+        Self { addr, registry: Arc::default(), errors: Arc::default(), tasks: vec![] }
+    }
+}

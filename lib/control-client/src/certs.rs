@@ -1,0 +1,131 @@
+//! Workload certificates: request, cache, renew at half life.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+use sinew_api::{SignRequest, ca_client::CaClient};
+use sinew_identity::{SpiffeId, new_csr, renew_at, verify_leaf};
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::{Backoff, ClientError, write_private};
+
+/// What to request and where to keep it.
+#[derive(Debug, Clone)]
+pub struct CertConfig {
+    /// `http://host:port` of the control service.
+    pub endpoint: String,
+    /// The bootstrap token.
+    pub token: String,
+    /// The identity.
+    pub identity: SpiffeId,
+    /// Requested lifetime (`None`: the control service's default).
+    pub ttl: Option<Duration>,
+    /// Cache directory.
+    pub cache_dir: PathBuf,
+}
+
+/// A workload certificate with its key and trust bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Svid {
+    /// Private key, PEM.
+    pub key_pem: String,
+    /// Certificate, PEM.
+    pub cert_pem: String,
+    /// Trusted roots, PEM.
+    pub bundle: Vec<String>,
+    /// When it was received.
+    pub issued: SystemTime,
+    /// When it expires.
+    pub expires: SystemTime,
+}
+
+impl Svid {
+    /// When it should be renewed.
+    pub fn renew_at(&self) -> SystemTime {
+        renew_at(self.issued, self.expires)
+    }
+}
+
+/// Asks the control service for a certificate for `cfg.identity`.
+pub async fn request_certificate(cfg: &CertConfig) -> Result<Svid, ClientError> {
+    let connect_err = |source| ClientError::Connect { endpoint: cfg.endpoint.clone(), source };
+    let channel = tonic::transport::Endpoint::from_shared(cfg.endpoint.clone())
+        .map_err(connect_err)?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(connect_err)?;
+    let (key_pem, csr_pem) = new_csr(&cfg.identity)?;
+    let mut request = tonic::Request::new(SignRequest {
+        csr_pem,
+        identity: cfg.identity.to_string(),
+        ttl_seconds: cfg.ttl.map(|t| t.as_secs()).unwrap_or(0),
+    });
+    let auth = format!("Bearer {}", cfg.token)
+        .parse()
+        .map_err(|_| tonic::Status::invalid_argument("the token is not a valid header value"))?;
+    request.metadata_mut().insert(sinew_api::AUTHORIZATION, auth);
+    let resp = CaClient::new(channel).sign(request).await?.into_inner();
+    let issued = SystemTime::now();
+    let (id, expires) = verify_leaf(&resp.certificate_pem, &resp.trust_bundle_pem, issued)?;
+    if id != cfg.identity {
+        return Err(tonic::Status::internal(format!("asked for {}, got {id}", cfg.identity)).into());
+    }
+    Ok(Svid {
+        key_pem,
+        cert_pem: resp.certificate_pem,
+        bundle: resp.trust_bundle_pem,
+        issued,
+        expires,
+    })
+}
+
+fn cache_path(cfg: &CertConfig) -> PathBuf {
+    cfg.cache_dir
+        .join(format!("svid-{}-{}.json", cfg.identity.namespace, cfg.identity.service_account))
+}
+
+fn load_cached(cfg: &CertConfig) -> Option<Svid> {
+    let svid: Svid = serde_json::from_slice(&std::fs::read(cache_path(cfg)).ok()?).ok()?;
+    let (id, _) = verify_leaf(&svid.cert_pem, &svid.bundle, SystemTime::now()).ok()?;
+    (id == cfg.identity).then_some(svid)
+}
+
+/// Keeps a valid certificate for `cfg.identity` published: the cached one at once if still
+/// valid, then renewals at half life; failures retry with backoff while the old one serves.
+pub fn start_certificate(cfg: CertConfig) -> (watch::Receiver<Option<Arc<Svid>>>, JoinHandle<()>) {
+    let (tx, rx) = watch::channel(load_cached(&cfg).map(Arc::new));
+    let task = tokio::spawn(async move {
+        let mut backoff = Backoff::new();
+        loop {
+            let current = tx.borrow().clone();
+            if let Some(svid) = &current {
+                let wait = svid.renew_at().duration_since(SystemTime::now()).unwrap_or_default();
+                tokio::time::sleep(wait).await;
+            }
+            match request_certificate(&cfg).await {
+                Ok(svid) => {
+                    backoff.reset();
+                    info!(identity = %cfg.identity, expires_in = ?svid.expires.duration_since(svid.issued).unwrap_or_default(), "certificate renewed");
+                    if let Err(e) = write_private(
+                        &cache_path(&cfg),
+                        &serde_json::to_vec(&svid).expect("SVIDs serialize"),
+                    ) {
+                        warn!(error = %e, "cannot cache the certificate");
+                    }
+                    tx.send_replace(Some(Arc::new(svid)));
+                }
+                Err(e) => {
+                    warn!(identity = %cfg.identity, error = %e, "certificate request failed; retrying");
+                    tokio::time::sleep(backoff.next()).await;
+                }
+            }
+        }
+    });
+    (rx, task)
+}

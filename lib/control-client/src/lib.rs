@@ -1,0 +1,108 @@
+//! The control service's client, shared by node agents and waypoints.
+//!
+//! - [`start_config`]: one discovery stream, reconnecting with backoff and jitter, resuming
+//!   from the versions held; every response is validated before it is applied (else NACKed,
+//!   the last good configuration stays), then cached on disk so a restarted client serves
+//!   while the control service is down.
+//! - [`start_certificate`]: an SVID for one identity, cached on disk (0600), renewed at half
+//!   life; the old one keeps serving while renewal fails.
+#![forbid(unsafe_code)]
+
+mod certs;
+mod config;
+
+use std::time::{Duration, SystemTime};
+
+pub use certs::{CertConfig, Svid, request_certificate, start_certificate};
+pub use config::{ClientConfig, ConfigView, Held, start_config};
+
+/// Errors talking to the control service.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The endpoint could not be reached.
+    #[error("control service {endpoint}: {source}")]
+    Connect {
+        /// Endpoint.
+        endpoint: String,
+        /// Cause.
+        source: tonic::transport::Error,
+    },
+    /// The control service answered with an error.
+    #[error("control service: {0}")]
+    Status(#[from] tonic::Status),
+    /// A local cache file could not be used.
+    #[error("cache {path}: {reason}")]
+    Cache {
+        /// File.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Key or certificate handling failed.
+    #[error(transparent)]
+    Identity(#[from] sinew_identity::CaError),
+}
+
+/// Exponential backoff with jitter: 100 ms doubling to 5 s, each wait between 50 % and 100 %.
+#[derive(Debug)]
+pub(crate) struct Backoff(Duration);
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self(Duration::from_millis(100))
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.0 = Duration::from_millis(100);
+    }
+
+    pub(crate) fn next(&mut self) -> Duration {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        let wait = self.0.mul_f64(0.5 + (nanos % 1000) as f64 / 2000.0);
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        wait
+    }
+}
+
+pub(crate) fn write_private(path: &std::path::Path, data: &[u8]) -> Result<(), ClientError> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let err = |e: std::io::Error| ClientError::Cache {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(data).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::new();
+        let first = b.next();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..10 {
+            b.next();
+        }
+        let late = b.next();
+        assert!(late >= Duration::from_millis(2500) && late <= Duration::from_secs(5), "{late:?}");
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(100));
+    }
+}
