@@ -1,7 +1,13 @@
 //! The CA service: bootstrap-token authentication and node authorization in front of
 //! [`sinew_identity::Ca`].
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use sinew_api::{SignRequest, SignResponse, ca_server};
 use sinew_identity::{Ca, CaError, SpiffeId};
@@ -15,9 +21,20 @@ use crate::{snapshot::Snapshot, tokens::Tokens};
 /// The shortest lifetime a caller may ask for (tests use short ones to exercise renewal).
 const MIN_TTL: Duration = Duration::from_secs(2);
 
+/// CA counters for metrics.
+#[derive(Debug, Default)]
+pub struct CaStats {
+    /// Certificates signed.
+    pub issued: AtomicU64,
+    /// Requests refused (authentication, authorization or CSR).
+    pub refused: AtomicU64,
+}
+
 /// The CA gRPC service.
 #[derive(Clone)]
 pub struct CaService {
+    /// Counters.
+    pub stats: Arc<CaStats>,
     ca: Arc<Ca>,
     tokens: Arc<Tokens>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
@@ -32,7 +49,7 @@ impl CaService {
         snapshots: watch::Receiver<Arc<Snapshot>>,
         default_ttl: Duration,
     ) -> Self {
-        Self { ca, tokens: Arc::new(tokens), snapshots, default_ttl }
+        Self { stats: Arc::default(), ca, tokens: Arc::new(tokens), snapshots, default_ttl }
     }
 
     fn caller_node<T>(&self, request: &Request<T>) -> Result<String, Status> {
@@ -74,6 +91,15 @@ impl CaService {
 #[tonic::async_trait]
 impl ca_server::Ca for CaService {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+        let result = self.sign_inner(request);
+        let counter = if result.is_ok() { &self.stats.issued } else { &self.stats.refused };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result.map(Response::new)
+    }
+}
+
+impl CaService {
+    fn sign_inner(&self, request: Request<SignRequest>) -> Result<SignResponse, Status> {
         let node = self.caller_node(&request)?;
         let req = request.into_inner();
         let id: SpiffeId = req
@@ -99,9 +125,6 @@ impl ca_server::Ca for CaService {
             other => Status::internal(other.to_string()),
         })?;
         info!(%node, %id, ttl_secs = ttl.as_secs(), "certificate issued");
-        Ok(Response::new(SignResponse {
-            certificate_pem: pem,
-            trust_bundle_pem: self.ca.bundle().to_vec(),
-        }))
+        Ok(SignResponse { certificate_pem: pem, trust_bundle_pem: self.ca.bundle().to_vec() })
     }
 }

@@ -47,6 +47,10 @@ pub struct Registry {
     pub responses_sent: AtomicU64,
     /// Resources sent since start (a resumed client that holds everything costs zero).
     pub resources_sent: AtomicU64,
+    /// ACKs received since start.
+    pub acks: AtomicU64,
+    /// NACKs received since start.
+    pub nacks: AtomicU64,
 }
 
 impl Registry {
@@ -185,6 +189,7 @@ impl Session {
             return;
         };
         if req.error.is_empty() {
+            self.registry.acks.fetch_add(1, Ordering::Relaxed);
             self.registry.update(self.id, |c| {
                 c.acks += 1;
                 for (k, v) in changes {
@@ -196,6 +201,7 @@ impl Session {
             });
         } else {
             warn!(%client, error = %req.error, "client rejected a configuration update (NACK)");
+            self.registry.nacks.fetch_add(1, Ordering::Relaxed);
             self.registry.update(self.id, |c| {
                 c.nacks += 1;
                 c.last_nack = Some(req.error.clone());

@@ -10,6 +10,7 @@
 //!   workloads on the caller's node only.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod ca;
 pub mod discovery;
 pub mod snapshot;

@@ -4,7 +4,9 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use sinew_control::{ca::CaService, discovery::Registry, source::FileSource, tokens::Tokens};
+use sinew_control::{
+    admin::AdminState, ca::CaService, discovery::Registry, source::FileSource, tokens::Tokens,
+};
 use tokio::sync::watch;
 use tracing::info;
 
@@ -26,6 +28,9 @@ struct Args {
     /// Bootstrap tokens: `<node> <token>` per line.
     #[arg(long, default_value = "/etc/sinew-control/tokens")]
     tokens: PathBuf,
+    /// Admin endpoint: /ready, /metrics, /clients, /config_dump.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
     /// Default (and maximum) certificate lifetime in seconds.
     #[arg(long, default_value_t = 24 * 3600)]
     cert_ttl_secs: u64,
@@ -48,17 +53,30 @@ async fn main() -> Result<()> {
     let tokens = Tokens::load(&args.tokens)?;
     let ca = sinew_identity::Ca::load_or_generate(&args.ca_dir, &args.trust_domain)?;
     let (source, first) = FileSource::new(&args.config_dir);
+    let errors = source.errors();
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(source.run(tx));
-    let ca =
-        CaService::new(Arc::new(ca), tokens, rx.clone(), Duration::from_secs(args.cert_ttl_secs));
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    info!(listen = %args.listen, config = %args.config_dir.display(), "sinew-control ready");
+    let ttl = Duration::from_secs(args.cert_ttl_secs);
+    let ca = CaService::new(Arc::new(ca), tokens, rx.clone(), ttl);
+    let registry = Arc::new(Registry::default());
+    let admin = AdminState {
+        registry: registry.clone(),
+        ca: ca.stats.clone(),
+        errors,
+        snapshots: rx.clone(),
+    };
+    let bind = |addr: SocketAddr, flag: &'static str| async move {
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {flag} {addr}"))
+    };
+    let admin_listener = bind(args.admin, "--admin").await?;
+    let listener = bind(args.listen, "--listen").await?;
+    info!(listen = %args.listen, admin = %args.admin, config = %args.config_dir.display(), "sinew-control ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        r = sinew_control::serve(listener, rx, ca, Arc::new(Registry::default())) => r?,
+        r = sinew_control::serve(listener, rx, ca, registry) => r?,
+        r = sinew_control::admin::serve(admin_listener, admin) => r?,
         _ = tokio::signal::ctrl_c() => info!("stopping"),
+        _ = term.recv() => info!("stopping"),
     }
     Ok(())
 }
