@@ -18,6 +18,11 @@ use tracing::{debug, info, warn};
 
 use crate::snapshot::Snapshot;
 
+/// The most resources one response carries: a first sync of 10,000 workloads goes out in
+/// slices, each after the previous one was acknowledged, so a thousand clients syncing at once
+/// hold a bounded amount of memory in the server.
+const MAX_PER_RESPONSE: usize = 500;
+
 /// Kinds only waypoints need; agents do not receive them.
 const WAYPOINT_ONLY: [&str; 2] = ["HTTPRoute/", "GRPCRoute/"];
 
@@ -121,6 +126,7 @@ impl Discovery for DiscoveryService {
             agent: client.role == "agent",
             held: first.held_versions.into_iter().collect(),
             pending: BTreeMap::new(),
+            outstanding: None,
             nonce: 0,
             registry: self.registry.clone(),
         };
@@ -136,6 +142,8 @@ struct Session {
     held: BTreeMap<String, String>,
     /// Nonce -> the versions that response carried.
     pending: BTreeMap<String, Vec<(String, Option<String>)>>,
+    /// The response awaiting its ACK or NACK; none is sent while one is outstanding.
+    outstanding: Option<String>,
     nonce: u64,
     registry: Arc<Registry>,
 }
@@ -150,11 +158,14 @@ impl Session {
         let mut resources = Vec::new();
         let mut changes = Vec::new();
         for (key, e) in snap.resources.iter().filter(|(k, _)| self.wanted(k)) {
+            if resources.len() == MAX_PER_RESPONSE {
+                break;
+            }
             if self.held.get(key) != Some(&e.version) {
                 resources.push(sinew_api::Resource {
                     key: key.clone(),
                     version: e.version.clone(),
-                    body: e.body.to_vec(),
+                    body: e.body.clone(),
                 });
                 changes.push((key.clone(), Some(e.version.clone())));
             }
@@ -178,12 +189,16 @@ impl Session {
         self.nonce += 1;
         let nonce = format!("{}-{}", self.id, self.nonce);
         self.pending.insert(nonce.clone(), changes);
+        self.outstanding = Some(nonce.clone());
         self.registry.responses_sent.fetch_add(1, Ordering::Relaxed);
         self.registry.resources_sent.fetch_add(resources.len() as u64, Ordering::Relaxed);
         Some(DiscoveryResponse { system_version: snap.system_version, nonce, resources, removed })
     }
 
     fn on_request(&mut self, req: DiscoveryRequest, client: &str) {
+        if self.outstanding.as_deref() == Some(req.response_nonce.as_str()) {
+            self.outstanding = None;
+        }
         let Some(changes) = self.pending.remove(&req.response_nonce) else {
             debug!(%client, nonce = %req.response_nonce, "request for an unknown nonce");
             return;
@@ -218,7 +233,8 @@ impl Session {
     ) {
         loop {
             let snap = snapshots.borrow_and_update().clone();
-            if let Some(resp) = self.delta(&snap)
+            if self.outstanding.is_none()
+                && let Some(resp) = self.delta(&snap)
                 && tx.send(Ok(resp)).await.is_err()
             {
                 break;

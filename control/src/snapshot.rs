@@ -13,8 +13,8 @@ use sinew_model::{Resource, Store};
 pub struct Entry {
     /// Content hash (16 hex digits); equal across control restarts for equal content.
     pub version: String,
-    /// Kubernetes-shaped JSON.
-    pub body: Arc<[u8]>,
+    /// Kubernetes-shaped JSON, shared by every response that carries it.
+    pub body: bytes::Bytes,
     /// The typed resource, for the control service's own decisions (node authorization).
     pub resource: Arc<Resource>,
 }
@@ -29,21 +29,24 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds the snapshot of a store.
-    pub fn from_store(store: &Store, system_version: u64) -> Self {
+    /// Builds the snapshot of a store, reusing the entries of `previous` for resources that
+    /// did not change (serializing 10,000 workloads on every edit would dominate a push).
+    pub fn from_store(store: &Store, system_version: u64, previous: Option<&Snapshot>) -> Self {
         let resources = store
             .resources()
             .into_iter()
             .map(|(key, r)| {
+                let key = key.to_string();
+                if let Some(old) = previous.and_then(|p| p.resources.get(&key))
+                    && old.resource.as_ref() == r
+                {
+                    return (key, old.clone());
+                }
                 let body = r.to_json();
                 let mut h = std::hash::DefaultHasher::new();
                 body.hash(&mut h);
-                let entry = Entry {
-                    version: format!("{:016x}", h.finish()),
-                    body: body.into(),
-                    resource: Arc::new(r.clone()),
-                };
-                (key.to_string(), entry)
+                let version = format!("{:016x}", h.finish());
+                (key, Entry { version, body: body.into(), resource: Arc::new(r.clone()) })
             })
             .collect();
         Self { system_version, resources }

@@ -47,7 +47,7 @@ impl FileSource {
             errors: Arc::default(),
         };
         s.reload();
-        let snap = Snapshot::from_store(&s.store, 1);
+        let snap = Snapshot::from_store(&s.store, 1, None);
         (s, snap)
     }
 
@@ -75,7 +75,8 @@ impl FileSource {
             }
             self.reload();
             let current = tx.borrow().clone();
-            let next = Snapshot::from_store(&self.store, current.system_version + 1);
+            let next =
+                Snapshot::from_store(&self.store, current.system_version + 1, Some(&current));
             if !next.same_content(&current) {
                 info!(
                     version = next.system_version,

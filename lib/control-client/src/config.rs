@@ -109,7 +109,7 @@ fn apply(current: &ConfigView, resp: &DiscoveryResponse) -> Result<ConfigView, S
     let mut next = current.clone();
     let mut problems = Vec::new();
     for r in &resp.resources {
-        let body = match String::from_utf8(r.body.clone()) {
+        let body = match String::from_utf8(r.body.to_vec()) {
             Ok(b) => b,
             Err(_) => {
                 problems.push(format!("{}: body is not UTF-8", r.key));

@@ -165,6 +165,15 @@ pub fn parse_document(
 #[derive(Debug, Default, Clone)]
 struct FileState {
     resources: BTreeMap<ResourceKey, Resource>,
+    /// (modified, length, inode) when read: an unchanged file is not parsed again.
+    stamp: Option<(std::time::SystemTime, u64, u64)>,
+    errors: Vec<ConfigError>,
+}
+
+fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
 /// Parses a whole file: every valid resource, every rejected one (with its key when known),
@@ -204,7 +213,8 @@ impl Store {
     ///
     /// A valid resource replaces its previous version; a rejected one keeps its previous
     /// version (if any) in service; a file that cannot be read or parsed keeps all of its
-    /// previous resources; a file that is gone takes its resources with it.
+    /// previous resources; a file that is gone takes its resources with it. Files whose
+    /// modification time, length and inode are unchanged are not parsed again.
     pub fn reload_dir(&mut self, dir: &Path) -> Vec<ConfigError> {
         let mut errors = Vec::new();
         let entries = match std::fs::read_dir(dir) {
@@ -230,6 +240,12 @@ impl Store {
         let mut next = BTreeMap::new();
         for path in paths {
             let previous = self.files.get(&path).cloned().unwrap_or_default();
+            let now = stamp(&path);
+            if now.is_some() && now == previous.stamp {
+                errors.extend(previous.errors.iter().cloned());
+                next.insert(path, previous);
+                continue;
+            }
             let parsed = std::fs::read_to_string(&path)
                 .map_err(|e| ConfigError {
                     file: path.clone(),
@@ -239,19 +255,16 @@ impl Store {
                 })
                 .and_then(|text| parse_file(&path, &text));
             let state = match parsed {
-                Err(e) => {
-                    errors.push(e);
-                    previous
-                }
+                Err(e) => FileState { resources: previous.resources, stamp: now, errors: vec![e] },
                 Ok(docs) => {
-                    let mut state = FileState::default();
+                    let mut state = FileState { stamp: now, ..Default::default() };
                     for doc in docs {
                         match doc {
                             Ok(r) => {
                                 state.resources.insert(r.key(), r);
                             }
                             Err(Rejected { key, errors: errs }) => {
-                                errors.extend(errs);
+                                state.errors.extend(errs);
                                 if let Some(old) =
                                     key.and_then(|k| previous.resources.get(&k).cloned())
                                 {
@@ -263,6 +276,7 @@ impl Store {
                     state
                 }
             };
+            errors.extend(state.errors.iter().cloned());
             next.insert(path, state);
         }
         self.files = next;

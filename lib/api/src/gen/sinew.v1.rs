@@ -61,8 +61,8 @@ pub struct Resource {
     #[prost(string, tag = "2")]
     pub version: ::prost::alloc::string::String,
     /// The resource as Kubernetes-shaped JSON (apiVersion, kind, metadata, spec).
-    #[prost(bytes = "vec", tag = "3")]
-    pub body: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub body: ::prost::bytes::Bytes,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
