@@ -143,7 +143,7 @@ pub fn router(state: AdminState) -> Router {
                     .iter()
                     .map(|(k, e)| {
                         let body: serde_json::Value = serde_json::from_slice(&e.body).unwrap_or_default();
-                        (k.clone(), json!({ "version": e.version, "resource": body }))
+                        (k.to_string(), json!({ "version": e.version.as_ref(), "resource": body }))
                     })
                     .collect();
                 let errors: Vec<String> = dump.errors.lock().expect("errors lock poisoned").iter().map(ToString::to_string).collect();

@@ -1,7 +1,8 @@
 //! The discovery stream: deltas against what each client holds, ACK/NACK by nonce, resume.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
+    ops::Bound,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -28,13 +29,14 @@ const WAYPOINT_ONLY: [&str; 2] = ["HTTPRoute/", "GRPCRoute/"];
 
 /// A connected client as the admin endpoint shows it.
 #[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ClientState {
     /// Node or waypoint name.
     pub name: String,
     /// `agent` or `waypoint`.
     pub role: String,
-    /// Resource key -> version the client acknowledged.
-    pub acked: BTreeMap<String, String>,
+    /// The system version the client acknowledged holding completely (0: still syncing).
+    pub acked_version: u64,
     /// Responses acknowledged.
     pub acks: u64,
     /// Responses rejected.
@@ -121,85 +123,167 @@ impl Discovery for DiscoveryService {
         );
         info!(client = %client.name, role = %client.role, held = first.held_versions.len(), "client connected");
         let (tx, rx) = mpsc::channel(4);
-        let session = Session {
+        let target = self.snapshots.borrow().clone();
+        let mut session = Session {
             id,
             agent: client.role == "agent",
-            held: first.held_versions.into_iter().collect(),
-            pending: BTreeMap::new(),
+            target: target.clone(),
+            todo: Todo::Everything { after: None },
+            removed: Vec::new(),
             outstanding: None,
             nonce: 0,
             registry: self.registry.clone(),
         };
+        if !first.held_versions.is_empty() {
+            // Resume: only what differs from what the client holds.
+            let held = first.held_versions;
+            let changed = target
+                .resources
+                .iter()
+                .filter(|(k, e)| {
+                    held.get(k.as_ref()).is_none_or(|v| v.as_str() != e.version.as_ref())
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            session.removed =
+                held.into_keys().filter(|k| !target.resources.contains_key(k.as_str())).collect();
+            session.todo = Todo::Keys(changed);
+        }
         tokio::spawn(session.run(inbound, tx, self.snapshots.clone(), client.name));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// What a client still lacks of `Session::target`.
+enum Todo {
+    /// A fresh client: everything after this key, in key order.
+    Everything { after: Option<Arc<str>> },
+    /// These keys (in any order).
+    Keys(VecDeque<Arc<str>>),
+}
+
+impl Todo {
+    fn is_empty(&self) -> bool {
+        matches!(self, Todo::Keys(k) if k.is_empty())
     }
 }
 
 struct Session {
     id: u64,
     agent: bool,
-    /// What the client holds (or is being sent): key -> version.
-    held: BTreeMap<String, String>,
-    /// Nonce -> the versions that response carried.
-    pending: BTreeMap<String, Vec<(String, Option<String>)>>,
-    /// The response awaiting its ACK or NACK; none is sent while one is outstanding.
-    outstanding: Option<String>,
+    /// The snapshot being brought to the client; it holds it fully once `todo` is empty and
+    /// no response is outstanding.
+    target: Arc<Snapshot>,
+    todo: Todo,
+    /// Keys the client must drop, sent with the next response.
+    removed: Vec<String>,
+    /// The response awaiting its ACK or NACK, and whether it completed the sync.
+    outstanding: Option<(String, Option<u64>)>,
     nonce: u64,
     registry: Arc<Registry>,
 }
 
 impl Session {
-    fn wanted(&self, key: &str) -> bool {
-        !(self.agent && WAYPOINT_ONLY.iter().any(|p| key.starts_with(p)))
+    /// Moves the target to a newer snapshot, adding what changed to the work left.
+    fn retarget(&mut self, newer: Arc<Snapshot>) {
+        if newer.system_version == self.target.system_version {
+            return;
+        }
+        let (changed, removed) = if newer.prev_version == self.target.system_version {
+            (newer.changed.clone(), newer.removed.clone())
+        } else {
+            self.target.diff(&newer)
+        };
+        match &mut self.todo {
+            // Keys after the cursor are read from the new target anyway.
+            Todo::Everything { after } => {
+                let done: VecDeque<Arc<str>> = match after {
+                    Some(a) => changed.into_iter().filter(|k| k <= a).collect(),
+                    None => VecDeque::new(),
+                };
+                if !done.is_empty() {
+                    // Rare: a change during a first sync. Finish the rest as explicit keys.
+                    let mut keys = done;
+                    let start = after.clone();
+                    keys.extend(
+                        newer
+                            .resources
+                            .keys()
+                            .filter(|k| start.as_ref().is_none_or(|a| *k > a))
+                            .cloned(),
+                    );
+                    self.todo = Todo::Keys(keys);
+                }
+            }
+            Todo::Keys(keys) => keys.extend(changed),
+        }
+        self.removed.extend(removed.iter().map(|k| k.to_string()));
+        self.target = newer;
     }
 
-    /// The response that brings the client from what it holds to `snap`, if anything differs.
-    fn delta(&mut self, snap: &Snapshot) -> Option<DiscoveryResponse> {
+    /// The next slice of what the client lacks, if anything.
+    fn next_response(&mut self) -> Option<DiscoveryResponse> {
         let mut resources = Vec::new();
-        let mut changes = Vec::new();
-        for (key, e) in snap.resources.iter().filter(|(k, _)| self.wanted(k)) {
-            if resources.len() == MAX_PER_RESPONSE {
-                break;
-            }
-            if self.held.get(key) != Some(&e.version) {
-                resources.push(sinew_api::Resource {
-                    key: key.clone(),
-                    version: e.version.clone(),
-                    body: e.body.clone(),
+        let target = self.target.clone();
+        let agent = self.agent;
+        match &mut self.todo {
+            Todo::Everything { after } => {
+                let range = match after.clone() {
+                    Some(a) => target
+                        .resources
+                        .range::<Arc<str>, _>((Bound::Excluded(a), Bound::Unbounded)),
+                    None => target.resources.range::<Arc<str>, _>(..),
+                };
+                let mut last = None;
+                for (k, e) in range {
+                    last = Some(k.clone());
+                    if wanted(agent, k) {
+                        resources.push(resource(k, e));
+                    }
+                    if resources.len() == MAX_PER_RESPONSE {
+                        break;
+                    }
+                }
+                let more = last.as_ref().is_some_and(|l| {
+                    resources.len() == MAX_PER_RESPONSE
+                        && target
+                            .resources
+                            .range::<Arc<str>, _>((Bound::Excluded(l.clone()), Bound::Unbounded))
+                            .any(|(k, _)| wanted(agent, k))
                 });
-                changes.push((key.clone(), Some(e.version.clone())));
+                if more {
+                    *after = last;
+                } else {
+                    self.todo = Todo::Keys(VecDeque::new());
+                }
+            }
+            Todo::Keys(keys) => {
+                while resources.len() < MAX_PER_RESPONSE {
+                    let Some(k) = keys.pop_front() else { break };
+                    match target.resources.get(&k) {
+                        Some(e) if wanted(agent, &k) => resources.push(resource(&k, e)),
+                        Some(_) => {}
+                        None => self.removed.push(k.to_string()),
+                    }
+                }
             }
         }
-        let removed: Vec<String> = self
-            .held
-            .keys()
-            .filter(|k| !snap.resources.contains_key(*k) || !self.wanted(k))
-            .cloned()
-            .collect();
-        changes.extend(removed.iter().map(|k| (k.clone(), None)));
-        if changes.is_empty() {
+        let removed = std::mem::take(&mut self.removed);
+        if resources.is_empty() && removed.is_empty() {
             return None;
-        }
-        for (k, v) in &changes {
-            match v {
-                Some(v) => self.held.insert(k.clone(), v.clone()),
-                None => self.held.remove(k),
-            };
         }
         self.nonce += 1;
         let nonce = format!("{}-{}", self.id, self.nonce);
-        self.pending.insert(nonce.clone(), changes);
-        self.outstanding = Some(nonce.clone());
+        let completes = self.todo.is_empty().then_some(target.system_version);
+        self.outstanding = Some((nonce.clone(), completes));
         self.registry.responses_sent.fetch_add(1, Ordering::Relaxed);
         self.registry.resources_sent.fetch_add(resources.len() as u64, Ordering::Relaxed);
-        Some(DiscoveryResponse { system_version: snap.system_version, nonce, resources, removed })
+        Some(DiscoveryResponse { system_version: target.system_version, nonce, resources, removed })
     }
 
     fn on_request(&mut self, req: DiscoveryRequest, client: &str) {
-        if self.outstanding.as_deref() == Some(req.response_nonce.as_str()) {
-            self.outstanding = None;
-        }
-        let Some(changes) = self.pending.remove(&req.response_nonce) else {
+        let Some((nonce, completes)) = self.outstanding.take_if(|(n, _)| *n == req.response_nonce)
+        else {
             debug!(%client, nonce = %req.response_nonce, "request for an unknown nonce");
             return;
         };
@@ -207,15 +291,12 @@ impl Session {
             self.registry.acks.fetch_add(1, Ordering::Relaxed);
             self.registry.update(self.id, |c| {
                 c.acks += 1;
-                for (k, v) in changes {
-                    match v {
-                        Some(v) => c.acked.insert(k, v),
-                        None => c.acked.remove(&k),
-                    };
+                if let Some(v) = completes {
+                    c.acked_version = v;
                 }
             });
         } else {
-            warn!(%client, error = %req.error, "client rejected a configuration update (NACK)");
+            warn!(%client, %nonce, error = %req.error, "client rejected a configuration update (NACK)");
             self.registry.nacks.fetch_add(1, Ordering::Relaxed);
             self.registry.update(self.id, |c| {
                 c.nacks += 1;
@@ -231,16 +312,22 @@ impl Session {
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
         client: String,
     ) {
+        snapshots.mark_unchanged();
         loop {
-            let snap = snapshots.borrow_and_update().clone();
             if self.outstanding.is_none()
-                && let Some(resp) = self.delta(&snap)
+                && let Some(resp) = self.next_response()
                 && tx.send(Ok(resp)).await.is_err()
             {
                 break;
             }
             tokio::select! {
-                changed = snapshots.changed() => if changed.is_err() { break },
+                changed = snapshots.changed() => match changed {
+                    Ok(()) => {
+                        let newer = snapshots.borrow_and_update().clone();
+                        self.retarget(newer);
+                    }
+                    Err(_) => break,
+                },
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => self.on_request(req, &client),
                     Ok(None) => break,
@@ -253,5 +340,18 @@ impl Session {
         }
         self.registry.clients.lock().expect("registry lock poisoned").remove(&self.id);
         info!(%client, "client disconnected");
+    }
+}
+
+/// Agents do not receive the kinds only waypoints use.
+fn wanted(agent: bool, key: &str) -> bool {
+    !(agent && WAYPOINT_ONLY.iter().any(|p| key.starts_with(p)))
+}
+
+fn resource(key: &Arc<str>, e: &crate::snapshot::Entry) -> sinew_api::Resource {
+    sinew_api::Resource {
+        key: key.to_string(),
+        version: e.version.to_string(),
+        body: e.body.clone(),
     }
 }

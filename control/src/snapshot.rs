@@ -1,4 +1,5 @@
-//! An immutable view of the configuration as clients receive it.
+//! An immutable view of the configuration as clients receive it, with what changed since the
+//! previous one (so a thousand up-to-date clients cost one diff, not a thousand).
 
 use std::{
     collections::BTreeMap,
@@ -8,11 +9,11 @@ use std::{
 
 use sinew_model::{Resource, Store};
 
-/// One resource as sent: its key, content version and JSON body.
+/// One resource as sent: its content version and JSON body.
 #[derive(Debug, Clone)]
 pub struct Entry {
     /// Content hash (16 hex digits); equal across control restarts for equal content.
-    pub version: String,
+    pub version: Arc<str>,
     /// Kubernetes-shaped JSON, shared by every response that carries it.
     pub body: bytes::Bytes,
     /// The typed resource, for the control service's own decisions (node authorization).
@@ -24,41 +25,63 @@ pub struct Entry {
 pub struct Snapshot {
     /// Increases with every published change.
     pub system_version: u64,
+    /// The snapshot `changed` and `removed` are relative to.
+    pub prev_version: u64,
     /// The resources.
-    pub resources: BTreeMap<String, Entry>,
+    pub resources: BTreeMap<Arc<str>, Entry>,
+    /// Keys added or changed since `prev_version`.
+    pub changed: Vec<Arc<str>>,
+    /// Keys removed since `prev_version`.
+    pub removed: Vec<Arc<str>>,
 }
 
 impl Snapshot {
     /// Builds the snapshot of a store, reusing the entries of `previous` for resources that
     /// did not change (serializing 10,000 workloads on every edit would dominate a push).
     pub fn from_store(store: &Store, system_version: u64, previous: Option<&Snapshot>) -> Self {
-        let resources = store
+        let mut changed = Vec::new();
+        let resources: BTreeMap<Arc<str>, Entry> = store
             .resources()
             .into_iter()
             .map(|(key, r)| {
                 let key = key.to_string();
-                if let Some(old) = previous.and_then(|p| p.resources.get(&key))
+                if let Some((k, old)) =
+                    previous.and_then(|p| p.resources.get_key_value(key.as_str()))
                     && old.resource.as_ref() == r
                 {
-                    return (key, old.clone());
+                    return (k.clone(), old.clone());
                 }
                 let body = r.to_json();
                 let mut h = std::hash::DefaultHasher::new();
                 body.hash(&mut h);
-                let version = format!("{:016x}", h.finish());
+                let version: Arc<str> = format!("{:016x}", h.finish()).into();
+                let key: Arc<str> = key.into();
+                changed.push(key.clone());
                 (key, Entry { version, body: body.into(), resource: Arc::new(r.clone()) })
             })
             .collect();
-        Self { system_version, resources }
+        let removed = previous
+            .map(|p| p.resources.keys().filter(|k| !resources.contains_key(*k)).cloned().collect())
+            .unwrap_or_default();
+        let prev_version = previous.map_or(0, |p| p.system_version);
+        Self { system_version, prev_version, resources, changed, removed }
     }
 
-    /// True when both hold the same resources at the same versions.
-    pub fn same_content(&self, other: &Self) -> bool {
-        self.resources.len() == other.resources.len()
-            && self
-                .resources
-                .iter()
-                .zip(&other.resources)
-                .all(|((k1, e1), (k2, e2))| k1 == k2 && e1.version == e2.version)
+    /// True when nothing changed relative to the previous snapshot.
+    pub fn is_unchanged(&self) -> bool {
+        self.changed.is_empty() && self.removed.is_empty()
+    }
+
+    /// Keys that differ between `self` (what a client holds) and `newer`, by merge join.
+    pub fn diff(&self, newer: &Snapshot) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+        let changed = newer
+            .resources
+            .iter()
+            .filter(|(k, e)| self.resources.get(*k).is_none_or(|old| old.version != e.version))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let removed =
+            self.resources.keys().filter(|k| !newer.resources.contains_key(*k)).cloned().collect();
+        (changed, removed)
     }
 }

@@ -77,7 +77,7 @@ impl FileSource {
             let current = tx.borrow().clone();
             let next =
                 Snapshot::from_store(&self.store, current.system_version + 1, Some(&current));
-            if !next.same_content(&current) {
+            if !next.is_unchanged() {
                 info!(
                     version = next.system_version,
                     resources = next.resources.len(),

@@ -5,6 +5,7 @@
 //! `cargo xtask test`.
 
 mod bench;
+mod bench_control;
 mod demo;
 mod setup;
 
@@ -47,6 +48,8 @@ enum Cmd {
 enum Suite {
     /// Direct vs captured plain TCP: throughput and new-connection latency.
     Capture,
+    /// The control service: 10,000 workloads, 1,000 clients, one policy change.
+    Control,
 }
 
 fn main() -> Result<()> {
@@ -63,6 +66,23 @@ fn main() -> Result<()> {
             demo::run(&workspace().join("target/debug"))
         }
         Cmd::Test => test(),
+        Cmd::Bench { suite: Suite::Control } => {
+            println!("build: cargo build --release -p sinew-control --bins --example load");
+            setup::run(Command::new(env!("CARGO")).current_dir(workspace()).args([
+                "build",
+                "--release",
+                "-p",
+                "sinew-control",
+                "--bins",
+                "--example",
+                "load",
+            ]))?;
+            let root = workspace();
+            bench_control::run(
+                &root.join("target/release"),
+                &root.join("target/bench/control.json"),
+            )
+        }
         Cmd::Bench { suite: Suite::Capture } => {
             setup::runtime()?;
             build_all(true)?;
