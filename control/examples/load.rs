@@ -2,7 +2,8 @@
 //! few shared connections, through the real gRPC server. Clients count and ACK what they
 //! receive without validating it, so the figures are the server's.
 //!
-//! usage: load ENDPOINT CLIENTS CONNECTIONS EXPECTED_RESOURCES POLICY_FILE NEW_POLICY_TEXT_FILE
+//! usage: load ENDPOINT ROOTS_PEM CLIENTS CONNECTIONS EXPECTED_RESOURCES POLICY_FILE NEW_POLICY_FILE
+//! Client i authenticates with the token `node-<i>-token-0123456789` over TLS.
 //! Prints one JSON line: initial_sync_ms and the push latency percentiles.
 
 use std::{
@@ -35,8 +36,11 @@ async fn client(
     let (tx, rx) = mpsc::channel(4);
     let hello = ClientInfo { name: format!("node-{i}"), role: "agent".into() };
     tx.send(DiscoveryRequest { client: Some(hello), ..Default::default() }).await?;
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let mut stream = DiscoveryClient::new(channel).stream(stream).await?.into_inner();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert(sinew_api::AUTHORIZATION, format!("Bearer node-{i}-token-0123456789").parse()?);
+    let mut stream = DiscoveryClient::new(channel).stream(request).await?.into_inner();
     let mut received = 0;
     while let Some(resp) = stream.message().await? {
         let changed_at = *shared.changed_at.borrow();
@@ -69,15 +73,23 @@ async fn wait(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Re
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> Result<()> {
     let a: Vec<String> = std::env::args().skip(1).collect();
-    let [endpoint, clients, connections, expected, policy_file, new_policy] = a.as_slice() else {
-        bail!("usage: load ENDPOINT CLIENTS CONNECTIONS EXPECTED POLICY_FILE NEW_POLICY_TEXT_FILE");
+    let [endpoint, roots, clients, connections, expected, policy_file, new_policy] = a.as_slice()
+    else {
+        bail!(
+            "usage: load ENDPOINT ROOTS_PEM CLIENTS CONNECTIONS EXPECTED POLICY_FILE NEW_POLICY_FILE"
+        );
     };
+    let roots = std::fs::read_to_string(roots).context("reading the roots")?;
     let (clients, connections, expected): (usize, usize, usize) =
         (clients.parse()?, connections.parse()?, expected.parse()?);
     let new_policy = std::fs::read_to_string(new_policy).context("reading the new policy")?;
     let mut channels = Vec::new();
     for _ in 0..connections {
-        let endpoint = tonic::transport::Endpoint::from_shared(endpoint.clone())?;
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&roots))
+            .domain_name("sinew-control");
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(endpoint.clone())?.tls_config(tls)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         channels.push(loop {
             match endpoint.connect().await {

@@ -21,6 +21,20 @@ use crate::{snapshot::Snapshot, tokens::Tokens};
 /// The shortest lifetime a caller may ask for (tests use short ones to exercise renewal).
 const MIN_TTL: Duration = Duration::from_secs(2);
 
+/// Authenticates callers as nodes (shared by the CA and discovery services).
+#[derive(Clone, Debug)]
+pub struct Authenticator {
+    tokens: Arc<Tokens>,
+    trust_domain: String,
+}
+
+impl Authenticator {
+    /// The calling node.
+    pub fn node<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        crate::auth::caller_node(request, &self.tokens, &self.trust_domain)
+    }
+}
+
 /// CA counters for metrics.
 #[derive(Debug, Default)]
 pub struct CaStats {
@@ -52,23 +66,23 @@ impl CaService {
         Self { stats: Arc::default(), ca, tokens: Arc::new(tokens), snapshots, default_ttl }
     }
 
-    fn caller_node<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        let header = request.metadata().get(sinew_api::AUTHORIZATION).ok_or_else(|| {
-            Status::unauthenticated("no bootstrap token (authorization: Bearer <token>)")
-        })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
-        self.tokens
-            .node(token)
-            .map(str::to_owned)
-            .ok_or_else(|| Status::unauthenticated("unknown bootstrap token"))
+    /// Authenticates callers for the other services too.
+    pub fn authenticator(&self) -> Authenticator {
+        Authenticator {
+            tokens: self.tokens.clone(),
+            trust_domain: self.ca.trust_domain().to_owned(),
+        }
     }
 
-    /// Node authorization: some workload with this identity is scheduled on `node`.
+    /// Node authorization: the node's own identity, or that of a workload scheduled on `node`.
     fn authorize(&self, node: &str, id: &SpiffeId) -> Result<(), Status> {
+        if let Some(n) = id.node_name() {
+            return if n == node {
+                Ok(())
+            } else {
+                Err(Status::permission_denied(format!("node {node} cannot have {id}")))
+            };
+        }
         let snap = self.snapshots.borrow().clone();
         let allowed = snap.resources.values().any(|e| match e.resource.as_ref() {
             Resource::Workload(w) => {
@@ -100,7 +114,7 @@ impl ca_server::Ca for CaService {
 
 impl CaService {
     fn sign_inner(&self, request: Request<SignRequest>) -> Result<SignResponse, Status> {
-        let node = self.caller_node(&request)?;
+        let node = crate::auth::caller_node(&request, &self.tokens, self.ca.trust_domain())?;
         let req = request.into_inner();
         let id: SpiffeId = req
             .identity

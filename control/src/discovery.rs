@@ -77,12 +77,17 @@ impl Registry {
 pub struct DiscoveryService {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     registry: Arc<Registry>,
+    auth: crate::ca::Authenticator,
 }
 
 impl DiscoveryService {
-    /// A service publishing `snapshots`.
-    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, registry: Arc<Registry>) -> Self {
-        Self { snapshots, registry }
+    /// A service publishing `snapshots` to callers `auth` accepts.
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        registry: Arc<Registry>,
+        auth: crate::ca::Authenticator,
+    ) -> Self {
+        Self { snapshots, registry, auth }
     }
 }
 
@@ -96,6 +101,7 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
+        let node = self.auth.node(&request)?;
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("the stream closed before the first request")
@@ -111,6 +117,12 @@ impl Discovery for DiscoveryService {
         }
         if client.name.is_empty() {
             return Err(Status::invalid_argument("client.name is empty"));
+        }
+        if client.role == "agent" && client.name != node {
+            return Err(Status::permission_denied(format!(
+                "authenticated as node {node}, cannot stream as agent {:?}",
+                client.name
+            )));
         }
         let id = self.registry.next_id.fetch_add(1, Ordering::Relaxed);
         self.registry.clients.lock().expect("registry lock poisoned").insert(

@@ -31,6 +31,9 @@ struct Args {
     /// Admin endpoint: /ready, /metrics, /clients, /config_dump.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
+    /// Serve gRPC without TLS (debugging only: tokens then cross the wire in the clear).
+    #[arg(long)]
+    plaintext: bool,
     /// Default (and maximum) certificate lifetime in seconds.
     #[arg(long, default_value_t = 24 * 3600)]
     cert_ttl_secs: u64,
@@ -56,6 +59,7 @@ async fn main() -> Result<()> {
     let errors = source.errors();
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(source.run(tx));
+    let tls = if args.plaintext { None } else { Some(sinew_control::server_tls(&ca)?) };
     let ttl = Duration::from_secs(args.cert_ttl_secs);
     let ca = CaService::new(Arc::new(ca), tokens, rx.clone(), ttl);
     let registry = Arc::new(Registry::default());
@@ -73,7 +77,7 @@ async fn main() -> Result<()> {
     info!(listen = %args.listen, admin = %args.admin, config = %args.config_dir.display(), "sinew-control ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        r = sinew_control::serve(listener, rx, ca, registry) => r?,
+        r = sinew_control::serve(listener, tls, rx, ca, registry) => r?,
         r = sinew_control::admin::serve(admin_listener, admin) => r?,
         _ = tokio::signal::ctrl_c() => info!("stopping"),
         _ = term.recv() => info!("stopping"),

@@ -62,11 +62,17 @@ async fn the_binary_serves_readiness_metrics_clients_and_a_config_dump() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // TLS by default: the client trusts the root the control service generated.
+    let roots = std::fs::read_to_string(dir.path().join("ca/ca-cert.pem")).unwrap();
     let (rx, task) = start_config(ClientConfig {
-        endpoint: format!("http://127.0.0.1:{grpc}"),
+        endpoint: format!("https://127.0.0.1:{grpc}"),
         name: "node-1".into(),
         role: "agent".into(),
         cache_dir: dir.path().join("cache"),
+        credentials: sinew_control_client::Credentials {
+            token: Some("node-1-token-0123456789".into()),
+            tls: Some(sinew_control_client::ClientTls { roots_pem: roots, identity: None }),
+        },
     });
     let deadline = Instant::now() + Duration::from_secs(20);
     while !rx.borrow().resources.contains_key("Namespace/shop") {

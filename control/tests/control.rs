@@ -10,13 +10,13 @@ use std::{
 
 use sinew_control::{ca::CaService, discovery::Registry, source::FileSource, tokens::Tokens};
 use sinew_control_client::{
-    CertConfig, ClientConfig, ConfigView, request_certificate, start_certificate, start_config,
+    CertConfig, ClientConfig, ClientTls, ConfigView, Credentials, request_certificate,
+    start_certificate, start_config,
 };
 use sinew_identity::{Ca, SpiffeId};
 use tokio::{sync::watch, task::JoinHandle};
 
 const TOKEN_1: &str = "node-1-token-0123456789";
-const TOKEN_2: &str = "node-2-token-0123456789";
 
 const BASE: &str = "apiVersion: v1
 kind: Namespace
@@ -51,6 +51,8 @@ fn policy(sa: &str) -> String {
 
 struct Control {
     addr: SocketAddr,
+    /// Trust bundle when serving TLS.
+    roots: Option<String>,
     registry: Arc<Registry>,
     errors: Arc<std::sync::Mutex<Vec<sinew_model::ConfigError>>>,
     tasks: Vec<JoinHandle<()>>,
@@ -58,9 +60,17 @@ struct Control {
 
 impl Control {
     async fn start(config: &Path, ca_dir: &Path, addr: SocketAddr) -> Self {
+        Self::start_with(config, ca_dir, addr, false).await
+    }
+
+    async fn start_with(config: &Path, ca_dir: &Path, addr: SocketAddr, tls: bool) -> Self {
         let ca = Ca::load_or_generate(ca_dir, "cluster.local").unwrap();
-        let tokens =
-            Tokens::parse("tokens", &format!("node-1 {TOKEN_1}\nnode-2 {TOKEN_2}\n")).unwrap();
+        let roots = tls.then(|| ca.bundle().concat());
+        let server_tls = tls.then(|| sinew_control::server_tls(&ca).unwrap());
+        // node-<i> holds the token "node-<i>-token-0123456789".
+        let lines: String =
+            (0..50).map(|i| format!("node-{i} node-{i}-token-0123456789\n")).collect();
+        let tokens = Tokens::parse("tokens", &lines).unwrap();
         let (source, first) = FileSource::new(config);
         let errors = source.errors();
         let (tx, rx) = watch::channel(Arc::new(first));
@@ -83,14 +93,15 @@ impl Control {
         let tasks = vec![
             tokio::spawn(source.run(tx)),
             tokio::spawn(async move {
-                sinew_control::serve(listener, rx, ca, reg).await.unwrap();
+                sinew_control::serve(listener, server_tls, rx, ca, reg).await.unwrap();
             }),
         ];
-        Self { addr, registry, errors, tasks }
+        Self { addr, roots, registry, errors, tasks }
     }
 
     fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.roots.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     fn stop(self) -> SocketAddr {
@@ -128,6 +139,7 @@ impl Setup {
             name: name.into(),
             role: "agent".into(),
             cache_dir: self.dir.path().join("cache").join(name),
+            credentials: token(&format!("{name}-token-0123456789")),
         }
     }
 }
@@ -156,10 +168,14 @@ fn denied_sa(view: &ConfigView) -> Option<String> {
     }
 }
 
-fn cert_config(control: &Control, token: &str, sa: &str, cache: &Path) -> CertConfig {
+fn token(t: &str) -> Credentials {
+    Credentials { token: (!t.is_empty()).then(|| t.to_owned()), tls: None }
+}
+
+fn cert_config(control: &Control, tok: &str, sa: &str, cache: &Path) -> CertConfig {
     CertConfig {
         endpoint: control.endpoint(),
-        token: token.into(),
+        credentials: token(tok),
         identity: SpiffeId::new("cluster.local", "shop", sa).unwrap(),
         ttl: None,
         cache_dir: cache.to_path_buf(),
@@ -352,6 +368,62 @@ async fn a_short_lived_certificate_is_renewed_before_it_expires() {
 impl Control {
     /// Stands for a control service that is not running (for clients that must not reach it).
     fn dummy(addr: SocketAddr) -> Self {
-        Self { addr, registry: Arc::default(), errors: Arc::default(), tasks: vec![] }
+        Self { addr, roots: None, registry: Arc::default(), errors: Arc::default(), tasks: vec![] }
     }
+}
+
+#[tokio::test]
+async fn a_node_bootstraps_with_its_token_then_authenticates_with_its_own_certificate() {
+    let s = Setup::new();
+    let control =
+        Control::start_with(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap(), true).await;
+    let roots = control.roots.clone().unwrap();
+    let cache = s.dir.path().join("certs");
+    let with = |credentials: Credentials, id: SpiffeId| CertConfig {
+        endpoint: control.endpoint(),
+        credentials,
+        identity: id,
+        ttl: None,
+        cache_dir: cache.clone(),
+    };
+    let tls =
+        |identity: Option<(String, String)>| Some(ClientTls { roots_pem: roots.clone(), identity });
+    // 1. Bootstrap: the token gets the node its own certificate, over TLS.
+    let node_id = SpiffeId::node("cluster.local", "node-1").unwrap();
+    let bootstrap = Credentials { token: Some(TOKEN_1.into()), tls: tls(None) };
+    let node_cert = request_certificate(&with(bootstrap.clone(), node_id.clone())).await.unwrap();
+    // A token cannot get another node's identity.
+    let other = SpiffeId::node("cluster.local", "node-2").unwrap();
+    let err = request_certificate(&with(bootstrap, other)).await.unwrap_err().to_string();
+    assert!(
+        err.contains("cannot have spiffe://cluster.local/ns/sinew-system/sa/node.node-2"),
+        "{err}"
+    );
+
+    // 2. From then on, no token: the node certificate authenticates, for the CA and discovery.
+    let own = Credentials {
+        token: None,
+        tls: tls(Some((node_cert.cert_pem.clone(), node_cert.key_pem.clone()))),
+    };
+    let reviews = SpiffeId::new("cluster.local", "shop", "reviews").unwrap();
+    request_certificate(&with(own.clone(), reviews)).await.unwrap();
+    let ratings = SpiffeId::new("cluster.local", "shop", "ratings").unwrap();
+    let err = request_certificate(&with(own.clone(), ratings)).await.unwrap_err().to_string();
+    assert!(err.contains("node node-1 runs no workload"), "{err}");
+    let (rx, task) =
+        start_config(ClientConfig { credentials: own, ..s.client(&control, "node-1") });
+    wait_for("configuration over mTLS", || policy_version(&rx.borrow())).await;
+    task.abort();
+
+    // Without a certificate or a token: refused. An untrusted server: refused by the client.
+    let anonymous = Credentials { token: None, tls: tls(None) };
+    let err = request_certificate(&with(anonymous, node_id.clone())).await.unwrap_err().to_string();
+    assert!(err.contains("no client certificate and no bootstrap token"), "{err}");
+    let stranger = Ca::generate("cluster.local").unwrap();
+    let wrong_roots = Credentials {
+        token: Some(TOKEN_1.into()),
+        tls: Some(ClientTls { roots_pem: stranger.root_pem().into(), identity: None }),
+    };
+    assert!(request_certificate(&with(wrong_roots, node_id)).await.is_err());
+    control.stop();
 }

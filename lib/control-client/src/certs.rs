@@ -19,8 +19,8 @@ use crate::{Backoff, ClientError, write_private};
 pub struct CertConfig {
     /// `http://host:port` of the control service.
     pub endpoint: String,
-    /// The bootstrap token.
-    pub token: String,
+    /// Token and TLS.
+    pub credentials: crate::Credentials,
     /// The identity.
     pub identity: SpiffeId,
     /// Requested lifetime (`None`: the control service's default).
@@ -53,23 +53,14 @@ impl Svid {
 
 /// Asks the control service for a certificate for `cfg.identity`.
 pub async fn request_certificate(cfg: &CertConfig) -> Result<Svid, ClientError> {
-    let connect_err = |source| ClientError::Connect { endpoint: cfg.endpoint.clone(), source };
-    let channel = tonic::transport::Endpoint::from_shared(cfg.endpoint.clone())
-        .map_err(connect_err)?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .map_err(connect_err)?;
+    let channel = crate::connect(&cfg.endpoint, &cfg.credentials).await?;
     let (key_pem, csr_pem) = new_csr(&cfg.identity)?;
     let mut request = tonic::Request::new(SignRequest {
         csr_pem,
         identity: cfg.identity.to_string(),
         ttl_seconds: cfg.ttl.map(|t| t.as_secs()).unwrap_or(0),
     });
-    let auth = format!("Bearer {}", cfg.token)
-        .parse()
-        .map_err(|_| tonic::Status::invalid_argument("the token is not a valid header value"))?;
-    request.metadata_mut().insert(sinew_api::AUTHORIZATION, auth);
+    crate::authorize(&mut request, &cfg.credentials)?;
     let resp = CaClient::new(channel).sign(request).await?.into_inner();
     let issued = SystemTime::now();
     let (id, expires) = verify_leaf(&resp.certificate_pem, &resp.trust_bundle_pem, issued)?;

@@ -1,6 +1,6 @@
 //! The discovery client.
 
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 use sinew_api::{
@@ -23,6 +23,8 @@ pub struct ClientConfig {
     pub role: String,
     /// Cache directory (`config.json` inside).
     pub cache_dir: PathBuf,
+    /// Token and TLS.
+    pub credentials: crate::Credentials,
 }
 
 /// One resource as held.
@@ -161,13 +163,7 @@ async fn session(
     tx: &watch::Sender<Arc<ConfigView>>,
     backoff: &mut Backoff,
 ) -> Result<(), ClientError> {
-    let connect_err = |source| ClientError::Connect { endpoint: cfg.endpoint.clone(), source };
-    let channel = tonic::transport::Endpoint::from_shared(cfg.endpoint.clone())
-        .map_err(connect_err)?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .map_err(connect_err)?;
+    let channel = crate::connect(&cfg.endpoint, &cfg.credentials).await?;
     let mut client = DiscoveryClient::new(channel);
     let (req_tx, req_rx) = mpsc::channel(4);
     let held = tx.borrow().resources.iter().map(|(k, h)| (k.clone(), h.version.clone())).collect();
@@ -177,8 +173,9 @@ async fn session(
         ..Default::default()
     };
     req_tx.send(first).await.expect("receiver alive");
-    let mut stream =
-        client.stream(tokio_stream::wrappers::ReceiverStream::new(req_rx)).await?.into_inner();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(req_rx));
+    crate::authorize(&mut request, &cfg.credentials)?;
+    let mut stream = client.stream(request).await?.into_inner();
     backoff.reset();
     tx.send_modify(|v| Arc::make_mut(v).connected = true);
     info!(endpoint = %cfg.endpoint, "configuration stream up");

@@ -16,6 +16,63 @@ use std::time::{Duration, SystemTime};
 pub use certs::{CertConfig, Svid, request_certificate, start_certificate};
 pub use config::{ClientConfig, ConfigView, Held, start_config};
 
+/// How a client proves itself and checks the control service.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// Bootstrap token, sent as `authorization: Bearer <token>` when present.
+    pub token: Option<String>,
+    /// TLS: the roots that sign the control service's certificate, and the client's own
+    /// certificate (a node identity) when it has one. `None`: plaintext (tests, debugging).
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS settings toward the control service.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// Trusted roots, PEM.
+    pub roots_pem: String,
+    /// (certificate PEM, key PEM) presented to the control service.
+    pub identity: Option<(String, String)>,
+}
+
+/// Opens a channel to `endpoint` (`http://` or `https://`) with `credentials`' TLS settings.
+pub(crate) async fn connect(
+    endpoint: &str,
+    credentials: &Credentials,
+) -> Result<tonic::transport::Channel, ClientError> {
+    let connect_err = |source| ClientError::Connect { endpoint: endpoint.to_owned(), source };
+    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .map_err(connect_err)?
+        .connect_timeout(Duration::from_secs(2));
+    if let Some(tls) = &credentials.tls {
+        let mut cfg = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&tls.roots_pem))
+            .domain_name(CONTROL_SERVER_NAME);
+        if let Some((cert, key)) = &tls.identity {
+            cfg = cfg.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        ep = ep.tls_config(cfg).map_err(connect_err)?;
+    }
+    ep.connect().await.map_err(connect_err)
+}
+
+/// Adds the bootstrap token, if any, to a request.
+pub(crate) fn authorize<T>(
+    request: &mut tonic::Request<T>,
+    credentials: &Credentials,
+) -> Result<(), ClientError> {
+    if let Some(token) = &credentials.token {
+        let value = format!("Bearer {token}").parse().map_err(|_| {
+            tonic::Status::invalid_argument("the token is not a valid header value")
+        })?;
+        request.metadata_mut().insert(sinew_api::AUTHORIZATION, value);
+    }
+    Ok(())
+}
+
+/// The DNS name the control service's certificate carries.
+pub const CONTROL_SERVER_NAME: &str = "sinew-control";
+
 /// Errors talking to the control service.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -229,21 +229,46 @@ impl Ca {
                 }
             }
         }
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names =
-            vec![SanType::URI(want.try_into().map_err(|e| CaError::Csr(format!("{e}")))?)];
-        params.key_usages =
-            vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        let now = SystemTime::now();
-        params.not_before = offset(now - SKEW.min(ttl / 4));
-        params.not_after = offset(now + ttl);
-        params.serial_number = Some(random_serial()?);
+        let params = leaf_params(id, &[], ttl)?;
         Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
     }
+
+    /// Issues a key and certificate for a service of the mesh itself (the control service's
+    /// TLS identity): the SPIFFE id plus DNS names clients verify. Returns (key PEM, cert PEM).
+    pub fn issue(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[&str],
+        ttl: Duration,
+    ) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = leaf_params(id, dns_names, ttl)?.signed_by(&key, &self.issuer)?;
+        Ok((key.serialize_pem(), cert.pem()))
+    }
+}
+
+/// An SVID's parameters: the URI SAN (and DNS names if any), empty subject, TLS usages.
+fn leaf_params(
+    id: &SpiffeId,
+    dns_names: &[&str],
+    ttl: Duration,
+) -> Result<CertificateParams, CaError> {
+    let bad = |e: rcgen::Error| CaError::Csr(format!("{id}: {e}"));
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(bad)?)];
+    for d in dns_names {
+        params.subject_alt_names.push(SanType::DnsName((*d).try_into().map_err(bad)?));
+    }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages =
+        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    let now = SystemTime::now();
+    params.not_before = offset(now - SKEW.min(ttl / 4));
+    params.not_after = offset(now + ttl);
+    params.serial_number = Some(random_serial()?);
+    Ok(params)
 }
 
 /// A new key and a CSR for `id` (what an agent sends). Returns (key PEM, CSR PEM).
@@ -302,6 +327,13 @@ pub fn verify_leaf(
     let expiry = SystemTime::UNIX_EPOCH
         + Duration::from_secs(leaf.validity().not_after.timestamp().max(0) as u64);
     Ok((id, expiry))
+}
+
+/// The SPIFFE id of a DER certificate whose chain was already verified (by rustls).
+pub fn spiffe_id_of_der(der: &[u8]) -> Result<SpiffeId, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unreadable certificate: {e}"))?;
+    spiffe_id_of(&cert)
 }
 
 fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, String> {

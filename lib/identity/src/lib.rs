@@ -11,5 +11,5 @@
 mod ca;
 mod spiffe;
 
-pub use ca::{Ca, CaError, DEFAULT_TTL, new_csr, renew_at, verify_leaf};
-pub use spiffe::{SpiffeId, SpiffeIdError};
+pub use ca::{Ca, CaError, DEFAULT_TTL, new_csr, renew_at, spiffe_id_of_der, verify_leaf};
+pub use spiffe::{NODE_NAMESPACE, SpiffeId, SpiffeIdError};

@@ -2,6 +2,9 @@
 
 use std::{fmt, str::FromStr};
 
+/// The namespace of the mesh's own identities (node agents, the control service).
+pub const NODE_NAMESPACE: &str = "sinew-system";
+
 /// A workload's SPIFFE id.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SpiffeId {
@@ -36,6 +39,18 @@ impl SpiffeId {
         service_account: &str,
     ) -> Result<Self, SpiffeIdError> {
         format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
+    }
+
+    /// A node agent's own identity: `spiffe://<td>/ns/sinew-system/sa/node.<node>`.
+    pub fn node(trust_domain: &str, node: &str) -> Result<Self, SpiffeIdError> {
+        Self::new(trust_domain, NODE_NAMESPACE, &format!("node.{node}"))
+    }
+
+    /// The node this id belongs to, when it is a node agent's identity.
+    pub fn node_name(&self) -> Option<&str> {
+        (self.namespace == NODE_NAMESPACE)
+            .then(|| self.service_account.strip_prefix("node."))
+            .flatten()
     }
 
     /// The id without its scheme, as Istio writes principals: `<td>/ns/<ns>/sa/<sa>`.
@@ -85,6 +100,13 @@ mod tests {
         assert_eq!(id.namespace, "shop");
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/reviews");
         assert_eq!(id.principal(), "cluster.local/ns/shop/sa/reviews");
+        assert_eq!(id.node_name(), None);
+        let node = SpiffeId::node("cluster.local", "node-1.rack-2").unwrap();
+        assert_eq!(
+            node.to_string(),
+            "spiffe://cluster.local/ns/sinew-system/sa/node.node-1.rack-2"
+        );
+        assert_eq!(node.node_name(), Some("node-1.rack-2"));
         for bad in [
             "cluster.local/ns/a/sa/b",
             "spiffe://cluster.local/ns/a",
