@@ -41,14 +41,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    sinew_telemetry::init_logging();
     let args = Args::parse();
     if !sinew_model::is_dns_subdomain(&args.trust_domain) {
         anyhow::bail!("--trust-domain {:?}: not a DNS name", args.trust_domain);

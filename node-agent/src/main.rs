@@ -65,14 +65,7 @@ struct RunArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    sinew_telemetry::init_logging();
     match Cli::parse().cmd {
         Cmd::Run(args) => run(args),
         Cmd::Cleanup(args) => cleanup(&args),
