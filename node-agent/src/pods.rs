@@ -268,9 +268,10 @@ impl Registry {
             (Some(inbound), Direction::Inbound),
         ] {
             let Some(l) = l else { continue };
+            let addr = l.local_addr().unwrap_or_else(|_| proxy::any(false, 0));
             let l = TcpListener::from_std(l).map_err(|source| PodError::Listener {
                 uid: uid.clone(),
-                addr: proxy::any(false, 0),
+                addr,
                 source,
             })?;
             tasks.push(tokio::spawn(proxy::serve(l, dir, pod.clone())));

@@ -253,7 +253,7 @@ pub fn listen_in(
     Ok(sock.into())
 }
 
-/// True for addresses of the unspecified kind (used to pick wildcard listeners).
+/// The wildcard address of a family with `port` (for wildcard listeners).
 pub fn any(v6: bool, port: u16) -> SocketAddr {
     let ip: IpAddr = if v6 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
     SocketAddr::new(ip, port)

@@ -5,9 +5,10 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 /// Debian packages the build and the test tiers need. llvm-22-dev is what bpf-linker links
-/// against; iproute2 builds the test networks; tcpdump, wrk, nginx and curl are real peers.
+/// against; iproute2 builds the test networks; bpftool shows what is attached; curl reads the
+/// admin endpoints; protobuf-compiler checks the committed generated gRPC code.
 pub const APT_PACKAGES: &[&str] =
-    &["llvm-22-dev", "iproute2", "bpftool", "tcpdump", "curl", "protobuf-compiler"];
+    &["llvm-22-dev", "iproute2", "bpftool", "curl", "protobuf-compiler"];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
