@@ -1,0 +1,341 @@
+//! The HBONE client: a pool of mTLS HTTP/2 connections, one `CONNECT` stream per tunnelled
+//! connection.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::{Method, Request, StatusCode};
+use sinew_identity::SpiffeId;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::{
+    CONNECTION_WINDOW, H2Stream, HboneError, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
+    server::HANDSHAKE_TIMEOUT, tls::Identity,
+};
+
+/// A pooled connection with no streams is closed after this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What may share a connection (ztunnel's key): the same source identity and address toward
+/// the same destination address proving the same identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The identity presented.
+    pub source: SpiffeId,
+    /// The address connections are made from (the source pod's).
+    pub source_ip: IpAddr,
+    /// The peer's HBONE address (`<pod ip>:15008`).
+    pub destination: SocketAddr,
+    /// The identity the peer must prove.
+    pub expected: SpiffeId,
+}
+
+/// Counters of a pool.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// TLS connections opened since start.
+    pub opened: u64,
+    /// TLS connections open now.
+    pub open: usize,
+    /// Streams (tunnelled connections) opened since start.
+    pub streams: u64,
+}
+
+struct Conn {
+    send: SendRequest<Bytes>,
+    active: AtomicUsize,
+    closed: AtomicBool,
+}
+
+#[derive(Default)]
+struct Slot {
+    conns: Mutex<Vec<Arc<Conn>>>,
+    /// Serializes dialling, so a burst of new streams opens one connection, not one each.
+    dialing: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    /// A connection with room for one more stream, reserving it.
+    fn reserve(&self) -> Option<Arc<Conn>> {
+        let conns = self.conns.lock().expect("pool lock poisoned");
+        conns.iter().find_map(|c| {
+            if c.closed.load(Ordering::Relaxed) {
+                return None;
+            }
+            let n = c.active.fetch_add(1, Ordering::AcqRel);
+            if n < MAX_STREAMS_PER_CONNECTION {
+                Some(c.clone())
+            } else {
+                c.active.fetch_sub(1, Ordering::AcqRel);
+                None
+            }
+        })
+    }
+
+    fn remove(&self, conn: &Arc<Conn>) {
+        self.conns.lock().expect("pool lock poisoned").retain(|c| !Arc::ptr_eq(c, conn));
+    }
+}
+
+/// Releases a stream's place on its connection when the stream is dropped.
+struct StreamGuard(Arc<Conn>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    opened: AtomicU64,
+    open: AtomicUsize,
+    streams: AtomicU64,
+}
+
+/// The client side of HBONE, shared by every outbound connection of a process.
+#[derive(Clone, Default)]
+pub struct Pool {
+    slots: Arc<Mutex<HashMap<PoolKey, Arc<Slot>>>>,
+    counters: Arc<Counters>,
+}
+
+/// One tunnel request.
+#[derive(Debug, Clone, Copy)]
+pub struct Connect<'a> {
+    /// `:authority`: where the peer should connect (`<pod ip>:<port>`, or a service VIP:port
+    /// toward a waypoint).
+    pub authority: SocketAddr,
+    /// The original client, sent as `forwarded: for="..."`.
+    pub client: SocketAddr,
+    /// `baggage` (namespace and workload of the source), if any.
+    pub baggage: Option<&'a str>,
+}
+
+impl Pool {
+    /// An empty pool.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counters for metrics and tests.
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            opened: self.counters.opened.load(Ordering::Relaxed),
+            open: self.counters.open.load(Ordering::Relaxed),
+            streams: self.counters.streams.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Opens a tunnel to `req.authority` through the peer of `key`, reusing a pooled
+    /// connection when one has room; `dial` makes the TCP connection when a new one is needed
+    /// (so the caller picks the namespace and source address).
+    pub async fn connect<D, F>(
+        &self,
+        key: &PoolKey,
+        identity: &Identity,
+        req: Connect<'_>,
+        dial: D,
+    ) -> Result<H2Stream, HboneError>
+    where
+        D: FnOnce(SocketAddr) -> F,
+        F: Future<Output = io::Result<TcpStream>>,
+    {
+        let slot = {
+            let mut slots = self.slots.lock().expect("pool lock poisoned");
+            slots.entry(key.clone()).or_default().clone()
+        };
+        let conn = match slot.reserve() {
+            Some(c) => c,
+            None => {
+                let _dialing = slot.dialing.lock().await;
+                match slot.reserve() {
+                    Some(c) => c,
+                    None => {
+                        let conn = self.dial(key, identity, &slot, dial).await?;
+                        conn.active.fetch_add(1, Ordering::AcqRel);
+                        conn
+                    }
+                }
+            }
+        };
+        let guard = StreamGuard(conn.clone());
+        let result = open_stream(&conn, key.destination, req).await;
+        if result.is_err() && conn.send.clone().ready().await.is_err() {
+            // The connection is dead: stop handing it out.
+            conn.closed.store(true, Ordering::Relaxed);
+            slot.remove(&conn);
+        }
+        let stream = result?;
+        self.counters.streams.fetch_add(1, Ordering::Relaxed);
+        Ok(stream.with_guard(Box::new(guard)))
+    }
+
+    async fn dial<D, F>(
+        &self,
+        key: &PoolKey,
+        identity: &Identity,
+        slot: &Arc<Slot>,
+        dial: D,
+    ) -> Result<Arc<Conn>, HboneError>
+    where
+        D: FnOnce(SocketAddr) -> F,
+        F: Future<Output = io::Result<TcpStream>>,
+    {
+        let peer = key.destination;
+        let timeout = |what| HboneError::Timeout { what, peer };
+        let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, dial(peer))
+            .await
+            .map_err(|_| timeout("TCP connect"))?
+            .map_err(|source| HboneError::Connect { peer, source })?;
+        let _ = tcp.set_nodelay(true);
+        let config = identity.client_config(std::slice::from_ref(&key.expected))?;
+        let tls = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsConnector::from(config).connect(crate::tls::server_name(peer), tcp),
+        )
+        .await
+        .map_err(|_| timeout("TLS handshake"))?
+        .map_err(|source| HboneError::Tls { peer, source })?;
+        let (send, connection) = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            h2::client::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME)
+                .max_send_buffer_size(1 << 20)
+                .handshake::<_, Bytes>(tls),
+        )
+        .await
+        .map_err(|_| timeout("HTTP/2 handshake"))?
+        .map_err(|source| HboneError::H2 { peer, source })?;
+        let conn =
+            Arc::new(Conn { send, active: AtomicUsize::new(0), closed: AtomicBool::new(false) });
+        slot.conns.lock().expect("pool lock poisoned").push(conn.clone());
+        self.counters.opened.fetch_add(1, Ordering::Relaxed);
+        self.counters.open.fetch_add(1, Ordering::Relaxed);
+        debug!(%peer, source = %key.source, expected = %key.expected, "HBONE connection opened");
+        tokio::spawn(drive(
+            connection,
+            Arc::downgrade(&conn),
+            Arc::downgrade(slot),
+            self.counters.clone(),
+            peer,
+        ));
+        Ok(conn)
+    }
+}
+
+/// Runs a connection until it fails or has been idle for [`IDLE_TIMEOUT`], then takes it out
+/// of the pool (in-flight streams of a closing connection still finish).
+async fn drive(
+    connection: h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    conn: Weak<Conn>,
+    slot: Weak<Slot>,
+    counters: Arc<Counters>,
+    peer: SocketAddr,
+) {
+    let mut connection = std::pin::pin!(connection);
+    let mut idle_checks = 0u32;
+    let mut tick = tokio::time::interval(IDLE_TIMEOUT / 4);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(e) = result {
+                    debug!(%peer, error = %e, "HBONE connection failed");
+                }
+                break;
+            }
+            _ = tick.tick() => {
+                let Some(c) = conn.upgrade() else { break };
+                if c.active.load(Ordering::Acquire) == 0 {
+                    idle_checks += 1;
+                } else {
+                    idle_checks = 0;
+                }
+                if idle_checks >= 4 {
+                    // Out of the pool: once the last handle goes, h2 closes gracefully.
+                    c.closed.store(true, Ordering::Relaxed);
+                    if let Some(s) = slot.upgrade() {
+                        s.remove(&c);
+                    }
+                    drop(c);
+                    let _ = (&mut connection).await;
+                    break;
+                }
+            }
+        }
+    }
+    if let (Some(c), Some(s)) = (conn.upgrade(), slot.upgrade()) {
+        c.closed.store(true, Ordering::Relaxed);
+        s.remove(&c);
+    }
+    counters.open.fetch_sub(1, Ordering::Relaxed);
+    debug!(%peer, "HBONE connection closed");
+}
+
+async fn open_stream(
+    conn: &Conn,
+    peer: SocketAddr,
+    req: Connect<'_>,
+) -> Result<H2Stream, HboneError> {
+    let h2err = |source| HboneError::H2 { peer, source };
+    let mut send = conn.send.clone().ready().await.map_err(h2err)?;
+    let mut request = Request::new(());
+    *request.method_mut() = Method::CONNECT;
+    *request.uri_mut() = http::Uri::try_from(req.authority.to_string()).map_err(|_| {
+        HboneError::Refused { peer, authority: req.authority, status: StatusCode::BAD_REQUEST }
+    })?;
+    let headers = request.headers_mut();
+    if let Ok(v) = format!("for=\"{}\"", req.client).parse() {
+        headers.insert("forwarded", v);
+    }
+    if let Ok(v) = traceparent().parse() {
+        headers.insert("traceparent", v);
+    }
+    if let Some(v) = req.baggage.and_then(|b| b.parse().ok()) {
+        headers.insert("baggage", v);
+    }
+    let (response, stream) = send.send_request(request, false).map_err(h2err)?;
+    let response = response.await.map_err(h2err)?;
+    if response.status() != StatusCode::OK {
+        return Err(HboneError::Refused {
+            peer,
+            authority: req.authority,
+            status: response.status(),
+        });
+    }
+    Ok(H2Stream::new(stream, response.into_body()))
+}
+
+/// A fresh W3C trace context (`00-<trace id>-<span id>-00`, not sampled).
+fn traceparent() -> String {
+    let (a, b) = (random_u64(), random_u64());
+    format!("00-{a:016x}{b:016x}-{:016x}-00", random_u64() | 1)
+}
+
+/// Unique-enough ids without a dependency: a counter mixed with the clock (splitmix64).
+fn random_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    let mut z = nanos ^ COUNTER.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

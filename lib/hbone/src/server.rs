@@ -1,0 +1,139 @@
+//! The HBONE server: TLS, then HTTP/2, then one `CONNECT` per tunnelled connection, each
+//! handed to the caller to authorize, connect upstream and answer.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use http::{HeaderMap, Method, Response, StatusCode};
+use rustls::ServerConfig;
+use sinew_identity::SpiffeId;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::{
+    CONNECTION_WINDOW, H2Stream, HboneError, MAX_FRAME, MAX_HEADER_LIST, STREAM_WINDOW,
+    tls::{ALPN_H2, peer_identity},
+};
+
+/// How long a peer has to finish the TLS and HTTP/2 handshakes.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams a client may have open on one connection.
+const MAX_CONCURRENT_STREAMS: u32 = 1000;
+
+/// One accepted `CONNECT`, waiting for the caller's answer.
+pub struct Inbound {
+    /// Where the client wants to go (`:authority`).
+    pub authority: SocketAddr,
+    /// The client's SPIFFE id, from its certificate.
+    pub peer: Arc<SpiffeId>,
+    /// The TCP peer (the source pod, or a waypoint).
+    pub peer_addr: SocketAddr,
+    /// All request headers (`forwarded`, `traceparent`, `baggage`...).
+    pub headers: HeaderMap,
+    respond: SendResponse<Bytes>,
+    recv: RecvStream,
+}
+
+impl Inbound {
+    /// The original client address from `forwarded: for="..."`, if present and well formed.
+    pub fn forwarded_for(&self) -> Option<SocketAddr> {
+        let value = self.headers.get("forwarded")?.to_str().ok()?;
+        value.split(';').find_map(|part| {
+            let v = part.trim().strip_prefix("for=")?;
+            v.trim_matches('"').parse().ok()
+        })
+    }
+
+    /// Answers 200 and returns the tunnelled stream.
+    pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
+        let send = self.respond.send_response(response(StatusCode::OK), false)?;
+        Ok(H2Stream::new(send, self.recv))
+    }
+
+    /// Answers `status` (401 denied, 503 upstream unreachable...) and ends the stream.
+    pub fn refuse(mut self, status: StatusCode) {
+        let _ = self.respond.send_response(response(status), true);
+    }
+}
+
+fn response(status: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
+    *r.status_mut() = status;
+    r
+}
+
+/// Serves one TCP connection: TLS with `config`, HTTP/2, then `handler` for every valid
+/// `CONNECT` (spawned; it must answer). Non-CONNECT requests and bad authorities get 400 here.
+/// Returns when the client goes away or breaks the protocol.
+pub async fn serve_connection<F, Fut>(
+    tcp: TcpStream,
+    peer_addr: SocketAddr,
+    config: Arc<ServerConfig>,
+    handler: F,
+) -> Result<(), HboneError>
+where
+    F: Fn(Inbound) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let _ = tcp.set_nodelay(true);
+    let timeout = |what| HboneError::Timeout { what, peer: peer_addr };
+    let tls = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(config).accept(tcp),
+    )
+    .await
+    .map_err(|_| timeout("TLS handshake"))?
+    .map_err(|source| HboneError::Tls { peer: peer_addr, source })?;
+    let (_, session) = tls.get_ref();
+    if session.alpn_protocol() != Some(ALPN_H2) {
+        return Err(HboneError::Tls {
+            peer: peer_addr,
+            source: std::io::Error::other("the client did not negotiate ALPN h2"),
+        });
+    }
+    let peer = peer_identity(session.peer_certificates()).map(Arc::new).ok_or_else(|| {
+        HboneError::Tls {
+            peer: peer_addr,
+            source: std::io::Error::other("client certificate without a SPIFFE id"),
+        }
+    })?;
+    let mut conn = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_send_buffer_size(1 << 20)
+            .handshake::<_, Bytes>(tls),
+    )
+    .await
+    .map_err(|_| timeout("HTTP/2 handshake"))?
+    .map_err(|source| HboneError::H2 { peer: peer_addr, source })?;
+    while let Some(next) = conn.accept().await {
+        let (request, mut respond) =
+            next.map_err(|source| HboneError::H2 { peer: peer_addr, source })?;
+        let authority = request.uri().authority().and_then(|a| a.as_str().parse().ok());
+        let authority = match (request.method(), authority) {
+            (&Method::CONNECT, Some(a)) => a,
+            (method, _) => {
+                debug!(%peer_addr, %method, uri = %request.uri(), "refusing a request that is not CONNECT <ip>:<port>");
+                let _ = respond.send_response(response(StatusCode::BAD_REQUEST), true);
+                continue;
+            }
+        };
+        let (parts, recv) = request.into_parts();
+        let inbound = Inbound {
+            authority,
+            peer: peer.clone(),
+            peer_addr,
+            headers: parts.headers,
+            respond,
+            recv,
+        };
+        tokio::spawn(handler(inbound));
+    }
+    Ok(())
+}

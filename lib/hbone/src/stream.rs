@@ -1,0 +1,164 @@
+//! One tunnelled connection as a byte stream.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Buf, Bytes};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest DATA frame payload we queue at once; h2 splits it to the peer's frame size.
+const MAX_WRITE: usize = 256 << 10;
+
+/// The bytes of one `CONNECT` stream, both ways. A clean end (`poll_shutdown`) sends
+/// `END_STREAM` (half-close); dropping the stream before both ways ended sends `RST_STREAM`
+/// (CANCEL), which the peer passes on as a TCP reset. A reset from the peer reads as
+/// `ConnectionReset`.
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received but not yet read.
+    pending: Bytes,
+    read_done: bool,
+    write_done: bool,
+    /// A `Drop` guard, so pooled connections know when their streams end.
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl H2Stream {
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self {
+            send,
+            recv,
+            pending: Bytes::new(),
+            read_done: false,
+            write_done: false,
+            _guard: None,
+        }
+    }
+
+    pub(crate) fn with_guard(mut self, guard: Box<dyn Send + Sync>) -> Self {
+        self._guard = Some(guard);
+        self
+    }
+
+    /// Abandons the stream with `RST_STREAM` (CANCEL), so the peer resets its side.
+    pub fn reset(&mut self) {
+        self.send.send_reset(Reason::CANCEL);
+        self.read_done = true;
+        self.write_done = true;
+    }
+}
+
+fn to_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e.into_io().unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
+    }
+    let kind = match e.reason() {
+        Some(Reason::NO_ERROR | Reason::CANCEL | Reason::STREAM_CLOSED) => {
+            io::ErrorKind::ConnectionReset
+        }
+        _ => io::ErrorKind::BrokenPipe,
+    };
+    io::Error::new(kind, e)
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                buf.put_slice(&self.pending[..n]);
+                self.pending.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if self.read_done {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                None => {
+                    // END_STREAM: the peer half-closed.
+                    self.read_done = true;
+                }
+                Some(Ok(data)) => {
+                    // Hand the window back at once: at most one frame is held here.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.pending = data;
+                }
+                Some(Err(e)) => {
+                    self.read_done = true;
+                    return Poll::Ready(Err(to_io(e)));
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if self.write_done {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let want = buf.len().min(MAX_WRITE);
+        self.send.reserve_capacity(want);
+        loop {
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => {
+                    let n = n.min(buf.len());
+                    let data = Bytes::copy_from_slice(&buf[..n]);
+                    return Poll::Ready(
+                        self.send.send_data(data, false).map(|()| n).map_err(to_io),
+                    );
+                }
+                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
+                None => {
+                    // The stream was closed under us: a reset from the peer.
+                    let e = match ready!(self.send.poll_reset(cx)) {
+                        Ok(reason) => io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            format!("stream reset by peer: {reason:?}"),
+                        ),
+                        Err(e) => to_io(e),
+                    };
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2's connection task writes queued frames out on its own.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.write_done {
+            self.write_done = true;
+            self.send.send_data(Bytes::new(), true).map_err(to_io)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        if !(self.read_done && self.write_done) {
+            self.send.send_reset(Reason::CANCEL);
+        }
+    }
+}

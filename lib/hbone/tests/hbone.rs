@@ -1,0 +1,317 @@
+//! HBONE over loopback: real TLS, real HTTP/2, both ends of this crate.
+
+use std::{net::SocketAddr, time::Duration};
+
+use http::StatusCode;
+use sinew_hbone::{Connect, HboneError, Inbound, Pool, PoolKey, serve_connection, tls::Identity};
+use sinew_identity::{Ca, SpiffeId};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+
+const TD: &str = "cluster.local";
+
+fn id(ns: &str, sa: &str) -> SpiffeId {
+    SpiffeId::new(TD, ns, sa).unwrap()
+}
+
+fn identity(ca: &Ca, id: &SpiffeId) -> Identity {
+    let (key, cert) = ca.issue(id, &[], Duration::from_secs(3600)).unwrap();
+    Identity::from_pem(&cert, &key, ca.bundle()).unwrap()
+}
+
+/// What the server saw of each CONNECT.
+#[derive(Debug)]
+struct Seen {
+    peer: SpiffeId,
+    authority: SocketAddr,
+    forwarded: Option<SocketAddr>,
+    traceparent: bool,
+}
+
+/// An HBONE server whose CONNECTs to port 401 are refused with 401 and others echo.
+async fn server(identity: Identity) -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let config = identity.server_config().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = listener.accept().await.unwrap();
+            let (config, tx) = (config.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _ = serve_connection(tcp, peer, config, move |inbound: Inbound| {
+                    let tx = tx.clone();
+                    async move {
+                        let _ = tx.send(Seen {
+                            peer: (*inbound.peer).clone(),
+                            authority: inbound.authority,
+                            forwarded: inbound.forwarded_for(),
+                            traceparent: inbound.headers.contains_key("traceparent"),
+                        });
+                        if inbound.authority.port() == 401 {
+                            return inbound.refuse(StatusCode::UNAUTHORIZED);
+                        }
+                        let Ok(mut stream) = inbound.accept() else { return };
+                        // Echo until the client half-closes, then answer "bye" and close.
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            match stream.read(&mut buf).await {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if stream.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(_) => return,
+                            }
+                        }
+                        let _ = stream.write_all(b"bye").await;
+                        let _ = stream.shutdown().await;
+                    }
+                })
+                .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn key(source: &SpiffeId, dest: SocketAddr, expected: &SpiffeId) -> PoolKey {
+    PoolKey {
+        source: source.clone(),
+        source_ip: "127.0.0.1".parse().unwrap(),
+        destination: dest,
+        expected: expected.clone(),
+    }
+}
+
+fn req(port: u16) -> Connect<'static> {
+    Connect {
+        authority: SocketAddr::from(([198, 18, 1, 10], port)),
+        client: "198.18.1.11:40000".parse().unwrap(),
+        baggage: Some("k8s.namespace.name=shop"),
+    }
+}
+
+async fn dial(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    TcpStream::connect(addr).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_carries_bytes_both_ways_with_half_close_and_identities() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let (addr, mut seen) = server(identity(&ca, &server_id)).await;
+    let pool = Pool::new();
+    let mut s = pool
+        .connect(&key(&client_id, addr, &server_id), &identity(&ca, &client_id), req(8080), dial)
+        .await
+        .unwrap();
+    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let (mut r, mut w) = tokio::io::split(&mut s);
+    let sent = payload.clone();
+    let writer = async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let reader = async move {
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        got
+    };
+    let ((), got) = tokio::join!(writer, reader);
+    assert_eq!(got.len(), payload.len() + 3);
+    assert!(got[..payload.len()] == payload[..], "echo differs");
+    assert_eq!(&got[payload.len()..], b"bye");
+    let seen = seen.recv().await.unwrap();
+    assert_eq!(seen.peer, client_id);
+    assert_eq!(seen.authority, req(8080).authority);
+    assert_eq!(seen.forwarded, Some(req(8080).client));
+    assert!(seen.traceparent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_carry_their_status() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let (addr, _seen) = server(identity(&ca, &server_id)).await;
+    let pool = Pool::new();
+    let err = pool
+        .connect(&key(&client_id, addr, &server_id), &identity(&ca, &client_id), req(401), dial)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, HboneError::Refused { status: StatusCode::UNAUTHORIZED, .. }), "{err}");
+    // The connection stays usable for the next stream.
+    let ok = pool
+        .connect(&key(&client_id, addr, &server_id), &identity(&ca, &client_id), req(80), dial)
+        .await;
+    assert!(ok.is_ok());
+    assert_eq!(pool.stats().opened, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_refuses_a_server_with_another_identity() {
+    let ca = Ca::generate(TD).unwrap();
+    let client_id = id("shop", "client");
+    let (addr, _seen) = server(identity(&ca, &id("shop", "impostor"))).await;
+    let err = Pool::new()
+        .connect(
+            &key(&client_id, addr, &id("shop", "server")),
+            &identity(&ca, &client_id),
+            req(80),
+            dial,
+        )
+        .await
+        .err()
+        .unwrap();
+    let text = err.to_string();
+    assert!(matches!(err, HboneError::Tls { .. }), "{text}");
+    assert!(text.contains("impostor"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_roots_are_refused_both_ways() {
+    let (ours, theirs) = (Ca::generate(TD).unwrap(), Ca::generate(TD).unwrap());
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let (addr, mut seen) = server(identity(&ours, &server_id)).await;
+    // A client whose certificate comes from another root.
+    let rogue = identity(&theirs, &client_id);
+    let err = Pool::new()
+        .connect(&key(&client_id, addr, &server_id), &rogue, req(80), dial)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, HboneError::Tls { .. } | HboneError::H2 { .. }), "{err}");
+    // A server from another root, for a client that trusts only ours.
+    let (rogue_addr, _) = server(identity(&theirs, &server_id)).await;
+    let err = Pool::new()
+        .connect(
+            &key(&client_id, rogue_addr, &server_id),
+            &identity(&ours, &client_id),
+            req(80),
+            dial,
+        )
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, HboneError::Tls { .. }), "{err}");
+    assert!(seen.try_recv().is_err(), "no CONNECT may reach the handler");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_share_pooled_connections() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let (addr, _seen) = server(identity(&ca, &server_id)).await;
+    let pool = Pool::new();
+    let client = identity(&ca, &client_id);
+    let k = key(&client_id, addr, &server_id);
+    let mut tasks = Vec::new();
+    for i in 0..250u32 {
+        let (pool, client, k) = (pool.clone(), client.clone(), k.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut s = pool.connect(&k, &client, req(80), dial).await.unwrap();
+            s.write_all(&i.to_be_bytes()).await.unwrap();
+            let mut back = [0u8; 4];
+            s.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, i.to_be_bytes());
+            // Hold every stream open until all are.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.unwrap();
+            assert_eq!(rest, b"bye");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stats = pool.stats();
+    assert_eq!(stats.streams, 250);
+    assert_eq!(stats.opened, 3, "100 streams per connection: {stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_wire_input_is_refused_and_the_server_keeps_serving() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let (addr, _seen) = server(identity(&ca, &server_id)).await;
+    // Garbage instead of a TLS ClientHello: the server drops the connection.
+    let mut raw = TcpStream::connect(addr).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut buf)).await.unwrap();
+    assert!(!buf.starts_with(b"HTTP/1.1 200"), "garbage must not be answered as HTTP");
+
+    // Over a real mTLS HTTP/2 connection: a GET, and a CONNECT whose authority is a name.
+    let client = identity(&ca, &client_id);
+    let tls = tokio_rustls::TlsConnector::from(
+        client.client_config(std::slice::from_ref(&server_id)).unwrap(),
+    )
+    .connect(sinew_hbone::tls::server_name(addr), TcpStream::connect(addr).await.unwrap())
+    .await
+    .unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    for (method, uri) in [("GET", "http://198.18.1.10:80/"), ("CONNECT", "example.com:80")] {
+        let request = http::Request::builder().method(method).uri(uri).body(()).unwrap();
+        let (resp, _) = send.send_request(request, true).unwrap();
+        assert_eq!(resp.await.unwrap().status(), StatusCode::BAD_REQUEST, "{method} {uri}");
+        send = send.ready().await.unwrap();
+    }
+    // An oversized header block: refused, not served.
+    let mut request =
+        http::Request::builder().method("CONNECT").uri("198.18.1.10:80").body(()).unwrap();
+    request.headers_mut().insert("x-big", "a".repeat(64 << 10).parse().unwrap());
+    let outcome = match send.send_request(request, false) {
+        Ok((resp, _)) => resp.await.map(|r| r.status()),
+        Err(e) => Err(e),
+    };
+    assert!(!matches!(outcome, Ok(StatusCode::OK)), "{outcome:?}");
+
+    // And a well-behaved client is still served.
+    let pool = Pool::new();
+    let mut s =
+        pool.connect(&key(&client_id, addr, &server_id), &client, req(80), dial).await.unwrap();
+    s.write_all(b"hi").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"hibye");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_stream_resets_the_peer() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = identity(&ca, &server_id).server_config().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (tcp, peer) = listener.accept().await.unwrap();
+        let _ = serve_connection(tcp, peer, config, move |inbound: Inbound| {
+            let tx = tx.clone();
+            async move {
+                let mut s = inbound.accept().unwrap();
+                let mut buf = [0u8; 16];
+                let r = s.read(&mut buf).await;
+                let _ = tx.send(r.map_err(|e| e.kind()));
+            }
+        })
+        .await;
+    });
+    let pool = Pool::new();
+    let s = pool
+        .connect(&key(&client_id, addr, &server_id), &identity(&ca, &client_id), req(80), dial)
+        .await
+        .unwrap();
+    drop(s);
+    let r = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+    assert_eq!(r, Err(std::io::ErrorKind::ConnectionReset));
+}
