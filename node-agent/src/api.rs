@@ -67,6 +67,14 @@ async fn handle(line: &[u8], registry: &Arc<Registry>) -> Response {
         Request::Enroll { pod } => registry.enroll(pod).map(Response::Enrolled),
         Request::Unenroll { uid } => registry.unenroll(&uid).map(|()| Response::Unenrolled { uid }),
         Request::Status {} => Ok(Response::Status(registry.status())),
+        Request::Explain { source, destination } => {
+            let ctx = registry.ctx();
+            let mesh = ctx.mesh.borrow().clone();
+            Ok(match crate::explain::explain(&mesh, &ctx.trust_domain, &source, &destination) {
+                Ok(v) => Response::Explanation(v),
+                Err(message) => Response::Error { message },
+            })
+        }
     })
     .await;
     match result {

@@ -9,13 +9,15 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use sinew_node_agent::{
-    api,
+    admin, api,
     bpf::{self, Capture},
-    cgroup,
+    certs::{CertSource, Certs},
+    cgroup, config,
     pods::{self, Registry, Settings},
-    proxy::Stats,
+    proxy::Ctx,
+    telemetry::AccessLog,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(name = "sinew-agent", version, about = "Sinew node agent")]
@@ -27,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove everything Sinew attached on this host (stop the agent first).
     Cleanup(Common),
 }
@@ -52,9 +54,32 @@ struct Common {
 struct RunArgs {
     #[command(flatten)]
     common: Common,
-    /// Directory of resource YAML (Namespace enrollment labels).
+    /// Directory of resource YAML, read directly when no control service is given
+    /// (capture-only mode: no certificates, so no mutual TLS between agents).
     #[arg(long, default_value = "/etc/sinew")]
     config_dir: PathBuf,
+    /// The control service (`https://host:15012`): certificates and configuration.
+    #[arg(long)]
+    control: Option<String>,
+    /// PEM roots that sign the control service's certificate (its CA's `ca-cert.pem`).
+    #[arg(long)]
+    control_ca: Option<PathBuf>,
+    /// File holding this node's bootstrap token for the control service.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// This node's name, as workloads' `spec.node` names it.
+    #[arg(long)]
+    node: Option<String>,
+    /// Trust domain of workload identities.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Admin endpoint: /metrics, /config_dump, /certs, /explain.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: std::net::SocketAddr,
+    /// Access log: a file, `-` for standard output, `off` for none. One JSON line per
+    /// connection.
+    #[arg(long, default_value = "-")]
+    access_log: String,
     /// The compiled capture programs; by default `sinew.bpf.o` next to the binary or in
     /// `../ebpf/` from it (where `cargo xtask build-ebpf` puts it).
     #[arg(long)]
@@ -67,7 +92,7 @@ struct RunArgs {
 fn main() -> Result<()> {
     sinew_telemetry::init_logging();
     match Cli::parse().cmd {
-        Cmd::Run(args) => run(args),
+        Cmd::Run(args) => run(*args),
         Cmd::Cleanup(args) => cleanup(&args),
     }
 }
@@ -111,7 +136,7 @@ fn find_object(explicit: Option<PathBuf>) -> Result<PathBuf> {
 
 fn run(args: RunArgs) -> Result<()> {
     let (cgroup_root, own) = own_cgroup(&args.common)?;
-    let object = find_object(args.ebpf_object)?;
+    let object = find_object(args.ebpf_object.clone())?;
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
@@ -123,16 +148,43 @@ fn run(args: RunArgs) -> Result<()> {
     let settings = Settings {
         bpffs_dir: args.common.bpffs_dir.clone(),
         state_dir: args.common.state_dir.clone(),
-        config_dir: args.config_dir,
         cgroup_root,
     };
+    if !sinew_model::is_dns_subdomain(&args.trust_domain) {
+        bail!("--trust-domain {:?}: not a DNS name", args.trust_domain);
+    }
+    let access = AccessLog::open(&args.access_log)
+        .with_context(|| format!("--access-log {}", args.access_log))?;
+    let control = control_settings(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.workers)
         .enable_all()
         .thread_name("sinew-worker")
         .build()?;
     runtime.block_on(async move {
-        let registry = Arc::new(Registry::new(settings, capture, Arc::new(Stats::default())));
+        let (mesh, certs, _config_task) = match control {
+            Some(c) => {
+                let node_id = sinew_identity::SpiffeId::node(&args.trust_domain, &c.node)
+                    .with_context(|| format!("--node {:?}", c.node))?;
+                let credentials = node_credentials(&c, &node_id).await;
+                let (mesh, task) = config::from_control(sinew_control_client::ClientConfig {
+                    endpoint: c.endpoint.clone(),
+                    name: c.node.clone(),
+                    role: "agent".into(),
+                    cache_dir: c.cache_dir.clone(),
+                    credentials: credentials.clone(),
+                });
+                let source =
+                    CertSource { endpoint: c.endpoint, credentials, cache_dir: c.cache_dir };
+                (mesh, Certs::new(Some(source), tokio::runtime::Handle::current()), task)
+            }
+            None => {
+                let (mesh, task) = config::from_dir(args.config_dir.clone());
+                (mesh, Certs::new(None, tokio::runtime::Handle::current()), task)
+            }
+        };
+        let ctx = Arc::new(Ctx::new(args.trust_domain.clone(), mesh, Arc::new(certs), access));
+        let registry = Arc::new(Registry::new(settings, capture, ctx));
         let restored = {
             let r = registry.clone();
             tokio::task::spawn_blocking(move || r.restore()).await??
@@ -146,11 +198,16 @@ fn run(args: RunArgs) -> Result<()> {
         let listener = tokio::net::UnixListener::bind(socket)
             .with_context(|| format!("binding the local API at {}", socket.display()))?;
         std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        info!(api = %socket.display(), object = %object.display(), restored, "sinew-agent ready");
+        let admin_listener = tokio::net::TcpListener::bind(args.admin)
+            .await
+            .with_context(|| format!("--admin {}", args.admin))?;
+        info!(api = %socket.display(), admin = %args.admin, object = %object.display(), restored, mode = if registry.ctx().certs.enabled() { "mesh" } else { "capture-only" }, "sinew-agent ready");
         let server = tokio::spawn(api::serve(listener, registry.clone()));
+        let admin = tokio::spawn(admin::serve(admin_listener, registry.clone()));
         let reconciler = tokio::spawn(reconcile_loop(registry));
         shutdown_signal().await;
         server.abort();
+        admin.abort();
         reconciler.abort();
         // Pins stay: enrolled pods keep failing closed until the agent is back.
         info!("sinew-agent stopping; pinned capture stays in place");
@@ -158,19 +215,126 @@ fn run(args: RunArgs) -> Result<()> {
     })
 }
 
-/// Picks up namespace label changes from the config directory.
+/// Applies every new mesh view: namespace enrollment changes, then a re-check of live
+/// inbound connections against the policies now in force.
 async fn reconcile_loop(registry: Arc<Registry>) {
-    let mut tick = tokio::time::interval(RECONCILE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut mesh = registry.ctx().mesh.clone();
     loop {
-        tick.tick().await;
+        if mesh.changed().await.is_err() {
+            return;
+        }
+        let view = mesh.borrow_and_update().clone();
         let r = registry.clone();
         let _ = tokio::task::spawn_blocking(move || r.reconcile()).await;
+        let closed = registry.ctx().live.recheck(&view);
+        if closed > 0 {
+            info!(closed, "policy change: closed live connections it no longer admits");
+        }
     }
 }
 
-/// How often the config directory is re-read for namespace enrollment changes.
-const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How the agent reaches the control service.
+struct ControlSettings {
+    endpoint: String,
+    node: String,
+    token: Option<String>,
+    roots_pem: Option<String>,
+    cache_dir: PathBuf,
+}
+
+fn control_settings(args: &RunArgs) -> Result<Option<ControlSettings>> {
+    let Some(endpoint) = args.control.clone() else {
+        if args.control_ca.is_some() || args.token_file.is_some() {
+            bail!("--control-ca and --token-file need --control");
+        }
+        return Ok(None);
+    };
+    if !endpoint.starts_with("https://") && !endpoint.starts_with("http://") {
+        bail!("--control {endpoint:?}: expected https://<host>:<port>");
+    }
+    let node = match &args.node {
+        Some(n) => n.clone(),
+        None => nix::unistd::gethostname()
+            .context("--node not given and the host name is unreadable")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    if !sinew_model::is_dns_subdomain(&node) {
+        bail!("--node {node:?}: not a node name");
+    }
+    let read = |flag: &str, p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("{flag} {}", p.display()))
+    };
+    let token = match &args.token_file {
+        Some(p) => {
+            let t = read("--token-file", p)?.trim().to_owned();
+            if t.is_empty() {
+                bail!("--token-file {}: empty", p.display());
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let roots_pem = match &args.control_ca {
+        Some(p) => Some(read("--control-ca", p)?),
+        None if endpoint.starts_with("https://") => {
+            bail!("--control {endpoint}: TLS needs --control-ca (the control CA's ca-cert.pem)")
+        }
+        None => None,
+    };
+    Ok(Some(ControlSettings {
+        endpoint,
+        node,
+        token,
+        roots_pem,
+        cache_dir: args.common.state_dir.join("control"),
+    }))
+}
+
+/// Credentials toward the control service: the bootstrap token, and the node's own
+/// certificate once it has one (from the cache, or asked for now with the token). If control
+/// cannot be reached the token alone is used and the cached configuration keeps serving.
+async fn node_credentials(
+    c: &ControlSettings,
+    node_id: &sinew_identity::SpiffeId,
+) -> sinew_control_client::Credentials {
+    use sinew_control_client::{CertConfig, ClientTls, Credentials};
+    let bootstrap = Credentials {
+        token: c.token.clone(),
+        tls: c.roots_pem.clone().map(|roots_pem| ClientTls { roots_pem, identity: None }),
+    };
+    let Some(roots_pem) = c.roots_pem.clone() else { return bootstrap };
+    let cfg = CertConfig {
+        endpoint: c.endpoint.clone(),
+        credentials: bootstrap.clone(),
+        identity: node_id.clone(),
+        ttl: None,
+        cache_dir: c.cache_dir.clone(),
+    };
+    let (mut svids, task) = sinew_control_client::start_certificate(cfg);
+    let got =
+        tokio::time::timeout(std::time::Duration::from_secs(5), svids.wait_for(Option::is_some))
+            .await;
+    // The renewal task keeps running (and caching) for the agent's lifetime.
+    std::mem::forget(task);
+    let svid = match got {
+        Ok(Ok(s)) => s.clone(),
+        _ => None,
+    };
+    match svid {
+        Some(s) => Credentials {
+            token: c.token.clone(),
+            tls: Some(ClientTls {
+                roots_pem,
+                identity: Some((s.cert_pem.clone(), s.key_pem.clone())),
+            }),
+        },
+        None => {
+            warn!(node = %node_id, "no node certificate yet (control unreachable?): using the bootstrap token");
+            bootstrap
+        }
+    }
+}
 
 fn raise_nofile() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};

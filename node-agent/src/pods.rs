@@ -12,7 +12,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use sinew_ebpf_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, SLOT_PLAINTEXT};
+use sinew_ebpf_common::{
+    INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, SLOT_HBONE, SLOT_PLAINTEXT,
+};
+use sinew_identity::SpiffeId;
 use sinew_local_api::{AgentStatus, PodSpec, PodStatus};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{info, warn};
@@ -21,7 +24,7 @@ use crate::{
     bpf::{self, BpfError, Capture},
     cgroup::{self, CgroupError},
     netns::{Netns, NetnsError},
-    proxy::{self, Direction, PodNet, Stats},
+    proxy::{self, Ctx, Direction, PodNet},
 };
 
 /// Why a request was refused. Nothing changed when one of these is returned.
@@ -79,8 +82,6 @@ pub struct Settings {
     pub bpffs_dir: PathBuf,
     /// `pods.json` lives here.
     pub state_dir: PathBuf,
-    /// Namespace resources are read from here.
-    pub config_dir: PathBuf,
     /// The cgroup v2 mount.
     pub cgroup_root: PathBuf,
 }
@@ -99,40 +100,27 @@ impl Drop for Pod {
     }
 }
 
-/// The last good configuration and the errors already logged.
-struct ConfigState {
-    store: sinew_model::Store,
-    reported: Vec<String>,
-}
-
-impl std::ops::Deref for ConfigState {
-    type Target = sinew_model::Store;
-
-    fn deref(&self) -> &Self::Target {
-        &self.store
-    }
-}
-
 /// All pods of this node.
 pub struct Registry {
     settings: Settings,
-    config: Mutex<ConfigState>,
     capture: Mutex<Capture>,
     pods: Mutex<BTreeMap<String, Pod>>,
-    stats: Arc<Stats>,
+    ctx: Arc<Ctx>,
 }
 
 impl Registry {
     /// A registry over loaded programs.
-    pub fn new(settings: Settings, capture: Capture, stats: Arc<Stats>) -> Self {
-        let config = Mutex::new(ConfigState { store: sinew_model::Store::new(), reported: vec![] });
-        Self {
-            settings,
-            config,
-            capture: Mutex::new(capture),
-            pods: Mutex::new(BTreeMap::new()),
-            stats,
-        }
+    pub fn new(settings: Settings, capture: Capture, ctx: Arc<Ctx>) -> Self {
+        Self { settings, capture: Mutex::new(capture), pods: Mutex::new(BTreeMap::new()), ctx }
+    }
+
+    /// What the pods' connections share.
+    pub fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
+    }
+
+    fn namespace_is_ambient(&self, namespace: &str) -> bool {
+        self.ctx.mesh.borrow().namespace_is_ambient(namespace)
     }
 
     fn state_file(&self) -> PathBuf {
@@ -186,7 +174,7 @@ impl Registry {
                 Err(PodError::Conflict(spec.uid))
             };
         }
-        let (pod, captured) = if self.reload_config().namespace_is_ambient(&spec.namespace) {
+        let (pod, captured) = if self.namespace_is_ambient(&spec.namespace) {
             let tasks = self.capture_pod(&spec, netns)?;
             (Pod { status: PodStatus { spec, captured: true, reason: None }, tasks }, true)
         } else {
@@ -215,6 +203,14 @@ impl Registry {
     /// Creates the pod's listeners, registers its addresses and attaches the programs.
     fn capture_pod(&self, spec: &PodSpec, netns: Netns) -> Result<Vec<JoinHandle<()>>, PodError> {
         let uid = &spec.uid;
+        let identity =
+            SpiffeId::new(&self.ctx.trust_domain, &spec.namespace, &spec.service_account).map_err(
+                |e| PodError::Invalid {
+                    uid: uid.clone(),
+                    field: "serviceAccount",
+                    reason: e.to_string(),
+                },
+            )?;
         let listen = |addr: SocketAddr, dual: bool| {
             proxy::listen_in(&netns, addr, dual).map_err(|source| PodError::Listener {
                 uid: uid.clone(),
@@ -227,6 +223,8 @@ impl Registry {
         let out6 = listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT), false).ok();
         let inbound = listen(proxy::any(true, INBOUND_PLAINTEXT_PORT), true)
             .or_else(|_| listen(proxy::any(false, INBOUND_PLAINTEXT_PORT), false))?;
+        let hbone = listen(proxy::any(true, INBOUND_HBONE_PORT), true)
+            .or_else(|_| listen(proxy::any(false, INBOUND_HBONE_PORT), false))?;
 
         let mut capture = self.capture.lock().expect("capture lock poisoned");
         let undo = |capture: &mut Capture| {
@@ -238,6 +236,7 @@ impl Registry {
         let mut register = || -> Result<(), PodError> {
             for ip in &spec.ips {
                 capture.set_listener(*ip, SLOT_PLAINTEXT, &inbound)?;
+                capture.set_listener(*ip, SLOT_HBONE, &hbone)?;
                 capture.add_addr(*ip)?;
             }
             if capture.pod_attached(uid) {
@@ -256,12 +255,25 @@ impl Registry {
         }
         drop(capture);
 
+        // The certificate is requested now so the first connection does not wait for it.
+        self.ctx.certs.ensure(&identity);
         let pod = Arc::new(PodNet {
             name: format!("{}/{}", spec.namespace, spec.name),
+            namespace: spec.namespace.clone(),
+            workload: spec.name.clone(),
+            identity,
+            ips: spec.ips.iter().map(|ip| ip.to_canonical()).collect(),
             netns,
-            stats: self.stats.clone(),
+            ctx: self.ctx.clone(),
         });
         let mut tasks = Vec::new();
+        let addr = hbone.local_addr().unwrap_or_else(|_| proxy::any(false, 0));
+        let hbone = TcpListener::from_std(hbone).map_err(|source| PodError::Listener {
+            uid: uid.clone(),
+            addr,
+            source,
+        })?;
+        tasks.push(tokio::spawn(proxy::serve_hbone(hbone, pod.clone())));
         for (l, dir) in [
             (Some(out4), Direction::Outbound),
             (out6, Direction::Outbound),
@@ -290,34 +302,17 @@ impl Registry {
         Ok(())
     }
 
-    /// Re-reads the configuration directory into the store of last good resources, logging
-    /// each rejected file, resource or field once (not at every reload).
-    fn reload_config(&self) -> std::sync::MutexGuard<'_, ConfigState> {
-        let mut config = self.config.lock().expect("config lock poisoned");
-        let errors: Vec<String> = config
-            .store
-            .reload_dir(&self.settings.config_dir)
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        for e in errors.iter().filter(|e| !config.reported.contains(*e)) {
-            warn!(error = %e, "configuration rejected; its last good version (if any) stays in force");
-        }
-        config.reported = errors;
-        config
-    }
-
     /// Applies namespace enrollment changes to known pods, without restarting them: pods of a
     /// namespace labelled since are captured, pods of one unlabelled are released. A rejected
     /// resource changes nothing: its last good version stays in force.
     /// Returns how many pods changed.
     pub fn reconcile(&self) -> usize {
-        let config = self.reload_config();
+        let mesh = self.ctx.mesh.borrow().clone();
         let mut changed = 0;
         let mut pods = self.pods.lock().expect("pod registry lock poisoned");
         for pod in pods.values_mut() {
             let spec = &pod.status.spec;
-            let want = config.namespace_is_ambient(&spec.namespace);
+            let want = mesh.namespace_is_ambient(&spec.namespace);
             if want == pod.status.captured {
                 continue;
             }
@@ -375,7 +370,7 @@ impl Registry {
         let pods = self.pods.lock().expect("pod registry lock poisoned");
         AgentStatus {
             pods: pods.values().map(|p| p.status.clone()).collect(),
-            counters: self.stats.snapshot(),
+            counters: self.ctx.counters(),
         }
     }
 

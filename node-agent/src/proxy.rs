@@ -8,7 +8,7 @@ use std::{
     os::fd::AsRawFd,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -16,13 +16,24 @@ use std::{
 use sinew_ebpf_common::{
     INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, SO_ORIGINAL_DST,
 };
+use sinew_hbone::Pool;
+use sinew_identity::SpiffeId;
 use socket2::{Domain, SockRef};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::warn;
 
-use crate::netns::Netns;
+use crate::{
+    certs::Certs,
+    config::MeshView,
+    netns::Netns,
+    telemetry::{AccessLog, Metrics},
+};
 
+pub mod inbound;
+mod outbound;
 mod splice;
+
+pub use inbound::{Live, serve_hbone};
 
 /// Bytes buffered per direction; large enough that a single stream is not limited by
 /// syscalls, small enough for thousands of connections.
@@ -41,11 +52,19 @@ pub struct Stats {
     pub upstream_errors: AtomicU64,
     /// See [`sinew_local_api::Counters`].
     pub original_dst_errors: AtomicU64,
+    /// See [`sinew_local_api::Counters`].
+    pub hbone_outbound: AtomicU64,
+    /// See [`sinew_local_api::Counters`].
+    pub hbone_inbound: AtomicU64,
+    /// See [`sinew_local_api::Counters`].
+    pub denied: AtomicU64,
+    /// See [`sinew_local_api::Counters`].
+    pub closed_by_policy: AtomicU64,
 }
 
 impl Stats {
     /// A snapshot for the local API.
-    pub fn snapshot(&self) -> sinew_local_api::Counters {
+    pub fn snapshot(&self, pool: &sinew_hbone::PoolStats) -> sinew_local_api::Counters {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         sinew_local_api::Counters {
             outbound: g(&self.outbound),
@@ -53,7 +72,56 @@ impl Stats {
             active: g(&self.active),
             upstream_errors: g(&self.upstream_errors),
             original_dst_errors: g(&self.original_dst_errors),
+            hbone_outbound: g(&self.hbone_outbound),
+            hbone_inbound: g(&self.hbone_inbound),
+            hbone_connections_opened: pool.opened,
+            denied: g(&self.denied),
+            closed_by_policy: g(&self.closed_by_policy),
         }
+    }
+}
+
+/// What every pod's tasks share: the mesh view, certificates, the HBONE pool, telemetry.
+pub struct Ctx {
+    /// The trust domain of workload identities.
+    pub trust_domain: String,
+    /// The mesh view in force.
+    pub mesh: MeshView,
+    /// Workload certificates.
+    pub certs: Arc<Certs>,
+    /// Pooled HBONE connections to other agents.
+    pub pool: Pool,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Access log.
+    pub access: AccessLog,
+    /// Counters for the local API.
+    pub stats: Arc<Stats>,
+    /// Inbound connections open now, re-checked when policy changes.
+    pub live: Live,
+    /// Round-robin cursor over service endpoints.
+    rr: AtomicUsize,
+}
+
+impl Ctx {
+    /// A context over the given parts.
+    pub fn new(trust_domain: String, mesh: MeshView, certs: Arc<Certs>, access: AccessLog) -> Self {
+        Self {
+            trust_domain,
+            mesh,
+            certs,
+            pool: Pool::new(),
+            metrics: Arc::new(Metrics::default()),
+            access,
+            stats: Arc::new(Stats::default()),
+            live: Live::default(),
+            rr: AtomicUsize::new(0),
+        }
+    }
+
+    /// The counters, for the local API.
+    pub fn counters(&self) -> sinew_local_api::Counters {
+        self.stats.snapshot(&self.pool.stats())
     }
 }
 
@@ -66,14 +134,22 @@ pub enum Direction {
     Inbound,
 }
 
-/// What a pod's tasks share.
+/// A captured pod, as its connections see it.
 pub struct PodNet {
     /// `namespace/name`, for logs.
     pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod (workload) name.
+    pub workload: String,
+    /// Its SPIFFE id.
+    pub identity: SpiffeId,
+    /// Its addresses.
+    pub ips: Vec<IpAddr>,
     /// The pod's network namespace.
     pub netns: Netns,
-    /// Counters.
-    pub stats: Arc<Stats>,
+    /// What all pods share.
+    pub ctx: Arc<Ctx>,
 }
 
 /// Accepts on `listener` until the task is aborted.
@@ -81,7 +157,11 @@ pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodNet>
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer, direction, pod.clone()));
+                let pod = pod.clone();
+                match direction {
+                    Direction::Outbound => tokio::spawn(outbound::handle(stream, peer, pod)),
+                    Direction::Inbound => tokio::spawn(inbound::plaintext(stream, peer, pod)),
+                };
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning; the listener stays.
@@ -92,92 +172,36 @@ pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodNet>
     }
 }
 
-async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, pod: Arc<PodNet>) {
-    let peer = canonical(peer);
-    let stats = &pod.stats;
-    let target = match direction {
-        Direction::Outbound => {
-            stats.outbound.fetch_add(1, Ordering::Relaxed);
-            original_dst(&downstream)
-        }
-        Direction::Inbound => {
-            stats.inbound.fetch_add(1, Ordering::Relaxed);
-            // sk_lookup keeps the destination the client used: it is our local address.
-            downstream.local_addr().map(canonical)
-        }
-    };
-    let target = match target {
-        Ok(t) if !is_own_listener(direction, t) => t,
-        Ok(t) => {
-            warn!(pod = %pod.name, %peer, %t, "refusing a connection to the agent's own listener");
-            return reset(&downstream);
-        }
-        Err(e) => {
-            stats.original_dst_errors.fetch_add(1, Ordering::Relaxed);
-            warn!(pod = %pod.name, %peer, error = %e, "original destination unknown");
-            return reset(&downstream);
-        }
-    };
-    let upstream = match connect_in(&pod.netns, target).await {
-        Ok(u) => u,
-        Err(e) => {
-            stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-            debug!(pod = %pod.name, %peer, %target, error = %e, "upstream connect failed");
-            return reset(&downstream);
-        }
-    };
-    stats.active.fetch_add(1, Ordering::Relaxed);
-    let start = std::time::Instant::now();
-    let result = copy(downstream, upstream).await;
-    stats.active.fetch_sub(1, Ordering::Relaxed);
-    let duration_ms = start.elapsed().as_millis() as u64;
-    let dir = match direction {
-        Direction::Outbound => "outbound",
-        Direction::Inbound => "inbound",
-    };
-    // One access-log line per connection, under its own target so it can be routed apart.
-    match result {
-        Ok((sent, received)) => {
-            info!(target: "access", pod = %pod.name, direction = dir, src = %peer, dst = %target, sent, received, duration_ms, "connection closed")
-        }
-        Err(e) => {
-            info!(target: "access", pod = %pod.name, direction = dir, src = %peer, dst = %target, duration_ms, error = %e, "connection reset")
-        }
-    }
-}
-
 /// Copies both ways; an EOF is passed on as a FIN (half-close), an error as a reset.
 /// splice(2) when two pipes can be had, user-space buffers otherwise (out of descriptors).
-async fn copy(mut a: TcpStream, mut b: TcpStream) -> io::Result<(u64, u64)> {
+pub(crate) async fn copy(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<(u64, u64)> {
     let result = match splice::Pipes::take() {
         Ok(pipes) => {
-            let result = splice::copy(&a, &b, &pipes).await;
+            let result = splice::copy(a, b, &pipes).await;
             if result.is_ok() {
                 // Both directions reached EOF with their pipes drained: reusable.
                 pipes.give_back();
             }
             result
         }
-        Err(_) => {
-            tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER, COPY_BUFFER).await
-        }
+        Err(_) => tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER, COPY_BUFFER).await,
     };
     if result.is_err() {
         // One side was reset or failed: reset the other rather than let it see a clean end.
-        reset(&a);
-        reset(&b);
+        reset(a);
+        reset(b);
     }
     result
 }
 
 /// Makes the next close send RST instead of FIN.
-fn reset(stream: &TcpStream) {
+pub(crate) fn reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// Connecting to one of the agent's own in-pod listeners would loop back into the agent
 /// (a connection to pod:15006 is captured onto 15006, whose upstream is pod:15006 again...).
-fn is_own_listener(direction: Direction, addr: SocketAddr) -> bool {
+pub(crate) fn is_own_listener(direction: Direction, addr: SocketAddr) -> bool {
     match direction {
         Direction::Outbound => addr.port() == OUTBOUND_PORT && addr.ip().is_loopback(),
         Direction::Inbound => {

@@ -1,22 +1,47 @@
-//! `cargo xtask demo`: a local mesh of two nodes, shown working.
+//! `cargo xtask demo`: a local mesh of two nodes and a control service, shown working:
+//! capture, mutual TLS between the agents, an L4 policy denying a connection, and the
+//! metrics and access log it produced.
 
 use std::path::Path;
 
 use anyhow::{Result, ensure};
+use serde_json::Value;
+use sinew_local_api::{Request, Response};
 use sinew_test_util::Cluster;
 
+fn show(e: &Value) -> String {
+    format!(
+        "{} {} {} -> {} [{}] decision={} {}bytes up/{} down",
+        e["direction"].as_str().unwrap_or("?"),
+        e["protocol"].as_str().unwrap_or("?"),
+        e["src"]["identity"].as_str().or(e["src"]["addr"].as_str()).unwrap_or("?"),
+        e["dst"]["addr"].as_str().unwrap_or("?"),
+        e["dst"]["identity"].as_str().unwrap_or("-"),
+        e["decision"].as_str().unwrap_or("-"),
+        e["bytes_sent"],
+        e["bytes_received"],
+    )
+}
+
 pub fn run(bin_dir: &Path) -> Result<()> {
-    println!("\n== Sinew demo: two nodes, one agent each, pods as netns + cgroup v2 ==");
+    println!(
+        "\n== Sinew demo: a control service, two nodes with an agent each, pods as netns + cgroup v2 =="
+    );
     let mut c = Cluster::new(&["shop"])?;
     c.set_bin_dir(bin_dir);
     c.add_node()?;
     c.add_node()?;
-    let client = c.add_pod(1, "client", "shop")?;
-    let server = c.add_pod(2, "server", "shop")?;
+    let client = c.add_pod_as(1, "client", "shop", "web")?;
+    let server = c.add_pod_as(2, "server", "shop", "api")?;
     let outsider = c.add_pod(1, "legacy", "plain")?;
-    println!("node 1: pod shop/client {} {}", client.v4(), client.v6());
+    println!("node 1: pod shop/client {} {} (service account web)", client.v4(), client.v6());
     println!("node 1: pod plain/legacy {} (namespace not enrolled)", outsider.v4());
-    println!("node 2: pod shop/server {} {}", server.v4(), server.v6());
+    println!("node 2: pod shop/server {} {} (service account api)", server.v4(), server.v6());
+    c.start_control()?;
+    println!(
+        "control service on {} (TLS; agents bootstrap with a per-node token)",
+        sinew_test_util::CONTROL_ADDR
+    );
     c.start_agent(1)?;
     c.start_agent(2)?;
     println!("agents running; logs in {}", c.dir().display());
@@ -31,50 +56,93 @@ pub fn run(bin_dir: &Path) -> Result<()> {
         }
     }
     c.serve(&server, &[8080])?;
+    let target = Cluster::target(server.v4(), 8080);
 
     for ip in [server.v4(), server.v6()] {
-        let target = Cluster::target(ip, 8080);
-        println!("\n$ (in shop/client) sinew-testapp xfer {target} 4MiB up, 4MiB down");
-        let out = c.run_in(&client, &["xfer", &target, "4194304", "4194304", "1"])?;
-        print!("{out}");
+        let t = Cluster::target(ip, 8080);
+        println!("\n$ (in shop/client) sinew-testapp xfer {t} 4MiB up, 4MiB down");
+        print!("{}", c.run_in(&client, &["xfer", &t, "4194304", "4194304", "1"])?);
     }
-    println!("\n$ (in plain/legacy) sinew-testapp xfer {}:8080", server.v4());
-    print!(
-        "{}",
-        c.run_in(&outsider, &["xfer", &Cluster::target(server.v4(), 8080), "65536", "65536", "2"])?
-    );
-
-    println!("\nWhere the traffic went (agent counters):");
+    println!("\n$ (in plain/legacy) sinew-testapp xfer {target} (plaintext, PERMISSIVE admits it)");
+    print!("{}", c.run_in(&outsider, &["xfer", &target, "65536", "65536", "2"])?);
     let (n1, n2) = (c.agent(1).status()?.counters, c.agent(2).status()?.counters);
-    println!("  node 1 agent: captured outbound {}, inbound {}", n1.outbound, n1.inbound);
-    println!("  node 2 agent: captured outbound {}, inbound {}", n2.outbound, n2.inbound);
-    ensure!(n1.outbound == 2, "expected the client's 2 connections to be captured on node 1");
-    ensure!(n2.inbound == 3, "expected 3 inbound connections captured on node 2");
-    println!("  shop/client's two connections left through node 1's agent; all three arrivals at");
-    println!("  shop/server, including plain/legacy's, came in through node 2's agent.");
-    for node in [1, 2] {
+    println!(
+        "\nnode 1 agent: {} outbound, {} over HBONE on {} TLS connection(s)",
+        n1.outbound, n1.hbone_outbound, n1.hbone_connections_opened
+    );
+    println!("node 2 agent: {} inbound, {} of them HBONE", n2.inbound, n2.hbone_inbound);
+    ensure!(n1.hbone_outbound == 2, "expected shop/client's 2 connections over HBONE");
+    println!("\nnode 2 access log (one JSON line per connection; shown abridged):");
+    for e in c.agent(2).access_entries() {
+        println!("  {}", show(&e));
+    }
+
+    println!("\nApplying a DENY for service account web (AuthorizationPolicy shop/deny-web):");
+    c.write_config(
+        "deny-web.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-web\n  namespace: shop\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        serviceAccounts: [\"web\"]\n",
+    )?;
+    let mut denied = false;
+    for _ in 0..50 {
+        if c.run_in(&client, &["ping", &target, "1"]).is_err() {
+            denied = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    ensure!(denied, "the DENY did not take effect");
+    println!("$ (in shop/client) sinew-testapp ping {target}: connection reset (denied)");
+    if let Some(e) = c.agent(2).access_entries().iter().rev().find(|e| e["decision"] == "deny") {
         println!(
-            "\nnode {node} agent access log (src is the app's socket, dst the original destination):"
+            "  node 2 access log: {}  policy={} reason={:?}",
+            show(e),
+            e["policy"].as_str().unwrap_or("-"),
+            e["reason"].as_str().unwrap_or("")
         );
-        for l in c.agent(node).log_text().lines().filter(|l| l.contains(" access:")) {
-            println!("  {}", l.split_once(" access: ").map_or(l, |(_, rest)| rest));
+    }
+    if let Response::Explanation(v) = c
+        .agent(2)
+        .client()
+        .call(&Request::Explain { source: "shop/client".into(), destination: target.clone() })?
+    {
+        println!("$ sinew explain shop/client {target}");
+        for ep in v["endpoints"].as_array().into_iter().flatten() {
+            println!(
+                "  {}: {} ({})",
+                ep["workload"].as_str().unwrap_or("?"),
+                ep["verdict"].as_str().unwrap_or("?"),
+                ep["reason"].as_str().unwrap_or("")
+            );
         }
     }
+    println!("\nnode 2 metrics (curl http://127.0.0.1:15000/metrics, in node 2):");
+    for l in c.agent(2).admin_get("/metrics")?.lines() {
+        if (l.starts_with("istio_tcp_connections_opened_total")
+            || l.starts_with("sinew_authorization_decisions_total"))
+            && !l.starts_with('#')
+        {
+            println!("  {l}");
+        }
+    }
+    c.remove_config("deny-web.yaml")?;
 
     println!("\nStopping node 1's agent: shop/client fails closed");
     c.agent(1).kill();
-    let err = c
-        .run_in(&client, &["xfer", &Cluster::target(server.v4(), 8080), "1", "1", "3"])
-        .unwrap_err();
+    let err = c.run_in(&client, &["xfer", &target, "1", "1", "3"]).unwrap_err();
     println!(
         "  {}",
         format!("{err:#}").lines().find(|l| l.contains("refused")).unwrap_or("refused")
     );
     c.agent(1).restart()?;
-    print!(
-        "Restarted: {}",
-        c.run_in(&client, &["xfer", &Cluster::target(server.v4(), 8080), "65536", "65536", "4"])?
-    );
+    let mut out = Err(anyhow::anyhow!("not tried"));
+    for _ in 0..50 {
+        out = c.run_in(&client, &["xfer", &target, "65536", "65536", "4"]);
+        if out.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    print!("Restarted (policy removed): {}", out?);
     println!("\nDemo done; tearing the cluster down.");
     Ok(())
 }

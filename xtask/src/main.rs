@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_control;
+mod bench_l4;
 mod demo;
 mod setup;
 
@@ -50,6 +51,9 @@ enum Suite {
     Capture,
     /// The control service: 10,000 workloads, 1,000 clients, one policy change.
     Control,
+    /// The L4 mesh path (HBONE, mutual TLS) vs direct: throughput, HTTP with wrk, latency,
+    /// agent memory.
+    L4,
 }
 
 fn main() -> Result<()> {
@@ -82,6 +86,13 @@ fn main() -> Result<()> {
                 &root.join("target/release"),
                 &root.join("target/bench/control.json"),
             )
+        }
+        Cmd::Bench { suite: Suite::L4 } => {
+            setup::runtime()?;
+            setup::apt(setup::BENCH_PACKAGES)?;
+            build_all(true)?;
+            let root = workspace();
+            bench_l4::run(&root.join("target/release"), &root.join("target/bench/l4.json"))
         }
         Cmd::Bench { suite: Suite::Capture } => {
             setup::runtime()?;

@@ -64,6 +64,13 @@ pub enum Request {
     },
     /// The agent's pods and counters.
     Status {},
+    /// Why `source` may or may not reach `destination` under the policies in force.
+    Explain {
+        /// A workload (`<namespace>/<name>`) or an address.
+        source: String,
+        /// `<address>:<port>` (a workload or a service VIP).
+        destination: String,
+    },
 }
 
 /// A pod as the agent holds it.
@@ -93,6 +100,21 @@ pub struct Counters {
     pub upstream_errors: u64,
     /// Captured connections whose original destination could not be recovered.
     pub original_dst_errors: u64,
+    /// Connections carried over HBONE (outbound, mutual TLS).
+    #[serde(default)]
+    pub hbone_outbound: u64,
+    /// Tunnelled connections accepted on HBONE (inbound).
+    #[serde(default)]
+    pub hbone_inbound: u64,
+    /// TLS connections opened toward other agents (pooled: far fewer than `hbone_outbound`).
+    #[serde(default)]
+    pub hbone_connections_opened: u64,
+    /// Connections refused by authorization (including STRICT plaintext refusals).
+    #[serde(default)]
+    pub denied: u64,
+    /// Live connections closed because a policy change no longer admits them.
+    #[serde(default)]
+    pub closed_by_policy: u64,
 }
 
 /// The agent's state.
@@ -118,6 +140,8 @@ pub enum Response {
     },
     /// Answer to [`Request::Status`].
     Status(AgentStatus),
+    /// Answer to [`Request::Explain`]: the decision and every policy considered, as JSON.
+    Explanation(serde_json::Value),
     /// The request was refused and nothing changed.
     Error {
         /// What was wrong, naming the field or resource.

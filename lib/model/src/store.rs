@@ -110,7 +110,11 @@ pub fn parse_document(
         name: name.clone(),
     };
     let mut found = Vec::new();
-    if api != want_api {
+    // Istio's own apiVersion is accepted for the kinds Sinew shares with Istio, so existing
+    // policies apply unchanged.
+    let istio_alias = want_api == "security.sinew.io/v1"
+        && matches!(api.as_str(), "security.istio.io/v1" | "security.istio.io/v1beta1");
+    if api != want_api && !istio_alias {
         found.push((
             "apiVersion".to_owned(),
             format!("must be {want_api:?} for {kind}, not {api:?}"),

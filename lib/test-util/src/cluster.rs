@@ -84,6 +84,8 @@ pub struct Pod {
     pub ips: [IpAddr; 2],
     /// The node it runs on.
     pub node: u8,
+    /// Its service account (its identity is `spiffe://cluster.local/ns/<ns>/sa/<sa>`).
+    pub service_account: String,
 }
 
 impl Pod {
@@ -103,7 +105,7 @@ impl Pod {
             uid: format!("uid-{}", self.name),
             name: self.name.clone(),
             namespace: self.namespace.clone(),
-            service_account: "default".into(),
+            service_account: self.service_account.clone(),
             netns: PathBuf::from("/run/netns").join(&self.netns),
             cgroup: Some(self.cgroup.clone()),
             ips: self.ips.to_vec(),
@@ -141,6 +143,10 @@ pub struct Agent {
     config_dir: PathBuf,
     bin_dir: PathBuf,
     child: Option<Child>,
+    /// Its access log (one JSON line per connection).
+    pub access_log: PathBuf,
+    /// Extra `run` flags (the control service's, when the cluster has one).
+    extra: Vec<String>,
 }
 
 impl Agent {
@@ -156,6 +162,9 @@ impl Agent {
             .arg(&self.config_dir)
             .arg("--ebpf-object")
             .arg(ebpf_object(&self.bin_dir))
+            .arg("--access-log")
+            .arg(&self.access_log)
+            .args(&self.extra)
             .env("RUST_BACKTRACE", "0")
             .env("RUST_LOG", std::env::var("SINEW_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
@@ -212,6 +221,42 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The agent's access log so far, one JSON object per connection.
+    pub fn access_entries(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.access_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// GETs `path` from the agent's admin endpoint (inside its node's namespace) with curl.
+    pub fn admin_get(&self, path: &str) -> Result<String> {
+        sh(
+            "nsenter",
+            &[
+                &format!("--net=/run/netns/{}", self.node_netns),
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                &format!("http://127.0.0.1:15000{path}"),
+            ],
+        )
+    }
+
+    /// The sum of the Prometheus series of `name` whose labels contain every `label="value"`
+    /// of `filter`.
+    pub fn metric(&self, name: &str, filter: &[&str]) -> Result<f64> {
+        let text = self.admin_get("/metrics")?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(name) && filter.iter().all(|f| l.contains(f)))
+            .filter(|l| l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum())
+    }
+
     /// A client of its local API.
     pub fn client(&self) -> Client {
         Client::new(&self.socket)
@@ -237,6 +282,23 @@ impl Agent {
             Response::Status(s) => Ok(s),
             other => bail!("unexpected answer {other:?}"),
         }
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The agent's resident memory now, in KiB (from /proc).
+    pub fn rss_kib(&self) -> Result<u64> {
+        let pid = self.pid().context("agent not running")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("no VmRSS")
     }
 
     /// Kills the agent abruptly (SIGKILL), leaving its pins in place.
@@ -276,7 +338,68 @@ pub struct Cluster {
     children: Vec<Child>,
     netns: Vec<String>,
     bin_dir: PathBuf,
+    control: Option<Control>,
 }
+
+/// The control service of a cluster, in the fabric namespace.
+struct Control {
+    child: Option<Child>,
+    args: Vec<String>,
+    log: PathBuf,
+    netns: String,
+}
+
+impl Control {
+    fn spawn(&mut self, bin: &Path) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg(bin)
+            .args(&self.args)
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LOG", std::env::var("SINEW_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning sinew-control")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = sh(
+                "nsenter",
+                &[
+                    &format!("--net=/run/netns/{}", self.netns),
+                    "curl",
+                    "-sf",
+                    "--max-time",
+                    "2",
+                    "http://127.0.0.1:15000/ready",
+                ],
+            );
+            if ready.is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!(
+                    "sinew-control exited with {status}: {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            ensure!(Instant::now() < deadline, "sinew-control not ready in 20 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Where the control service listens (on the fabric bridge).
+pub const CONTROL_ADDR: &str = "198.18.0.254:15012";
 
 impl Cluster {
     /// An empty cluster with a fabric namespace; `ambient` namespaces are enrolled in the mesh.
@@ -301,6 +424,7 @@ impl Cluster {
             children: vec![],
             netns: vec![],
             bin_dir: target_dir(),
+            control: None,
         };
         let mut yaml = String::new();
         for ns in ["default", "plain"].iter().chain(ambient) {
@@ -319,6 +443,73 @@ impl Cluster {
         c.ip(&fabric, "link add br0 type bridge")?;
         c.ip(&fabric, "link set br0 up")?;
         Ok(c)
+    }
+
+    /// Starts `sinew-control` on the fabric (198.18.0.254:15012, TLS, a token per node);
+    /// agents started afterwards get their certificates and configuration from it.
+    pub fn start_control(&mut self) -> Result<()> {
+        let fabric = self.fabric.clone();
+        self.ip(&fabric, "addr add 198.18.0.254/24 dev br0")?;
+        let mut tokens = String::new();
+        for k in 1..=16 {
+            tokens.push_str(&format!("node{k} token-{}-{k}\n", self.id));
+            std::fs::write(
+                self.dir.join(format!("token-n{k}")),
+                format!("token-{}-{k}\n", self.id),
+            )?;
+        }
+        std::fs::write(self.dir.join("tokens"), tokens)?;
+        let d = |p: &str| self.dir.join(p).to_string_lossy().into_owned();
+        let mut control = Control {
+            child: None,
+            args: vec![
+                "--config-dir".into(),
+                d("config"),
+                "--listen".into(),
+                CONTROL_ADDR.into(),
+                "--admin".into(),
+                "127.0.0.1:15000".into(),
+                "--ca-dir".into(),
+                d("ca"),
+                "--tokens".into(),
+                d("tokens"),
+            ],
+            log: self.dir.join("control.log"),
+            netns: fabric,
+        };
+        control.spawn(&self.binary("sinew-control"))?;
+        self.control = Some(control);
+        Ok(())
+    }
+
+    /// Stops the control service (agents keep their cached state).
+    pub fn stop_control(&mut self) {
+        if let Some(c) = &mut self.control {
+            c.kill();
+        }
+    }
+
+    /// Starts the control service again after [`Cluster::stop_control`].
+    pub fn restart_control(&mut self) -> Result<()> {
+        let bin = self.binary("sinew-control");
+        let c = self.control.as_mut().context("no control service started")?;
+        c.kill();
+        c.spawn(&bin)
+    }
+
+    /// Writes (or replaces) a configuration file the control service and agents read.
+    pub fn write_config(&self, name: &str, yaml: &str) -> Result<()> {
+        let dir = self.dir.join("config");
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, dir.join(name))?;
+        Ok(())
+    }
+
+    /// Removes a configuration file.
+    pub fn remove_config(&self, name: &str) -> Result<()> {
+        std::fs::remove_file(self.dir.join("config").join(name))?;
+        Ok(())
     }
 
     /// Uses the binaries of another profile directory (such as `target/release`).
@@ -419,6 +610,12 @@ impl Cluster {
 
     /// Adds a pod on node `node` (1-based) in Kubernetes namespace `namespace`.
     pub fn add_pod(&mut self, node: u8, name: &str, namespace: &str) -> Result<Pod> {
+        self.add_pod_as(node, name, namespace, "default")
+    }
+
+    /// Adds a pod running as service account `sa`, with its `Workload` resource (label
+    /// `app: <name>`) in the configuration.
+    pub fn add_pod_as(&mut self, node: u8, name: &str, namespace: &str, sa: &str) -> Result<Pod> {
         let n = self.nodes.get(node as usize - 1).context("no such node")?.clone();
         let host = 10 + self.pods.iter().filter(|p| p.node == node).count() as u8;
         let pod = Pod {
@@ -431,7 +628,15 @@ impl Cluster {
                 format!("2001:2:0:{node}::{host}").parse()?,
             ],
             node,
+            service_account: sa.into(),
         };
+        self.write_config(
+            &format!("workload-{name}.yaml"),
+            &format!(
+                "apiVersion: sinew.io/v1alpha1\nkind: Workload\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    app: {name}\nspec:\n  serviceAccount: {sa}\n  node: node{node}\n  ips: [\"{}\", \"{}\"]\n",
+                pod.ips[0], pod.ips[1]
+            ),
+        )?;
         self.add_netns(&pod.netns)?;
         let peer = format!("p{host}");
         sh(
@@ -466,6 +671,20 @@ impl Cluster {
             config_dir: self.dir.join("config"),
             bin_dir: self.bin_dir.clone(),
             child: None,
+            access_log: self.dir.join(format!("access-n{node}.log")),
+            extra: match &self.control {
+                Some(_) => vec![
+                    "--control".into(),
+                    format!("https://{CONTROL_ADDR}"),
+                    "--control-ca".into(),
+                    self.dir.join("ca/ca-cert.pem").to_string_lossy().into_owned(),
+                    "--token-file".into(),
+                    self.dir.join(format!("token-n{node}")).to_string_lossy().into_owned(),
+                    "--node".into(),
+                    format!("node{node}"),
+                ],
+                None => vec![],
+            },
         };
         agent.spawn()?;
         let slot = &mut self.agents[node as usize - 1];
@@ -494,6 +713,32 @@ impl Cluster {
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
         ensure!(line.trim() == "ready", "testapp server in {} did not start: {line:?}", pod.name);
         Ok(())
+    }
+
+    /// Starts `program` in `pod` in the background; it is killed when the cluster is dropped.
+    pub fn spawn_in(&mut self, pod: &Pod, program: &Path, args: &[&str]) -> Result<()> {
+        let child = pod
+            .command(program, args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} in {}", program.display(), pod.name))?;
+        self.children.push(child);
+        Ok(())
+    }
+
+    /// Runs `program` in `pod` to completion; Ok(stdout) on success.
+    pub fn exec_in(&self, pod: &Pod, program: &Path, args: &[&str]) -> Result<String> {
+        let out = pod.command(program, args).output()?;
+        ensure!(
+            out.status.success(),
+            "{} {} in {} failed: {}",
+            program.display(),
+            args.join(" "),
+            pod.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs `sinew-testapp <args>` in `pod` to completion; Ok(stdout) on success.
@@ -544,6 +789,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if let Some(c) = &mut self.control {
+            c.kill();
+        }
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();

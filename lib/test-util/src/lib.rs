@@ -12,4 +12,4 @@
 pub mod cluster;
 pub mod wire;
 
-pub use cluster::{Agent, Cluster, Node, Pod};
+pub use cluster::{Agent, CONTROL_ADDR, Cluster, Node, Pod, sh};

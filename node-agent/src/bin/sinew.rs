@@ -49,6 +49,13 @@ enum Cmd {
     },
     /// Pods and connection counters.
     Status,
+    /// Explain whether SOURCE may reach DESTINATION, and which policies decide it.
+    Explain {
+        /// `<namespace>/<workload>` or an address.
+        source: String,
+        /// `<address>:<port>` of a pod or a service.
+        destination: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -61,6 +68,7 @@ fn main() -> Result<()> {
         }
         Cmd::Unenroll { uid } => Request::Unenroll { uid },
         Cmd::Status => Request::Status {},
+        Cmd::Explain { source, destination } => Request::Explain { source, destination },
     };
     match Client::new(&cli.agent).call(&request)? {
         Response::Enrolled(p) if p.captured => println!("enrolled {} (captured)", p.spec.uid),
@@ -69,7 +77,29 @@ fn main() -> Result<()> {
         }
         Response::Unenrolled { uid } => println!("un-enrolled {uid}"),
         Response::Status(s) => println!("{}", serde_json::to_string_pretty(&s)?),
+        Response::Explanation(e) => {
+            println!("{}: {}", e["verdict"].as_str().unwrap_or("?"), summary(&e));
+            println!("{}", serde_json::to_string_pretty(&e)?);
+        }
         Response::Error { message } => anyhow::bail!(message),
     }
     Ok(())
+}
+
+/// One line per endpoint: its workload, verdict and reason.
+fn summary(e: &serde_json::Value) -> String {
+    match e["endpoints"].as_array() {
+        Some(eps) => eps
+            .iter()
+            .map(|ep| {
+                format!(
+                    "{} -> {}",
+                    ep["workload"].as_str().unwrap_or("?"),
+                    ep["reason"].as_str().unwrap_or("")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        None => e["reason"].as_str().unwrap_or("").to_owned(),
+    }
 }

@@ -16,7 +16,8 @@ use tokio::{
 };
 
 const USAGE: &str = "usage: sinew-testapp serve PORT... | xfer TARGET UP DOWN SEED | \
-many TARGETS(,) COUNT | sink TARGET SECS | ping TARGET COUNT | reset TARGET";
+many TARGETS(,) COUNT | sink TARGET SECS [STREAMS] | ping TARGET COUNT | reset TARGET | \
+hold TARGET SECS | mark TARGET TEXT REPEAT";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -33,9 +34,14 @@ fn main() -> Result<()> {
                     arg(1)?.split(',').map(str::parse).collect::<Result<Vec<SocketAddr>, _>>()?;
                 many(targets, arg(2)?.parse()?).await
             }
-            "sink" => sink(arg(1)?.parse()?, arg(2)?.parse()?).await,
+            "sink" => {
+                let streams = args.get(3).map(|n| n.parse()).transpose()?.unwrap_or(1);
+                sink(arg(1)?.parse()?, arg(2)?.parse()?, streams).await
+            }
             "ping" => ping(arg(1)?.parse()?, arg(2)?.parse()?).await,
             "reset" => reset(arg(1)?.parse()?).await,
+            "hold" => hold(arg(1)?.parse()?, arg(2)?.parse()?).await,
+            "mark" => mark(arg(1)?.parse()?, arg(2)?, arg(3)?.parse()?).await,
             _ => bail!(USAGE),
         }
     })
@@ -202,21 +208,33 @@ async fn many(targets: Vec<SocketAddr>, count: usize) -> Result<()> {
     Ok(())
 }
 
-async fn sink(target: SocketAddr, secs: f64) -> Result<()> {
-    let s = TcpStream::connect(target).await?;
-    let (mut r, mut w) = s.into_split();
-    w.write_all(b"SINK\n").await?;
-    let buf = vec![0x5au8; 256 * 1024];
+/// Streams bytes to a SINK on `streams` connections at once for `secs`; prints the total
+/// rate the server counted.
+async fn sink(target: SocketAddr, secs: f64, streams: usize) -> Result<()> {
+    ensure!(streams > 0, USAGE);
     let start = Instant::now();
     let limit = Duration::from_secs_f64(secs);
-    while start.elapsed() < limit {
-        w.write_all(&buf).await?;
+    let mut tasks = Vec::new();
+    for _ in 0..streams {
+        tasks.push(tokio::spawn(async move {
+            let s = TcpStream::connect(target).await?;
+            let (mut r, mut w) = s.into_split();
+            w.write_all(b"SINK\n").await?;
+            let buf = vec![0x5au8; 256 * 1024];
+            while start.elapsed() < limit {
+                w.write_all(&buf).await?;
+            }
+            w.shutdown().await?;
+            let mut answer = String::new();
+            r.read_to_string(&mut answer).await?;
+            anyhow::Ok(answer.trim().parse::<f64>()?)
+        }));
     }
-    w.shutdown().await?;
-    let mut answer = String::new();
-    r.read_to_string(&mut answer).await?;
+    let mut bytes = 0.0;
+    for t in tasks {
+        bytes += t.await??;
+    }
     let elapsed = start.elapsed().as_secs_f64();
-    let bytes: f64 = answer.trim().parse()?;
     println!(
         "{}",
         serde_json::json!({ "bytes": bytes, "secs": elapsed, "bytes_per_sec": bytes / elapsed })
@@ -256,4 +274,43 @@ async fn reset(target: SocketAddr) -> Result<()> {
         }
         other => bail!("expected a connection reset, got {other:?}"),
     }
+}
+
+/// Opens a connection, proves it works (ADDR), prints `open`, then holds it for up to `secs`
+/// and prints how it ended: `closed reset`, `closed eof`, or `still open`.
+async fn hold(target: SocketAddr, secs: f64) -> Result<()> {
+    let s = TcpStream::connect(target).await.with_context(|| format!("connect {target}"))?;
+    let (r, mut w) = s.into_split();
+    w.write_all(b"ADDR\n").await?;
+    let mut r = BufReader::new(r);
+    let mut line = String::new();
+    r.read_line(&mut line).await?;
+    ensure!(!line.is_empty(), "no answer from {target}");
+    println!("open");
+    let mut buf = [0u8; 64];
+    let outcome = tokio::time::timeout(Duration::from_secs_f64(secs), r.read(&mut buf)).await;
+    match outcome {
+        Err(_) => println!("still open"),
+        Ok(Ok(0)) => println!("closed eof"),
+        Ok(Ok(_)) => println!("unexpected data"),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => println!("closed reset"),
+        Ok(Err(e)) => println!("closed {e}"),
+    }
+    Ok(())
+}
+
+/// Sends `text` `repeat` times to a SINK and checks the byte count (a recognizable payload
+/// for packet captures).
+async fn mark(target: SocketAddr, text: &str, repeat: usize) -> Result<()> {
+    let s = TcpStream::connect(target).await.with_context(|| format!("connect {target}"))?;
+    let (mut r, mut w) = s.into_split();
+    w.write_all(b"SINK\n").await?;
+    let payload = text.repeat(repeat);
+    w.write_all(payload.as_bytes()).await?;
+    w.shutdown().await?;
+    let mut answer = String::new();
+    r.read_to_string(&mut answer).await?;
+    ensure!(answer.trim() == payload.len().to_string(), "sink answered {answer:?}");
+    println!("ok {} bytes", payload.len());
+    Ok(())
 }

@@ -1,0 +1,359 @@
+//! L4 authorization: AuthorizationPolicy and PeerAuthentication compiled for per-connection
+//! checks, with Istio's semantics (as ztunnel applies them at L4).
+//!
+//! Scope: a policy in [`ROOT_NAMESPACE`] without selector applies mesh-wide; one in another
+//! namespace without selector applies to that namespace; one with `selector.matchLabels`
+//! applies to the workloads of its namespace whose labels contain every selector label, and in
+//! the root namespace to the matching workloads of every namespace. An empty `matchLabels`
+//! selects every workload (of its namespace, or of the mesh in the root namespace).
+//!
+//! Matching: a policy matches when any rule matches; a policy without rules matches nothing
+//! (an ALLOW policy without rules therefore allows nothing, a DENY policy without rules denies
+//! nothing), while an empty rule (`rules: [{}]`) matches everything. A rule matches when some
+//! `from` source and some `to` operation match (an absent `from` or `to` matches everything);
+//! within a source or operation every present field must match and every present `not*` field
+//! must not. Fields evaluated at L4: principals, namespaces, serviceAccounts, ipBlocks (source)
+//! and ports (destination), with their `not*` forms. A source without identity (plaintext)
+//! fails the identity fields and passes their `not*` forms. L7-only fields (methods, paths)
+//! cannot be evaluated here: an ALLOW rule with them never matches, DENY and AUDIT rules match
+//! as if they were absent (the safe side in both cases).
+//!
+//! Decision: any DENY match denies; else, with no ALLOW policy applying, the connection is
+//! allowed; else an ALLOW match allows and anything else is denied. AUDIT policies never
+//! change the verdict; those that match are listed. Policies are evaluated DENY, then ALLOW,
+//! then AUDIT; within an action mesh-wide policies first, then namespace ones, then
+//! workload-selector ones (root namespace first), each group in `namespace/name` order. The
+//! deciding policy is the first match in that order.
+
+mod explain;
+mod peer;
+mod rules;
+
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
+
+use crate::{ns_name, sorted};
+use serde::Serialize;
+use sinew_identity::SpiffeId;
+use sinew_model::{
+    Action, AuthorizationPolicySpec, MtlsMode, Object, PeerAuthenticationSpec, ROOT_NAMESPACE,
+    Resource,
+};
+
+use self::{
+    explain::Explainer,
+    peer::PeerAuth,
+    rules::{NoTrace, Policy, Request, Trace},
+};
+
+/// The destination of a connection: the workload's namespace and labels, and the port.
+#[derive(Debug, Clone, Copy)]
+pub struct Destination<'a> {
+    /// The destination workload's namespace.
+    pub namespace: &'a str,
+    /// The destination workload's labels (what selectors match).
+    pub labels: &'a BTreeMap<String, String>,
+    /// The destination port.
+    pub port: u16,
+}
+
+/// The source of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    /// The peer's verified identity; `None` for plaintext.
+    pub identity: Option<&'a SpiffeId>,
+    /// The peer's address (an IPv4-mapped IPv6 address is treated as IPv4).
+    pub ip: IpAddr,
+}
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// The connection may proceed.
+    Allow,
+    /// The connection is refused.
+    Deny,
+}
+
+/// The outcome of an authorization check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// Allow or deny.
+    pub verdict: Verdict,
+    /// `namespace/name` of the deciding policy (the DENY that matched, the ALLOW that
+    /// matched); `None` when decided by default.
+    pub policy: Option<String>,
+    /// One short sentence, such as `denied by DENY policy shop/deny-sleep (rule 0)`.
+    pub reason: Cow<'static, str>,
+    /// `namespace/name` of every AUDIT policy that matched, in evaluation order.
+    pub audited: Vec<String>,
+}
+
+impl Decision {
+    /// True when the verdict is [`Verdict::Allow`].
+    pub fn allowed(&self) -> bool {
+        self.verdict == Verdict::Allow
+    }
+}
+
+/// What a policy applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Every workload of the mesh (root namespace, no selector).
+    Mesh,
+    /// Every workload of the policy's namespace (no selector).
+    Namespace,
+    /// Workloads whose labels match the selector.
+    Workload,
+}
+
+/// How one applicable policy was evaluated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyTrace {
+    /// `namespace/name`.
+    pub policy: String,
+    /// ALLOW, DENY or AUDIT.
+    pub action: Action,
+    /// Why it applies.
+    pub scope: Scope,
+    /// Whether one of its rules matched.
+    pub matched: bool,
+    /// The rule that matched, or for each rule the first field that failed (for each source
+    /// or operation when none matched), such as
+    /// `rule 0: from[0].source.principals: cluster.local/ns/a/sa/b not in [cluster.local/ns/a/sa/c]`.
+    pub why: Vec<String>,
+}
+
+/// A decision with the evaluation of every applicable policy, for the admin API and CLI.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Explanation {
+    /// The decision, the same [`Authz::check`] returns.
+    pub decision: Decision,
+    /// One entry per applicable policy, in evaluation order (DENY, ALLOW, AUDIT).
+    pub policies: Vec<PolicyTrace>,
+    /// The PeerAuthentication mode resolved for the destination (see [`Authz::mtls_mode`]).
+    pub mtls_mode: MtlsMode,
+}
+
+/// Policies of one scope, split by action.
+#[derive(Debug, Clone, Default)]
+struct Group {
+    deny: Vec<Policy>,
+    allow: Vec<Policy>,
+    audit: Vec<Policy>,
+}
+
+impl Group {
+    fn of(&self, action: Action) -> &[Policy] {
+        match action {
+            Action::Deny => &self.deny,
+            Action::Allow => &self.allow,
+            Action::Audit => &self.audit,
+        }
+    }
+
+    fn push(&mut self, policy: Policy) {
+        match policy.action {
+            Action::Deny => self.deny.push(policy),
+            Action::Allow => self.allow.push(policy),
+            Action::Audit => self.audit.push(policy),
+        }
+    }
+}
+
+/// The policies of one (non-root) namespace.
+#[derive(Debug, Clone, Default)]
+struct NamespacePolicies {
+    /// No selector.
+    wide: Group,
+    /// With a selector.
+    selected: Group,
+}
+
+/// Every AuthorizationPolicy and PeerAuthentication, compiled and grouped for look-up.
+#[derive(Debug, Clone, Default)]
+pub struct Authz {
+    /// Root namespace, no selector.
+    mesh: Group,
+    /// Root namespace, with a selector: matching workloads of every namespace.
+    root_selected: Group,
+    namespaces: HashMap<String, NamespacePolicies>,
+    policies: usize,
+    peers: PeerAuth,
+}
+
+impl Authz {
+    /// Compiles the AuthorizationPolicies and PeerAuthentications among `resources` (other
+    /// kinds are ignored). With two resources of the same kind, namespace and name, the first
+    /// is kept.
+    pub fn build<'a>(resources: impl IntoIterator<Item = &'a Resource>) -> Self {
+        let (mut policies, mut peers) = (Vec::new(), Vec::new());
+        for r in resources {
+            match r {
+                Resource::AuthorizationPolicy(p) => policies.push(p),
+                Resource::PeerAuthentication(p) => peers.push(p),
+                _ => {}
+            }
+        }
+        Self::from_objects(policies, peers)
+    }
+
+    pub(crate) fn from_objects(
+        policies: Vec<&Object<AuthorizationPolicySpec>>,
+        peers: Vec<&Object<PeerAuthenticationSpec>>,
+    ) -> Self {
+        let mut authz = Self { peers: PeerAuth::build(sorted(peers)), ..Self::default() };
+        for p in sorted(policies) {
+            let (ns, name) = ns_name(p);
+            let selected = p.spec.selector.is_some();
+            let scope = match (ns == ROOT_NAMESPACE, selected) {
+                (true, false) => Scope::Mesh,
+                (false, false) => Scope::Namespace,
+                (_, true) => Scope::Workload,
+            };
+            let policy = Policy::new(ns, name, scope, &p.spec);
+            let group = match (ns == ROOT_NAMESPACE, selected) {
+                (true, false) => &mut authz.mesh,
+                (true, true) => &mut authz.root_selected,
+                (false, false) => &mut authz.namespaces.entry(ns.to_owned()).or_default().wide,
+                (false, true) => &mut authz.namespaces.entry(ns.to_owned()).or_default().selected,
+            };
+            group.push(policy);
+            authz.policies += 1;
+        }
+        authz
+    }
+
+    /// True when there is no AuthorizationPolicy at all: every connection is allowed.
+    /// (PeerAuthentications do not count; they do not take part in [`Authz::check`].)
+    pub fn is_empty(&self) -> bool {
+        self.policies == 0
+    }
+
+    /// Decides a connection. Allocates nothing when no policy applies; otherwise only the
+    /// deciding policy's name, the reason and the AUDIT list.
+    pub fn check(&self, dst: &Destination<'_>, src: &Source<'_>) -> Decision {
+        self.decide(dst, src, &mut NoTrace)
+    }
+
+    /// Decides a connection like [`Authz::check`] (same evaluation, same decision) and says
+    /// how every applicable policy was evaluated.
+    pub fn explain(&self, dst: &Destination<'_>, src: &Source<'_>) -> Explanation {
+        let mut explainer = Explainer::new(src, dst.port);
+        let decision = self.decide(dst, src, &mut explainer);
+        Explanation {
+            decision,
+            policies: explainer.finish(),
+            mtls_mode: self.mtls_mode(dst.namespace, dst.labels),
+        }
+    }
+
+    /// The mTLS mode for a destination: a PeerAuthentication of its namespace whose selector
+    /// matches its labels wins, then its namespace's one without selector, then the
+    /// mesh-wide one (root namespace, no selector); UNSET inherits from the next level and the
+    /// default is PERMISSIVE, so the result is never [`MtlsMode::Unset`]. Where several apply
+    /// at one level, the first by name is used (Istio takes the oldest, which a resource does
+    /// not record here).
+    pub fn mtls_mode(&self, namespace: &str, labels: &BTreeMap<String, String>) -> MtlsMode {
+        self.peers.mode(namespace, labels)
+    }
+
+    /// The policies of `action` that apply to `dst`, in evaluation order.
+    fn applicable<'s>(
+        &'s self,
+        dst: Destination<'s>,
+        action: Action,
+    ) -> impl Iterator<Item = &'s Policy> + 's {
+        let ns = self.namespaces.get(dst.namespace);
+        let wide = ns.map_or(&[][..], |n| n.wide.of(action));
+        let selected = ns.map_or(&[][..], |n| n.selected.of(action));
+        self.mesh.of(action).iter().chain(wide).chain(
+            self.root_selected
+                .of(action)
+                .iter()
+                .chain(selected)
+                .filter(move |p| p.selects(dst.labels)),
+        )
+    }
+
+    /// The one evaluation behind both `check` and `explain`. With a tracer that is not `ON`,
+    /// it stops at the deciding match; with one, it evaluates every applicable policy. The
+    /// decision is the same: the first match in evaluation order decides.
+    fn decide<T: Trace>(&self, dst: &Destination<'_>, src: &Source<'_>, t: &mut T) -> Decision {
+        let req = Request { identity: src.identity, ip: src.ip.to_canonical(), port: dst.port };
+        let dst = *dst;
+        let first_match = |action, t: &mut T| {
+            let mut found = None;
+            let mut applies = false;
+            for p in self.applicable(dst, action) {
+                applies = true;
+                if let Some(rule) = p.first_match(&req, t)
+                    && found.is_none()
+                {
+                    found = Some((p, rule));
+                    if !T::ON {
+                        break;
+                    }
+                }
+            }
+            (found, applies)
+        };
+        let (deny, _) = first_match(Action::Deny, t);
+        let (allow, allow_applies) = match deny {
+            Some(_) if !T::ON => (None, true),
+            _ => first_match(Action::Allow, t),
+        };
+        let mut audited = Vec::new();
+        for p in self.applicable(dst, Action::Audit) {
+            if p.first_match(&req, t).is_some() {
+                audited.push(p.key.clone());
+            }
+        }
+        let (verdict, policy, reason) = match (deny, allow) {
+            (Some((p, rule)), _) => {
+                let l7 = p.rules.get(rule).is_some_and(|r| r.l7.is_some());
+                let note = if l7 { ", L7 fields ignored at L4" } else { "" };
+                let reason = format!("denied by DENY policy {} (rule {rule}{note})", p.key);
+                (Verdict::Deny, Some(p.key.clone()), Cow::Owned(reason))
+            }
+            (None, _) if !allow_applies => {
+                (Verdict::Allow, None, Cow::Borrowed("allowed: no ALLOW policy applies"))
+            }
+            (None, Some((p, rule))) => {
+                let reason = format!("allowed by ALLOW policy {} (rule {rule})", p.key);
+                (Verdict::Allow, Some(p.key.clone()), Cow::Owned(reason))
+            }
+            (None, None) => {
+                let names = list_names(self.applicable(dst, Action::Allow));
+                let reason = format!("denied: ALLOW policies apply ({names}) and none matches");
+                (Verdict::Deny, None, Cow::Owned(reason))
+            }
+        };
+        Decision { verdict, policy, reason, audited }
+    }
+}
+
+/// Up to three policy names, then how many more.
+fn list_names<'a>(policies: impl Iterator<Item = &'a Policy>) -> String {
+    const SHOWN: usize = 3;
+    let mut out = String::new();
+    let mut count = 0;
+    for p in policies {
+        if count < SHOWN {
+            if count > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(&p.key);
+        }
+        count += 1;
+    }
+    if count > SHOWN {
+        out.push_str(&format!(" and {} more", count - SHOWN));
+    }
+    out
+}

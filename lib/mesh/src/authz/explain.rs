@@ -1,0 +1,134 @@
+//! The tracer behind `Authz::explain`: turns what the evaluation went through into words.
+
+use std::fmt::Display;
+
+use sinew_model::Action;
+
+use super::{
+    PolicyTrace, Source,
+    rules::{Field, Miss, Policy, Trace},
+};
+
+/// Collects the misses of the policy being evaluated, then one [`PolicyTrace`] per policy.
+pub(super) struct Explainer<'a> {
+    source: Source<'a>,
+    port: u16,
+    misses: Vec<(usize, Miss)>,
+    traces: Vec<PolicyTrace>,
+}
+
+impl<'a> Explainer<'a> {
+    pub fn new(source: &Source<'a>, port: u16) -> Self {
+        Self { source: *source, port, misses: Vec::new(), traces: Vec::new() }
+    }
+
+    pub fn finish(self) -> Vec<PolicyTrace> {
+        self.traces
+    }
+
+    fn describe(&self, policy: &Policy, rule: usize, miss: Miss) -> String {
+        let rule = policy.rules.get(rule);
+        match miss {
+            Miss::L7 { to, field } => format!(
+                "to[{to}].operation.{field}: L7 field, not evaluated at L4: an ALLOW rule with \
+                 it never matches"
+            ),
+            Miss::From { index, field } => {
+                let path = format!("from[{index}].source.{}", field.name());
+                let Some(source) = rule.and_then(|r| r.from.get(index)) else {
+                    return path;
+                };
+                let s = &source.spec;
+                let list = match field {
+                    Field::Principals => &s.principals,
+                    Field::NotPrincipals => &s.not_principals,
+                    Field::Namespaces => &s.namespaces,
+                    Field::NotNamespaces => &s.not_namespaces,
+                    Field::ServiceAccounts => &s.service_accounts,
+                    Field::NotServiceAccounts => &s.not_service_accounts,
+                    Field::IpBlocks => &s.ip_blocks,
+                    Field::NotIpBlocks => &s.not_ip_blocks,
+                    Field::Ports | Field::NotPorts => return path,
+                };
+                match self.source_value(field) {
+                    Some(value) => in_list(&path, field, value, list),
+                    None => format!("{path}: plaintext source has no identity"),
+                }
+            }
+            Miss::To { index, field } => {
+                let path = format!("to[{index}].operation.{}", field.name());
+                let Some(op) = rule.and_then(|r| r.to.get(index)) else {
+                    return path;
+                };
+                let list = if field == Field::NotPorts { &op.not_ports } else { &op.ports };
+                let ports: Vec<u16> = list.iter().map(|p| p.0).collect();
+                in_list(&path, field, self.port, &ports)
+            }
+        }
+    }
+
+    /// What a source field was compared with; `None` for an identity field without identity.
+    fn source_value(&self, field: Field) -> Option<String> {
+        let id = self.source.identity;
+        match field {
+            Field::Principals | Field::NotPrincipals => id.map(|id| id.principal()),
+            Field::Namespaces | Field::NotNamespaces => id.map(|id| id.namespace.clone()),
+            Field::ServiceAccounts | Field::NotServiceAccounts => {
+                id.map(|id| format!("{}/{}", id.namespace, id.service_account))
+            }
+            _ => Some(self.source.ip.to_canonical().to_string()),
+        }
+    }
+}
+
+fn in_list<V: Display, T: Display>(path: &str, field: Field, value: V, list: &[T]) -> String {
+    let items: Vec<String> = list.iter().map(ToString::to_string).collect();
+    let relation = if field.negated() { "in" } else { "not in" };
+    format!("{path}: {value} {relation} [{}]", items.join(", "))
+}
+
+fn action_name(action: Action) -> &'static str {
+    match action {
+        Action::Allow => "ALLOW",
+        Action::Deny => "DENY",
+        Action::Audit => "AUDIT",
+    }
+}
+
+impl Trace for Explainer<'_> {
+    const ON: bool = true;
+
+    fn miss(&mut self, rule: usize, miss: Miss) {
+        self.misses.push((rule, miss));
+    }
+
+    fn policy(&mut self, policy: &Policy, matched: Option<usize>) {
+        let misses = std::mem::take(&mut self.misses);
+        let mut why = Vec::new();
+        match matched {
+            Some(rule) => {
+                why.push(format!("rule {rule} matched"));
+                if let Some((to, field)) = policy.rules.get(rule).and_then(|r| r.l7) {
+                    why.push(format!(
+                        "rule {rule}: to[{to}].operation.{field}: L7 field ignored at L4: a {} \
+                         rule matches without it (fail safe)",
+                        action_name(policy.action)
+                    ));
+                }
+            }
+            None if policy.rules.is_empty() => why.push("no rules: matches nothing".to_owned()),
+            None => {
+                for (rule, miss) in misses {
+                    why.push(format!("rule {rule}: {}", self.describe(policy, rule, miss)));
+                }
+            }
+        }
+        self.traces.push(PolicyTrace {
+            policy: policy.key.clone(),
+            action: policy.action,
+            scope: policy.scope,
+            matched: matched.is_some(),
+            why,
+        });
+    }
+}

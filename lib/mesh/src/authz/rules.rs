@@ -1,0 +1,399 @@
+//! Compiled policy rules and how one connection is matched against them.
+//!
+//! Matching never allocates: a principal is compared against `<td>/ns/<ns>/sa/<sa>` piece by
+//! piece instead of being formatted, and a failed match reports only which field failed
+//! ([`Miss`]); [`super::explain`] turns that into words when someone asks.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use ipnet::IpNet;
+use sinew_identity::SpiffeId;
+use sinew_model::{Action, AuthorizationPolicySpec, Operation, Rule};
+
+use super::Scope;
+
+/// The connection being checked, with the source address already canonical.
+pub(super) struct Request<'a> {
+    pub identity: Option<&'a SpiffeId>,
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+/// A source or operation field that did not match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Field {
+    Principals,
+    NotPrincipals,
+    Namespaces,
+    NotNamespaces,
+    ServiceAccounts,
+    NotServiceAccounts,
+    IpBlocks,
+    NotIpBlocks,
+    Ports,
+    NotPorts,
+}
+
+impl Field {
+    /// The field's name in the policy, as written in YAML.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Principals => "principals",
+            Self::NotPrincipals => "notPrincipals",
+            Self::Namespaces => "namespaces",
+            Self::NotNamespaces => "notNamespaces",
+            Self::ServiceAccounts => "serviceAccounts",
+            Self::NotServiceAccounts => "notServiceAccounts",
+            Self::IpBlocks => "ipBlocks",
+            Self::NotIpBlocks => "notIpBlocks",
+            Self::Ports => "ports",
+            Self::NotPorts => "notPorts",
+        }
+    }
+
+    /// True for the `not*` forms, which fail when the value is in the list.
+    pub fn negated(self) -> bool {
+        matches!(
+            self,
+            Self::NotPrincipals
+                | Self::NotNamespaces
+                | Self::NotServiceAccounts
+                | Self::NotIpBlocks
+                | Self::NotPorts
+        )
+    }
+}
+
+/// Why a rule did not match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Miss {
+    /// An ALLOW rule with an L7-only field in `to[to]`: it never matches at L4.
+    L7 { to: usize, field: &'static str },
+    /// `from[index]` failed on `field` (reported for every source when none matched).
+    From { index: usize, field: Field },
+    /// `to[index]` failed on `field` (reported for every operation when none matched).
+    To { index: usize, field: Field },
+}
+
+/// Receives what an evaluation went through. [`NoTrace`] for `check`, the explainer for
+/// `explain`: both run the very same evaluation, so they cannot disagree.
+pub(super) trait Trace {
+    /// Whether misses are wanted, and whether evaluation must go on past the deciding match.
+    const ON: bool;
+    /// A rule of the policy being evaluated did not match.
+    fn miss(&mut self, rule: usize, miss: Miss);
+    /// A policy was evaluated: the first rule that matched, if any.
+    fn policy(&mut self, policy: &Policy, matched: Option<usize>);
+}
+
+/// The hot path's tracer: records nothing.
+pub(super) struct NoTrace;
+
+impl Trace for NoTrace {
+    const ON: bool = false;
+    fn miss(&mut self, _: usize, _: Miss) {}
+    fn policy(&mut self, _: &Policy, _: Option<usize>) {}
+}
+
+/// One AuthorizationPolicy, ready to evaluate.
+#[derive(Debug, Clone)]
+pub(super) struct Policy {
+    /// `namespace/name`.
+    pub key: String,
+    pub namespace: String,
+    pub action: Action,
+    pub scope: Scope,
+    /// `matchLabels` (empty unless `scope` is `Workload`, where empty selects everything).
+    pub selector: BTreeMap<String, String>,
+    pub rules: Vec<CompiledRule>,
+}
+
+impl Policy {
+    pub fn new(namespace: &str, name: &str, scope: Scope, spec: &AuthorizationPolicySpec) -> Self {
+        Self {
+            key: format!("{namespace}/{name}"),
+            namespace: namespace.to_owned(),
+            action: spec.action,
+            scope,
+            selector: spec.selector.as_ref().map(|s| s.match_labels.clone()).unwrap_or_default(),
+            rules: spec.rules.iter().map(CompiledRule::new).collect(),
+        }
+    }
+
+    /// Whether a workload with these labels is selected (always, for mesh and namespace scope).
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+
+    /// The first rule that matches. No rules: nothing matches (Istio: an ALLOW policy without
+    /// rules allows nothing, a DENY policy without rules denies nothing).
+    pub fn first_match<T: Trace>(&self, req: &Request<'_>, t: &mut T) -> Option<usize> {
+        let matched = self
+            .rules
+            .iter()
+            .enumerate()
+            .find(|(i, rule)| rule.matches(*i, self.action, &self.namespace, req, t))
+            .map(|(i, _)| i);
+        t.policy(self, matched);
+        matched
+    }
+}
+
+/// One rule, with its IP blocks parsed.
+#[derive(Debug, Clone)]
+pub(super) struct CompiledRule {
+    pub from: Vec<CompiledSource>,
+    pub to: Vec<Operation>,
+    /// The first L7-only field (`to` index, field name), which an L4 check cannot evaluate.
+    pub l7: Option<(usize, &'static str)>,
+}
+
+impl CompiledRule {
+    fn new(rule: &Rule) -> Self {
+        Self {
+            from: rule.from.iter().map(|f| CompiledSource::new(&f.source)).collect(),
+            to: rule.to.iter().map(|t| t.operation.clone()).collect(),
+            l7: rule
+                .to
+                .iter()
+                .enumerate()
+                .find_map(|(i, t)| l7_field(&t.operation).map(|f| (i, f))),
+        }
+    }
+
+    /// Every present part matches: some source and some operation. Like ztunnel, an ALLOW
+    /// rule with L7 fields never matches, and DENY and AUDIT rules ignore those fields (a
+    /// broader match is the safe side for them).
+    fn matches<T: Trace>(
+        &self,
+        index: usize,
+        action: Action,
+        policy_ns: &str,
+        req: &Request<'_>,
+        t: &mut T,
+    ) -> bool {
+        if action == Action::Allow
+            && let Some((to, field)) = self.l7
+        {
+            t.miss(index, Miss::L7 { to, field });
+            return false;
+        }
+        if !self.from.is_empty() && !self.from.iter().any(|s| s.check(req, policy_ns).is_ok()) {
+            if T::ON {
+                for (i, s) in self.from.iter().enumerate() {
+                    if let Err(field) = s.check(req, policy_ns) {
+                        t.miss(index, Miss::From { index: i, field });
+                    }
+                }
+            }
+            return false;
+        }
+        if !self.to.is_empty() && !self.to.iter().any(|op| check_operation(op, req.port).is_ok()) {
+            if T::ON {
+                for (i, op) in self.to.iter().enumerate() {
+                    if let Err(field) = check_operation(op, req.port) {
+                        t.miss(index, Miss::To { index: i, field });
+                    }
+                }
+            }
+            return false;
+        }
+        true
+    }
+}
+
+fn l7_field(op: &Operation) -> Option<&'static str> {
+    [
+        (!op.methods.is_empty(), "methods"),
+        (!op.not_methods.is_empty(), "notMethods"),
+        (!op.paths.is_empty(), "paths"),
+        (!op.not_paths.is_empty(), "notPaths"),
+    ]
+    .into_iter()
+    .find_map(|(present, name)| present.then_some(name))
+}
+
+/// `from[i].source` with its IP blocks parsed once.
+#[derive(Debug, Clone)]
+pub(super) struct CompiledSource {
+    pub spec: sinew_model::Source,
+    ip_blocks: Vec<IpNet>,
+    not_ip_blocks: Vec<IpNet>,
+}
+
+impl CompiledSource {
+    fn new(spec: &sinew_model::Source) -> Self {
+        // An unparsable block (validation refuses them) is dropped: it never matches. A
+        // non-empty `ipBlocks` whose blocks all failed then matches nothing, as it should.
+        let parse = |list: &[String]| list.iter().filter_map(|b| parse_block(b)).collect();
+        Self {
+            ip_blocks: parse(&spec.ip_blocks),
+            not_ip_blocks: parse(&spec.not_ip_blocks),
+            spec: spec.clone(),
+        }
+    }
+
+    /// `Ok` when every present field matches, else the first that does not, in the order
+    /// the fields are declared. A source without identity (plaintext) fails `principals`,
+    /// `namespaces` and `serviceAccounts` and passes their `not*` forms, as in Istio.
+    pub fn check(&self, req: &Request<'_>, policy_ns: &str) -> Result<(), Field> {
+        let s = &self.spec;
+        let with_id = |list: &[String], f: fn(&str, &SpiffeId, &str) -> bool| {
+            req.identity.is_some_and(|id| list.iter().any(|p| f(p, id, policy_ns)))
+        };
+        let principal: fn(&str, &SpiffeId, &str) -> bool = |p, id, _| principal_matches(p, id);
+        let namespace: fn(&str, &SpiffeId, &str) -> bool =
+            |p, id, _| wildcard_matches(p, &[&id.namespace]);
+        let account: fn(&str, &SpiffeId, &str) -> bool = service_account_matches;
+        let in_blocks = |nets: &[IpNet]| nets.iter().any(|n| n.contains(&req.ip));
+        first_failure([
+            (Field::Principals, &s.principals, &|| with_id(&s.principals, principal)),
+            (Field::NotPrincipals, &s.not_principals, &|| with_id(&s.not_principals, principal)),
+            (Field::Namespaces, &s.namespaces, &|| with_id(&s.namespaces, namespace)),
+            (Field::NotNamespaces, &s.not_namespaces, &|| with_id(&s.not_namespaces, namespace)),
+            (Field::ServiceAccounts, &s.service_accounts, &|| {
+                with_id(&s.service_accounts, account)
+            }),
+            (Field::NotServiceAccounts, &s.not_service_accounts, &|| {
+                with_id(&s.not_service_accounts, account)
+            }),
+            (Field::IpBlocks, &s.ip_blocks, &|| in_blocks(&self.ip_blocks)),
+            (Field::NotIpBlocks, &s.not_ip_blocks, &|| in_blocks(&self.not_ip_blocks)),
+        ])
+    }
+}
+
+fn check_operation(op: &Operation, port: u16) -> Result<(), Field> {
+    first_failure([
+        (Field::Ports, &op.ports, &|| op.ports.iter().any(|p| p.0 == port)),
+        (Field::NotPorts, &op.not_ports, &|| op.not_ports.iter().any(|p| p.0 == port)),
+    ])
+}
+
+/// A field, its list, and whether the value is in that list (computed only when needed).
+type Check<'a, T> = (Field, &'a [T], &'a dyn Fn() -> bool);
+
+/// The first failing check, in order: a non-empty positive field needs the value in its list,
+/// a non-empty `not*` field needs it absent.
+fn first_failure<T, const N: usize>(checks: [Check<'_, T>; N]) -> Result<(), Field> {
+    match checks.into_iter().find(|(f, list, found)| !list.is_empty() && found() == f.negated()) {
+        Some((field, _, _)) => Err(field),
+        None => Ok(()),
+    }
+}
+
+/// A CIDR or a single address; an IPv4-mapped IPv6 block is folded to IPv4 like the source
+/// addresses it is compared with.
+pub(super) fn parse_block(s: &str) -> Option<IpNet> {
+    let net = sinew_model::parse_ip_block(s)?;
+    Some(match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    })
+}
+
+fn principal_matches(pattern: &str, id: &SpiffeId) -> bool {
+    wildcard_matches(
+        pattern,
+        &[&id.trust_domain, "/ns/", &id.namespace, "/sa/", &id.service_account],
+    )
+}
+
+/// `<ns>/<sa>`, or a bare `<sa>` of the policy's namespace.
+fn service_account_matches(pattern: &str, id: &SpiffeId, policy_ns: &str) -> bool {
+    let (ns, sa) = pattern.split_once('/').unwrap_or((policy_ns, pattern));
+    id.namespace == ns && id.service_account == sa
+}
+
+/// Istio's string match on a value given as consecutive pieces: `*` matches anything, a
+/// leading `*` makes a suffix match, a trailing one a prefix match, anything else is exact
+/// (so a `*` in the middle is a literal character, never a wildcard).
+pub(super) fn wildcard_matches(pattern: &str, value: &[&str]) -> bool {
+    if pattern == "*" {
+        true
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        ends_with(value, suffix)
+    } else if let Some(prefix) = pattern.strip_suffix('*') {
+        starts_with(value, prefix)
+    } else {
+        equals(value, pattern)
+    }
+}
+
+fn equals(parts: &[&str], mut rest: &str) -> bool {
+    for part in parts {
+        match rest.strip_prefix(part) {
+            Some(r) => rest = r,
+            None => return false,
+        }
+    }
+    rest.is_empty()
+}
+
+fn starts_with(parts: &[&str], mut prefix: &str) -> bool {
+    for part in parts {
+        if prefix.len() <= part.len() {
+            return part.starts_with(prefix);
+        }
+        match prefix.strip_prefix(part) {
+            Some(r) => prefix = r,
+            None => return false,
+        }
+    }
+    prefix.is_empty()
+}
+
+fn ends_with(parts: &[&str], mut suffix: &str) -> bool {
+    for part in parts.iter().rev() {
+        if suffix.len() <= part.len() {
+            return part.ends_with(suffix);
+        }
+        match suffix.strip_suffix(part) {
+            Some(r) => suffix = r,
+            None => return false,
+        }
+    }
+    suffix.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Piecewise matching agrees with matching the joined string, for patterns cut at every
+    /// position of real and near-miss principals.
+    #[test]
+    fn piecewise_matches_joined() {
+        let parts = ["cluster.local", "/ns/", "shop", "/sa/", "web"];
+        let joined: String = parts.concat();
+        let others = ["cluster.local/ns/shop/sa/webx", "xcluster.local/ns/shop/sa/web", "", "é"];
+        for s in std::iter::once(joined.as_str()).chain(others) {
+            for cut in (0..=s.len()).filter(|&i| s.is_char_boundary(i)) {
+                let (head, tail) = s.split_at(cut);
+                for pattern in [format!("{head}*"), format!("*{tail}"), head.to_owned()] {
+                    let want = if pattern == "*" {
+                        true
+                    } else if let Some(sfx) = pattern.strip_prefix('*') {
+                        joined.ends_with(sfx)
+                    } else if let Some(pfx) = pattern.strip_suffix('*') {
+                        joined.starts_with(pfx)
+                    } else {
+                        joined == pattern
+                    };
+                    assert_eq!(wildcard_matches(&pattern, &parts), want, "{pattern}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mapped_blocks_fold_to_v4() {
+        assert_eq!(parse_block("::ffff:10.0.0.0/104"), "10.0.0.0/8".parse().ok());
+        assert_eq!(parse_block("::ffff:10.0.0.1"), "10.0.0.1/32".parse().ok());
+        assert_eq!(parse_block("::ffff:0:0/80"), "::ffff:0:0/80".parse().ok());
+        assert_eq!(parse_block("nonsense"), None);
+    }
+}

@@ -1,0 +1,252 @@
+//! Workloads and services indexed by name and address, with what their namespace says about
+//! enrollment and waypoints.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use sinew_identity::{SpiffeId, SpiffeIdError};
+use sinew_model::{
+    DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, NamespaceSpec, Object, Resource, ServicePort,
+    ServiceSpec, USE_WAYPOINT_LABEL, WorkloadSpec,
+};
+
+use crate::{Authz, ns_name, sorted};
+
+/// A workload (pod or VM) as the data plane needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadInfo {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The service account its identity is issued for.
+    pub service_account: String,
+    /// The node it runs on.
+    pub node: String,
+    /// Its addresses, as configured.
+    pub ips: Vec<IpAddr>,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its namespace is labelled `sinew.io/dataplane-mode=ambient`.
+    pub in_mesh: bool,
+    /// `sinew.io/use-waypoint` of its namespace, if any (an empty value counts as none).
+    pub waypoint: Option<String>,
+}
+
+impl WorkloadInfo {
+    /// Its SPIFFE id in `trust_domain`.
+    pub fn identity(&self, trust_domain: &str) -> Result<SpiffeId, SpiffeIdError> {
+        SpiffeId::new(trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A service as the data plane needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Its virtual IPs, as configured (empty: headless).
+    pub vips: Vec<IpAddr>,
+    /// Its ports.
+    pub ports: Vec<ServicePort>,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its own `sinew.io/use-waypoint` label, else its namespace's (an empty value counts as
+    /// none).
+    pub waypoint: Option<String>,
+    /// The workloads of its namespace whose labels contain every selector label, by name (an
+    /// empty selector selects none).
+    pub endpoints: Vec<Arc<WorkloadInfo>>,
+}
+
+impl ServiceInfo {
+    /// The workload port behind service port `port` (its `targetPort`, else `port` itself);
+    /// `None` when the service has no such port.
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports.iter().find(|p| p.port.0 == port).map(|p| p.target_port.unwrap_or(p.port).0)
+    }
+}
+
+/// What a Namespace resource says.
+#[derive(Debug, Clone, Default)]
+struct NamespaceInfo {
+    ambient: bool,
+    waypoint: Option<String>,
+}
+
+/// Workloads, services and policies, built once per configuration change and queried per
+/// connection. The default is empty.
+///
+/// Where two objects conflict, the first in `(namespace, name)` order wins, whatever order the
+/// resources came in: two workloads claiming one IP leave it to the first; two services
+/// claiming one VIP likewise. Addresses are indexed canonically (an IPv4-mapped IPv6 address
+/// as IPv4), and looked up the same way.
+#[derive(Debug, Clone, Default)]
+pub struct MeshIndex {
+    /// namespace -> name -> workload.
+    workloads: BTreeMap<String, BTreeMap<String, Arc<WorkloadInfo>>>,
+    by_ip: HashMap<IpAddr, Arc<WorkloadInfo>>,
+    /// namespace -> name -> service.
+    services: BTreeMap<String, BTreeMap<String, Arc<ServiceInfo>>>,
+    by_vip: HashMap<IpAddr, Arc<ServiceInfo>>,
+    ambient: HashSet<String>,
+    authz: Authz,
+}
+
+/// `sinew.io/use-waypoint` from a label map, empty meaning none.
+fn waypoint_label(labels: &BTreeMap<String, String>) -> Option<String> {
+    labels.get(USE_WAYPOINT_LABEL).filter(|w| !w.is_empty()).cloned()
+}
+
+impl MeshIndex {
+    /// Indexes `resources` (validated ones; anything else is indexed as well as it can be,
+    /// never refused). Of two resources with the same kind, namespace and name, the first is
+    /// kept.
+    pub fn build<'a>(resources: impl IntoIterator<Item = &'a Resource>) -> Self {
+        let (mut namespaces, mut workloads, mut services) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut policies, mut peers) = (Vec::new(), Vec::new());
+        for r in resources {
+            match r {
+                Resource::Namespace(o) => namespaces.push(o),
+                Resource::Workload(o) => workloads.push(o),
+                Resource::Service(o) => services.push(o),
+                Resource::AuthorizationPolicy(o) => policies.push(o),
+                Resource::PeerAuthentication(o) => peers.push(o),
+                _ => {}
+            }
+        }
+        let namespaces = namespace_infos(namespaces);
+        let mut index = Self {
+            ambient: namespaces.iter().filter(|(_, n)| n.ambient).map(|(k, _)| k.clone()).collect(),
+            authz: Authz::from_objects(policies, peers),
+            ..Self::default()
+        };
+        for w in sorted(workloads) {
+            let info = Arc::new(workload_info(w, &namespaces));
+            for ip in &info.ips {
+                index.by_ip.entry(ip.to_canonical()).or_insert_with(|| info.clone());
+            }
+            let by_name = index.workloads.entry(info.namespace.clone()).or_default();
+            by_name.insert(info.name.clone(), info);
+        }
+        for s in sorted(services) {
+            let info = Arc::new(index.service_info(s, &namespaces));
+            for ip in &info.vips {
+                index.by_vip.entry(ip.to_canonical()).or_insert_with(|| info.clone());
+            }
+            let by_name = index.services.entry(info.namespace.clone()).or_default();
+            by_name.insert(info.name.clone(), info);
+        }
+        index
+    }
+
+    fn service_info(
+        &self,
+        s: &Object<ServiceSpec>,
+        namespaces: &HashMap<String, NamespaceInfo>,
+    ) -> ServiceInfo {
+        let (ns, name) = ns_name(s);
+        let selector = &s.spec.selector;
+        let endpoints = match self.workloads.get(ns) {
+            Some(workloads) if !selector.is_empty() => workloads
+                .values()
+                .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
+        };
+        ServiceInfo {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            vips: s.spec.cluster_ips.clone(),
+            ports: s.spec.ports.clone(),
+            labels: s.metadata.labels.clone(),
+            waypoint: waypoint_label(&s.metadata.labels)
+                .or_else(|| namespaces.get(ns).and_then(|n| n.waypoint.clone())),
+            endpoints,
+        }
+    }
+
+    /// The workload that holds `ip`.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<WorkloadInfo>> {
+        self.by_ip.get(&ip.to_canonical())
+    }
+
+    /// A workload by namespace and name.
+    pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<WorkloadInfo>> {
+        self.workloads.get(namespace)?.get(name)
+    }
+
+    /// Every workload, in `(namespace, name)` order.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<WorkloadInfo>> {
+        self.workloads.values().flat_map(BTreeMap::values)
+    }
+
+    /// The service that holds virtual IP `ip`.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<ServiceInfo>> {
+        self.by_vip.get(&ip.to_canonical())
+    }
+
+    /// A service by namespace and name.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<ServiceInfo>> {
+        self.services.get(namespace)?.get(name)
+    }
+
+    /// Every service, in `(namespace, name)` order.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceInfo>> {
+        self.services.values().flat_map(BTreeMap::values)
+    }
+
+    /// True when namespace `ns` exists and is labelled `sinew.io/dataplane-mode=ambient`.
+    pub fn namespace_is_ambient(&self, ns: &str) -> bool {
+        self.ambient.contains(ns)
+    }
+
+    /// The authorization policies and peer authentications.
+    pub fn authz(&self) -> &Authz {
+        &self.authz
+    }
+}
+
+fn namespace_infos(namespaces: Vec<&Object<NamespaceSpec>>) -> HashMap<String, NamespaceInfo> {
+    sorted(namespaces)
+        .into_iter()
+        .map(|n| {
+            let labels = &n.metadata.labels;
+            let info = NamespaceInfo {
+                ambient: labels.get(DATAPLANE_MODE_LABEL).map(String::as_str)
+                    == Some(DATAPLANE_MODE_AMBIENT),
+                waypoint: waypoint_label(labels),
+            };
+            (n.metadata.name.clone(), info)
+        })
+        .collect()
+}
+
+fn workload_info(
+    w: &Object<WorkloadSpec>,
+    namespaces: &HashMap<String, NamespaceInfo>,
+) -> WorkloadInfo {
+    let (ns, name) = ns_name(w);
+    let ns_info = namespaces.get(ns);
+    WorkloadInfo {
+        namespace: ns.to_owned(),
+        name: name.to_owned(),
+        service_account: w.spec.service_account.clone(),
+        node: w.spec.node.clone(),
+        ips: w.spec.ips.clone(),
+        labels: w.metadata.labels.clone(),
+        in_mesh: ns_info.is_some_and(|n| n.ambient),
+        waypoint: ns_info.and_then(|n| n.waypoint.clone()),
+    }
+}

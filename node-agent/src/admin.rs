@@ -1,0 +1,79 @@
+//! The agent's admin endpoint (localhost by default): Prometheus metrics, readiness, the
+//! configuration and certificates in force, and policy explanations.
+
+use std::{collections::HashMap, sync::Arc};
+
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::pods::Registry;
+
+/// Serves until the task is aborted.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/stats/prometheus", get(metrics))
+        .route("/ready", get(|| async { "ready\n" }))
+        .route("/healthz/ready", get(|| async { "ready\n" }))
+        .route("/config_dump", get(config_dump))
+        .route("/certs", get(certs))
+        .route("/explain", get(explain))
+        .with_state(registry);
+    let _ = axum::serve(listener, app).await;
+}
+
+async fn metrics(State(r): State<Arc<Registry>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        r.ctx().metrics.encode(),
+    )
+}
+
+async fn config_dump(State(r): State<Arc<Registry>>) -> impl IntoResponse {
+    let mesh = r.ctx().mesh.borrow().clone();
+    let workloads: Vec<_> = mesh
+        .workloads()
+        .map(|w| {
+            json!({
+                "workload": w.key(), "node": w.node, "serviceAccount": w.service_account,
+                "ips": w.ips, "inMesh": w.in_mesh, "labels": w.labels,
+            })
+        })
+        .collect();
+    Json(json!({
+        "pods": r.status().pods,
+        "workloads": workloads,
+        "liveInboundConnections": r.ctx().live.len(),
+        "hbonePool": format!("{:?}", r.ctx().pool.stats()),
+    }))
+}
+
+async fn certs(State(r): State<Arc<Registry>>) -> impl IntoResponse {
+    Json(r.ctx().certs.dump())
+}
+
+async fn explain(
+    State(r): State<Arc<Registry>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> impl IntoResponse {
+    let (Some(src), Some(dst)) = (q.get("src"), q.get("dst")) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(
+                json!({"error": "query parameters src (<namespace>/<name> or address) and dst (<address>:<port>) are required"}),
+            ),
+        );
+    };
+    let mesh = r.ctx().mesh.borrow().clone();
+    match crate::explain::explain(&mesh, &r.ctx().trust_domain, src, dst) {
+        Ok(v) => (StatusCode::OK, Json(v)),
+        Err(e) => (StatusCode::BAD_REQUEST, Json(json!({ "error": e }))),
+    }
+}

@@ -1,0 +1,82 @@
+//! Where the agent's view of the mesh comes from: the control service (certificates and
+//! configuration, cached on disk so the agent serves while control is away) or, in
+//! capture-only mode, a directory of YAML read directly.
+//!
+//! Either way the result is a [`MeshIndex`] published on a watch channel: built once per
+//! change, read on every connection.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use sinew_control_client::{ClientConfig, start_config};
+use sinew_mesh::MeshIndex;
+use sinew_model::{Resource, Store};
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{info, warn};
+
+/// How often the directory source re-reads its files.
+pub const DIR_POLL: Duration = Duration::from_secs(2);
+
+/// The mesh view in force, and a way to wait for the next one.
+pub type MeshView = watch::Receiver<Arc<MeshIndex>>;
+
+/// Reads `dir` now and every [`DIR_POLL`]; a rejected file or resource is logged once and its
+/// last good version stays in force.
+pub fn from_dir(dir: PathBuf) -> (MeshView, JoinHandle<()>) {
+    let mut store = Store::new();
+    let mut reported = Vec::new();
+    let mut last = reload(&mut store, &dir, &mut reported);
+    let (tx, rx) = watch::channel(Arc::new(MeshIndex::build(last.iter())));
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(DIR_POLL).await;
+            let now = reload(&mut store, &dir, &mut reported);
+            if now != last {
+                tx.send_replace(Arc::new(MeshIndex::build(now.iter())));
+                last = now;
+            }
+        }
+    });
+    (rx, task)
+}
+
+fn reload(store: &mut Store, dir: &std::path::Path, reported: &mut Vec<String>) -> Vec<Resource> {
+    let errors: Vec<String> = store.reload_dir(dir).iter().map(ToString::to_string).collect();
+    for e in errors.iter().filter(|e| !reported.contains(e)) {
+        warn!(error = %e, "configuration rejected; its last good version (if any) stays in force");
+    }
+    *reported = errors;
+    store.resources().into_values().cloned().collect()
+}
+
+/// Streams configuration from the control service (see `sinew-control-client`): the disk
+/// cache is published at once, then every accepted update.
+pub fn from_control(cfg: ClientConfig) -> (MeshView, JoinHandle<()>) {
+    let (mut views, client) = start_config(cfg);
+    let first = views.borrow_and_update().clone();
+    let build = |v: &sinew_control_client::ConfigView| {
+        Arc::new(MeshIndex::build(v.resources.values().map(|h| &*h.resource)))
+    };
+    if first.from_cache && !first.resources.is_empty() {
+        info!(
+            resources = first.resources.len(),
+            "serving the cached configuration until control answers"
+        );
+    }
+    let (tx, rx) = watch::channel(build(&first));
+    let task = tokio::spawn(async move {
+        let _client = AbortOnDrop(client);
+        while views.changed().await.is_ok() {
+            let view = views.borrow_and_update().clone();
+            tx.send_replace(build(&view));
+        }
+    });
+    (rx, task)
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,410 @@
+//! Inbound: tunnels arriving on a pod's HBONE listener (15008) and plaintext connections on
+//! its 15006 listener, each authorized against the L4 policies in force before the agent
+//! connects to the application inside the pod. Admitted connections are kept in [`Live`] so a
+//! policy change can close the ones it no longer admits.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use http::StatusCode;
+use sinew_hbone::{H2Stream, Inbound};
+use sinew_identity::SpiffeId;
+use sinew_mesh::{Decision, Destination, MeshIndex, Source};
+use sinew_model::MtlsMode;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Notify,
+};
+use tracing::{debug, warn};
+
+use super::{COPY_BUFFER, Direction, PodNet, canonical, connect_in, copy, is_own_listener, reset};
+use crate::telemetry::{AccessEntry, DecisionLabels, Peer, TcpLabels};
+
+/// The error of a connection closed by a policy change.
+const CLOSED_BY_POLICY: &str = "closed: the policy in force no longer admits it";
+
+/// An admitted inbound connection, as policy sees it.
+struct LiveConn {
+    namespace: String,
+    destination: SocketAddr,
+    source_ip: IpAddr,
+    identity: Option<Arc<SpiffeId>>,
+    kill: Arc<Notify>,
+}
+
+/// Inbound connections open now.
+#[derive(Default)]
+pub struct Live {
+    conns: Mutex<HashMap<u64, LiveConn>>,
+    next: AtomicU64,
+}
+
+/// Removes a connection from [`Live`] when it ends.
+struct LiveGuard<'a> {
+    live: &'a Live,
+    id: u64,
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.live.conns.lock().expect("live lock poisoned").remove(&self.id);
+    }
+}
+
+impl Live {
+    fn register(&self, conn: LiveConn) -> LiveGuard<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.conns.lock().expect("live lock poisoned").insert(id, conn);
+        LiveGuard { live: self, id }
+    }
+
+    /// Closes the connections `mesh` no longer admits; returns how many.
+    pub fn recheck(&self, mesh: &MeshIndex) -> usize {
+        let conns = self.conns.lock().expect("live lock poisoned");
+        let mut closed = 0;
+        for c in conns.values() {
+            let labels = labels_of(mesh, c.destination.ip());
+            let dst = Destination {
+                namespace: &c.namespace,
+                labels: &labels,
+                port: c.destination.port(),
+            };
+            let strict_plaintext = c.identity.is_none()
+                && mesh.authz().mtls_mode(&c.namespace, &labels) == MtlsMode::Strict;
+            let src = Source { identity: c.identity.as_deref(), ip: c.source_ip };
+            if strict_plaintext || !mesh.authz().check(&dst, &src).allowed() {
+                c.kill.notify_one();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// How many are open.
+    pub fn len(&self) -> usize {
+        self.conns.lock().expect("live lock poisoned").len()
+    }
+
+    /// True when none is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn labels_of(mesh: &MeshIndex, ip: IpAddr) -> BTreeMap<String, String> {
+    mesh.workload_by_ip(ip).map(|w| w.labels.clone()).unwrap_or_default()
+}
+
+/// Accepts HBONE connections for `pod` until the task is aborted.
+pub async fn serve_hbone(listener: TcpListener, pod: Arc<PodNet>) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let pod = pod.clone();
+                tokio::spawn(async move {
+                    let peer = canonical(peer);
+                    let Some(identity) = pod.ctx.certs.identity(&pod.identity) else {
+                        warn!(pod = %pod.name, %peer, "no certificate yet: refusing HBONE");
+                        return reset(&tcp);
+                    };
+                    let config = match identity.server_config() {
+                        Ok(c) => c,
+                        Err(e) => return warn!(pod = %pod.name, error = %e, "TLS configuration"),
+                    };
+                    let p = pod.clone();
+                    let served = sinew_hbone::serve_connection(tcp, peer, config, move |inbound| {
+                        tunnel(p.clone(), inbound)
+                    })
+                    .await;
+                    if let Err(e) = served {
+                        // Garbage, untrusted peers, protocol errors: this peer only.
+                        debug!(pod = %pod.name, %peer, error = %e, "HBONE connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(pod = %pod.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// What an inbound connection is, for policy, metrics and the access log.
+struct Arrival {
+    source: SocketAddr,
+    identity: Option<Arc<SpiffeId>>,
+    destination: SocketAddr,
+    protocol: &'static str,
+}
+
+impl Arrival {
+    fn entry(&self, pod: &PodNet, mesh: &MeshIndex) -> (AccessEntry, TcpLabels) {
+        let mut log = AccessEntry::new("inbound", &pod.name, self.protocol, Duration::ZERO);
+        let src_workload = mesh.workload_by_ip(self.source.ip());
+        log.src = Peer {
+            addr: Some(self.source),
+            workload: src_workload.map(|w| w.key()),
+            identity: self.identity.as_ref().map(|i| i.to_string()),
+            service: None,
+        };
+        log.dst = Peer {
+            addr: Some(self.destination),
+            workload: Some(pod.name.clone()),
+            identity: Some(pod.identity.to_string()),
+            service: None,
+        };
+        let unknown = || "unknown".to_string();
+        let labels = TcpLabels {
+            reporter: "destination",
+            source_workload: src_workload.map_or_else(unknown, |w| w.name.clone()),
+            source_workload_namespace: self
+                .identity
+                .as_ref()
+                .map(|i| i.namespace.clone())
+                .or_else(|| src_workload.map(|w| w.namespace.clone()))
+                .unwrap_or_else(unknown),
+            source_principal: self.identity.as_ref().map_or_else(unknown, |i| i.to_string()),
+            destination_workload: pod.workload.clone(),
+            destination_workload_namespace: pod.namespace.clone(),
+            destination_principal: pod.identity.to_string(),
+            destination_service: unknown(),
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: if self.identity.is_some() { "mutual_tls" } else { "none" },
+        };
+        (log, labels)
+    }
+}
+
+/// Authorizes an arrival; records the decision in metrics and the log entry.
+fn authorize(
+    pod: &PodNet,
+    mesh: &MeshIndex,
+    a: &Arrival,
+    log: &mut AccessEntry,
+    labels: &mut TcpLabels,
+) -> bool {
+    let dst_labels = labels_of(mesh, a.destination.ip());
+    let decision = if a.identity.is_none()
+        && mesh.authz().mtls_mode(&pod.namespace, &dst_labels) == MtlsMode::Strict
+    {
+        None
+    } else {
+        let dst = Destination {
+            namespace: &pod.namespace,
+            labels: &dst_labels,
+            port: a.destination.port(),
+        };
+        let src = Source { identity: a.identity.as_deref(), ip: a.source.ip() };
+        Some(mesh.authz().check(&dst, &src))
+    };
+    let (allowed, word, policy, reason) = match &decision {
+        None => (false, "deny", None, "STRICT mTLS: plaintext refused".to_string()),
+        Some(d) => describe(d),
+    };
+    pod.ctx
+        .metrics
+        .decisions
+        .get_or_create(&DecisionLabels {
+            decision: word,
+            policy: policy.clone().unwrap_or_else(|| "-".into()),
+            destination_workload: pod.workload.clone(),
+            destination_workload_namespace: pod.namespace.clone(),
+            source_principal: labels.source_principal.clone(),
+        })
+        .inc();
+    log.decision = word;
+    log.policy = policy;
+    log.reason = Some(reason);
+    if !allowed {
+        labels.response_flags = "DENY";
+        pod.ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
+    }
+    allowed
+}
+
+fn describe(d: &Decision) -> (bool, &'static str, Option<String>, String) {
+    let word = if !d.allowed() {
+        "deny"
+    } else if d.audited.is_empty() {
+        "allow"
+    } else {
+        "audit"
+    };
+    let policy = d.policy.clone().or_else(|| d.audited.first().cloned());
+    (d.allowed(), word, policy, d.reason.to_string())
+}
+
+/// One `CONNECT` on the pod's HBONE listener.
+async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
+    let ctx = &pod.ctx;
+    ctx.stats.inbound.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.hbone_inbound.fetch_add(1, Ordering::Relaxed);
+    let start = Instant::now();
+    let destination = canonical(inbound.authority);
+    if !pod.ips.contains(&destination.ip()) || is_own_listener(Direction::Inbound, destination) {
+        debug!(pod = %pod.name, %destination, "CONNECT to an address that is not this pod's");
+        return inbound.refuse(StatusCode::BAD_REQUEST);
+    }
+    let arrival = Arrival {
+        source: canonical(inbound.peer_addr),
+        identity: Some(inbound.peer.clone()),
+        destination,
+        protocol: "HBONE",
+    };
+    let mesh = ctx.mesh.borrow().clone();
+    let (mut log, mut labels) = arrival.entry(&pod, &mesh);
+    if !authorize(&pod, &mesh, &arrival, &mut log, &mut labels) {
+        inbound.refuse(StatusCode::UNAUTHORIZED);
+        ctx.metrics.opened.get_or_create(&labels).inc();
+        ctx.metrics.closed(&labels, 0, 0);
+        return finish(&pod, log, start);
+    }
+    let upstream = match connect_in(&pod.netns, destination).await {
+        Ok(u) => u,
+        Err(e) => {
+            ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            inbound.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            labels.response_flags = "UF";
+            log.error = Some(format!("connecting to {destination}: {e}"));
+            return finish(&pod, log, start);
+        }
+    };
+    let stream = match inbound.accept() {
+        Ok(s) => s,
+        Err(e) => {
+            log.error = Some(e.to_string());
+            return finish(&pod, log, start);
+        }
+    };
+    ctx.metrics.opened.get_or_create(&labels).inc();
+    let kill = Arc::new(Notify::new());
+    let _live = ctx.live.register(LiveConn {
+        namespace: pod.namespace.clone(),
+        destination,
+        source_ip: arrival.source.ip(),
+        identity: arrival.identity.clone(),
+        kill: kill.clone(),
+    });
+    ctx.stats.active.fetch_add(1, Ordering::Relaxed);
+    let (mut stream, mut upstream) = (stream, upstream);
+    let result = tokio::select! {
+        r = copy_tunnel(&mut stream, &mut upstream) => r,
+        () = kill.notified() => {
+            stream.reset();
+            reset(&upstream);
+            Err(std::io::Error::other(CLOSED_BY_POLICY))
+        }
+    };
+    ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
+    record(&pod, result, &mut log, &labels);
+    finish(&pod, log, start);
+}
+
+async fn copy_tunnel(
+    stream: &mut H2Stream,
+    upstream: &mut TcpStream,
+) -> std::io::Result<(u64, u64)> {
+    let r =
+        tokio::io::copy_bidirectional_with_sizes(stream, upstream, COPY_BUFFER, COPY_BUFFER).await;
+    if r.is_err() {
+        stream.reset();
+        reset(upstream);
+    }
+    r
+}
+
+fn record(
+    pod: &PodNet,
+    result: std::io::Result<(u64, u64)>,
+    log: &mut AccessEntry,
+    labels: &TcpLabels,
+) {
+    match result {
+        Ok((sent, received)) => {
+            (log.bytes_sent, log.bytes_received) = (sent, received);
+            pod.ctx.metrics.closed(labels, sent, received);
+        }
+        Err(e) => {
+            if e.to_string() == CLOSED_BY_POLICY {
+                pod.ctx.stats.closed_by_policy.fetch_add(1, Ordering::Relaxed);
+            }
+            log.error = Some(e.to_string());
+            pod.ctx.metrics.closed(labels, 0, 0);
+        }
+    }
+}
+
+/// A plaintext connection on the pod's 15006 listener (a client outside the mesh, or a
+/// capture-only agent): refused under STRICT, else authorized without an identity.
+pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<PodNet>) {
+    let ctx = &pod.ctx;
+    ctx.stats.inbound.fetch_add(1, Ordering::Relaxed);
+    let start = Instant::now();
+    // sk_lookup keeps the destination the client used: it is our local address.
+    let destination = match downstream.local_addr() {
+        Ok(a) => canonical(a),
+        Err(e) => {
+            ctx.stats.original_dst_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(pod = %pod.name, error = %e, "inbound destination unknown");
+            return reset(&downstream);
+        }
+    };
+    if is_own_listener(Direction::Inbound, destination) {
+        warn!(pod = %pod.name, %peer, %destination, "refusing a connection to the agent's own listener");
+        return reset(&downstream);
+    }
+    let arrival = Arrival { source: canonical(peer), identity: None, destination, protocol: "TCP" };
+    let mesh = ctx.mesh.borrow().clone();
+    let (mut log, mut labels) = arrival.entry(&pod, &mesh);
+    if !authorize(&pod, &mesh, &arrival, &mut log, &mut labels) {
+        ctx.metrics.opened.get_or_create(&labels).inc();
+        ctx.metrics.closed(&labels, 0, 0);
+        finish(&pod, log, start);
+        return reset(&downstream);
+    }
+    let upstream = match connect_in(&pod.netns, destination).await {
+        Ok(u) => u,
+        Err(e) => {
+            ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            log.error = Some(format!("connecting to {destination}: {e}"));
+            finish(&pod, log, start);
+            return reset(&downstream);
+        }
+    };
+    ctx.metrics.opened.get_or_create(&labels).inc();
+    let kill = Arc::new(Notify::new());
+    let _live = ctx.live.register(LiveConn {
+        namespace: pod.namespace.clone(),
+        destination,
+        source_ip: arrival.source.ip(),
+        identity: None,
+        kill: kill.clone(),
+    });
+    ctx.stats.active.fetch_add(1, Ordering::Relaxed);
+    let (mut downstream, mut upstream) = (downstream, upstream);
+    let result = tokio::select! {
+        r = copy(&mut downstream, &mut upstream) => r,
+        () = kill.notified() => {
+            reset(&downstream);
+            reset(&upstream);
+            Err(std::io::Error::other(CLOSED_BY_POLICY))
+        }
+    };
+    ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
+    record(&pod, result, &mut log, &labels);
+    finish(&pod, log, start);
+}
+
+fn finish(pod: &PodNet, mut log: AccessEntry, start: Instant) {
+    log.duration_ms = start.elapsed().as_millis() as u64;
+    pod.ctx.access.write(&log);
+}

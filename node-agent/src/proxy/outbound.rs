@@ -1,0 +1,241 @@
+//! Outbound: a pod's captured connection, its original destination resolved against the mesh
+//! (service VIP -> an endpoint, pod address -> its workload), then HBONE to the destination
+//! pod's agent when the destination is in the mesh, plain TCP otherwise.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use sinew_hbone::{Connect, HBONE_PORT, HboneError, PoolKey};
+use sinew_mesh::{MeshIndex, ServiceInfo, WorkloadInfo};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::{
+    COPY_BUFFER, Direction, PodNet, canonical, connect_in, copy, is_own_listener, original_dst,
+    reset,
+};
+use crate::telemetry::{AccessEntry, Peer, TcpLabels};
+
+/// How long a new connection waits for its pod's first certificate.
+const CERT_WAIT: Duration = Duration::from_secs(5);
+
+/// Where an outbound connection goes.
+struct Resolved {
+    /// The address to reach (an endpoint's, for a service VIP).
+    addr: SocketAddr,
+    workload: Option<Arc<WorkloadInfo>>,
+    service: Option<Arc<ServiceInfo>>,
+}
+
+fn resolve(mesh: &MeshIndex, target: SocketAddr, rr: usize) -> Result<Resolved, String> {
+    if let Some(svc) = mesh.service_by_vip(target.ip()) {
+        let Some(port) = svc.target_port(target.port()) else {
+            return Err(format!(
+                "service {}/{} has no port {}",
+                svc.namespace,
+                svc.name,
+                target.port()
+            ));
+        };
+        let v4 = target.is_ipv4();
+        let endpoints: Vec<(&Arc<WorkloadInfo>, std::net::IpAddr)> = svc
+            .endpoints
+            .iter()
+            .filter_map(|w| w.ips.iter().find(|ip| ip.is_ipv4() == v4).map(|ip| (w, *ip)))
+            .collect();
+        if endpoints.is_empty() {
+            return Err(format!("service {}/{} has no endpoints", svc.namespace, svc.name));
+        }
+        let (w, ip) = endpoints[rr % endpoints.len()];
+        return Ok(Resolved {
+            addr: SocketAddr::new(ip, port),
+            workload: Some(w.clone()),
+            service: Some(svc.clone()),
+        });
+    }
+    Ok(Resolved {
+        addr: target,
+        workload: mesh.workload_by_ip(target.ip()).cloned(),
+        service: None,
+    })
+}
+
+pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, pod: Arc<PodNet>) {
+    let peer = canonical(peer);
+    let ctx = &pod.ctx;
+    ctx.stats.outbound.fetch_add(1, Ordering::Relaxed);
+    let start = Instant::now();
+    let mut log = AccessEntry::new("outbound", &pod.name, "TCP", Duration::ZERO);
+    log.src = Peer {
+        addr: Some(peer),
+        workload: Some(pod.name.clone()),
+        identity: Some(pod.identity.to_string()),
+        service: None,
+    };
+    let target = match original_dst(&downstream) {
+        Ok(t) if !is_own_listener(Direction::Outbound, t) => t,
+        Ok(t) => {
+            tracing::warn!(pod = %pod.name, %peer, %t, "refusing a connection to the agent's own listener");
+            return reset(&downstream);
+        }
+        Err(e) => {
+            ctx.stats.original_dst_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(pod = %pod.name, %peer, error = %e, "original destination unknown");
+            return reset(&downstream);
+        }
+    };
+    let mesh = ctx.mesh.borrow().clone();
+    let resolved = resolve(&mesh, target, ctx.rr.fetch_add(1, Ordering::Relaxed));
+    let resolved = match resolved {
+        Ok(r) => r,
+        Err(why) => {
+            ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            log.dst.addr = Some(target);
+            log.error = Some(why);
+            finish(&pod, log, start);
+            return reset(&downstream);
+        }
+    };
+    log.dst = Peer {
+        addr: Some(resolved.addr),
+        workload: resolved.workload.as_ref().map(|w| w.key()),
+        identity: None,
+        service: resolved.service.as_ref().map(|s| format!("{}.{}", s.name, s.namespace)),
+    };
+    let hbone = resolved
+        .workload
+        .as_ref()
+        .filter(|w| w.in_mesh && ctx.certs.enabled() && !pod.ips.contains(&resolved.addr.ip()));
+    let mut labels = TcpLabels {
+        reporter: "source",
+        source_workload: pod.workload.clone(),
+        source_workload_namespace: pod.namespace.clone(),
+        source_principal: pod.identity.to_string(),
+        destination_workload: resolved
+            .workload
+            .as_ref()
+            .map_or("unknown".into(), |w| w.name.clone()),
+        destination_workload_namespace: resolved
+            .workload
+            .as_ref()
+            .map_or("unknown".into(), |w| w.namespace.clone()),
+        destination_principal: "unknown".into(),
+        destination_service: log.dst.service.clone().unwrap_or_else(|| "unknown".into()),
+        request_protocol: "tcp",
+        response_flags: "-",
+        connection_security_policy: "none",
+    };
+    match hbone {
+        Some(w) => {
+            let expected = match w.identity(&ctx.trust_domain) {
+                Ok(id) => id,
+                Err(e) => {
+                    log.error = Some(e.to_string());
+                    finish(&pod, log, start);
+                    return reset(&downstream);
+                }
+            };
+            log.protocol = "HBONE";
+            log.dst.identity = Some(expected.to_string());
+            labels.destination_principal = expected.to_string();
+            labels.connection_security_policy = "mutual_tls";
+            let Some(identity) = ctx.certs.wait_identity(&pod.identity, CERT_WAIT).await else {
+                ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                log.error = Some(format!("no certificate for {} yet", pod.identity));
+                finish(&pod, log, start);
+                return reset(&downstream);
+            };
+            let key = PoolKey {
+                source: pod.identity.clone(),
+                source_ip: peer.ip(),
+                destination: SocketAddr::new(resolved.addr.ip(), HBONE_PORT),
+                expected,
+            };
+            let req = Connect { authority: resolved.addr, client: peer, baggage: None };
+            let netns = &pod.netns;
+            let tunnel = ctx.pool.connect(&key, &identity, req, |a| connect_in(netns, a)).await;
+            let mut tunnel = match tunnel {
+                Ok(t) => t,
+                Err(e) => {
+                    ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    if let HboneError::Refused { status, .. } = &e
+                        && *status == http::StatusCode::UNAUTHORIZED
+                    {
+                        log.decision = "deny";
+                        labels.response_flags = "DENY";
+                    } else {
+                        labels.response_flags = "UF";
+                    }
+                    debug!(pod = %pod.name, %peer, dst = %resolved.addr, error = %e, "HBONE connect failed");
+                    log.error = Some(e.to_string());
+                    ctx.metrics.opened.get_or_create(&labels).inc();
+                    ctx.metrics.closed(&labels, 0, 0);
+                    finish(&pod, log, start);
+                    return reset(&downstream);
+                }
+            };
+            ctx.stats.hbone_outbound.fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.opened.get_or_create(&labels).inc();
+            ctx.stats.active.fetch_add(1, Ordering::Relaxed);
+            let mut downstream = downstream;
+            let result = tokio::io::copy_bidirectional_with_sizes(
+                &mut downstream,
+                &mut tunnel,
+                COPY_BUFFER,
+                COPY_BUFFER,
+            )
+            .await;
+            ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
+            match result {
+                Ok((sent, received)) => {
+                    (log.bytes_sent, log.bytes_received) = (sent, received);
+                    ctx.metrics.closed(&labels, sent, received);
+                }
+                Err(e) => {
+                    // Reset both ways: the tunnel with RST_STREAM (on drop), the app with RST.
+                    tunnel.reset();
+                    reset(&downstream);
+                    log.error = Some(e.to_string());
+                    ctx.metrics.closed(&labels, 0, 0);
+                }
+            }
+            finish(&pod, log, start);
+        }
+        None => {
+            let upstream = match connect_in(&pod.netns, resolved.addr).await {
+                Ok(u) => u,
+                Err(e) => {
+                    ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    debug!(pod = %pod.name, %peer, target = %resolved.addr, error = %e, "upstream connect failed");
+                    log.error = Some(e.to_string());
+                    finish(&pod, log, start);
+                    return reset(&downstream);
+                }
+            };
+            ctx.metrics.opened.get_or_create(&labels).inc();
+            ctx.stats.active.fetch_add(1, Ordering::Relaxed);
+            let (mut downstream, mut upstream) = (downstream, upstream);
+            let result = copy(&mut downstream, &mut upstream).await;
+            ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
+            match result {
+                Ok((sent, received)) => {
+                    (log.bytes_sent, log.bytes_received) = (sent, received);
+                    ctx.metrics.closed(&labels, sent, received);
+                }
+                Err(e) => {
+                    log.error = Some(e.to_string());
+                    ctx.metrics.closed(&labels, 0, 0);
+                }
+            }
+            finish(&pod, log, start);
+        }
+    }
+}
+
+fn finish(pod: &PodNet, mut log: AccessEntry, start: Instant) {
+    log.duration_ms = start.elapsed().as_millis() as u64;
+    pod.ctx.access.write(&log);
+}

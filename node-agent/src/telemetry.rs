@@ -1,0 +1,237 @@
+//! What the agent reports: Istio's `istio_tcp_*` metrics (same names and labels, so existing
+//! dashboards work), authorization decisions, and one JSON access-log line per connection.
+
+use std::{
+    io::Write,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use serde::Serialize;
+
+/// The labels of every `istio_tcp_*` series (Istio's names).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `source` (outbound side) or `destination` (inbound side).
+    pub reporter: &'static str,
+    /// Source workload name.
+    pub source_workload: String,
+    /// Source workload namespace.
+    pub source_workload_namespace: String,
+    /// Source principal (`spiffe://...`), or `unknown`.
+    pub source_principal: String,
+    /// Destination workload name.
+    pub destination_workload: String,
+    /// Destination workload namespace.
+    pub destination_workload_namespace: String,
+    /// Destination principal, or `unknown`.
+    pub destination_principal: String,
+    /// Destination service (`<name>.<namespace>`), or `unknown`.
+    pub destination_service: String,
+    /// Always `tcp` at L4.
+    pub request_protocol: &'static str,
+    /// `-`, or `DENY` when authorization refused the connection, `UF` upstream failure.
+    pub response_flags: &'static str,
+    /// `mutual_tls` over HBONE, `none` for plaintext.
+    pub connection_security_policy: &'static str,
+}
+
+/// The labels of `sinew_authorization_decisions_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `allow`, `deny` or `audit` (admitted, but an AUDIT policy matched).
+    pub decision: &'static str,
+    /// The deciding policy (`<namespace>/<name>`), or `-`.
+    pub policy: String,
+    /// Destination workload name.
+    pub destination_workload: String,
+    /// Destination workload namespace.
+    pub destination_workload_namespace: String,
+    /// Source principal, or `unknown`.
+    pub source_principal: String,
+}
+
+/// The agent's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// `istio_tcp_connections_opened_total`.
+    pub opened: Family<TcpLabels, Counter>,
+    /// `istio_tcp_connections_closed_total`.
+    pub closed: Family<TcpLabels, Counter>,
+    /// `istio_tcp_sent_bytes_total` (toward the destination).
+    pub sent: Family<TcpLabels, Counter>,
+    /// `istio_tcp_received_bytes_total` (from the destination).
+    pub received: Family<TcpLabels, Counter>,
+    /// `sinew_authorization_decisions_total`.
+    pub decisions: Family<DecisionLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            registry: Registry::default(),
+            opened: Family::default(),
+            closed: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+            decisions: Family::default(),
+        };
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            m.opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            m.closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent toward the destination",
+            m.sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the destination",
+            m.received.clone(),
+        );
+        registry.register(
+            "sinew_authorization_decisions",
+            "L4 authorization decisions on inbound connections",
+            m.decisions.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts a closed connection and its bytes.
+    pub fn closed(&self, labels: &TcpLabels, sent: u64, received: u64) {
+        self.closed.get_or_create(labels).inc();
+        self.sent.get_or_create(labels).inc_by(sent);
+        self.received.get_or_create(labels).inc_by(received);
+    }
+}
+
+/// One side of a connection in the access log.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Peer {
+    /// Address.
+    pub addr: Option<SocketAddr>,
+    /// `<namespace>/<name>` of the workload, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    /// SPIFFE id, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Service (`<name>.<namespace>`), for destinations reached through one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+}
+
+/// One access-log line.
+#[derive(Debug, Clone, Serialize)]
+pub struct AccessEntry {
+    /// Seconds since the epoch, when the connection ended.
+    pub ts: f64,
+    /// `outbound` or `inbound`.
+    pub direction: &'static str,
+    /// The pod whose traffic this is (`<namespace>/<name>`).
+    pub pod: String,
+    /// `HBONE` (mutual TLS) or `TCP` (plaintext).
+    pub protocol: &'static str,
+    /// Where it came from.
+    pub src: Peer,
+    /// Where it went.
+    pub dst: Peer,
+    /// `allow`, `deny` or `audit` (inbound), `-` when not evaluated here.
+    pub decision: &'static str,
+    /// The deciding policy, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Why, in a sentence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Bytes toward the destination.
+    pub bytes_sent: u64,
+    /// Bytes from the destination.
+    pub bytes_received: u64,
+    /// How long the connection lasted.
+    pub duration_ms: u64,
+    /// What went wrong, if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl AccessEntry {
+    /// A line for a connection that lasted `duration`.
+    pub fn new(
+        direction: &'static str,
+        pod: &str,
+        protocol: &'static str,
+        duration: Duration,
+    ) -> Self {
+        Self {
+            ts: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or_default(),
+            direction,
+            pod: pod.to_owned(),
+            protocol,
+            src: Peer::default(),
+            dst: Peer::default(),
+            decision: "-",
+            policy: None,
+            reason: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration_ms: duration.as_millis() as u64,
+            error: None,
+        }
+    }
+}
+
+/// Where access-log lines go: a file, stdout, or nowhere.
+#[derive(Clone)]
+pub struct AccessLog(Option<Arc<Mutex<Box<dyn Write + Send>>>>);
+
+impl AccessLog {
+    /// `-` for stdout, `off` for none, else a file appended to.
+    pub fn open(target: &str) -> std::io::Result<Self> {
+        let out: Box<dyn Write + Send> = match target {
+            "off" => return Ok(Self(None)),
+            "-" => Box::new(std::io::stdout()),
+            path => Box::new(std::io::LineWriter::new(
+                std::fs::OpenOptions::new().create(true).append(true).open(path)?,
+            )),
+        };
+        Ok(Self(Some(Arc::new(Mutex::new(out)))))
+    }
+
+    /// Writes one line (errors writing the log never affect traffic).
+    pub fn write(&self, entry: &AccessEntry) {
+        let Some(out) = &self.0 else { return };
+        let Ok(mut line) = serde_json::to_vec(entry) else { return };
+        line.push(b'\n');
+        if let Ok(mut out) = out.lock() {
+            let _ = out.write_all(&line);
+        }
+    }
+}

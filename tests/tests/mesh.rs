@@ -1,0 +1,495 @@
+//! Root tier: mutual TLS (HBONE) between node agents, identities from the control service,
+//! and L4 authorization, end to end over real namespaces, agents and control.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use sinew_local_api::{Request, Response};
+use sinew_test_util::{Cluster, Pod, sh};
+
+const MIB: usize = 1024 * 1024;
+
+fn must_be_root() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid.split_whitespace().nth(2) == Some("0"),
+        "the root tier needs root (CI runs as root): run `sudo -E cargo xtask test`"
+    );
+}
+
+/// The pods of [`mesh`].
+struct Pods {
+    /// demo/client (service account `client`) on node 1.
+    client: Pod,
+    /// demo/other (service account `other`) on node 1.
+    other: Pod,
+    /// demo/server (service account `server`) on node 2, serving 8080.
+    server: Pod,
+    /// plain/legacy on node 1: outside the mesh.
+    legacy: Pod,
+}
+
+/// Control, two nodes with agents, three enrolled pods and one outside the mesh.
+fn mesh() -> Result<(Cluster, Pods)> {
+    must_be_root();
+    let mut c = Cluster::new(&["demo"])?;
+    c.add_node()?;
+    c.add_node()?;
+    let pods = Pods {
+        client: c.add_pod_as(1, "client", "demo", "client")?,
+        other: c.add_pod_as(1, "other", "demo", "other")?,
+        server: c.add_pod_as(2, "server", "demo", "server")?,
+        legacy: c.add_pod(1, "legacy", "plain")?,
+    };
+    c.start_control()?;
+    c.start_agent(1)?;
+    c.start_agent(2)?;
+    for p in [&pods.client, &pods.other, &pods.server, &pods.legacy] {
+        let status = c.agent(p.node).enroll(p)?;
+        ensure!(status.captured == (p.namespace == "demo"), "{status:?}");
+    }
+    c.serve(&pods.server, &[8080])?;
+    // The first connection may wait for certificates; make sure they are there.
+    wait_for("client reaches server", Duration::from_secs(20), || {
+        Ok(ping(&c, &pods.client, &pods.server).is_ok())
+    })?;
+    Ok((c, pods))
+}
+
+fn target(p: &Pod) -> String {
+    Cluster::target(p.v4(), 8080)
+}
+
+fn ping(c: &Cluster, from: &Pod, to: &Pod) -> Result<String> {
+    c.run_in(from, &["ping", &target(to), "1"])
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "timed out after {limit:?} waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A connection held open in the background (`sinew-testapp hold`).
+struct Held {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Held {
+    fn open(c: &Cluster, from: &Pod, to: &Pod, secs: u32) -> Result<Self> {
+        let mut child = from
+            .command(&c.binary("sinew-testapp"), &["hold", &target(to), &secs.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        ensure!(line.trim() == "open", "hold did not open: {line:?}");
+        Ok(Self { child, out })
+    }
+
+    /// How the connection ended (waits for the process).
+    fn outcome(mut self) -> Result<String> {
+        let mut line = String::new();
+        self.out.read_line(&mut line)?;
+        let _ = self.child.wait();
+        Ok(line.trim().to_owned())
+    }
+
+    /// True when the process has exited (the connection ended).
+    fn ended(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn explain(c: &mut Cluster, node: u8, src: &str, dst: &str) -> Result<serde_json::Value> {
+    let r = c
+        .agent(node)
+        .client()
+        .call(&Request::Explain { source: src.into(), destination: dst.into() })?;
+    match r {
+        Response::Explanation(v) => Ok(v),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+fn policy(name: &str, action: &str, from: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: demo\nspec:\n  selector:\n    matchLabels:\n      app: server\n  action: {action}\n  rules:\n  - from:\n    - source:\n        {from}\n"
+    )
+}
+
+#[test]
+fn traffic_is_mutual_tls_on_the_wire_and_a_gib_arrives_byte_exact() -> Result<()> {
+    let (mut c, p) = mesh()?;
+    // Capture on the server pod's veth (node 2 side) while a marker crosses the mesh, then
+    // while the same marker arrives in plaintext from outside the mesh (the control).
+    let node2 = c.nodes[1].netns.clone();
+    let veth = format!("p{}", p.server.v4().to_string().rsplit('.').next().unwrap_or("10"));
+    let pcap = c.dir().join("wire.pcap");
+    let marker = "SINEW-PLAINTEXT-MARKER-7f3a";
+    let capture = |c: &Cluster, from: &Pod| -> Result<Vec<u8>> {
+        let _ = std::fs::remove_file(&pcap);
+        let mut dump = std::process::Command::new("nsenter")
+            .args([
+                &format!("--net=/run/netns/{node2}"),
+                "tcpdump",
+                "-i",
+                &veth,
+                "--immediate-mode",
+                "-U",
+            ])
+            .args(["-w", &pcap.to_string_lossy(), "tcp"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut err = BufReader::new(dump.stderr.take().context("stderr")?);
+        let mut line = String::new();
+        err.read_line(&mut line)?;
+        ensure!(line.contains("listening on"), "tcpdump: {line}");
+        let sent = c.run_in(from, &["mark", &target(&p.server), marker, "1000"]);
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = sh("kill", &["-INT", &dump.id().to_string()]);
+        let _ = dump.wait();
+        sent?;
+        Ok(std::fs::read(&pcap)?)
+    };
+    let contains = |hay: &[u8]| hay.windows(marker.len()).any(|w| w == marker.as_bytes());
+    let mesh_wire = capture(&c, &p.client)?;
+    ensure!(mesh_wire.len() > 20_000, "the capture saw the traffic ({} bytes)", mesh_wire.len());
+    ensure!(!contains(&mesh_wire), "the marker crossed the wire in plaintext");
+    let plain_wire = capture(&c, &p.legacy)?;
+    ensure!(contains(&plain_wire), "control: plaintext from outside the mesh shows the marker");
+
+    // 1 GiB up (and 1 MiB back), checksummed end to end.
+    let out = c.run_in(
+        &p.client,
+        &["xfer", &target(&p.server), &(1024 * MIB).to_string(), &MIB.to_string(), "11"],
+    )?;
+    ensure!(out.contains("checksums match"), "{out}");
+
+    // The destination saw the source's SPIFFE identity, over HBONE.
+    let entries = c.agent(2).access_entries();
+    let big = entries
+        .iter()
+        .find(|e| e["bytes_sent"].as_u64() == Some(1024 * MIB as u64 + 16 + 2))
+        .or_else(|| entries.iter().max_by_key(|e| e["bytes_sent"].as_u64().unwrap_or(0)))
+        .context("no access log entry on node 2")?;
+    ensure!(big["protocol"] == "HBONE", "{big}");
+    ensure!(big["src"]["identity"] == "spiffe://cluster.local/ns/demo/sa/client", "{big}");
+    ensure!(big["dst"]["identity"] == "spiffe://cluster.local/ns/demo/sa/server", "{big}");
+    ensure!(big["decision"] == "allow", "{big}");
+    let n1 = c.agent(1).status()?.counters;
+    ensure!(n1.hbone_outbound >= 3, "{n1:?}");
+    Ok(())
+}
+
+/// A client with its own certificate, run from node 1's namespace (not a pod: it is not
+/// captured), talking HBONE to the server pod's agent directly.
+mod rogue {
+    use super::*;
+    use sinew_hbone::{Connect, Pool, PoolKey, tls::Identity};
+    use sinew_identity::{Ca, SpiffeId};
+
+    pub fn connect(
+        node_netns: &str,
+        identity: &Identity,
+        server: SocketAddr,
+        expected: &str,
+        authority: SocketAddr,
+    ) -> Result<std::result::Result<(), String>> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let netns = std::fs::File::open(format!("/run/netns/{node_netns}"))?;
+        let hbone = SocketAddr::new(server.ip(), 15008);
+        // A socket made inside node 1's namespace (setns on a thread of our own).
+        let tcp = std::thread::scope(|s| {
+            s.spawn(|| -> Result<std::net::TcpStream> {
+                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                Ok(std::net::TcpStream::connect_timeout(&hbone, Duration::from_secs(5))?)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread panicked"))?
+        })?;
+        tcp.set_nonblocking(true)?;
+        rt.block_on(async {
+            let tcp = tokio::net::TcpStream::from_std(tcp)?;
+            let key = PoolKey {
+                source: identity.id().clone(),
+                source_ip: "198.18.0.1".parse()?,
+                destination: hbone,
+                expected: expected.parse()?,
+            };
+            let req = Connect { authority, client: "198.18.0.1:1".parse()?, baggage: None };
+            let r = Pool::new().connect(&key, identity, req, |_| async { Ok(tcp) }).await;
+            Ok(r.map(drop).map_err(|e| e.to_string()))
+        })
+    }
+
+    pub fn identity(ca: &Ca, id: &str) -> Result<Identity> {
+        let id: SpiffeId = id.parse()?;
+        let (key, cert) = ca.issue(&id, &[], Duration::from_secs(600))?;
+        Ok(Identity::from_pem(&cert, &key, ca.bundle())?)
+    }
+}
+
+#[test]
+fn peers_are_authenticated_and_bad_wire_input_is_refused() -> Result<()> {
+    let (mut c, p) = mesh()?;
+    let node1 = c.nodes[0].netns.clone();
+    let ca = sinew_identity::Ca::load(
+        &c.dir().join("ca/ca-cert.pem"),
+        &c.dir().join("ca/ca-key.pem"),
+        "cluster.local",
+    )?;
+    let server = SocketAddr::new(p.server.v4(), 8080);
+    let server_id = "spiffe://cluster.local/ns/demo/sa/server";
+    let good = rogue::identity(&ca, "spiffe://cluster.local/ns/demo/sa/client")?;
+
+    // Positive control: a certificate from the mesh CA gets through.
+    let ok = rogue::connect(&node1, &good, server, server_id, server)?;
+    ensure!(ok.is_ok(), "{ok:?}");
+    // A certificate from another root is refused by the server.
+    let other_root = sinew_identity::Ca::generate("cluster.local")?;
+    let untrusted = rogue::identity(&other_root, "spiffe://cluster.local/ns/demo/sa/client")?;
+    let r = rogue::connect(&node1, &untrusted, server, server_id, server)?;
+    ensure!(r.is_err(), "a certificate from an untrusted root was accepted");
+    // A destination whose identity is not the expected one is refused by the client.
+    let r = rogue::connect(&node1, &good, server, "spiffe://cluster.local/ns/demo/sa/db", server)?;
+    let e = r.err().context("an unexpected server identity was accepted")?;
+    ensure!(e.contains("sa/server"), "the error names what the server proved: {e}");
+
+    // A CONNECT to an address that is not the pod's: 400.
+    let elsewhere: SocketAddr = "198.18.1.10:8080".parse()?;
+    let e = rogue::connect(&node1, &good, server, server_id, elsewhere)?.err();
+    ensure!(e.as_deref().is_some_and(|e| e.contains("400")), "{e:?}");
+
+    // Garbage instead of TLS, from node 1.
+    let junk = sh(
+        "nsenter",
+        &[
+            &format!("--net=/run/netns/{node1}"),
+            "sh",
+            "-c",
+            &format!(
+                "printf 'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' | timeout 5 curl -s --max-time 5 telnet://{}:15008 >/dev/null; echo done",
+                p.server.v4()
+            ),
+        ],
+    )?;
+    ensure!(junk.contains("done"), "{junk}");
+    // An oversized header block over a real mTLS HTTP/2 connection.
+    let oversized = oversized_headers(&node1, &good, server)?;
+    ensure!(oversized != Some(200), "an oversized header block was served: {oversized:?}");
+
+    // The agent kept serving everyone else.
+    ensure!(ping(&c, &p.client, &p.server).is_ok());
+    ensure!(c.agent(2).status().is_ok());
+    Ok(())
+}
+
+/// Sends a CONNECT with a 64 KiB header; returns the status if one came back.
+fn oversized_headers(
+    node_netns: &str,
+    identity: &sinew_hbone::tls::Identity,
+    server: SocketAddr,
+) -> Result<Option<u16>> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let netns = std::fs::File::open(format!("/run/netns/{node_netns}"))?;
+    let hbone = SocketAddr::new(server.ip(), 15008);
+    let tcp = std::thread::scope(|s| {
+        s.spawn(|| -> Result<std::net::TcpStream> {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(std::net::TcpStream::connect_timeout(&hbone, Duration::from_secs(5))?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread panicked"))?
+    })?;
+    tcp.set_nonblocking(true)?;
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::from_std(tcp)?;
+        let config =
+            identity.client_config(&["spiffe://cluster.local/ns/demo/sa/server".parse()?])?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(sinew_hbone::tls::server_name(hbone), tcp)
+            .await?;
+        let (send, conn) = h2::client::handshake(tls).await?;
+        tokio::spawn(conn);
+        let mut send = send.ready().await?;
+        let mut req = http::Request::builder().method("CONNECT").uri(server.to_string()).body(())?;
+        req.headers_mut().insert("x-big", "a".repeat(64 << 10).parse()?);
+        let status = match send.send_request(req, false) {
+            Ok((resp, _)) => tokio::time::timeout(Duration::from_secs(5), resp)
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .map(|r| r.status().as_u16()),
+            Err(_) => None,
+        };
+        Ok(status)
+    })
+}
+
+#[test]
+fn deny_allow_and_audit_policies_are_enforced_logged_and_explained() -> Result<()> {
+    let (mut c, p) = mesh()?;
+    // A live connection from client, then a DENY for its service account.
+    let mut held = Held::open(&c, &p.client, &p.server, 30)?;
+    c.write_config("policy.yaml", &policy("deny-client", "DENY", "serviceAccounts: [\"client\"]"))?;
+    wait_for("the DENY closes the live connection", Duration::from_secs(15), || Ok(held.ended()))?;
+    let how = held.outcome()?;
+    ensure!(how == "closed reset", "{how}");
+    ensure!(ping(&c, &p.client, &p.server).is_err(), "a denied client got through");
+    ensure!(ping(&c, &p.other, &p.server).is_ok(), "the DENY must not block other accounts");
+    let mut deny_log = None;
+    wait_for("the deny decision in the access log", Duration::from_secs(5), || {
+        deny_log = c.agent(2).access_entries().into_iter().rev().find(|e| e["decision"] == "deny");
+        Ok(deny_log.is_some())
+    })?;
+    let deny_log = deny_log.context("no deny in the access log")?;
+    ensure!(deny_log["policy"] == "demo/deny-client", "{deny_log}");
+    ensure!(
+        c.agent(2).metric(
+            "sinew_authorization_decisions_total",
+            &["decision=\"deny\"", "policy=\"demo/deny-client\""]
+        )? >= 1.0
+    );
+    let why = explain(&mut c, 2, "demo/client", &target(&p.server))?;
+    ensure!(why["verdict"] == "deny", "{why}");
+    ensure!(why.to_string().contains("demo/deny-client"), "{why}");
+    let admin =
+        c.agent(2).admin_get(&format!("/explain?src=demo/other&dst={}", target(&p.server)))?;
+    ensure!(admin.contains("\"verdict\":\"allow\""), "{admin}");
+    let counters = c.agent(2).status()?.counters;
+    ensure!(counters.closed_by_policy >= 1 && counters.denied >= 1, "{counters:?}");
+
+    // An ALLOW list admits only what it lists.
+    c.write_config(
+        "policy.yaml",
+        &policy("allow-other", "ALLOW", "principals: [\"cluster.local/ns/demo/sa/other\"]"),
+    )?;
+    wait_for("the ALLOW list is in force", Duration::from_secs(15), || {
+        let why = explain(&mut c, 2, "demo/client", &target(&p.server))?;
+        Ok(why["verdict"] == "deny"
+            && why.to_string().contains("demo/allow-other")
+            && !why.to_string().contains("demo/deny-client"))
+    })?;
+    ensure!(explain(&mut c, 2, "demo/other", &target(&p.server))?["verdict"] == "allow");
+    ensure!(ping(&c, &p.other, &p.server).is_ok(), "listed principal refused");
+    ensure!(ping(&c, &p.client, &p.server).is_err(), "unlisted principal admitted");
+    ensure!(ping(&c, &p.legacy, &p.server).is_err(), "plaintext (no principal) admitted");
+
+    // AUDIT logs the would-be denial and lets the traffic through.
+    c.write_config(
+        "policy.yaml",
+        &policy("audit-client", "AUDIT", "serviceAccounts: [\"client\"]"),
+    )?;
+    wait_for("the AUDIT policy is in force", Duration::from_secs(15), || {
+        let why = explain(&mut c, 2, "demo/client", &target(&p.server))?.to_string();
+        Ok(why.contains("demo/audit-client") && !why.contains("demo/allow-other"))
+    })?;
+    ensure!(ping(&c, &p.client, &p.server).is_ok(), "AUDIT must let the connection through");
+    let mut audit = None;
+    wait_for("the audit decision in the access log", Duration::from_secs(5), || {
+        audit = c.agent(2).access_entries().into_iter().rev().find(|e| e["decision"] == "audit");
+        Ok(audit.is_some())
+    })?;
+    let audit = audit.context("no audit decision in the access log")?;
+    ensure!(audit["policy"] == "demo/audit-client", "{audit}");
+    ensure!(
+        c.agent(2).metric("sinew_authorization_decisions_total", &["decision=\"audit\""])? >= 1.0
+    );
+    // Istio's metrics carry the decisions' connections too.
+    let opened = c.agent(2).metric(
+        "istio_tcp_connections_opened_total",
+        &[
+            "reporter=\"destination\"",
+            "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ],
+    )?;
+    ensure!(opened >= 3.0, "opened {opened}");
+    let denied =
+        c.agent(2).metric("istio_tcp_connections_opened_total", &["response_flags=\"DENY\""])?;
+    ensure!(denied >= 1.0, "denied {denied}");
+    Ok(())
+}
+
+#[test]
+fn strict_refuses_plaintext_and_permissive_admits_it() -> Result<()> {
+    let (c, p) = mesh()?;
+    // PERMISSIVE (the default): a pod outside the mesh reaches the server in plaintext.
+    ensure!(ping(&c, &p.legacy, &p.server).is_ok(), "PERMISSIVE must admit plaintext");
+    c.write_config(
+        "peerauth.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: demo\nspec:\n  mtls:\n    mode: STRICT\n",
+    )?;
+    wait_for("STRICT is in force", Duration::from_secs(15), || {
+        Ok(ping(&c, &p.legacy, &p.server).is_err())
+    })?;
+    ensure!(ping(&c, &p.client, &p.server).is_ok(), "mTLS traffic must pass under STRICT");
+    c.write_config(
+        "peerauth.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: demo\nspec:\n  mtls:\n    mode: PERMISSIVE\n",
+    )?;
+    wait_for("PERMISSIVE again", Duration::from_secs(15), || {
+        Ok(ping(&c, &p.legacy, &p.server).is_ok())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn connections_keep_working_on_cached_state_while_control_is_down() -> Result<()> {
+    let (mut c, p) = mesh()?;
+    let held = Held::open(&c, &p.client, &p.server, 4)?;
+    c.stop_control();
+    ensure!(ping(&c, &p.client, &p.server).is_ok(), "new connection with control down");
+    ensure!(held.outcome()? == "still open", "the live connection must survive control going away");
+    // Even an agent restarted while control is down serves from its caches.
+    c.agent(1).restart()?;
+    wait_for("restarted agent serves from cache", Duration::from_secs(20), || {
+        Ok(ping(&c, &p.client, &p.server).is_ok())
+    })?;
+    let out = c.run_in(
+        &p.client,
+        &["xfer", &target(&p.server), &MIB.to_string(), &MIB.to_string(), "3"],
+    )?;
+    ensure!(out.contains("checksums match"), "{out}");
+    c.restart_control()?;
+    ensure!(ping(&c, &p.client, &p.server).is_ok());
+    Ok(())
+}
+
+#[test]
+fn a_thousand_connections_share_pooled_hbone_connections() -> Result<()> {
+    let (mut c, p) = mesh()?;
+    let before = c.agent(1).status()?.counters;
+    let out = c.run_in(&p.client, &["many", &target(&p.server), "1000"])?;
+    ensure!(out.contains("ok 1000"), "{out}");
+    let after = c.agent(1).status()?.counters;
+    let streams = after.hbone_outbound - before.hbone_outbound;
+    let tls = after.hbone_connections_opened;
+    println!("1000 connections carried over {tls} TLS connections ({streams} HBONE streams)");
+    ensure!(streams == 1000, "{streams} streams");
+    ensure!(tls <= 12, "{tls} TLS connections for 1000 streams: pooling is not working");
+    Ok(())
+}

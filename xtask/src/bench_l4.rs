@@ -1,0 +1,207 @@
+//! `cargo xtask bench l4`: the mesh's L4 path (capture, HBONE with mutual TLS, policy) beside
+//! the direct path, on the same two nodes in one run: single- and 8-stream throughput, HTTP
+//! requests/s and latency with wrk against nginx, new-connection latency, and the agent's
+//! idle memory.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
+use sinew_test_util::{Cluster, Pod};
+
+fn field(out: &str, key: &str) -> Result<f64> {
+    let v: Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("bad output {out:?}"))?;
+    v[key].as_f64().with_context(|| format!("no {key} in {out}"))
+}
+
+/// nginx with one worker answering a short body on port 80.
+fn nginx(c: &mut Cluster, pod: &Pod) -> Result<()> {
+    let dir = c.dir().join(format!("nginx-{}", pod.name));
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  \
+         client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
+         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+         server {{\n    listen 80;\n    location / {{ return 200 \"hello from sinew bench\\n\"; }}\n  }}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    c.spawn_in(pod, Path::new("/usr/sbin/nginx"), &["-c", &path.to_string_lossy()])
+}
+
+/// wrk's requests/s and p50/p99 latency (ms).
+fn wrk(c: &Cluster, client: &Pod, server: &Pod, secs: u32) -> Result<(f64, f64, f64)> {
+    let url = format!("http://{}/", Cluster::target(server.v4(), 80));
+    let out = c.exec_in(
+        client,
+        Path::new("/usr/bin/wrk"),
+        &["-t2", "-c30", &format!("-d{secs}s"), "--latency", &url],
+    )?;
+    let ms = |v: &str| -> Option<f64> {
+        let (num, unit) = v.split_at(v.find(|ch: char| ch.is_ascii_alphabetic())?);
+        let n: f64 = num.parse().ok()?;
+        Some(match unit {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            _ => return None,
+        })
+    };
+    let mut rps = None;
+    let (mut p50, mut p99) = (None, None);
+    for line in out.lines().map(str::trim) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["Requests/sec:", v] => rps = v.parse().ok(),
+            ["50%", v] => p50 = ms(v),
+            ["99%", v] => p99 = ms(v),
+            _ => {}
+        }
+    }
+    if out.contains("Non-2xx") || out.contains("Socket errors") {
+        bail!("wrk saw errors:\n{out}");
+    }
+    match (rps, p50, p99) {
+        (Some(r), Some(a), Some(b)) => Ok((r, a, b)),
+        _ => bail!("cannot read wrk's output:\n{out}"),
+    }
+}
+
+/// Runs the benchmark with the binaries in `bin_dir`; writes `out_file`.
+pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
+    let mut c = Cluster::new(&["mesh"])?;
+    c.set_bin_dir(bin_dir);
+    c.add_node()?;
+    c.add_node()?;
+    let mc = c.add_pod_as(1, "mesh-client", "mesh", "client")?;
+    let ms = c.add_pod_as(2, "mesh-server", "mesh", "server")?;
+    let dc = c.add_pod(1, "direct-client", "plain")?;
+    let ds = c.add_pod(2, "direct-server", "plain")?;
+    c.start_control()?;
+    c.start_agent(1)?;
+    c.start_agent(2)?;
+    for p in [&mc, &ms, &dc, &ds] {
+        c.agent(p.node).enroll(p)?;
+    }
+    c.serve(&ms, &[8080])?;
+    c.serve(&ds, &[8080])?;
+    nginx(&mut c, &ms)?;
+    nginx(&mut c, &ds)?;
+    let paths = [("direct", &dc, &ds), ("mesh", &mc, &ms)];
+    for (name, client, server) in paths {
+        // Warm up (ARP, certificates, pooled connection) and wait for nginx.
+        let target = Cluster::target(server.v4(), 8080);
+        let mut ready = false;
+        for _ in 0..100 {
+            let ping = c.run_in(client, &["ping", &target, "20"]).is_ok();
+            let http = c
+                .exec_in(
+                    client,
+                    Path::new("/usr/bin/curl"),
+                    &[
+                        "-sf",
+                        "--max-time",
+                        "2",
+                        &format!("http://{}/", Cluster::target(server.v4(), 80)),
+                    ],
+                )
+                .is_ok();
+            if ping && http {
+                ready = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ensure!(ready, "{name} path not ready");
+    }
+    let n1 = c.agent(1).status()?.counters;
+    ensure!(n1.hbone_outbound > 0, "the mesh path must go over HBONE: {n1:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_idle_kib = c.agent(1).rss_kib()?.max(c.agent(2).rss_kib()?);
+
+    // Rounds interleave the paths so drift on a shared 2-core machine hits both alike; each
+    // figure is the median of its rounds.
+    const ROUNDS: usize = 3;
+    let mut s: Vec<[Vec<f64>; 6]> = vec![Default::default(), Default::default()];
+    for _ in 0..ROUNDS {
+        for (i, (_, client, server)) in paths.iter().enumerate() {
+            let target = Cluster::target(server.v4(), 8080);
+            s[i][0].push(field(&c.run_in(client, &["sink", &target, "3"])?, "bytes_per_sec")?);
+            s[i][1].push(field(&c.run_in(client, &["sink", &target, "3", "8"])?, "bytes_per_sec")?);
+            let ping = c.run_in(client, &["ping", &target, "500"])?;
+            s[i][2].push(field(&ping, "mean_us")?);
+            let (rps, p50, p99) = wrk(&c, client, server, 5)?;
+            s[i][3].push(rps);
+            s[i][4].push(p50);
+            s[i][5].push(p99);
+        }
+    }
+    let rss_loaded_kib = c.agent(1).rss_kib()?.max(c.agent(2).rss_kib()?);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let m: Vec<[f64; 6]> = s
+        .iter_mut()
+        .map(|r| {
+            let mut out = [0.0; 6];
+            for (o, v) in out.iter_mut().zip(r.iter_mut()) {
+                *o = median(v);
+            }
+            out
+        })
+        .collect();
+    for ((name, _, _), r) in paths.iter().zip(&m) {
+        println!(
+            "{name:>7}: 1 stream {:7.1} MiB/s   8 streams {:7.1} MiB/s   connect+first byte {:6.1} us   HTTP {:8.0} req/s p50 {:.3} ms p99 {:.3} ms",
+            r[0] / 1048576.0,
+            r[1] / 1048576.0,
+            r[2],
+            r[3],
+            r[4],
+            r[5]
+        );
+    }
+    let (d, x) = (m[0], m[1]);
+    let report = json!({
+        "suite": "l4",
+        "direct": { "throughput_1_bytes_per_sec": d[0], "throughput_8_bytes_per_sec": d[1], "connect_mean_us": d[2], "http_rps": d[3], "http_p50_ms": d[4], "http_p99_ms": d[5] },
+        "mesh": { "throughput_1_bytes_per_sec": x[0], "throughput_8_bytes_per_sec": x[1], "connect_mean_us": x[2], "http_rps": x[3], "http_p50_ms": x[4], "http_p99_ms": x[5] },
+        "throughput_1_ratio": x[0] / d[0],
+        "throughput_8_ratio": x[1] / d[1],
+        "http_rps_ratio": x[3] / d[3],
+        "http_p99_added_ms": x[5] - d[5],
+        "connect_latency_ratio": x[2] / d[2],
+        "agent_rss_idle_mib": rss_idle_kib as f64 / 1024.0,
+        "agent_rss_loaded_mib": rss_loaded_kib as f64 / 1024.0,
+        "goals": {
+            "throughput_1_ratio": ">= 0.45", "http_rps_ratio": ">= 0.7", "http_p99_added_ms": "<= 0.7",
+            "connect_latency_ratio": "<= 2.0", "agent_rss_idle_mib": "<= 12",
+        },
+        "istio_ztunnel_on_this_machine": {
+            "throughput_1_ratio": 0.22, "http_rps_ratio": 0.46, "http_p99_added_ms": 1.46, "connect_latency_ratio": 4.0,
+        },
+        "method": "two nodes; mesh = both pods enrolled, control service running, HBONE with mutual TLS between the agents (2 worker threads each); \
+                   direct = a plain pair on the same nodes. Throughput: sinew-testapp sink for 3 s on 1 and on 8 streams. \
+                   Connect: connect() until the first answer byte, mean of 500 sequential connections. \
+                   HTTP: wrk -t2 -c30 for 5 s against nginx (1 worker). RSS: the larger agent's VmRSS, idle after warm-up and after the load. \
+                   Median of 3 interleaved rounds.",
+    });
+    println!(
+        "throughput_1_ratio {:.3} (goal >= 0.45)  throughput_8_ratio {:.3}  http_rps_ratio {:.3} (goal >= 0.7)  \
+         http_p99_added_ms {:.3} (goal <= 0.7)  connect_latency_ratio {:.2} (goal <= 2.0)  agent_rss_idle_mib {:.1} (goal <= 12)",
+        x[0] / d[0],
+        x[1] / d[1],
+        x[3] / d[3],
+        x[5] - d[5],
+        x[2] / d[2],
+        rss_idle_kib as f64 / 1024.0
+    );
+    std::fs::create_dir_all(out_file.parent().context("bench dir")?)?;
+    std::fs::write(out_file, serde_json::to_string_pretty(&report)?)?;
+    println!("wrote {}", out_file.display());
+    Ok(())
+}
