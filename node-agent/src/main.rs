@@ -174,6 +174,14 @@ fn run(args: RunArgs) -> Result<()> {
                     cache_dir: c.cache_dir.clone(),
                     credentials: credentials.clone(),
                 });
+                // Without a cache, wait (bounded) for control's first answer, so pods
+                // enrolled right after start are judged against real configuration.
+                if mesh.borrow().workloads().next().is_none() {
+                    let mut first = mesh.clone();
+                    if tokio::time::timeout(FIRST_CONFIG_WAIT, first.changed()).await.is_err() {
+                        warn!("no configuration from control yet; starting without it");
+                    }
+                }
                 let source =
                     CertSource { endpoint: c.endpoint, credentials, cache_dir: c.cache_dir };
                 (mesh, Certs::new(Some(source), tokio::runtime::Handle::current()), task)
@@ -232,6 +240,9 @@ async fn reconcile_loop(registry: Arc<Registry>) {
         }
     }
 }
+
+/// How long a starting agent without a configuration cache waits for control's first answer.
+const FIRST_CONFIG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How the agent reaches the control service.
 struct ControlSettings {
