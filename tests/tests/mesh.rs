@@ -493,3 +493,32 @@ fn a_thousand_connections_share_pooled_hbone_connections() -> Result<()> {
     ensure!(tls <= 12, "{tls} TLS connections for 1000 streams: pooling is not working");
     Ok(())
 }
+
+#[test]
+fn service_vips_resolve_to_mesh_endpoints() -> Result<()> {
+    let (mut c, p) = mesh()?;
+    c.write_config(
+        "service.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: server\n  namespace: demo\nspec:\n  clusterIPs: [\"198.18.200.10\"]\n  ports:\n  - port: 80\n    targetPort: 8080\n  selector:\n    app: server\n",
+    )?;
+    let vip = "198.18.200.10:80";
+    wait_for("the service is known", Duration::from_secs(15), || {
+        Ok(explain(&mut c, 1, "demo/client", vip).is_ok_and(|v| v["service"] == "demo/server"))
+    })?;
+    // The client dials the VIP (and getpeername shows it); the server pod is reached over HBONE.
+    let out = c.run_in(&p.client, &["xfer", vip, &MIB.to_string(), &MIB.to_string(), "5"])?;
+    ensure!(out.contains("checksums match"), "{out}");
+    let mut entry = None;
+    wait_for("the outbound access-log line", Duration::from_secs(5), || {
+        entry = c
+            .agent(1)
+            .access_entries()
+            .into_iter()
+            .rev()
+            .find(|e| e["dst"]["service"] == "server.demo");
+        Ok(entry.is_some())
+    })?;
+    let e = entry.context("no access-log line for the service")?;
+    ensure!(e["protocol"] == "HBONE" && e["dst"]["addr"] == target(&p.server), "{e}");
+    Ok(())
+}
