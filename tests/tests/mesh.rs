@@ -201,6 +201,9 @@ fn traffic_is_mutual_tls_on_the_wire_and_a_gib_arrives_byte_exact() -> Result<()
     ensure!(big["decision"] == "allow", "{big}");
     let n1 = c.agent(1).status()?.counters;
     ensure!(n1.hbone_outbound >= 3, "{n1:?}");
+    // A reset by the server crosses both agents and the tunnel (RST_STREAM) as a reset.
+    let out = c.run_in(&p.client, &["reset", &target(&p.server)])?;
+    ensure!(out.contains("ok reset propagated"), "{out}");
     Ok(())
 }
 

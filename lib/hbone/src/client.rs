@@ -25,6 +25,10 @@ use crate::{
     server::HANDSHAKE_TIMEOUT, tls::Identity,
 };
 
+/// Connections opened per pool key before streams share them: concurrent streams use at
+/// least this many, so more than one worker thread encrypts.
+pub const MIN_CONNECTIONS: usize = 2;
+
 /// A pooled connection with no streams is closed after this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -67,21 +71,24 @@ struct Slot {
 }
 
 impl Slot {
-    /// A connection with room for one more stream, reserving it.
+    /// The least loaded open connection with room for one more stream, reserving it. `None`
+    /// also while fewer than [`MIN_CONNECTIONS`] exist and all are busy, so concurrent
+    /// streams spread over that many connections (each driven on its own worker).
     fn reserve(&self) -> Option<Arc<Conn>> {
         let conns = self.conns.lock().expect("pool lock poisoned");
-        conns.iter().find_map(|c| {
-            if c.closed.load(Ordering::Relaxed) {
-                return None;
-            }
-            let n = c.active.fetch_add(1, Ordering::AcqRel);
-            if n < MAX_STREAMS_PER_CONNECTION {
-                Some(c.clone())
-            } else {
-                c.active.fetch_sub(1, Ordering::AcqRel);
-                None
-            }
-        })
+        let open = conns.iter().filter(|c| !c.closed.load(Ordering::Relaxed));
+        let best = open.clone().min_by_key(|c| c.active.load(Ordering::Acquire))?;
+        if open.count() < MIN_CONNECTIONS && best.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        // The lock is held, so no other reservation races this one.
+        let n = best.active.fetch_add(1, Ordering::AcqRel);
+        if n < MAX_STREAMS_PER_CONNECTION {
+            Some(best.clone())
+        } else {
+            best.active.fetch_sub(1, Ordering::AcqRel);
+            None
+        }
     }
 
     fn remove(&self, conn: &Arc<Conn>) {

@@ -6,12 +6,19 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::TcpStream,
+};
 
 /// Largest DATA frame payload we queue at once; h2 splits it to the peer's frame size.
 const MAX_WRITE: usize = 256 << 10;
+/// Read size from TCP in [`H2Stream::copy_tcp`].
+const READ_CHUNK: usize = 256 << 10;
+/// Below this much free buffer, a fresh chunk is reserved before reading.
+const MIN_READ: usize = 16 << 10;
 
 /// The bytes of one `CONNECT` stream, both ways. A clean end (`poll_shutdown`) sends
 /// `END_STREAM` (half-close); dropping the stream before both ways ended sends `RST_STREAM`
@@ -43,6 +50,76 @@ impl H2Stream {
     pub(crate) fn with_guard(mut self, guard: Box<dyn Send + Sync>) -> Self {
         self._guard = Some(guard);
         self
+    }
+
+    /// Copies between this stream and `tcp` both ways until both ends finish: bytes read
+    /// from `tcp` go out as DATA frames without an intermediate copy, DATA received is written
+    /// straight to `tcp`, and the window is handed back only once written (backpressure).
+    /// EOF either way is passed on as a half-close. Returns (bytes to the peer, bytes from
+    /// it). On error the stream is reset; the caller resets `tcp`.
+    pub async fn copy_tcp(&mut self, tcp: &mut TcpStream) -> io::Result<(u64, u64)> {
+        let pending = std::mem::take(&mut self.pending);
+        let result = {
+            let (mut tcp_r, mut tcp_w) = tcp.split();
+            let (send, recv) = (&mut self.send, &mut self.recv);
+            let upload = async {
+                let mut total = 0u64;
+                let mut buf = BytesMut::new();
+                loop {
+                    if buf.capacity() < MIN_READ {
+                        buf.reserve(READ_CHUNK);
+                    }
+                    let n = tcp_r.read_buf(&mut buf).await?;
+                    if n == 0 {
+                        send.send_data(Bytes::new(), true).map_err(to_io)?;
+                        return Ok::<_, io::Error>(total);
+                    }
+                    total += n as u64;
+                    let mut data = buf.split().freeze();
+                    while !data.is_empty() {
+                        send.reserve_capacity(data.len());
+                        let granted = std::future::poll_fn(|cx| send.poll_capacity(cx)).await;
+                        match granted {
+                            Some(Ok(0)) => continue,
+                            Some(Ok(n)) => {
+                                let chunk = data.split_to(n.min(data.len()));
+                                send.send_data(chunk, false).map_err(to_io)?;
+                            }
+                            Some(Err(e)) => return Err(to_io(e)),
+                            None => {
+                                return Err(io::Error::new(
+                                    io::ErrorKind::ConnectionReset,
+                                    "stream reset by peer",
+                                ));
+                            }
+                        }
+                    }
+                }
+            };
+            let download = async {
+                let mut total = pending.len() as u64;
+                if !pending.is_empty() {
+                    tcp_w.write_all(&pending).await?;
+                }
+                while let Some(data) = recv.data().await {
+                    let data = data.map_err(to_io)?;
+                    tcp_w.write_all(&data).await?;
+                    let _ = recv.flow_control().release_capacity(data.len());
+                    total += data.len() as u64;
+                }
+                tcp_w.shutdown().await?;
+                Ok::<_, io::Error>(total)
+            };
+            tokio::try_join!(upload, download)
+        };
+        match &result {
+            Ok(_) => {
+                self.read_done = true;
+                self.write_done = true;
+            }
+            Err(_) => self.reset(),
+        }
+        result
     }
 
     /// Abandons the stream with `RST_STREAM` (CANCEL), so the peer resets its side.

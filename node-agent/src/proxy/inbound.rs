@@ -24,7 +24,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::{COPY_BUFFER, Direction, PodNet, canonical, connect_in, copy, is_own_listener, reset};
+use super::{Direction, PodNet, canonical, connect_in, copy, is_own_listener, reset};
 use crate::telemetry::{AccessEntry, DecisionLabels, Peer, TcpLabels};
 
 /// The error of a connection closed by a policy change.
@@ -313,10 +313,9 @@ async fn copy_tunnel(
     stream: &mut H2Stream,
     upstream: &mut TcpStream,
 ) -> std::io::Result<(u64, u64)> {
-    let r =
-        tokio::io::copy_bidirectional_with_sizes(stream, upstream, COPY_BUFFER, COPY_BUFFER).await;
+    // copy_tcp counts (toward the client, from the client): swap to (sent, received).
+    let r = stream.copy_tcp(upstream).await.map(|(back, forth)| (forth, back));
     if r.is_err() {
-        stream.reset();
         reset(upstream);
     }
     r

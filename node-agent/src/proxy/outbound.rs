@@ -13,10 +13,7 @@ use sinew_mesh::{MeshIndex, ServiceInfo, WorkloadInfo};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{
-    COPY_BUFFER, Direction, PodNet, canonical, connect_in, copy, is_own_listener, original_dst,
-    reset,
-};
+use super::{Direction, PodNet, canonical, connect_in, copy, is_own_listener, original_dst, reset};
 use crate::telemetry::{AccessEntry, Peer, TcpLabels};
 
 /// How long a new connection waits for its pod's first certificate.
@@ -181,13 +178,8 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
             ctx.metrics.opened.get_or_create(&labels).inc();
             ctx.stats.active.fetch_add(1, Ordering::Relaxed);
             let mut downstream = downstream;
-            let result = tokio::io::copy_bidirectional_with_sizes(
-                &mut downstream,
-                &mut tunnel,
-                COPY_BUFFER,
-                COPY_BUFFER,
-            )
-            .await;
+            // (bytes toward the destination, bytes back from it)
+            let result = tunnel.copy_tcp(&mut downstream).await;
             ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
             match result {
                 Ok((sent, received)) => {
@@ -195,8 +187,7 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                     ctx.metrics.closed(&labels, sent, received);
                 }
                 Err(e) => {
-                    // Reset both ways: the tunnel with RST_STREAM (on drop), the app with RST.
-                    tunnel.reset();
+                    // The tunnel was reset with RST_STREAM; the app gets a TCP RST.
                     reset(&downstream);
                     log.error = Some(e.to_string());
                     ctx.metrics.closed(&labels, 0, 0);
