@@ -286,6 +286,11 @@ fn peers_are_authenticated_and_bad_wire_input_is_refused() -> Result<()> {
     let e = rogue::connect(&node1, &good, server, server_id, elsewhere)?.err();
     ensure!(e.as_deref().is_some_and(|e| e.contains("400")), "{e:?}");
 
+    // A CONNECT to a port where nothing listens in the pod: 503.
+    let closed = SocketAddr::new(p.server.v4(), 9);
+    let e = rogue::connect(&node1, &good, server, server_id, closed)?.err();
+    ensure!(e.as_deref().is_some_and(|e| e.contains("503")), "{e:?}");
+
     // Garbage instead of TLS, from node 1.
     let junk = sh(
         "nsenter",

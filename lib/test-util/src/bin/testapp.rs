@@ -173,10 +173,11 @@ async fn xfer(target: SocketAddr, up: usize, down: usize, seed: u64) -> Result<(
 async fn many(targets: Vec<SocketAddr>, count: usize) -> Result<()> {
     ensure!(!targets.is_empty() && count > 0, USAGE);
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(count));
+    let answered = std::sync::Arc::new(tokio::sync::Barrier::new(count));
     let mut tasks = Vec::new();
     for i in 0..count {
         let target = targets[i % targets.len()];
-        let barrier = barrier.clone();
+        let (barrier, answered) = (barrier.clone(), answered.clone());
         tasks.push(tokio::spawn(async move {
             let s = tokio::time::timeout(Duration::from_secs(20), TcpStream::connect(target))
                 .await
@@ -191,6 +192,9 @@ async fn many(targets: Vec<SocketAddr>, count: usize) -> Result<()> {
             let got: SocketAddr =
                 line.trim().parse().with_context(|| format!("bad answer {line:?}"))?;
             ensure!(got == target, "dialled {target}, the server saw {got}");
+            // And every one is still open when all have answered (bounded, in case one failed).
+            let _ = tokio::time::timeout(Duration::from_secs(20), answered.wait()).await;
+            drop(w);
             anyhow::Ok(())
         }));
     }
