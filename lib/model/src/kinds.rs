@@ -635,6 +635,63 @@ pub enum HttpFilter {
         #[serde(rename = "requestMirror")]
         request_mirror: RequestMirror,
     },
+    /// Sinew extension: delay or abort a share of requests (Istio's fault injection).
+    FaultInjection {
+        /// The faults.
+        #[serde(rename = "faultInjection")]
+        fault_injection: FaultInjection,
+    },
+    /// Sinew extension: a token bucket per waypoint for the rule's requests; over the limit,
+    /// 429 with rate-limit headers.
+    LocalRateLimit {
+        /// The bucket.
+        #[serde(rename = "localRateLimit")]
+        local_rate_limit: LocalRateLimit,
+    },
+}
+
+/// `faultInjection`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultInjection {
+    /// Delay a share of requests.
+    #[serde(default)]
+    pub delay: Option<FaultDelay>,
+    /// Answer a share of requests with an error status.
+    #[serde(default)]
+    pub abort: Option<FaultAbort>,
+}
+
+/// `faultInjection.delay`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultDelay {
+    /// How long.
+    pub fixed_delay: Duration,
+    /// Share of requests, 0-100.
+    pub percentage: u32,
+}
+
+/// `faultInjection.abort`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultAbort {
+    /// The status answered (400-599).
+    pub http_status: u16,
+    /// Share of requests, 0-100.
+    pub percentage: u32,
+}
+
+/// `localRateLimit`: `maxTokens` in the bucket, `tokensPerFill` added every `fillInterval`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalRateLimit {
+    /// Bucket size (the burst).
+    pub max_tokens: u32,
+    /// Tokens added per fill.
+    pub tokens_per_fill: u32,
+    /// Fill period.
+    pub fill_interval: Duration,
 }
 
 /// `rules[i].timeouts`.
@@ -814,6 +871,35 @@ fn validate_filters(e: &mut Errors, filters: &[HttpFilter]) {
         HttpFilter::RequestMirror { request_mirror: m } => {
             e.check(m.percent <= 100, "requestMirror.percent", || {
                 format!("{} is out of range 0-100", m.percent)
+            });
+        }
+        HttpFilter::FaultInjection { fault_injection: f } => {
+            e.check(f.delay.is_some() || f.abort.is_some(), "faultInjection", || {
+                "needs a delay or an abort".into()
+            });
+            if let Some(d) = &f.delay {
+                e.check(d.percentage <= 100, "faultInjection.delay.percentage", || {
+                    format!("{} is out of range 0-100", d.percentage)
+                });
+            }
+            if let Some(a) = &f.abort {
+                e.check(a.percentage <= 100, "faultInjection.abort.percentage", || {
+                    format!("{} is out of range 0-100", a.percentage)
+                });
+                e.check(
+                    (400..=599).contains(&a.http_status),
+                    "faultInjection.abort.httpStatus",
+                    || format!("{} is not an error status (400-599)", a.http_status),
+                );
+            }
+        }
+        HttpFilter::LocalRateLimit { local_rate_limit: l } => {
+            e.check(l.max_tokens > 0, "localRateLimit.maxTokens", || "must be at least 1".into());
+            e.check(l.tokens_per_fill > 0, "localRateLimit.tokensPerFill", || {
+                "must be at least 1".into()
+            });
+            e.check(!l.fill_interval.0.is_zero(), "localRateLimit.fillInterval", || {
+                "must be longer than 0".into()
             });
         }
         _ => {}
