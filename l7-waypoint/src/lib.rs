@@ -1,4 +1,18 @@
-//! `sinew-waypoint`: the optional L7 proxy (issue 5, not built yet).
+//! `sinew-waypoint`: the optional L7 proxy. Node agents send the traffic of services
+//! labelled `sinew.io/use-waypoint=<name>` to the waypoint of that name over HBONE; the
+//! waypoint terminates the tunnel, serves HTTP/1.1 and HTTP/2 (gRPC included) on it, routes
+//! each request with HTTPRoute/GRPCRoute (`sinew-l7`), applies the rule's filters, timeouts,
+//! retries, rate limits and faults, picks an endpoint (load balancing, outlier detection,
+//! circuit breaking) and forwards the request over HBONE with its own identity.
 //!
-//! This crate holds its place in the workspace layout.
+//! - [`state`]: the configuration in force and the per-rule and per-service state that
+//!   survives configuration changes (token buckets, balancers, ejections).
+//! - [`proxy`]: one request, end to end.
+//! - [`upstream`]: HTTP to an endpoint through an HBONE stream.
+//! - [`telemetry`]: Istio's request metrics and the JSON access log.
 #![forbid(unsafe_code)]
+
+pub mod proxy;
+pub mod state;
+pub mod telemetry;
+pub mod upstream;

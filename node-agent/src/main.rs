@@ -8,6 +8,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use sinew_control_client::ControlSettings;
 use sinew_node_agent::{
     admin, api,
     bpf::{self, Capture},
@@ -166,7 +167,7 @@ fn run(args: RunArgs) -> Result<()> {
             Some(c) => {
                 let node_id = sinew_identity::SpiffeId::node(&args.trust_domain, &c.node)
                     .with_context(|| format!("--node {:?}", c.node))?;
-                let credentials = node_credentials(&c, &node_id).await;
+                let credentials = c.node_credentials(&node_id).await;
                 let (mesh, task) = config::from_control(sinew_control_client::ClientConfig {
                     endpoint: c.endpoint.clone(),
                     name: c.node.clone(),
@@ -247,15 +248,6 @@ async fn reconcile_loop(registry: Arc<Registry>) {
 /// How long a starting agent without a configuration cache waits for control's first answer.
 const FIRST_CONFIG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// How the agent reaches the control service.
-struct ControlSettings {
-    endpoint: String,
-    node: String,
-    token: Option<String>,
-    roots_pem: Option<String>,
-    cache_dir: PathBuf,
-}
-
 fn control_settings(args: &RunArgs) -> Result<Option<ControlSettings>> {
     let Some(endpoint) = args.control.clone() else {
         if args.control_ca.is_some() || args.token_file.is_some() {
@@ -263,9 +255,6 @@ fn control_settings(args: &RunArgs) -> Result<Option<ControlSettings>> {
         }
         return Ok(None);
     };
-    if !endpoint.starts_with("https://") && !endpoint.starts_with("http://") {
-        bail!("--control {endpoint:?}: expected https://<host>:<port>");
-    }
     let node = match &args.node {
         Some(n) => n.clone(),
         None => nix::unistd::gethostname()
@@ -273,81 +262,13 @@ fn control_settings(args: &RunArgs) -> Result<Option<ControlSettings>> {
             .to_string_lossy()
             .into_owned(),
     };
-    if !sinew_model::is_dns_subdomain(&node) {
-        bail!("--node {node:?}: not a node name");
-    }
-    let read = |flag: &str, p: &PathBuf| {
-        std::fs::read_to_string(p).with_context(|| format!("{flag} {}", p.display()))
-    };
-    let token = match &args.token_file {
-        Some(p) => {
-            let t = read("--token-file", p)?.trim().to_owned();
-            if t.is_empty() {
-                bail!("--token-file {}: empty", p.display());
-            }
-            Some(t)
-        }
-        None => None,
-    };
-    let roots_pem = match &args.control_ca {
-        Some(p) => Some(read("--control-ca", p)?),
-        None if endpoint.starts_with("https://") => {
-            bail!("--control {endpoint}: TLS needs --control-ca (the control CA's ca-cert.pem)")
-        }
-        None => None,
-    };
-    Ok(Some(ControlSettings {
+    Ok(Some(ControlSettings::load(
         endpoint,
+        args.control_ca.as_deref(),
+        args.token_file.as_deref(),
         node,
-        token,
-        roots_pem,
-        cache_dir: args.common.state_dir.join("control"),
-    }))
-}
-
-/// Credentials toward the control service: the bootstrap token, and the node's own
-/// certificate once it has one (from the cache, or asked for now with the token). If control
-/// cannot be reached the token alone is used and the cached configuration keeps serving.
-async fn node_credentials(
-    c: &ControlSettings,
-    node_id: &sinew_identity::SpiffeId,
-) -> sinew_control_client::Credentials {
-    use sinew_control_client::{CertConfig, ClientTls, Credentials};
-    let bootstrap = Credentials {
-        token: c.token.clone(),
-        tls: c.roots_pem.clone().map(|roots_pem| ClientTls { roots_pem, identity: None }),
-    };
-    let Some(roots_pem) = c.roots_pem.clone() else { return bootstrap };
-    let cfg = CertConfig {
-        endpoint: c.endpoint.clone(),
-        credentials: bootstrap.clone(),
-        identity: node_id.clone(),
-        ttl: None,
-        cache_dir: c.cache_dir.clone(),
-    };
-    let (mut svids, task) = sinew_control_client::start_certificate(cfg);
-    let got =
-        tokio::time::timeout(std::time::Duration::from_secs(5), svids.wait_for(Option::is_some))
-            .await;
-    // The renewal task keeps running (and caching) for the agent's lifetime.
-    std::mem::forget(task);
-    let svid = match got {
-        Ok(Ok(s)) => s.clone(),
-        _ => None,
-    };
-    match svid {
-        Some(s) => Credentials {
-            token: c.token.clone(),
-            tls: Some(ClientTls {
-                roots_pem,
-                identity: Some((s.cert_pem.clone(), s.key_pem.clone())),
-            }),
-        },
-        None => {
-            warn!(node = %node_id, "no node certificate yet (control unreachable?): using the bootstrap token");
-            bootstrap
-        }
-    }
+        args.common.state_dir.join("control"),
+    )?))
 }
 
 fn trim_heap() {

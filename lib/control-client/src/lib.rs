@@ -8,11 +8,13 @@
 //!   life; the old one keeps serving while renewal fails.
 #![forbid(unsafe_code)]
 
+mod bootstrap;
 mod certs;
 mod config;
 
 use std::time::{Duration, SystemTime};
 
+pub use bootstrap::{ControlSettings, SettingsError};
 pub use certs::{CertConfig, Svid, request_certificate, start_certificate};
 pub use config::{ClientConfig, ConfigView, Held, start_config};
 

@@ -334,8 +334,9 @@ fn traceparent() -> String {
     format!("00-{a:016x}{b:016x}-{:016x}-00", random_u64() | 1)
 }
 
-/// Unique-enough ids without a dependency: a counter mixed with the clock (splitmix64).
-fn random_u64() -> u64 {
+/// Unique-enough random bits without a dependency: a counter mixed with the clock
+/// (splitmix64). For ids, sampling and load balancing, not for secrets.
+pub fn random_u64() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -22,7 +22,7 @@ pub mod tls;
 
 use std::net::SocketAddr;
 
-pub use client::{Connect, IDLE_TIMEOUT, Pool, PoolKey, PoolStats};
+pub use client::{Connect, IDLE_TIMEOUT, Pool, PoolKey, PoolStats, random_u64};
 pub use server::{Inbound, serve_connection};
 pub use stream::H2Stream;
 

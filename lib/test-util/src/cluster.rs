@@ -450,6 +450,10 @@ impl Cluster {
     pub fn start_control(&mut self) -> Result<()> {
         let fabric = self.fabric.clone();
         self.ip(&fabric, "addr add 198.18.0.254/24 dev br0")?;
+        // Routes back to the pods, for clients of control that run in a pod (waypoints).
+        for n in &self.nodes {
+            self.ip(&fabric, &format!("route add 198.18.{k}.0/24 via 198.18.0.{k}", k = n.index))?;
+        }
         let mut tokens = String::new();
         for k in 1..=16 {
             tokens.push_str(&format!("node{k} token-{}-{k}\n", self.id));
@@ -603,6 +607,10 @@ impl Cluster {
             self.ip(&other.netns, &format!("route add 198.18.{k}.0/24 via 198.18.0.{k}"))?;
             self.ip(&other.netns, &format!("route add 2001:2:0:{k}::/64 via 2001:2:0:ff::{k}"))?;
         }
+        if self.control.is_some() {
+            let fabric = self.fabric.clone();
+            self.ip(&fabric, &format!("route add 198.18.{k}.0/24 via 198.18.0.{k}"))?;
+        }
         self.nodes.push(node.clone());
         self.agents.push(None);
         Ok(node)
@@ -616,6 +624,18 @@ impl Cluster {
     /// Adds a pod running as service account `sa`, with its `Workload` resource (label
     /// `app: <name>`) in the configuration.
     pub fn add_pod_as(&mut self, node: u8, name: &str, namespace: &str, sa: &str) -> Result<Pod> {
+        self.add_pod_labeled(node, name, namespace, sa, &[])
+    }
+
+    /// Adds a pod with extra workload labels (besides `app: <name>` unless `app` is given).
+    pub fn add_pod_labeled(
+        &mut self,
+        node: u8,
+        name: &str,
+        namespace: &str,
+        sa: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<Pod> {
         let n = self.nodes.get(node as usize - 1).context("no such node")?.clone();
         let host = 10 + self.pods.iter().filter(|p| p.node == node).count() as u8;
         let pod = Pod {
@@ -630,10 +650,17 @@ impl Cluster {
             node,
             service_account: sa.into(),
         };
+        let mut label_yaml = String::new();
+        if !labels.iter().any(|(k, _)| *k == "app") {
+            label_yaml.push_str(&format!("    app: {name}\n"));
+        }
+        for (k, v) in labels {
+            label_yaml.push_str(&format!("    {k}: {v}\n"));
+        }
         self.write_config(
             &format!("workload-{name}.yaml"),
             &format!(
-                "apiVersion: sinew.io/v1alpha1\nkind: Workload\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    app: {name}\nspec:\n  serviceAccount: {sa}\n  node: node{node}\n  ips: [\"{}\", \"{}\"]\n",
+                "apiVersion: sinew.io/v1alpha1\nkind: Workload\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n{label_yaml}spec:\n  serviceAccount: {sa}\n  node: node{node}\n  ips: [\"{}\", \"{}\"]\n",
                 pod.ips[0], pod.ips[1]
             ),
         )?;
@@ -702,8 +729,17 @@ impl Cluster {
         let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
         let args: Vec<&str> =
             std::iter::once("serve").chain(ports.iter().map(String::as_str)).collect();
+        self.start_app(pod, &args)
+    }
+
+    /// Starts `sinew-testapp http <port> <name>` in `pod` and waits until it listens.
+    pub fn serve_http(&mut self, pod: &Pod, port: u16, name: &str) -> Result<()> {
+        self.start_app(pod, &["http", &port.to_string(), name])
+    }
+
+    fn start_app(&mut self, pod: &Pod, args: &[&str]) -> Result<()> {
         let mut child = pod
-            .command(&self.binary("sinew-testapp"), &args)
+            .command(&self.binary("sinew-testapp"), args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -713,6 +749,66 @@ impl Cluster {
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
         ensure!(line.trim() == "ready", "testapp server in {} did not start: {line:?}", pod.name);
         Ok(())
+    }
+
+    /// Starts `sinew-waypoint` named `name` in a new pod on `node` (service account
+    /// `waypoint`, not enrolled: it terminates HBONE itself), with the cluster's control
+    /// service, and waits until it has its certificate. Its access log is
+    /// `<dir>/waypoint-<name>.log`.
+    pub fn start_waypoint(&mut self, node: u8, name: &str, namespace: &str) -> Result<Pod> {
+        ensure!(
+            self.control.is_some(),
+            "a waypoint needs the control service: start_control first"
+        );
+        let pod = self.add_pod_as(node, name, namespace, "waypoint")?;
+        let d = |p: String| self.dir.join(p).to_string_lossy().into_owned();
+        let args = [
+            "--name".to_string(),
+            name.into(),
+            "--namespace".into(),
+            namespace.into(),
+            "--node".into(),
+            format!("node{node}"),
+            "--control".into(),
+            format!("https://{CONTROL_ADDR}"),
+            "--control-ca".into(),
+            d("ca/ca-cert.pem".into()),
+            "--token-file".into(),
+            d(format!("token-n{node}")),
+            "--state-dir".into(),
+            d(format!("waypoint-{name}")),
+            "--access-log".into(),
+            d(format!("waypoint-{name}.log")),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = std::fs::File::create(self.dir.join(format!("waypoint-{name}.stderr")))?;
+        let child = pod
+            .command(&self.binary("sinew-waypoint"), &args)
+            .env("RUST_LOG", std::env::var("SINEW_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting sinew-waypoint")?;
+        self.children.push(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.pod_get(&pod, "http://127.0.0.1:15000/ready").is_err() {
+            ensure!(
+                Instant::now() < deadline,
+                "sinew-waypoint not ready in 20 s: {}",
+                std::fs::read_to_string(self.dir.join(format!("waypoint-{name}.stderr")))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(pod)
+    }
+
+    /// GETs `url` with curl inside `pod`'s network namespace (not its cgroup: never captured).
+    pub fn pod_get(&self, pod: &Pod, url: &str) -> Result<String> {
+        sh(
+            "nsenter",
+            &[&format!("--net=/run/netns/{}", pod.netns), "curl", "-sSf", "--max-time", "10", url],
+        )
     }
 
     /// Starts `program` in `pod` in the background; it is killed when the cluster is dropped.

@@ -21,14 +21,27 @@ const CERT_WAIT: Duration = Duration::from_secs(5);
 
 /// Where an outbound connection goes.
 struct Resolved {
-    /// The address to reach (an endpoint's, for a service VIP).
+    /// The address to reach (an endpoint's, for a service VIP), or, through a waypoint, the
+    /// service's VIP and port (the CONNECT authority the waypoint routes on).
     addr: SocketAddr,
+    /// The workload reached: the endpoint, or the waypoint.
     workload: Option<Arc<WorkloadInfo>>,
     service: Option<Arc<ServiceInfo>>,
 }
 
 fn resolve(mesh: &MeshIndex, target: SocketAddr, rr: usize) -> Result<Resolved, String> {
     if let Some(svc) = mesh.service_by_vip(target.ip()) {
+        // A service with a waypoint: the waypoint takes the connection, addressed to the VIP.
+        if let Some(name) = &svc.waypoint {
+            let waypoint = mesh.workload(&svc.namespace, name).ok_or_else(|| {
+                format!("service {}/{} uses waypoint {name:?}, which is not a workload of its namespace", svc.namespace, svc.name)
+            })?;
+            return Ok(Resolved {
+                addr: target,
+                workload: Some(waypoint.clone()),
+                service: Some(svc.clone()),
+            });
+        }
         let Some(port) = svc.target_port(target.port()) else {
             return Err(format!(
                 "service {}/{} has no port {}",
@@ -145,10 +158,18 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                 finish(&pod, log, start);
                 return reset(&downstream);
             };
+            // The tunnel goes to the workload's own address (a waypoint's, for its services).
+            let Some(peer_ip) =
+                w.ips.iter().find(|ip| ip.is_ipv4() == resolved.addr.is_ipv4()).copied()
+            else {
+                log.error = Some(format!("{} has no address of the destination's family", w.key()));
+                finish(&pod, log, start);
+                return reset(&downstream);
+            };
             let key = PoolKey {
                 source: pod.identity.clone(),
                 source_ip: peer.ip(),
-                destination: SocketAddr::new(resolved.addr.ip(), HBONE_PORT),
+                destination: SocketAddr::new(peer_ip, HBONE_PORT),
                 expected,
             };
             let req = Connect { authority: resolved.addr, client: peer, baggage: None };

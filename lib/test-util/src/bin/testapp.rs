@@ -17,7 +17,7 @@ use tokio::{
 
 const USAGE: &str = "usage: sinew-testapp serve PORT... | xfer TARGET UP DOWN SEED | \
 many TARGETS(,) COUNT | sink TARGET SECS [STREAMS] | ping TARGET COUNT | reset TARGET | \
-hold TARGET SECS | mark TARGET TEXT REPEAT";
+hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -41,6 +41,7 @@ fn main() -> Result<()> {
             "ping" => ping(arg(1)?.parse()?, arg(2)?.parse()?).await,
             "reset" => reset(arg(1)?.parse()?).await,
             "hold" => hold(arg(1)?.parse()?, arg(2)?.parse()?).await,
+            "http" => http(arg(1)?.parse()?, arg(2)?.to_owned()).await,
             "mark" => mark(arg(1)?.parse()?, arg(2)?, arg(3)?.parse()?).await,
             _ => bail!(USAGE),
         }
@@ -317,4 +318,93 @@ async fn mark(target: SocketAddr, text: &str, repeat: usize) -> Result<()> {
     ensure!(answer.trim() == payload.len().to_string(), "sink answered {answer:?}");
     println!("ok {} bytes", payload.len());
     Ok(())
+}
+
+/// A small HTTP/1.1 server (keep-alive, Content-Length bodies) named `name`: every answer
+/// carries `x-served-by: <name>`. Paths: `/status/<code>` answers that code; `/flaky` fails
+/// every other request with 503 (the first one fails); `/delay/<ms>` waits first; `/headers`
+/// echoes the request headers; anything else answers 200 `<name> <method> <path>`.
+async fn http(port: u16, name: String) -> Result<()> {
+    let sock = TcpSocket::new_v6()?;
+    sock.set_reuseaddr(true)?;
+    socket2::SockRef::from(&sock).set_only_v6(false)?;
+    sock.bind(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port))?;
+    let l: TcpListener = sock.listen(4096)?;
+    println!("ready");
+    let flaky = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    loop {
+        let (s, _) = l.accept().await?;
+        let (name, flaky) = (name.clone(), flaky.clone());
+        tokio::spawn(async move {
+            if let Err(e) = http_connection(s, &name, &flaky).await {
+                eprintln!("http: {e:#}");
+            }
+        });
+    }
+}
+
+async fn http_connection(
+    s: TcpStream,
+    name: &str,
+    flaky: &std::sync::atomic::AtomicU64,
+) -> Result<()> {
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::new(r);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let mut f = line.split_whitespace();
+        let (method, path) =
+            (f.next().unwrap_or("").to_owned(), f.next().unwrap_or("/").to_owned());
+        let mut headers = Vec::new();
+        let mut length = 0usize;
+        let mut close = false;
+        loop {
+            let mut h = String::new();
+            ensure!(r.read_line(&mut h).await? > 0, "connection closed in the headers");
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_owned());
+                if k == "content-length" {
+                    length = v.parse()?;
+                }
+                if k == "connection" && v.eq_ignore_ascii_case("close") {
+                    close = true;
+                }
+                headers.push((k, v));
+            }
+        }
+        let mut body = vec![0u8; length];
+        r.read_exact(&mut body).await?;
+        let bare = path.split('?').next().unwrap_or("/");
+        let mut status = 200u16;
+        let mut text = format!("{name} {method} {path}\n");
+        if let Some(code) = bare.strip_prefix("/status/") {
+            status = code.parse().unwrap_or(400);
+        } else if bare.starts_with("/flaky") {
+            if flaky.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(2) {
+                status = 503;
+            }
+        } else if let Some(ms) = bare.strip_prefix("/delay/") {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        } else if bare == "/headers" {
+            for (k, v) in &headers {
+                text.push_str(&format!("{k}: {v}\n"));
+            }
+        }
+        let head = format!(
+            "HTTP/1.1 {status} X\r\ncontent-length: {}\r\ncontent-type: text/plain\r\nx-served-by: {name}\r\n\r\n",
+            text.len()
+        );
+        w.write_all(head.as_bytes()).await?;
+        w.write_all(text.as_bytes()).await?;
+        if close {
+            return Ok(());
+        }
+    }
 }

@@ -1,0 +1,211 @@
+//! `sinew-waypoint`: flags, identity and configuration from the control service, the HBONE
+//! listener, and the admin endpoint.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use http::StatusCode;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sinew_control_client::{
+    CertConfig, ClientConfig, ControlSettings, start_certificate, start_config,
+};
+use sinew_hbone::Inbound;
+use sinew_identity::SpiffeId;
+use sinew_l7_waypoint::{
+    proxy::{self, Downstream},
+    state::{Snapshot, Waypoint},
+    telemetry::AccessLog,
+};
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{debug, info, warn};
+
+#[derive(Parser)]
+#[command(name = "sinew-waypoint", version, about = "Sinew L7 waypoint")]
+struct Args {
+    /// The waypoint's name: services and namespaces labelled `sinew.io/use-waypoint=<name>`
+    /// send it their traffic; it is also its Workload's name.
+    #[arg(long)]
+    name: String,
+    /// Its namespace.
+    #[arg(long)]
+    namespace: String,
+    /// Its service account (its identity).
+    #[arg(long, default_value = "waypoint")]
+    service_account: String,
+    /// The node it runs on.
+    #[arg(long)]
+    node: String,
+    /// The control service (`https://host:15012`).
+    #[arg(long)]
+    control: String,
+    /// PEM roots of the control service's certificate.
+    #[arg(long)]
+    control_ca: Option<PathBuf>,
+    /// The node's bootstrap token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// HBONE listener.
+    #[arg(long, default_value = "[::]:15008")]
+    listen: SocketAddr,
+    /// Admin endpoint: /metrics, /ready, /config_dump.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Where configuration and the certificate are cached.
+    #[arg(long, default_value = "/var/lib/sinew-waypoint")]
+    state_dir: PathBuf,
+    /// Access log: a file, `-` for standard output, `off`.
+    #[arg(long, default_value = "-")]
+    access_log: String,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+}
+
+fn main() -> Result<()> {
+    sinew_telemetry::init_logging();
+    let args = Args::parse();
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let id = SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)
+        .with_context(|| {
+            format!("--namespace {} --service-account {}", args.namespace, args.service_account)
+        })?;
+    let access = AccessLog::open(&args.access_log)
+        .with_context(|| format!("--access-log {}", args.access_log))?;
+    let control = ControlSettings::load(
+        args.control.clone(),
+        args.control_ca.as_deref(),
+        args.token_file.as_deref(),
+        args.node.clone(),
+        args.state_dir.join("control"),
+    )?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers)
+        .enable_all()
+        .thread_name("sinew-waypoint")
+        .build()?
+        .block_on(run(args, id, access, control))
+}
+
+async fn run(args: Args, id: SpiffeId, access: AccessLog, control: ControlSettings) -> Result<()> {
+    let node_id = SpiffeId::node(&args.trust_domain, &args.node)?;
+    let credentials = control.node_credentials(&node_id).await;
+    let (svid, _cert_task) = start_certificate(CertConfig {
+        endpoint: control.endpoint.clone(),
+        credentials: credentials.clone(),
+        identity: id.clone(),
+        ttl: None,
+        cache_dir: control.cache_dir.clone(),
+    });
+    let (mut views, _config_task) = start_config(ClientConfig {
+        endpoint: control.endpoint.clone(),
+        name: format!("{}.{}", args.name, args.namespace),
+        role: "waypoint".into(),
+        cache_dir: control.cache_dir.clone(),
+        credentials,
+    });
+    let build = |v: &sinew_control_client::ConfigView| {
+        Arc::new(Snapshot::build(v.resources.values().map(|h| &*h.resource)))
+    };
+    let first = views.borrow_and_update().clone();
+    let (tx, snapshots) = watch::channel(build(&first));
+    tokio::spawn(async move {
+        while views.changed().await.is_ok() {
+            let view = views.borrow_and_update().clone();
+            tx.send_replace(build(&view));
+        }
+    });
+    let wp = Arc::new(Waypoint::new(id.clone(), snapshots, svid, access));
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
+    let admin =
+        TcpListener::bind(args.admin).await.with_context(|| format!("--admin {}", args.admin))?;
+    tokio::spawn(serve_admin(admin, wp.clone()));
+    info!(listen = %args.listen, identity = %id, "sinew-waypoint ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => { tokio::spawn(connection(wp.clone(), tcp, peer)); }
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    info!("sinew-waypoint stopping");
+    Ok(())
+}
+
+async fn connection(wp: Arc<Waypoint>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+    let Some(identity) = wp.identity() else {
+        return warn!(%peer, "no certificate yet: refusing HBONE");
+    };
+    let config = match identity.server_config() {
+        Ok(c) => c,
+        Err(e) => return warn!(error = %e, "TLS configuration"),
+    };
+    let w = wp.clone();
+    if let Err(e) =
+        sinew_hbone::serve_connection(tcp, peer, config, move |inbound| tunnel(w.clone(), inbound))
+            .await
+    {
+        debug!(%peer, error = %e, "HBONE connection ended");
+    }
+}
+
+/// One CONNECT: the authority names a service VIP and port; HTTP is served on the stream.
+async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
+    let authority = inbound.authority;
+    let snapshot = wp.snapshot.borrow().clone();
+    let Some(service) = snapshot.mesh.service_by_vip(authority.ip()).cloned() else {
+        debug!(%authority, "CONNECT to an address that is not a service VIP");
+        return inbound.refuse(StatusCode::BAD_REQUEST);
+    };
+    let client = inbound.forwarded_for().unwrap_or(inbound.peer_addr);
+    let down = Arc::new(Downstream {
+        service,
+        port: authority.port(),
+        source: inbound.peer.clone(),
+        client,
+    });
+    let stream = match inbound.accept() {
+        Ok(s) => s,
+        Err(e) => return debug!(error = %e, "CONNECT accept failed"),
+    };
+    let service =
+        hyper::service::service_fn(move |req| proxy::handle(wp.clone(), down.clone(), req));
+    let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = served {
+        debug!(%authority, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+async fn serve_admin(listener: TcpListener, wp: Arc<Waypoint>) {
+    use axum::{Router, extract::State, routing::get};
+    let app = Router::new()
+        .route("/metrics", get(|State(w): State<Arc<Waypoint>>| async move { w.metrics.encode() }))
+        .route(
+            "/ready",
+            get(|State(w): State<Arc<Waypoint>>| async move {
+                if w.identity().is_some() {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "no certificate yet\n")
+                }
+            }),
+        )
+        .with_state(wp);
+    let _ = axum::serve(listener, app).await;
+}

@@ -1,0 +1,517 @@
+//! One request through the waypoint: route, filters, retries and timeouts, endpoint choice,
+//! forwarding, telemetry.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode, Uri, Version, header};
+use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use hyper::{Request, Response, body::Incoming};
+use sinew_hbone::random_u64;
+use sinew_identity::SpiffeId;
+use sinew_l7::{
+    balance::hash_key,
+    ratelimit::Admit,
+    retry::{Outcome, RetryPolicy},
+    route::{CompiledRule, RequestView, modify_headers, redirect_location, rewrite_path},
+};
+use sinew_mesh::ServiceInfo;
+use sinew_model::{HeaderModifier, HttpFilter};
+
+use crate::{
+    state::{Snapshot, Waypoint},
+    telemetry::{RequestEntry, RequestLabels},
+    upstream::{self, UpstreamError},
+};
+
+/// The body of every response the waypoint sends.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Largest request body buffered (bodies are buffered so tries can be repeated).
+pub const MAX_REQUEST_BODY: usize = 8 << 20;
+
+/// The connection a request arrived on.
+pub struct Downstream {
+    /// The service addressed (the CONNECT authority's VIP).
+    pub service: Arc<ServiceInfo>,
+    /// The service port.
+    pub port: u16,
+    /// The client's identity, from its certificate.
+    pub source: Arc<SpiffeId>,
+    /// The original client address (`forwarded`), else the tunnel's peer.
+    pub client: SocketAddr,
+}
+
+/// What a request ended as, for metrics and the log.
+struct Done {
+    status: StatusCode,
+    flags: &'static str,
+    endpoint: Option<Arc<sinew_mesh::WorkloadInfo>>,
+    attempts: u32,
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+/// Serves one request; never fails (errors become 4xx/5xx answers).
+pub async fn handle(
+    wp: Arc<Waypoint>,
+    down: Arc<Downstream>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let snapshot = wp.snapshot.borrow().clone();
+    let method = req.method().clone();
+    let path_and_query =
+        req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+    let grpc = is_grpc(req.headers());
+    let traceparent = child_traceparent(req.headers().get("traceparent"));
+    let (mut response, done, route) =
+        route_and_forward(&wp, &snapshot, &down, req, &traceparent).await;
+    let millis = start.elapsed().as_secs_f64() * 1000.0;
+    let svc = &down.service;
+    let unknown = || "unknown".to_string();
+    let labels = RequestLabels {
+        reporter: "waypoint",
+        source_workload: snapshot
+            .mesh
+            .workload_by_ip(down.client.ip())
+            .map_or_else(unknown, |w| w.name.clone()),
+        source_workload_namespace: down.source.namespace.clone(),
+        source_principal: down.source.to_string(),
+        destination_workload: done.endpoint.as_ref().map_or_else(unknown, |w| w.name.clone()),
+        destination_workload_namespace: done
+            .endpoint
+            .as_ref()
+            .map_or_else(|| svc.namespace.clone(), |w| w.namespace.clone()),
+        destination_principal: done
+            .endpoint
+            .as_ref()
+            .and_then(|w| w.identity(&wp.trust_domain).ok())
+            .map_or_else(unknown, |i| i.to_string()),
+        destination_service: format!("{}.{}", svc.name, svc.namespace),
+        destination_service_name: svc.name.clone(),
+        destination_service_namespace: svc.namespace.clone(),
+        request_protocol: if grpc { "grpc" } else { "http" },
+        response_code: done.status.as_u16(),
+        response_flags: done.flags,
+        connection_security_policy: "mutual_tls",
+    };
+    wp.metrics.record(&labels, millis);
+    wp.access.write(&RequestEntry {
+        ts: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default(),
+        method: method.to_string(),
+        path: path_and_query,
+        service: format!("{}.{}:{}", svc.name, svc.namespace, down.port),
+        route,
+        status: done.status.as_u16(),
+        flags: done.flags,
+        upstream: done.endpoint.as_ref().map(|w| w.key()),
+        attempts: done.attempts,
+        source: down.source.to_string(),
+        duration_ms: millis,
+        traceparent: Some(traceparent.clone()),
+    });
+    if let Ok(v) = HeaderValue::from_str(&traceparent) {
+        response.headers_mut().insert("traceparent", v);
+    }
+    Ok(response)
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// A W3C traceparent continuing the caller's trace (new span id), or starting one.
+fn child_traceparent(parent: Option<&HeaderValue>) -> String {
+    let span = random_u64() | 1;
+    if let Some(p) = parent.and_then(|v| v.to_str().ok()) {
+        let parts: Vec<&str> = p.split('-').collect();
+        if let [version, trace, _, flags] = parts.as_slice()
+            && version.len() == 2
+            && trace.len() == 32
+            && trace.bytes().all(|b| b.is_ascii_hexdigit())
+            && flags.len() == 2
+        {
+            return format!("{version}-{trace}-{span:016x}-{flags}");
+        }
+    }
+    format!("00-{:016x}{:016x}-{span:016x}-01", random_u64(), random_u64())
+}
+
+fn done(status: StatusCode, flags: &'static str) -> Done {
+    Done { status, flags, endpoint: None, attempts: 0 }
+}
+
+async fn route_and_forward(
+    wp: &Arc<Waypoint>,
+    snapshot: &Snapshot,
+    down: &Downstream,
+    req: Request<Incoming>,
+    traceparent: &str,
+) -> (Response<Body>, Done, Option<String>) {
+    let svc = &down.service;
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().map(str::to_owned);
+    let view = RequestView {
+        method: parts.method.as_str(),
+        path: &path,
+        query: query.as_deref(),
+        headers: &parts.headers,
+    };
+    let selected = snapshot.routes.select(&svc.namespace, &svc.name, down.port, &view);
+    let route_name = selected.as_ref().map(|s| format!("{}#{}", s.rule.route, s.rule.index));
+    let rule: Option<&CompiledRule> = selected.as_ref().map(|s| s.rule);
+    let matched_prefix = selected.as_ref().and_then(|s| s.matched_prefix);
+
+    // Rule filters, in order.
+    let mut response_headers: Vec<&HeaderModifier> = Vec::new();
+    for f in rule.map(|r| r.filters.as_slice()).unwrap_or_default() {
+        match f {
+            HttpFilter::RequestRedirect { request_redirect: r } => {
+                let host = parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(|h| h.rsplit_once(':').map_or(h, |(h, _)| h).to_owned())
+                    .unwrap_or_default();
+                let location = redirect_location(
+                    r,
+                    "http",
+                    &host,
+                    Some(down.port),
+                    &path,
+                    matched_prefix,
+                    query.as_deref(),
+                );
+                let status = StatusCode::from_u16(r.status_code).unwrap_or(StatusCode::FOUND);
+                let mut resp = full(status, Bytes::new());
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
+                return (resp, done(status, "-"), route_name);
+            }
+            HttpFilter::LocalRateLimit { local_rate_limit: l } => {
+                let key = route_name.clone().unwrap_or_default();
+                let bucket = wp.bucket(&key, l);
+                match bucket.try_take(Instant::now()) {
+                    Admit::Allowed { remaining } => {
+                        response_headers_limit(&mut parts.extensions, bucket.limit(), remaining);
+                    }
+                    Admit::Limited { retry_after } => {
+                        let mut resp =
+                            full(StatusCode::TOO_MANY_REQUESTS, "local rate limit exceeded\n");
+                        let h = resp.headers_mut();
+                        h.insert("x-ratelimit-limit", bucket.limit().into());
+                        h.insert("x-ratelimit-remaining", 0u32.into());
+                        let secs =
+                            retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                        h.insert(header::RETRY_AFTER, secs.into());
+                        return (resp, done(StatusCode::TOO_MANY_REQUESTS, "RL"), route_name);
+                    }
+                }
+            }
+            HttpFilter::FaultInjection { fault_injection: fi } => {
+                if let Some(d) = &fi.delay
+                    && (random_u64() % 100) < u64::from(d.percentage)
+                {
+                    tokio::time::sleep(d.fixed_delay.0).await;
+                }
+                if let Some(a) = &fi.abort
+                    && (random_u64() % 100) < u64::from(a.percentage)
+                {
+                    let status = StatusCode::from_u16(a.http_status)
+                        .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                    return (full(status, "fault filter abort\n"), done(status, "FI"), route_name);
+                }
+            }
+            HttpFilter::RequestHeaderModifier { request_header_modifier: m } => {
+                modify_headers(&mut parts.headers, m);
+            }
+            HttpFilter::ResponseHeaderModifier { response_header_modifier: m } => {
+                response_headers.push(m);
+            }
+            HttpFilter::UrlRewrite { url_rewrite: u } => {
+                if let Some(p) = &u.path {
+                    let new = rewrite_path(&path, matched_prefix, p);
+                    let pq = match &query {
+                        Some(q) => format!("{new}?{q}"),
+                        None => new,
+                    };
+                    if let Ok(uri) = Uri::builder().path_and_query(pq).build() {
+                        parts.uri = uri;
+                    }
+                }
+                if let Some(h) = &u.hostname
+                    && let Ok(v) = HeaderValue::from_str(h)
+                {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+            // Mirroring is not implemented yet: the request is served without its copy.
+            HttpFilter::RequestMirror { .. } => {}
+        }
+    }
+
+    // The backend service: the rule's weighted choice, else the service itself.
+    let (backend_ns, backend_name, backend_port) = match rule {
+        Some(r) => match r.pick_backend(random_u64()) {
+            Some(b) => (b.namespace.clone(), b.name.clone(), b.port),
+            None => {
+                return (
+                    full(StatusCode::INTERNAL_SERVER_ERROR, "no backend with weight\n"),
+                    done(StatusCode::INTERNAL_SERVER_ERROR, "NR"),
+                    route_name,
+                );
+            }
+        },
+        None => (svc.namespace.clone(), svc.name.clone(), down.port),
+    };
+    let Some(backend_svc) = snapshot.mesh.service(&backend_ns, &backend_name).cloned() else {
+        return (
+            full(StatusCode::SERVICE_UNAVAILABLE, "backend service unknown\n"),
+            done(StatusCode::SERVICE_UNAVAILABLE, "NR"),
+            route_name,
+        );
+    };
+    let target_port = backend_svc.target_port(backend_port).unwrap_or(backend_port);
+    let Some(backend) = wp.backend(snapshot, &backend_ns, &backend_name) else {
+        return (
+            full(StatusCode::SERVICE_UNAVAILABLE, "backend service unknown\n"),
+            done(StatusCode::SERVICE_UNAVAILABLE, "NR"),
+            route_name,
+        );
+    };
+
+    // The body is buffered so that tries can repeat it.
+    let body = match Limited::new(body, MAX_REQUEST_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return (
+                full(StatusCode::PAYLOAD_TOO_LARGE, "request body too large or broken\n"),
+                done(StatusCode::PAYLOAD_TOO_LARGE, "-"),
+                route_name,
+            );
+        }
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    if let Ok(v) = HeaderValue::from_str(traceparent) {
+        parts.headers.insert("traceparent", v);
+    }
+    let http2 = parts.version == Version::HTTP_2;
+    let policy = RetryPolicy::from_model(rule.and_then(|r| r.retry.as_ref()));
+    let timeouts = rule.map(|r| r.timeouts.clone()).unwrap_or_default();
+    let per_try = timeouts.backend_request.map(|d| d.0);
+    let hash = consistent_hash_key(&parts.headers, down.client);
+    let _request = wp.budget.request_started();
+
+    let tries = async {
+        let mut attempt = 0u32;
+        let mut last_endpoint = None;
+        let mut _retry_guard = None;
+        loop {
+            attempt += 1;
+            let Some(_permit) = backend.limits.try_request() else {
+                let mut r = full(StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded\n");
+                r.headers_mut().insert("x-sinew-overloaded", HeaderValue::from_static("true"));
+                return (
+                    r,
+                    Done {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        flags: "UO",
+                        endpoint: last_endpoint,
+                        attempts: attempt,
+                    },
+                );
+            };
+            let now = Instant::now();
+            let Some(i) =
+                backend.balancer.pick(random_u64(), hash, |i| backend.outlier.is_ejected(i, now))
+            else {
+                return (
+                    full(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint\n"),
+                    Done {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        flags: "NR",
+                        endpoint: last_endpoint,
+                        attempts: attempt,
+                    },
+                );
+            };
+            let endpoint = backend.endpoints[i].clone();
+            last_endpoint = Some(endpoint.clone());
+            let req = build_request(&parts, &body, &endpoint, target_port, http2);
+            let started = Instant::now();
+            let _inflight = backend.balancer.start(i);
+            let sent = upstream::send(wp, &endpoint, target_port, down.client, req, http2);
+            let result = match per_try {
+                Some(t) => tokio::time::timeout(t, sent)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(UpstreamError::Reset {
+                            endpoint: endpoint.key(),
+                            reason: "per-try timeout".into(),
+                        })
+                    })
+                    .map_err(|e| (e, per_try_timed_out(started, per_try))),
+                None => sent.await.map_err(|e| (e, false)),
+            };
+            backend.balancer.observe(i, started.elapsed());
+            let outcome = match &result {
+                Ok(resp) => grpc_outcome(resp).unwrap_or(Outcome::Status(resp.status().as_u16())),
+                Err((_, true)) => Outcome::Timeout,
+                Err((UpstreamError::Connect { .. }, _)) => Outcome::ConnectFailure,
+                Err((UpstreamError::Reset { .. }, _)) => Outcome::Reset,
+            };
+            let success = match outcome {
+                Outcome::Status(s) => s < 500,
+                Outcome::Grpc(c) => !matches!(c, 14 | 13 | 4),
+                _ => false,
+            };
+            backend.outlier.record(i, success, Instant::now());
+            if !success
+                && policy.should_retry(outcome, attempt)
+                && let Some(g) = wp.budget.try_retry()
+            {
+                _retry_guard = Some(g);
+                tokio::time::sleep(policy.backoff(attempt, random_u64())).await;
+                continue;
+            }
+            return match result {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let mut resp = resp.map(BodyExt::boxed);
+                    strip_hop_by_hop(resp.headers_mut());
+                    (resp, Done { status, flags: "-", endpoint: last_endpoint, attempts: attempt })
+                }
+                Err((_, true)) => (
+                    full(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n"),
+                    Done {
+                        status: StatusCode::GATEWAY_TIMEOUT,
+                        flags: "UT",
+                        endpoint: last_endpoint,
+                        attempts: attempt,
+                    },
+                ),
+                Err((e, false)) => (
+                    full(StatusCode::SERVICE_UNAVAILABLE, format!("upstream failure: {e}\n")),
+                    Done {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        flags: "UF",
+                        endpoint: last_endpoint,
+                        attempts: attempt,
+                    },
+                ),
+            };
+        }
+    };
+    let (mut resp, d) = match timeouts.request {
+        Some(t) => match tokio::time::timeout(t.0, tries).await {
+            Ok(r) => r,
+            Err(_) => (
+                full(StatusCode::GATEWAY_TIMEOUT, "request timeout\n"),
+                done(StatusCode::GATEWAY_TIMEOUT, "UT"),
+            ),
+        },
+        None => tries.await,
+    };
+    for m in response_headers {
+        modify_headers(resp.headers_mut(), m);
+    }
+    if let Some(l) = parts.extensions.get::<RateLimitHeaders>() {
+        resp.headers_mut().insert("x-ratelimit-limit", l.0.into());
+        resp.headers_mut().insert("x-ratelimit-remaining", l.1.into());
+    }
+    (resp, d, route_name)
+}
+
+fn per_try_timed_out(started: Instant, per_try: Option<Duration>) -> bool {
+    per_try.is_some_and(|t| started.elapsed() >= t)
+}
+
+/// (limit, remaining) to report on an admitted response.
+#[derive(Clone, Copy)]
+struct RateLimitHeaders(u32, u32);
+
+fn response_headers_limit(ext: &mut http::Extensions, limit: u32, remaining: u32) {
+    ext.insert(RateLimitHeaders(limit, remaining));
+}
+
+/// gRPC answers errors as 200 with `grpc-status` in the headers (trailers-only responses).
+fn grpc_outcome(resp: &Response<Incoming>) -> Option<Outcome> {
+    let code: u32 = resp.headers().get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    (code != 0).then_some(Outcome::Grpc(code))
+}
+
+/// The consistent-hashing key: `x-sinew-hash-key` or the client address.
+fn consistent_hash_key(headers: &HeaderMap, client: SocketAddr) -> Option<u64> {
+    match headers.get("x-sinew-hash-key") {
+        Some(v) => Some(hash_key(v.as_bytes())),
+        None => Some(hash_key(client.ip().to_string().as_bytes())),
+    }
+}
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    for name in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"] {
+        h.remove(name);
+    }
+    if h.get(header::TE).is_some_and(|v| v != "trailers") {
+        h.remove(header::TE);
+    }
+}
+
+fn build_request(
+    parts: &http::request::Parts,
+    body: &Bytes,
+    endpoint: &sinew_mesh::WorkloadInfo,
+    port: u16,
+    http2: bool,
+) -> Request<Full<Bytes>> {
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| {
+            endpoint
+                .ips
+                .first()
+                .map(|ip| SocketAddr::new(*ip, port).to_string())
+                .unwrap_or_default()
+        });
+    let uri = if http2 {
+        Uri::builder().scheme("http").authority(host.as_str()).path_and_query(pq).build()
+    } else {
+        Uri::builder().path_and_query(pq).build()
+    }
+    .unwrap_or_else(|_| Uri::from_static("/"));
+    let mut req = Request::new(Full::new(body.clone()));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    *req.headers_mut() = parts.headers.clone();
+    if !http2 && let Ok(v) = HeaderValue::from_str(&host) {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    if http2 {
+        req.headers_mut().remove(header::HOST);
+    }
+    req
+}

@@ -1,0 +1,185 @@
+//! The waypoint's configuration in force and the state kept across changes of it.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use sinew_control_client::Svid;
+use sinew_hbone::{Pool, tls::Identity};
+use sinew_identity::SpiffeId;
+use sinew_l7::{
+    balance::{Algorithm, Balancer, Limits},
+    outlier::OutlierDetector,
+    ratelimit::TokenBucket,
+    retry::RetryBudget,
+    route::RouteTable,
+};
+use sinew_mesh::{MeshIndex, WorkloadInfo};
+use sinew_model::{LocalRateLimit, Resource};
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::telemetry::{AccessLog, Metrics};
+
+/// What one configuration version compiles to.
+pub struct Snapshot {
+    /// Workloads, services, policies.
+    pub mesh: MeshIndex,
+    /// HTTPRoutes and GRPCRoutes by parent service.
+    pub routes: RouteTable,
+    /// DestinationPolicies by `namespace/service`.
+    pub destinations: HashMap<String, sinew_model::DestinationPolicySpec>,
+}
+
+impl Snapshot {
+    /// Compiles `resources`; problems are logged (the rest applies).
+    pub fn build<'a>(resources: impl IntoIterator<Item = &'a Resource> + Clone) -> Self {
+        let (routes, problems) = RouteTable::build(resources.clone());
+        for p in problems {
+            warn!(problem = %p, "route not applied");
+        }
+        let mut destinations = HashMap::new();
+        for r in resources.clone() {
+            if let Resource::DestinationPolicy(o) = r {
+                let ns = o.metadata.namespace.clone().unwrap_or_default();
+                destinations.insert(format!("{ns}/{}", o.spec.service), o.spec.clone());
+            }
+        }
+        Self { mesh: MeshIndex::build(resources), routes, destinations }
+    }
+}
+
+/// Endpoint selection state of one backend service, kept while its endpoints stay the same.
+pub struct BackendState {
+    /// The endpoints, in the index's order.
+    pub endpoints: Vec<Arc<WorkloadInfo>>,
+    /// Load balancer over them.
+    pub balancer: Balancer,
+    /// Consecutive-failure ejection.
+    pub outlier: OutlierDetector,
+    /// Circuit-breaking limits.
+    pub limits: Limits,
+    /// The DestinationPolicy it was built from.
+    policy: Option<sinew_model::DestinationPolicySpec>,
+}
+
+/// Everything the request path shares.
+pub struct Waypoint {
+    /// Our SPIFFE id.
+    pub id: SpiffeId,
+    /// Trust domain of workload identities.
+    pub trust_domain: String,
+    /// The configuration in force.
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// Our certificate.
+    pub svid: watch::Receiver<Option<Arc<Svid>>>,
+    /// HBONE connections to endpoints' agents.
+    pub pool: Pool,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Access log.
+    pub access: AccessLog,
+    /// Retries in flight against requests in flight.
+    pub budget: RetryBudget,
+    built: Mutex<Option<(Arc<Svid>, Identity)>>,
+    buckets: Mutex<HashMap<String, (LocalRateLimit, Arc<TokenBucket>)>>,
+    backends: Mutex<HashMap<String, Arc<BackendState>>>,
+}
+
+impl Waypoint {
+    /// A waypoint over the given configuration and certificate channels.
+    pub fn new(
+        id: SpiffeId,
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        svid: watch::Receiver<Option<Arc<Svid>>>,
+        access: AccessLog,
+    ) -> Self {
+        Self {
+            trust_domain: id.trust_domain.clone(),
+            id,
+            snapshot,
+            svid,
+            pool: Pool::new(),
+            metrics: Metrics::default(),
+            access,
+            budget: RetryBudget::new(0.2, 3),
+            built: Mutex::new(None),
+            buckets: Mutex::new(HashMap::new()),
+            backends: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Our TLS credentials, if the certificate has been issued.
+    pub fn identity(&self) -> Option<Identity> {
+        let svid = self.svid.borrow().clone()?;
+        let mut built = self.built.lock().expect("identity lock poisoned");
+        if let Some((s, i)) = &*built
+            && Arc::ptr_eq(s, &svid)
+        {
+            return Some(i.clone());
+        }
+        match Identity::from_pem(&svid.cert_pem, &svid.key_pem, &svid.bundle) {
+            Ok(i) => {
+                *built = Some((svid, i.clone()));
+                Some(i)
+            }
+            Err(e) => {
+                warn!(error = %e, "the issued certificate cannot be used for TLS");
+                None
+            }
+        }
+    }
+
+    /// The token bucket of a rule (`key` names route and rule); re-created when its limits
+    /// change, kept across unrelated configuration changes.
+    pub fn bucket(&self, key: &str, limit: &LocalRateLimit) -> Arc<TokenBucket> {
+        let mut buckets = self.buckets.lock().expect("bucket lock poisoned");
+        match buckets.get(key) {
+            Some((l, b)) if l == limit => b.clone(),
+            _ => {
+                let b = Arc::new(TokenBucket::from_model(limit, Instant::now()));
+                buckets.insert(key.to_owned(), (limit.clone(), b.clone()));
+                b
+            }
+        }
+    }
+
+    /// The endpoint state of service `namespace/name`, re-created when its endpoints or its
+    /// DestinationPolicy change.
+    pub fn backend(
+        &self,
+        snapshot: &Snapshot,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Arc<BackendState>> {
+        let svc = snapshot.mesh.service(namespace, name)?;
+        let key = format!("{namespace}/{name}");
+        let mut backends = self.backends.lock().expect("backend lock poisoned");
+        let policy = snapshot.destinations.get(&key);
+        if let Some(b) = backends.get(&key)
+            && b.policy.as_ref() == policy
+            && b.endpoints.len() == svc.endpoints.len()
+            && b.endpoints.iter().zip(&svc.endpoints).all(|(a, b)| a == b)
+        {
+            return Some(b.clone());
+        }
+        let n = svc.endpoints.len();
+        let state = Arc::new(BackendState {
+            endpoints: svc.endpoints.clone(),
+            balancer: Balancer::new(
+                n,
+                Algorithm::from_model(policy.and_then(|p| p.load_balancer.as_ref())),
+            ),
+            outlier: OutlierDetector::from_model(
+                n,
+                policy.and_then(|p| p.outlier_detection.as_ref()),
+            ),
+            limits: Limits::from_model(policy.and_then(|p| p.connection_pool.as_ref())),
+            policy: policy.cloned(),
+        });
+        backends.insert(key, state.clone());
+        Some(state)
+    }
+}

@@ -1,0 +1,152 @@
+//! Istio's request metrics (`istio_requests_total`, `istio_request_duration_milliseconds`,
+//! same names and labels) and one JSON access-log line per request.
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex},
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+use serde::Serialize;
+
+/// The labels of the request metrics (Istio's names).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Always `waypoint`.
+    pub reporter: &'static str,
+    /// Source workload name, or `unknown`.
+    pub source_workload: String,
+    /// Source namespace.
+    pub source_workload_namespace: String,
+    /// Source principal (`spiffe://...`).
+    pub source_principal: String,
+    /// Destination workload name, or `unknown` when no endpoint was reached.
+    pub destination_workload: String,
+    /// Destination namespace.
+    pub destination_workload_namespace: String,
+    /// Destination principal.
+    pub destination_principal: String,
+    /// `<name>.<namespace>` of the service addressed.
+    pub destination_service: String,
+    /// The service's name.
+    pub destination_service_name: String,
+    /// The service's namespace.
+    pub destination_service_namespace: String,
+    /// `http` or `grpc`.
+    pub request_protocol: &'static str,
+    /// The status answered.
+    pub response_code: u16,
+    /// `-`, or Envoy's flags: `UF` upstream failure, `UT` timeout, `RL` rate limited,
+    /// `FI` injected fault, `UO` overflow, `NR` no route or endpoint, `UAEX` denied.
+    pub response_flags: &'static str,
+    /// Always `mutual_tls`.
+    pub connection_security_policy: &'static str,
+}
+
+/// The waypoint's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// `istio_requests_total`.
+    pub requests: Family<RequestLabels, Counter>,
+    /// `istio_request_duration_milliseconds`.
+    pub duration: Family<RequestLabels, Histogram>,
+}
+
+/// Istio's duration buckets, in milliseconds.
+const BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration = Family::<RequestLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(BUCKETS)) as fn() -> Histogram,
+        );
+        registry.register("istio_requests", "Requests served", requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration",
+            duration.clone(),
+        );
+        Self { registry, requests, duration }
+    }
+}
+
+impl Metrics {
+    /// Counts one request.
+    pub fn record(&self, labels: &RequestLabels, millis: f64) {
+        self.requests.get_or_create(labels).inc();
+        self.duration.get_or_create(labels).observe(millis);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// One access-log line.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestEntry {
+    /// Seconds since the epoch, when the answer was sent.
+    pub ts: f64,
+    /// Method.
+    pub method: String,
+    /// Path and query as received.
+    pub path: String,
+    /// Service addressed (`<name>.<namespace>:<port>`).
+    pub service: String,
+    /// The rule that routed it (`<route>#<rule>`), if any.
+    pub route: Option<String>,
+    /// Status answered.
+    pub status: u16,
+    /// Response flags, as in the metrics.
+    pub flags: &'static str,
+    /// The endpoint of the last try.
+    pub upstream: Option<String>,
+    /// Tries made.
+    pub attempts: u32,
+    /// Source identity.
+    pub source: String,
+    /// Time to the answer's headers.
+    pub duration_ms: f64,
+    /// W3C trace context sent upstream.
+    pub traceparent: Option<String>,
+}
+
+/// Where access-log lines go: a file, stdout, or nowhere.
+#[derive(Clone)]
+pub struct AccessLog(Option<Arc<Mutex<Box<dyn Write + Send>>>>);
+
+impl AccessLog {
+    /// `-` for stdout, `off` for none, else a file appended to.
+    pub fn open(target: &str) -> std::io::Result<Self> {
+        let out: Box<dyn Write + Send> = match target {
+            "off" => return Ok(Self(None)),
+            "-" => Box::new(std::io::stdout()),
+            path => Box::new(std::io::LineWriter::new(
+                std::fs::OpenOptions::new().create(true).append(true).open(path)?,
+            )),
+        };
+        Ok(Self(Some(Arc::new(Mutex::new(out)))))
+    }
+
+    /// Writes one line (errors writing the log never affect traffic).
+    pub fn write(&self, entry: &RequestEntry) {
+        let Some(out) = &self.0 else { return };
+        let Ok(mut line) = serde_json::to_vec(entry) else { return };
+        line.push(b'\n');
+        if let Ok(mut out) = out.lock() {
+            let _ = out.write_all(&line);
+        }
+    }
+}

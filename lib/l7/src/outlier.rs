@@ -1,0 +1,136 @@
+//! Outlier detection: endpoints that fail several times in a row are ejected from load
+//! balancing for a while, longer each time, with a cap on the share of endpoints ejected at
+//! once (Envoy's consecutive-5xx detector as Istio configures it).
+
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// Istio's default `consecutiveErrors` (`consecutive5xxErrors`).
+const DEFAULT_CONSECUTIVE_ERRORS: u32 = 5;
+/// Istio's default `baseEjectionTime`.
+const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
+/// Istio's default `maxEjectionPercent`.
+const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
+
+/// Consecutive-failure ejection per endpoint (indices `0..endpoints`), with Envoy and Istio
+/// semantics:
+///
+/// - after `consecutive_errors` failures in a row an endpoint is ejected for
+///   `base_ejection_time` times the number of times it has been ejected (1 the first time);
+/// - a success resets the endpoint's consecutive count, and so does an ejection, so an
+///   endpoint that comes back needs a fresh run of failures to go again; results recorded
+///   while an endpoint is ejected (requests that were already in flight) are ignored;
+/// - an ejection is refused when the endpoints ejected after it would exceed
+///   `max_ejection_percent` of the endpoints, rounding down, except that when that rounds to
+///   0 and there are at least two endpoints one ejection is allowed (as Envoy does, which
+///   compares the share ejected *before* the ejection with the percentage). A refused
+///   endpoint keeps its count, so its next failure tries again. `max_ejection_percent` 0
+///   disables ejection, and a lone endpoint is ejected only when the cap is 100 %;
+/// - ejected endpoints come back when their time is up, checked lazily from `now`.
+///
+/// `consecutive_errors` 0 disables the detector. Unlike Envoy there is no
+/// `max_ejection_time` cap and the ejection multiplier is never decremented.
+#[derive(Debug)]
+pub struct OutlierDetector {
+    consecutive_errors: u32,
+    base_ejection_time: Duration,
+    max_ejection_percent: u32,
+    endpoints: Mutex<Vec<Endpoint>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Endpoint {
+    consecutive: u32,
+    ejections: u32,
+    ejected_at: Option<Instant>,
+    ejected_for: Duration,
+}
+
+impl Endpoint {
+    fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected_at.is_some_and(|at| now.saturating_duration_since(at) < self.ejected_for)
+    }
+}
+
+impl OutlierDetector {
+    /// A detector for `endpoints` endpoints; `max_ejection_percent` above 100 is read as 100.
+    pub fn new(
+        endpoints: usize,
+        consecutive_errors: u32,
+        base_ejection_time: Duration,
+        max_ejection_percent: u32,
+    ) -> Self {
+        let fresh = Endpoint {
+            consecutive: 0,
+            ejections: 0,
+            ejected_at: None,
+            ejected_for: Duration::ZERO,
+        };
+        Self {
+            consecutive_errors,
+            base_ejection_time,
+            max_ejection_percent: max_ejection_percent.min(100),
+            endpoints: Mutex::new(vec![fresh; endpoints]),
+        }
+    }
+
+    /// From a destination's `outlierDetection`: defaults 5 errors, 30 s, 10 %. `None`: disabled
+    /// (never ejects).
+    pub fn from_model(endpoints: usize, o: Option<&sinew_model::OutlierDetection>) -> Self {
+        let Some(o) = o else { return Self::new(endpoints, 0, Duration::ZERO, 0) };
+        Self::new(
+            endpoints,
+            o.consecutive_errors.unwrap_or(DEFAULT_CONSECUTIVE_ERRORS),
+            o.base_ejection_time.map_or(DEFAULT_BASE_EJECTION, |d| d.0),
+            o.max_ejection_percent.unwrap_or(DEFAULT_MAX_EJECTION_PERCENT),
+        )
+    }
+
+    /// Records the result of a request to `endpoint` (a failure being a 5xx, a reset or a
+    /// connect failure); an index out of range is ignored.
+    pub fn record(&self, endpoint: usize, success: bool, now: Instant) {
+        if self.consecutive_errors == 0 {
+            return;
+        }
+        let mut all = self.endpoints.lock().unwrap_or_else(PoisonError::into_inner);
+        let cap = self.max_ejected(all.len());
+        let ejected = all.iter().filter(|e| e.is_ejected(now)).count();
+        let Some(e) = all.get_mut(endpoint) else { return };
+        if e.is_ejected(now) {
+            return;
+        }
+        if success {
+            e.consecutive = 0;
+            return;
+        }
+        e.consecutive = e.consecutive.saturating_add(1);
+        if e.consecutive >= self.consecutive_errors && ejected < cap {
+            e.consecutive = 0;
+            e.ejections = e.ejections.saturating_add(1);
+            e.ejected_at = Some(now);
+            e.ejected_for = self.base_ejection_time.saturating_mul(e.ejections);
+        }
+    }
+
+    /// Whether `endpoint` is ejected at `now`; an index out of range is not.
+    pub fn is_ejected(&self, endpoint: usize, now: Instant) -> bool {
+        let all = self.endpoints.lock().unwrap_or_else(PoisonError::into_inner);
+        all.get(endpoint).is_some_and(|e| e.is_ejected(now))
+    }
+
+    /// How many endpoints are ejected at `now`.
+    pub fn ejected_count(&self, now: Instant) -> usize {
+        let all = self.endpoints.lock().unwrap_or_else(PoisonError::into_inner);
+        all.iter().filter(|e| e.is_ejected(now)).count()
+    }
+
+    /// The most endpoints that may be ejected at once out of `n`.
+    fn max_ejected(&self, n: usize) -> usize {
+        if self.max_ejection_percent == 0 {
+            return 0;
+        }
+        // The percentage is at most 100, so the share fits back into usize.
+        let floor = (n as u128 * u128::from(self.max_ejection_percent) / 100) as usize;
+        if floor == 0 && n >= 2 { 1 } else { floor }
+    }
+}

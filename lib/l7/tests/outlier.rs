@@ -1,0 +1,165 @@
+//! Outlier detection in virtual time.
+
+use std::time::{Duration, Instant};
+
+use sinew_l7::outlier::OutlierDetector;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn fail(d: &OutlierDetector, endpoint: usize, times: u32, now: Instant) {
+    for _ in 0..times {
+        d.record(endpoint, false, now);
+    }
+}
+
+#[test]
+fn detector_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<OutlierDetector>();
+}
+
+#[test]
+fn ejected_after_consecutive_errors_and_back_after_base_time() {
+    let t0 = Instant::now();
+    let d = OutlierDetector::new(4, 5, SECOND * 30, 50);
+    fail(&d, 1, 4, t0);
+    assert!(!d.is_ejected(1, t0));
+    d.record(1, false, t0);
+    assert!(d.is_ejected(1, t0));
+    assert_eq!(d.ejected_count(t0), 1);
+    assert!(!d.is_ejected(0, t0));
+    assert!(d.is_ejected(1, t0 + SECOND * 30 - Duration::from_nanos(1)));
+    assert!(!d.is_ejected(1, t0 + SECOND * 30));
+    assert_eq!(d.ejected_count(t0 + SECOND * 30), 0);
+}
+
+#[test]
+fn each_ejection_lasts_longer() {
+    let t0 = Instant::now();
+    let d = OutlierDetector::new(2, 3, SECOND * 10, 50);
+    fail(&d, 0, 3, t0);
+    let t1 = t0 + SECOND * 10;
+    assert!(!d.is_ejected(0, t1));
+    // Coming back resets the count: the next ejection needs a full run of failures.
+    fail(&d, 0, 2, t1);
+    assert!(!d.is_ejected(0, t1));
+    d.record(0, false, t1);
+    assert!(d.is_ejected(0, t1 + SECOND * 19));
+    assert!(!d.is_ejected(0, t1 + SECOND * 20), "second ejection: twice the base");
+    let t2 = t1 + SECOND * 20;
+    fail(&d, 0, 3, t2);
+    assert!(d.is_ejected(0, t2 + SECOND * 29));
+    assert!(!d.is_ejected(0, t2 + SECOND * 30), "third ejection: three times the base");
+}
+
+#[test]
+fn a_success_resets_the_count() {
+    let t0 = Instant::now();
+    let d = OutlierDetector::new(2, 5, SECOND, 50);
+    fail(&d, 0, 4, t0);
+    d.record(0, true, t0);
+    fail(&d, 0, 4, t0);
+    assert!(!d.is_ejected(0, t0));
+    d.record(0, false, t0);
+    assert!(d.is_ejected(0, t0));
+}
+
+#[test]
+fn results_while_ejected_are_ignored() {
+    let t0 = Instant::now();
+    let d = OutlierDetector::new(2, 2, SECOND, 50);
+    fail(&d, 0, 2, t0);
+    fail(&d, 0, 10, t0 + Duration::from_millis(500));
+    let back = t0 + SECOND;
+    assert!(!d.is_ejected(0, back));
+    d.record(0, false, back);
+    assert!(!d.is_ejected(0, back), "late failures did not count");
+}
+
+#[test]
+fn max_ejection_percent_caps_the_ejected() {
+    let t0 = Instant::now();
+    let d = OutlierDetector::new(10, 1, SECOND, 20);
+    for e in 0..10 {
+        d.record(e, false, t0);
+    }
+    assert_eq!(d.ejected_count(t0), 2);
+    assert!(d.is_ejected(0, t0) && d.is_ejected(1, t0));
+    // A refused endpoint keeps its count and goes as soon as there is room.
+    let t1 = t0 + SECOND;
+    assert_eq!(d.ejected_count(t1), 0);
+    d.record(9, false, t1);
+    assert!(d.is_ejected(9, t1));
+}
+
+#[test]
+fn one_ejection_is_allowed_when_the_percentage_rounds_to_zero() {
+    let t0 = Instant::now();
+    let d = OutlierDetector::new(3, 1, SECOND, 10);
+    for e in 0..3 {
+        d.record(e, false, t0);
+    }
+    assert_eq!(d.ejected_count(t0), 1);
+
+    let lone = OutlierDetector::new(1, 1, SECOND, 10);
+    lone.record(0, false, t0);
+    assert!(!lone.is_ejected(0, t0), "a lone endpoint stays unless the cap is 100 %");
+    let lone = OutlierDetector::new(1, 1, SECOND, 100);
+    lone.record(0, false, t0);
+    assert!(lone.is_ejected(0, t0));
+
+    let all = OutlierDetector::new(4, 1, SECOND, 100);
+    (0..4).for_each(|e| all.record(e, false, t0));
+    assert_eq!(all.ejected_count(t0), 4);
+    let none = OutlierDetector::new(4, 1, SECOND, 0);
+    (0..4).for_each(|e| none.record(e, false, t0));
+    assert_eq!(none.ejected_count(t0), 0);
+}
+
+#[test]
+fn from_model_defaults_and_disabled() {
+    let t0 = Instant::now();
+    let off = OutlierDetector::from_model(3, None);
+    fail(&off, 0, 100, t0);
+    assert_eq!(off.ejected_count(t0), 0);
+
+    let d = OutlierDetector::from_model(10, Some(&sinew_model::OutlierDetection::default()));
+    fail(&d, 0, 4, t0);
+    assert!(!d.is_ejected(0, t0));
+    d.record(0, false, t0);
+    assert!(d.is_ejected(0, t0 + SECOND * 29));
+    assert!(!d.is_ejected(0, t0 + SECOND * 30));
+    fail(&d, 1, 5, t0);
+    assert!(!d.is_ejected(1, t0), "10 % of 10: one at a time");
+
+    let o = sinew_model::OutlierDetection {
+        consecutive_errors: Some(2),
+        base_ejection_time: Some(sinew_model::Duration(SECOND)),
+        max_ejection_percent: Some(250),
+        ..Default::default()
+    };
+    let d = OutlierDetector::from_model(2, Some(&o));
+    (0..2).for_each(|e| fail(&d, e, 2, t0));
+    assert_eq!(d.ejected_count(t0), 2, "a percentage above 100 is 100");
+    assert_eq!(d.ejected_count(t0 + SECOND), 0);
+}
+
+#[test]
+fn odd_inputs_do_not_panic() {
+    let t0 = Instant::now() + SECOND * 100;
+    let d = OutlierDetector::new(2, 1, Duration::MAX, 100);
+    d.record(7, false, t0);
+    d.record(usize::MAX, true, t0);
+    assert!(!d.is_ejected(7, t0));
+    assert_eq!(d.ejected_count(t0), 0);
+    d.record(0, false, t0);
+    assert!(d.is_ejected(0, t0 - SECOND * 50), "an earlier now is still within the ejection");
+    assert!(d.is_ejected(0, t0 + SECOND * 1_000_000));
+
+    let empty = OutlierDetector::new(0, 1, SECOND, 100);
+    empty.record(0, false, t0);
+    assert_eq!(empty.ejected_count(t0), 0);
+    let disabled = OutlierDetector::new(2, 0, SECOND, 100);
+    fail(&disabled, 0, 10, t0);
+    assert_eq!(disabled.ejected_count(t0), 0);
+}

@@ -1,0 +1,246 @@
+//! Root tier: an L7 waypoint in front of a service with two versions, with real pods, agents,
+//! control and curl as the client.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use anyhow::{Result, ensure};
+use sinew_test_util::{Cluster, Pod};
+
+fn must_be_root() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid.split_whitespace().nth(2) == Some("0"),
+        "the root tier needs root (CI runs as root): run `sudo -E cargo xtask test`"
+    );
+}
+
+const VIP: &str = "198.18.200.20";
+
+const SERVICES: &str = "
+apiVersion: v1
+kind: Service
+metadata:
+  name: reviews
+  namespace: demo
+  labels:
+    sinew.io/use-waypoint: wp
+spec:
+  clusterIPs: [\"198.18.200.20\"]
+  ports: [{port: 80, targetPort: 8080}]
+  selector: {app: reviews}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v1, namespace: demo}
+spec:
+  clusterIPs: [\"198.18.200.21\"]
+  ports: [{port: 80, targetPort: 8080}]
+  selector: {version: v1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v2, namespace: demo}
+spec:
+  clusterIPs: [\"198.18.200.22\"]
+  ports: [{port: 80, targetPort: 8080}]
+  selector: {version: v2}
+";
+
+const ROUTES: &str = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: reviews, port: 80}]
+  rules:
+  - matches: [{headers: [{name: x-version, value: v2}]}]
+    backendRefs: [{name: reviews-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /flaky}}]
+    backendRefs: [{name: reviews-v1, port: 80}]
+    retry: {codes: [503], attempts: 2, backoff: 10ms}
+  - matches: [{path: {type: PathPrefix, value: /delay}}]
+    backendRefs: [{name: reviews-v1, port: 80}]
+    timeouts: {request: 500ms}
+  - matches: [{path: {type: PathPrefix, value: /limited}}]
+    filters:
+    - type: LocalRateLimit
+      localRateLimit: {maxTokens: 5, tokensPerFill: 5, fillInterval: 60s}
+    backendRefs: [{name: reviews-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /fault}}]
+    filters:
+    - type: FaultInjection
+      faultInjection: {abort: {httpStatus: 418, percentage: 100}}
+    backendRefs: [{name: reviews-v1, port: 80}]
+  - matches: [{path: {type: Exact, value: /headers}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-added, value: by-waypoint}]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {add: [{name: x-route, value: headers}]}
+    backendRefs: [{name: reviews-v1, port: 80}]
+  - backendRefs:
+    - {name: reviews-v1, port: 80, weight: 90}
+    - {name: reviews-v2, port: 80, weight: 10}
+";
+
+/// Control, two nodes, a client, reviews v1 and v2 and the waypoint `wp`.
+fn setup() -> Result<(Cluster, Pod)> {
+    must_be_root();
+    let mut c = Cluster::new(&["demo"])?;
+    c.add_node()?;
+    c.add_node()?;
+    let client = c.add_pod_as(1, "client", "demo", "client")?;
+    let v1 = c.add_pod_labeled(
+        2,
+        "reviews-1",
+        "demo",
+        "reviews",
+        &[("app", "reviews"), ("version", "v1")],
+    )?;
+    let v2 = c.add_pod_labeled(
+        2,
+        "reviews-2",
+        "demo",
+        "reviews",
+        &[("app", "reviews"), ("version", "v2")],
+    )?;
+    c.write_config("services.yaml", SERVICES)?;
+    c.write_config("routes.yaml", ROUTES)?;
+    c.start_control()?;
+    c.start_waypoint(1, "wp", "demo")?;
+    c.start_agent(1)?;
+    c.start_agent(2)?;
+    for p in [&client, &v1, &v2] {
+        ensure!(c.agent(p.node).enroll(p)?.captured);
+    }
+    c.serve_http(&v1, 8080, "v1")?;
+    c.serve_http(&v2, 8080, "v2")?;
+    Ok((c, client))
+}
+
+/// Runs curl in `pod` (captured: its traffic goes through the mesh) and returns stdout.
+fn curl(c: &Cluster, pod: &Pod, args: &[&str]) -> Result<String> {
+    let mut all = vec!["-sS", "--max-time", "20"];
+    all.extend_from_slice(args);
+    c.exec_in(pod, Path::new("/usr/bin/curl"), &all)
+}
+
+/// `<status> <x-served-by>` per request.
+fn statuses(out: &str) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for l in out.lines().filter(|l| !l.is_empty()) {
+        *m.entry(l.trim().to_owned()).or_insert(0) += 1;
+    }
+    m
+}
+
+#[test]
+fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
+    let (c, client) = setup()?;
+    let fmt = "%{http_code} %header{x-served-by}\\n";
+    // Wait for the whole path (certificates, config) to be up.
+    let mut ready = false;
+    for _ in 0..100 {
+        if curl(&c, &client, &["-f", &format!("http://{VIP}/")]).is_ok() {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(ready, "the service never answered through the waypoint");
+
+    // 2,000 requests on one keep-alive connection: 90/10 within 3 points.
+    let out = curl(
+        &c,
+        &client,
+        &["-o", "/dev/null", "-w", fmt, &format!("http://{VIP}/split?n=[1-2000]")],
+    )?;
+    let s = statuses(&out);
+    let (v1, v2) = (s.get("200 v1").copied().unwrap_or(0), s.get("200 v2").copied().unwrap_or(0));
+    println!("split: {s:?}");
+    ensure!(v1 + v2 == 2000, "every request must succeed: {s:?}");
+    let share = v2 as f64 / 2000.0 * 100.0;
+    ensure!((7.0..=13.0).contains(&share), "v2 got {share:.1} % (want 10 +- 3): {s:?}");
+
+    // Header routing picks v2.
+    let out = curl(
+        &c,
+        &client,
+        &["-o", "/dev/null", "-w", fmt, "-H", "x-version: v2", &format!("http://{VIP}/h?n=[1-20]")],
+    )?;
+    ensure!(statuses(&out) == BTreeMap::from([("200 v2".to_string(), 20)]), "{out}");
+
+    // The backend fails every other request with 503; retries turn them into 200s.
+    let out = curl(
+        &c,
+        &client,
+        &["-o", "/dev/null", "-w", fmt, &format!("http://{VIP}/flaky?n=[1-20]")],
+    )?;
+    ensure!(statuses(&out) == BTreeMap::from([("200 v1".to_string(), 20)]), "{out}");
+
+    // A backend slower than the 500 ms timeout: 504, in about that time.
+    let start = std::time::Instant::now();
+    let out = curl(
+        &c,
+        &client,
+        &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/delay/3000")],
+    )?;
+    let took = start.elapsed();
+    ensure!(out.trim() == "504", "{out}");
+    ensure!(took < Duration::from_millis(2500), "the timeout took {took:?}");
+
+    // A burst over the local rate limit (5 tokens): 5 admitted, 5 refused with 429.
+    let out = curl(
+        &c,
+        &client,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %header{x-ratelimit-limit}\\n",
+            &format!("http://{VIP}/limited?n=[1-10]"),
+        ],
+    )?;
+    let s = statuses(&out);
+    ensure!(s.get("429 5") == Some(&5) && s.get("200 5") == Some(&5), "{s:?}");
+
+    // Fault injection and header modifiers.
+    let out = curl(
+        &c,
+        &client,
+        &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/fault")],
+    )?;
+    ensure!(out.trim() == "418", "{out}");
+    let out = curl(&c, &client, &["-i", &format!("http://{VIP}/headers")])?;
+    ensure!(out.contains("x-added: by-waypoint"), "request header not set: {out}");
+    ensure!(
+        out.to_ascii_lowercase().contains("x-route: headers"),
+        "response header not added: {out}"
+    );
+    ensure!(out.contains("traceparent: 00-"), "no trace context propagated: {out}");
+
+    // Istio's request metrics, from the waypoint's admin endpoint.
+    let wp = c.pods.iter().find(|p| p.name == "wp").cloned().expect("waypoint pod");
+    let metrics = c.pod_get(&wp, "http://127.0.0.1:15000/metrics")?;
+    let count = |code: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains(&format!("response_code=\"{code}\""))
+                    && l.contains("destination_service=\"reviews.demo\"")
+            })
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    };
+    // 2,000 split + 20 by header + 20 retried + 5 under the limit + 1 headers (+ the probe).
+    ensure!(count("200") >= 2046.0, "200s: {}", count("200"));
+    ensure!(count("429") == 5.0 && count("504") == 1.0, "{metrics}");
+    ensure!(
+        metrics.contains("istio_request_duration_milliseconds_bucket"),
+        "no duration histogram"
+    );
+    ensure!(metrics.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\""));
+    Ok(())
+}
