@@ -120,7 +120,7 @@ async fn run(args: Args, id: SpiffeId, access: AccessLog, control: ControlSettin
             tx.send_replace(build(&view));
         }
     });
-    let wp = Arc::new(Waypoint::new(id.clone(), snapshots, svid, access));
+    let wp = Waypoint::new(args.name.clone(), id.clone(), snapshots, svid, access);
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
@@ -185,7 +185,7 @@ async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
     let service =
         hyper::service::service_fn(move |req| proxy::handle(wp.clone(), down.clone(), req));
     let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await;
     if let Err(e) = served {
         debug!(%authority, error = %e, "HTTP connection ended with an error");

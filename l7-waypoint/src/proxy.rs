@@ -11,6 +11,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, Uri, Version, header};
 use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use hyper::body::Body as _;
 use hyper::{Request, Response, body::Incoming};
 use sinew_hbone::random_u64;
 use sinew_identity::SpiffeId;
@@ -20,13 +21,15 @@ use sinew_l7::{
     retry::{Outcome, RetryPolicy},
     route::{CompiledRule, RequestView, modify_headers, redirect_location, rewrite_path},
 };
-use sinew_mesh::ServiceInfo;
+use sinew_mesh::{HttpRequest, ServiceInfo, Source, Target};
 use sinew_model::{HeaderModifier, HttpFilter};
+
+use hyper_util::rt::TokioIo;
 
 use crate::{
     state::{Snapshot, Waypoint},
     telemetry::{RequestEntry, RequestLabels},
-    upstream::{self, UpstreamError},
+    upstream::{UpBody, UpstreamError, endpoint_uri},
 };
 
 /// The body of every response the waypoint sends.
@@ -165,6 +168,9 @@ async fn route_and_forward(
     traceparent: &str,
 ) -> (Response<Body>, Done, Option<String>) {
     let svc = &down.service;
+    let mut req = req;
+    let is_upgrade = parts_is_upgrade(req.headers()) && req.version() == Version::HTTP_11;
+    let mut downstream_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().map(str::to_owned);
@@ -174,6 +180,25 @@ async fn route_and_forward(
         query: query.as_deref(),
         headers: &parts.headers,
     };
+    // L7 authorization: policies attached to the service or to this waypoint (targetRefs).
+    let target = Target {
+        namespace: &svc.namespace,
+        service: &svc.name,
+        waypoint: Some(&wp.name),
+        port: down.port,
+    };
+    if snapshot.mesh.authz().has_http_policies(&target) {
+        let src = Source { identity: Some(&down.source), ip: down.client.ip() };
+        let decision = snapshot.mesh.authz().check_http(
+            &target,
+            &src,
+            &HttpRequest { method: parts.method.as_str(), path: &path },
+        );
+        if !decision.allowed() {
+            let body = format!("RBAC: access denied ({})\n", decision.reason);
+            return (full(StatusCode::FORBIDDEN, body), done(StatusCode::FORBIDDEN, "RBAC"), None);
+        }
+    }
     let selected = snapshot.routes.select(&svc.namespace, &svc.name, down.port, &view);
     let route_name = selected.as_ref().map(|s| format!("{}#{}", s.rule.route, s.rule.index));
     let rule: Option<&CompiledRule> = selected.as_ref().map(|s| s.rule);
@@ -298,23 +323,40 @@ async fn route_and_forward(
         );
     };
 
-    // The body is buffered so that tries can repeat it.
-    let body = match Limited::new(body, MAX_REQUEST_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return (
-                full(StatusCode::PAYLOAD_TOO_LARGE, "request body too large or broken\n"),
-                done(StatusCode::PAYLOAD_TOO_LARGE, "-"),
-                route_name,
-            );
+    let policy = RetryPolicy::from_model(rule.and_then(|r| r.retry.as_ref()));
+    // With retries the body is buffered so tries can repeat it; without, it streams (gRPC
+    // streams, uploads, upgrades).
+    let mut body = if policy.attempts == 0 || is_upgrade {
+        Some(Payload::Stream(body))
+    } else if body.is_end_stream() {
+        Some(Payload::Buffered(Bytes::new()))
+    } else {
+        match Limited::new(body, MAX_REQUEST_BODY).collect().await {
+            Ok(b) => Some(Payload::Buffered(b.to_bytes())),
+            Err(_) => {
+                return (
+                    full(StatusCode::PAYLOAD_TOO_LARGE, "request body too large or broken\n"),
+                    done(StatusCode::PAYLOAD_TOO_LARGE, "-"),
+                    route_name,
+                );
+            }
         }
     };
-    strip_hop_by_hop(&mut parts.headers);
+    if !is_upgrade {
+        strip_hop_by_hop(&mut parts.headers);
+    }
     if let Ok(v) = HeaderValue::from_str(traceparent) {
         parts.headers.insert("traceparent", v);
     }
-    let http2 = parts.version == Version::HTTP_2;
-    let policy = RetryPolicy::from_model(rule.and_then(|r| r.retry.as_ref()));
+    // HTTP/2 upstream for services that declare it (gRPC included) and for gRPC requests;
+    // HTTP/1.1 otherwise, whatever the client spoke.
+    let http2 = backend_svc
+        .ports
+        .iter()
+        .find(|p| p.port.0 == backend_port)
+        .and_then(|p| p.app_protocol.as_deref())
+        .is_some_and(|a| matches!(a, "http2" | "grpc" | "h2c" | "kubernetes.io/h2c"))
+        || is_grpc(&parts.headers);
     let timeouts = rule.map(|r| r.timeouts.clone()).unwrap_or_default();
     let per_try = timeouts.backend_request.map(|d| d.0);
     let hash = consistent_hash_key(&parts.headers, down.client);
@@ -355,10 +397,39 @@ async fn route_and_forward(
             };
             let endpoint = backend.endpoints[i].clone();
             last_endpoint = Some(endpoint.clone());
-            let req = build_request(&parts, &body, &endpoint, target_port, http2);
+            let payload = match &mut body {
+                Some(Payload::Buffered(b)) => {
+                    Full::new(b.clone()).map_err(|never| match never {}).boxed()
+                }
+                Some(Payload::Stream(_)) => match body.take() {
+                    Some(Payload::Stream(b)) => b.boxed(),
+                    _ => Full::new(Bytes::new()).map_err(|never| match never {}).boxed(),
+                },
+                // A streamed body was spent on an earlier try.
+                None => break_no_retry(),
+            };
+            let Some(ip) = endpoint
+                .ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == down.client.is_ipv4())
+                .or(endpoint.ips.first())
+                .copied()
+            else {
+                return (
+                    full(StatusCode::SERVICE_UNAVAILABLE, "endpoint has no address\n"),
+                    Done {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        flags: "NR",
+                        endpoint: last_endpoint,
+                        attempts: attempt,
+                    },
+                );
+            };
+            let req = build_request(&parts, payload, ip, target_port);
             let started = Instant::now();
             let _inflight = backend.balancer.start(i);
-            let sent = upstream::send(wp, &endpoint, target_port, down.client, req, http2);
+            let endpoint_key = endpoint.key();
+            let sent = wp.upstreams.send(req, http2, &endpoint_key);
             let result = match per_try {
                 Some(t) => tokio::time::timeout(t, sent)
                     .await
@@ -385,6 +456,7 @@ async fn route_and_forward(
             };
             backend.outlier.record(i, success, Instant::now());
             if !success
+                && body.is_some()
                 && policy.should_retry(outcome, attempt)
                 && let Some(g) = wp.budget.try_retry()
             {
@@ -393,10 +465,14 @@ async fn route_and_forward(
                 continue;
             }
             return match result {
-                Ok(resp) => {
+                Ok(mut resp) => {
                     let status = resp.status();
-                    let mut resp = resp.map(BodyExt::boxed);
-                    strip_hop_by_hop(resp.headers_mut());
+                    if status == StatusCode::SWITCHING_PROTOCOLS {
+                        splice_upgrade(downstream_upgrade.take(), hyper::upgrade::on(&mut resp));
+                    } else {
+                        strip_hop_by_hop(resp.headers_mut());
+                    }
+                    let resp = resp.map(BodyExt::boxed);
                     (resp, Done { status, flags: "-", endpoint: last_endpoint, attempts: attempt })
                 }
                 Err((_, true)) => (
@@ -477,41 +553,51 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 fn build_request(
     parts: &http::request::Parts,
-    body: &Bytes,
-    endpoint: &sinew_mesh::WorkloadInfo,
+    body: UpBody,
+    ip: std::net::IpAddr,
     port: u16,
-    http2: bool,
-) -> Request<Full<Bytes>> {
+) -> Request<UpBody> {
     let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-        .unwrap_or_else(|| {
-            endpoint
-                .ips
-                .first()
-                .map(|ip| SocketAddr::new(*ip, port).to_string())
-                .unwrap_or_default()
-        });
-    let uri = if http2 {
-        Uri::builder().scheme("http").authority(host.as_str()).path_and_query(pq).build()
-    } else {
-        Uri::builder().path_and_query(pq).build()
-    }
-    .unwrap_or_else(|_| Uri::from_static("/"));
-    let mut req = Request::new(Full::new(body.clone()));
+    let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = uri;
-    *req.version_mut() = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    *req.uri_mut() = endpoint_uri(ip, port, pq);
     *req.headers_mut() = parts.headers.clone();
-    if !http2 && let Ok(v) = HeaderValue::from_str(&host) {
+    // HTTP/1.1 keeps the client's Host; the pooled clients choose the upstream version.
+    if let Some(authority) = parts.uri.authority()
+        && !req.headers().contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
         req.headers_mut().insert(header::HOST, v);
     }
-    if http2 {
-        req.headers_mut().remove(header::HOST);
-    }
     req
+}
+
+/// What a request body is while tries are made.
+enum Payload {
+    /// Kept in memory: every try sends a copy.
+    Buffered(Bytes),
+    /// Streamed: the first try consumes it.
+    Stream(Incoming),
+}
+
+/// Never reached: a streamed body means no retry (`should_retry` is not asked).
+fn break_no_retry() -> UpBody {
+    Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
+}
+
+fn parts_is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// After a 101, joins the client's upgraded connection to the endpoint's, both ways.
+fn splice_upgrade(down: Option<hyper::upgrade::OnUpgrade>, up: hyper::upgrade::OnUpgrade) {
+    let Some(down) = down else { return };
+    tokio::spawn(async move {
+        let (Ok(down), Ok(up)) = (down.await, up.await) else { return };
+        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+    });
 }

@@ -21,7 +21,10 @@ use sinew_model::{LocalRateLimit, Resource};
 use tokio::sync::watch;
 use tracing::warn;
 
-use crate::telemetry::{AccessLog, Metrics};
+use crate::{
+    telemetry::{AccessLog, Metrics},
+    upstream::Upstreams,
+};
 
 /// What one configuration version compiles to.
 pub struct Snapshot {
@@ -67,6 +70,8 @@ pub struct BackendState {
 
 /// Everything the request path shares.
 pub struct Waypoint {
+    /// Our name (what `sinew.io/use-waypoint` and Gateway targetRefs name).
+    pub name: String,
     /// Our SPIFFE id.
     pub id: SpiffeId,
     /// Trust domain of workload identities.
@@ -83,6 +88,8 @@ pub struct Waypoint {
     pub access: AccessLog,
     /// Retries in flight against requests in flight.
     pub budget: RetryBudget,
+    /// Pooled HTTP clients toward endpoints.
+    pub upstreams: Upstreams,
     built: Mutex<Option<(Arc<Svid>, Identity)>>,
     buckets: Mutex<HashMap<String, (LocalRateLimit, Arc<TokenBucket>)>>,
     backends: Mutex<HashMap<String, Arc<BackendState>>>,
@@ -91,12 +98,14 @@ pub struct Waypoint {
 impl Waypoint {
     /// A waypoint over the given configuration and certificate channels.
     pub fn new(
+        name: String,
         id: SpiffeId,
         snapshot: watch::Receiver<Arc<Snapshot>>,
         svid: watch::Receiver<Option<Arc<Svid>>>,
         access: AccessLog,
-    ) -> Self {
-        Self {
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            name,
             trust_domain: id.trust_domain.clone(),
             id,
             snapshot,
@@ -105,10 +114,11 @@ impl Waypoint {
             metrics: Metrics::default(),
             access,
             budget: RetryBudget::new(0.2, 3),
+            upstreams: Upstreams::new(me.clone()),
             built: Mutex::new(None),
             buckets: Mutex::new(HashMap::new()),
             backends: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// Our TLS credentials, if the certificate has been issued.

@@ -1,18 +1,38 @@
-//! One request to one endpoint: an HBONE stream to the endpoint's agent (pooled TLS), then
-//! HTTP/1.1 or HTTP/2 on it.
+//! HTTP to endpoints: pooled HTTP/1.1 and HTTP/2 clients (hyper-util's, with keep-alive and
+//! idle timeouts) whose connector opens HBONE streams to the endpoint's agent, as the
+//! waypoint. A request is addressed to `http://<endpoint ip>:<port>/...`; the connector
+//! looks the endpoint up to know the identity it must prove.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::{
+    future::Future,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    pin::Pin,
+    sync::Weak,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, body::Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use sinew_hbone::{Connect, HBONE_PORT, PoolKey};
-use sinew_mesh::WorkloadInfo;
+use http::Uri;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{
+        Client,
+        connect::{Connected, Connection},
+    },
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+};
+use sinew_hbone::{Connect, H2Stream, HBONE_PORT, PoolKey};
 use tokio::net::TcpStream;
-use tracing::debug;
 
 use crate::state::Waypoint;
+
+/// The body sent upstream.
+pub type UpBody = BoxBody<Bytes, hyper::Error>;
+
+/// Idle upstream HTTP connections are closed after this long.
+const IDLE: Duration = Duration::from_secs(30);
 
 /// Why a try failed before a response arrived.
 #[derive(Debug, thiserror::Error)]
@@ -35,60 +55,158 @@ pub enum UpstreamError {
     },
 }
 
-/// Sends `req` to `endpoint` on `port` (HTTP/2 when `http2`, else HTTP/1.1) over HBONE, as
-/// the waypoint, telling the destination the original `client`.
-pub async fn send(
-    wp: &Waypoint,
-    endpoint: &WorkloadInfo,
-    port: u16,
-    client: SocketAddr,
-    req: Request<Full<Bytes>>,
-    http2: bool,
-) -> Result<Response<Incoming>, UpstreamError> {
-    let connect_err = |reason: String| UpstreamError::Connect { endpoint: endpoint.key(), reason };
-    let ip = endpoint
-        .ips
-        .iter()
-        .find(|ip| ip.is_ipv4() == client.is_ipv4())
-        .or(endpoint.ips.first())
-        .copied()
-        .ok_or_else(|| connect_err("no address".into()))?;
-    let identity = wp.identity().ok_or_else(|| connect_err("no certificate yet".into()))?;
-    let expected = endpoint.identity(&wp.trust_domain).map_err(|e| connect_err(e.to_string()))?;
-    let key = PoolKey {
-        source: wp.id.clone(),
-        source_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        destination: SocketAddr::new(ip, HBONE_PORT),
-        expected,
-    };
-    let authority = SocketAddr::new(ip, port);
-    let stream = wp
-        .pool
-        .connect(&key, &identity, Connect { authority, client, baggage: None }, TcpStream::connect)
-        .await
-        .map_err(|e| connect_err(e.to_string()))?;
-    let io = TokioIo::new(stream);
-    let reset =
-        |e: hyper::Error| UpstreamError::Reset { endpoint: endpoint.key(), reason: e.to_string() };
-    if http2 {
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-            .await
-            .map_err(|e| connect_err(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "upstream HTTP/2 connection ended");
-            }
-        });
-        sender.send_request(req).await.map_err(reset)
-    } else {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|e| connect_err(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "upstream HTTP/1.1 connection ended");
-            }
-        });
-        sender.send_request(req).await.map_err(reset)
+/// The pooled clients.
+pub struct Upstreams {
+    h1: Client<HboneConnector, UpBody>,
+    h2: Client<HboneConnector, UpBody>,
+}
+
+impl Upstreams {
+    /// Clients whose connections go through `wp`'s HBONE pool.
+    pub fn new(wp: Weak<Waypoint>) -> Self {
+        let connector = HboneConnector { wp };
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(IDLE).pool_timer(TokioTimer::new());
+        let h1 = b.build(connector.clone());
+        let h2 = b.http2_only(true).build(connector);
+        Self { h1, h2 }
     }
+
+    /// Sends `req` (its URI `http://<endpoint ip>:<port>/...`) over HTTP/2 or HTTP/1.1.
+    pub async fn send(
+        &self,
+        req: http::Request<UpBody>,
+        http2: bool,
+        endpoint: &str,
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
+        let client = if http2 { &self.h2 } else { &self.h1 };
+        client.request(req).await.map_err(|e| {
+            let reason = error_chain(&e);
+            if e.is_connect() {
+                UpstreamError::Connect { endpoint: endpoint.to_owned(), reason }
+            } else {
+                UpstreamError::Reset { endpoint: endpoint.to_owned(), reason }
+            }
+        })
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Opens HBONE streams for the pooled clients.
+#[derive(Clone)]
+pub struct HboneConnector {
+    wp: Weak<Waypoint>,
+}
+
+/// An HBONE stream as a hyper connection.
+pub struct HboneIo(TokioIo<H2Stream>);
+
+impl Connection for HboneIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for HboneIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for HboneIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<HboneIo, UpstreamError>> + Send>>;
+
+impl tower_service::Service<Uri> for HboneConnector {
+    type Response = HboneIo;
+    type Error = UpstreamError;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let wp = self.wp.clone();
+        Box::pin(async move {
+            let endpoint = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+            let err =
+                |reason: String| UpstreamError::Connect { endpoint: endpoint.clone(), reason };
+            let wp = wp.upgrade().ok_or_else(|| err("waypoint stopping".into()))?;
+            let authority: SocketAddr = uri
+                .host()
+                .map(|h| h.trim_matches(['[', ']']))
+                .and_then(|h| h.parse::<IpAddr>().ok())
+                .zip(uri.port_u16())
+                .map(|(ip, port)| SocketAddr::new(ip, port))
+                .ok_or_else(|| err("not an <ip>:<port> authority".into()))?;
+            let snapshot = wp.snapshot.borrow().clone();
+            let workload = snapshot
+                .mesh
+                .workload_by_ip(authority.ip())
+                .ok_or_else(|| err("no workload has this address".into()))?;
+            let expected = workload.identity(&wp.trust_domain).map_err(|e| err(e.to_string()))?;
+            let identity = wp.identity().ok_or_else(|| err("no certificate yet".into()))?;
+            let key = PoolKey {
+                source: wp.id.clone(),
+                source_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                destination: SocketAddr::new(authority.ip(), HBONE_PORT),
+                expected,
+            };
+            // Pooled HTTP connections carry many clients' requests: the CONNECT names none.
+            let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+            let stream = wp
+                .pool
+                .connect(
+                    &key,
+                    &identity,
+                    Connect { authority, client, baggage: None },
+                    TcpStream::connect,
+                )
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            Ok(HboneIo(TokioIo::new(stream)))
+        })
+    }
+}
+
+/// The request URI toward an endpoint.
+pub fn endpoint_uri(ip: IpAddr, port: u16, path_and_query: &str) -> Uri {
+    let authority = SocketAddr::new(ip, port);
+    Uri::builder()
+        .scheme("http")
+        .authority(authority.to_string())
+        .path_and_query(path_and_query)
+        .build()
+        .unwrap_or_else(|_| Uri::from_static("http://0.0.0.0/"))
 }

@@ -137,7 +137,9 @@ fn statuses(out: &str) -> BTreeMap<String, usize> {
 
 #[test]
 fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
+    let t0 = std::time::Instant::now();
     let (c, client) = setup()?;
+    eprintln!("setup took {:?}", t0.elapsed());
     let fmt = "%{http_code} %header{x-served-by}\\n";
     // Wait for the whole path (certificates, config) to be up.
     let mut ready = false;
@@ -149,6 +151,7 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     ensure!(ready, "the service never answered through the waypoint");
+    eprintln!("ready after {:?}", t0.elapsed());
 
     // 2,000 requests on one keep-alive connection: 90/10 within 3 points.
     let out = curl(
@@ -158,7 +161,7 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     )?;
     let s = statuses(&out);
     let (v1, v2) = (s.get("200 v1").copied().unwrap_or(0), s.get("200 v2").copied().unwrap_or(0));
-    println!("split: {s:?}");
+    println!("split: {s:?} after {:?}", t0.elapsed());
     ensure!(v1 + v2 == 2000, "every request must succeed: {s:?}");
     let share = v2 as f64 / 2000.0 * 100.0;
     ensure!((7.0..=13.0).contains(&share), "v2 got {share:.1} % (want 10 +- 3): {s:?}");
@@ -220,6 +223,51 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     );
     ensure!(out.contains("traceparent: 00-"), "no trace context propagated: {out}");
 
+    // HTTP/2 (prior knowledge) with h2load: 50 requests, 10 at a time on one connection.
+    let out = c.exec_in(
+        &client,
+        Path::new("/usr/bin/h2load"),
+        &["-n", "50", "-c", "1", "-m", "10", "-H", "x-version: v2", &format!("http://{VIP}/h2")],
+    )?;
+    ensure!(out.contains("50 succeeded") && out.contains("status codes: 50 2xx"), "{out}");
+    // A WebSocket-style upgrade passes through and the connection carries raw bytes.
+    let out = c.run_in(&client, &["upgrade", &format!("{VIP}:80")])?;
+    ensure!(out.contains("ok upgraded and echoed"), "{out}");
+
+    // L7 authorization at the waypoint: POST to /admin denied (403), GET still served.
+    c.write_config(
+        "l7-policy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin-writes, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: reviews}]\n  action: DENY\n  rules:\n  - to:\n    - operation: {methods: [POST], paths: [\"/admin*\"]}\n",
+    )?;
+    let mut denied = false;
+    for _ in 0..50 {
+        let out = curl(
+            &c,
+            &client,
+            &[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                &format!("http://{VIP}/admin/users"),
+            ],
+        )?;
+        if out.trim() == "403" {
+            denied = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(denied, "the L7 DENY never took effect");
+    let out = curl(
+        &c,
+        &client,
+        &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/admin/users")],
+    )?;
+    ensure!(out.trim() == "200", "GET must pass: {out}");
+
     // Istio's request metrics, from the waypoint's admin endpoint.
     let wp = c.pods.iter().find(|p| p.name == "wp").cloned().expect("waypoint pod");
     let metrics = c.pod_get(&wp, "http://127.0.0.1:15000/metrics")?;
@@ -234,8 +282,9 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
             .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
             .sum()
     };
-    // 2,000 split + 20 by header + 20 retried + 5 under the limit + 1 headers (+ the probe).
-    ensure!(count("200") >= 2046.0, "200s: {}", count("200"));
+    // 2,000 split + 20 by header + 20 retried + 5 under the limit + 1 headers + 50 over
+    // HTTP/2 (+ the probe).
+    ensure!(count("200") >= 2096.0, "200s: {}", count("200"));
     ensure!(count("429") == 5.0 && count("504") == 1.0, "{metrics}");
     ensure!(
         metrics.contains("istio_request_duration_milliseconds_bucket"),

@@ -7,9 +7,16 @@ use anyhow::{Context, Result, bail};
 /// Debian packages the build and the test tiers need. llvm-22-dev is what bpf-linker links
 /// against; iproute2 builds the test networks; bpftool shows what is attached; curl reads the
 /// admin endpoints; protobuf-compiler checks the committed generated gRPC code; tcpdump shows
-/// that mesh traffic is encrypted on the wire.
-pub const APT_PACKAGES: &[&str] =
-    &["llvm-22-dev", "iproute2", "bpftool", "curl", "protobuf-compiler", "tcpdump"];
+/// that mesh traffic is encrypted on the wire; nghttp2-client's h2load drives HTTP/2.
+pub const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "iproute2",
+    "bpftool",
+    "curl",
+    "protobuf-compiler",
+    "tcpdump",
+    "nghttp2-client",
+];
 /// What the L4 and L7 benchmarks drive: wrk as the HTTP client, nginx as the upstream.
 pub const BENCH_PACKAGES: &[&str] = &["wrk", "nginx-light"];
 

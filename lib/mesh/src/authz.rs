@@ -1,7 +1,14 @@
-//! L4 authorization: AuthorizationPolicy and PeerAuthentication compiled for per-connection
-//! checks, with Istio's semantics (as ztunnel applies them at L4).
+//! Authorization: AuthorizationPolicy and PeerAuthentication compiled for per-connection
+//! checks by the node agents (as ztunnel applies them at L4) and per-request checks by the
+//! waypoint (as Istio ambient's waypoints apply them at L7).
 //!
-//! Scope: a policy in [`ROOT_NAMESPACE`] without selector applies mesh-wide; one in another
+//! Who enforces what, as in Istio ambient: a policy with `targetRefs` is attached to a Service
+//! or a waypoint (a `Gateway`) and is enforced by the waypoint only ([`Authz::check_http`]);
+//! every other policy (with a `selector`, or neither) is enforced by the node agents only
+//! ([`Authz::check`]). The rule semantics below are the same for both; only the L7 fields
+//! differ, as described there.
+//!
+//! Scope at L4: a policy in [`ROOT_NAMESPACE`] without selector applies mesh-wide; one in another
 //! namespace without selector applies to that namespace; one with `selector.matchLabels`
 //! applies to the workloads of its namespace whose labels contain every selector label, and in
 //! the root namespace to the matching workloads of every namespace. An empty `matchLabels`
@@ -24,6 +31,14 @@
 //! then AUDIT; within an action mesh-wide policies first, then namespace ones, then
 //! workload-selector ones (root namespace first), each group in `namespace/name` order. The
 //! deciding policy is the first match in that order.
+//!
+//! At L7 ([`Authz::check_http`]): the policies that apply to a request are those of the
+//! service's namespace whose `targetRefs` name the Service (kind `Service`) or its waypoint
+//! (kind `Gateway`), and those of the root namespace naming the waypoint (or, for a service of
+//! the root namespace, the Service). Same decision and order, root-namespace policies first;
+//! the L7 fields are evaluated: `methods` / `notMethods` exactly (case-sensitive), `paths` /
+//! `notPaths` against the path without its query, with Istio's string match (`*` alone, one
+//! leading or trailing `*`, otherwise exact), `ports` against the service port.
 
 mod explain;
 mod peer;
@@ -57,6 +72,38 @@ pub struct Destination<'a> {
     /// The destination workload's labels (what selectors match).
     pub labels: &'a BTreeMap<String, String>,
     /// The destination port.
+    pub port: u16,
+}
+
+/// An HTTP request as L7 policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpRequest<'a> {
+    /// The method, such as `GET` (compared exactly, so uppercase as sent).
+    pub method: &'a str,
+    /// The path, without query (anything from a `?` on is ignored all the same). Compared as
+    /// given: normalizing it is the caller's job.
+    pub path: &'a str,
+}
+
+impl<'a> HttpRequest<'a> {
+    /// The same request with anything from a `?` dropped from the path, so that a query can
+    /// never make a path miss a DENY rule.
+    fn without_query(&self) -> Self {
+        let path = self.path.split_once('?').map_or(self.path, |(path, _)| path);
+        Self { method: self.method, path }
+    }
+}
+
+/// What the waypoint serves the request for.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The service's namespace.
+    pub namespace: &'a str,
+    /// The service's name (what `targetRefs` of kind `Service` name).
+    pub service: &'a str,
+    /// The waypoint's name (what `targetRefs` of kind `Gateway` name); `None` when it has none.
+    pub waypoint: Option<&'a str>,
+    /// The service port the request came in on (what `ports` and `notPorts` match).
     pub port: u16,
 }
 
@@ -110,6 +157,10 @@ pub enum Scope {
     Namespace,
     /// Workloads whose labels match the selector.
     Workload,
+    /// A Service, attached with `targetRefs` (kind `Service`): enforced by its waypoint.
+    Service,
+    /// Every service of a waypoint, attached with `targetRefs` (kind `Gateway`).
+    Gateway,
 }
 
 /// How one applicable policy was evaluated.
@@ -136,7 +187,9 @@ pub struct Explanation {
     pub decision: Decision,
     /// One entry per applicable policy, in evaluation order (DENY, ALLOW, AUDIT).
     pub policies: Vec<PolicyTrace>,
-    /// The PeerAuthentication mode resolved for the destination (see [`Authz::mtls_mode`]).
+    /// The PeerAuthentication mode resolved for the destination (see [`Authz::mtls_mode`]); for
+    /// [`Authz::explain_http`], the mode of the service's namespace (a waypoint has no workload
+    /// labels for selectors to match).
     pub mtls_mode: MtlsMode,
 }
 
@@ -183,6 +236,8 @@ pub struct Authz {
     /// Root namespace, with a selector: matching workloads of every namespace.
     root_selected: Group,
     namespaces: HashMap<String, NamespacePolicies>,
+    /// Policies with `targetRefs`, by namespace: enforced at L7 only.
+    targeted: HashMap<String, Group>,
     policies: usize,
     peers: PeerAuth,
 }
@@ -210,6 +265,14 @@ impl Authz {
         let mut authz = Self { peers: PeerAuth::build(sorted(peers)), ..Self::default() };
         for p in sorted(policies) {
             let (ns, name) = ns_name(p);
+            authz.policies += 1;
+            if let Some(first) = p.spec.target_refs.first() {
+                // The scope a trace shows is worked out per request (`Policy::http_scope`).
+                let scope = if first.kind == "Service" { Scope::Service } else { Scope::Gateway };
+                let policy = Policy::new(ns, name, scope, &p.spec);
+                authz.targeted.entry(ns.to_owned()).or_default().push(policy);
+                continue;
+            }
             let selected = p.spec.selector.is_some();
             let scope = match (ns == ROOT_NAMESPACE, selected) {
                 (true, false) => Scope::Mesh,
@@ -224,19 +287,19 @@ impl Authz {
                 (false, true) => &mut authz.namespaces.entry(ns.to_owned()).or_default().selected,
             };
             group.push(policy);
-            authz.policies += 1;
         }
         authz
     }
 
-    /// True when there is no AuthorizationPolicy at all: every connection is allowed.
-    /// (PeerAuthentications do not count; they do not take part in [`Authz::check`].)
+    /// True when there is no AuthorizationPolicy at all: every connection and every request is
+    /// allowed. (PeerAuthentications do not count; they do not take part in [`Authz::check`].)
     pub fn is_empty(&self) -> bool {
         self.policies == 0
     }
 
     /// Decides a connection. Allocates nothing when no policy applies; otherwise only the
     /// deciding policy's name, the reason and the AUDIT list.
+    /// Policies with `targetRefs` are not considered: the waypoint enforces them.
     pub fn check(&self, dst: &Destination<'_>, src: &Source<'_>) -> Decision {
         self.decide(dst, src, &mut NoTrace)
     }
@@ -251,6 +314,46 @@ impl Authz {
             policies: explainer.finish(),
             mtls_mode: self.mtls_mode(dst.namespace, dst.labels),
         }
+    }
+
+    /// Decides an HTTP request at the waypoint, by the policies attached with `targetRefs` to
+    /// the target's service or waypoint (see the module docs): same decision order and rule
+    /// semantics as [`Authz::check`], with the L7 fields evaluated. Policies with a selector,
+    /// or with neither selector nor `targetRefs`, are not considered: the node agents enforce
+    /// them. Allocates nothing when no policy applies.
+    pub fn check_http(
+        &self,
+        target: &Target<'_>,
+        src: &Source<'_>,
+        req: &HttpRequest<'_>,
+    ) -> Decision {
+        self.decide_http(target, src, &req.without_query(), &mut NoTrace)
+    }
+
+    /// Decides an HTTP request like [`Authz::check_http`] (same evaluation, same decision) and
+    /// says how every applicable policy was evaluated.
+    pub fn explain_http(
+        &self,
+        target: &Target<'_>,
+        src: &Source<'_>,
+        req: &HttpRequest<'_>,
+    ) -> Explanation {
+        let req = req.without_query();
+        let mut explainer = Explainer::http(src, target, &req);
+        let decision = self.decide_http(target, src, &req, &mut explainer);
+        Explanation {
+            decision,
+            policies: explainer.finish(),
+            mtls_mode: self.mtls_mode(target.namespace, &BTreeMap::new()),
+        }
+    }
+
+    /// True when any policy targets this service or waypoint (so the waypoint can skip
+    /// evaluation otherwise: [`Authz::check_http`] would allow by default).
+    pub fn has_http_policies(&self, target: &Target<'_>) -> bool {
+        [Action::Deny, Action::Allow, Action::Audit]
+            .into_iter()
+            .any(|action| self.applicable_http(*target, action).next().is_some())
     }
 
     /// The mTLS mode for a destination: a PeerAuthentication of its namespace whose selector
@@ -281,61 +384,107 @@ impl Authz {
         )
     }
 
-    /// The one evaluation behind both `check` and `explain`. With a tracer that is not `ON`,
-    /// it stops at the deciding match; with one, it evaluates every applicable policy. The
-    /// decision is the same: the first match in evaluation order decides.
+    /// The policies of `action` attached to `target` with `targetRefs`, in evaluation order:
+    /// the root namespace's, then the target namespace's.
+    fn applicable_http<'s>(
+        &'s self,
+        target: Target<'s>,
+        action: Action,
+    ) -> impl Iterator<Item = &'s Policy> + 's {
+        let of = |ns: &str| self.targeted.get(ns).map_or(&[][..], |g| g.of(action));
+        let own = if target.namespace == ROOT_NAMESPACE { &[][..] } else { of(target.namespace) };
+        of(ROOT_NAMESPACE).iter().chain(own).filter(move |p| p.targets(&target))
+    }
+
+    /// The L4 evaluation behind both `check` and `explain`.
     fn decide<T: Trace>(&self, dst: &Destination<'_>, src: &Source<'_>, t: &mut T) -> Decision {
-        let req = Request { identity: src.identity, ip: src.ip.to_canonical(), port: dst.port };
+        let req = Request {
+            identity: src.identity,
+            ip: src.ip.to_canonical(),
+            port: dst.port,
+            http: None,
+        };
         let dst = *dst;
-        let first_match = |action, t: &mut T| {
-            let mut found = None;
-            let mut applies = false;
-            for p in self.applicable(dst, action) {
-                applies = true;
-                if let Some(rule) = p.first_match(&req, t)
-                    && found.is_none()
-                {
-                    found = Some((p, rule));
-                    if !T::ON {
-                        break;
-                    }
+        decide(&req, |action| self.applicable(dst, action), t)
+    }
+
+    /// The L7 evaluation behind both `check_http` and `explain_http`; `http` is already
+    /// without query.
+    fn decide_http<T: Trace>(
+        &self,
+        target: &Target<'_>,
+        src: &Source<'_>,
+        http: &HttpRequest<'_>,
+        t: &mut T,
+    ) -> Decision {
+        let req = Request {
+            identity: src.identity,
+            ip: src.ip.to_canonical(),
+            port: target.port,
+            http: Some(*http),
+        };
+        let target = *target;
+        decide(&req, |action| self.applicable_http(target, action), t)
+    }
+}
+
+/// The one evaluation behind `check`, `explain`, `check_http` and `explain_http`, over the
+/// policies `applicable` gives for each action, in evaluation order. With a tracer that is not
+/// `ON`, it stops at the deciding match; with one, it evaluates every applicable policy. The
+/// decision is the same: the first match in evaluation order decides.
+fn decide<'s, T, I>(req: &Request<'_>, applicable: impl Fn(Action) -> I, t: &mut T) -> Decision
+where
+    T: Trace,
+    I: Iterator<Item = &'s Policy>,
+{
+    let first_match = |action, t: &mut T| {
+        let mut found = None;
+        let mut applies = false;
+        for p in applicable(action) {
+            applies = true;
+            if let Some(rule) = p.first_match(req, t)
+                && found.is_none()
+            {
+                found = Some((p, rule));
+                if !T::ON {
+                    break;
                 }
             }
-            (found, applies)
-        };
-        let (deny, _) = first_match(Action::Deny, t);
-        let (allow, allow_applies) = match deny {
-            Some(_) if !T::ON => (None, true),
-            _ => first_match(Action::Allow, t),
-        };
-        let mut audited = Vec::new();
-        for p in self.applicable(dst, Action::Audit) {
-            if p.first_match(&req, t).is_some() {
-                audited.push(p.key.clone());
-            }
         }
-        let (verdict, policy, reason) = match (deny, allow) {
-            (Some((p, rule)), _) => {
-                let l7 = p.rules.get(rule).is_some_and(|r| r.l7.is_some());
-                let note = if l7 { ", L7 fields ignored at L4" } else { "" };
-                let reason = format!("denied by DENY policy {} (rule {rule}{note})", p.key);
-                (Verdict::Deny, Some(p.key.clone()), Cow::Owned(reason))
-            }
-            (None, _) if !allow_applies => {
-                (Verdict::Allow, None, Cow::Borrowed("allowed: no ALLOW policy applies"))
-            }
-            (None, Some((p, rule))) => {
-                let reason = format!("allowed by ALLOW policy {} (rule {rule})", p.key);
-                (Verdict::Allow, Some(p.key.clone()), Cow::Owned(reason))
-            }
-            (None, None) => {
-                let names = list_names(self.applicable(dst, Action::Allow));
-                let reason = format!("denied: ALLOW policies apply ({names}) and none matches");
-                (Verdict::Deny, None, Cow::Owned(reason))
-            }
-        };
-        Decision { verdict, policy, reason, audited }
+        (found, applies)
+    };
+    let (deny, _) = first_match(Action::Deny, t);
+    let (allow, allow_applies) = match deny {
+        Some(_) if !T::ON => (None, true),
+        _ => first_match(Action::Allow, t),
+    };
+    let mut audited = Vec::new();
+    for p in applicable(Action::Audit) {
+        if p.first_match(req, t).is_some() {
+            audited.push(p.key.clone());
+        }
     }
+    let (verdict, policy, reason) = match (deny, allow) {
+        (Some((p, rule)), _) => {
+            let l7 = req.http.is_none() && p.rules.get(rule).is_some_and(|r| r.l7.is_some());
+            let note = if l7 { ", L7 fields ignored at L4" } else { "" };
+            let reason = format!("denied by DENY policy {} (rule {rule}{note})", p.key);
+            (Verdict::Deny, Some(p.key.clone()), Cow::Owned(reason))
+        }
+        (None, _) if !allow_applies => {
+            (Verdict::Allow, None, Cow::Borrowed("allowed: no ALLOW policy applies"))
+        }
+        (None, Some((p, rule))) => {
+            let reason = format!("allowed by ALLOW policy {} (rule {rule})", p.key);
+            (Verdict::Allow, Some(p.key.clone()), Cow::Owned(reason))
+        }
+        (None, None) => {
+            let names = list_names(applicable(Action::Allow));
+            let reason = format!("denied: ALLOW policies apply ({names}) and none matches");
+            (Verdict::Deny, None, Cow::Owned(reason))
+        }
+    };
+    Decision { verdict, policy, reason, audited }
 }
 
 /// Up to three policy names, then how many more.

@@ -1,24 +1,30 @@
-//! The mesh as a data plane sees it: workloads and services indexed by address, and L4
-//! authorization (AuthorizationPolicy, PeerAuthentication) compiled for per-connection checks.
+//! The mesh as a data plane sees it: workloads and services indexed by address, and
+//! authorization (AuthorizationPolicy, PeerAuthentication) compiled for per-connection checks
+//! by the node agents and per-request checks by the waypoint.
 //!
 //! A [`MeshIndex`] is built once per configuration change from validated
-//! [`sinew_model::Resource`]s and then queried on every connection by the node agent (and later
-//! by the L7 waypoint). Building does the work (IP blocks parsed, policies grouped by scope and
-//! action, endpoints resolved) so that queries are map look-ups and short scans. Nothing here
-//! panics on any input: a value that cannot be used (an unparsable IP block, an identity that is
-//! not a valid SPIFFE id) simply never matches.
+//! [`sinew_model::Resource`]s and then queried on every connection by the node agent and on
+//! every request by the L7 waypoint. Building does the work (IP blocks parsed, policies grouped
+//! by scope and action, endpoints resolved) so that queries are map look-ups and short scans.
+//! Nothing here panics on any input: a value that cannot be used (an unparsable IP block, an
+//! identity that is not a valid SPIFFE id) simply never matches.
 //!
 //! Authorization follows Istio's semantics as DESIGN.md restates them for L4: any DENY match
 //! denies; with no ALLOW policy applying the connection is allowed; otherwise an ALLOW match is
 //! needed. AUDIT policies never change the verdict and are only reported. [`Authz::check`] is
 //! the hot path; [`Authz::explain`] runs the same evaluation while recording why each policy
-//! matched or not, for the admin API and the CLI.
+//! matched or not, for the admin API and the CLI. Policies attached with `targetRefs` are
+//! left to the waypoint, which asks [`Authz::check_http`] (and [`Authz::explain_http`]) with the
+//! method and path of each request.
 #![forbid(unsafe_code)]
 
 mod authz;
 mod index;
 
-pub use authz::{Authz, Decision, Destination, Explanation, PolicyTrace, Scope, Source, Verdict};
+pub use authz::{
+    Authz, Decision, Destination, Explanation, HttpRequest, PolicyTrace, Scope, Source, Target,
+    Verdict,
+};
 pub use index::{MeshIndex, ServiceInfo, WorkloadInfo};
 
 use sinew_model::Object;

@@ -157,12 +157,54 @@ pub struct AuthorizationPolicySpec {
     /// Workloads it applies to; absent: the whole namespace (or mesh, in the root namespace).
     #[serde(default)]
     pub selector: Option<LabelSelector>,
+    /// Services or waypoints (`Gateway`) it is attached to, as in Istio ambient: such a policy
+    /// is enforced by the waypoint, at L7, and not by the node agents. Exclusive with
+    /// `selector`.
+    #[serde(default, rename = "targetRefs")]
+    pub target_refs: Vec<PolicyTargetRef>,
     /// ALLOW (default), DENY or AUDIT.
     #[serde(default)]
     pub action: Action,
     /// Any rule matching makes the policy match; no rules: ALLOW matches nothing, DENY all.
     #[serde(default)]
     pub rules: Vec<Rule>,
+}
+
+/// `targetRefs[i]`: a Service, or a waypoint as a Gateway API `Gateway`, in the policy's
+/// namespace (a root-namespace policy targeting a `Gateway` applies to every waypoint of that
+/// name).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyTargetRef {
+    /// `""` or `core` for a Service, `""` or `gateway.networking.k8s.io` for a Gateway.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// `Service` or `Gateway`.
+    pub kind: String,
+    /// The Service's or the waypoint's name.
+    pub name: String,
+}
+
+impl Validate for PolicyTargetRef {
+    fn validate(&self, e: &mut Errors) {
+        let groups: &[&str] = match self.kind.as_str() {
+            "Service" => &["", "core"],
+            "Gateway" => &["", "gateway.networking.k8s.io"],
+            kind => {
+                e.add("kind", format!("{kind:?} is not a target kind: Service or Gateway"));
+                &[]
+            }
+        };
+        if let Some(group) = &self.group
+            && !groups.is_empty()
+        {
+            e.check(groups.contains(&group.as_str()), "group", || {
+                let allowed: Vec<String> = groups.iter().map(|g| format!("{g:?}")).collect();
+                format!("{group:?} is not the group of {}: {}", self.kind, allowed.join(" or "))
+            });
+        }
+        dns_label(e, "name", &self.name);
+    }
 }
 
 /// One rule: every present part must match.
@@ -258,6 +300,10 @@ fn wildcard_ok(s: &str) -> bool {
 
 impl Validate for AuthorizationPolicySpec {
     fn validate(&self, e: &mut Errors) {
+        e.check(self.selector.is_none() || self.target_refs.is_empty(), "targetRefs", || {
+            "selector and targetRefs are exclusive".to_owned()
+        });
+        e.each("targetRefs", &self.target_refs, |e, t| t.validate(e));
         e.each("rules", &self.rules, |e, rule| {
             e.each("from", &rule.from, |e, f| {
                 e.at("source", |e| f.source.validate(e));

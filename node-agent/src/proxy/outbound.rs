@@ -74,7 +74,14 @@ fn resolve(mesh: &MeshIndex, target: SocketAddr, rr: usize) -> Result<Resolved, 
 }
 
 pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, pod: Arc<PodNet>) {
-    let peer = canonical(peer);
+    let mut peer = canonical(peer);
+    // The connect hook sends the app to 127.0.0.1:15001, so the kernel gave its socket a
+    // loopback source; on the wire it leaves with the pod's address, which is what others see.
+    if peer.ip().is_loopback()
+        && let Some(ip) = pod.ips.iter().find(|ip| ip.is_ipv4() == peer.is_ipv4())
+    {
+        peer.set_ip(*ip);
+    }
     let ctx = &pod.ctx;
     ctx.stats.outbound.fetch_add(1, Ordering::Relaxed);
     let start = Instant::now();

@@ -1,11 +1,12 @@
-//! The tracer behind `Authz::explain`: turns what the evaluation went through into words.
+//! The tracer behind `Authz::explain` and `Authz::explain_http`: turns what the evaluation
+//! went through into words.
 
 use std::fmt::Display;
 
 use sinew_model::Action;
 
 use super::{
-    PolicyTrace, Source,
+    HttpRequest, PolicyTrace, Source, Target,
     rules::{Field, Miss, Policy, Trace},
 };
 
@@ -13,13 +14,21 @@ use super::{
 pub(super) struct Explainer<'a> {
     source: Source<'a>,
     port: u16,
+    /// The request and what it is for, at the waypoint; `None` at L4.
+    http: Option<(HttpRequest<'a>, Target<'a>)>,
     misses: Vec<(usize, Miss)>,
     traces: Vec<PolicyTrace>,
 }
 
 impl<'a> Explainer<'a> {
+    /// For an L4 check.
     pub fn new(source: &Source<'a>, port: u16) -> Self {
-        Self { source: *source, port, misses: Vec::new(), traces: Vec::new() }
+        Self { source: *source, port, http: None, misses: Vec::new(), traces: Vec::new() }
+    }
+
+    /// For an HTTP request at the waypoint (the path already without query).
+    pub fn http(source: &Source<'a>, target: &Target<'a>, req: &HttpRequest<'a>) -> Self {
+        Self { http: Some((*req, *target)), ..Self::new(source, target.port) }
     }
 
     pub fn finish(self) -> Vec<PolicyTrace> {
@@ -48,7 +57,12 @@ impl<'a> Explainer<'a> {
                     Field::NotServiceAccounts => &s.not_service_accounts,
                     Field::IpBlocks => &s.ip_blocks,
                     Field::NotIpBlocks => &s.not_ip_blocks,
-                    Field::Ports | Field::NotPorts => return path,
+                    Field::Ports
+                    | Field::NotPorts
+                    | Field::Methods
+                    | Field::NotMethods
+                    | Field::Paths
+                    | Field::NotPaths => return path,
                 };
                 match self.source_value(field) {
                     Some(value) => in_list(&path, field, value, list),
@@ -60,9 +74,22 @@ impl<'a> Explainer<'a> {
                 let Some(op) = rule.and_then(|r| r.to.get(index)) else {
                     return path;
                 };
-                let list = if field == Field::NotPorts { &op.not_ports } else { &op.ports };
-                let ports: Vec<u16> = list.iter().map(|p| p.0).collect();
-                in_list(&path, field, self.port, &ports)
+                let http = self.http.map(|(req, _)| req);
+                let (value, list) = match field {
+                    Field::Methods => (http.map(|r| r.method), &op.methods),
+                    Field::NotMethods => (http.map(|r| r.method), &op.not_methods),
+                    Field::Paths => (http.map(|r| r.path), &op.paths),
+                    Field::NotPaths => (http.map(|r| r.path), &op.not_paths),
+                    _ => {
+                        let list = if field == Field::NotPorts { &op.not_ports } else { &op.ports };
+                        let ports: Vec<u16> = list.iter().map(|p| p.0).collect();
+                        return in_list(&path, field, self.port, &ports);
+                    }
+                };
+                match value {
+                    Some(value) => in_list(&path, field, value, list),
+                    None => path,
+                }
             }
         }
     }
@@ -108,7 +135,9 @@ impl Trace for Explainer<'_> {
         match matched {
             Some(rule) => {
                 why.push(format!("rule {rule} matched"));
-                if let Some((to, field)) = policy.rules.get(rule).and_then(|r| r.l7) {
+                if self.http.is_none()
+                    && let Some((to, field)) = policy.rules.get(rule).and_then(|r| r.l7)
+                {
                     why.push(format!(
                         "rule {rule}: to[{to}].operation.{field}: L7 field ignored at L4: a {} \
                          rule matches without it (fail safe)",
@@ -126,7 +155,10 @@ impl Trace for Explainer<'_> {
         self.traces.push(PolicyTrace {
             policy: policy.key.clone(),
             action: policy.action,
-            scope: policy.scope,
+            scope: match &self.http {
+                Some((_, target)) => policy.http_scope(target),
+                None => policy.scope,
+            },
             matched: matched.is_some(),
             why,
         });

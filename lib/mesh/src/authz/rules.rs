@@ -1,4 +1,4 @@
-//! Compiled policy rules and how one connection is matched against them.
+//! Compiled policy rules and how one connection or HTTP request is matched against them.
 //!
 //! Matching never allocates: a principal is compared against `<td>/ns/<ns>/sa/<sa>` piece by
 //! piece instead of being formatted, and a failed match reports only which field failed
@@ -8,15 +8,18 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
 use sinew_identity::SpiffeId;
-use sinew_model::{Action, AuthorizationPolicySpec, Operation, Rule};
+use sinew_model::{Action, AuthorizationPolicySpec, Operation, PolicyTargetRef, Rule};
 
-use super::Scope;
+use super::{HttpRequest, Scope, Target};
 
-/// The connection being checked, with the source address already canonical.
+/// The connection or request being checked, with the source address already canonical.
 pub(super) struct Request<'a> {
     pub identity: Option<&'a SpiffeId>,
     pub ip: IpAddr,
     pub port: u16,
+    /// The HTTP request (path without query) at the waypoint; `None` for an L4 check, where
+    /// the L7 fields cannot be evaluated.
+    pub http: Option<HttpRequest<'a>>,
 }
 
 /// A source or operation field that did not match.
@@ -32,6 +35,10 @@ pub(super) enum Field {
     NotIpBlocks,
     Ports,
     NotPorts,
+    Methods,
+    NotMethods,
+    Paths,
+    NotPaths,
 }
 
 impl Field {
@@ -48,6 +55,10 @@ impl Field {
             Self::NotIpBlocks => "notIpBlocks",
             Self::Ports => "ports",
             Self::NotPorts => "notPorts",
+            Self::Methods => "methods",
+            Self::NotMethods => "notMethods",
+            Self::Paths => "paths",
+            Self::NotPaths => "notPaths",
         }
     }
 
@@ -60,6 +71,8 @@ impl Field {
                 | Self::NotServiceAccounts
                 | Self::NotIpBlocks
                 | Self::NotPorts
+                | Self::NotMethods
+                | Self::NotPaths
         )
     }
 }
@@ -95,6 +108,26 @@ impl Trace for NoTrace {
     fn policy(&mut self, _: &Policy, _: Option<usize>) {}
 }
 
+/// What a `targetRefs` entry attaches a policy to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum TargetRef {
+    /// A Service of the policy's namespace, by name.
+    Service(String),
+    /// A waypoint, by name.
+    Gateway(String),
+}
+
+impl TargetRef {
+    /// `None` for a kind or group that validation refuses: such an entry attaches to nothing.
+    fn new(t: &PolicyTargetRef) -> Option<Self> {
+        match (t.kind.as_str(), t.group.as_deref().unwrap_or_default()) {
+            ("Service", "" | "core") => Some(Self::Service(t.name.clone())),
+            ("Gateway", "" | "gateway.networking.k8s.io") => Some(Self::Gateway(t.name.clone())),
+            _ => None,
+        }
+    }
+}
+
 /// One AuthorizationPolicy, ready to evaluate.
 #[derive(Debug, Clone)]
 pub(super) struct Policy {
@@ -102,9 +135,12 @@ pub(super) struct Policy {
     pub key: String,
     pub namespace: String,
     pub action: Action,
+    /// The L4 scope; for a policy with `targetRefs`, see [`Policy::http_scope`].
     pub scope: Scope,
     /// `matchLabels` (empty unless `scope` is `Workload`, where empty selects everything).
     pub selector: BTreeMap<String, String>,
+    /// `targetRefs`, those that can attach to something.
+    pub targets: Vec<TargetRef>,
     pub rules: Vec<CompiledRule>,
 }
 
@@ -116,8 +152,30 @@ impl Policy {
             action: spec.action,
             scope,
             selector: spec.selector.as_ref().map(|s| s.match_labels.clone()).unwrap_or_default(),
+            targets: spec.target_refs.iter().filter_map(TargetRef::new).collect(),
             rules: spec.rules.iter().map(CompiledRule::new).collect(),
         }
+    }
+
+    /// Whether the policy is attached to `target`'s service (a Service of the target's
+    /// namespace) or to its waypoint (a Gateway of that name; the caller has already kept
+    /// only policies of the target's namespace or the root namespace).
+    pub fn targets(&self, target: &Target<'_>) -> bool {
+        self.targets.iter().any(|t| match t {
+            TargetRef::Service(name) => {
+                *name == target.service && self.namespace == target.namespace
+            }
+            TargetRef::Gateway(name) => target.waypoint == Some(name.as_str()),
+        })
+    }
+
+    /// Why a policy with `targetRefs` applies to `target`: its service, else its waypoint.
+    pub fn http_scope(&self, target: &Target<'_>) -> Scope {
+        let service = self.targets.iter().any(|t| {
+            matches!(t, TargetRef::Service(name) if *name == target.service)
+                && self.namespace == target.namespace
+        });
+        if service { Scope::Service } else { Scope::Gateway }
     }
 
     /// Whether a workload with these labels is selected (always, for mesh and namespace scope).
@@ -161,9 +219,9 @@ impl CompiledRule {
         }
     }
 
-    /// Every present part matches: some source and some operation. Like ztunnel, an ALLOW
-    /// rule with L7 fields never matches, and DENY and AUDIT rules ignore those fields (a
-    /// broader match is the safe side for them).
+    /// Every present part matches: some source and some operation. At L4 (no HTTP request),
+    /// like ztunnel, an ALLOW rule with L7 fields never matches, and DENY and AUDIT rules
+    /// ignore those fields (a broader match is the safe side for them).
     fn matches<T: Trace>(
         &self,
         index: usize,
@@ -173,6 +231,7 @@ impl CompiledRule {
         t: &mut T,
     ) -> bool {
         if action == Action::Allow
+            && req.http.is_none()
             && let Some((to, field)) = self.l7
         {
             t.miss(index, Miss::L7 { to, field });
@@ -188,10 +247,10 @@ impl CompiledRule {
             }
             return false;
         }
-        if !self.to.is_empty() && !self.to.iter().any(|op| check_operation(op, req.port).is_ok()) {
+        if !self.to.is_empty() && !self.to.iter().any(|op| check_operation(op, req).is_ok()) {
             if T::ON {
                 for (i, op) in self.to.iter().enumerate() {
-                    if let Err(field) = check_operation(op, req.port) {
+                    if let Err(field) = check_operation(op, req) {
                         t.miss(index, Miss::To { index: i, field });
                     }
                 }
@@ -263,10 +322,22 @@ impl CompiledSource {
     }
 }
 
-fn check_operation(op: &Operation, port: u16) -> Result<(), Field> {
+/// `Ok` when every present field matches, else the first that does not. Without an HTTP
+/// request (L4) the L7 fields are skipped: see [`CompiledRule::matches`] for why that is safe.
+fn check_operation(op: &Operation, req: &Request<'_>) -> Result<(), Field> {
+    let port = req.port;
     first_failure([
         (Field::Ports, &op.ports, &|| op.ports.iter().any(|p| p.0 == port)),
         (Field::NotPorts, &op.not_ports, &|| op.not_ports.iter().any(|p| p.0 == port)),
+    ])?;
+    let Some(http) = req.http else { return Ok(()) };
+    let method = |list: &[String]| list.iter().any(|m| *m == http.method);
+    let path = |list: &[String]| list.iter().any(|p| wildcard_matches(p, &[http.path]));
+    first_failure([
+        (Field::Methods, &op.methods, &|| method(&op.methods)),
+        (Field::NotMethods, &op.not_methods, &|| method(&op.not_methods)),
+        (Field::Paths, &op.paths, &|| path(&op.paths)),
+        (Field::NotPaths, &op.not_paths, &|| path(&op.not_paths)),
     ])
 }
 

@@ -17,7 +17,7 @@ use tokio::{
 
 const USAGE: &str = "usage: sinew-testapp serve PORT... | xfer TARGET UP DOWN SEED | \
 many TARGETS(,) COUNT | sink TARGET SECS [STREAMS] | ping TARGET COUNT | reset TARGET | \
-hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME";
+hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -42,6 +42,7 @@ fn main() -> Result<()> {
             "reset" => reset(arg(1)?.parse()?).await,
             "hold" => hold(arg(1)?.parse()?, arg(2)?.parse()?).await,
             "http" => http(arg(1)?.parse()?, arg(2)?.to_owned()).await,
+            "upgrade" => upgrade(arg(1)?.parse()?).await,
             "mark" => mark(arg(1)?.parse()?, arg(2)?, arg(3)?.parse()?).await,
             _ => bail!(USAGE),
         }
@@ -381,6 +382,16 @@ async fn http_connection(
         }
         let mut body = vec![0u8; length];
         r.read_exact(&mut body).await?;
+        if headers.iter().any(|(k, v)| k == "upgrade" && v.eq_ignore_ascii_case("websocket")) {
+            // Switch protocols, then echo raw bytes until the client closes.
+            let head = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\nx-served-by: {name}\r\n\r\n"
+            );
+            w.write_all(head.as_bytes()).await?;
+            let mut r = r.into_inner();
+            tokio::io::copy(&mut r, &mut w).await?;
+            return Ok(());
+        }
         let bare = path.split('?').next().unwrap_or("/");
         let mut status = 200u16;
         let mut text = format!("{name} {method} {path}\n");
@@ -401,10 +412,41 @@ async fn http_connection(
             "HTTP/1.1 {status} X\r\ncontent-length: {}\r\ncontent-type: text/plain\r\nx-served-by: {name}\r\n\r\n",
             text.len()
         );
-        w.write_all(head.as_bytes()).await?;
-        w.write_all(text.as_bytes()).await?;
+        // One write: a separate small body write would wait for the head's ACK (Nagle).
+        w.write_all(format!("{head}{text}").as_bytes()).await?;
         if close {
             return Ok(());
         }
     }
+}
+
+/// An HTTP/1.1 Upgrade (websocket) handshake to `target`, then bytes echoed over the
+/// upgraded connection.
+async fn upgrade(target: SocketAddr) -> Result<()> {
+    let s = TcpStream::connect(target).await.with_context(|| format!("connect {target}"))?;
+    let (r, mut w) = s.into_split();
+    w.write_all(
+        format!("GET /ws HTTP/1.1\r\nhost: {target}\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut r = BufReader::new(r);
+    let mut status = String::new();
+    r.read_line(&mut status).await?;
+    ensure!(status.contains(" 101 "), "expected 101, got {status:?}");
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).await?;
+        if h.trim().is_empty() {
+            break;
+        }
+    }
+    for msg in ["hello over the upgraded connection", "and a second message"] {
+        w.write_all(msg.as_bytes()).await?;
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), r.read_exact(&mut back)).await??;
+        ensure!(back == msg.as_bytes(), "echo differs");
+    }
+    println!("ok upgraded and echoed");
+    Ok(())
 }
