@@ -47,6 +47,20 @@ spec:
   selector: {version: v2}
 ";
 
+const GRPC: &str = "
+apiVersion: v1
+kind: Service
+metadata:
+  name: greeter
+  namespace: demo
+  labels:
+    sinew.io/use-waypoint: wp
+spec:
+  clusterIPs: [\"198.18.200.30\"]
+  ports: [{port: 9000, appProtocol: grpc}]
+  selector: {version: v1}
+";
+
 const ROUTES: &str = "
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -107,6 +121,7 @@ fn setup() -> Result<(Cluster, Pod)> {
     )?;
     c.write_config("services.yaml", SERVICES)?;
     c.write_config("routes.yaml", ROUTES)?;
+    c.write_config("grpc.yaml", GRPC)?;
     c.start_control()?;
     c.start_waypoint(1, "wp", "demo")?;
     c.start_agent(1)?;
@@ -116,6 +131,7 @@ fn setup() -> Result<(Cluster, Pod)> {
     }
     c.serve_http(&v1, 8080, "v1")?;
     c.serve_http(&v2, 8080, "v2")?;
+    c.start_app(&v1, &["grpc", "9000", "v1"])?;
     Ok((c, client))
 }
 
@@ -233,6 +249,10 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     // A WebSocket-style upgrade passes through and the connection carries raw bytes.
     let out = c.run_in(&client, &["upgrade", &format!("{VIP}:80")])?;
     ensure!(out.contains("ok upgraded and echoed"), "{out}");
+
+    // gRPC through the waypoint: a tonic client and server, unary and streaming calls.
+    let out = c.run_in(&client, &["grpc-call", "198.18.200.30:9000"])?;
+    ensure!(out.contains("ok 3 unary calls and a 5-message stream served by v1"), "{out}");
 
     // L7 authorization at the waypoint: POST to /admin denied (403), GET still served.
     c.write_config(

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use sinew_local_api::{Request, Response};
 use sinew_test_util::Cluster;
@@ -143,6 +143,131 @@ pub fn run(bin_dir: &Path) -> Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     print!("Restarted (policy removed): {}", out?);
+    l7(&mut c, &client)?;
     println!("\nDemo done; tearing the cluster down.");
+    Ok(())
+}
+
+const L7_CONFIG: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop, labels: {sinew.io/use-waypoint: wp}}
+spec: {clusterIPs: [\"198.18.200.20\"], ports: [{port: 80, targetPort: 8080}], selector: {app: reviews}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v1, namespace: shop}
+spec: {clusterIPs: [\"198.18.200.21\"], ports: [{port: 80, targetPort: 8080}], selector: {version: v1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v2, namespace: shop}
+spec: {clusterIPs: [\"198.18.200.22\"], ports: [{port: 80, targetPort: 8080}], selector: {version: v2}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: reviews, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /flaky}}]
+    backendRefs: [{name: reviews-v1, port: 80}]
+    retry: {codes: [503], attempts: 2, backoff: 10ms}
+  - matches: [{path: {type: PathPrefix, value: /limited}}]
+    filters: [{type: LocalRateLimit, localRateLimit: {maxTokens: 5, tokensPerFill: 5, fillInterval: 60s}}]
+    backendRefs: [{name: reviews-v1, port: 80}]
+  - backendRefs: [{name: reviews-v1, port: 80, weight: 90}, {name: reviews-v2, port: 80, weight: 10}]
+";
+
+/// The waypoint part: a service with two versions behind waypoint `wp`.
+fn l7(c: &mut Cluster, client: &sinew_test_util::Pod) -> Result<()> {
+    println!("\n== L7: a waypoint in front of shop/reviews (v1 and v2) ==");
+    let v1 = c.add_pod_labeled(
+        2,
+        "reviews-1",
+        "shop",
+        "reviews",
+        &[("app", "reviews"), ("version", "v1")],
+    )?;
+    let v2 = c.add_pod_labeled(
+        2,
+        "reviews-2",
+        "shop",
+        "reviews",
+        &[("app", "reviews"), ("version", "v2")],
+    )?;
+    c.write_config("reviews.yaml", L7_CONFIG)?;
+    c.start_waypoint(1, "wp", "shop")?;
+    for p in [&v1, &v2] {
+        c.agent(2).enroll(p)?;
+    }
+    c.serve_http(&v1, 8080, "v1")?;
+    c.serve_http(&v2, 8080, "v2")?;
+    println!(
+        "service shop/reviews 198.18.200.20:80, labelled sinew.io/use-waypoint=wp; HTTPRoute: 90 % v1, 10 % v2,"
+    );
+    println!(
+        "/flaky retried on 503 (the backend fails every other request), /limited at 5 requests per minute"
+    );
+    let curl = |args: &[&str]| -> Result<String> {
+        let mut all = vec!["-sS", "--max-time", "20", "-o", "/dev/null"];
+        all.extend_from_slice(args);
+        c.exec_in(client, Path::new("/usr/bin/curl"), &all)
+    };
+    let mut ready = false;
+    for _ in 0..100 {
+        if curl(&["-f", "http://198.18.200.20/"]).is_ok() {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    ensure!(ready, "the waypoint path did not come up");
+    let tally = |out: &str| {
+        let mut m = std::collections::BTreeMap::new();
+        for l in out.lines().filter(|l| !l.is_empty()) {
+            *m.entry(l.trim().to_owned()).or_insert(0) += 1;
+        }
+        m
+    };
+    let fmt = "%{http_code} %header{x-served-by}\\n";
+    println!("\n$ (in shop/client) curl http://198.18.200.20/?n=[1-500]   (500 requests)");
+    for (k, n) in tally(&curl(&["-w", fmt, "http://198.18.200.20/?n=[1-500]"])?) {
+        println!("  {n:4} x {k}");
+    }
+    println!(
+        "$ (in shop/client) curl http://198.18.200.20/flaky?n=[1-10]   (each first try answers 503)"
+    );
+    for (k, n) in tally(&curl(&["-w", fmt, "http://198.18.200.20/flaky?n=[1-10]"])?) {
+        println!("  {n:4} x {k}");
+    }
+    println!("$ (in shop/client) curl http://198.18.200.20/limited?n=[1-8]   (a burst of 8)");
+    for (k, n) in tally(&curl(&[
+        "-w",
+        "%{http_code} remaining=%header{x-ratelimit-remaining}\\n",
+        "http://198.18.200.20/limited?n=[1-8]",
+    ])?) {
+        println!("  {n:4} x {k}");
+    }
+    let wp = c.pods.iter().find(|p| p.name == "wp").cloned().context("waypoint pod")?;
+    println!("\nwaypoint metrics (istio_requests_total by response code):");
+    for l in c.pod_get(&wp, "http://127.0.0.1:15000/metrics")?.lines() {
+        if let Some(rest) = l.strip_prefix("istio_requests_total{") {
+            let code = rest
+                .split("response_code=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("?");
+            let dst = rest
+                .split("destination_workload=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("?");
+            println!(
+                "  response_code={code} destination_workload={dst}: {}",
+                l.rsplit(' ').next().unwrap_or("?")
+            );
+        }
+    }
     Ok(())
 }

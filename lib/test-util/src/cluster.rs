@@ -737,7 +737,8 @@ impl Cluster {
         self.start_app(pod, &["http", &port.to_string(), name])
     }
 
-    fn start_app(&mut self, pod: &Pod, args: &[&str]) -> Result<()> {
+    /// Starts `sinew-testapp <args>` (a server mode) in `pod` and waits for its `ready`.
+    pub fn start_app(&mut self, pod: &Pod, args: &[&str]) -> Result<()> {
         let mut child = pod
             .command(&self.binary("sinew-testapp"), args)
             .stdout(Stdio::piped())

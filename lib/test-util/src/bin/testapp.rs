@@ -17,7 +17,7 @@ use tokio::{
 
 const USAGE: &str = "usage: sinew-testapp serve PORT... | xfer TARGET UP DOWN SEED | \
 many TARGETS(,) COUNT | sink TARGET SECS [STREAMS] | ping TARGET COUNT | reset TARGET | \
-hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET";
+hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -43,6 +43,8 @@ fn main() -> Result<()> {
             "hold" => hold(arg(1)?.parse()?, arg(2)?.parse()?).await,
             "http" => http(arg(1)?.parse()?, arg(2)?.to_owned()).await,
             "upgrade" => upgrade(arg(1)?.parse()?).await,
+            "grpc" => grpc::serve(arg(1)?.parse()?, arg(2)?.to_owned()).await,
+            "grpc-call" => grpc::call(arg(1)?.parse()?).await,
             "mark" => mark(arg(1)?.parse()?, arg(2)?, arg(3)?.parse()?).await,
             _ => bail!(USAGE),
         }
@@ -449,4 +451,103 @@ async fn upgrade(target: SocketAddr) -> Result<()> {
     }
     println!("ok upgraded and echoed");
     Ok(())
+}
+
+/// A real gRPC peer (tonic) for L7 tests, reusing the control API's services: `Ca.Sign` as a
+/// unary call and `Discovery.Stream` as a bidirectional stream.
+mod grpc {
+    use std::net::{Ipv6Addr, SocketAddr};
+
+    use anyhow::{Context, Result, ensure};
+    use sinew_api::{
+        DiscoveryRequest, DiscoveryResponse, SignRequest, SignResponse,
+        ca_client::CaClient,
+        ca_server::{Ca, CaServer},
+        discovery_client::DiscoveryClient,
+        discovery_server::{Discovery, DiscoveryServer},
+    };
+    use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+    use tonic::{Request, Response, Status, Streaming};
+
+    struct Named(String);
+
+    #[tonic::async_trait]
+    impl Ca for Named {
+        async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+            Ok(Response::new(SignResponse {
+                certificate_pem: format!("{} signed {}", self.0, req.into_inner().identity),
+                trust_bundle_pem: vec![],
+            }))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Discovery for Named {
+        type StreamStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+
+        async fn stream(
+            &self,
+            req: Request<Streaming<DiscoveryRequest>>,
+        ) -> Result<Response<Self::StreamStream>, Status> {
+            let mut incoming = req.into_inner();
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let name = self.0.clone();
+            tokio::spawn(async move {
+                let mut n = 0;
+                while let Some(Ok(r)) = incoming.next().await {
+                    n += 1;
+                    let resp = DiscoveryResponse {
+                        system_version: n,
+                        nonce: format!("{name}:{}", r.response_nonce),
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(resp)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        }
+    }
+
+    pub async fn serve(port: u16, name: String) -> Result<()> {
+        let addr = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        println!("ready");
+        tonic::transport::Server::builder()
+            .add_service(CaServer::new(Named(name.clone())))
+            .add_service(DiscoveryServer::new(Named(name)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn call(target: SocketAddr) -> Result<()> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
+            .connect()
+            .await
+            .with_context(|| format!("connect {target}"))?;
+        let mut ca = CaClient::new(channel.clone());
+        let mut from = String::new();
+        for i in 0..3 {
+            let r = ca
+                .sign(SignRequest { identity: format!("id-{i}"), ..Default::default() })
+                .await?
+                .into_inner();
+            ensure!(r.certificate_pem.ends_with(&format!("signed id-{i}")), "{r:?}");
+            from = r.certificate_pem.split(' ').next().unwrap_or("").to_owned();
+        }
+        let requests = (1..=5)
+            .map(|i| DiscoveryRequest { response_nonce: i.to_string(), ..Default::default() });
+        let mut responses =
+            DiscoveryClient::new(channel).stream(tokio_stream::iter(requests)).await?.into_inner();
+        let mut got = Vec::new();
+        while let Some(r) = responses.next().await {
+            got.push(r?.nonce);
+        }
+        let want: Vec<String> = (1..=5).map(|i| format!("{from}:{i}")).collect();
+        ensure!(got == want, "streamed {got:?}, expected {want:?}");
+        println!("ok 3 unary calls and a 5-message stream served by {from}");
+        Ok(())
+    }
 }
