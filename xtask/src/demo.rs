@@ -236,7 +236,7 @@ fn l7(c: &mut Cluster, client: &sinew_test_util::Pod) -> Result<()> {
         println!("  {n:4} x {k}");
     }
     println!(
-        "$ (in shop/client) curl http://198.18.200.20/flaky?n=[1-10]   (each first try answers 503)"
+        "$ (in shop/client) curl http://198.18.200.20/flaky?n=[1-10]   (the backend fails every other request with 503)"
     );
     for (k, n) in tally(&curl(&["-w", fmt, "http://198.18.200.20/flaky?n=[1-10]"])?) {
         println!("  {n:4} x {k}");

@@ -340,7 +340,13 @@ async fn http(port: u16, name: String) -> Result<()> {
         let (name, flaky) = (name.clone(), flaky.clone());
         tokio::spawn(async move {
             if let Err(e) = http_connection(s, &name, &flaky).await {
-                eprintln!("http: {e:#}");
+                // Clients and proxies resetting idle keep-alive connections is normal.
+                let reset = e.downcast_ref::<std::io::Error>().is_some_and(|e| {
+                    e.kind() == std::io::ErrorKind::ConnectionReset
+                });
+                if !reset {
+                    eprintln!("http: {e:#}");
+                }
             }
         });
     }
