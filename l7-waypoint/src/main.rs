@@ -20,6 +20,9 @@ use sinew_l7_waypoint::{
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, info, warn};
 
+/// Largest request head accepted.
+const MAX_HEADER_BYTES: usize = 32 << 10;
+
 #[derive(Parser)]
 #[command(name = "sinew-waypoint", version, about = "Sinew L7 waypoint")]
 struct Args {
@@ -179,14 +182,18 @@ async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
         client,
     });
     let stream = match inbound.accept() {
-        Ok(s) => s,
+        // hyper may close without a shutdown (after a 400, say): end the stream cleanly so
+        // the client still reads the answer.
+        Ok(s) => s.close_gracefully_on_drop(),
         Err(e) => return debug!(error = %e, "CONNECT accept failed"),
     };
     let service =
         hyper::service::service_fn(move |req| proxy::handle(wp.clone(), down.clone(), req));
-    let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .await;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Oversized header blocks are refused (431 on HTTP/1.1, a stream error on HTTP/2).
+    builder.http1().max_buf_size(MAX_HEADER_BYTES);
+    builder.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await;
     if let Err(e) = served {
         debug!(%authority, error = %e, "HTTP connection ended with an error");
     }

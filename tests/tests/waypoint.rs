@@ -288,6 +288,34 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     )?;
     ensure!(out.trim() == "200", "GET must pass: {out}");
 
+    // Bad input: a malformed request, an oversized header block, an invalid route.
+    let out =
+        c.run_in(&client, &["raw", &format!("{VIP}:80"), "NOT AN HTTP REQUEST\\r\\n\\r\\n"])?;
+    ensure!(out.starts_with("HTTP/1.1 400"), "malformed request: {out}");
+    let big = format!("x-big: {}", "a".repeat(40 << 10));
+    let out = curl(
+        &c,
+        &client,
+        &["-o", "/dev/null", "-w", "%{http_code}", "-H", &big, &format!("http://{VIP}/")],
+    )?;
+    ensure!(out.trim() == "431", "oversized headers: {out}");
+    c.write_config(
+        "broken-route.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: broken, namespace: demo}\nspec:\n  parentRefs: [{kind: Service, name: reviews}]\n  rules:\n  - backendRefs: [{name: reviews-v2, port: 80, weight: -3}]\n",
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let out = curl(
+        &c,
+        &client,
+        &["-o", "/dev/null", "-w", fmt, &format!("http://{VIP}/after?n=[1-200]")],
+    )?;
+    let s = statuses(&out);
+    let total: usize = s.values().sum();
+    ensure!(
+        total == 200 && s.keys().all(|k| k.starts_with("200 ")) && s.contains_key("200 v1"),
+        "after a broken route: {s:?}"
+    );
+
     // Istio's request metrics, from the waypoint's admin endpoint.
     let wp = c.pods.iter().find(|p| p.name == "wp").cloned().expect("waypoint pod");
     let metrics = c.pod_get(&wp, "http://127.0.0.1:15000/metrics")?;
@@ -303,8 +331,8 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
             .sum()
     };
     // 2,000 split + 20 by header + 20 retried + 5 under the limit + 1 headers + 50 over
-    // HTTP/2 (+ the probe).
-    ensure!(count("200") >= 2096.0, "200s: {}", count("200"));
+    // HTTP/2 + 1 GET /admin + 200 after the broken route (+ the probe).
+    ensure!(count("200") >= 2297.0, "200s: {}", count("200"));
     ensure!(count("429") == 5.0 && count("504") == 1.0, "{metrics}");
     ensure!(
         metrics.contains("istio_request_duration_milliseconds_bucket"),

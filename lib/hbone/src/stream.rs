@@ -31,6 +31,8 @@ pub struct H2Stream {
     pending: Bytes,
     read_done: bool,
     write_done: bool,
+    /// Drop ends an unfinished stream with RST_STREAM (true) or END_STREAM (false).
+    reset_on_drop: bool,
     /// A `Drop` guard, so pooled connections know when their streams end.
     _guard: Option<Box<dyn Send + Sync>>,
 }
@@ -43,6 +45,7 @@ impl H2Stream {
             pending: Bytes::new(),
             read_done: false,
             write_done: false,
+            reset_on_drop: true,
             _guard: None,
         }
     }
@@ -120,6 +123,14 @@ impl H2Stream {
             Err(_) => self.reset(),
         }
         result
+    }
+
+    /// Makes dropping the stream end it cleanly (END_STREAM) instead of with a reset: for a
+    /// server (such as an HTTP engine) that may close without shutting its writes down, where
+    /// the peer must still receive what was written (a 400 before the close, say).
+    pub fn close_gracefully_on_drop(mut self) -> Self {
+        self.reset_on_drop = false;
+        self
     }
 
     /// Abandons the stream with `RST_STREAM` (CANCEL), so the peer resets its side.
@@ -234,8 +245,13 @@ impl AsyncWrite for H2Stream {
 
 impl Drop for H2Stream {
     fn drop(&mut self) {
-        if !(self.read_done && self.write_done) {
+        if self.read_done && self.write_done {
+            return;
+        }
+        if self.reset_on_drop {
             self.send.send_reset(Reason::CANCEL);
+        } else if !self.write_done {
+            let _ = self.send.send_data(Bytes::new(), true);
         }
     }
 }

@@ -17,7 +17,7 @@ use tokio::{
 
 const USAGE: &str = "usage: sinew-testapp serve PORT... | xfer TARGET UP DOWN SEED | \
 many TARGETS(,) COUNT | sink TARGET SECS [STREAMS] | ping TARGET COUNT | reset TARGET | \
-hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET";
+hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | raw TARGET TEXT";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -45,6 +45,7 @@ fn main() -> Result<()> {
             "upgrade" => upgrade(arg(1)?.parse()?).await,
             "grpc" => grpc::serve(arg(1)?.parse()?, arg(2)?.to_owned()).await,
             "grpc-call" => grpc::call(arg(1)?.parse()?).await,
+            "raw" => raw(arg(1)?.parse()?, arg(2)?).await,
             "mark" => mark(arg(1)?.parse()?, arg(2)?, arg(3)?.parse()?).await,
             _ => bail!(USAGE),
         }
@@ -341,9 +342,9 @@ async fn http(port: u16, name: String) -> Result<()> {
         tokio::spawn(async move {
             if let Err(e) = http_connection(s, &name, &flaky).await {
                 // Clients and proxies resetting idle keep-alive connections is normal.
-                let reset = e.downcast_ref::<std::io::Error>().is_some_and(|e| {
-                    e.kind() == std::io::ErrorKind::ConnectionReset
-                });
+                let reset = e
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset);
                 if !reset {
                     eprintln!("http: {e:#}");
                 }
@@ -556,4 +557,15 @@ mod grpc {
         println!("ok 3 unary calls and a 5-message stream served by {from}");
         Ok(())
     }
+}
+
+/// Sends `text` (with `\\r\\n` escapes turned into CR LF) and prints the first line answered.
+async fn raw(target: SocketAddr, text: &str) -> Result<()> {
+    let mut s = TcpStream::connect(target).await.with_context(|| format!("connect {target}"))?;
+    s.write_all(text.replace("\\r\\n", "\r\n").as_bytes()).await?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line)).await??;
+    println!("{}", line.trim_end());
+    Ok(())
 }
