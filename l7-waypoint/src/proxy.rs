@@ -206,6 +206,7 @@ async fn route_and_forward(
 
     // Rule filters, in order.
     let mut response_headers: Vec<&HeaderModifier> = Vec::new();
+    let mut mirrors: Vec<&sinew_model::RequestMirror> = Vec::new();
     for f in rule.map(|r| r.filters.as_slice()).unwrap_or_default() {
         match f {
             HttpFilter::RequestRedirect { request_redirect: r } => {
@@ -288,8 +289,11 @@ async fn route_and_forward(
                     parts.headers.insert(header::HOST, v);
                 }
             }
-            // Mirroring is not implemented yet: the request is served without its copy.
-            HttpFilter::RequestMirror { .. } => {}
+            HttpFilter::RequestMirror { request_mirror: m } => {
+                if random_u64() % 100 < u64::from(m.percent) {
+                    mirrors.push(m);
+                }
+            }
         }
     }
 
@@ -326,7 +330,7 @@ async fn route_and_forward(
     let policy = RetryPolicy::from_model(rule.and_then(|r| r.retry.as_ref()));
     // With retries the body is buffered so tries can repeat it; without, it streams (gRPC
     // streams, uploads, upgrades).
-    let mut body = if policy.attempts == 0 || is_upgrade {
+    let mut body = if (policy.attempts == 0 && mirrors.is_empty()) || is_upgrade {
         Some(Payload::Stream(body))
     } else if body.is_end_stream() {
         Some(Payload::Buffered(Bytes::new()))
@@ -360,6 +364,11 @@ async fn route_and_forward(
     let timeouts = rule.map(|r| r.timeouts.clone()).unwrap_or_default();
     let per_try = timeouts.backend_request.map(|d| d.0);
     let hash = consistent_hash_key(&parts.headers, down.client);
+    if let Some(Payload::Buffered(b)) = &body {
+        for m in &mirrors {
+            mirror(wp, snapshot, svc, &parts, b, m);
+        }
+    }
     let _request = wp.budget.request_started();
 
     let tries = async {
@@ -599,5 +608,47 @@ fn splice_upgrade(down: Option<hyper::upgrade::OnUpgrade>, up: hyper::upgrade::O
         let (Ok(down), Ok(up)) = (down.await, up.await) else { return };
         let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
         let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+    });
+}
+
+/// Sends a copy of the request to the mirror's backend and forgets the answer. The copy's
+/// Host gets Envoy's `-shadow` suffix so the backend can tell copies apart.
+fn mirror(
+    wp: &Arc<Waypoint>,
+    snapshot: &Snapshot,
+    svc: &ServiceInfo,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    m: &sinew_model::RequestMirror,
+) {
+    let ns = m.backend_ref.namespace.as_deref().unwrap_or(&svc.namespace);
+    let Some(backend) = wp.backend(snapshot, ns, &m.backend_ref.name) else { return };
+    let Some(target) = snapshot.mesh.service(ns, &m.backend_ref.name) else { return };
+    let port = target.target_port(m.backend_ref.port.0).unwrap_or(m.backend_ref.port.0);
+    let now = Instant::now();
+    let Some(i) = backend.balancer.pick(random_u64(), None, |i| backend.outlier.is_ejected(i, now))
+    else {
+        return;
+    };
+    let endpoint = backend.endpoints[i].clone();
+    let Some(ip) = endpoint.ips.first().copied() else { return };
+    let mut req = build_request(
+        parts,
+        Full::new(body.clone()).map_err(|never| match never {}).boxed(),
+        ip,
+        port,
+    );
+    if let Some(host) = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()) {
+        let shadow = match host.rsplit_once(':') {
+            Some((h, p)) => format!("{h}-shadow:{p}"),
+            None => format!("{host}-shadow"),
+        };
+        if let Ok(v) = HeaderValue::from_str(&shadow) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    let wp = wp.clone();
+    tokio::spawn(async move {
+        let _ = wp.upstreams.send(req, false, &endpoint.key()).await;
     });
 }

@@ -86,6 +86,11 @@ spec:
     - type: FaultInjection
       faultInjection: {abort: {httpStatus: 418, percentage: 100}}
     backendRefs: [{name: reviews-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /mirrored}}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: reviews-v2, port: 80}, percent: 100}
+    backendRefs: [{name: reviews-v1, port: 80}]
   - matches: [{path: {type: Exact, value: /headers}}]
     filters:
     - type: RequestHeaderModifier
@@ -288,6 +293,23 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     )?;
     ensure!(out.trim() == "200", "GET must pass: {out}");
 
+    // Mirroring: v1 answers, v2 gets a copy of each request.
+    let out = curl(
+        &c,
+        &client,
+        &["-o", "/dev/null", "-w", fmt, &format!("http://{VIP}/mirrored?n=[1-10]")],
+    )?;
+    ensure!(statuses(&out) == BTreeMap::from([("200 v1".to_string(), 10)]), "{out}");
+    let mut copies = String::new();
+    for _ in 0..20 {
+        copies = curl(&c, &client, &["http://198.18.200.22/count/mirrored"])?;
+        if copies.trim() == "10" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(copies.trim() == "10", "v2 saw {copies:?} mirrored requests");
+
     // Bad input: a malformed request, an oversized header block, an invalid route.
     let out =
         c.run_in(&client, &["raw", &format!("{VIP}:80"), "NOT AN HTTP REQUEST\\r\\n\\r\\n"])?;
@@ -331,8 +353,8 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
             .sum()
     };
     // 2,000 split + 20 by header + 20 retried + 5 under the limit + 1 headers + 50 over
-    // HTTP/2 + 1 GET /admin + 200 after the broken route (+ the probe).
-    ensure!(count("200") >= 2297.0, "200s: {}", count("200"));
+    // HTTP/2 + 10 mirrored + 1 GET /admin + 200 after the broken route (+ the probe).
+    ensure!(count("200") >= 2307.0, "200s: {}", count("200"));
     ensure!(count("429") == 5.0 && count("504") == 1.0, "{metrics}");
     ensure!(
         metrics.contains("istio_request_duration_milliseconds_bucket"),

@@ -327,7 +327,8 @@ async fn mark(target: SocketAddr, text: &str, repeat: usize) -> Result<()> {
 /// A small HTTP/1.1 server (keep-alive, Content-Length bodies) named `name`: every answer
 /// carries `x-served-by: <name>`. Paths: `/status/<code>` answers that code; `/flaky` fails
 /// every other request with 503 (the first one fails); `/delay/<ms>` waits first; `/headers`
-/// echoes the request headers; anything else answers 200 `<name> <method> <path>`.
+/// echoes the request headers; `/count/<path>` answers how many requests `/<path>` got;
+/// anything else answers 200 `<name> <method> <path>`.
 async fn http(port: u16, name: String) -> Result<()> {
     let sock = TcpSocket::new_v6()?;
     sock.set_reuseaddr(true)?;
@@ -336,11 +337,12 @@ async fn http(port: u16, name: String) -> Result<()> {
     let l: TcpListener = sock.listen(4096)?;
     println!("ready");
     let flaky = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counts = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     loop {
         let (s, _) = l.accept().await?;
-        let (name, flaky) = (name.clone(), flaky.clone());
+        let (name, flaky, counts) = (name.clone(), flaky.clone(), counts.clone());
         tokio::spawn(async move {
-            if let Err(e) = http_connection(s, &name, &flaky).await {
+            if let Err(e) = http_connection(s, &name, &flaky, &counts).await {
                 // Clients and proxies resetting idle keep-alive connections is normal.
                 let reset = e
                     .downcast_ref::<std::io::Error>()
@@ -357,6 +359,7 @@ async fn http_connection(
     s: TcpStream,
     name: &str,
     flaky: &std::sync::atomic::AtomicU64,
+    counts: &std::sync::Mutex<std::collections::HashMap<String, u64>>,
 ) -> Result<()> {
     let (r, mut w) = s.into_split();
     let mut r = BufReader::new(r);
@@ -402,9 +405,16 @@ async fn http_connection(
             return Ok(());
         }
         let bare = path.split('?').next().unwrap_or("/");
+        let seen = {
+            let mut counts = counts.lock().map_err(|_| anyhow::anyhow!("counts lock"))?;
+            *counts.entry(bare.to_owned()).or_insert(0) += 1;
+            bare.strip_prefix("/count").map(|p| counts.get(p).copied().unwrap_or(0))
+        };
         let mut status = 200u16;
         let mut text = format!("{name} {method} {path}\n");
-        if let Some(code) = bare.strip_prefix("/status/") {
+        if let Some(n) = seen {
+            text = format!("{n}\n");
+        } else if let Some(code) = bare.strip_prefix("/status/") {
             status = code.parse().unwrap_or(400);
         } else if bare.starts_with("/flaky") {
             if flaky.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(2) {
