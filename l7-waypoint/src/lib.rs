@@ -10,8 +10,10 @@
 //! - [`proxy`]: one request, end to end.
 //! - [`upstream`]: HTTP to an endpoint through an HBONE stream.
 //! - [`telemetry`]: Istio's request metrics and the JSON access log.
+//! - [`otlp`]: OpenTelemetry span export (OTLP/HTTP JSON).
 #![forbid(unsafe_code)]
 
+pub mod otlp;
 pub mod proxy;
 pub mod state;
 pub mod telemetry;

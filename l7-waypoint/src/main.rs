@@ -63,6 +63,9 @@ struct Args {
     /// Access log: a file, `-` for standard output, `off`.
     #[arg(long, default_value = "-")]
     access_log: String,
+    /// OpenTelemetry collector (`http://host:4318`): one span per request, OTLP/HTTP JSON.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Worker threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -80,6 +83,11 @@ fn main() -> Result<()> {
         })?;
     let access = AccessLog::open(&args.access_log)
         .with_context(|| format!("--access-log {}", args.access_log))?;
+    if let Some(e) = &args.otlp_endpoint
+        && !e.starts_with("http://")
+    {
+        bail!("--otlp-endpoint {e:?}: expected http://<host>:<port>");
+    }
     let control = ControlSettings::load(
         args.control.clone(),
         args.control_ca.as_deref(),
@@ -123,7 +131,8 @@ async fn run(args: Args, id: SpiffeId, access: AccessLog, control: ControlSettin
             tx.send_replace(build(&view));
         }
     });
-    let wp = Waypoint::new(args.name.clone(), id.clone(), snapshots, svid, access);
+    let otlp = args.otlp_endpoint.clone().map(sinew_l7_waypoint::otlp::Exporter::start);
+    let wp = Waypoint::new(args.name.clone(), id.clone(), snapshots, svid, access, otlp);
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;

@@ -71,6 +71,14 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
+    let started_at = std::time::SystemTime::now();
+    let parent_span = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split('-').nth(2))
+        .filter(|s| s.len() == 16)
+        .map(str::to_owned);
     let snapshot = wp.snapshot.borrow().clone();
     let method = req.method().clone();
     let path_and_query =
@@ -115,7 +123,7 @@ pub async fn handle(
             .map(|d| d.as_secs_f64())
             .unwrap_or_default(),
         method: method.to_string(),
-        path: path_and_query,
+        path: path_and_query.clone(),
         service: format!("{}.{}:{}", svc.name, svc.namespace, down.port),
         route,
         status: done.status.as_u16(),
@@ -126,6 +134,24 @@ pub async fn handle(
         duration_ms: millis,
         traceparent: Some(traceparent.clone()),
     });
+    if let Some(otlp) = &wp.otlp {
+        let mut ids = traceparent.split('-').skip(1);
+        if let (Some(trace_id), Some(span_id)) = (ids.next(), ids.next()) {
+            otlp.export(crate::otlp::Span {
+                trace_id: trace_id.to_owned(),
+                span_id: span_id.to_owned(),
+                parent_span_id: parent_span,
+                name: format!("{method} {}", path_and_query.split('?').next().unwrap_or("/")),
+                start: started_at,
+                end: std::time::SystemTime::now(),
+                method: method.to_string(),
+                path: path_and_query.split('?').next().unwrap_or("/").to_owned(),
+                status: done.status.as_u16(),
+                service: format!("{}.{}", svc.name, svc.namespace),
+                source: down.source.to_string(),
+            });
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(&traceparent) {
         response.headers_mut().insert("traceparent", v);
     }

@@ -90,6 +90,8 @@ pub struct Waypoint {
     pub budget: RetryBudget,
     /// Pooled HTTP clients toward endpoints.
     pub upstreams: Upstreams,
+    /// Span export, when an OTLP endpoint is configured.
+    pub otlp: Option<crate::otlp::Exporter>,
     built: Mutex<Option<(Arc<Svid>, Identity)>>,
     buckets: Mutex<HashMap<String, (LocalRateLimit, Arc<TokenBucket>)>>,
     backends: Mutex<HashMap<String, Arc<BackendState>>>,
@@ -103,6 +105,7 @@ impl Waypoint {
         snapshot: watch::Receiver<Arc<Snapshot>>,
         svid: watch::Receiver<Option<Arc<Svid>>>,
         access: AccessLog,
+        otlp: Option<crate::otlp::Exporter>,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             name,
@@ -115,6 +118,7 @@ impl Waypoint {
             access,
             budget: RetryBudget::new(0.2, 3),
             upstreams: Upstreams::new(me.clone()),
+            otlp,
             built: Mutex::new(None),
             buckets: Mutex::new(HashMap::new()),
             backends: Mutex::new(HashMap::new()),

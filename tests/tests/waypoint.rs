@@ -127,8 +127,11 @@ fn setup() -> Result<(Cluster, Pod)> {
     c.write_config("services.yaml", SERVICES)?;
     c.write_config("routes.yaml", ROUTES)?;
     c.write_config("grpc.yaml", GRPC)?;
+    let collector = c.add_pod(1, "collector", "plain")?;
     c.start_control()?;
-    c.start_waypoint(1, "wp", "demo")?;
+    c.serve_http(&collector, 4318, "collector")?;
+    let otlp = format!("http://{}:4318", collector.v4());
+    c.start_waypoint_with(1, "wp", "demo", &["--otlp-endpoint", &otlp])?;
     c.start_agent(1)?;
     c.start_agent(2)?;
     for p in [&client, &v1, &v2] {
@@ -309,6 +312,45 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     ensure!(copies.trim() == "10", "v2 saw {copies:?} mirrored requests");
+
+    // Trace context: a request carrying a traceparent continues that trace, and the waypoint's
+    // span reaches the OpenTelemetry collector (OTLP/HTTP).
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let out = curl(
+        &c,
+        &client,
+        &[
+            "-i",
+            "-H",
+            &format!("traceparent: 00-{trace}-b7ad6b7169203331-01"),
+            &format!("http://{VIP}/traced"),
+        ],
+    )?;
+    ensure!(out.contains(&format!("traceparent: 00-{trace}-")), "trace not continued: {out}");
+    let mut spans = String::new();
+    for _ in 0..30 {
+        spans = curl(
+            &c,
+            &client,
+            &[&format!(
+                "http://{}:4318/last/v1/traces",
+                c.pods
+                    .iter()
+                    .find(|p| p.name == "collector")
+                    .map(|p| p.v4().to_string())
+                    .unwrap_or_default()
+            )],
+        )?;
+        if spans.contains(trace) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(
+        spans.contains(trace) && spans.contains("\"parentSpanId\":\"b7ad6b7169203331\""),
+        "no span exported: {spans}"
+    );
+    ensure!(spans.contains("\"name\":\"GET /traced\""), "{spans}");
 
     // Bad input: a malformed request, an oversized header block, an invalid route.
     let out =

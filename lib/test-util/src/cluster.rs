@@ -757,6 +757,17 @@ impl Cluster {
     /// service, and waits until it has its certificate. Its access log is
     /// `<dir>/waypoint-<name>.log`.
     pub fn start_waypoint(&mut self, node: u8, name: &str, namespace: &str) -> Result<Pod> {
+        self.start_waypoint_with(node, name, namespace, &[])
+    }
+
+    /// [`Cluster::start_waypoint`] with extra flags (such as `--otlp-endpoint`).
+    pub fn start_waypoint_with(
+        &mut self,
+        node: u8,
+        name: &str,
+        namespace: &str,
+        extra: &[&str],
+    ) -> Result<Pod> {
         ensure!(
             self.control.is_some(),
             "a waypoint needs the control service: start_control first"
@@ -781,7 +792,8 @@ impl Cluster {
             "--access-log".into(),
             d(format!("waypoint-{name}.log")),
         ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let args: Vec<&str> =
+            args.iter().map(String::as_str).chain(extra.iter().copied()).collect();
         let log = std::fs::File::create(self.dir.join(format!("waypoint-{name}.stderr")))?;
         let child = pod
             .command(&self.binary("sinew-waypoint"), &args)

@@ -328,6 +328,7 @@ async fn mark(target: SocketAddr, text: &str, repeat: usize) -> Result<()> {
 /// carries `x-served-by: <name>`. Paths: `/status/<code>` answers that code; `/flaky` fails
 /// every other request with 503 (the first one fails); `/delay/<ms>` waits first; `/headers`
 /// echoes the request headers; `/count/<path>` answers how many requests `/<path>` got;
+/// `/last/<path>` answers the body of the last request to `/<path>` (a collector's view);
 /// anything else answers 200 `<name> <method> <path>`.
 async fn http(port: u16, name: String) -> Result<()> {
     let sock = TcpSocket::new_v6()?;
@@ -405,15 +406,26 @@ async fn http_connection(
             return Ok(());
         }
         let bare = path.split('?').next().unwrap_or("/");
-        let seen = {
+        let (seen, last) = {
             let mut counts = counts.lock().map_err(|_| anyhow::anyhow!("counts lock"))?;
             *counts.entry(bare.to_owned()).or_insert(0) += 1;
-            bare.strip_prefix("/count").map(|p| counts.get(p).copied().unwrap_or(0))
+            if !body.is_empty() {
+                last_bodies()
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("bodies lock"))?
+                    .insert(bare.to_owned(), body.clone());
+            }
+            let last = bare.strip_prefix("/last").map(|p| {
+                last_bodies().lock().ok().and_then(|b| b.get(p).cloned()).unwrap_or_default()
+            });
+            (bare.strip_prefix("/count").map(|p| counts.get(p).copied().unwrap_or(0)), last)
         };
         let mut status = 200u16;
         let mut text = format!("{name} {method} {path}\n");
         if let Some(n) = seen {
             text = format!("{n}\n");
+        } else if let Some(b) = last {
+            text = String::from_utf8_lossy(&b).into_owned();
         } else if let Some(code) = bare.strip_prefix("/status/") {
             status = code.parse().unwrap_or(400);
         } else if bare.starts_with("/flaky") {
@@ -578,4 +590,12 @@ async fn raw(target: SocketAddr, text: &str) -> Result<()> {
     tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line)).await??;
     println!("{}", line.trim_end());
     Ok(())
+}
+
+/// The last request body per path (for `/last/<path>`).
+fn last_bodies() -> &'static std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>> {
+    static BODIES: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>,
+    > = std::sync::OnceLock::new();
+    BODIES.get_or_init(Default::default)
 }
