@@ -37,11 +37,18 @@ struct Args {
     #[arg(long, default_value = "waypoint")]
     service_account: String,
     /// The node it runs on.
-    #[arg(long)]
-    node: String,
+    #[arg(long, required_unless_present = "plain_http")]
+    node: Option<String>,
     /// The control service (`https://host:15012`).
+    #[arg(long, required_unless_present = "plain_http")]
+    control: Option<String>,
+    /// Benchmark mode: serve plain HTTP here and proxy every request to `--plain-upstream`
+    /// through the same HTTP engine (routing, filters, balancing, metrics), without the mesh.
+    #[arg(long, requires = "plain_upstream")]
+    plain_http: Option<SocketAddr>,
+    /// The upstream of `--plain-http` (`<ip>:<port>`, not loopback).
     #[arg(long)]
-    control: String,
+    plain_upstream: Option<SocketAddr>,
     /// PEM roots of the control service's certificate.
     #[arg(long)]
     control_ca: Option<PathBuf>,
@@ -88,23 +95,91 @@ fn main() -> Result<()> {
     {
         bail!("--otlp-endpoint {e:?}: expected http://<host>:<port>");
     }
-    let control = ControlSettings::load(
-        args.control.clone(),
-        args.control_ca.as_deref(),
-        args.token_file.as_deref(),
-        args.node.clone(),
-        args.state_dir.join("control"),
-    )?;
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.workers)
         .enable_all()
         .thread_name("sinew-waypoint")
-        .build()?
-        .block_on(run(args, id, access, control))
+        .build()?;
+    if let (Some(listen), Some(upstream)) = (args.plain_http, args.plain_upstream) {
+        return runtime.block_on(run_plain(listen, upstream, id, access));
+    }
+    let (Some(endpoint), Some(node)) = (args.control.clone(), args.node.clone()) else {
+        bail!("--control and --node are required");
+    };
+    let control = ControlSettings::load(
+        endpoint,
+        args.control_ca.as_deref(),
+        args.token_file.as_deref(),
+        node,
+        args.state_dir.join("control"),
+    )?;
+    runtime.block_on(run(args, id, access, control))
+}
+
+/// `--plain-http`: the HTTP engine alone, for benchmarks against other proxies.
+async fn run_plain(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    id: SpiffeId,
+    access: AccessLog,
+) -> Result<()> {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n---\n\
+         apiVersion: sinew.io/v1alpha1\nkind: Workload\nmetadata: {{name: upstream, namespace: bench, labels: {{app: upstream}}}}\n\
+         spec: {{node: bench, ips: [\"{ip}\"]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: bench, namespace: bench}}\n\
+         spec: {{clusterIPs: [\"198.18.254.254\"], ports: [{{port: 80, targetPort: {port}}}], selector: {{app: upstream}}}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: bench, namespace: bench}}\n\
+         spec: {{parentRefs: [{{kind: Service, name: bench}}], rules: [{{matches: [{{path: {{type: PathPrefix, value: /}}}}], backendRefs: [{{name: bench, port: 80}}]}}]}}\n",
+        ip = upstream.ip(),
+        port = upstream.port()
+    );
+    let parsed = sinew_model::parse_file(std::path::Path::new("--plain-upstream"), &yaml)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut resources = Vec::new();
+    for r in parsed {
+        match r {
+            Ok(r) => resources.push(r),
+            Err(rej) => bail!("--plain-upstream {upstream}: {:?}", rej.errors),
+        }
+    }
+    let snapshot = Arc::new(Snapshot::build(resources.iter()));
+    let service = snapshot.mesh.service("bench", "bench").cloned().context("bench service")?;
+    let (_snap_tx, snapshots) = watch::channel(snapshot);
+    let (_svid_tx, svid) = watch::channel(None);
+    let wp = Waypoint::new("bench".into(), id.clone(), snapshots, svid, access, None, true);
+    let listener =
+        TcpListener::bind(listen).await.with_context(|| format!("--plain-http {listen}"))?;
+    info!(%listen, %upstream, "sinew-waypoint serving plain HTTP (benchmark mode)");
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let down = Arc::new(Downstream {
+            service: service.clone(),
+            port: 80,
+            source: Arc::new(id.clone()),
+            client: peer,
+        });
+        let wp = wp.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req| proxy::handle(wp.clone(), down.clone(), req));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
 }
 
 async fn run(args: Args, id: SpiffeId, access: AccessLog, control: ControlSettings) -> Result<()> {
-    let node_id = SpiffeId::node(&args.trust_domain, &args.node)?;
+    let node_id = SpiffeId::node(&args.trust_domain, &control.node)?;
     let credentials = control.node_credentials(&node_id).await;
     let (svid, _cert_task) = start_certificate(CertConfig {
         endpoint: control.endpoint.clone(),
@@ -132,7 +207,7 @@ async fn run(args: Args, id: SpiffeId, access: AccessLog, control: ControlSettin
         }
     });
     let otlp = args.otlp_endpoint.clone().map(sinew_l7_waypoint::otlp::Exporter::start);
-    let wp = Waypoint::new(args.name.clone(), id.clone(), snapshots, svid, access, otlp);
+    let wp = Waypoint::new(args.name.clone(), id.clone(), snapshots, svid, access, otlp, false);
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;

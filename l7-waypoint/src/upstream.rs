@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{
         Client,
-        connect::{Connected, Connection},
+        connect::{Connected, Connection, HttpConnector},
     },
     rt::{TokioExecutor, TokioIo, TokioTimer},
 };
@@ -56,9 +56,21 @@ pub enum UpstreamError {
 }
 
 /// The pooled clients.
-pub struct Upstreams {
-    h1: Client<HboneConnector, UpBody>,
-    h2: Client<HboneConnector, UpBody>,
+pub enum Upstreams {
+    /// Through HBONE, as the waypoint (the mesh).
+    Hbone {
+        /// HTTP/1.1.
+        h1: Client<HboneConnector, UpBody>,
+        /// HTTP/2.
+        h2: Client<HboneConnector, UpBody>,
+    },
+    /// Plain TCP (the HTTP engine alone, for `--plain-http` benchmarking).
+    Plain {
+        /// HTTP/1.1.
+        h1: Client<HttpConnector, UpBody>,
+        /// HTTP/2.
+        h2: Client<HttpConnector, UpBody>,
+    },
 }
 
 impl Upstreams {
@@ -69,7 +81,18 @@ impl Upstreams {
         b.pool_idle_timeout(IDLE).pool_timer(TokioTimer::new());
         let h1 = b.build(connector.clone());
         let h2 = b.http2_only(true).build(connector);
-        Self { h1, h2 }
+        Self::Hbone { h1, h2 }
+    }
+
+    /// Clients over plain TCP.
+    pub fn plain() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(IDLE).pool_timer(TokioTimer::new());
+        let h1 = b.build(connector.clone());
+        let h2 = b.http2_only(true).build(connector);
+        Self::Plain { h1, h2 }
     }
 
     /// Sends `req` (its URI `http://<endpoint ip>:<port>/...`) over HTTP/2 or HTTP/1.1.
@@ -79,8 +102,13 @@ impl Upstreams {
         http2: bool,
         endpoint: &str,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
-        let client = if http2 { &self.h2 } else { &self.h1 };
-        client.request(req).await.map_err(|e| {
+        let result = match (self, http2) {
+            (Self::Hbone { h2, .. }, true) => h2.request(req).await,
+            (Self::Hbone { h1, .. }, false) => h1.request(req).await,
+            (Self::Plain { h2, .. }, true) => h2.request(req).await,
+            (Self::Plain { h1, .. }, false) => h1.request(req).await,
+        };
+        result.map_err(|e| {
             let reason = error_chain(&e);
             if e.is_connect() {
                 UpstreamError::Connect { endpoint: endpoint.to_owned(), reason }

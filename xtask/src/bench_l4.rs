@@ -16,7 +16,7 @@ fn field(out: &str, key: &str) -> Result<f64> {
 }
 
 /// nginx with one worker answering a short body on port 80.
-fn nginx(c: &mut Cluster, pod: &Pod) -> Result<()> {
+pub(crate) fn nginx(c: &mut Cluster, pod: &Pod) -> Result<()> {
     let dir = c.dir().join(format!("nginx-{}", pod.name));
     std::fs::create_dir_all(&dir)?;
     let d = dir.display();
@@ -29,16 +29,20 @@ fn nginx(c: &mut Cluster, pod: &Pod) -> Result<()> {
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf)?;
-    c.spawn_in(pod, Path::new("/usr/sbin/nginx"), &["-c", &path.to_string_lossy()])
+    c.spawn_in(pod, Path::new("/usr/sbin/nginx"), &["-c", &path.to_string_lossy()]).map(drop)
 }
 
 /// wrk's requests/s and p50/p99 latency (ms).
 fn wrk(c: &Cluster, client: &Pod, server: &Pod, secs: u32) -> Result<(f64, f64, f64)> {
-    let url = format!("http://{}/", Cluster::target(server.v4(), 80));
+    wrk_url(c, client, &format!("http://{}/", Cluster::target(server.v4(), 80)), secs)
+}
+
+/// wrk (2 threads, 30 connections) against `url` from `client`: requests/s, p50 and p99 (ms).
+pub(crate) fn wrk_url(c: &Cluster, client: &Pod, url: &str, secs: u32) -> Result<(f64, f64, f64)> {
     let out = c.exec_in(
         client,
         Path::new("/usr/bin/wrk"),
-        &["-t2", "-c30", &format!("-d{secs}s"), "--latency", &url],
+        &["-t2", "-c30", &format!("-d{secs}s"), "--latency", url],
     )?;
     let ms = |v: &str| -> Option<f64> {
         let (num, unit) = v.split_at(v.find(|ch: char| ch.is_ascii_alphabetic())?);

@@ -7,6 +7,7 @@
 mod bench;
 mod bench_control;
 mod bench_l4;
+mod bench_l7;
 mod demo;
 mod setup;
 
@@ -54,6 +55,8 @@ enum Suite {
     /// The L4 mesh path (HBONE, mutual TLS) vs direct: throughput, HTTP with wrk, latency,
     /// agent memory.
     L4,
+    /// The waypoint's HTTP engine vs Envoy, and the full mesh path through a waypoint.
+    L7,
 }
 
 fn main() -> Result<()> {
@@ -93,6 +96,14 @@ fn main() -> Result<()> {
             build_all(true)?;
             let root = workspace();
             bench_l4::run(&root.join("target/release"), &root.join("target/bench/l4.json"))
+        }
+        Cmd::Bench { suite: Suite::L7 } => {
+            setup::runtime()?;
+            setup::apt(setup::BENCH_PACKAGES)?;
+            let root = workspace();
+            let envoy = setup::envoy(&root.join("target/tools/envoy"))?;
+            build_all(true)?;
+            bench_l7::run(&root.join("target/release"), &envoy, &root.join("target/bench/l7.json"))
         }
         Cmd::Bench { suite: Suite::Capture } => {
             setup::runtime()?;

