@@ -1,11 +1,6 @@
 //! Istio's request metrics (`istio_requests_total`, `istio_request_duration_milliseconds`,
 //! same names and labels) and one JSON access-log line per request.
 
-use std::{
-    io::Write,
-    sync::{Arc, Mutex},
-};
-
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -123,30 +118,4 @@ pub struct RequestEntry {
     pub traceparent: Option<String>,
 }
 
-/// Where access-log lines go: a file, stdout, or nowhere.
-#[derive(Clone)]
-pub struct AccessLog(Option<Arc<Mutex<Box<dyn Write + Send>>>>);
-
-impl AccessLog {
-    /// `-` for stdout, `off` for none, else a file appended to.
-    pub fn open(target: &str) -> std::io::Result<Self> {
-        let out: Box<dyn Write + Send> = match target {
-            "off" => return Ok(Self(None)),
-            "-" => Box::new(std::io::stdout()),
-            path => Box::new(std::io::LineWriter::new(
-                std::fs::OpenOptions::new().create(true).append(true).open(path)?,
-            )),
-        };
-        Ok(Self(Some(Arc::new(Mutex::new(out)))))
-    }
-
-    /// Writes one line (errors writing the log never affect traffic).
-    pub fn write(&self, entry: &RequestEntry) {
-        let Some(out) = &self.0 else { return };
-        let Ok(mut line) = serde_json::to_vec(entry) else { return };
-        line.push(b'\n');
-        if let Ok(mut out) = out.lock() {
-            let _ = out.write_all(&line);
-        }
-    }
-}
+pub use sinew_telemetry::AccessLog;

@@ -2,18 +2,9 @@
 
 use anyhow::{Result, ensure};
 use sinew_local_api::{Request, Response};
-use sinew_test_util::{Cluster, Pod};
+use sinew_test_util::{Cluster, Pod, must_be_root};
 
 const MIB: usize = 1024 * 1024;
-
-fn must_be_root() {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert!(
-        uid.split_whitespace().nth(2) == Some("0"),
-        "the root tier needs root (CI runs as root): run `sudo -E cargo xtask test`"
-    );
-}
 
 /// Two nodes with agents, an enrolled client on node 1 and an enrolled server on node 2.
 fn two_nodes() -> Result<(Cluster, Pod, Pod)> {

@@ -10,18 +10,9 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use sinew_local_api::{Request, Response};
-use sinew_test_util::{Cluster, Pod, sh};
+use sinew_test_util::{Cluster, Pod, must_be_root, sh};
 
 const MIB: usize = 1024 * 1024;
-
-fn must_be_root() {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert!(
-        uid.split_whitespace().nth(2) == Some("0"),
-        "the root tier needs root (CI runs as root): run `sudo -E cargo xtask test`"
-    );
-}
 
 /// The pods of [`mesh`].
 struct Pods {
@@ -222,18 +213,8 @@ mod rogue {
         authority: SocketAddr,
     ) -> Result<std::result::Result<(), String>> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let netns = std::fs::File::open(format!("/run/netns/{node_netns}"))?;
         let hbone = SocketAddr::new(server.ip(), 15008);
-        // A socket made inside node 1's namespace (setns on a thread of our own).
-        let tcp = std::thread::scope(|s| {
-            s.spawn(|| -> Result<std::net::TcpStream> {
-                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                Ok(std::net::TcpStream::connect_timeout(&hbone, Duration::from_secs(5))?)
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("thread panicked"))?
-        })?;
-        tcp.set_nonblocking(true)?;
+        let tcp = super::connect_from(node_netns, hbone)?;
         rt.block_on(async {
             let tcp = tokio::net::TcpStream::from_std(tcp)?;
             let key = PoolKey {
@@ -315,6 +296,22 @@ fn peers_are_authenticated_and_bad_wire_input_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// A non-blocking TCP connection to `addr` made inside network namespace `netns` (setns on a
+/// thread of our own, so the test's other threads stay where they are).
+fn connect_from(netns: &str, addr: SocketAddr) -> Result<std::net::TcpStream> {
+    let netns = std::fs::File::open(format!("/run/netns/{netns}"))?;
+    let tcp = std::thread::scope(|s| {
+        s.spawn(|| -> Result<std::net::TcpStream> {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread panicked"))?
+    })?;
+    tcp.set_nonblocking(true)?;
+    Ok(tcp)
+}
+
 /// Sends a CONNECT with a 64 KiB header; returns the status if one came back.
 fn oversized_headers(
     node_netns: &str,
@@ -322,17 +319,8 @@ fn oversized_headers(
     server: SocketAddr,
 ) -> Result<Option<u16>> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let netns = std::fs::File::open(format!("/run/netns/{node_netns}"))?;
     let hbone = SocketAddr::new(server.ip(), 15008);
-    let tcp = std::thread::scope(|s| {
-        s.spawn(|| -> Result<std::net::TcpStream> {
-            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            Ok(std::net::TcpStream::connect_timeout(&hbone, Duration::from_secs(5))?)
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread panicked"))?
-    })?;
-    tcp.set_nonblocking(true)?;
+    let tcp = connect_from(node_netns, hbone)?;
     rt.block_on(async {
         let tcp = tokio::net::TcpStream::from_std(tcp)?;
         let config =

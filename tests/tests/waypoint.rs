@@ -4,16 +4,7 @@
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use anyhow::{Result, ensure};
-use sinew_test_util::{Cluster, Pod};
-
-fn must_be_root() {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert!(
-        uid.split_whitespace().nth(2) == Some("0"),
-        "the root tier needs root (CI runs as root): run `sudo -E cargo xtask test`"
-    );
-}
+use sinew_test_util::{Cluster, Pod, must_be_root};
 
 const VIP: &str = "198.18.200.20";
 

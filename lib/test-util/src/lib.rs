@@ -13,3 +13,13 @@ pub mod cluster;
 pub mod wire;
 
 pub use cluster::{Agent, CONTROL_ADDR, Cluster, Node, Pod, sh};
+
+/// Fails the test unless it runs as root: the root tier never skips itself.
+pub fn must_be_root() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or_default();
+    assert!(
+        uid.split_whitespace().nth(2) == Some("0"),
+        "the root tier needs root (CI runs as root): run `sudo -E cargo xtask test`"
+    );
+}
