@@ -456,10 +456,10 @@ impl Cluster {
         }
         let mut tokens = String::new();
         for k in 1..=16 {
-            tokens.push_str(&format!("node{k} token-{}-{k}\n", self.id));
+            tokens.push_str(&format!("node{k} node-token-{}-{k}-0123456789\n", self.id));
             std::fs::write(
                 self.dir.join(format!("token-n{k}")),
-                format!("token-{}-{k}\n", self.id),
+                format!("node-token-{}-{k}-0123456789\n", self.id),
             )?;
         }
         std::fs::write(self.dir.join("tokens"), tokens)?;
