@@ -389,7 +389,12 @@ async fn route_and_forward(
         || is_grpc(&parts.headers);
     let timeouts = rule.map(|r| r.timeouts.clone()).unwrap_or_default();
     let per_try = timeouts.backend_request.map(|d| d.0);
-    let hash = consistent_hash_key(&parts.headers, down.client);
+    let hash_config = snapshot
+        .destinations
+        .get(&format!("{backend_ns}/{backend_name}"))
+        .and_then(|p| p.load_balancer.as_ref())
+        .and_then(|lb| lb.consistent_hash.as_ref());
+    let hash = hash_config.and_then(|h| consistent_hash_key(h, &parts.headers, down.client));
     if let Some(Payload::Buffered(b)) = &body {
         for m in &mirrors {
             mirror(wp, snapshot, svc, &parts, b, m);
@@ -569,12 +574,27 @@ fn grpc_outcome(resp: &Response<Incoming>) -> Option<Outcome> {
     (code != 0).then_some(Outcome::Grpc(code))
 }
 
-/// The consistent-hashing key: `x-sinew-hash-key` or the client address.
-fn consistent_hash_key(headers: &HeaderMap, client: SocketAddr) -> Option<u64> {
-    match headers.get("x-sinew-hash-key") {
-        Some(v) => Some(hash_key(v.as_bytes())),
-        None => Some(hash_key(client.ip().to_string().as_bytes())),
+/// The consistent-hashing key the DestinationPolicy names: a header, a cookie or the client
+/// address. `None` (no such header or cookie): the balancer falls back to P2C.
+fn consistent_hash_key(
+    h: &sinew_model::ConsistentHash,
+    headers: &HeaderMap,
+    client: SocketAddr,
+) -> Option<u64> {
+    if let Some(name) = &h.http_header_name {
+        return headers.get(name.as_str()).map(|v| hash_key(v.as_bytes()));
     }
+    if let Some(name) = &h.http_cookie {
+        return headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| hash_key(v.as_bytes()));
+    }
+    h.use_source_ip.then(|| hash_key(client.ip().to_string().as_bytes()))
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
@@ -677,4 +697,70 @@ fn mirror(
     tokio::spawn(async move {
         let _ = wp.upstreams.send(req, false, &endpoint.key()).await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn consistent_hash_keys_come_from_the_configured_source() {
+        let client: SocketAddr = "198.18.1.10:4000".parse().unwrap();
+        let by_header = sinew_model::ConsistentHash {
+            http_header_name: Some("x-user".into()),
+            ..Default::default()
+        };
+        let h = headers(&[("x-user", "alice")]);
+        assert_eq!(consistent_hash_key(&by_header, &h, client), Some(hash_key(b"alice")));
+        assert_eq!(consistent_hash_key(&by_header, &HeaderMap::new(), client), None);
+        let by_cookie = sinew_model::ConsistentHash {
+            http_cookie: Some("session".into()),
+            ..Default::default()
+        };
+        let h = headers(&[("cookie", "a=1; session=xyz"), ("cookie", "b=2")]);
+        assert_eq!(consistent_hash_key(&by_cookie, &h, client), Some(hash_key(b"xyz")));
+        let by_ip = sinew_model::ConsistentHash { use_source_ip: true, ..Default::default() };
+        assert_eq!(
+            consistent_hash_key(&by_ip, &HeaderMap::new(), client),
+            Some(hash_key(b"198.18.1.10"))
+        );
+    }
+
+    #[test]
+    fn trace_context_is_continued_or_started() {
+        let parent =
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        let child = child_traceparent(Some(&parent));
+        assert!(child.starts_with("00-0af7651916cd43dd8448eb211c80319c-"), "{child}");
+        assert!(!child.contains("b7ad6b7169203331"), "a new span id: {child}");
+        assert!(child.ends_with("-01"));
+        for bad in ["garbage", "00-xyz-b7ad6b7169203331-01", ""] {
+            let fresh = child_traceparent(Some(&HeaderValue::from_str(bad).unwrap()));
+            let parts: Vec<&str> = fresh.split('-').collect();
+            assert_eq!(parts.len(), 4, "{fresh}");
+            assert_eq!((parts[1].len(), parts[2].len()), (32, 16), "{fresh}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_but_te_trailers_kept() {
+        let mut h = headers(&[
+            ("connection", "keep-alive"),
+            ("keep-alive", "5"),
+            ("te", "trailers"),
+            ("x-app", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("connection").is_none() && h.get("keep-alive").is_none());
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        assert_eq!(h.get("x-app").unwrap(), "1");
+    }
 }

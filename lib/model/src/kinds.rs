@@ -1046,7 +1046,7 @@ pub enum LbAlgorithm {
 }
 
 /// Consistent hashing key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ConsistentHash {
     /// Hash this request header.
