@@ -94,6 +94,7 @@ pub struct Waypoint {
     pub otlp: Option<crate::otlp::Exporter>,
     built: Mutex<Option<(Arc<Svid>, Identity)>>,
     buckets: Mutex<HashMap<String, (LocalRateLimit, Arc<TokenBucket>)>>,
+    sources: Mutex<(HashMap<String, u32>, Vec<String>)>,
     backends: Mutex<HashMap<String, Arc<BackendState>>>,
 }
 
@@ -122,6 +123,7 @@ impl Waypoint {
             otlp,
             built: Mutex::new(None),
             buckets: Mutex::new(HashMap::new()),
+            sources: Mutex::new((HashMap::new(), Vec::new())),
             backends: Mutex::new(HashMap::new()),
         })
     }
@@ -145,6 +147,23 @@ impl Waypoint {
                 None
             }
         }
+    }
+
+    /// A small number standing for an original client identity, for upstream URIs.
+    pub fn source_tag(&self, principal: &str) -> u32 {
+        let mut sources = self.sources.lock().expect("source lock poisoned");
+        if let Some(tag) = sources.0.get(principal) {
+            return *tag;
+        }
+        let tag = sources.1.len() as u32;
+        sources.1.push(principal.to_owned());
+        sources.0.insert(principal.to_owned(), tag);
+        tag
+    }
+
+    /// The identity a tag stands for.
+    pub fn source_of(&self, tag: u32) -> Option<String> {
+        self.sources.lock().expect("source lock poisoned").1.get(tag as usize).cloned()
     }
 
     /// The token bucket of a rule (`key` names route and rule); re-created when its limits

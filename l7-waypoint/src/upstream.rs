@@ -28,6 +28,10 @@ use tokio::net::TcpStream;
 
 use crate::state::Waypoint;
 
+/// The baggage member naming the original client's SPIFFE id on a waypoint's tunnels; the
+/// destination agent trusts it only from a waypoint.
+pub const SOURCE_PRINCIPAL_BAGGAGE: &str = "sinew.source.principal";
+
 /// The body sent upstream.
 pub type UpBody = BoxBody<Bytes, hyper::Error>;
 
@@ -211,14 +215,21 @@ impl tower_service::Service<Uri> for HboneConnector {
                 destination: SocketAddr::new(authority.ip(), HBONE_PORT),
                 expected,
             };
-            // Pooled HTTP connections carry many clients' requests: the CONNECT names none.
+            // Pooled HTTP connections carry many requests of one original client identity
+            // (the URI's user-info tag): the CONNECT names that identity in its baggage.
             let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+            let baggage = uri
+                .authority()
+                .and_then(|a| a.as_str().split_once('@'))
+                .and_then(|(tag, _)| tag.strip_prefix('s')?.parse::<u32>().ok())
+                .and_then(|tag| wp.source_of(tag))
+                .map(|principal| format!("{SOURCE_PRINCIPAL_BAGGAGE}={principal}"));
             let stream = wp
                 .pool
                 .connect(
                     &key,
                     &identity,
-                    Connect { authority, client, baggage: None },
+                    Connect { authority, client, baggage: baggage.as_deref() },
                     TcpStream::connect,
                 )
                 .await
@@ -229,11 +240,18 @@ impl tower_service::Service<Uri> for HboneConnector {
 }
 
 /// The request URI toward an endpoint.
-pub fn endpoint_uri(ip: IpAddr, port: u16, path_and_query: &str) -> Uri {
-    let authority = SocketAddr::new(ip, port);
+///
+/// `source` tags the URI's user-info with the original client's number (see
+/// [`Waypoint::source_tag`]), so pooled connections are kept per original client identity and
+/// each tunnel can tell the destination whom it carries.
+pub fn endpoint_uri(ip: IpAddr, port: u16, path_and_query: &str, source: Option<u32>) -> Uri {
+    let authority = match source {
+        Some(tag) => format!("s{tag}@{}", SocketAddr::new(ip, port)),
+        None => SocketAddr::new(ip, port).to_string(),
+    };
     Uri::builder()
         .scheme("http")
-        .authority(authority.to_string())
+        .authority(authority)
         .path_and_query(path_and_query)
         .build()
         .unwrap_or_else(|_| Uri::from_static("http://0.0.0.0/"))

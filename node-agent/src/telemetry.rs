@@ -141,6 +141,10 @@ pub struct Peer {
     /// Service (`<name>.<namespace>`), for destinations reached through one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// The waypoint a source came through (its SPIFFE id); `identity` is then the original
+    /// client's, as the waypoint named it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 /// One access-log line.

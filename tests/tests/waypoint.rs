@@ -343,6 +343,53 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     );
     ensure!(spans.contains("\"name\":\"GET /traced\""), "{spans}");
 
+    // The destination agent sees the original client through the waypoint: an L4 DENY for
+    // service account `client` on v1 refuses the waypoint's tunnels carrying that client.
+    c.write_config(
+        "l4-deny.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-client, namespace: demo}\nspec:\n  selector: {matchLabels: {version: v1}}\n  action: DENY\n  rules:\n  - from:\n    - source: {serviceAccounts: [client]}\n",
+    )?;
+    let mut refused = false;
+    for _ in 0..50 {
+        let out = curl(
+            &c,
+            &client,
+            &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/delay/0")],
+        )?;
+        if out.trim() == "503" {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(refused, "the L4 DENY for the original client never applied through the waypoint");
+    let out = curl(
+        &c,
+        &client,
+        &["-o", "/dev/null", "-w", fmt, "-H", "x-version: v2", &format!("http://{VIP}/v2-still")],
+    )?;
+    ensure!(out.trim() == "200 v2", "v2 is not covered by the policy: {out}");
+    let node2 = c.agents[1].as_ref().expect("agent 2");
+    let deny = node2.access_entries().into_iter().rev().find(|e| e["decision"] == "deny");
+    let deny = deny.ok_or_else(|| anyhow::anyhow!("no deny in node 2's access log"))?;
+    ensure!(deny["src"]["identity"] == "spiffe://cluster.local/ns/demo/sa/client", "{deny}");
+    ensure!(deny["src"]["via"] == "spiffe://cluster.local/ns/demo/sa/waypoint", "{deny}");
+    c.remove_config("l4-deny.yaml")?;
+    let mut back = false;
+    for _ in 0..50 {
+        let out = curl(
+            &c,
+            &client,
+            &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/delay/0")],
+        )?;
+        if out.trim() == "200" {
+            back = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(back, "v1 did not come back after the policy was removed");
+
     // Bad input: a malformed request, an oversized header block, an invalid route.
     let out =
         c.run_in(&client, &["raw", &format!("{VIP}:80"), "NOT AN HTTP REQUEST\\r\\n\\r\\n"])?;

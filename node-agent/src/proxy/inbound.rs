@@ -140,9 +140,36 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<PodNet>) {
 /// What an inbound connection is, for policy, metrics and the access log.
 struct Arrival {
     source: SocketAddr,
+    /// The client's identity: the TLS peer's, or, through a waypoint, the original client's.
     identity: Option<Arc<SpiffeId>>,
+    /// The waypoint the connection came through, if any.
+    via: Option<Arc<SpiffeId>>,
     destination: SocketAddr,
     protocol: &'static str,
+}
+
+/// The baggage member a waypoint names its original client with (see `sinew-waypoint`).
+const SOURCE_PRINCIPAL_BAGGAGE: &str = "sinew.source.principal";
+
+/// The original client a waypoint's tunnel carries, if the peer is a waypoint of this mesh
+/// (a workload some service names with `sinew.io/use-waypoint`) and it named one.
+fn original_source(mesh: &MeshIndex, trust_domain: &str, inbound: &Inbound) -> Option<SpiffeId> {
+    let baggage = inbound.headers.get("baggage")?.to_str().ok()?;
+    let principal = baggage.split(',').find_map(|m| {
+        let (k, v) = m.trim().split_once('=')?;
+        (k.trim() == SOURCE_PRINCIPAL_BAGGAGE).then(|| v.trim())
+    })?;
+    let is_waypoint = mesh.services().any(|s| {
+        s.waypoint
+            .as_deref()
+            .and_then(|w| mesh.workload(&s.namespace, w))
+            .and_then(|w| w.identity(trust_domain).ok())
+            .is_some_and(|id| id == *inbound.peer)
+    });
+    if !is_waypoint {
+        return None;
+    }
+    principal.parse().ok()
 }
 
 impl Arrival {
@@ -154,12 +181,14 @@ impl Arrival {
             workload: src_workload.map(|w| w.key()),
             identity: self.identity.as_ref().map(|i| i.to_string()),
             service: None,
+            via: self.via.as_ref().map(|i| i.to_string()),
         };
         log.dst = Peer {
             addr: Some(self.destination),
             workload: Some(pod.name.clone()),
             identity: Some(pod.identity.to_string()),
             service: None,
+            via: None,
         };
         let unknown = || "unknown".to_string();
         let labels = TcpLabels {
@@ -254,13 +283,23 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
         debug!(pod = %pod.name, %destination, "CONNECT to an address that is not this pod's");
         return inbound.refuse(StatusCode::BAD_REQUEST);
     }
-    let arrival = Arrival {
-        source: canonical(inbound.peer_addr),
-        identity: Some(inbound.peer.clone()),
-        destination,
-        protocol: "HBONE",
-    };
     let mesh = ctx.mesh.borrow().clone();
+    let arrival = match original_source(&mesh, &ctx.trust_domain, &inbound) {
+        Some(original) => Arrival {
+            source: canonical(inbound.peer_addr),
+            identity: Some(Arc::new(original)),
+            via: Some(inbound.peer.clone()),
+            destination,
+            protocol: "HBONE",
+        },
+        None => Arrival {
+            source: canonical(inbound.peer_addr),
+            identity: Some(inbound.peer.clone()),
+            via: None,
+            destination,
+            protocol: "HBONE",
+        },
+    };
     let (mut log, mut labels) = arrival.entry(&pod, &mesh);
     if !authorize(&pod, &mesh, &arrival, &mut log, &mut labels) {
         inbound.refuse(StatusCode::UNAUTHORIZED);
@@ -361,7 +400,13 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
         warn!(pod = %pod.name, %peer, %destination, "refusing a connection to the agent's own listener");
         return reset(&downstream);
     }
-    let arrival = Arrival { source: canonical(peer), identity: None, destination, protocol: "TCP" };
+    let arrival = Arrival {
+        source: canonical(peer),
+        identity: None,
+        via: None,
+        destination,
+        protocol: "TCP",
+    };
     let mesh = ctx.mesh.borrow().clone();
     let (mut log, mut labels) = arrival.entry(&pod, &mesh);
     if !authorize(&pod, &mesh, &arrival, &mut log, &mut labels) {

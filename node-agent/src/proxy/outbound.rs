@@ -91,6 +91,7 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
         workload: Some(pod.name.clone()),
         identity: Some(pod.identity.to_string()),
         service: None,
+        via: None,
     };
     let target = match original_dst(&downstream) {
         Ok(t) if !is_own_listener(Direction::Outbound, t) => t,
@@ -121,6 +122,7 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
         workload: resolved.workload.as_ref().map(|w| w.key()),
         identity: None,
         service: resolved.service.as_ref().map(|s| format!("{}.{}", s.name, s.namespace)),
+        via: None,
     };
     let hbone = resolved
         .workload
