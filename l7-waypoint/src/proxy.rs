@@ -401,6 +401,8 @@ async fn route_and_forward(
         }
     }
     let _request = wp.budget.request_started();
+    // Upstream connections are kept per original client identity, which each tunnel names.
+    let source_tag = wp.source_tag(&down.source.to_string());
 
     let tries = async {
         let mut attempt = 0u32;
@@ -465,14 +467,11 @@ async fn route_and_forward(
                     },
                 );
             };
-            // HTTP/1.1 connections are kept per original client identity, which the tunnel
-            // names; HTTP/2 authorities cannot carry the tag, so those share connections.
-            let tag = (!http2).then(|| wp.source_tag(&down.source.to_string()));
-            let req = build_request(&parts, payload, ip, target_port, tag);
+            let req = build_request(&parts, payload, ip, target_port);
             let started = Instant::now();
             let _inflight = backend.balancer.start(i);
             let endpoint_key = endpoint.key();
-            let sent = wp.upstreams.send(req, http2, &endpoint_key);
+            let sent = wp.upstreams.send(req, http2, &endpoint_key, Some(source_tag));
             let result = match per_try {
                 Some(t) => tokio::time::timeout(t, sent)
                     .await
@@ -614,12 +613,11 @@ fn build_request(
     body: UpBody,
     ip: std::net::IpAddr,
     port: u16,
-    source: Option<u32>,
 ) -> Request<UpBody> {
     let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = endpoint_uri(ip, port, pq, source);
+    *req.uri_mut() = endpoint_uri(ip, port, pq);
     *req.headers_mut() = parts.headers.clone();
     // HTTP/1.1 keeps the client's Host; the pooled clients choose the upstream version.
     if let Some(authority) = parts.uri.authority()
@@ -687,7 +685,6 @@ fn mirror(
         Full::new(body.clone()).map_err(|never| match never {}).boxed(),
         ip,
         port,
-        None,
     );
     if let Some(host) = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()) {
         let shadow = match host.rsplit_once(':') {
@@ -700,7 +697,7 @@ fn mirror(
     }
     let wp = wp.clone();
     tokio::spawn(async move {
-        let _ = wp.upstreams.send(req, false, &endpoint.key()).await;
+        let _ = wp.upstreams.send(req, false, &endpoint.key(), None).await;
     });
 }
 

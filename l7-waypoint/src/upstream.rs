@@ -4,6 +4,7 @@
 //! looks the endpoint up to know the identity it must prove.
 
 use std::{
+    collections::HashMap,
     future::Future,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     pin::Pin,
@@ -59,14 +60,20 @@ pub enum UpstreamError {
     },
 }
 
+/// A pooled client per (original client identity, HTTP/2) through HBONE.
+type HboneClients = std::sync::Mutex<HashMap<(Option<u32>, bool), Client<HboneConnector, UpBody>>>;
+
 /// The pooled clients.
+#[allow(clippy::large_enum_variant, reason = "one per process")]
 pub enum Upstreams {
-    /// Through HBONE, as the waypoint (the mesh).
+    /// Through HBONE, as the waypoint (the mesh). One pooled client per original client
+    /// identity, so every connection, HTTP/1.1 or HTTP/2, carries one identity, which its
+    /// tunnel names to the destination.
     Hbone {
-        /// HTTP/1.1.
-        h1: Client<HboneConnector, UpBody>,
-        /// HTTP/2.
-        h2: Client<HboneConnector, UpBody>,
+        /// The waypoint (the connectors' HBONE pool and identity).
+        wp: Weak<Waypoint>,
+        /// Clients by (identity tag, HTTP/2).
+        clients: HboneClients,
     },
     /// Plain TCP (the HTTP engine alone, for `--plain-http` benchmarking).
     Plain {
@@ -80,12 +87,24 @@ pub enum Upstreams {
 impl Upstreams {
     /// Clients whose connections go through `wp`'s HBONE pool.
     pub fn new(wp: Weak<Waypoint>) -> Self {
-        let connector = HboneConnector { wp };
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_idle_timeout(IDLE).pool_timer(TokioTimer::new());
-        let h1 = b.build(connector.clone());
-        let h2 = b.http2_only(true).build(connector);
-        Self::Hbone { h1, h2 }
+        Self::Hbone { wp, clients: std::sync::Mutex::new(HashMap::new()) }
+    }
+
+    fn hbone_client(
+        wp: &Weak<Waypoint>,
+        clients: &HboneClients,
+        source: Option<u32>,
+        http2: bool,
+    ) -> Client<HboneConnector, UpBody> {
+        let mut clients = clients.lock().expect("client lock poisoned");
+        clients
+            .entry((source, http2))
+            .or_insert_with(|| {
+                let mut b = Client::builder(TokioExecutor::new());
+                b.pool_idle_timeout(IDLE).pool_timer(TokioTimer::new()).http2_only(http2);
+                b.build(HboneConnector { wp: wp.clone(), source })
+            })
+            .clone()
     }
 
     /// Clients over plain TCP.
@@ -99,16 +118,19 @@ impl Upstreams {
         Self::Plain { h1, h2 }
     }
 
-    /// Sends `req` (its URI `http://<endpoint ip>:<port>/...`) over HTTP/2 or HTTP/1.1.
+    /// Sends `req` (its URI `http://<endpoint ip>:<port>/...`) over HTTP/2 or HTTP/1.1, on a
+    /// connection of the original client identity `source` (see [`Waypoint::source_tag`]).
     pub async fn send(
         &self,
         req: http::Request<UpBody>,
         http2: bool,
         endpoint: &str,
+        source: Option<u32>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
         let result = match (self, http2) {
-            (Self::Hbone { h2, .. }, true) => h2.request(req).await,
-            (Self::Hbone { h1, .. }, false) => h1.request(req).await,
+            (Self::Hbone { wp, clients }, _) => {
+                Self::hbone_client(wp, clients, source, http2).request(req).await
+            }
             (Self::Plain { h2, .. }, true) => h2.request(req).await,
             (Self::Plain { h1, .. }, false) => h1.request(req).await,
         };
@@ -138,6 +160,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[derive(Clone)]
 pub struct HboneConnector {
     wp: Weak<Waypoint>,
+    /// The original client identity its connections carry.
+    source: Option<u32>,
 }
 
 /// An HBONE stream as a hyper connection.
@@ -190,6 +214,7 @@ impl tower_service::Service<Uri> for HboneConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let wp = self.wp.clone();
+        let source = self.source;
         Box::pin(async move {
             let endpoint = uri.authority().map(|a| a.to_string()).unwrap_or_default();
             let err =
@@ -215,13 +240,10 @@ impl tower_service::Service<Uri> for HboneConnector {
                 destination: SocketAddr::new(authority.ip(), HBONE_PORT),
                 expected,
             };
-            // Pooled HTTP connections carry many requests of one original client identity
-            // (the URI's user-info tag): the CONNECT names that identity in its baggage.
+            // Pooled HTTP connections carry many requests of one original client identity:
+            // the CONNECT names that identity in its baggage.
             let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
-            let baggage = uri
-                .authority()
-                .and_then(|a| a.as_str().split_once('@'))
-                .and_then(|(tag, _)| tag.strip_prefix('s')?.parse::<u32>().ok())
+            let baggage = source
                 .and_then(|tag| wp.source_of(tag))
                 .map(|principal| format!("{SOURCE_PRINCIPAL_BAGGAGE}={principal}"));
             let stream = wp
@@ -240,18 +262,10 @@ impl tower_service::Service<Uri> for HboneConnector {
 }
 
 /// The request URI toward an endpoint.
-///
-/// `source` tags the URI's user-info with the original client's number (see
-/// [`Waypoint::source_tag`]), so pooled connections are kept per original client identity and
-/// each tunnel can tell the destination whom it carries.
-pub fn endpoint_uri(ip: IpAddr, port: u16, path_and_query: &str, source: Option<u32>) -> Uri {
-    let authority = match source {
-        Some(tag) => format!("s{tag}@{}", SocketAddr::new(ip, port)),
-        None => SocketAddr::new(ip, port).to_string(),
-    };
+pub fn endpoint_uri(ip: IpAddr, port: u16, path_and_query: &str) -> Uri {
     Uri::builder()
         .scheme("http")
-        .authority(authority)
+        .authority(SocketAddr::new(ip, port).to_string())
         .path_and_query(path_and_query)
         .build()
         .unwrap_or_else(|_| Uri::from_static("http://0.0.0.0/"))
