@@ -141,6 +141,20 @@ fn curl(c: &Cluster, pod: &Pod, args: &[&str]) -> Result<String> {
     c.exec_in(pod, Path::new("/usr/bin/curl"), &all)
 }
 
+/// Repeats a curl in `pod` (its extra `args`) until it answers `want` (the status code),
+/// for changes that reach the waypoint or agents within a few hundred milliseconds.
+fn wait_status(c: &Cluster, pod: &Pod, args: &[&str], want: &str, what: &str) -> Result<()> {
+    let mut all = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+    all.extend_from_slice(args);
+    for _ in 0..50 {
+        if curl(c, pod, &all)?.trim() == want {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    anyhow::bail!("{what}: never answered {want}")
+}
+
 /// `<status> <x-served-by>` per request.
 fn statuses(out: &str) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
@@ -258,28 +272,8 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         "l7-policy.yaml",
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin-writes, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: reviews}]\n  action: DENY\n  rules:\n  - to:\n    - operation: {methods: [POST], paths: [\"/admin*\"]}\n",
     )?;
-    let mut denied = false;
-    for _ in 0..50 {
-        let out = curl(
-            &c,
-            &client,
-            &[
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-X",
-                "POST",
-                &format!("http://{VIP}/admin/users"),
-            ],
-        )?;
-        if out.trim() == "403" {
-            denied = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    ensure!(denied, "the L7 DENY never took effect");
+    let admin = format!("http://{VIP}/admin/users");
+    wait_status(&c, &client, &["-X", "POST", &admin], "403", "the L7 DENY")?;
     let out = curl(
         &c,
         &client,
@@ -349,20 +343,8 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         "l4-deny.yaml",
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-client, namespace: demo}\nspec:\n  selector: {matchLabels: {version: v1}}\n  action: DENY\n  rules:\n  - from:\n    - source: {serviceAccounts: [client]}\n",
     )?;
-    let mut refused = false;
-    for _ in 0..50 {
-        let out = curl(
-            &c,
-            &client,
-            &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/delay/0")],
-        )?;
-        if out.trim() == "503" {
-            refused = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    ensure!(refused, "the L4 DENY for the original client never applied through the waypoint");
+    let v1_url = format!("http://{VIP}/delay/0");
+    wait_status(&c, &client, &[&v1_url], "503", "the L4 DENY for the original client")?;
     let out = curl(
         &c,
         &client,
@@ -375,20 +357,7 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     ensure!(deny["src"]["identity"] == "spiffe://cluster.local/ns/demo/sa/client", "{deny}");
     ensure!(deny["src"]["via"] == "spiffe://cluster.local/ns/demo/sa/waypoint", "{deny}");
     c.remove_config("l4-deny.yaml")?;
-    let mut back = false;
-    for _ in 0..50 {
-        let out = curl(
-            &c,
-            &client,
-            &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/delay/0")],
-        )?;
-        if out.trim() == "200" {
-            back = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    ensure!(back, "v1 did not come back after the policy was removed");
+    wait_status(&c, &client, &[&v1_url], "200", "v1 after the policy was removed")?;
 
     // Bad input: a malformed request, an oversized header block, an invalid route.
     let out =
