@@ -5,19 +5,8 @@ use std::time::Duration;
 
 use sinew_l7::balance::{Algorithm, Balancer, Limits, hash_key};
 
-/// Deterministic xorshift64 randomness.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
+mod common;
+use common::XorShift;
 
 const NONE: fn(usize) -> bool = |_| false;
 

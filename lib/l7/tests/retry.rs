@@ -4,19 +4,8 @@ use std::time::Duration;
 
 use sinew_l7::retry::{Outcome, RetryBudget, RetryGuard, RetryPolicy};
 
-/// Deterministic xorshift64 randomness.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
+mod common;
+use common::XorShift;
 
 /// Reserves retries until refused or `most` are held, holding them.
 fn grab(budget: &RetryBudget, most: usize) -> Vec<RetryGuard> {

@@ -7,6 +7,8 @@ use http::HeaderMap;
 use sinew_l7::route::{RequestView, RouteTable, modify_headers, redirect_location, rewrite_path};
 use sinew_model::{HeaderModifier, HttpFilter, PathModifier, RequestRedirect, Resource};
 
+mod common;
+
 const API: &str = "gateway.networking.k8s.io/v1";
 
 fn resources(yaml: &str) -> Vec<Resource> {
@@ -460,32 +462,7 @@ mod property {
 
     use super::*;
 
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            // xorshift64
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-
-        fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-            xs[self.below(xs.len())]
-        }
-
-        /// A random subset of `xs`, in random order, without repeats.
-        fn subset<T: Copy>(&mut self, xs: &[T], max: usize) -> Vec<T> {
-            let mut pool = xs.to_vec();
-            let n = self.below(max + 1).min(pool.len());
-            (0..n).map(|_| pool.remove(self.below(pool.len()))).collect()
-        }
-    }
+    use crate::common::XorShift as Rng;
 
     #[derive(Debug, Clone, Copy, PartialEq)]
     enum PathKind {

@@ -5,7 +5,7 @@ mod common;
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use common::resources;
+use common::{Rng, resources};
 use sinew_identity::SpiffeId;
 use sinew_mesh::{Authz, Decision, Destination, Explanation, Scope, Source, Verdict};
 use sinew_model::{Action, MtlsMode, Resource};
@@ -526,35 +526,6 @@ fn check_equals_explain_on_a_table() {
     ];
     let verdicts: Vec<bool> = cases.iter().map(|c| c.allowed(&a)).collect();
     assert_eq!(verdicts, [true, false, false, true, false, true, false, true]);
-}
-
-/// Deterministic xorshift64*, so a failure reproduces.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-
-    /// A flow list of 1-2 quoted items, or `None` (field absent) half the time.
-    fn list(&mut self, items: &[&str]) -> Option<String> {
-        (self.below(2) == 0).then(|| {
-            let n = 1 + self.below(2);
-            let picked: Vec<String> = (0..n).map(|_| format!("\"{}\"", self.pick(items))).collect();
-            format!("[{}]", picked.join(", "))
-        })
-    }
 }
 
 const NAMESPACES: &[&str] = &["a", "b", "sinew-system"];
