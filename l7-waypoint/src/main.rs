@@ -161,12 +161,7 @@ async fn run_plain(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let down = Arc::new(Downstream {
-            service: service.clone(),
-            port: 80,
-            source: Arc::new(id.clone()),
-            client: peer,
-        });
+        let down = Arc::new(Downstream::new(&wp, service.clone(), 80, Arc::new(id.clone()), peer));
         let wp = wp.clone();
         tokio::spawn(async move {
             let service =
@@ -259,12 +254,8 @@ async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
         return inbound.refuse(StatusCode::BAD_REQUEST);
     };
     let client = inbound.forwarded_for().unwrap_or(inbound.peer_addr);
-    let down = Arc::new(Downstream {
-        service,
-        port: authority.port(),
-        source: inbound.peer.clone(),
-        client,
-    });
+    let down =
+        Arc::new(Downstream::new(&wp, service, authority.port(), inbound.peer.clone(), client));
     let stream = match inbound.accept() {
         // hyper may close without a shutdown (after a 400, say): end the stream cleanly so
         // the client still reads the answer.

@@ -46,8 +46,27 @@ pub struct Downstream {
     pub port: u16,
     /// The client's identity, from its certificate.
     pub source: Arc<SpiffeId>,
+    /// `source` as a string (labels, logs), made once per connection.
+    pub principal: String,
+    /// The waypoint's tag for `source` (its upstream connections), looked up once.
+    pub source_tag: u32,
     /// The original client address (`forwarded`), else the tunnel's peer.
     pub client: SocketAddr,
+}
+
+impl Downstream {
+    /// The connection's view for `wp`, with the per-connection strings made once.
+    pub fn new(
+        wp: &Waypoint,
+        service: Arc<ServiceInfo>,
+        port: u16,
+        source: Arc<SpiffeId>,
+        client: SocketAddr,
+    ) -> Self {
+        let principal = source.to_string();
+        let source_tag = wp.source_tag(&principal);
+        Self { service, port, source, principal, source_tag, client }
+    }
 }
 
 /// What a request ended as, for metrics and the log.
@@ -97,7 +116,7 @@ pub async fn handle(
             .workload_by_ip(down.client.ip())
             .map_or_else(unknown, |w| w.name.clone()),
         source_workload_namespace: down.source.namespace.clone(),
-        source_principal: down.source.to_string(),
+        source_principal: down.principal.clone(),
         destination_workload: done.endpoint.as_ref().map_or_else(unknown, |w| w.name.clone()),
         destination_workload_namespace: done
             .endpoint
@@ -130,7 +149,7 @@ pub async fn handle(
         flags: done.flags,
         upstream: done.endpoint.as_ref().map(|w| w.key()),
         attempts: done.attempts,
-        source: down.source.to_string(),
+        source: down.principal.clone(),
         duration_ms: millis,
         traceparent: Some(traceparent.clone()),
     });
@@ -148,7 +167,7 @@ pub async fn handle(
                 path: path_and_query.split('?').next().unwrap_or("/").to_owned(),
                 status: done.status.as_u16(),
                 service: format!("{}.{}", svc.name, svc.namespace),
-                source: down.source.to_string(),
+                source: down.principal.clone(),
             });
         }
     }
@@ -402,7 +421,7 @@ async fn route_and_forward(
     }
     let _request = wp.budget.request_started();
     // Upstream connections are kept per original client identity, which each tunnel names.
-    let source_tag = wp.source_tag(&down.source.to_string());
+    let source_tag = down.source_tag;
 
     let tries = async {
         let mut attempt = 0u32;
