@@ -14,9 +14,10 @@ use sinew_hbone::Inbound;
 use sinew_identity::SpiffeId;
 use sinew_l7_waypoint::{
     proxy::{self, Downstream},
-    state::{Snapshot, Waypoint},
+    state::{Setup, Snapshot, Waypoint},
     telemetry::AccessLog,
 };
+use sinew_workers::Workers;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, info, warn};
 
@@ -73,7 +74,7 @@ struct Args {
     /// OpenTelemetry collector (`http://host:4318`): one span per request, OTLP/HTTP JSON.
     #[arg(long)]
     otlp_endpoint: Option<String>,
-    /// Worker threads.
+    /// Worker threads, each serving its connections start to end (thread per core).
     #[arg(long, default_value_t = 2)]
     workers: usize,
 }
@@ -95,13 +96,12 @@ fn main() -> Result<()> {
     {
         bail!("--otlp-endpoint {e:?}: expected http://<host>:<port>");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers)
-        .enable_all()
-        .thread_name("sinew-waypoint")
-        .build()?;
+    // The control plane (configuration, certificates, admin) runs on this thread; requests
+    // run on the workers, one connection per worker from accept to close.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let workers = Workers::start(args.workers, "sinew-waypoint")?;
     if let (Some(listen), Some(upstream)) = (args.plain_http, args.plain_upstream) {
-        return runtime.block_on(run_plain(listen, upstream, id, access));
+        return runtime.block_on(run_plain(listen, upstream, id, access, &workers));
     }
     let (Some(endpoint), Some(node)) = (args.control.clone(), args.node.clone()) else {
         bail!("--control and --node are required");
@@ -113,7 +113,56 @@ fn main() -> Result<()> {
         node,
         args.state_dir.join("control"),
     )?;
-    runtime.block_on(run(args, id, access, control))
+    runtime.block_on(run(args, id, access, control, &workers))
+}
+
+/// Binds `listen` once per worker (an `SO_REUSEPORT` group) and serves each worker's accepted
+/// connections on that worker with `serve`.
+fn listen_on_workers<F, Fut>(
+    workers: &Workers,
+    listen: SocketAddr,
+    what: &str,
+    serve: F,
+) -> Result<()>
+where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    for handle in workers.handles() {
+        let std = sinew_workers::reuseport_listener(listen)
+            .with_context(|| format!("{what} {listen}"))?;
+        let serve = serve.clone();
+        handle.spawn(async move {
+            let listener = match TcpListener::from_std(std) {
+                Ok(l) => l,
+                Err(e) => return warn!(error = %e, "listener"),
+            };
+            loop {
+                match listener.accept().await {
+                    Ok((tcp, peer)) => {
+                        let _ = tcp.set_nodelay(true);
+                        tokio::spawn(serve(tcp, peer));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Until SIGTERM or Ctrl-C.
+async fn until_stopped() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
 }
 
 /// `--plain-http`: the HTTP engine alone, for benchmarks against other proxies.
@@ -122,6 +171,7 @@ async fn run_plain(
     upstream: SocketAddr,
     id: SpiffeId,
     access: AccessLog,
+    workers: &Workers,
 ) -> Result<()> {
     let yaml = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n---\n\
@@ -147,33 +197,38 @@ async fn run_plain(
     let service = snapshot.mesh.service("bench", "bench").cloned().context("bench service")?;
     let (_snap_tx, snapshots) = watch::channel(snapshot);
     let (_svid_tx, svid) = watch::channel(None);
-    let wp = Waypoint::new("bench".into(), id.clone(), snapshots, svid, access, None, true);
-    let listener =
-        TcpListener::bind(listen).await.with_context(|| format!("--plain-http {listen}"))?;
-    info!(%listen, %upstream, "sinew-waypoint serving plain HTTP (benchmark mode)");
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let down = Arc::new(Downstream::new(&wp, service.clone(), 80, Arc::new(id.clone()), peer));
+    let setup = Setup {
+        name: "bench".into(),
+        id: id.clone(),
+        access,
+        otlp: None,
+        plain: true,
+        workers: workers.len(),
+    };
+    let wp = Waypoint::new(setup, snapshots, svid);
+    let id = Arc::new(id);
+    listen_on_workers(workers, listen, "--plain-http", move |tcp, peer| {
+        let down = Arc::new(Downstream::new(&wp, service.clone(), 80, id.clone(), peer));
         let wp = wp.clone();
-        tokio::spawn(async move {
+        async move {
             let service =
                 hyper::service::service_fn(move |req| proxy::handle(wp.clone(), down.clone(), req));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
-        });
-    }
+        }
+    })?;
+    info!(%listen, %upstream, workers = workers.len(), "sinew-waypoint serving plain HTTP (benchmark mode)");
+    until_stopped().await
 }
 
-async fn run(args: Args, id: SpiffeId, access: AccessLog, control: ControlSettings) -> Result<()> {
+async fn run(
+    args: Args,
+    id: SpiffeId,
+    access: AccessLog,
+    control: ControlSettings,
+    workers: &Workers,
+) -> Result<()> {
     let node_id = SpiffeId::node(&args.trust_domain, &control.node)?;
     let credentials = control.node_credentials(&node_id).await;
     let (svid, _cert_task) = start_certificate(CertConfig {
@@ -202,28 +257,24 @@ async fn run(args: Args, id: SpiffeId, access: AccessLog, control: ControlSettin
         }
     });
     let otlp = args.otlp_endpoint.clone().map(sinew_l7_waypoint::otlp::Exporter::start);
-    let wp = Waypoint::new(args.name.clone(), id.clone(), snapshots, svid, access, otlp, false);
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("--listen {}", args.listen))?;
+    let setup = Setup {
+        name: args.name.clone(),
+        id: id.clone(),
+        access,
+        otlp,
+        plain: false,
+        workers: workers.len(),
+    };
+    let wp = Waypoint::new(setup, snapshots, svid);
+    let w = wp.clone();
+    listen_on_workers(workers, args.listen, "--listen", move |tcp, peer| {
+        connection(w.clone(), tcp, peer)
+    })?;
     let admin =
         TcpListener::bind(args.admin).await.with_context(|| format!("--admin {}", args.admin))?;
     tokio::spawn(serve_admin(admin, wp.clone()));
-    info!(listen = %args.listen, identity = %id, "sinew-waypoint ready");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => { tokio::spawn(connection(wp.clone(), tcp, peer)); }
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            },
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-        }
-    }
+    info!(listen = %args.listen, identity = %id, workers = workers.len(), "sinew-waypoint ready");
+    until_stopped().await?;
     info!("sinew-waypoint stopping");
     Ok(())
 }

@@ -18,6 +18,7 @@ use sinew_l7::{
 };
 use sinew_mesh::{MeshIndex, WorkloadInfo};
 use sinew_model::{LocalRateLimit, Resource};
+use sinew_workers::PerWorker;
 use tokio::sync::watch;
 use tracing::warn;
 
@@ -80,8 +81,9 @@ pub struct Waypoint {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     /// Our certificate.
     pub svid: watch::Receiver<Option<Arc<Svid>>>,
-    /// HBONE connections to endpoints' agents.
-    pub pool: Pool,
+    /// HBONE connections to endpoints' agents, per worker thread (each connection is driven
+    /// by the worker whose requests use it).
+    pub pool: PerWorker<Pool>,
     /// Metrics.
     pub metrics: Metrics,
     /// Access log.
@@ -98,28 +100,41 @@ pub struct Waypoint {
     backends: Mutex<HashMap<String, Arc<BackendState>>>,
 }
 
+/// How a waypoint is set up, apart from its configuration and certificate channels.
+pub struct Setup {
+    /// See [`Waypoint::name`].
+    pub name: String,
+    /// See [`Waypoint::id`].
+    pub id: SpiffeId,
+    /// See [`Waypoint::access`].
+    pub access: AccessLog,
+    /// See [`Waypoint::otlp`].
+    pub otlp: Option<crate::otlp::Exporter>,
+    /// Upstreams over plain TCP instead of HBONE (the `--plain-http` benchmark mode).
+    pub plain: bool,
+    /// Worker threads (per-worker connection pools).
+    pub workers: usize,
+}
+
 impl Waypoint {
     /// A waypoint over the given configuration and certificate channels.
     pub fn new(
-        name: String,
-        id: SpiffeId,
+        setup: Setup,
         snapshot: watch::Receiver<Arc<Snapshot>>,
         svid: watch::Receiver<Option<Arc<Svid>>>,
-        access: AccessLog,
-        otlp: Option<crate::otlp::Exporter>,
-        plain: bool,
     ) -> Arc<Self> {
+        let Setup { name, id, access, otlp, plain, workers } = setup;
         Arc::new_cyclic(|me| Self {
             name,
             trust_domain: id.trust_domain.clone(),
             id,
             snapshot,
             svid,
-            pool: Pool::new(),
+            pool: PerWorker::new(workers, |_| Pool::new()),
             metrics: Metrics::default(),
             access,
             budget: RetryBudget::new(0.2, 3),
-            upstreams: if plain { Upstreams::plain() } else { Upstreams::new(me.clone()) },
+            upstreams: if plain { Upstreams::plain(workers) } else { Upstreams::new(me.clone()) },
             otlp,
             built: Mutex::new(None),
             buckets: Mutex::new(HashMap::new()),

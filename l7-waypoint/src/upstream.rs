@@ -25,6 +25,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
 };
 use sinew_hbone::{Connect, H2Stream, HBONE_PORT, PoolKey};
+use sinew_workers::PerWorker;
 use tokio::net::TcpStream;
 
 use crate::state::Waypoint;
@@ -60,8 +61,9 @@ pub enum UpstreamError {
     },
 }
 
-/// A pooled client per (original client identity, HTTP/2) through HBONE.
-type HboneClients = std::sync::Mutex<HashMap<(Option<u32>, bool), Client<HboneConnector, UpBody>>>;
+/// A pooled client per (worker, original client identity, HTTP/2) through HBONE.
+type HboneClients =
+    std::sync::Mutex<HashMap<(usize, Option<u32>, bool), Client<HboneConnector, UpBody>>>;
 
 /// The pooled clients.
 #[allow(clippy::large_enum_variant, reason = "one per process")]
@@ -72,15 +74,16 @@ pub enum Upstreams {
     Hbone {
         /// The waypoint (the connectors' HBONE pool and identity).
         wp: Weak<Waypoint>,
-        /// Clients by (identity tag, HTTP/2).
+        /// Clients by (worker, identity tag, HTTP/2): a worker's requests use connections
+        /// that worker drives.
         clients: HboneClients,
     },
-    /// Plain TCP (the HTTP engine alone, for `--plain-http` benchmarking).
+    /// Plain TCP (the HTTP engine alone, for `--plain-http` benchmarking), per worker.
     Plain {
         /// HTTP/1.1.
-        h1: Client<HttpConnector, UpBody>,
+        h1: PerWorker<Client<HttpConnector, UpBody>>,
         /// HTTP/2.
-        h2: Client<HttpConnector, UpBody>,
+        h2: PerWorker<Client<HttpConnector, UpBody>>,
     },
 }
 
@@ -96,9 +99,10 @@ impl Upstreams {
         source: Option<u32>,
         http2: bool,
     ) -> Client<HboneConnector, UpBody> {
+        let worker = sinew_workers::current().unwrap_or(0);
         let mut clients = clients.lock().expect("client lock poisoned");
         clients
-            .entry((source, http2))
+            .entry((worker, source, http2))
             .or_insert_with(|| {
                 let mut b = Client::builder(TokioExecutor::new());
                 b.pool_idle_timeout(IDLE).pool_timer(TokioTimer::new()).http2_only(http2);
@@ -107,15 +111,19 @@ impl Upstreams {
             .clone()
     }
 
-    /// Clients over plain TCP.
-    pub fn plain() -> Self {
+    /// Clients over plain TCP, for `workers` workers.
+    pub fn plain(workers: usize) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_idle_timeout(IDLE).pool_timer(TokioTimer::new());
-        let h1 = b.build(connector.clone());
-        let h2 = b.http2_only(true).build(connector);
-        Self::Plain { h1, h2 }
+        let client = |http2: bool| {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_idle_timeout(IDLE).pool_timer(TokioTimer::new()).http2_only(http2);
+            b.build(connector.clone())
+        };
+        Self::Plain {
+            h1: PerWorker::new(workers, |_| client(false)),
+            h2: PerWorker::new(workers, |_| client(true)),
+        }
     }
 
     /// Sends `req` (its URI `http://<endpoint ip>:<port>/...`) over HTTP/2 or HTTP/1.1, on a
@@ -131,8 +139,8 @@ impl Upstreams {
             (Self::Hbone { wp, clients }, _) => {
                 Self::hbone_client(wp, clients, source, http2).request(req).await
             }
-            (Self::Plain { h2, .. }, true) => h2.request(req).await,
-            (Self::Plain { h1, .. }, false) => h1.request(req).await,
+            (Self::Plain { h2, .. }, true) => h2.get().request(req).await,
+            (Self::Plain { h1, .. }, false) => h1.get().request(req).await,
         };
         result.map_err(|e| {
             let reason = error_chain(&e);
@@ -248,6 +256,7 @@ impl tower_service::Service<Uri> for HboneConnector {
                 .map(|principal| format!("{SOURCE_PRINCIPAL_BAGGAGE}={principal}"));
             let stream = wp
                 .pool
+                .get()
                 .connect(
                     &key,
                     &identity,
