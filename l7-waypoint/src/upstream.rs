@@ -260,7 +260,7 @@ impl tower_service::Service<Uri> for HboneConnector {
                 .connect(
                     &key,
                     &identity,
-                    Connect { authority, client, baggage: baggage.as_deref() },
+                    Connect { authority, client, baggage: baggage.as_deref(), early: Bytes::new() },
                     TcpStream::connect,
                 )
                 .await

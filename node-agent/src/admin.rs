@@ -51,7 +51,7 @@ async fn config_dump(State(r): State<Arc<Registry>>) -> impl IntoResponse {
         "pods": r.status().pods,
         "workloads": workloads,
         "liveInboundConnections": r.ctx().live.len(),
-        "hbonePool": format!("{:?}", r.ctx().pool.stats()),
+        "hbonePool": format!("{:?}", r.ctx().pool_stats()),
     }))
 }
 

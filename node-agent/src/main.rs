@@ -18,6 +18,7 @@ use sinew_node_agent::{
     proxy::Ctx,
     telemetry::AccessLog,
 };
+use sinew_workers::Workers;
 use tracing::{info, warn};
 
 #[derive(Parser)]
@@ -157,11 +158,12 @@ fn run(args: RunArgs) -> Result<()> {
     let access = AccessLog::open(&args.access_log)
         .with_context(|| format!("--access-log {}", args.access_log))?;
     let control = control_settings(&args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers)
-        .enable_all()
-        .thread_name("sinew-worker")
-        .build()?;
+    // Control, the local API, admin and enrollment run on this thread (enrollment on its
+    // blocking pool, so `setns` churn stays off the data path); connections run on the
+    // workers, each served start to end by the worker that accepted it.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let workers = Workers::start(args.workers, "sinew-worker")?;
+    let handles = workers.handles().to_vec();
     runtime.block_on(async move {
         let (mesh, certs, _config_task) = match control {
             Some(c) => {
@@ -192,8 +194,14 @@ fn run(args: RunArgs) -> Result<()> {
                 (mesh, Certs::new(None, tokio::runtime::Handle::current()), task)
             }
         };
-        let ctx = Arc::new(Ctx::new(args.trust_domain.clone(), mesh, Arc::new(certs), access));
-        let registry = Arc::new(Registry::new(settings, capture, ctx));
+        let ctx = Arc::new(Ctx::new(
+            args.trust_domain.clone(),
+            mesh,
+            Arc::new(certs),
+            access,
+            handles.len(),
+        ));
+        let registry = Arc::new(Registry::new(settings, capture, ctx, handles));
         let restored = {
             let r = registry.clone();
             tokio::task::spawn_blocking(move || r.restore()).await??

@@ -17,7 +17,7 @@ use sinew_ebpf_common::{
 };
 use sinew_identity::SpiffeId;
 use sinew_local_api::{AgentStatus, PodSpec, PodStatus};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, runtime::Handle, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
@@ -106,12 +106,16 @@ pub struct Registry {
     capture: Mutex<Capture>,
     pods: Mutex<BTreeMap<String, Pod>>,
     ctx: Arc<Ctx>,
+    /// The data-path workers; every pod has listeners on each.
+    workers: Vec<Handle>,
 }
 
 impl Registry {
-    /// A registry over loaded programs.
-    pub fn new(settings: Settings, capture: Capture, ctx: Arc<Ctx>) -> Self {
-        Self { settings, capture: Mutex::new(capture), pods: Mutex::new(BTreeMap::new()), ctx }
+    /// A registry over loaded programs whose pods are served on `workers` (at least one).
+    pub fn new(settings: Settings, capture: Capture, ctx: Arc<Ctx>, workers: Vec<Handle>) -> Self {
+        assert!(!workers.is_empty(), "the registry needs at least one worker");
+        let pods = Mutex::new(BTreeMap::new());
+        Self { settings, capture: Mutex::new(capture), pods, ctx, workers }
     }
 
     /// What the pods' connections share.
@@ -218,13 +222,21 @@ impl Registry {
                 source,
             })
         };
-        let out4 = listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT), false)?;
-        // IPv6 may be disabled in the pod; then IPv4 listeners serve alone.
-        let out6 = listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT), false).ok();
-        let inbound = listen(proxy::any(true, INBOUND_PLAINTEXT_PORT), true)
-            .or_else(|_| listen(proxy::any(false, INBOUND_PLAINTEXT_PORT), false))?;
-        let hbone = listen(proxy::any(true, INBOUND_HBONE_PORT), true)
-            .or_else(|_| listen(proxy::any(false, INBOUND_HBONE_PORT), false))?;
+        // One set of listeners per worker, each an SO_REUSEPORT group: the kernel spreads
+        // connections over the workers (also after sk_lookup picked the group's first socket).
+        let mut sets = Vec::with_capacity(self.workers.len());
+        for _ in &self.workers {
+            let out4 = listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT), false)?;
+            // IPv6 may be disabled in the pod; then IPv4 listeners serve alone.
+            let out6 =
+                listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT), false).ok();
+            let inbound = listen(proxy::any(true, INBOUND_PLAINTEXT_PORT), true)
+                .or_else(|_| listen(proxy::any(false, INBOUND_PLAINTEXT_PORT), false))?;
+            let hbone = listen(proxy::any(true, INBOUND_HBONE_PORT), true)
+                .or_else(|_| listen(proxy::any(false, INBOUND_HBONE_PORT), false))?;
+            sets.push((out4, out6, inbound, hbone));
+        }
+        let (_, _, inbound, hbone) = sets.first().expect("at least one worker");
 
         let mut capture = self.capture.lock().expect("capture lock poisoned");
         let undo = |capture: &mut Capture| {
@@ -235,8 +247,8 @@ impl Registry {
         };
         let mut register = || -> Result<(), PodError> {
             for ip in &spec.ips {
-                capture.set_listener(*ip, SLOT_PLAINTEXT, &inbound)?;
-                capture.set_listener(*ip, SLOT_HBONE, &hbone)?;
+                capture.set_listener(*ip, SLOT_PLAINTEXT, inbound)?;
+                capture.set_listener(*ip, SLOT_HBONE, hbone)?;
                 capture.add_addr(*ip)?;
             }
             if capture.pod_attached(uid) {
@@ -267,26 +279,27 @@ impl Registry {
             ctx: self.ctx.clone(),
         });
         let mut tasks = Vec::new();
-        let addr = hbone.local_addr().unwrap_or_else(|_| proxy::any(false, 0));
-        let hbone = TcpListener::from_std(hbone).map_err(|source| PodError::Listener {
-            uid: uid.clone(),
-            addr,
-            source,
-        })?;
-        tasks.push(tokio::spawn(proxy::serve_hbone(hbone, pod.clone())));
-        for (l, dir) in [
-            (Some(out4), Direction::Outbound),
-            (out6, Direction::Outbound),
-            (Some(inbound), Direction::Inbound),
-        ] {
-            let Some(l) = l else { continue };
-            let addr = l.local_addr().unwrap_or_else(|_| proxy::any(false, 0));
-            let l = TcpListener::from_std(l).map_err(|source| PodError::Listener {
-                uid: uid.clone(),
-                addr,
-                source,
-            })?;
-            tasks.push(tokio::spawn(proxy::serve(l, dir, pod.clone())));
+        for ((out4, out6, inbound, hbone), worker) in sets.into_iter().zip(&self.workers) {
+            // Registered with this worker's reactor, served by its tasks.
+            let _on_worker = worker.enter();
+            for (l, dir) in [
+                (Some(out4), Some(Direction::Outbound)),
+                (out6, Some(Direction::Outbound)),
+                (Some(inbound), Some(Direction::Inbound)),
+                (Some(hbone), None),
+            ] {
+                let Some(l) = l else { continue };
+                let addr = l.local_addr().unwrap_or_else(|_| proxy::any(false, 0));
+                let l = TcpListener::from_std(l).map_err(|source| PodError::Listener {
+                    uid: uid.clone(),
+                    addr,
+                    source,
+                })?;
+                tasks.push(match dir {
+                    Some(dir) => worker.spawn(proxy::serve(l, dir, pod.clone())),
+                    None => worker.spawn(proxy::serve_hbone(l, pod.clone())),
+                });
+            }
         }
         Ok(tasks)
     }

@@ -18,6 +18,7 @@ use sinew_ebpf_common::{
 };
 use sinew_hbone::Pool;
 use sinew_identity::SpiffeId;
+use sinew_workers::PerWorker;
 use socket2::{Domain, SockRef};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::warn;
@@ -89,8 +90,9 @@ pub struct Ctx {
     pub mesh: MeshView,
     /// Workload certificates.
     pub certs: Arc<Certs>,
-    /// Pooled HBONE connections to other agents.
-    pub pool: Pool,
+    /// Pooled HBONE connections to other agents, per worker: a worker's tunnels ride
+    /// connections that worker drives.
+    pub pool: PerWorker<Pool>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// Access log.
@@ -104,13 +106,19 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// A context over the given parts.
-    pub fn new(trust_domain: String, mesh: MeshView, certs: Arc<Certs>, access: AccessLog) -> Self {
+    /// A context over the given parts, for `workers` data-path workers.
+    pub fn new(
+        trust_domain: String,
+        mesh: MeshView,
+        certs: Arc<Certs>,
+        access: AccessLog,
+        workers: usize,
+    ) -> Self {
         Self {
             trust_domain,
             mesh,
             certs,
-            pool: Pool::new(),
+            pool: PerWorker::new(workers, |_| Pool::new()),
             metrics: Arc::new(Metrics::default()),
             access,
             stats: Arc::new(Stats::default()),
@@ -121,7 +129,18 @@ impl Ctx {
 
     /// The counters, for the local API.
     pub fn counters(&self) -> sinew_local_api::Counters {
-        self.stats.snapshot(&self.pool.stats())
+        self.stats.snapshot(&self.pool_stats())
+    }
+
+    /// The HBONE pools' counters, summed over the workers.
+    pub fn pool_stats(&self) -> sinew_hbone::PoolStats {
+        self.pool.all().iter().map(Pool::stats).fold(Default::default(), |a, b| {
+            sinew_hbone::PoolStats {
+                opened: a.opened + b.opened,
+                open: a.open + b.open,
+                streams: a.streams + b.streams,
+            }
+        })
     }
 }
 
@@ -271,6 +290,8 @@ pub fn listen_in(
         sock.set_only_v6(!dual_stack)?;
     }
     sock.set_reuse_address(true)?;
+    // One listener per worker on the same address (see `pods`).
+    sock.set_reuse_port(true)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     sock.listen(4096)?;

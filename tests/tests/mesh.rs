@@ -223,7 +223,12 @@ mod rogue {
                 destination: hbone,
                 expected: expected.parse()?,
             };
-            let req = Connect { authority, client: "198.18.0.1:1".parse()?, baggage: None };
+            let req = Connect {
+                authority,
+                client: "198.18.0.1:1".parse()?,
+                baggage: None,
+                early: Default::default(),
+            };
             let r = Pool::new().connect(&key, identity, req, |_| async { Ok(tcp) }).await;
             Ok(r.map(drop).map_err(|e| e.to_string()))
         })

@@ -2,6 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use bytes::Bytes;
 use http::StatusCode;
 use sinew_hbone::{Connect, HboneError, Inbound, Pool, PoolKey, serve_connection, tls::Identity};
 use sinew_identity::{Ca, SpiffeId};
@@ -93,6 +94,7 @@ fn req(port: u16) -> Connect<'static> {
         authority: SocketAddr::from(([198, 18, 1, 10], port)),
         client: "198.18.1.11:40000".parse().unwrap(),
         baggage: Some("k8s.namespace.name=shop"),
+        early: Bytes::new(),
     }
 }
 
@@ -150,6 +152,33 @@ async fn refusals_carry_their_status() {
         .connect(&key(&client_id, addr, &server_id), &identity(&ca, &client_id), req(80), dial)
         .await;
     assert!(ok.is_ok());
+    assert_eq!(pool.stats().opened, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_bytes_ride_with_the_request_and_die_with_a_refusal() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let (addr, _seen) = server(identity(&ca, &server_id)).await;
+    let (pool, me) = (Pool::new(), identity(&ca, &client_id));
+    let key = key(&client_id, addr, &server_id);
+    let early = |port| Connect { early: Bytes::from_static(b"early "), ..req(port) };
+    // Accepted: the early bytes come first, then what is written on the stream.
+    let mut s = pool.connect(&key, &me, early(8080), dial).await.unwrap();
+    s.write_all(b"late").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"early latebye");
+    drop(s);
+    // Refused: the status comes back and the connection carries the next tunnel.
+    let err = pool.connect(&key, &me, early(401), dial).await.err().unwrap();
+    assert!(matches!(err, HboneError::Refused { status: StatusCode::UNAUTHORIZED, .. }), "{err}");
+    let mut s = pool.connect(&key, &me, early(80), dial).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"early bye");
     assert_eq!(pool.stats().opened, 1);
 }
 

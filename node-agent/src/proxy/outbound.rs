@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::{Bytes, BytesMut};
 use sinew_hbone::{Connect, HBONE_PORT, HboneError, PoolKey};
 use sinew_mesh::{MeshIndex, ServiceInfo, WorkloadInfo};
 use tokio::net::TcpStream;
@@ -15,6 +16,9 @@ use tracing::debug;
 
 use super::{Direction, PodNet, canonical, connect_in, copy, is_own_listener, original_dst, reset};
 use crate::telemetry::{AccessEntry, Peer, TcpLabels};
+
+/// Most bytes sent along with a CONNECT (see [`read_early`]).
+const EARLY_MAX: usize = 16 << 10;
 
 /// How long a new connection waits for its pod's first certificate.
 const CERT_WAIT: Duration = Duration::from_secs(5);
@@ -181,9 +185,19 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                 destination: SocketAddr::new(peer_ip, HBONE_PORT),
                 expected,
             };
-            let req = Connect { authority: resolved.addr, client: peer, baggage: None };
+            let early = match read_early(&downstream) {
+                Ok(b) => b,
+                Err(e) => {
+                    log.error = Some(format!("client: {e}"));
+                    finish(&pod, log, start);
+                    return reset(&downstream);
+                }
+            };
+            let early_len = early.len() as u64;
+            let req = Connect { authority: resolved.addr, client: peer, baggage: None, early };
             let netns = &pod.netns;
-            let tunnel = ctx.pool.connect(&key, &identity, req, |a| connect_in(netns, a)).await;
+            let tunnel =
+                ctx.pool.get().connect(&key, &identity, req, |a| connect_in(netns, a)).await;
             let mut tunnel = match tunnel {
                 Ok(t) => t,
                 Err(e) => {
@@ -209,7 +223,8 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
             ctx.stats.active.fetch_add(1, Ordering::Relaxed);
             let mut downstream = downstream;
             // (bytes toward the destination, bytes back from it)
-            let result = tunnel.copy_tcp(&mut downstream).await;
+            let result =
+                tunnel.copy_tcp(&mut downstream).await.map(|(up, down)| (up + early_len, down));
             ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
             match result {
                 Ok((sent, received)) => {
@@ -253,6 +268,17 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
             }
             finish(&pod, log, start);
         }
+    }
+}
+
+/// What the app has already sent, without waiting (empty when nothing has arrived yet, as
+/// with protocols where the server speaks first): it goes out with the CONNECT.
+fn read_early(downstream: &TcpStream) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(EARLY_MAX);
+    match downstream.try_read_buf(&mut buf) {
+        Ok(_) => Ok(buf.freeze()),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Bytes::new()),
+        Err(e) => Err(e),
     }
 }
 
