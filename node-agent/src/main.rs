@@ -86,9 +86,11 @@ struct RunArgs {
     /// `../ebpf/` from it (where `cargo xtask build-ebpf` puts it).
     #[arg(long)]
     ebpf_object: Option<PathBuf>,
-    /// Data path worker threads.
-    #[arg(long, default_value_t = 2)]
-    workers: usize,
+    /// Data path worker threads [default: half the CPUs, at least 1, at most 2]. The agent
+    /// shares its node with the workloads whose bytes it carries: on 2 cores one worker
+    /// served 25 % more HTTP requests/s through the mesh than two (`cargo xtask bench l4`).
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 fn main() -> Result<()> {
@@ -139,7 +141,8 @@ fn find_object(explicit: Option<PathBuf>) -> Result<PathBuf> {
 fn run(args: RunArgs) -> Result<()> {
     let (cgroup_root, own) = own_cgroup(&args.common)?;
     let object = find_object(args.ebpf_object.clone())?;
-    if args.workers == 0 {
+    let worker_count = args.workers.unwrap_or_else(default_workers);
+    if worker_count == 0 {
         bail!("--workers must be at least 1");
     }
     // Each proxied connection holds two sockets and two pipes: use all descriptors allowed.
@@ -162,7 +165,7 @@ fn run(args: RunArgs) -> Result<()> {
     // blocking pool, so `setns` churn stays off the data path); connections run on the
     // workers, each served start to end by the worker that accepted it.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let workers = Workers::start(args.workers, "sinew-worker")?;
+    let workers = Workers::start(worker_count, "sinew-worker")?;
     let handles = workers.handles().to_vec();
     runtime.block_on(async move {
         let (mesh, certs, _config_task) = match control {
@@ -221,7 +224,7 @@ fn run(args: RunArgs) -> Result<()> {
         let admin_listener = tokio::net::TcpListener::bind(args.admin)
             .await
             .with_context(|| format!("--admin {}", args.admin))?;
-        info!(api = %socket.display(), admin = %args.admin, object = %object.display(), restored, mode = if registry.ctx().certs.enabled() { "mesh" } else { "capture-only" }, "sinew-agent ready");
+        info!(api = %socket.display(), admin = %args.admin, object = %object.display(), restored, workers = worker_count, mode = if registry.ctx().certs.enabled() { "mesh" } else { "capture-only" }, "sinew-agent ready");
         let server = tokio::spawn(api::serve(listener, registry.clone()));
         let admin = tokio::spawn(admin::serve(admin_listener, registry.clone()));
         let reconciler = tokio::spawn(reconcile_loop(registry));
@@ -233,6 +236,11 @@ fn run(args: RunArgs) -> Result<()> {
         info!("sinew-agent stopping; pinned capture stays in place");
         Ok(())
     })
+}
+
+/// Half the CPUs this process may use, at least 1 and at most 2 (as ztunnel's default).
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 2))
 }
 
 /// Applies every new mesh view: namespace enrollment changes, then a re-check of live

@@ -188,7 +188,7 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
         "istio_ztunnel_on_this_machine": {
             "throughput_1_ratio": 0.22, "http_rps_ratio": 0.46, "http_p99_added_ms": 1.46, "connect_latency_ratio": 4.0,
         },
-        "method": "two nodes; mesh = both pods enrolled, control service running, HBONE with mutual TLS between the agents (2 worker threads each); \
+        "method": "two nodes; mesh = both pods enrolled, control service running, HBONE with mutual TLS between the agents (their default worker count: 1 on 2 CPUs); \
                    direct = a plain pair on the same nodes. Throughput: sinew-testapp sink for 3 s on 1 and on 8 streams. \
                    Connect: connect() until the first answer byte, mean of 500 sequential connections. \
                    HTTP: wrk -t2 -c30 for 5 s against nginx (1 worker). RSS: the larger agent's VmRSS, idle after warm-up and after the load. \
