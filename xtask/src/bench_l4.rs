@@ -17,15 +17,25 @@ fn field(out: &str, key: &str) -> Result<f64> {
 
 /// nginx with one worker answering a short body on port 80.
 pub(crate) fn nginx(c: &mut Cluster, pod: &Pod) -> Result<()> {
+    nginx_with(
+        c,
+        pod,
+        1,
+        "server {\n    listen 80;\n    location / { return 200 \"hello from sinew bench\\n\"; }\n  }",
+    )
+}
+
+/// Starts nginx in `pod` with `workers` worker processes and `body` inside its `http` block.
+pub(crate) fn nginx_with(c: &mut Cluster, pod: &Pod, workers: u32, body: &str) -> Result<()> {
     let dir = c.dir().join(format!("nginx-{}", pod.name));
     std::fs::create_dir_all(&dir)?;
     let d = dir.display();
     let conf = format!(
-        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+        "worker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
          events {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  \
          client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
          fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
-         server {{\n    listen 80;\n    location / {{ return 200 \"hello from sinew bench\\n\"; }}\n  }}\n}}\n"
+         {body}\n}}\n"
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf)?;

