@@ -42,6 +42,24 @@ pub(crate) fn nginx_with(c: &mut Cluster, pod: &Pod, workers: u32, body: &str) -
     c.spawn_in(pod, Path::new("/usr/sbin/nginx"), &["-c", &path.to_string_lossy()]).map(drop)
 }
 
+fn agent_pid(c: &mut Cluster, node: u8) -> Result<u32> {
+    c.agent(node).pid().with_context(|| format!("agent {node} is not running"))
+}
+
+/// User plus system CPU time of a process so far, in ms (from /proc).
+fn cpu_ms(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces) start at state, field 3.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("odd /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f
+        .get(11)
+        .zip(f.get(12))
+        .map_or(Ok(0.0), |(u, s)| Ok::<_, anyhow::Error>(u.parse::<f64>()? + s.parse::<f64>()?))?;
+    // /proc counts in USER_HZ, which Linux fixes at 100 for user space.
+    Ok(ticks * 10.0)
+}
+
 /// wrk's requests/s and p50/p99 latency (ms).
 fn wrk(c: &Cluster, client: &Pod, server: &Pod, secs: u32) -> Result<(f64, f64, f64)> {
     wrk_url(c, client, &format!("http://{}/", Cluster::target(server.v4(), 80)), secs)
@@ -140,10 +158,20 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
     // figure is the median of its rounds.
     const ROUNDS: usize = 3;
     let mut s: Vec<[Vec<f64>; 6]> = vec![Default::default(), Default::default()];
+    // CPU both agents spend per GiB of one stream: a figure of the mesh alone, steadier than
+    // ratios against a direct path that moves by tens of percent between runs.
+    let pids = [agent_pid(&mut c, 1)?, agent_pid(&mut c, 2)?];
+    let mut cpu_per_gib = Vec::new();
     for _ in 0..ROUNDS {
         for (i, (_, client, server)) in paths.iter().enumerate() {
             let target = Cluster::target(server.v4(), 8080);
-            s[i][0].push(field(&c.run_in(client, &["sink", &target, "3"])?, "bytes_per_sec")?);
+            let before = cpu_ms(pids[0])? + cpu_ms(pids[1])?;
+            let sink = c.run_in(client, &["sink", &target, "3"])?;
+            let spent = cpu_ms(pids[0])? + cpu_ms(pids[1])? - before;
+            if i == 1 {
+                cpu_per_gib.push(spent / (field(&sink, "bytes")? / (1u64 << 30) as f64));
+            }
+            s[i][0].push(field(&sink, "bytes_per_sec")?);
             s[i][1].push(field(&c.run_in(client, &["sink", &target, "3", "8"])?, "bytes_per_sec")?);
             let ping = c.run_in(client, &["ping", &target, "500"])?;
             s[i][2].push(field(&ping, "mean_us")?);
@@ -158,6 +186,7 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    let cpu_per_gib = median(&mut cpu_per_gib);
     let m: Vec<[f64; 6]> = s
         .iter_mut()
         .map(|r| {
@@ -191,6 +220,7 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
         "connect_latency_ratio": x[2] / d[2],
         "agent_rss_idle_mib": rss_idle_kib as f64 / 1024.0,
         "agent_rss_loaded_mib": rss_loaded_kib as f64 / 1024.0,
+        "agents_cpu_ms_per_gib_1_stream": cpu_per_gib,
         "goals": {
             "throughput_1_ratio": ">= 0.45", "http_rps_ratio": ">= 0.7", "http_p99_added_ms": "<= 0.7",
             "connect_latency_ratio": "<= 2.0", "agent_rss_idle_mib": "<= 12",
@@ -201,18 +231,19 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
         "method": "two nodes; mesh = both pods enrolled, control service running, HBONE with mutual TLS between the agents (their default worker count: 1 on 2 CPUs); \
                    direct = a plain pair on the same nodes. Throughput: sinew-testapp sink for 3 s on 1 and on 8 streams. \
                    Connect: connect() until the first answer byte, mean of 500 sequential connections. \
-                   HTTP: wrk -t2 -c30 for 5 s against nginx (1 worker). RSS: the larger agent's VmRSS, idle after warm-up and after the load. \
+                   HTTP: wrk -t2 -c30 for 5 s against nginx (1 worker). CPU per GiB: both agents' user+system time during the 1-stream run. RSS: the larger agent's VmRSS, idle after warm-up and after the load. \
                    Median of 3 interleaved rounds.",
     });
     println!(
         "throughput_1_ratio {:.3} (goal >= 0.45)  throughput_8_ratio {:.3}  http_rps_ratio {:.3} (goal >= 0.7)  \
-         http_p99_added_ms {:.3} (goal <= 0.7)  connect_latency_ratio {:.2} (goal <= 2.0)  agent_rss_idle_mib {:.1} (goal <= 12)",
+         http_p99_added_ms {:.3} (goal <= 0.7)  connect_latency_ratio {:.2} (goal <= 2.0)  agent_rss_idle_mib {:.1} (goal <= 12)  agents_cpu_ms_per_gib_1_stream {:.0}",
         x[0] / d[0],
         x[1] / d[1],
         x[3] / d[3],
         x[5] - d[5],
         x[2] / d[2],
-        rss_idle_kib as f64 / 1024.0
+        rss_idle_kib as f64 / 1024.0,
+        cpu_per_gib
     );
     std::fs::create_dir_all(out_file.parent().context("bench dir")?)?;
     std::fs::write(out_file, serde_json::to_string_pretty(&report)?)?;

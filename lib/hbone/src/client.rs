@@ -216,7 +216,8 @@ impl Pool {
         let config = identity.client_config(std::slice::from_ref(&key.expected))?;
         let tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            tokio_rustls::TlsConnector::from(config).connect(crate::tls::server_name(peer), tcp),
+            tokio_rustls::TlsConnector::from(config)
+                .connect(crate::tls::server_name(peer), crate::wire(tcp)),
         )
         .await
         .map_err(|_| timeout("TLS handshake"))?
@@ -253,7 +254,7 @@ impl Pool {
 /// Runs a connection until it fails or has been idle for [`IDLE_TIMEOUT`], then takes it out
 /// of the pool (in-flight streams of a closing connection still finish).
 async fn drive(
-    connection: h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    connection: h2::client::Connection<tokio_rustls::client::TlsStream<crate::Wire>, Bytes>,
     conn: Weak<Conn>,
     slot: Weak<Slot>,
     counters: Arc<Counters>,

@@ -88,3 +88,14 @@ pub enum HboneError {
         peer: SocketAddr,
     },
 }
+
+/// The TCP connection under TLS, with reads buffered: rustls asks for 4 KiB at a time, so
+/// without a buffer a 16 KiB record costs several `recv` calls.
+pub(crate) type Wire = tokio::io::BufReader<tokio::net::TcpStream>;
+
+/// Read buffer of a [`Wire`]: a few TLS records.
+const WIRE_BUFFER: usize = 64 << 10;
+
+pub(crate) fn wire(tcp: tokio::net::TcpStream) -> Wire {
+    tokio::io::BufReader::with_capacity(WIRE_BUFFER, tcp)
+}

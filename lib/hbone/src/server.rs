@@ -80,7 +80,7 @@ where
     let timeout = |what| HboneError::Timeout { what, peer: peer_addr };
     let tls = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        tokio_rustls::TlsAcceptor::from(config).accept(tcp),
+        tokio_rustls::TlsAcceptor::from(config).accept(crate::wire(tcp)),
     )
     .await
     .map_err(|_| timeout("TLS handshake"))?
