@@ -4,7 +4,7 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -28,7 +28,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::{
     state::{Snapshot, Waypoint},
-    telemetry::{RequestEntry, RequestLabels},
+    telemetry::{Recorder, RequestEntry, RequestLabels},
     upstream::{UpBody, UpstreamError, endpoint_uri},
 };
 
@@ -52,6 +52,41 @@ pub struct Downstream {
     pub source_tag: u32,
     /// The original client address (`forwarded`), else the tunnel's peer.
     pub client: SocketAddr,
+    /// Metric series this connection's requests ended in, so a request reuses them instead
+    /// of building and hashing a dozen label strings.
+    recorders: Mutex<Recorders>,
+}
+
+/// Cached metric series of one connection, valid for one configuration snapshot (held, so
+/// the workloads compared by pointer stay alive).
+#[derive(Default)]
+struct Recorders {
+    snapshot: Option<Arc<Snapshot>>,
+    entries: Vec<(RecorderKey, Recorder)>,
+}
+
+/// What the labels of a request depend on beyond its connection and snapshot.
+struct RecorderKey {
+    status: StatusCode,
+    flags: &'static str,
+    grpc: bool,
+    endpoint: Option<Arc<sinew_mesh::WorkloadInfo>>,
+}
+
+/// More distinct outcomes than this on one connection start the cache over.
+const MAX_RECORDERS: usize = 16;
+
+impl RecorderKey {
+    fn matches(&self, done: &Done, grpc: bool) -> bool {
+        self.status == done.status
+            && self.flags == done.flags
+            && self.grpc == grpc
+            && match (&self.endpoint, &done.endpoint) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+    }
 }
 
 impl Downstream {
@@ -65,7 +100,70 @@ impl Downstream {
     ) -> Self {
         let principal = source.to_string();
         let source_tag = wp.source_tag(&principal);
-        Self { service, port, source, principal, source_tag, client }
+        let recorders = Mutex::default();
+        Self { service, port, source, principal, source_tag, client, recorders }
+    }
+
+    /// The metric series a request that ended as `done` counts in.
+    fn recorder(
+        &self,
+        wp: &Waypoint,
+        snapshot: &Arc<Snapshot>,
+        done: &Done,
+        grpc: bool,
+    ) -> Recorder {
+        let mut cache = self.recorders.lock().unwrap_or_else(|e| e.into_inner());
+        if !cache.snapshot.as_ref().is_some_and(|s| Arc::ptr_eq(s, snapshot)) {
+            cache.snapshot = Some(snapshot.clone());
+            cache.entries.clear();
+        }
+        if let Some((_, r)) = cache.entries.iter().find(|(k, _)| k.matches(done, grpc)) {
+            return r.clone();
+        }
+        if cache.entries.len() >= MAX_RECORDERS {
+            cache.entries.clear();
+        }
+        let recorder = wp.metrics.recorder(&self.labels(wp, snapshot, done, grpc));
+        let key = RecorderKey {
+            status: done.status,
+            flags: done.flags,
+            grpc,
+            endpoint: done.endpoint.clone(),
+        };
+        cache.entries.push((key, recorder.clone()));
+        recorder
+    }
+
+    /// Istio's labels for a request of this connection that ended as `done`.
+    fn labels(&self, wp: &Waypoint, snapshot: &Snapshot, done: &Done, grpc: bool) -> RequestLabels {
+        let svc = &self.service;
+        let unknown = || "unknown".to_string();
+        RequestLabels {
+            reporter: "waypoint",
+            source_workload: snapshot
+                .mesh
+                .workload_by_ip(self.client.ip())
+                .map_or_else(unknown, |w| w.name.clone()),
+            source_workload_namespace: self.source.namespace.clone(),
+            source_principal: self.principal.clone(),
+            destination_workload: done.endpoint.as_ref().map_or_else(unknown, |w| w.name.clone()),
+            destination_workload_namespace: done
+                .endpoint
+                .as_ref()
+                .map_or_else(|| svc.namespace.clone(), |w| w.namespace.clone()),
+            destination_principal: done
+                .endpoint
+                .as_ref()
+                .and_then(|w| w.identity(&wp.trust_domain).ok())
+                .map_or_else(unknown, |i| i.to_string()),
+            destination_service: format!("{}.{}", svc.name, svc.namespace),
+            destination_service_name: svc.name.clone(),
+            destination_service_namespace: svc.namespace.clone(),
+            request_protocol: if grpc { "grpc" } else { "http" },
+            response_code: done.status.as_u16(),
+            response_flags: done.flags,
+            connection_security_policy: "mutual_tls",
+        }
     }
 }
 
@@ -90,85 +188,66 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let started_at = std::time::SystemTime::now();
+    // What only the access log and span export need is made only when they are on.
+    let observed = wp.access.enabled() || wp.otlp.is_some();
+    let started_at = observed.then(std::time::SystemTime::now);
     let parent_span = req
         .headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split('-').nth(2))
-        .filter(|s| s.len() == 16)
+        .filter(|s| s.len() == 16 && observed)
         .map(str::to_owned);
     let snapshot = wp.snapshot.borrow().clone();
     let method = req.method().clone();
-    let path_and_query =
-        req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+    let path_and_query = observed.then(|| {
+        req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into())
+    });
     let grpc = is_grpc(req.headers());
     let traceparent = child_traceparent(req.headers().get("traceparent"));
     let (mut response, done, route) =
         route_and_forward(&wp, &snapshot, &down, req, &traceparent).await;
     let millis = start.elapsed().as_secs_f64() * 1000.0;
+    down.recorder(&wp, &snapshot, &done, grpc).record(millis);
     let svc = &down.service;
-    let unknown = || "unknown".to_string();
-    let labels = RequestLabels {
-        reporter: "waypoint",
-        source_workload: snapshot
-            .mesh
-            .workload_by_ip(down.client.ip())
-            .map_or_else(unknown, |w| w.name.clone()),
-        source_workload_namespace: down.source.namespace.clone(),
-        source_principal: down.principal.clone(),
-        destination_workload: done.endpoint.as_ref().map_or_else(unknown, |w| w.name.clone()),
-        destination_workload_namespace: done
-            .endpoint
-            .as_ref()
-            .map_or_else(|| svc.namespace.clone(), |w| w.namespace.clone()),
-        destination_principal: done
-            .endpoint
-            .as_ref()
-            .and_then(|w| w.identity(&wp.trust_domain).ok())
-            .map_or_else(unknown, |i| i.to_string()),
-        destination_service: format!("{}.{}", svc.name, svc.namespace),
-        destination_service_name: svc.name.clone(),
-        destination_service_namespace: svc.namespace.clone(),
-        request_protocol: if grpc { "grpc" } else { "http" },
-        response_code: done.status.as_u16(),
-        response_flags: done.flags,
-        connection_security_policy: "mutual_tls",
-    };
-    wp.metrics.record(&labels, millis);
-    wp.access.write(&RequestEntry {
-        ts: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or_default(),
-        method: method.to_string(),
-        path: path_and_query.clone(),
-        service: format!("{}.{}:{}", svc.name, svc.namespace, down.port),
-        route,
-        status: done.status.as_u16(),
-        flags: done.flags,
-        upstream: done.endpoint.as_ref().map(|w| w.key()),
-        attempts: done.attempts,
-        source: down.principal.clone(),
-        duration_ms: millis,
-        traceparent: Some(traceparent.clone()),
-    });
-    if let Some(otlp) = &wp.otlp {
-        let mut ids = traceparent.split('-').skip(1);
-        if let (Some(trace_id), Some(span_id)) = (ids.next(), ids.next()) {
-            otlp.export(crate::otlp::Span {
-                trace_id: trace_id.to_owned(),
-                span_id: span_id.to_owned(),
-                parent_span_id: parent_span,
-                name: format!("{method} {}", path_and_query.split('?').next().unwrap_or("/")),
-                start: started_at,
-                end: std::time::SystemTime::now(),
+    if let (Some(path_and_query), Some(started_at)) = (path_and_query, started_at) {
+        if wp.access.enabled() {
+            wp.access.write(&RequestEntry {
+                ts: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or_default(),
                 method: method.to_string(),
-                path: path_and_query.split('?').next().unwrap_or("/").to_owned(),
+                path: path_and_query.clone(),
+                service: format!("{}.{}:{}", svc.name, svc.namespace, down.port),
+                route,
                 status: done.status.as_u16(),
-                service: format!("{}.{}", svc.name, svc.namespace),
+                flags: done.flags,
+                upstream: done.endpoint.as_ref().map(|w| w.key()),
+                attempts: done.attempts,
                 source: down.principal.clone(),
+                duration_ms: millis,
+                traceparent: Some(traceparent.clone()),
             });
+        }
+        if let Some(otlp) = &wp.otlp {
+            let mut ids = traceparent.split('-').skip(1);
+            if let (Some(trace_id), Some(span_id)) = (ids.next(), ids.next()) {
+                let path = path_and_query.split('?').next().unwrap_or("/");
+                otlp.export(crate::otlp::Span {
+                    trace_id: trace_id.to_owned(),
+                    span_id: span_id.to_owned(),
+                    parent_span_id: parent_span,
+                    name: format!("{method} {path}"),
+                    start: started_at,
+                    end: std::time::SystemTime::now(),
+                    method: method.to_string(),
+                    path: path.to_owned(),
+                    status: done.status.as_u16(),
+                    service: format!("{}.{}", svc.name, svc.namespace),
+                    source: down.principal.clone(),
+                });
+            }
         }
     }
     if let Ok(v) = HeaderValue::from_str(&traceparent) {

@@ -74,11 +74,29 @@ impl Default for Metrics {
     }
 }
 
+/// The series of one label set, to record into without building and hashing the labels
+/// again (see `Downstream`'s cache).
+#[derive(Clone)]
+pub struct Recorder {
+    requests: Counter,
+    duration: Histogram,
+}
+
+impl Recorder {
+    /// Counts one request that took `millis`.
+    pub fn record(&self, millis: f64) {
+        self.requests.inc();
+        self.duration.observe(millis);
+    }
+}
+
 impl Metrics {
-    /// Counts one request.
-    pub fn record(&self, labels: &RequestLabels, millis: f64) {
-        self.requests.get_or_create(labels).inc();
-        self.duration.get_or_create(labels).observe(millis);
+    /// The series of `labels`, created if new.
+    pub fn recorder(&self, labels: &RequestLabels) -> Recorder {
+        Recorder {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration: self.duration.get_or_create(labels).clone(),
+        }
     }
 
     /// The Prometheus text exposition.

