@@ -239,13 +239,16 @@ impl Capture {
     /// Forgets a pod address; inbound to it is no longer touched.
     pub fn remove_addr(&mut self, ip: IpAddr) {
         let _ = self.pod_addrs.remove(&ip_key(ip));
-        for slot in [sinew_ebpf_common::SLOT_PLAINTEXT, sinew_ebpf_common::SLOT_HBONE] {
-            let _ = self.listeners.remove(&ListenerKey { ip: ip_key(ip), slot });
+        for kind in [sinew_ebpf_common::SLOT_PLAINTEXT, sinew_ebpf_common::SLOT_HBONE] {
+            for w in 0..sinew_ebpf_common::WORKER_SLOTS {
+                let slot = sinew_ebpf_common::listener_slot(kind, w);
+                let _ = self.listeners.remove(&ListenerKey { ip: ip_key(ip), slot });
+            }
         }
     }
 
-    /// Points inbound connections for `ip` in `slot` at `listener` (a socket in the pod's
-    /// namespace; the kernel drops the entry when the socket closes).
+    /// Points inbound connections for `ip` in `slot` (see `listener_slot`) at `listener` (a
+    /// socket in the pod's namespace; the kernel drops the entry when the socket closes).
     pub fn set_listener(
         &mut self,
         ip: IpAddr,

@@ -86,7 +86,7 @@ struct RunArgs {
     /// `../ebpf/` from it (where `cargo xtask build-ebpf` puts it).
     #[arg(long)]
     ebpf_object: Option<PathBuf>,
-    /// Data path worker threads [default: half the CPUs, at least 1, at most 2]. The agent
+    /// Data path worker threads, 1 to 4 [default: half the CPUs, at least 1, at most 2]. The agent
     /// shares its node with the workloads whose bytes it carries: on 2 cores one worker
     /// served 25 % more HTTP requests/s through the mesh than two (`cargo xtask bench l4`).
     #[arg(long)]
@@ -142,8 +142,11 @@ fn run(args: RunArgs) -> Result<()> {
     let (cgroup_root, own) = own_cgroup(&args.common)?;
     let object = find_object(args.ebpf_object.clone())?;
     let worker_count = args.workers.unwrap_or_else(default_workers);
-    if worker_count == 0 {
-        bail!("--workers must be at least 1");
+    let max = sinew_ebpf_common::WORKER_SLOTS as usize;
+    if !(1..=max).contains(&worker_count) {
+        bail!(
+            "--workers {worker_count}: must be 1 to {max} (inbound capture spreads over {max} slots)"
+        );
     }
     // Each proxied connection holds two sockets and two pipes: use all descriptors allowed.
     raise_nofile();

@@ -14,6 +14,7 @@ use std::{
 
 use sinew_ebpf_common::{
     INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, SLOT_HBONE, SLOT_PLAINTEXT,
+    WORKER_SLOTS, listener_slot,
 };
 use sinew_identity::SpiffeId;
 use sinew_local_api::{AgentStatus, PodSpec, PodStatus};
@@ -222,8 +223,9 @@ impl Registry {
                 source,
             })
         };
-        // One set of listeners per worker, each an SO_REUSEPORT group: the kernel spreads
-        // connections over the workers (also after sk_lookup picked the group's first socket).
+        // One set of listeners per worker on the same addresses (SO_REUSEPORT). Outbound, the
+        // kernel spreads connections over the group; inbound, sk_lookup picks each worker's
+        // socket itself (see `WORKER_SLOTS`).
         let mut sets = Vec::with_capacity(self.workers.len());
         for _ in &self.workers {
             let out4 = listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT), false)?;
@@ -236,7 +238,6 @@ impl Registry {
                 .or_else(|_| listen(proxy::any(false, INBOUND_HBONE_PORT), false))?;
             sets.push((out4, out6, inbound, hbone));
         }
-        let (_, _, inbound, hbone) = sets.first().expect("at least one worker");
 
         let mut capture = self.capture.lock().expect("capture lock poisoned");
         let undo = |capture: &mut Capture| {
@@ -247,8 +248,11 @@ impl Registry {
         };
         let mut register = || -> Result<(), PodError> {
             for ip in &spec.ips {
-                capture.set_listener(*ip, SLOT_PLAINTEXT, inbound)?;
-                capture.set_listener(*ip, SLOT_HBONE, hbone)?;
+                for w in 0..WORKER_SLOTS {
+                    let (_, _, inbound, hbone) = &sets[w as usize % sets.len()];
+                    capture.set_listener(*ip, listener_slot(SLOT_PLAINTEXT, w), inbound)?;
+                    capture.set_listener(*ip, listener_slot(SLOT_HBONE, w), hbone)?;
+                }
                 capture.add_addr(*ip)?;
             }
             if capture.pod_attached(uid) {

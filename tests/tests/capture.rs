@@ -1,6 +1,6 @@
 //! Root tier: eBPF capture of enrolled pods into the node agent, end to end.
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use sinew_local_api::{Request, Response};
 use sinew_test_util::{Cluster, Pod, must_be_root};
 
@@ -114,6 +114,36 @@ fn inbound_capture_on_any_port_including_the_applications() -> Result<()> {
         format!("{err:#}").contains("refused") || format!("{err:#}").contains("reset"),
         "{err:#}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_process_in_the_pod_cannot_take_captured_connections() -> Result<()> {
+    let (mut c, _client, server) = two_nodes()?;
+    let outsider = c.add_pod(1, "outsider", "plain")?;
+    c.agent(1).enroll(&outsider)?;
+    // A root process in the server pod joins the reuseport group of the agent's plaintext
+    // inbound listeners (same address, same user): the kernel would hand it a share of the
+    // connections if sk_lookup let it choose.
+    let mut stealer = server
+        .command(&c.binary("sinew-testapp"), &["steal", "15006", "6"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut out = std::io::BufReader::new(stealer.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    ensure!(line.trim() == "bound", "the stealer could not join the group: {line:?}");
+    let before = c.agent(2).status()?.counters.inbound;
+    for _ in 0..40 {
+        let out = xfer(&c, &outsider, &Cluster::target(server.v4(), 8080), 1024, 1024)?;
+        ensure!(out.contains("checksums match"), "{out}");
+    }
+    let after = c.agent(2).status()?.counters.inbound;
+    ensure!(after == before + 40, "the agent carried {} of 40", after - before);
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    stealer.wait()?;
+    ensure!(line.contains("\"accepted\":0"), "the stealer got connections: {line}");
     Ok(())
 }
 

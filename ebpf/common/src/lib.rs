@@ -29,10 +29,21 @@ pub const INBOUND_HBONE_PORT: u16 = 15008;
 /// Sockets carrying this mark are never redirected (Istio's bypass mark).
 pub const BYPASS_MARK: u32 = 0x539;
 
-/// Index of the plaintext inbound listener in [`ListenerKey::slot`].
+/// Index of the plaintext inbound listener in [`ListenerKey::slot`] (see [`listener_slot`]).
 pub const SLOT_PLAINTEXT: u32 = 0;
-/// Index of the HBONE inbound listener in [`ListenerKey::slot`].
+/// Index of the HBONE inbound listener in [`ListenerKey::slot`] (see [`listener_slot`]).
 pub const SLOT_HBONE: u32 = 1;
+/// Listener slots per kind and address: sk_lookup spreads connections over them by source
+/// port, and the agent points each at one of its workers' sockets (slot `w` at worker
+/// `w % workers`). The program picks the exact socket (no `SO_REUSEPORT` selection), so a
+/// process in the pod that joins the listeners' reuseport group never receives them.
+pub const WORKER_SLOTS: u32 = 4;
+
+/// The [`ListenerKey::slot`] of `kind` ([`SLOT_PLAINTEXT`] or [`SLOT_HBONE`]) for worker
+/// slot `worker` (below [`WORKER_SLOTS`]).
+pub const fn listener_slot(kind: u32, worker: u32) -> u32 {
+    kind + 2 * worker
+}
 
 /// Capacity of the connection maps; LRU, so a burst past it evicts the oldest entries.
 pub const MAX_CONNECTIONS: u32 = 65_536;
@@ -119,7 +130,7 @@ pub struct ConnKey {
 pub struct ListenerKey {
     /// The pod address.
     pub ip: IpKey,
-    /// [`SLOT_PLAINTEXT`] or [`SLOT_HBONE`].
+    /// [`listener_slot`] of [`SLOT_PLAINTEXT`] or [`SLOT_HBONE`].
     pub slot: u32,
 }
 

@@ -29,7 +29,7 @@ use aya_ebpf::{
 use sinew_ebpf_common::{
     AF_INET, AF_INET6, BYPASS_MARK, ConnKey, INBOUND_HBONE_PORT, IPPROTO_TCP, IpKey, ListenerKey,
     MAX_CONNECTIONS, MAX_POD_ADDRESSES, OUTBOUND_PORT, SLOT_HBONE, SLOT_PLAINTEXT, SO_ORIGINAL_DST,
-    SOL_IP, SOL_IPV6, SockAddr,
+    SOL_IP, SOL_IPV6, SockAddr, WORKER_SLOTS, listener_slot,
 };
 
 /// The verdicts of cgroup and sk_lookup programs.
@@ -38,6 +38,8 @@ const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
 /// `TCP_CLOSE` in `enum tcp_state`.
 const TCP_CLOSE: u32 = 7;
+/// `BPF_SK_LOOKUP_F_NO_REUSEPORT`: assign exactly the socket given.
+const SK_LOOKUP_NO_REUSEPORT: u64 = 2;
 /// Loopback's ifindex in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 
@@ -51,7 +53,7 @@ static ORIG_BY_CONN: LruHashMap<ConnKey, SockAddr> = LruHashMap::pinned(MAX_CONN
 static POD_ADDRS: HashMap<IpKey, u32> = HashMap::pinned(MAX_POD_ADDRESSES, 0);
 
 #[map(name = "SINEW_LISTENERS")]
-static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_POD_ADDRESSES, 0);
+static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_POD_ADDRESSES * 2 * WORKER_SLOTS, 0);
 
 // ---- outbound: connect ----
 
@@ -313,8 +315,9 @@ pub fn sinew_sk_lookup(ctx: SkLookupContext) -> u32 {
 fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, ()> {
     let l = ctx.lookup;
     // SAFETY: the kernel hands sk_lookup programs a valid bpf_sk_lookup for the call.
-    let (protocol, family, ifindex, port) =
-        unsafe { ((*l).protocol, (*l).family, (*l).ingress_ifindex, (*l).local_port) };
+    let (protocol, family, ifindex, port, remote_port) = unsafe {
+        ((*l).protocol, (*l).family, (*l).ingress_ifindex, (*l).local_port, (*l).remote_port)
+    };
     // Loopback arrivals are the agent delivering to the application, or the pod talking to
     // itself: never steer those.
     if protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
@@ -338,8 +341,11 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, ()> {
     if POD_ADDRS.get_ptr(&ip).is_none() {
         return Err(());
     }
-    let slot = if port == INBOUND_HBONE_PORT as u32 { SLOT_HBONE } else { SLOT_PLAINTEXT };
-    match LISTENERS.redirect_sk_lookup(ctx, ListenerKey { ip, slot }, 0) {
+    let kind = if port == INBOUND_HBONE_PORT as u32 { SLOT_HBONE } else { SLOT_PLAINTEXT };
+    // Spread over the agent's workers by the client's port; the exact socket, never one the
+    // kernel would pick from its reuseport group.
+    let slot = listener_slot(kind, u32::from(u16::from_be(remote_port)) % WORKER_SLOTS);
+    match LISTENERS.redirect_sk_lookup(ctx, ListenerKey { ip, slot }, SK_LOOKUP_NO_REUSEPORT) {
         Ok(()) => Ok(SK_PASS),
         // Enrolled but no agent listening: refuse (the client gets a reset) rather than let
         // the connection reach the application around the mesh.

@@ -17,7 +17,7 @@ use tokio::{
 
 const USAGE: &str = "usage: sinew-testapp serve PORT... | xfer TARGET UP DOWN SEED | \
 many TARGETS(,) COUNT | sink TARGET SECS [STREAMS] | ping TARGET COUNT | reset TARGET | \
-hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | raw TARGET TEXT";
+hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | raw TARGET TEXT | steal PORT SECS";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,6 +39,7 @@ fn main() -> Result<()> {
                 sink(arg(1)?.parse()?, arg(2)?.parse()?, streams).await
             }
             "ping" => ping(arg(1)?.parse()?, arg(2)?.parse()?).await,
+            "steal" => steal(arg(1)?.parse()?, arg(2)?.parse()?).await,
             "reset" => reset(arg(1)?.parse()?).await,
             "hold" => hold(arg(1)?.parse()?, arg(2)?.parse()?).await,
             "http" => http(arg(1)?.parse()?, arg(2)?.to_owned()).await,
@@ -248,6 +249,31 @@ async fn sink(target: SocketAddr, secs: f64, streams: usize) -> Result<()> {
         "{}",
         serde_json::json!({ "bytes": bytes, "secs": elapsed, "bytes_per_sec": bytes / elapsed })
     );
+    Ok(())
+}
+
+/// Joins the `SO_REUSEPORT` group on `[::]:PORT` (dual-stack), as a process in a pod trying
+/// to take connections meant for whoever listens there; prints "bound" once it has, then,
+/// after SECS seconds, how many connections it accepted.
+async fn steal(port: u16, secs: u64) -> Result<()> {
+    let sock = TcpSocket::new_v6()?;
+    sock.set_reuseport(true)?;
+    socket2::SockRef::from(&sock).set_only_v6(false)?;
+    sock.bind(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port))?;
+    let l = sock.listen(1024)?;
+    println!("bound");
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+    let mut accepted = 0u64;
+    let deadline = tokio::time::sleep(Duration::from_secs(secs));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            r = l.accept() => if r.is_ok() { accepted += 1 },
+            _ = &mut deadline => break,
+        }
+    }
+    println!("{}", serde_json::json!({ "accepted": accepted }));
     Ok(())
 }
 
