@@ -9,6 +9,7 @@
 //!   survives configuration changes (token buckets, balancers, ejections).
 //! - [`proxy`]: one request, end to end.
 //! - [`upstream`]: HTTP to an endpoint through an HBONE stream.
+//! - [`tcp`]: plain TCP service ports, passed through to an endpoint unparsed.
 //! - [`telemetry`]: Istio's request metrics and the JSON access log.
 //! - [`otlp`]: OpenTelemetry span export (OTLP/HTTP JSON).
 #![forbid(unsafe_code)]
@@ -16,5 +17,6 @@
 pub mod otlp;
 pub mod proxy;
 pub mod state;
+pub mod tcp;
 pub mod telemetry;
 pub mod upstream;

@@ -225,49 +225,59 @@ impl tower_service::Service<Uri> for HboneConnector {
         let source = self.source;
         Box::pin(async move {
             let endpoint = uri.authority().map(|a| a.to_string()).unwrap_or_default();
-            let err =
-                |reason: String| UpstreamError::Connect { endpoint: endpoint.clone(), reason };
-            let wp = wp.upgrade().ok_or_else(|| err("waypoint stopping".into()))?;
+            let wp = wp.upgrade().ok_or_else(|| UpstreamError::Connect {
+                endpoint: endpoint.clone(),
+                reason: "waypoint stopping".into(),
+            })?;
             let authority: SocketAddr = uri
                 .host()
                 .map(|h| h.trim_matches(['[', ']']))
                 .and_then(|h| h.parse::<IpAddr>().ok())
                 .zip(uri.port_u16())
                 .map(|(ip, port)| SocketAddr::new(ip, port))
-                .ok_or_else(|| err("not an <ip>:<port> authority".into()))?;
-            let snapshot = wp.snapshot.borrow().clone();
-            let workload = snapshot
-                .mesh
-                .workload_by_ip(authority.ip())
-                .ok_or_else(|| err("no workload has this address".into()))?;
-            let expected = workload.identity(&wp.trust_domain).map_err(|e| err(e.to_string()))?;
-            let identity = wp.identity().ok_or_else(|| err("no certificate yet".into()))?;
-            let key = PoolKey {
-                source: wp.id.clone(),
-                source_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                destination: SocketAddr::new(authority.ip(), HBONE_PORT),
-                expected,
-            };
-            // Pooled HTTP connections carry many requests of one original client identity:
-            // the CONNECT names that identity in its baggage.
-            let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
-            let baggage = source
-                .and_then(|tag| wp.source_of(tag))
-                .map(|principal| format!("{SOURCE_PRINCIPAL_BAGGAGE}={principal}"));
-            let stream = wp
-                .pool
-                .get()
-                .connect(
-                    &key,
-                    &identity,
-                    Connect { authority, client, baggage: baggage.as_deref(), early: Bytes::new() },
-                    TcpStream::connect,
-                )
-                .await
-                .map_err(|e| err(e.to_string()))?;
-            Ok(HboneIo(TokioIo::new(stream)))
+                .ok_or_else(|| UpstreamError::Connect {
+                    endpoint,
+                    reason: "not an <ip>:<port> authority".into(),
+                })?;
+            Ok(HboneIo(TokioIo::new(open_tunnel(&wp, authority, source).await?)))
         })
     }
+}
+
+/// An HBONE stream to `authority` (an endpoint's `<ip>:<port>`) through its agent, as the
+/// waypoint, naming the original client identity `source` (see [`Waypoint::source_tag`]) in
+/// the CONNECT's baggage. Pooled HTTP connections and forwarded TCP connections both use it.
+pub async fn open_tunnel(
+    wp: &Waypoint,
+    authority: SocketAddr,
+    source: Option<u32>,
+) -> Result<H2Stream, UpstreamError> {
+    let err = |reason: String| UpstreamError::Connect { endpoint: authority.to_string(), reason };
+    let snapshot = wp.snapshot.borrow().clone();
+    let workload = snapshot
+        .mesh
+        .workload_by_ip(authority.ip())
+        .ok_or_else(|| err("no workload has this address".into()))?;
+    let expected = workload.identity(&wp.trust_domain).map_err(|e| err(e.to_string()))?;
+    let identity = wp.identity().ok_or_else(|| err("no certificate yet".into()))?;
+    let key = PoolKey {
+        source: wp.id.clone(),
+        source_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        destination: SocketAddr::new(authority.ip(), HBONE_PORT),
+        expected,
+    };
+    // Pooled HTTP connections carry many requests of one original client identity: the
+    // CONNECT names that identity in its baggage.
+    let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+    let baggage = source
+        .and_then(|tag| wp.source_of(tag))
+        .map(|principal| format!("{SOURCE_PRINCIPAL_BAGGAGE}={principal}"));
+    let connect = Connect { authority, client, baggage: baggage.as_deref(), early: Bytes::new() };
+    wp.pool
+        .get()
+        .connect(&key, &identity, connect, TcpStream::connect)
+        .await
+        .map_err(|e| err(e.to_string()))
 }
 
 /// The request URI toward an endpoint.

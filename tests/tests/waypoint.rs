@@ -38,6 +38,21 @@ spec:
   selector: {version: v2}
 ";
 
+/// A plain TCP port (`appProtocol: tcp`) behind the same waypoint: passed through unparsed.
+const TCP: &str = "
+apiVersion: v1
+kind: Service
+metadata:
+  name: store
+  namespace: demo
+  labels:
+    sinew.io/use-waypoint: wp
+spec:
+  clusterIPs: [\"198.18.200.23\"]
+  ports: [{port: 7000, appProtocol: tcp}]
+  selector: {version: v1}
+";
+
 const GRPC: &str = "
 apiVersion: v1
 kind: Service
@@ -118,6 +133,7 @@ fn setup() -> Result<(Cluster, Pod)> {
     c.write_config("services.yaml", SERVICES)?;
     c.write_config("routes.yaml", ROUTES)?;
     c.write_config("grpc.yaml", GRPC)?;
+    c.write_config("tcp.yaml", TCP)?;
     let collector = c.add_pod(1, "collector", "plain")?;
     c.start_control()?;
     c.serve_http(&collector, 4318, "collector")?;
@@ -131,6 +147,7 @@ fn setup() -> Result<(Cluster, Pod)> {
     c.serve_http(&v1, 8080, "v1")?;
     c.serve_http(&v2, 8080, "v2")?;
     c.start_app(&v1, &["grpc", "9000", "v1"])?;
+    c.serve(&v1, &[7000])?;
     Ok((c, client))
 }
 
@@ -336,6 +353,21 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         "no span exported: {spans}"
     );
     ensure!(spans.contains("\"name\":\"GET /traced\""), "{spans}");
+
+    // A plain TCP port behind the waypoint: bytes pass through both ways, byte-exact, with the
+    // half-close carried, and the destination agent sees the client through the waypoint.
+    let out = c.run_in(&client, &["xfer", "198.18.200.23:7000", "1048576", "1048576", "9"])?;
+    ensure!(out.contains("checksums match"), "TCP through the waypoint: {out}");
+    let node2 = c.agents[1].as_ref().expect("agent 2");
+    let tcp = node2.access_entries().into_iter().rev().find(|e| {
+        e["dst"]["addr"].as_str().is_some_and(|a| a.ends_with(":7000"))
+            && e["src"]["via"] == "spiffe://cluster.local/ns/demo/sa/waypoint"
+    });
+    let tcp = tcp.ok_or_else(|| anyhow::anyhow!("no TCP connection via the waypoint on node 2"))?;
+    ensure!(tcp["src"]["identity"] == "spiffe://cluster.local/ns/demo/sa/client", "{tcp}");
+    let bytes =
+        tcp["bytes_sent"].as_u64().unwrap_or(0) + tcp["bytes_received"].as_u64().unwrap_or(0);
+    ensure!(bytes >= 2 * 1048576, "both MiB crossed the destination agent: {tcp}");
 
     // The destination agent sees the original client through the waypoint: an L4 DENY for
     // service account `client` on v1 refuses the waypoint's tunnels carrying that client.

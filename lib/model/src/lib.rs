@@ -21,7 +21,7 @@ use std::{collections::BTreeMap, fmt, path::PathBuf};
 pub use kinds::*;
 use serde::{Deserialize, Serialize};
 pub use store::{Rejected, Store, parse_document, parse_file};
-pub use validate::{Duration, is_dns_label, is_dns_subdomain};
+pub use validate::{Duration, Port, is_dns_label, is_dns_subdomain};
 
 /// The label that enrolls a namespace, and its enrolling value.
 pub const DATAPLANE_MODE_LABEL: &str = "sinew.io/dataplane-mode";
