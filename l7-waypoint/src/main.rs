@@ -116,8 +116,8 @@ fn main() -> Result<()> {
     runtime.block_on(run(args, id, access, control, &workers))
 }
 
-/// Binds `listen` once per worker (an `SO_REUSEPORT` group) and serves each worker's accepted
-/// connections on that worker with `serve`.
+/// Binds `listen` once per worker (an `SO_REUSEPORT` group; an address in use by anyone else
+/// is an error) and serves each worker's accepted connections on that worker with `serve`.
 fn listen_on_workers<F, Fut>(
     workers: &Workers,
     listen: SocketAddr,
@@ -128,9 +128,9 @@ where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    for handle in workers.handles() {
-        let std = sinew_workers::reuseport_listener(listen)
-            .with_context(|| format!("{what} {listen}"))?;
+    let group = sinew_workers::reuseport_group(listen, workers.len())
+        .with_context(|| format!("{what} {listen}"))?;
+    for (handle, std) in workers.handles().iter().zip(group) {
         let serve = serve.clone();
         handle.spawn(async move {
             let listener = match TcpListener::from_std(std) {

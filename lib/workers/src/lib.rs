@@ -120,8 +120,30 @@ impl<T> PerWorker<T> {
     }
 }
 
-/// A listening socket that joins the `SO_REUSEPORT` group on `addr` (one per worker);
-/// non-blocking, ready for `tokio::net::TcpListener::from_std` on a worker.
+/// `n` listening sockets on `addr` in one `SO_REUSEPORT` group (one per worker), non-blocking,
+/// ready for `tokio::net::TcpListener::from_std` on their workers. The address must be free:
+/// another process's socket there, reuseport or not, is an error (`AddrInUse`) instead of a
+/// group that shares connections with it.
+pub fn reuseport_group(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    // A bind without SO_REUSEPORT fails on any socket listening there (SO_REUSEADDR only lets
+    // it past connections of an earlier run in TIME_WAIT); it is closed before the group binds
+    // (port 0 picks a free port for the whole group).
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(false)?;
+    }
+    probe.bind(&addr.into())?;
+    let addr = match addr.port() {
+        0 => probe.local_addr()?.as_socket().unwrap_or(addr),
+        _ => addr,
+    };
+    drop(probe);
+    (0..n.max(1)).map(|_| reuseport_listener(addr)).collect()
+}
+
+/// A listening socket that joins the `SO_REUSEPORT` group on `addr`; non-blocking, ready for
+/// `tokio::net::TcpListener::from_std` on a worker.
 pub fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -166,5 +188,20 @@ mod tests {
         assert_eq!(second.local_addr().expect("addr"), addr);
         // A plain bind (no SO_REUSEPORT) is refused: the group is real.
         assert!(std::net::TcpListener::bind(addr).is_err());
+    }
+
+    #[test]
+    fn a_group_is_refused_where_another_socket_listens() {
+        let group = reuseport_group("127.0.0.1:0".parse().expect("addr"), 2).expect("group");
+        assert_eq!(group.len(), 2);
+        let addr = group[0].local_addr().expect("addr");
+        assert_eq!(group[1].local_addr().expect("addr"), addr);
+        // Someone else's reuseport socket (as a second instance would open) is found...
+        let err = reuseport_group(addr, 2).expect_err("the address is taken");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        // ...and so is a plain one.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("plain");
+        let err = reuseport_group(plain.local_addr().expect("addr"), 1).expect_err("taken");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
     }
 }
