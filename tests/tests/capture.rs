@@ -125,8 +125,10 @@ fn a_process_in_the_pod_cannot_take_captured_connections() -> Result<()> {
     // A root process in the server pod joins the reuseport group of the agent's plaintext
     // inbound listeners (same address, same user): the kernel would hand it a share of the
     // connections if sk_lookup let it choose.
+    // It listens until its standard input closes (60 s at most), so it is there throughout.
     let mut stealer = server
-        .command(&c.binary("sinew-testapp"), &["steal", "15006", "6"])
+        .command(&c.binary("sinew-testapp"), &["steal", "15006", "60"])
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let mut out = std::io::BufReader::new(stealer.stdout.take().context("stdout")?);
@@ -140,6 +142,7 @@ fn a_process_in_the_pod_cannot_take_captured_connections() -> Result<()> {
     }
     let after = c.agent(2).status()?.counters.inbound;
     ensure!(after == before + 40, "the agent carried {} of 40", after - before);
+    drop(stealer.stdin.take());
     line.clear();
     std::io::BufRead::read_line(&mut out, &mut line)?;
     stealer.wait()?;

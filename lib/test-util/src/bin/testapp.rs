@@ -254,8 +254,9 @@ async fn sink(target: SocketAddr, secs: f64, streams: usize) -> Result<()> {
 
 /// Joins the `SO_REUSEPORT` group on `[::]:PORT` (dual-stack), as a process in a pod trying
 /// to take connections meant for whoever listens there; prints "bound" once it has, then,
-/// after SECS seconds, how many connections it accepted.
+/// when its standard input closes (or after SECS seconds), how many connections it accepted.
 async fn steal(port: u16, secs: u64) -> Result<()> {
+    use tokio::io::AsyncReadExt as _;
     let sock = TcpSocket::new_v6()?;
     sock.set_reuseport(true)?;
     socket2::SockRef::from(&sock).set_only_v6(false)?;
@@ -267,9 +268,12 @@ async fn steal(port: u16, secs: u64) -> Result<()> {
     let mut accepted = 0u64;
     let deadline = tokio::time::sleep(Duration::from_secs(secs));
     tokio::pin!(deadline);
+    let mut stdin = tokio::io::stdin();
+    let mut byte = [0u8; 1];
     loop {
         tokio::select! {
             r = l.accept() => if r.is_ok() { accepted += 1 },
+            r = stdin.read(&mut byte) => if !matches!(r, Ok(n) if n > 0) { break },
             _ = &mut deadline => break,
         }
     }
