@@ -35,14 +35,18 @@ pub struct Workers {
 impl Workers {
     /// Starts `n` workers (at least one) named `<name>-<index>`.
     ///
-    /// Also caps glibc's malloc arenas at one per two workers: by default each thread that
-    /// allocates gets an arena of its own (up to 8 per core), and their fragmentation cost the
-    /// waypoint under load (`cargo xtask bench l7`, 2 workers) peak RSS of 30.1 MiB with the
-    /// default, 28.7 with 3 arenas and 25.6 with 1, at the same CPU per request (glibc's
-    /// per-thread caches serve most allocations without taking the arena's lock).
+    /// Also caps glibc's malloc arenas at one per worker plus the main thread's: by default
+    /// each thread that allocates gets an arena of its own (up to 8 per core), and their
+    /// fragmentation cost the waypoint under load (`cargo xtask bench l7`, 2 workers) peak RSS
+    /// of 30.1 MiB. Fewer arenas than threads is worse: with one arena for two workers, the
+    /// workers contended for its lock on every allocation that missed glibc's per-thread
+    /// cache, some 45,000 `futex` calls a second at 34,000 requests/s, and served 15% fewer
+    /// requests with a p99 twice as long as with an arena each, which made no `futex` call.
+    /// glibc gives a thread a new arena while the count is under the cap, so each worker's
+    /// first allocation creates its own.
     pub fn start(n: usize, name: &str) -> io::Result<Self> {
         let n = n.max(1);
-        let arenas = i32::try_from(n.div_ceil(2)).unwrap_or(i32::MAX);
+        let arenas = i32::try_from(n + 1).unwrap_or(i32::MAX);
         // SAFETY: mallopt only tunes the allocator and may be called at any time; a failure
         // (0) leaves glibc's default in place.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
