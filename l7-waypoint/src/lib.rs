@@ -9,6 +9,7 @@
 //!   survives configuration changes (token buckets, balancers, ejections).
 //! - [`proxy`]: one request, end to end.
 //! - [`upstream`]: HTTP to an endpoint through an HBONE stream.
+//! - [`replay`]: request bodies that stream to a try while kept for the next one.
 //! - [`tcp`]: plain TCP service ports, passed through to an endpoint unparsed.
 //! - [`telemetry`]: Istio's request metrics and the JSON access log.
 //! - [`otlp`]: OpenTelemetry span export (OTLP/HTTP JSON).
@@ -16,6 +17,7 @@
 
 pub mod otlp;
 pub mod proxy;
+pub mod replay;
 pub mod state;
 pub mod tcp;
 pub mod telemetry;

@@ -27,6 +27,7 @@ use sinew_model::{HeaderModifier, HttpFilter};
 use hyper_util::rt::TokioIo;
 
 use crate::{
+    replay::{self, BoxError},
     state::{Snapshot, Waypoint},
     telemetry::{Recorder, RequestEntry, RequestLabels},
     upstream::{UpBody, UpstreamError, endpoint_uri},
@@ -35,7 +36,8 @@ use crate::{
 /// The body of every response the waypoint sends.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Largest request body buffered (bodies are buffered so tries can be repeated).
+/// Largest request body kept so tries can repeat it (buffered for mirrors; beyond it, a
+/// retried request streams on but is not retried, a mirrored one is refused).
 pub const MAX_REQUEST_BODY: usize = 8 << 20;
 
 /// The connection a request arrived on.
@@ -452,12 +454,15 @@ async fn route_and_forward(
     };
 
     let policy = RetryPolicy::from_model(rule.and_then(|r| r.retry.as_ref()));
-    // With retries the body is buffered so tries can repeat it; without, it streams (gRPC
-    // streams, uploads, upgrades).
+    // Without retries or mirrors the body streams (gRPC streams, uploads, upgrades). With
+    // retries it streams too, while a copy is kept so a try can be repeated. Mirrors send
+    // their copy once the whole body is in, so for them it is buffered first.
     let mut body = if (policy.attempts == 0 && mirrors.is_empty()) || is_upgrade {
         Some(Payload::Stream(body))
     } else if body.is_end_stream() {
         Some(Payload::Buffered(Bytes::new()))
+    } else if mirrors.is_empty() {
+        Some(Payload::Replay(replay::Recorder::new(body, MAX_REQUEST_BODY)))
     } else {
         match Limited::new(body, MAX_REQUEST_BODY).collect().await {
             Ok(b) => Some(Payload::Buffered(b.to_bytes())),
@@ -541,8 +546,9 @@ async fn route_and_forward(
                 Some(Payload::Buffered(b)) => {
                     Full::new(b.clone()).map_err(|never| match never {}).boxed()
                 }
+                Some(Payload::Replay(r)) => r.next_try().boxed(),
                 Some(Payload::Stream(_)) => match body.take() {
-                    Some(Payload::Stream(b)) => b.boxed(),
+                    Some(Payload::Stream(b)) => b.map_err(BoxError::from).boxed(),
                     _ => Full::new(Bytes::new()).map_err(|never| match never {}).boxed(),
                 },
                 // A streamed body was spent on an earlier try.
@@ -596,7 +602,7 @@ async fn route_and_forward(
             };
             backend.outlier.record(i, success, Instant::now());
             if !success
-                && body.is_some()
+                && body.as_ref().is_some_and(Payload::repeatable)
                 && policy.should_retry(outcome, attempt)
                 && let Some(g) = wp.budget.try_retry()
             {
@@ -731,8 +737,21 @@ fn build_request(
 enum Payload {
     /// Kept in memory: every try sends a copy.
     Buffered(Bytes),
+    /// Streamed while a copy is kept: a try repeats it while the copy is whole.
+    Replay(replay::Recorder<Incoming>),
     /// Streamed: the first try consumes it.
     Stream(Incoming),
+}
+
+impl Payload {
+    /// Whether another try can send the whole body.
+    fn repeatable(&self) -> bool {
+        match self {
+            Self::Buffered(_) => true,
+            Self::Replay(r) => r.replayable(),
+            Self::Stream(_) => false,
+        }
+    }
 }
 
 /// Never reached: a streamed body means no retry (`should_retry` is not asked).

@@ -35,7 +35,7 @@ use crate::state::Waypoint;
 pub const SOURCE_PRINCIPAL_BAGGAGE: &str = "sinew.source.principal";
 
 /// The body sent upstream.
-pub type UpBody = BoxBody<Bytes, hyper::Error>;
+pub type UpBody = BoxBody<Bytes, crate::replay::BoxError>;
 
 /// Idle upstream HTTP connections are closed after this long.
 const IDLE: Duration = Duration::from_secs(30);

@@ -65,6 +65,15 @@ spec:
   clusterIPs: [\"198.18.200.30\"]
   ports: [{port: 9000, appProtocol: grpc}]
   selector: {version: v1}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: greeter, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: greeter, port: 9000}]
+  rules:
+  - backendRefs: [{name: greeter, port: 9000}]
+    retry: {attempts: 2, backoff: 10ms}
 ";
 
 const ROUTES: &str = "
@@ -283,6 +292,15 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     // gRPC through the waypoint: a tonic client and server, unary and streaming calls.
     let out = c.run_in(&client, &["grpc-call", "198.18.200.30:9000"])?;
     ensure!(out.contains("ok 3 unary calls and a 5-message stream served by v1"), "{out}");
+    // Its route retries: calls the server fails with UNAVAILABLE every other time are retried
+    // into answers, and a bidirectional stream still flows message by message.
+    let out = c.run_in(&client, &["grpc-retry", "198.18.200.30:9000"])?;
+    ensure!(
+        out.contains(
+            "ok 4 calls answered through retries and a 5-message interactive stream served by v1"
+        ),
+        "{out}"
+    );
 
     // L7 authorization at the waypoint: POST to /admin denied (403), GET still served.
     c.write_config(

@@ -17,7 +17,7 @@ use tokio::{
 
 const USAGE: &str = "usage: sinew-testapp serve PORT... | xfer TARGET UP DOWN SEED | \
 many TARGETS(,) COUNT | sink TARGET SECS [STREAMS] | ping TARGET COUNT | reset TARGET | \
-hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | raw TARGET TEXT | steal PORT SECS";
+hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | grpc-retry TARGET | raw TARGET TEXT | steal PORT SECS";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -46,6 +46,7 @@ fn main() -> Result<()> {
             "upgrade" => upgrade(arg(1)?.parse()?).await,
             "grpc" => grpc::serve(arg(1)?.parse()?, arg(2)?.to_owned()).await,
             "grpc-call" => grpc::call(arg(1)?.parse()?).await,
+            "grpc-retry" => grpc::call_retried(arg(1)?.parse()?).await,
             "raw" => raw(arg(1)?.parse()?, arg(2)?).await,
             "mark" => mark(arg(1)?.parse()?, arg(2)?, arg(3)?.parse()?).await,
             _ => bail!(USAGE),
@@ -515,7 +516,11 @@ async fn upgrade(target: SocketAddr) -> Result<()> {
 /// A real gRPC peer (tonic) for L7 tests, reusing the control API's services: `Ca.Sign` as a
 /// unary call and `Discovery.Stream` as a bidirectional stream.
 mod grpc {
-    use std::net::{Ipv6Addr, SocketAddr};
+    use std::{
+        net::{Ipv6Addr, SocketAddr},
+        sync::atomic::{AtomicU32, Ordering},
+        time::Duration,
+    };
 
     use anyhow::{Context, Result, ensure};
     use sinew_api::{
@@ -528,13 +533,21 @@ mod grpc {
     use tokio_stream::{StreamExt, wrappers::ReceiverStream};
     use tonic::{Request, Response, Status, Streaming};
 
-    struct Named(String);
+    /// A server named for its answers. Signing an identity that starts with `flaky` fails
+    /// with `UNAVAILABLE` every other time, for retries to mend.
+    struct Named(String, AtomicU32);
 
     #[tonic::async_trait]
     impl Ca for Named {
         async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+            let identity = req.into_inner().identity;
+            if identity.starts_with("flaky")
+                && self.1.fetch_add(1, Ordering::Relaxed).is_multiple_of(2)
+            {
+                return Err(Status::unavailable("flaky: every other call fails"));
+            }
             Ok(Response::new(SignResponse {
-                certificate_pem: format!("{} signed {}", self.0, req.into_inner().identity),
+                certificate_pem: format!("{} signed {identity}", self.0),
                 trust_bundle_pem: vec![],
             }))
         }
@@ -574,8 +587,8 @@ mod grpc {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         println!("ready");
         tonic::transport::Server::builder()
-            .add_service(CaServer::new(Named(name.clone())))
-            .add_service(DiscoveryServer::new(Named(name)))
+            .add_service(CaServer::new(Named(name.clone(), AtomicU32::new(0))))
+            .add_service(DiscoveryServer::new(Named(name, AtomicU32::new(0))))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await?;
         Ok(())
@@ -607,6 +620,55 @@ mod grpc {
         let want: Vec<String> = (1..=5).map(|i| format!("{from}:{i}")).collect();
         ensure!(got == want, "streamed {got:?}, expected {want:?}");
         println!("ok 3 unary calls and a 5-message stream served by {from}");
+        Ok(())
+    }
+
+    /// Through a route that retries: four calls the server fails every other time must all
+    /// be answered, and a bidirectional stream must flow message by message (each request
+    /// is sent only after the answer to the one before, which a proxy holding the request
+    /// body back until it ends would never deliver).
+    pub async fn call_retried(target: SocketAddr) -> Result<()> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
+            .connect()
+            .await
+            .with_context(|| format!("connect {target}"))?;
+        let mut ca = CaClient::new(channel.clone());
+        let mut from = String::new();
+        for i in 0..4 {
+            let identity = format!("flaky-{i}");
+            let r = ca
+                .sign(SignRequest { identity: identity.clone(), ..Default::default() })
+                .await
+                .with_context(|| format!("signing {identity}"))?
+                .into_inner();
+            ensure!(r.certificate_pem.ends_with(&format!("signed {identity}")), "{r:?}");
+            from = r.certificate_pem.split(' ').next().unwrap_or("").to_owned();
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        // The first message goes out before the stream is opened: the server answers the
+        // stream's headers only once it has something to read.
+        tx.send(DiscoveryRequest { response_nonce: "1".into(), ..Default::default() }).await?;
+        let mut client = DiscoveryClient::new(channel);
+        let opened =
+            tokio::time::timeout(Duration::from_secs(10), client.stream(ReceiverStream::new(rx)))
+                .await
+                .context("the stream was not answered within 10 s")?;
+        let mut responses = opened.context("opening the stream")?.into_inner();
+        for i in 1..=5 {
+            if i > 1 {
+                tx.send(DiscoveryRequest { response_nonce: i.to_string(), ..Default::default() })
+                    .await?;
+            }
+            let r = tokio::time::timeout(Duration::from_secs(10), responses.next())
+                .await
+                .with_context(|| format!("no answer to message {i} within 10 s"))?
+                .with_context(|| format!("the stream ended before message {i}"))??;
+            ensure!(r.nonce == format!("{from}:{i}"), "message {i} answered with {r:?}");
+        }
+        drop(tx);
+        println!(
+            "ok 4 calls answered through retries and a 5-message interactive stream served by {from}"
+        );
         Ok(())
     }
 }

@@ -1,0 +1,249 @@
+//! Request bodies for routes that retry: the body streams to the first try as it arrives while
+//! a copy is kept, so a failed try can be repeated without first waiting for the whole body,
+//! as Envoy's retry buffering does. gRPC streams (bidirectional ones included) and uploads
+//! flow at once; a retry replays what was sent and goes on with the rest. Past the limit the
+//! copy is dropped and the request is no longer retried, but it keeps streaming.
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use hyper::body::{Body, Frame, SizeHint};
+
+/// The error type of bodies sent upstream.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the tries of one request share.
+struct Shared<B> {
+    /// The client's body.
+    source: B,
+    /// The client's body has ended (its trailers, if any, are in `trailers`).
+    source_done: bool,
+    /// Every data frame read so far, while `kept` is `Some`.
+    chunks: Vec<Bytes>,
+    /// Bytes in `chunks`; `None` once the limit was passed (or the client's body failed) and
+    /// the copy was dropped.
+    kept: Option<usize>,
+    trailers: Option<HeaderMap>,
+    /// The newest try: the only one that may read on.
+    current: u32,
+}
+
+/// Keeps the copy of a request body and hands out one body per try.
+pub struct Recorder<B> {
+    shared: Arc<Mutex<Shared<B>>>,
+    limit: usize,
+    hint: SizeHint,
+}
+
+impl<B> Recorder<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Records `source`, keeping at most `limit` bytes for replays.
+    pub fn new(source: B, limit: usize) -> Self {
+        let hint = source.size_hint();
+        let shared = Shared {
+            source,
+            source_done: false,
+            chunks: Vec::new(),
+            kept: Some(0),
+            trailers: None,
+            current: 0,
+        };
+        Self { shared: Arc::new(Mutex::new(shared)), limit, hint }
+    }
+
+    /// The body of the next try. From now on an earlier try's body fails if it is read again,
+    /// so no two tries take bytes from the client's body.
+    pub fn next_try(&self) -> ReplayBody<B> {
+        let mut s = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        s.current += 1;
+        ReplayBody {
+            shared: self.shared.clone(),
+            limit: self.limit,
+            hint: self.hint,
+            id: s.current,
+            pos: 0,
+            trailers_sent: false,
+        }
+    }
+
+    /// Whether another try can send the whole body again.
+    pub fn replayable(&self) -> bool {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner).kept.is_some()
+    }
+}
+
+/// One try's view of the request body: the recorded frames, then the rest as it arrives.
+pub struct ReplayBody<B> {
+    shared: Arc<Mutex<Shared<B>>>,
+    limit: usize,
+    hint: SizeHint,
+    id: u32,
+    /// The next recorded frame to send.
+    pos: usize,
+    trailers_sent: bool,
+}
+
+impl<B> Body for ReplayBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let mut guard = this.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = &mut *guard;
+        if s.current != this.id {
+            return Poll::Ready(Some(Err("request body superseded by a retry".into())));
+        }
+        if s.kept.is_some()
+            && let Some(chunk) = s.chunks.get(this.pos)
+        {
+            this.pos += 1;
+            return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
+        }
+        if s.source_done {
+            if !this.trailers_sent {
+                this.trailers_sent = true;
+                if let Some(t) = &s.trailers {
+                    return Poll::Ready(Some(Ok(Frame::trailers(t.clone()))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut s.source).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                s.source_done = true;
+                this.trailers_sent = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                // A broken client body cannot be sent whole again.
+                s.kept = None;
+                s.chunks = Vec::new();
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    match s.kept.map(|k| k + data.len()) {
+                        Some(k) if k <= this.limit => {
+                            s.kept = Some(k);
+                            s.chunks.push(data.clone());
+                            this.pos = s.chunks.len();
+                        }
+                        Some(_) => {
+                            s.kept = None;
+                            s.chunks = Vec::new();
+                        }
+                        None => {}
+                    }
+                } else if let Some(t) = frame.trailers_ref() {
+                    s.trailers = Some(t.clone());
+                    this.trailers_sent = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    /// A client body: frames handed out one per poll, `None` meaning "not yet" (Pending).
+    struct Script(VecDeque<Option<Frame<Bytes>>>);
+
+    impl Body for Script {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            match self.0.pop_front() {
+                Some(Some(f)) => Poll::Ready(Some(Ok(f))),
+                Some(None) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                None => Poll::Ready(None),
+            }
+        }
+    }
+
+    fn script(parts: &[&'static str], trailer: bool) -> Script {
+        let mut frames: VecDeque<Option<Frame<Bytes>>> = parts
+            .iter()
+            .flat_map(|p| [Some(Frame::data(Bytes::from_static(p.as_bytes()))), None])
+            .collect();
+        if trailer {
+            let mut t = HeaderMap::new();
+            t.insert("grpc-status", http::HeaderValue::from_static("0"));
+            frames.push_back(Some(Frame::trailers(t)));
+        }
+        Script(frames)
+    }
+
+    /// Reads `n` frames (all when `None`): (data, whether trailers came).
+    async fn read(body: &mut ReplayBody<Script>, n: Option<usize>) -> (String, bool) {
+        let (mut data, mut trailers) = (String::new(), false);
+        let mut left = n.unwrap_or(usize::MAX);
+        while left > 0 {
+            let Some(f) = body.frame().await else { break };
+            let f = f.expect("frame");
+            if let Some(d) = f.data_ref() {
+                data.push_str(std::str::from_utf8(d).expect("utf-8"));
+            }
+            trailers |= f.is_trailers();
+            left -= 1;
+        }
+        (data, trailers)
+    }
+
+    #[tokio::test]
+    async fn a_retry_replays_what_was_sent_then_streams_the_rest() {
+        let rec = Recorder::new(script(&["ab", "cd", "ef"], true), 1024);
+        let mut first = rec.next_try();
+        assert_eq!(read(&mut first, Some(2)).await, ("abcd".into(), false));
+        assert!(rec.replayable());
+        let mut second = rec.next_try();
+        assert_eq!(read(&mut second, None).await, ("abcdef".into(), true));
+        // The first try was superseded: it cannot take bytes meant for the second.
+        assert!(first.frame().await.expect("a frame").is_err());
+        // A third try gets the whole body and the trailers again.
+        let mut third = rec.next_try();
+        assert_eq!(read(&mut third, None).await, ("abcdef".into(), true));
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_the_body_streams_on_but_is_not_replayable() {
+        let rec = Recorder::new(script(&["abcd", "efgh", "ij"], false), 6);
+        let mut first = rec.next_try();
+        assert_eq!(read(&mut first, None).await, ("abcdefghij".into(), false));
+        assert!(!rec.replayable());
+    }
+}
