@@ -7,7 +7,7 @@
 use std::{
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
 };
 
 use bytes::Bytes;
@@ -31,6 +31,9 @@ struct Shared<B> {
     trailers: Option<HeaderMap>,
     /// The newest try: the only one that may read on.
     current: u32,
+    /// The try waiting for the client's body, woken when a newer try supersedes it so it
+    /// fails (and its upstream request is abandoned) instead of waiting forever.
+    waiting: Option<Waker>,
 }
 
 /// Keeps the copy of a request body and hands out one body per try.
@@ -55,6 +58,7 @@ where
             kept: Some(0),
             trailers: None,
             current: 0,
+            waiting: None,
         };
         Self { shared: Arc::new(Mutex::new(shared)), limit, hint }
     }
@@ -64,6 +68,9 @@ where
     pub fn next_try(&self) -> ReplayBody<B> {
         let mut s = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
         s.current += 1;
+        if let Some(w) = s.waiting.take() {
+            w.wake();
+        }
         ReplayBody {
             shared: self.shared.clone(),
             limit: self.limit,
@@ -125,7 +132,10 @@ where
             return Poll::Ready(None);
         }
         match Pin::new(&mut s.source).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                s.waiting = Some(cx.waker().clone());
+                Poll::Pending
+            }
             Poll::Ready(None) => {
                 s.source_done = true;
                 this.trailers_sent = true;
@@ -173,8 +183,10 @@ mod tests {
 
     use super::*;
 
-    /// A client body: frames handed out one per poll, `None` meaning "not yet" (Pending).
-    struct Script(VecDeque<Option<Frame<Bytes>>>);
+    /// A client body: frames handed out one per poll, `None` meaning "not yet" (Pending);
+    /// once they are out it ends, or with `stall` it never answers again (a client that has
+    /// not sent the rest).
+    struct Script(VecDeque<Option<Frame<Bytes>>>, bool);
 
     impl Body for Script {
         type Data = Bytes;
@@ -190,6 +202,7 @@ mod tests {
                     cx.waker().wake_by_ref();
                     Poll::Pending
                 }
+                None if self.1 => Poll::Pending,
                 None => Poll::Ready(None),
             }
         }
@@ -205,7 +218,7 @@ mod tests {
             t.insert("grpc-status", http::HeaderValue::from_static("0"));
             frames.push_back(Some(Frame::trailers(t)));
         }
-        Script(frames)
+        Script(frames, false)
     }
 
     /// Reads `n` frames (all when `None`): (data, whether trailers came).
@@ -237,6 +250,23 @@ mod tests {
         // A third try gets the whole body and the trailers again.
         let mut third = rec.next_try();
         assert_eq!(read(&mut third, None).await, ("abcdef".into(), true));
+    }
+
+    #[tokio::test]
+    async fn a_try_waiting_for_the_client_fails_when_a_retry_supersedes_it() {
+        // The client's body: one frame, then nothing yet.
+        let rec = Recorder::new(
+            Script(VecDeque::from([Some(Frame::data(Bytes::from_static(b"ab")))]), true),
+            1024,
+        );
+        let mut first = rec.next_try();
+        assert_eq!(read(&mut first, Some(1)).await, ("ab".into(), false));
+        let waiting = tokio::spawn(async move { first.frame().await.map(|f| f.is_err()) });
+        tokio::task::yield_now().await;
+        let mut second = rec.next_try();
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await;
+        assert_eq!(woken.expect("the first try was woken").expect("task"), Some(true));
+        assert_eq!(read(&mut second, Some(1)).await, ("ab".into(), false));
     }
 
     #[tokio::test]
