@@ -594,21 +594,38 @@ mod grpc {
         Ok(())
     }
 
-    pub async fn call(target: SocketAddr) -> Result<()> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
+    async fn connect(target: SocketAddr) -> Result<tonic::transport::Channel> {
+        tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
             .connect()
             .await
-            .with_context(|| format!("connect {target}"))?;
+            .with_context(|| format!("connect {target}"))
+    }
+
+    /// Signs `<prefix>-0` .. `<prefix>-<n-1>`, checks each answer, and returns the name of the
+    /// server that answered.
+    async fn sign_each(
+        channel: &tonic::transport::Channel,
+        prefix: &str,
+        n: usize,
+    ) -> Result<String> {
         let mut ca = CaClient::new(channel.clone());
         let mut from = String::new();
-        for i in 0..3 {
+        for i in 0..n {
+            let identity = format!("{prefix}-{i}");
             let r = ca
-                .sign(SignRequest { identity: format!("id-{i}"), ..Default::default() })
-                .await?
+                .sign(SignRequest { identity: identity.clone(), ..Default::default() })
+                .await
+                .with_context(|| format!("signing {identity}"))?
                 .into_inner();
-            ensure!(r.certificate_pem.ends_with(&format!("signed id-{i}")), "{r:?}");
+            ensure!(r.certificate_pem.ends_with(&format!("signed {identity}")), "{r:?}");
             from = r.certificate_pem.split(' ').next().unwrap_or("").to_owned();
         }
+        Ok(from)
+    }
+
+    pub async fn call(target: SocketAddr) -> Result<()> {
+        let channel = connect(target).await?;
+        let from = sign_each(&channel, "id", 3).await?;
         let requests = (1..=5)
             .map(|i| DiscoveryRequest { response_nonce: i.to_string(), ..Default::default() });
         let mut responses =
@@ -628,22 +645,8 @@ mod grpc {
     /// is sent only after the answer to the one before, which a proxy holding the request
     /// body back until it ends would never deliver).
     pub async fn call_retried(target: SocketAddr) -> Result<()> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
-            .connect()
-            .await
-            .with_context(|| format!("connect {target}"))?;
-        let mut ca = CaClient::new(channel.clone());
-        let mut from = String::new();
-        for i in 0..4 {
-            let identity = format!("flaky-{i}");
-            let r = ca
-                .sign(SignRequest { identity: identity.clone(), ..Default::default() })
-                .await
-                .with_context(|| format!("signing {identity}"))?
-                .into_inner();
-            ensure!(r.certificate_pem.ends_with(&format!("signed {identity}")), "{r:?}");
-            from = r.certificate_pem.split(' ').next().unwrap_or("").to_owned();
-        }
+        let channel = connect(target).await?;
+        let from = sign_each(&channel, "flaky", 4).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         // The first message goes out before the stream is opened: the server answers the
         // stream's headers only once it has something to read.
