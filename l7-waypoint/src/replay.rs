@@ -29,6 +29,9 @@ struct Shared<B> {
     /// the copy was dropped.
     kept: Option<usize>,
     trailers: Option<HeaderMap>,
+    /// Cleared when the [`Recorder`] goes (no try can follow): the live try streams on without
+    /// a copy, and what it has sent is freed.
+    recording: bool,
     /// The newest try: the only one that may read on.
     current: u32,
     /// The try waiting for the client's body, woken when a newer try supersedes it so it
@@ -57,6 +60,7 @@ where
             chunks: Vec::new(),
             kept: Some(0),
             trailers: None,
+            recording: true,
             current: 0,
             waiting: None,
         };
@@ -84,6 +88,13 @@ where
     /// Whether another try can send the whole body again.
     pub fn replayable(&self) -> bool {
         self.shared.lock().unwrap_or_else(PoisonError::into_inner).kept.is_some()
+    }
+}
+
+impl<B> Drop for Recorder<B> {
+    fn drop(&mut self) {
+        // The answer is committed: no try follows, so stop copying what the live one sends.
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner).recording = false;
     }
 }
 
@@ -122,6 +133,11 @@ where
             this.pos += 1;
             return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
         }
+        if !s.recording && !s.chunks.is_empty() {
+            // Everything recorded was sent and nothing will replay it.
+            s.chunks = Vec::new();
+            this.pos = 0;
+        }
         if s.source_done {
             if !this.trailers_sent {
                 this.trailers_sent = true;
@@ -148,7 +164,9 @@ where
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
+                if let Some(data) = frame.data_ref()
+                    && s.recording
+                {
                     match s.kept.map(|k| k + data.len()) {
                         Some(k) if k <= this.limit => {
                             s.kept = Some(k);
@@ -267,6 +285,17 @@ mod tests {
         let woken = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await;
         assert_eq!(woken.expect("the first try was woken").expect("task"), Some(true));
         assert_eq!(read(&mut second, Some(1)).await, ("ab".into(), false));
+    }
+
+    #[tokio::test]
+    async fn once_no_try_can_follow_the_live_one_streams_on_without_a_copy() {
+        let rec = Recorder::new(script(&["ab", "cd", "ef"], false), 1024);
+        let _first = rec.next_try();
+        let mut second = rec.next_try();
+        assert_eq!(read(&mut second, Some(1)).await, ("ab".into(), false));
+        drop(rec);
+        assert_eq!(read(&mut second, None).await, ("cdef".into(), false));
+        assert!(second.shared.lock().expect("lock").chunks.is_empty());
     }
 
     #[tokio::test]
