@@ -17,7 +17,7 @@ use sinew_l7_waypoint::{
     state::{Setup, Snapshot, Waypoint},
     telemetry::AccessLog,
 };
-use sinew_workers::Workers;
+use sinew_workers::{Pinning, Workers};
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, info, warn};
 
@@ -77,6 +77,10 @@ struct Args {
     /// Worker threads, each serving its connections start to end (thread per core).
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Pin workers to CPUs: `auto` pins each to its own when there is one per CPU the
+    /// process may use; `off` never does.
+    #[arg(long, default_value_t = Pinning::Auto)]
+    pin_workers: Pinning,
 }
 
 fn main() -> Result<()> {
@@ -99,7 +103,8 @@ fn main() -> Result<()> {
     // The control plane (configuration, certificates, admin) runs on this thread; requests
     // run on the workers, one connection per worker from accept to close.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let workers = Workers::start(args.workers, "sinew-waypoint")?;
+    let workers = Workers::start(args.workers, "sinew-waypoint", args.pin_workers)?;
+    info!(workers = args.workers, cpus = ?workers.cpus(), "workers started");
     if let (Some(listen), Some(upstream)) = (args.plain_http, args.plain_upstream) {
         return runtime.block_on(run_plain(listen, upstream, id, access, &workers));
     }

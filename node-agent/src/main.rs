@@ -18,7 +18,7 @@ use sinew_node_agent::{
     proxy::Ctx,
     telemetry::AccessLog,
 };
-use sinew_workers::Workers;
+use sinew_workers::{Pinning, Workers};
 use tracing::{info, warn};
 
 #[derive(Parser)]
@@ -91,6 +91,10 @@ struct RunArgs {
     /// served 25 % more HTTP requests/s through the mesh than two (`cargo xtask bench l4`).
     #[arg(long)]
     workers: Option<usize>,
+    /// Pin workers to CPUs: `auto` pins each to its own when there is one per CPU the agent
+    /// may use (never with one worker); `off` never does.
+    #[arg(long, default_value_t = Pinning::Auto)]
+    pin_workers: Pinning,
 }
 
 fn main() -> Result<()> {
@@ -168,7 +172,7 @@ fn run(args: RunArgs) -> Result<()> {
     // blocking pool, so `setns` churn stays off the data path); connections run on the
     // workers, each served start to end by the worker that accepted it.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let workers = Workers::start(worker_count, "sinew-worker")?;
+    let workers = Workers::start(worker_count, "sinew-worker", args.pin_workers)?;
     let handles = workers.handles().to_vec();
     runtime.block_on(async move {
         let (mesh, certs, _config_task) = match control {
@@ -227,7 +231,7 @@ fn run(args: RunArgs) -> Result<()> {
         let admin_listener = tokio::net::TcpListener::bind(args.admin)
             .await
             .with_context(|| format!("--admin {}", args.admin))?;
-        info!(api = %socket.display(), admin = %args.admin, object = %object.display(), restored, workers = worker_count, mode = if registry.ctx().certs.enabled() { "mesh" } else { "capture-only" }, "sinew-agent ready");
+        info!(api = %socket.display(), admin = %args.admin, object = %object.display(), restored, workers = worker_count, cpus = ?workers.cpus(), mode = if registry.ctx().certs.enabled() { "mesh" } else { "capture-only" }, "sinew-agent ready");
         let server = tokio::spawn(api::serve(listener, registry.clone()));
         let admin = tokio::spawn(admin::serve(admin_listener, registry.clone()));
         let reconciler = tokio::spawn(reconcile_loop(registry));
