@@ -111,7 +111,11 @@ fn inbound_capture_on_any_port_including_the_applications() -> Result<()> {
     // A port nothing listens on: captured, then refused by the application's namespace.
     let err = xfer(&c, &outsider, &Cluster::target(server.v4(), 7777), 1, 1).unwrap_err();
     ensure!(
-        format!("{err:#}").contains("refused") || format!("{err:#}").contains("reset"),
+        // A reset that lands while the client writes can surface as a broken pipe or an early
+        // end of the download instead.
+        ["refused", "reset", "broken pipe", "early eof"]
+            .iter()
+            .any(|w| format!("{err:#}").contains(w)),
         "{err:#}"
     );
     Ok(())
@@ -289,7 +293,6 @@ fn labelling_a_namespace_captures_its_running_pods_and_bad_config_changes_nothin
     let (mut c, _client, server) = two_nodes()?;
     let late = c.add_pod(1, "late", "later")?;
     ensure!(!c.agent(1).enroll(&late)?.captured);
-    let config = c.dir().join("config/later.yaml");
     let wait_captured = |c: &mut Cluster, want: bool| -> Result<()> {
         for _ in 0..100 {
             if c.agent(1).status()?.pods.iter().any(|p| p.spec.name == "late" && p.captured == want)
@@ -300,8 +303,10 @@ fn labelling_a_namespace_captures_its_running_pods_and_bad_config_changes_nothin
         }
         anyhow::bail!("pod late never became captured={want}")
     };
-    std::fs::write(
-        &config,
+    // Written whole (a rename), as a reload between a truncate and a write would see an empty
+    // file, a valid change.
+    c.write_config(
+        "later.yaml",
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: later\n  labels:\n    sinew.io/dataplane-mode: ambient\n",
     )?;
     wait_captured(&mut c, true)?;
@@ -310,12 +315,23 @@ fn labelling_a_namespace_captures_its_running_pods_and_bad_config_changes_nothin
     ensure!(c.agent(1).status()?.counters.outbound == 1);
 
     // A broken file must not release anything: the last good state keeps serving.
-    std::fs::write(&config, "apiVersion: v1\nkind: Namespace\nmetadata: [broken\n")?;
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    c.write_config("later.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: [broken\n")?;
+    let rejected = |c: &mut Cluster| {
+        c.agent(1)
+            .log_text()
+            .lines()
+            .any(|l| l.contains("configuration rejected") && l.contains("later.yaml"))
+    };
+    for _ in 0..100 {
+        if rejected(&mut c) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ensure!(rejected(&mut c), "no rejection naming the file: {}", c.agent(1).log_text());
     ensure!(c.agent(1).status()?.pods.iter().any(|p| p.spec.name == "late" && p.captured));
-    ensure!(c.agent(1).log_text().contains("later.yaml"), "the error must name the file");
 
-    std::fs::write(&config, "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: later\n")?;
+    c.write_config("later.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: later\n")?;
     wait_captured(&mut c, false)?;
     ensure!(!c.pod_has_links(&late)?);
     xfer(&c, &late, &to_server, 4096, 4096)?;

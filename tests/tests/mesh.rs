@@ -139,7 +139,10 @@ fn traffic_is_mutual_tls_on_the_wire_and_a_gib_arrives_byte_exact() -> Result<()
     let veth = format!("p{}", p.server.v4().to_string().rsplit('.').next().unwrap_or("10"));
     let pcap = c.dir().join("wire.pcap");
     let marker = "SINEW-PLAINTEXT-MARKER-7f3a";
-    let capture = |c: &Cluster, from: &Pod| -> Result<Vec<u8>> {
+    let contains = |hay: &[u8]| hay.windows(marker.len()).any(|w| w == marker.as_bytes());
+    // Stops tcpdump once the file shows `seen` (or after 5 s): a fixed wait could stop it
+    // before a starved tcpdump wrote what it had captured.
+    let capture = |c: &Cluster, from: &Pod, seen: &dyn Fn(&[u8]) -> bool| -> Result<Vec<u8>> {
         let _ = std::fs::remove_file(&pcap);
         let mut dump = std::process::Command::new("nsenter")
             .args([
@@ -159,17 +162,21 @@ fn traffic_is_mutual_tls_on_the_wire_and_a_gib_arrives_byte_exact() -> Result<()
         err.read_line(&mut line)?;
         ensure!(line.contains("listening on"), "tcpdump: {line}");
         let sent = c.run_in(from, &["mark", &target(&p.server), marker, "1000"]);
-        std::thread::sleep(Duration::from_millis(300));
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(100));
+            if seen(&std::fs::read(&pcap).unwrap_or_default()) {
+                break;
+            }
+        }
         let _ = sh("kill", &["-INT", &dump.id().to_string()]);
         let _ = dump.wait();
         sent?;
         Ok(std::fs::read(&pcap)?)
     };
-    let contains = |hay: &[u8]| hay.windows(marker.len()).any(|w| w == marker.as_bytes());
-    let mesh_wire = capture(&c, &p.client)?;
+    let mesh_wire = capture(&c, &p.client, &|w| w.len() > 20_000)?;
     ensure!(mesh_wire.len() > 20_000, "the capture saw the traffic ({} bytes)", mesh_wire.len());
     ensure!(!contains(&mesh_wire), "the marker crossed the wire in plaintext");
-    let plain_wire = capture(&c, &p.legacy)?;
+    let plain_wire = capture(&c, &p.legacy, &contains)?;
     ensure!(contains(&plain_wire), "control: plaintext from outside the mesh shows the marker");
 
     // 1 GiB up (and 1 MiB back), checksummed end to end.
@@ -183,9 +190,9 @@ fn traffic_is_mutual_tls_on_the_wire_and_a_gib_arrives_byte_exact() -> Result<()
     let entries = c.agent(2).access_entries();
     let big = entries
         .iter()
-        .find(|e| e["bytes_sent"].as_u64() == Some(1024 * MIB as u64 + 16 + 2))
-        .or_else(|| entries.iter().max_by_key(|e| e["bytes_sent"].as_u64().unwrap_or(0)))
+        .max_by_key(|e| e["bytes_sent"].as_u64().unwrap_or(0))
         .context("no access log entry on node 2")?;
+    ensure!(big["bytes_sent"].as_u64().unwrap_or(0) >= 1024 * MIB as u64, "{big}");
     ensure!(big["protocol"] == "HBONE", "{big}");
     ensure!(big["src"]["identity"] == "spiffe://cluster.local/ns/demo/sa/client", "{big}");
     ensure!(big["dst"]["identity"] == "spiffe://cluster.local/ns/demo/sa/server", "{big}");
