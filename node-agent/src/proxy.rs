@@ -40,6 +40,9 @@ pub use inbound::{Live, serve_hbone};
 /// syscalls, small enough for thousands of connections.
 const COPY_BUFFER: usize = 64 * 1024;
 
+/// How long a new connection, outbound or inbound, waits for its pod's first certificate.
+const CERT_WAIT: Duration = Duration::from_secs(5);
+
 /// Connection counters, shared by every pod's tasks.
 #[derive(Debug, Default)]
 pub struct Stats {

@@ -24,7 +24,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::{Direction, PodNet, canonical, connect_in, copy, is_own_listener, reset};
+use super::{CERT_WAIT, Direction, PodNet, canonical, connect_in, copy, is_own_listener, reset};
 use crate::telemetry::{AccessEntry, DecisionLabels, Peer, TcpLabels};
 
 /// The error of a connection closed by a policy change.
@@ -110,7 +110,11 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<PodNet>) {
                 let pod = pod.clone();
                 tokio::spawn(async move {
                     let peer = canonical(peer);
-                    let Some(identity) = pod.ctx.certs.identity(&pod.identity) else {
+                    // A pod enrolled a moment ago may still wait for its first certificate
+                    // while a peer already connects: wait for it as outbound connections do.
+                    let Some(identity) =
+                        pod.ctx.certs.wait_identity(&pod.identity, CERT_WAIT).await
+                    else {
                         warn!(pod = %pod.name, %peer, "no certificate yet: refusing HBONE");
                         return reset(&tcp);
                     };

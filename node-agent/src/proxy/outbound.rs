@@ -14,14 +14,13 @@ use sinew_mesh::{MeshIndex, ServiceInfo, WorkloadInfo};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{Direction, PodNet, canonical, connect_in, copy, is_own_listener, original_dst, reset};
+use super::{
+    CERT_WAIT, Direction, PodNet, canonical, connect_in, copy, is_own_listener, original_dst, reset,
+};
 use crate::telemetry::{AccessEntry, Peer, TcpLabels};
 
 /// Most bytes sent along with a CONNECT (see [`read_early`]).
 const EARLY_MAX: usize = 16 << 10;
-
-/// How long a new connection waits for its pod's first certificate.
-const CERT_WAIT: Duration = Duration::from_secs(5);
 
 /// Where an outbound connection goes.
 struct Resolved {
