@@ -1,7 +1,7 @@
 //! `sinew-waypoint`: flags, identity and configuration from the control service, the HBONE
 //! listener, and the admin endpoint.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -122,7 +122,8 @@ fn main() -> Result<()> {
 }
 
 /// Binds `listen` once per worker (an `SO_REUSEPORT` group; an address in use by anyone else
-/// is an error) and serves each worker's accepted connections on that worker with `serve`.
+/// is an error) and serves the accepted connections with `serve`, spread evenly over the
+/// workers ([`sinew_workers::serve_balanced`]).
 fn listen_on_workers<F, Fut>(
     workers: &Workers,
     listen: SocketAddr,
@@ -135,28 +136,7 @@ where
 {
     let group = sinew_workers::reuseport_group(listen, workers.len())
         .with_context(|| format!("{what} {listen}"))?;
-    for (handle, std) in workers.handles().iter().zip(group) {
-        let serve = serve.clone();
-        handle.spawn(async move {
-            let listener = match TcpListener::from_std(std) {
-                Ok(l) => l,
-                Err(e) => return warn!(error = %e, "listener"),
-            };
-            loop {
-                match listener.accept().await {
-                    Ok((tcp, peer)) => {
-                        let _ = tcp.set_nodelay(true);
-                        tokio::spawn(serve(tcp, peer));
-                    }
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-            }
-        });
-    }
+    sinew_workers::serve_balanced(workers, group, serve);
     Ok(())
 }
 
