@@ -9,7 +9,7 @@ use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::AtomicUsize},
 };
 
 use sinew_ebpf_common::{
@@ -280,6 +280,7 @@ impl Registry {
             identity,
             ips: spec.ips.iter().map(|ip| ip.to_canonical()).collect(),
             netns,
+            cert_waiters: AtomicUsize::new(0),
             ctx: self.ctx.clone(),
         });
         let mut tasks = Vec::new();

@@ -43,6 +43,11 @@ const COPY_BUFFER: usize = 64 * 1024;
 /// How long a new connection, outbound or inbound, waits for its pod's first certificate.
 const CERT_WAIT: Duration = Duration::from_secs(5);
 
+/// Most inbound HBONE connections one pod holds while it waits for its first certificate;
+/// more are reset at once, so a flood at a pod whose certificate is late (port 15008 is open
+/// to the network) cannot pin the agent's file descriptors for every pod.
+pub const CERT_WAITERS: usize = 64;
+
 /// Connection counters, shared by every pod's tasks.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -170,6 +175,9 @@ pub struct PodNet {
     pub ips: Vec<IpAddr>,
     /// The pod's network namespace.
     pub netns: Netns,
+    /// Inbound HBONE connections waiting for the pod's first certificate (at most
+    /// [`CERT_WAITERS`]; anyone who can route to the pod can open them).
+    pub cert_waiters: AtomicUsize,
     /// What all pods share.
     pub ctx: Arc<Ctx>,
 }

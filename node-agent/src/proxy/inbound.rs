@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -24,7 +24,9 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::{CERT_WAIT, Direction, PodNet, canonical, connect_in, copy, is_own_listener, reset};
+use super::{
+    CERT_WAIT, CERT_WAITERS, Direction, PodNet, canonical, connect_in, copy, is_own_listener, reset,
+};
 use crate::telemetry::{AccessEntry, DecisionLabels, Peer, TcpLabels};
 
 /// The error of a connection closed by a policy change.
@@ -102,6 +104,26 @@ fn labels_of(mesh: &MeshIndex, ip: IpAddr) -> BTreeMap<String, String> {
     mesh.workload_by_ip(ip).map(|w| w.labels.clone()).unwrap_or_default()
 }
 
+/// The pod's TLS credentials. A pod enrolled a moment ago may still wait for its first
+/// certificate while a peer already connects: the connection waits for it as outbound ones do,
+/// up to [`CERT_WAITERS`] at a time.
+async fn identity_for(pod: &PodNet) -> Option<sinew_hbone::tls::Identity> {
+    if let Some(identity) = pod.ctx.certs.identity(&pod.identity) {
+        return Some(identity);
+    }
+    struct Waiting<'a>(&'a AtomicUsize);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let waiting = Waiting(&pod.cert_waiters);
+    if waiting.0.fetch_add(1, Ordering::Relaxed) >= CERT_WAITERS {
+        return None;
+    }
+    pod.ctx.certs.wait_identity(&pod.identity, CERT_WAIT).await
+}
+
 /// Accepts HBONE connections for `pod` until the task is aborted.
 pub async fn serve_hbone(listener: TcpListener, pod: Arc<PodNet>) {
     loop {
@@ -110,11 +132,7 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<PodNet>) {
                 let pod = pod.clone();
                 tokio::spawn(async move {
                     let peer = canonical(peer);
-                    // A pod enrolled a moment ago may still wait for its first certificate
-                    // while a peer already connects: wait for it as outbound connections do.
-                    let Some(identity) =
-                        pod.ctx.certs.wait_identity(&pod.identity, CERT_WAIT).await
-                    else {
+                    let Some(identity) = identity_for(&pod).await else {
                         warn!(pod = %pod.name, %peer, "no certificate yet: refusing HBONE");
                         return reset(&tcp);
                     };
