@@ -235,8 +235,8 @@ impl<T> PerWorker<T> {
 /// `SO_REUSEPORT` spreads connections by a hash of their addresses, which is even only on
 /// average: 30 connections land 18/12 or worse on two workers about a third of the time, and
 /// a few long-lived ones (a gRPC client's) can all land on one worker while the other idles.
-/// So a worker that accepts a connection while it serves [`SLACK`] or more connections beyond
-/// the least loaded worker hands it to that worker, much as Envoy's exact connection balance
+/// So a worker that accepts a connection while it serves more than `SLACK` (1) connections
+/// beyond the least loaded worker hands it to that worker, much as Envoy's exact connection balance
 /// does: the counts stay within `SLACK + 1` of each other. The slack spares short-lived
 /// connections a handoff (an `epoll_ctl` on each side and a cross-thread wake-up) each time
 /// the counts differ by one, which with them is most of the time.
@@ -299,10 +299,10 @@ where
 
 /// How many more live connections than the least loaded worker a worker keeps before it hands
 /// new ones over.
-pub const SLACK: usize = 1;
+const SLACK: usize = 1;
 
 /// The worker a connection accepted by `me` should go to: `me` unless another serves more
-/// than [`SLACK`] fewer.
+/// than `SLACK` fewer.
 fn least_loaded(live: &[AtomicUsize], me: usize) -> usize {
     let mine = live[me].load(Ordering::Relaxed);
     let mut best = (mine, me);
@@ -452,6 +452,7 @@ mod tests {
         let err = reuseport_group(plain.local_addr().expect("addr"), 1).expect_err("taken");
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
     }
+
     #[test]
     fn balanced_serving_keeps_live_connections_even() {
         use std::time::Duration;
