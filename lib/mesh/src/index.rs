@@ -207,6 +207,27 @@ impl MeshIndex {
         self.services.values().flat_map(BTreeMap::values)
     }
 
+    /// Whether `peer` is the waypoint of a service that workload address `destination` serves:
+    /// the workload the service's `sinew.io/use-waypoint` names, in the service's namespace.
+    /// Only such a peer may name the original client of what it forwards there, so a workload
+    /// cannot speak for others by labelling some service of its own.
+    pub fn is_waypoint_for(
+        &self,
+        peer: &SpiffeId,
+        trust_domain: &str,
+        destination: IpAddr,
+    ) -> bool {
+        let destination = destination.to_canonical();
+        self.services().any(|s| {
+            s.endpoints.iter().any(|e| e.ips.contains(&destination))
+                && s.waypoint
+                    .as_deref()
+                    .and_then(|w| self.workload(&s.namespace, w))
+                    .and_then(|w| w.identity(trust_domain).ok())
+                    .is_some_and(|id| id == *peer)
+        })
+    }
+
     /// True when namespace `ns` exists and is labelled `sinew.io/dataplane-mode=ambient`.
     pub fn namespace_is_ambient(&self, ns: &str) -> bool {
         self.ambient.contains(ns)

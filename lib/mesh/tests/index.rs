@@ -163,3 +163,37 @@ fn identity_key_and_policies() {
     assert!(empty.authz().is_empty() && empty.workloads().next().is_none());
     assert!(empty.workload_by_ip(ip("10.0.0.1")).is_none());
 }
+
+#[test]
+fn only_the_waypoint_of_a_service_the_destination_serves_counts_as_its_waypoint() {
+    let yaml = [
+        namespace("shop", "sinew.io/dataplane-mode: ambient, sinew.io/use-waypoint: shop-wp"),
+        namespace("other", "sinew.io/dataplane-mode: ambient"),
+        workload("shop", "shop-wp", "waypoint", "10.0.0.50", ""),
+        workload("shop", "web-1", "web", "10.0.0.1", "app: web"),
+        workload("shop", "lonely", "lonely", "10.0.0.9", "app: none"),
+        workload("other", "db-1", "db", "10.0.9.1", "app: db"),
+        // A workload of `other` labels a service of its own to name itself as waypoint.
+        workload("other", "fake-wp", "fake", "10.0.9.50", "app: fake"),
+        service("shop", "web", "", "10.96.0.10", "app: web"),
+        service("other", "mine", "sinew.io/use-waypoint: fake-wp", "10.96.1.11", "app: fake"),
+        service("other", "db", "", "10.96.1.10", "app: db"),
+    ]
+    .concat();
+    let idx = index(&yaml);
+    let id = |s: &str| -> sinew_identity::SpiffeId { s.parse().unwrap() };
+    let real = id("spiffe://cluster.local/ns/shop/sa/waypoint");
+    let fake = id("spiffe://cluster.local/ns/other/sa/fake");
+    // shop's waypoint speaks for clients of shop/web's endpoints, IPv4-mapped forms included.
+    assert!(idx.is_waypoint_for(&real, "cluster.local", ip("10.0.0.1")));
+    assert!(idx.is_waypoint_for(&real, "cluster.local", ip("::ffff:10.0.0.1")));
+    // Not for a pod no service of its selects, nor across namespaces, nor in another domain.
+    assert!(!idx.is_waypoint_for(&real, "cluster.local", ip("10.0.0.9")));
+    assert!(!idx.is_waypoint_for(&real, "cluster.local", ip("10.0.9.1")));
+    assert!(!idx.is_waypoint_for(&real, "other.domain", ip("10.0.0.1")));
+    // The self-declared waypoint only for its own service's endpoints (itself), never for
+    // shop's pods or its namespace's other services.
+    assert!(!idx.is_waypoint_for(&fake, "cluster.local", ip("10.0.0.1")));
+    assert!(!idx.is_waypoint_for(&fake, "cluster.local", ip("10.0.9.1")));
+    assert!(idx.is_waypoint_for(&fake, "cluster.local", ip("10.0.9.50")));
+}

@@ -173,25 +173,24 @@ struct Arrival {
 /// The baggage member a waypoint names its original client with (see `sinew-waypoint`).
 const SOURCE_PRINCIPAL_BAGGAGE: &str = "sinew.source.principal";
 
-/// The original client a waypoint's tunnel carries, if the peer is a waypoint of this mesh
-/// (a workload some service names with `sinew.io/use-waypoint`) and it named one.
-fn original_source(mesh: &MeshIndex, trust_domain: &str, inbound: &Inbound) -> Option<SpiffeId> {
+/// The original client a waypoint's tunnel carries, if the peer is the waypoint of a service
+/// that `destination` serves ([`MeshIndex::is_waypoint_for`]) and it named a client of this
+/// trust domain; anyone else's baggage is ignored.
+fn original_source(
+    mesh: &MeshIndex,
+    trust_domain: &str,
+    inbound: &Inbound,
+    destination: IpAddr,
+) -> Option<SpiffeId> {
     let baggage = inbound.headers.get("baggage")?.to_str().ok()?;
     let principal = baggage.split(',').find_map(|m| {
         let (k, v) = m.trim().split_once('=')?;
         (k.trim() == SOURCE_PRINCIPAL_BAGGAGE).then(|| v.trim())
     })?;
-    let is_waypoint = mesh.services().any(|s| {
-        s.waypoint
-            .as_deref()
-            .and_then(|w| mesh.workload(&s.namespace, w))
-            .and_then(|w| w.identity(trust_domain).ok())
-            .is_some_and(|id| id == *inbound.peer)
-    });
-    if !is_waypoint {
+    if !mesh.is_waypoint_for(&inbound.peer, trust_domain, destination) {
         return None;
     }
-    principal.parse().ok()
+    principal.parse::<SpiffeId>().ok().filter(|id| id.trust_domain == trust_domain)
 }
 
 impl Arrival {
@@ -306,7 +305,7 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
         return inbound.refuse(StatusCode::BAD_REQUEST);
     }
     let mesh = ctx.mesh.borrow().clone();
-    let arrival = match original_source(&mesh, &ctx.trust_domain, &inbound) {
+    let arrival = match original_source(&mesh, &ctx.trust_domain, &inbound, destination.ip()) {
         Some(original) => Arrival {
             source: canonical(inbound.peer_addr),
             identity: Some(Arc::new(original)),
