@@ -2,6 +2,7 @@
 //! forwarding, telemetry.
 
 use std::{
+    borrow::Cow,
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -298,6 +299,23 @@ async fn route_and_forward(
     let is_upgrade = parts_is_upgrade(req.headers()) && req.version() == Version::HTTP_11;
     let mut downstream_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // Policies, routes and the backend all see the normalized path (`sinew_l7::path`).
+    match sinew_l7::path::normalize(parts.uri.path()) {
+        Ok(Cow::Borrowed(_)) => {}
+        Ok(Cow::Owned(normal)) => {
+            let pq = match parts.uri.query() {
+                Some(q) => format!("{normal}?{q}"),
+                None => normal,
+            };
+            let mut uri = std::mem::take(&mut parts.uri).into_parts();
+            uri.path_and_query = pq.parse().ok();
+            parts.uri = Uri::from_parts(uri).unwrap_or_default();
+        }
+        Err(e) => {
+            let status = StatusCode::BAD_REQUEST;
+            return (full(status, format!("{e}\n")), done(status, "-"), None);
+        }
+    }
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().map(str::to_owned);
     let view = RequestView {
@@ -703,8 +721,28 @@ fn consistent_hash_key(
     h.use_source_ip.then(|| hash_key(client.ip().to_string().as_bytes()))
 }
 
+/// Removes the hop-by-hop headers (RFC 9110 section 7.6.1): the fixed ones and whichever the
+/// `Connection` header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    for name in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"] {
+    let listed: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && *t != "te")
+        .collect();
+    for name in &listed {
+        h.remove(name.as_str());
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "http2-settings",
+    ] {
         h.remove(name);
     }
     if h.get(header::TE).is_some_and(|v| v != "trailers") {
@@ -759,8 +797,13 @@ fn break_no_retry() -> UpBody {
     Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
 }
 
+/// A WebSocket upgrade (`Connection: upgrade`, `Upgrade: websocket`). Other protocols (h2c,
+/// say) are not tunnelled, as in Istio: after a 101 the requests on the connection would pass
+/// no policy or route; their upgrade headers are dropped and the request goes on as it is.
 fn parts_is_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE)
+    h.get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket")))
         && h.get(header::CONNECTION)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
@@ -881,5 +924,27 @@ mod tests {
         assert!(h.get("connection").is_none() && h.get("keep-alive").is_none());
         assert_eq!(h.get("te").unwrap(), "trailers");
         assert_eq!(h.get("x-app").unwrap(), "1");
+        // Headers the Connection header names go too; a bad name there is ignored.
+        let mut h = headers(&[
+            ("connection", "X-Foo, close"),
+            ("connection", "bad name, te"),
+            ("x-foo", "1"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+            ("x-app", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["te", "x-app"]);
+    }
+
+    #[test]
+    fn only_websocket_upgrades_are_tunnelled() {
+        let ws = headers(&[("connection", "keep-alive, Upgrade"), ("upgrade", "WebSocket")]);
+        assert!(parts_is_upgrade(&ws));
+        let h2c = headers(&[("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c")]);
+        assert!(!parts_is_upgrade(&h2c));
+        assert!(!parts_is_upgrade(&headers(&[("upgrade", "websocket")])));
     }
 }

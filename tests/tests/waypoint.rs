@@ -322,6 +322,24 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/admin/users")],
     )?;
     ensure!(out.trim() == "200", "GET must pass: {out}");
+    // The policy sees the normalized path: dot segments and escaped letters do not pass it.
+    for sneaky in ["/public/../admin/users", "/%61dmin/users", "/x/%2e%2e/admin/users"] {
+        let out = curl(
+            &c,
+            &client,
+            &[
+                "--path-as-is",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                &format!("http://{VIP}{sneaky}"),
+            ],
+        )?;
+        ensure!(out.trim() == "403", "POST {sneaky} under the DENY: {out}");
+    }
 
     // Mirroring: v1 answers, v2 gets a copy of each request.
     let out = curl(
