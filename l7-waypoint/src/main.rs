@@ -1,12 +1,12 @@
 //! `sinew-waypoint`: flags, identity and configuration from the control service, the HBONE
 //! listener, and the admin endpoint.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use http::StatusCode;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sinew_control_client::{
     CertConfig, ClientConfig, ControlSettings, start_certificate, start_config,
 };
@@ -23,6 +23,9 @@ use tracing::{debug, info, warn};
 
 /// Largest request head accepted.
 const MAX_HEADER_BYTES: usize = 32 << 10;
+
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Parser)]
 #[command(name = "sinew-waypoint", version, about = "Sinew L7 waypoint")]
@@ -198,9 +201,7 @@ async fn run_plain(
         async move {
             let service =
                 hyper::service::service_fn(move |req| proxy::handle(wp.clone(), down.clone(), req));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+            let _ = http_server().serve_connection(TokioIo::new(tcp), service).await;
         }
     })?;
     info!(%listen, %upstream, workers = workers.len(), "sinew-waypoint serving plain HTTP (benchmark mode)");
@@ -316,14 +317,22 @@ async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
     };
     let service =
         hyper::service::service_fn(move |req| proxy::handle(wp.clone(), down.clone(), req));
+    let served = http_server().serve_connection_with_upgrades(TokioIo::new(stream), service).await;
+    if let Err(e) = served {
+        debug!(%authority, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// The HTTP server settings of every client connection.
+fn http_server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Oversized header blocks are refused (431 on HTTP/1.1, a stream error on HTTP/2).
     builder.http1().max_buf_size(MAX_HEADER_BYTES);
     builder.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
-    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await;
-    if let Err(e) = served {
-        debug!(%authority, error = %e, "HTTP connection ended with an error");
-    }
+    // A client gets 30 s to send a request's headers (hyper's default, which needs a timer):
+    // without one, a client that sends part of a request holds its connection forever.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
 }
 
 async fn serve_admin(listener: TcpListener, wp: Arc<Waypoint>) {

@@ -178,10 +178,48 @@ struct Done {
     attempts: u32,
 }
 
+/// Marks an answer the waypoint made itself (not a backend's).
+#[derive(Debug, Clone)]
+struct LocalReply(Bytes);
+
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
+    let body = body.into();
+    let mut r = Response::new(Full::new(body.clone()).map_err(|never| match never {}).boxed());
     *r.status_mut() = status;
+    r.extensions_mut().insert(LocalReply(body));
     r
+}
+
+/// A local answer to a gRPC request as gRPC clients read one: HTTP 200, trailers only, with
+/// `grpc-status` mapped from the HTTP status as Envoy maps it (a timeout is
+/// DEADLINE_EXCEEDED) and the reason in `grpc-message`. Its HTTP status stays in the metrics.
+fn as_grpc(resp: &mut Response<Body>, text: &[u8]) {
+    let code = match resp.status().as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        504 => 4,
+        429 | 502 | 503 => 14,
+        _ => 2,
+    };
+    let mut message = String::new();
+    for &b in text.trim_ascii() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            message.push(b as char);
+        } else {
+            message.push_str(&format!("%{b:02X}"));
+        }
+    }
+    *resp.status_mut() = StatusCode::OK;
+    *resp.body_mut() = Full::new(Bytes::new()).map_err(|never| match never {}).boxed();
+    let h = resp.headers_mut();
+    h.remove(header::CONTENT_LENGTH);
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(v) = HeaderValue::from_str(&message) {
+        h.insert("grpc-message", v);
+    }
 }
 
 /// Serves one request; never fails (errors become 4xx/5xx answers).
@@ -252,6 +290,9 @@ pub async fn handle(
                 });
             }
         }
+    }
+    if grpc && let Some(LocalReply(text)) = response.extensions_mut().remove::<LocalReply>() {
+        as_grpc(&mut response, &text);
     }
     if let Ok(v) = HeaderValue::from_str(&traceparent) {
         response.headers_mut().insert("traceparent", v);
@@ -937,6 +978,20 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["te", "x-app"]);
+    }
+
+    #[test]
+    fn local_answers_to_grpc_requests_are_grpc_statuses() {
+        for (status, code) in [(403, "7"), (429, "14"), (503, "14"), (504, "4"), (418, "2")] {
+            let mut r = full(StatusCode::from_u16(status).unwrap(), "RBAC: access denied (x%)\n");
+            let text = r.extensions_mut().remove::<LocalReply>().expect("marked local").0;
+            as_grpc(&mut r, &text);
+            assert_eq!(r.status(), StatusCode::OK);
+            assert_eq!(r.headers()["content-type"], "application/grpc");
+            assert_eq!(r.headers()["grpc-status"], code, "{status}");
+            assert_eq!(r.headers()["grpc-message"], "RBAC: access denied (x%25)");
+            assert!(r.body().is_end_stream(), "trailers only");
+        }
     }
 
     #[test]

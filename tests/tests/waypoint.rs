@@ -277,6 +277,20 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/fault")],
     )?;
     ensure!(out.trim() == "418", "{out}");
+    // To a gRPC client the same local answer is a gRPC status (trailers only, HTTP 200).
+    let out = curl(
+        &c,
+        &client,
+        &[
+            "-i",
+            "--http2-prior-knowledge",
+            "-H",
+            "content-type: application/grpc",
+            &format!("http://{VIP}/fault"),
+        ],
+    )?;
+    ensure!(out.starts_with("HTTP/2 200") && out.contains("grpc-status: 2"), "{out}");
+    ensure!(out.contains("grpc-message: fault filter abort"), "{out}");
     let out = curl(&c, &client, &["-i", &format!("http://{VIP}/headers")])?;
     ensure!(out.contains("x-added: by-waypoint"), "request header not set: {out}");
     ensure!(
