@@ -7,7 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, atomic::AtomicUsize},
 };
@@ -44,6 +44,16 @@ pub enum PodError {
     /// The UID is enrolled already with a different spec.
     #[error("pod {0} is already enrolled with a different spec; un-enroll it first")]
     Conflict(String),
+    /// An address of the pod belongs to another enrolled pod.
+    #[error("pod {uid}: field ips: {ip} is held by enrolled pod {holder}; un-enroll it first")]
+    AddressInUse {
+        /// Pod UID as sent.
+        uid: String,
+        /// The shared address.
+        ip: IpAddr,
+        /// The pod that holds it.
+        holder: String,
+    },
     /// No such pod.
     #[error("pod {0} is not enrolled")]
     Unknown(String),
@@ -153,8 +163,10 @@ impl Registry {
                 Err(e) => {
                     warn!(pod = %uid, error = %e, "dropping a pod that cannot be re-adopted");
                     // Its pinned links and addresses would otherwise refuse traffic forever
-                    // for whatever gets that address next.
-                    let _ = self.release(&spec_copy);
+                    // for whatever gets that address next; unless another pod holds them.
+                    if !matches!(e, PodError::AddressInUse { .. }) {
+                        let _ = self.release(&spec_copy);
+                    }
                 }
             }
         }
@@ -178,6 +190,23 @@ impl Registry {
             } else {
                 Err(PodError::Conflict(spec.uid))
             };
+        }
+        // Addresses are per pod: capture state is keyed by address, so a second pod on one
+        // (an address reused before the old pod's removal arrived) would take over the
+        // first's listeners, and releasing either would uncapture the other.
+        for other in pods.values() {
+            let held = &other.status.spec.ips;
+            if let Some(ip) = spec
+                .ips
+                .iter()
+                .find(|ip| held.iter().any(|h| h.to_canonical() == ip.to_canonical()))
+            {
+                return Err(PodError::AddressInUse {
+                    uid: spec.uid,
+                    ip: *ip,
+                    holder: other.status.spec.uid.clone(),
+                });
+            }
         }
         let (pod, captured) = if self.namespace_is_ambient(&spec.namespace) {
             let tasks = self.capture_pod(&spec, netns)?;

@@ -249,7 +249,7 @@ fn unenroll_goes_direct_and_leaves_nothing_attached() -> Result<()> {
 
 #[test]
 fn bad_input_is_refused_and_changes_nothing() -> Result<()> {
-    let (mut c, client, _server) = two_nodes()?;
+    let (mut c, client, server) = two_nodes()?;
     let extra = c.add_pod(1, "extra", "demo")?;
     let agent = c.agent(1);
     let before = agent.status()?;
@@ -262,11 +262,16 @@ fn bad_input_is_refused_and_changes_nothing() -> Result<()> {
     not_a_netns.netns = "/etc/hostname".into();
     let mut taken_uid = extra.spec();
     taken_uid.uid = client.spec().uid;
+    // Another pod's address (reused before that pod was removed): refused, naming both.
+    let mut taken_ip = extra.spec();
+    taken_ip.ips = vec![client.v4()];
+    let taken = format!("ips: {} is held by enrolled pod {}", client.v4(), client.spec().uid);
     for (spec, expect) in [
         (missing_netns, "does-not-exist"),
         (missing_cgroup, "does-not-exist"),
         (not_a_netns, "not a network namespace"),
         (taken_uid, "already enrolled"),
+        (taken_ip, taken.as_str()),
     ] {
         let err = agent.client().call(&Request::Enroll { pod: spec }).unwrap_err().to_string();
         ensure!(err.contains(expect), "expected {expect:?} in {err:?}");
@@ -285,6 +290,11 @@ fn bad_input_is_refused_and_changes_nothing() -> Result<()> {
     ensure!(agent.status()? == before, "a refused request changed the agent's state");
     ensure!(!c.pod_has_links(&extra)?);
     ensure!(!c.agent(1).bpffs_dir.join("pods/uid-extra").exists());
+    // The pod whose address was claimed is still captured, both ways.
+    let out = xfer(&c, &client, &Cluster::target(server.v4(), 8080), 4096, 4096)?;
+    ensure!(out.contains("checksums match"), "{out}");
+    let counters = c.agent(1).status()?.counters;
+    ensure!(counters.outbound == before.counters.outbound + 1, "{counters:?}");
     Ok(())
 }
 
