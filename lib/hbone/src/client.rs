@@ -184,9 +184,22 @@ impl Pool {
             }
         };
         let guard = StreamGuard(conn.clone());
-        let result = open_stream(&conn, key.destination, req).await;
-        if result.is_err() && conn.send.clone().ready().await.is_err() {
-            // The connection is dead: stop handing it out.
+        // A peer that never answers the CONNECT (or keeps its stream limit below ours, so
+        // h2 queues the stream) must not hold the application's connection forever.
+        let peer = key.destination;
+        let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, open_stream(&conn, peer, req))
+            .await
+            .unwrap_or(Err(HboneError::Timeout { what: "CONNECT", peer }));
+        let dead = match &result {
+            Ok(_) => false,
+            Err(HboneError::Timeout { .. }) => true,
+            Err(_) => !matches!(
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.send.clone().ready()).await,
+                Ok(Ok(_))
+            ),
+        };
+        if dead {
+            // The connection is dead or stuck: stop handing it out.
             conn.closed.store(true, Ordering::Relaxed);
             slot.remove(&conn);
         }

@@ -55,6 +55,11 @@ async fn server(identity: Identity) -> (SocketAddr, mpsc::UnboundedReceiver<Seen
                         if inbound.authority.port() == 401 {
                             return inbound.refuse(StatusCode::UNAUTHORIZED);
                         }
+                        if inbound.authority.port() == 408 {
+                            // Never answers.
+                            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                            return drop(inbound);
+                        }
                         let Ok(mut stream) = inbound.accept() else { return };
                         // Echo until the client half-closes, then answer "bye" and close.
                         let mut buf = vec![0u8; 64 << 10];
@@ -153,6 +158,28 @@ async fn refusals_carry_their_status() {
         .await;
     assert!(ok.is_ok());
     assert_eq!(pool.stats().opened, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_connect_times_out_and_retires_its_connection() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let (addr, _seen) = server(identity(&ca, &server_id)).await;
+    let pool = Pool::new();
+    let started = std::time::Instant::now();
+    let err = pool
+        .connect(&key(&client_id, addr, &server_id), &identity(&ca, &client_id), req(408), dial)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, HboneError::Timeout { what: "CONNECT", .. }), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    // The stuck connection is not handed out again: the next stream gets a new one.
+    let ok = pool
+        .connect(&key(&client_id, addr, &server_id), &identity(&ca, &client_id), req(80), dial)
+        .await;
+    assert!(ok.is_ok());
+    assert_eq!(pool.stats().opened, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
