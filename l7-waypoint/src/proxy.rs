@@ -540,15 +540,17 @@ async fn route_and_forward(
     if let Ok(v) = HeaderValue::from_str(traceparent) {
         parts.headers.insert("traceparent", v);
     }
-    // HTTP/2 upstream for services that declare it (gRPC included) and for gRPC requests;
-    // HTTP/1.1 otherwise, whatever the client spoke.
-    let http2 = backend_svc
-        .ports
-        .iter()
-        .find(|p| p.port.0 == backend_port)
-        .and_then(|p| p.app_protocol.as_deref())
-        .is_some_and(|a| matches!(a, "http2" | "grpc" | "h2c" | "kubernetes.io/h2c"))
-        || is_grpc(&parts.headers);
+    // As Envoy does: a request id for the backend's logs when the client sent none, and the
+    // scheme the client used (plain HTTP inside the tunnel).
+    if !parts.headers.contains_key("x-request-id")
+        && let Ok(v) = HeaderValue::from_str(&request_id())
+    {
+        parts.headers.insert("x-request-id", v);
+    }
+    if !parts.headers.contains_key("x-forwarded-proto") {
+        parts.headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    let http2 = upstream_http2(&backend_svc, backend_port, &parts.headers);
     let timeouts = rule.map(|r| r.timeouts.clone()).unwrap_or_default();
     let per_try = timeouts.backend_request.map(|d| d.0);
     let hash_config = snapshot
@@ -862,6 +864,35 @@ fn splice_upgrade(down: Option<hyper::upgrade::OnUpgrade>, up: hyper::upgrade::O
 
 /// Sends a copy of the request to the mirror's backend and forgets the answer. The copy's
 /// Host gets Envoy's `-shadow` suffix so the backend can tell copies apart.
+/// HTTP/2 upstream for services that declare it on `port` (gRPC included) and for gRPC
+/// requests; HTTP/1.1 otherwise, whatever the client spoke.
+fn upstream_http2(svc: &ServiceInfo, port: u16, headers: &HeaderMap) -> bool {
+    svc.ports
+        .iter()
+        .find(|p| p.port.0 == port)
+        .and_then(|p| p.app_protocol.as_deref())
+        .is_some_and(|a| matches!(a, "http2" | "grpc" | "h2c" | "kubernetes.io/h2c"))
+        || is_grpc(headers)
+}
+
+/// A random UUID (version 4), as Envoy makes `x-request-id`.
+fn request_id() -> String {
+    let (a, b) = (random_u64(), random_u64());
+    let a = (a & !0xf000) | 0x4000;
+    let b = (b & !(0xc << 60)) | (0x8 << 60);
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+/// How long a mirrored request may take; its answer is dropped anyway.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn mirror(
     wp: &Arc<Waypoint>,
     snapshot: &Snapshot,
@@ -896,9 +927,12 @@ fn mirror(
             req.headers_mut().insert(header::HOST, v);
         }
     }
+    let http2 = upstream_http2(target, m.backend_ref.port.0, &parts.headers);
     let wp = wp.clone();
     tokio::spawn(async move {
-        let _ = wp.upstreams.send(req, false, &endpoint.key(), None).await;
+        let key = endpoint.key();
+        let _ =
+            tokio::time::timeout(MIRROR_TIMEOUT, wp.upstreams.send(req, http2, &key, None)).await;
     });
 }
 
@@ -992,6 +1026,17 @@ mod tests {
             assert_eq!(r.headers()["grpc-message"], "RBAC: access denied (x%25)");
             assert!(r.body().is_end_stream(), "trailers only");
         }
+    }
+
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        let id = request_id();
+        let parts: Vec<&str> = id.split('-').collect();
+        let lens: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+        assert_eq!(lens, [8, 4, 4, 4, 12], "{id}");
+        assert!(parts[2].starts_with('4'), "{id}");
+        assert!(matches!(parts[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'), "{id}");
+        assert_ne!(request_id(), id);
     }
 
     #[test]

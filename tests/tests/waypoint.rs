@@ -298,6 +298,7 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         "response header not added: {out}"
     );
     ensure!(out.contains("traceparent: 00-"), "no trace context propagated: {out}");
+    ensure!(out.contains("x-request-id: ") && out.contains("x-forwarded-proto: http"), "{out}");
 
     // HTTP/2 (prior knowledge) with h2load: 50 requests, 10 at a time on one connection.
     let out = c.exec_in(
