@@ -485,7 +485,26 @@ async fn route_and_forward(
     // The backend service: the rule's weighted choice, else the service itself.
     let (backend_ns, backend_name, backend_port) = match rule {
         Some(r) => match r.pick_backend(random_u64()) {
-            Some(b) => (b.namespace.clone(), b.name.clone(), b.port),
+            Some(b) => {
+                // The chosen backend's own filters (control admits only these kinds there).
+                for f in &b.filters {
+                    match f {
+                        HttpFilter::RequestHeaderModifier { request_header_modifier: m } => {
+                            modify_headers(&mut parts.headers, m);
+                        }
+                        HttpFilter::ResponseHeaderModifier { response_header_modifier: m } => {
+                            response_headers.push(m);
+                        }
+                        HttpFilter::RequestMirror { request_mirror: m } => {
+                            if random_u64() % 100 < u64::from(m.percent) {
+                                mirrors.push(m);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                (b.namespace.clone(), b.name.clone(), b.port)
+            }
             None => {
                 return (
                     full(StatusCode::INTERNAL_SERVER_ERROR, "no backend with weight\n"),

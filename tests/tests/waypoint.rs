@@ -112,7 +112,12 @@ spec:
       requestHeaderModifier: {set: [{name: x-added, value: by-waypoint}]}
     - type: ResponseHeaderModifier
       responseHeaderModifier: {add: [{name: x-route, value: headers}]}
-    backendRefs: [{name: reviews-v1, port: 80}]
+    backendRefs:
+    - name: reviews-v1
+      port: 80
+      filters:
+      - type: RequestHeaderModifier
+        requestHeaderModifier: {set: [{name: x-backend, value: reviews-v1}]}
   - backendRefs:
     - {name: reviews-v1, port: 80, weight: 90}
     - {name: reviews-v2, port: 80, weight: 10}
@@ -299,6 +304,8 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     );
     ensure!(out.contains("traceparent: 00-"), "no trace context propagated: {out}");
     ensure!(out.contains("x-request-id: ") && out.contains("x-forwarded-proto: http"), "{out}");
+    // The backend's own filter applies too.
+    ensure!(out.contains("x-backend: reviews-v1"), "backend filter not applied: {out}");
 
     // HTTP/2 (prior knowledge) with h2load: 50 requests, 10 at a time on one connection.
     let out = c.exec_in(

@@ -897,6 +897,23 @@ fn validate_refs(e: &mut Errors, parents: &[ParentRef], backends: &[&[BackendRef
                     format!("{kind:?}: backends must be Services")
                 });
                 validate_filters(e, &b.filters);
+                // The waypoint applies these per backend; the rest only per rule.
+                e.each("filters", &b.filters, |e, f| {
+                    e.check(
+                        matches!(
+                            f,
+                            HttpFilter::RequestHeaderModifier { .. }
+                                | HttpFilter::ResponseHeaderModifier { .. }
+                                | HttpFilter::RequestMirror { .. }
+                        ),
+                        "type",
+                        || {
+                            "on a backendRef only RequestHeaderModifier, ResponseHeaderModifier \
+                             and RequestMirror are supported; put it on the rule"
+                                .into()
+                        },
+                    );
+                });
             });
         });
     }

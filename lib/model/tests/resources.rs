@@ -184,6 +184,15 @@ fn out_of_range_values_are_named_all_at_once() {
 }
 
 #[test]
+fn backend_filters_are_limited_to_the_kinds_applied_per_backend() {
+    let e = errors_of(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{name: svc}]\n  rules:\n    - backendRefs:\n      - name: a\n        port: 80\n        filters:\n        - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-b, value: a}]}}\n        - {type: RequestRedirect, requestRedirect: {statusCode: 301}}\n",
+    );
+    assert_eq!(fields(&e), [("HTTPRoute/shop/r", "spec.rules[0].backendRefs[0].filters[1].type")]);
+    assert!(e[0].message.contains("put it on the rule"), "{}", e[0].message);
+}
+
+#[test]
 fn envelope_mistakes_are_named() {
     let e = errors_of(
         "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 80}]}\n---\nkind: Gizmo\nmetadata: {name: g}\n---\napiVersion: v2\nkind: Namespace\nmetadata: {name: n, namespace: x}\n---\napiVersion: sinew.io/v1alpha1\nkind: Workload\nmetadata: {name: w, namespace: shop}\n",
