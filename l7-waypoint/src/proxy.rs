@@ -495,10 +495,10 @@ async fn route_and_forward(
                         HttpFilter::ResponseHeaderModifier { response_header_modifier: m } => {
                             response_headers.push(m);
                         }
-                        HttpFilter::RequestMirror { request_mirror: m } => {
-                            if random_u64() % 100 < u64::from(m.percent) {
-                                mirrors.push(m);
-                            }
+                        HttpFilter::RequestMirror { request_mirror: m }
+                            if random_u64() % 100 < u64::from(m.percent) =>
+                        {
+                            mirrors.push(m);
                         }
                         _ => {}
                     }
