@@ -9,7 +9,7 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, atomic::AtomicUsize},
+    sync::{Arc, Mutex},
 };
 
 use sinew_ebpf_common::{
@@ -309,7 +309,7 @@ impl Registry {
             identity,
             ips: spec.ips.iter().map(|ip| ip.to_canonical()).collect(),
             netns,
-            cert_waiters: AtomicUsize::new(0),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(crate::proxy::HANDSHAKES)),
             ctx: self.ctx.clone(),
         });
         let mut tasks = Vec::new();

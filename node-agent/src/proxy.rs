@@ -43,10 +43,11 @@ const COPY_BUFFER: usize = 64 * 1024;
 /// How long a new connection, outbound or inbound, waits for its pod's first certificate.
 const CERT_WAIT: Duration = Duration::from_secs(5);
 
-/// Most inbound HBONE connections one pod holds while it waits for its first certificate;
-/// more are reset at once, so a flood at a pod whose certificate is late (port 15008 is open
-/// to the network) cannot pin the agent's file descriptors for every pod.
-pub const CERT_WAITERS: usize = 64;
+/// Most inbound HBONE connections of one pod not yet authenticated (waiting for the pod's
+/// first certificate, or in their TLS and HTTP/2 handshakes, 10 s at most); more are reset
+/// at once, so a flood at port 15008, which anyone who can route to the pod may open, cannot
+/// pin the agent's descriptors and memory for every pod.
+pub const HANDSHAKES: usize = 128;
 
 /// Connection counters, shared by every pod's tasks.
 #[derive(Debug, Default)]
@@ -175,9 +176,8 @@ pub struct PodNet {
     pub ips: Vec<IpAddr>,
     /// The pod's network namespace.
     pub netns: Netns,
-    /// Inbound HBONE connections waiting for the pod's first certificate (at most
-    /// [`CERT_WAITERS`]; anyone who can route to the pod can open them).
-    pub cert_waiters: AtomicUsize,
+    /// Permits for inbound HBONE connections not yet authenticated ([`HANDSHAKES`]).
+    pub handshakes: Arc<tokio::sync::Semaphore>,
     /// What all pods share.
     pub ctx: Arc<Ctx>,
 }

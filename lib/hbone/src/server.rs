@@ -76,6 +76,24 @@ where
     F: Fn(Inbound) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    serve_connection_holding(tcp, peer_addr, config, (), handler).await
+}
+
+/// Like [`serve_connection`], holding `until_handshaken` (a semaphore permit, say) until the
+/// client is authenticated and HTTP/2 is up, or the connection fails: so the caller can bound
+/// how many connections nobody has authenticated yet, which anyone who can reach the port may
+/// open.
+pub async fn serve_connection_holding<F, Fut, P>(
+    tcp: TcpStream,
+    peer_addr: SocketAddr,
+    config: Arc<ServerConfig>,
+    until_handshaken: P,
+    handler: F,
+) -> Result<(), HboneError>
+where
+    F: Fn(Inbound) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let _ = tcp.set_nodelay(true);
     let timeout = |what| HboneError::Timeout { what, peer: peer_addr };
     let tls = tokio::time::timeout(
@@ -112,6 +130,7 @@ where
     .await
     .map_err(|_| timeout("HTTP/2 handshake"))?
     .map_err(|source| HboneError::H2 { peer: peer_addr, source })?;
+    drop(until_handshaken);
     while let Some(next) = conn.accept().await {
         let (request, mut respond) =
             next.map_err(|source| HboneError::H2 { peer: peer_addr, source })?;

@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -25,7 +25,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    CERT_WAIT, CERT_WAITERS, Direction, PodNet, canonical, connect_in, copy, is_own_listener, reset,
+    CERT_WAIT, Direction, HANDSHAKES, PodNet, canonical, connect_in, copy, is_own_listener, reset,
 };
 use crate::telemetry::{AccessEntry, DecisionLabels, Peer, TcpLabels};
 
@@ -104,35 +104,25 @@ fn labels_of(mesh: &MeshIndex, ip: IpAddr) -> BTreeMap<String, String> {
     mesh.workload_by_ip(ip).map(|w| w.labels.clone()).unwrap_or_default()
 }
 
-/// The pod's TLS credentials. A pod enrolled a moment ago may still wait for its first
-/// certificate while a peer already connects: the connection waits for it as outbound ones do,
-/// up to [`CERT_WAITERS`] at a time.
-async fn identity_for(pod: &PodNet) -> Option<sinew_hbone::tls::Identity> {
-    if let Some(identity) = pod.ctx.certs.identity(&pod.identity) {
-        return Some(identity);
-    }
-    struct Waiting<'a>(&'a AtomicUsize);
-    impl Drop for Waiting<'_> {
-        fn drop(&mut self) {
-            self.0.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-    let waiting = Waiting(&pod.cert_waiters);
-    if waiting.0.fetch_add(1, Ordering::Relaxed) >= CERT_WAITERS {
-        return None;
-    }
-    pod.ctx.certs.wait_identity(&pod.identity, CERT_WAIT).await
-}
-
 /// Accepts HBONE connections for `pod` until the task is aborted.
 pub async fn serve_hbone(listener: TcpListener, pod: Arc<PodNet>) {
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
+                let peer = canonical(peer);
+                // Until its client is authenticated a connection holds a permit: anyone who
+                // can route to the pod can open them, and each holds a socket and buffers.
+                let Ok(permit) = pod.handshakes.clone().try_acquire_owned() else {
+                    warn!(pod = %pod.name, %peer, limit = HANDSHAKES, "too many HBONE connections in their handshake: refusing");
+                    reset(&tcp);
+                    continue;
+                };
                 let pod = pod.clone();
                 tokio::spawn(async move {
-                    let peer = canonical(peer);
-                    let Some(identity) = identity_for(&pod).await else {
+                    // A pod enrolled a moment ago may still wait for its first certificate
+                    // while a peer already connects: wait for it as outbound connections do.
+                    let certs = &pod.ctx.certs;
+                    let Some(identity) = certs.wait_identity(&pod.identity, CERT_WAIT).await else {
                         warn!(pod = %pod.name, %peer, "no certificate yet: refusing HBONE");
                         return reset(&tcp);
                     };
@@ -141,9 +131,13 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<PodNet>) {
                         Err(e) => return warn!(pod = %pod.name, error = %e, "TLS configuration"),
                     };
                     let p = pod.clone();
-                    let served = sinew_hbone::serve_connection(tcp, peer, config, move |inbound| {
-                        tunnel(p.clone(), inbound)
-                    })
+                    let served = sinew_hbone::serve_connection_holding(
+                        tcp,
+                        peer,
+                        config,
+                        permit,
+                        move |i| tunnel(p.clone(), i),
+                    )
                     .await;
                     if let Err(e) = served {
                         // Garbage, untrusted peers, protocol errors: this peer only.

@@ -17,7 +17,7 @@ use tokio::{
 
 const USAGE: &str = "usage: sinew-testapp serve PORT... | xfer TARGET UP DOWN SEED | \
 many TARGETS(,) COUNT | sink TARGET SECS [STREAMS] | ping TARGET COUNT | reset TARGET | \
-hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | grpc-retry TARGET | raw TARGET TEXT | steal PORT SECS";
+hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | grpc-retry TARGET | raw TARGET TEXT | steal PORT SECS | flood TARGET COUNT";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -48,6 +48,7 @@ fn main() -> Result<()> {
             "grpc-call" => grpc::call(arg(1)?.parse()?).await,
             "grpc-retry" => grpc::call_retried(arg(1)?.parse()?).await,
             "raw" => raw(arg(1)?.parse()?, arg(2)?).await,
+            "flood" => flood(arg(1)?.parse()?, arg(2)?.parse()?).await,
             "mark" => mark(arg(1)?.parse()?, arg(2)?, arg(3)?.parse()?).await,
             _ => bail!(USAGE),
         }
@@ -300,6 +301,26 @@ async fn ping(target: SocketAddr, count: usize) -> Result<()> {
         "{}",
         serde_json::json!({ "count": count, "mean_us": mean, "p50_us": p(0.5), "p99_us": p(0.99) })
     );
+    Ok(())
+}
+
+/// Opens COUNT connections that send nothing, waits a second, and prints how many are still
+/// open and how many the other side closed or reset (`open N closed M`).
+async fn flood(target: SocketAddr, count: usize) -> Result<()> {
+    let mut conns = Vec::with_capacity(count);
+    for _ in 0..count {
+        conns.push(TcpStream::connect(target).await.with_context(|| format!("connect {target}"))?);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (mut open, mut closed) = (0, 0);
+    for c in &conns {
+        let mut b = [0u8; 1];
+        match c.try_read(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => open += 1,
+            _ => closed += 1,
+        }
+    }
+    println!("open {open} closed {closed}");
     Ok(())
 }
 
