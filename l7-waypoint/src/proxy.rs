@@ -683,7 +683,7 @@ async fn route_and_forward(
             backend.outlier.record(i, success, Instant::now());
             if !success
                 && body.as_ref().is_some_and(Payload::repeatable)
-                && policy.should_retry(outcome, attempt)
+                && policy.should_retry_request(outcome, attempt, parts.method.as_str())
                 && let Some(g) = wp.budget.try_retry()
             {
                 _retry_guard = Some(g);

@@ -22,6 +22,11 @@ pub enum Outcome {
     Timeout,
 }
 
+/// Whether requests with `method` are idempotent (RFC 9110 section 9.2.2).
+pub fn idempotent(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
+}
+
 /// The default base backoff, as Envoy and Istio use.
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 /// The default number of retries, as Istio uses.
@@ -53,7 +58,8 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     /// From the route's `retry`: `attempts` default 2; `codes` as given, an empty list meaning
     /// Istio's default retry-on (503 plus connect failure and reset); gRPC `UNAVAILABLE` (14);
-    /// resets and connect failures retried; backoff default 25 ms, capped at 10 times the base.
+    /// resets (for idempotent methods: [`Self::should_retry_request`]) and connect failures
+    /// retried; backoff default 25 ms, capped at 10 times the base.
     /// `None` (no retry block) means no retries at all: [`RetryPolicy::none`].
     pub fn from_model(r: Option<&sinew_model::Retry>) -> Self {
         let Some(r) = r else { return Self::none() };
@@ -96,6 +102,17 @@ impl RetryPolicy {
             Outcome::ConnectFailure => self.on_connect_failure,
             Outcome::Timeout => self.codes.contains(&GATEWAY_TIMEOUT),
         }
+    }
+
+    /// [`Self::should_retry`] for a request with `method`: a reset stream is retried only for
+    /// idempotent methods (RFC 9110 section 9.2.2), as the request may have reached the
+    /// backend before the reset, and a second POST could place a second order. (Requests
+    /// never sent, on a pooled connection that had closed, are resent by the client itself.)
+    pub fn should_retry_request(&self, outcome: Outcome, attempt: u32, method: &str) -> bool {
+        if outcome == Outcome::Reset && !idempotent(method) {
+            return false;
+        }
+        self.should_retry(outcome, attempt)
     }
 
     /// The wait before retry number `retry` (1-based; 0 is read as 1): exponential from the

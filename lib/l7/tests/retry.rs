@@ -222,3 +222,18 @@ fn budget_under_concurrency() {
     assert_eq!(granted, 100);
     assert_eq!(budget.active_retries(), 0);
 }
+
+#[test]
+fn resets_are_retried_only_for_idempotent_methods() {
+    let p = RetryPolicy::from_model(Some(&model(&[], None, None)));
+    for m in ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"] {
+        assert!(p.should_retry_request(Outcome::Reset, 1, m), "{m}");
+    }
+    for m in ["POST", "PATCH", "CONNECT", "get"] {
+        assert!(!p.should_retry_request(Outcome::Reset, 1, m), "{m}");
+        // Outcomes where the backend answered or was never reached are retried as before.
+        assert!(p.should_retry_request(Outcome::Status(503), 1, m), "{m}");
+        assert!(p.should_retry_request(Outcome::ConnectFailure, 1, m), "{m}");
+        assert!(p.should_retry_request(Outcome::Grpc(14), 1, m), "{m}");
+    }
+}
