@@ -24,6 +24,18 @@ pub enum CgroupError {
         /// Where we looked.
         root: PathBuf,
     },
+    /// Discovery by UID found more than one cgroup of that name.
+    #[error(
+        "pod uid {uid}: {first} and {second} both look like its cgroup; pass cgroup explicitly"
+    )]
+    Ambiguous {
+        /// Pod UID.
+        uid: String,
+        /// One match.
+        first: PathBuf,
+        /// Another.
+        second: PathBuf,
+    },
     /// An I/O error on a cgroup file.
     #[error("cgroup {path}: {source}")]
     Io {
@@ -79,10 +91,13 @@ pub fn validate(root: &Path, path: &Path) -> Result<PathBuf, CgroupError> {
 }
 
 /// Finds a pod's cgroup from its UID the way kubelet names them: `pod<uid>` with the cgroupfs
-/// driver, `...-pod<uid_with_underscores>.slice` with systemd. Depth-limited.
+/// driver, `...-pod<uid_with_underscores>.slice` with systemd. Depth-limited. Two directories
+/// of that name (a decoy someone with a delegated subtree made, say) are refused rather than
+/// guessed between: attaching to the wrong one would leave the pod uncaptured.
 pub fn discover(root: &Path, uid: &str) -> Result<PathBuf, CgroupError> {
     let plain = format!("pod{uid}");
     let systemd = format!("pod{}.slice", uid.replace('-', "_"));
+    let mut found: Option<PathBuf> = None;
     let mut stack = vec![(root.to_path_buf(), 0u32)];
     while let Some((dir, depth)) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
@@ -93,14 +108,20 @@ pub fn discover(root: &Path, uid: &str) -> Result<PathBuf, CgroupError> {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if name == plain || name.ends_with(&systemd) {
-                return Ok(entry.path());
-            }
-            if depth < 5 {
+                if let Some(first) = found {
+                    return Err(CgroupError::Ambiguous {
+                        uid: uid.into(),
+                        first,
+                        second: entry.path(),
+                    });
+                }
+                found = Some(entry.path());
+            } else if depth < 5 {
                 stack.push((entry.path(), depth + 1));
             }
         }
     }
-    Err(CgroupError::NotFound { uid: uid.into(), root: root.to_path_buf() })
+    found.ok_or_else(|| CgroupError::NotFound { uid: uid.into(), root: root.to_path_buf() })
 }
 
 #[cfg(test)]
@@ -120,6 +141,11 @@ mod tests {
         assert_eq!(discover(root.path(), "99-cd").unwrap(), systemd);
         let err = discover(root.path(), "nope").unwrap_err().to_string();
         assert!(err.contains("no cgroup found for pod uid nope"), "{err}");
+        // A second directory of the same name elsewhere: refused, naming both.
+        std::fs::create_dir_all(root.path().join("user.slice/decoy/pod1234-ab")).unwrap();
+        let err = discover(root.path(), "1234-ab").unwrap_err().to_string();
+        assert!(err.contains("both look like its cgroup") && err.contains("decoy"), "{err}");
+        assert!(err.contains("besteffort/pod1234-ab"), "{err}");
     }
 
     #[test]
