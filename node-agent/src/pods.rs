@@ -177,10 +177,20 @@ impl Registry {
     /// Adds a pod; captures it when its namespace is enrolled. Idempotent for the same spec.
     pub fn enroll(&self, mut spec: PodSpec) -> Result<PodStatus, PodError> {
         validate(&spec)?;
-        spec.cgroup = Some(match &spec.cgroup {
+        let resolved = match &spec.cgroup {
             Some(p) => cgroup::validate(&self.settings.cgroup_root, p)?,
             None => cgroup::discover(&self.settings.cgroup_root, &spec.uid)?,
-        });
+        };
+        // The spec is stored as JSON (state file, status answers): a path that is not UTF-8
+        // could not be written there.
+        if resolved.to_str().is_none() {
+            return Err(PodError::Invalid {
+                uid: spec.uid,
+                field: "cgroup",
+                reason: format!("{} is not valid UTF-8", resolved.display()),
+            });
+        }
+        spec.cgroup = Some(resolved);
         let netns = Netns::open(&spec.netns)?;
 
         let mut pods = self.pods.lock().expect("pod registry lock poisoned");
