@@ -245,11 +245,22 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
+/// How long a connect from inside a pod may take (Istio's default connect timeout): a
+/// destination that drops SYNs would otherwise hold the client for the kernel's two minutes
+/// of retries.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Connects to `target` from a socket created inside `netns`.
 pub async fn connect_in(netns: &Netns, target: SocketAddr) -> io::Result<TcpStream> {
     let sock = netns.tcp_socket(Domain::for_address(target))?;
     sock.set_tcp_nodelay(true)?;
-    TcpSocket::from_std_stream(sock.into()).connect(target).await
+    let connect = TcpSocket::from_std_stream(sock.into()).connect(target);
+    tokio::time::timeout(CONNECT_TIMEOUT, connect).await.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {CONNECT_TIMEOUT:?}"),
+        ))
+    })
 }
 
 /// Asks the kernel (our getsockopt program) where an outbound connection was going.
