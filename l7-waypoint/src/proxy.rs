@@ -590,10 +590,10 @@ async fn route_and_forward(
     let tries = async {
         let mut attempt = 0u32;
         let mut last_endpoint = None;
-        let mut _retry_guard = None;
+        let mut retry_guard = None;
         loop {
             attempt += 1;
-            let Some(_permit) = backend.limits.try_request() else {
+            let Some(permit) = backend.limits.try_request() else {
                 let mut r = full(StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded\n");
                 r.headers_mut().insert("x-sinew-overloaded", HeaderValue::from_static("true"));
                 return (
@@ -653,7 +653,7 @@ async fn route_and_forward(
             };
             let req = build_request(&parts, payload, ip, target_port);
             let started = Instant::now();
-            let _inflight = backend.balancer.start(i);
+            let inflight = backend.balancer.start(i);
             let endpoint_key = endpoint.key();
             let sent = wp.upstreams.send(req, http2, &endpoint_key, Some(source_tag));
             let result = match per_try {
@@ -686,7 +686,7 @@ async fn route_and_forward(
                 && policy.should_retry_request(outcome, attempt, parts.method.as_str())
                 && let Some(g) = wp.budget.try_retry()
             {
-                _retry_guard = Some(g);
+                retry_guard = Some(g);
                 tokio::time::sleep(policy.backoff(attempt, random_u64())).await;
                 continue;
             }
@@ -698,7 +698,10 @@ async fn route_and_forward(
                     } else {
                         strip_hop_by_hop(resp.headers_mut());
                     }
-                    let resp = resp.map(BodyExt::boxed);
+                    // A long answer (a gRPC stream, a download) counts toward the request limit
+                    // and least-request balancing until its body ends, not just its headers.
+                    let held = (permit, inflight, retry_guard.take());
+                    let resp = resp.map(|body| HeldBody { body, held: Some(held) }.boxed());
                     (resp, Done { status, flags: "-", endpoint: last_endpoint, attempts: attempt })
                 }
                 Err((_, true)) => (
@@ -831,6 +834,37 @@ fn build_request(
         req.headers_mut().insert(header::HOST, v);
     }
     req
+}
+
+/// A response body that keeps `held` (request permits, in-flight counts) until it ends, fails
+/// or is dropped.
+struct HeldBody<B, H> {
+    body: B,
+    held: Option<H>,
+}
+
+impl<B: hyper::body::Body + Unpin, H: Unpin> hyper::body::Body for HeldBody<B, H> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            self.held = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// What a request body is while tries are made.
@@ -1045,6 +1079,20 @@ mod tests {
             assert_eq!(r.headers()["grpc-message"], "RBAC: access denied (x%25)");
             assert!(r.body().is_end_stream(), "trailers only");
         }
+    }
+
+    #[test]
+    fn held_guards_live_until_the_body_ends() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let guard = Arc::new(());
+        let body =
+            HeldBody { body: Full::new(Bytes::from_static(b"answer")), held: Some(guard.clone()) };
+        let mut body = std::pin::pin!(body);
+        let first = rt.block_on(body.as_mut().frame()).expect("a frame").expect("data");
+        assert_eq!(first.into_data().expect("data"), "answer");
+        assert_eq!(Arc::strong_count(&guard), 2, "held while the body may still send");
+        assert!(rt.block_on(body.as_mut().frame()).is_none());
+        assert_eq!(Arc::strong_count(&guard), 1, "released at the end");
     }
 
     #[test]
