@@ -11,6 +11,9 @@ use tracing::{debug, warn};
 
 use crate::pods::Registry;
 
+/// How long a connection may wait between requests (or inside one) before it is closed.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Serves requests until the task is aborted.
 pub async fn serve(listener: UnixListener, registry: Arc<Registry>) {
     loop {
@@ -33,14 +36,12 @@ async fn connection(stream: UnixStream, registry: Arc<Registry>) {
     loop {
         line.clear();
         // One byte past the limit tells an oversized request from one that just fits.
-        let n = match (&mut reader)
-            .take(MAX_REQUEST_BYTES as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .await
-        {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) => return debug!(error = %e, "local API read failed"),
+        let mut limited = (&mut reader).take(MAX_REQUEST_BYTES as u64 + 1);
+        let n = match tokio::time::timeout(IDLE, limited.read_until(b'\n', &mut line)).await {
+            Err(_) => return debug!("local API connection idle for {IDLE:?}: closed"),
+            Ok(Ok(0)) => return,
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return debug!(error = %e, "local API read failed"),
         };
         let oversized = n > MAX_REQUEST_BYTES;
         let response = if oversized {
@@ -48,7 +49,10 @@ async fn connection(stream: UnixStream, registry: Arc<Registry>) {
         } else {
             handle(&line, &registry).await
         };
-        let mut out = serde_json::to_vec(&response).expect("responses always serialize");
+        let mut out = serde_json::to_vec(&response).unwrap_or_else(|e| {
+            let message = format!("the answer could not be written as JSON: {e}");
+            serde_json::to_vec(&Response::Error { message }).unwrap_or_default()
+        });
         out.push(b'\n');
         if write.write_all(&out).await.is_err() || oversized {
             return;
