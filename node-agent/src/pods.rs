@@ -443,7 +443,7 @@ impl Registry {
         let err = |source| PodError::State { path: path.clone(), source };
         std::fs::create_dir_all(&self.settings.state_dir).map_err(err)?;
         let tmp = path.with_extension("json.tmp");
-        let json = serde_json::to_vec_pretty(&specs).expect("pod specs always serialize");
+        let json = serde_json::to_vec_pretty(&specs).map_err(|e| err(std::io::Error::other(e)))?;
         std::fs::write(&tmp, json).map_err(err)?;
         std::fs::rename(&tmp, &path).map_err(err)
     }
