@@ -113,7 +113,8 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<PodNet>) {
                 // Until its client is authenticated a connection holds a permit: anyone who
                 // can route to the pod can open them, and each holds a socket and buffers.
                 let Ok(permit) = pod.handshakes.clone().try_acquire_owned() else {
-                    warn!(pod = %pod.name, %peer, limit = HANDSHAKES, "too many HBONE connections in their handshake: refusing");
+                    // debug: a flood must not flood the log too.
+                    debug!(pod = %pod.name, %peer, limit = HANDSHAKES, "too many HBONE connections in their handshake: refusing");
                     reset(&tcp);
                     continue;
                 };
