@@ -217,9 +217,15 @@ impl MeshIndex {
         trust_domain: &str,
         destination: IpAddr,
     ) -> bool {
-        let destination = destination.to_canonical();
-        self.services().any(|s| {
-            s.endpoints.iter().any(|e| e.ips.contains(&destination))
+        // Services select workloads of their own namespace, and name a waypoint there: only
+        // the destination's namespace is searched (this runs for each tunnel a waypoint opens).
+        let Some(dest) = self.workload_by_ip(destination) else { return false };
+        if peer.namespace != dest.namespace {
+            return false;
+        }
+        let Some(services) = self.services.get(&dest.namespace) else { return false };
+        services.values().any(|s| {
+            s.endpoints.iter().any(|e| Arc::ptr_eq(e, dest))
                 && s.waypoint
                     .as_deref()
                     .and_then(|w| self.workload(&s.namespace, w))
