@@ -451,11 +451,10 @@ async fn route_and_forward(
                     return (full(status, "fault filter abort\n"), done(status, "FI"), route_name);
                 }
             }
-            HttpFilter::RequestHeaderModifier { request_header_modifier: m } => {
-                modify_headers(&mut parts.headers, m);
-            }
-            HttpFilter::ResponseHeaderModifier { response_header_modifier: m } => {
-                response_headers.push(m);
+            HttpFilter::RequestHeaderModifier { .. }
+            | HttpFilter::ResponseHeaderModifier { .. }
+            | HttpFilter::RequestMirror { .. } => {
+                per_backend_filter(f, &mut parts.headers, &mut response_headers, &mut mirrors);
             }
             HttpFilter::UrlRewrite { url_rewrite: u } => {
                 if let Some(p) = &u.path {
@@ -474,11 +473,6 @@ async fn route_and_forward(
                     parts.headers.insert(header::HOST, v);
                 }
             }
-            HttpFilter::RequestMirror { request_mirror: m } => {
-                if random_u64() % 100 < u64::from(m.percent) {
-                    mirrors.push(m);
-                }
-            }
         }
     }
 
@@ -488,20 +482,7 @@ async fn route_and_forward(
             Some(b) => {
                 // The chosen backend's own filters (control admits only these kinds there).
                 for f in &b.filters {
-                    match f {
-                        HttpFilter::RequestHeaderModifier { request_header_modifier: m } => {
-                            modify_headers(&mut parts.headers, m);
-                        }
-                        HttpFilter::ResponseHeaderModifier { response_header_modifier: m } => {
-                            response_headers.push(m);
-                        }
-                        HttpFilter::RequestMirror { request_mirror: m }
-                            if random_u64() % 100 < u64::from(m.percent) =>
-                        {
-                            mirrors.push(m);
-                        }
-                        _ => {}
-                    }
+                    per_backend_filter(f, &mut parts.headers, &mut response_headers, &mut mirrors);
                 }
                 (b.namespace.clone(), b.name.clone(), b.port)
             }
@@ -834,6 +815,30 @@ fn build_request(
         req.headers_mut().insert(header::HOST, v);
     }
     req
+}
+
+/// Applies a filter of the kinds a backendRef may carry as well as a rule (request and
+/// response header modifiers, mirrors); other kinds are left to the caller.
+fn per_backend_filter<'a>(
+    f: &'a HttpFilter,
+    headers: &mut HeaderMap,
+    response_headers: &mut Vec<&'a HeaderModifier>,
+    mirrors: &mut Vec<&'a sinew_model::RequestMirror>,
+) {
+    match f {
+        HttpFilter::RequestHeaderModifier { request_header_modifier: m } => {
+            modify_headers(headers, m);
+        }
+        HttpFilter::ResponseHeaderModifier { response_header_modifier: m } => {
+            response_headers.push(m);
+        }
+        HttpFilter::RequestMirror { request_mirror: m }
+            if random_u64() % 100 < u64::from(m.percent) =>
+        {
+            mirrors.push(m);
+        }
+        _ => {}
+    }
 }
 
 /// A response body that keeps `held` (request permits, in-flight counts) until it ends, fails
