@@ -308,11 +308,16 @@ async fn ping(target: SocketAddr, count: usize) -> Result<()> {
 /// open and how many the other side closed or reset (`open N closed M`).
 async fn flood(target: SocketAddr, count: usize) -> Result<()> {
     let mut conns = Vec::with_capacity(count);
+    let (mut open, mut closed) = (0, 0);
     for _ in 0..count {
-        conns.push(TcpStream::connect(target).await.with_context(|| format!("connect {target}"))?);
+        match TcpStream::connect(target).await {
+            Ok(c) => conns.push(c),
+            // Reset so fast that connect itself saw it.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            Err(e) => return Err(e).with_context(|| format!("connect {target}")),
+        }
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (mut open, mut closed) = (0, 0);
     for c in &conns {
         let mut b = [0u8; 1];
         match c.try_read(&mut b) {
