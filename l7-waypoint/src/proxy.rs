@@ -35,7 +35,7 @@ use crate::{
 };
 
 /// The body of every response the waypoint sends.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BoxError>;
 
 /// Largest request body kept so tries can repeat it (buffered for mirrors; beyond it, a
 /// retried request streams on but is not retried, a mirrored one is refused).
@@ -340,6 +340,15 @@ async fn route_and_forward(
     let is_upgrade = parts_is_upgrade(req.headers()) && req.version() == Version::HTTP_11;
     let mut downstream_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // One place for the authority from here on, whichever version the client spoke: HTTP/2's
+    // `:authority` becomes `Host`, which filters (redirects, hostname rewrites) read and set,
+    // and which an HTTP/2 backend gets back as `:authority` (`upstream::Upstreams::send`).
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
     // Policies, routes and the backend all see the normalized path (`sinew_l7::path`).
     match sinew_l7::path::normalize(parts.uri.path()) {
         Ok(Cow::Borrowed(_)) => {}
@@ -567,6 +576,8 @@ async fn route_and_forward(
     let _request = wp.budget.request_started();
     // Upstream connections are kept per original client identity, which each tunnel names.
     let source_tag = down.source_tag;
+    // The request timeout covers the whole exchange, retries and the response body included.
+    let request_deadline = timeouts.request.map(|t| tokio::time::Instant::now() + t.0);
 
     let tries = async {
         let mut attempt = 0u32;
@@ -634,6 +645,7 @@ async fn route_and_forward(
             };
             let req = build_request(&parts, payload, ip, target_port);
             let started = Instant::now();
+            let try_deadline = per_try.map(|t| tokio::time::Instant::now() + t);
             let inflight = backend.balancer.start(i);
             let endpoint_key = endpoint.key();
             let sent = wp.upstreams.send(req, http2, &endpoint_key, Some(source_tag));
@@ -682,7 +694,13 @@ async fn route_and_forward(
                     // A long answer (a gRPC stream, a download) counts toward the request limit
                     // and least-request balancing until its body ends, not just its headers.
                     let held = (permit, inflight, retry_guard.take());
-                    let resp = resp.map(|body| HeldBody { body, held: Some(held) }.boxed());
+                    let deadline = match (request_deadline, try_deadline) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    let deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+                    let resp = resp.map(|body| HeldBody { body, held: Some(held), deadline });
+                    let resp = resp.map(BodyExt::boxed);
                     (resp, Done { status, flags: "-", endpoint: last_endpoint, attempts: attempt })
                 }
                 Err((_, true)) => (
@@ -806,14 +824,9 @@ fn build_request(
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = endpoint_uri(ip, port, pq);
+    // The client's Host (see `route_and_forward`); the pooled clients choose the upstream
+    // version, and HTTP/2 ones turn Host into `:authority`.
     *req.headers_mut() = parts.headers.clone();
-    // HTTP/1.1 keeps the client's Host; the pooled clients choose the upstream version.
-    if let Some(authority) = parts.uri.authority()
-        && !req.headers().contains_key(header::HOST)
-        && let Ok(v) = HeaderValue::from_str(authority.as_str())
-    {
-        req.headers_mut().insert(header::HOST, v);
-    }
     req
 }
 
@@ -843,24 +856,47 @@ fn per_backend_filter<'a>(
 
 /// A response body that keeps `held` (request permits, in-flight counts) until it ends, fails
 /// or is dropped.
+///
+/// With a `deadline` (the route's request or per-try timeout, which cover the whole response
+/// as in Envoy and Gateway API), a body still streaming when it passes fails with
+/// [`ResponseTimedOut`]: hyper then resets the client's stream (HTTP/2) or closes its
+/// connection (HTTP/1.1), and dropping the backend's body resets the try.
 struct HeldBody<B, H> {
     body: B,
     held: Option<H>,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl<B: hyper::body::Body + Unpin, H: Unpin> hyper::body::Body for HeldBody<B, H> {
+/// The route's timeout passed while the response body was still streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("the route's timeout passed while the response body was streaming")]
+pub struct ResponseTimedOut;
+
+impl<B, H: Unpin> hyper::body::Body for HeldBody<B, H>
+where
+    B: hyper::body::Body + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = B::Data;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
         let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
-        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+        if polled.is_pending()
+            && let Some(deadline) = self.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            self.held = None;
+            return Poll::Ready(Some(Err(ResponseTimedOut.into())));
+        }
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
             self.held = None;
         }
-        polled
+        polled.map(|frame| frame.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -1090,14 +1126,57 @@ mod tests {
     fn held_guards_live_until_the_body_ends() {
         let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
         let guard = Arc::new(());
-        let body =
-            HeldBody { body: Full::new(Bytes::from_static(b"answer")), held: Some(guard.clone()) };
+        let body = HeldBody {
+            body: Full::new(Bytes::from_static(b"answer")),
+            held: Some(guard.clone()),
+            deadline: None,
+        };
         let mut body = std::pin::pin!(body);
         let first = rt.block_on(body.as_mut().frame()).expect("a frame").expect("data");
         assert_eq!(first.into_data().expect("data"), "answer");
         assert_eq!(Arc::strong_count(&guard), 2, "held while the body may still send");
         assert!(rt.block_on(body.as_mut().frame()).is_none());
         assert_eq!(Arc::strong_count(&guard), 1, "released at the end");
+    }
+
+    /// Sends one frame, then never another.
+    struct Stalls(bool);
+
+    impl hyper::body::Body for Stalls {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            if std::mem::replace(&mut self.0, true) {
+                return std::task::Poll::Pending;
+            }
+            std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(b"half")))))
+        }
+    }
+
+    #[test]
+    fn a_body_still_streaming_at_the_deadline_fails_and_lets_go() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("rt");
+        let guard = Arc::new(());
+        let started = std::time::Instant::now();
+        let err = rt.block_on(async {
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+            let body = HeldBody {
+                body: Stalls(false),
+                held: Some(guard.clone()),
+                deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
+            };
+            let mut body = std::pin::pin!(body);
+            let first = body.as_mut().frame().await.expect("a frame").expect("data");
+            assert_eq!(first.into_data().expect("data"), "half");
+            body.as_mut().frame().await.expect("an end").expect_err("a timeout")
+        });
+        assert!(err.is::<ResponseTimedOut>(), "{err}");
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(Arc::strong_count(&guard), 1, "released when the deadline passed");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! HTTP to endpoints: pooled HTTP/1.1 and HTTP/2 clients (hyper-util's, with keep-alive and
 //! idle timeouts) whose connector opens HBONE streams to the endpoint's agent, as the
 //! waypoint. A request is addressed to `http://<endpoint ip>:<port>/...`; the connector
-//! looks the endpoint up to know the identity it must prove.
+//! looks the endpoint up to know the identity it must prove. HTTP/2 sends the URI's authority
+//! as `:authority`, so there the client's Host takes its place and each endpoint gets a
+//! client whose connector is bound to it.
 
 use std::{
     collections::HashMap,
@@ -61,9 +63,15 @@ pub enum UpstreamError {
     },
 }
 
-/// A pooled client per (worker, original client identity, HTTP/2) through HBONE.
-type HboneClients =
-    std::sync::Mutex<HashMap<(usize, Option<u32>, bool), Client<HboneConnector, UpBody>>>;
+/// A pooled client per (worker, original client identity, HTTP/2 endpoint) through HBONE;
+/// HTTP/1.1 clients (no endpoint) pool by the URI's endpoint.
+type HboneClients = std::sync::Mutex<
+    HashMap<(usize, Option<u32>, Option<SocketAddr>), Client<HboneConnector, UpBody>>,
+>;
+
+/// Beyond this many pooled clients (endpoints come and go) the map starts over; requests in
+/// flight keep their client, and idle connections close with it.
+const MAX_CLIENTS: usize = 4096;
 
 /// The pooled clients.
 #[allow(clippy::large_enum_variant, reason = "one per process")]
@@ -74,8 +82,8 @@ pub enum Upstreams {
     Hbone {
         /// The waypoint (the connectors' HBONE pool and identity).
         wp: Weak<Waypoint>,
-        /// Clients by (worker, identity tag, HTTP/2): a worker's requests use connections
-        /// that worker drives.
+        /// Clients by (worker, identity tag, HTTP/2 endpoint): a worker's requests use
+        /// connections that worker drives.
         clients: HboneClients,
     },
     /// Plain TCP (the HTTP engine alone, for `--plain-http` benchmarking), per worker.
@@ -97,16 +105,21 @@ impl Upstreams {
         wp: &Weak<Waypoint>,
         clients: &HboneClients,
         source: Option<u32>,
-        http2: bool,
+        http2_endpoint: Option<SocketAddr>,
     ) -> Client<HboneConnector, UpBody> {
         let worker = sinew_workers::current().unwrap_or(0);
-        let mut clients = clients.lock().expect("client lock poisoned");
+        let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (worker, source, http2_endpoint);
+        if clients.len() >= MAX_CLIENTS && !clients.contains_key(&key) {
+            clients.clear();
+        }
         clients
-            .entry((worker, source, http2))
+            .entry(key)
             .or_insert_with(|| {
                 let mut b = Client::builder(TokioExecutor::new());
+                let http2 = http2_endpoint.is_some();
                 b.pool_idle_timeout(IDLE).pool_timer(TokioTimer::new()).http2_only(http2);
-                b.build(HboneConnector { wp: wp.clone(), source })
+                b.build(HboneConnector { wp: wp.clone(), source, endpoint: http2_endpoint })
             })
             .clone()
     }
@@ -128,16 +141,24 @@ impl Upstreams {
 
     /// Sends `req` (its URI `http://<endpoint ip>:<port>/...`) over HTTP/2 or HTTP/1.1, on a
     /// connection of the original client identity `source` (see [`Waypoint::source_tag`]).
+    /// Through HBONE, an HTTP/2 backend gets the client's Host as `:authority`.
     pub async fn send(
         &self,
-        req: http::Request<UpBody>,
+        mut req: http::Request<UpBody>,
         http2: bool,
         endpoint: &str,
         source: Option<u32>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
         let result = match (self, http2) {
-            (Self::Hbone { wp, clients }, _) => {
-                Self::hbone_client(wp, clients, source, http2).request(req).await
+            (Self::Hbone { wp, clients }, true) => {
+                let to = authority_from_host(&mut req).ok_or_else(|| UpstreamError::Connect {
+                    endpoint: endpoint.to_owned(),
+                    reason: "not an <ip>:<port> authority".into(),
+                })?;
+                Self::hbone_client(wp, clients, source, Some(to)).request(req).await
+            }
+            (Self::Hbone { wp, clients }, false) => {
+                Self::hbone_client(wp, clients, source, None).request(req).await
             }
             (Self::Plain { h2, .. }, true) => h2.get().request(req).await,
             (Self::Plain { h1, .. }, false) => h1.get().request(req).await,
@@ -170,6 +191,9 @@ pub struct HboneConnector {
     wp: Weak<Waypoint>,
     /// The original client identity its connections carry.
     source: Option<u32>,
+    /// The endpoint it connects to whatever the URI names (HTTP/2, whose URIs carry the
+    /// client's authority); `None`: the URI's `<ip>:<port>`.
+    endpoint: Option<SocketAddr>,
 }
 
 /// An HBONE stream as a hyper connection.
@@ -223,22 +247,16 @@ impl tower_service::Service<Uri> for HboneConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let wp = self.wp.clone();
         let source = self.source;
+        let bound = self.endpoint;
         Box::pin(async move {
             let endpoint = uri.authority().map(|a| a.to_string()).unwrap_or_default();
             let wp = wp.upgrade().ok_or_else(|| UpstreamError::Connect {
                 endpoint: endpoint.clone(),
                 reason: "waypoint stopping".into(),
             })?;
-            let authority: SocketAddr = uri
-                .host()
-                .map(|h| h.trim_matches(['[', ']']))
-                .and_then(|h| h.parse::<IpAddr>().ok())
-                .zip(uri.port_u16())
-                .map(|(ip, port)| SocketAddr::new(ip, port))
-                .ok_or_else(|| UpstreamError::Connect {
-                    endpoint,
-                    reason: "not an <ip>:<port> authority".into(),
-                })?;
+            let authority = bound.or_else(|| uri_endpoint(&uri)).ok_or_else(|| {
+                UpstreamError::Connect { endpoint, reason: "not an <ip>:<port> authority".into() }
+            })?;
             Ok(HboneIo(TokioIo::new(open_tunnel(&wp, authority, source).await?)))
         })
     }
@@ -280,6 +298,33 @@ pub async fn open_tunnel(
         .map_err(|e| err(e.to_string()))
 }
 
+/// The `<ip>:<port>` a URI names, if it names one.
+fn uri_endpoint(uri: &Uri) -> Option<SocketAddr> {
+    let ip = uri.host()?.trim_matches(['[', ']']).parse::<IpAddr>().ok()?;
+    Some(SocketAddr::new(ip, uri.port_u16()?))
+}
+
+/// For HTTP/2, which sends the URI's authority as `:authority`: puts the request's Host there
+/// (and drops the header, as RFC 9113 section 8.3.1 asks), returning the endpoint the URI
+/// named, which the connection must still reach. Without a usable Host the URI stays.
+fn authority_from_host(req: &mut http::Request<UpBody>) -> Option<SocketAddr> {
+    let endpoint = uri_endpoint(req.uri())?;
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<http::uri::Authority>().ok());
+    if let Some(host) = host {
+        let mut parts = req.uri().clone().into_parts();
+        parts.authority = Some(host);
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+            req.headers_mut().remove(http::header::HOST);
+        }
+    }
+    Some(endpoint)
+}
+
 /// The request URI toward an endpoint.
 pub fn endpoint_uri(ip: IpAddr, port: u16, path_and_query: &str) -> Uri {
     Uri::builder()
@@ -288,4 +333,36 @@ pub fn endpoint_uri(ip: IpAddr, port: u16, path_and_query: &str) -> Uri {
         .path_and_query(path_and_query)
         .build()
         .unwrap_or_else(|_| Uri::from_static("http://0.0.0.0/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt, Empty};
+
+    use super::*;
+
+    fn request(host: Option<&str>) -> http::Request<UpBody> {
+        let mut req = http::Request::new(Empty::new().map_err(|never| match never {}).boxed());
+        *req.uri_mut() = endpoint_uri("198.18.1.5".parse().expect("ip"), 9000, "/pkg.Svc/Call?x=1");
+        if let Some(h) = host {
+            req.headers_mut().insert(http::header::HOST, h.parse().expect("host"));
+        }
+        req
+    }
+
+    #[test]
+    fn http2_requests_carry_the_clients_authority_to_the_endpoint() {
+        let mut req = request(Some("greeter.demo.svc:9000"));
+        let to = authority_from_host(&mut req);
+        assert_eq!(to, Some("198.18.1.5:9000".parse().expect("addr")));
+        assert_eq!(req.uri().to_string(), "http://greeter.demo.svc:9000/pkg.Svc/Call?x=1");
+        assert!(req.headers().get(http::header::HOST).is_none(), "Host became :authority");
+
+        // No Host, or one that is no authority: the endpoint stays the authority.
+        for host in [None, Some("a b")] {
+            let mut req = request(host);
+            assert_eq!(authority_from_host(&mut req), to);
+            assert_eq!(req.uri().to_string(), "http://198.18.1.5:9000/pkg.Svc/Call?x=1");
+        }
+    }
 }

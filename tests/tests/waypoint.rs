@@ -259,6 +259,30 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     ensure!(code == "504", "{out}");
     let took: f64 = took.parse().with_context(|| format!("curl time in {out:?}"))?;
     ensure!((0.45..5.0).contains(&took), "the 500 ms timeout answered after {took} s");
+    // The timeout covers the response body too: a backend that stalls after half its body is
+    // cut off at the timeout (curl: partial file), not waited for.
+    let url = format!("http://{VIP}/delay/10000/mid");
+    let out = client
+        .command(
+            Path::new("/usr/bin/curl"),
+            &[
+                "-sS",
+                "--max-time",
+                "20",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{time_total}",
+                &url,
+            ],
+        )
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.code() == Some(18), "a body stalled past the timeout: {out:?}");
+    let (code, took) = stdout.trim().split_once(' ').unwrap_or((stdout.trim(), ""));
+    ensure!(code == "200", "{stdout}");
+    let took: f64 = took.parse().with_context(|| format!("curl time in {stdout:?}"))?;
+    ensure!((0.45..5.0).contains(&took), "the stalled body was cut after {took} s");
 
     // A burst over the local rate limit (5 tokens): 5 admitted, 5 refused with 429.
     let out = curl(
@@ -320,7 +344,11 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
 
     // gRPC through the waypoint: a tonic client and server, unary and streaming calls.
     let out = c.run_in(&client, &["grpc-call", "198.18.200.30:9000"])?;
-    ensure!(out.contains("ok 3 unary calls and a 5-message stream served by v1"), "{out}");
+    // The server sees the authority the client called (not the endpoint's address).
+    ensure!(
+        out.contains("ok 3 unary calls and a 5-message stream served by v1 for 198.18.200.30:9000"),
+        "{out}"
+    );
     // Its route retries: calls the server fails with UNAVAILABLE every other time are retried
     // into answers, and a bidirectional stream still flows message by message.
     let out = c.run_in(&client, &["grpc-retry", "198.18.200.30:9000"])?;

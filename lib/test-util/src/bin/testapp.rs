@@ -383,7 +383,8 @@ async fn mark(target: SocketAddr, text: &str, repeat: usize) -> Result<()> {
 
 /// A small HTTP/1.1 server (keep-alive, Content-Length bodies) named `name`: every answer
 /// carries `x-served-by: <name>`. Paths: `/status/<code>` answers that code; `/flaky` fails
-/// every other request with 503 (the first one fails); `/delay/<ms>` waits first; `/headers`
+/// every other request with 503 (the first one fails); `/delay/<ms>` waits first;
+/// `/delay/<ms>/mid` sends the head and half the body, then waits; `/headers`
 /// echoes the request headers; `/count/<path>` answers how many requests `/<path>` got;
 /// `/last/<path>` answers the body of the last request to `/<path>` (a collector's view);
 /// anything else answers 200 `<name> <method> <path>`.
@@ -489,6 +490,19 @@ async fn http_connection(
             if flaky.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(2) {
                 status = 503;
             }
+        } else if let Some(ms) = bare.strip_prefix("/delay/")
+            && let Some(ms) = ms.strip_suffix("/mid")
+        {
+            // A backend that stalls mid-body.
+            let half = format!("{name} {method} {path}\n");
+            let head = format!(
+                "HTTP/1.1 200 X\r\ncontent-length: {}\r\ncontent-type: text/plain\r\nx-served-by: {name}\r\n\r\n{half}",
+                2 * half.len()
+            );
+            w.write_all(head.as_bytes()).await?;
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            w.write_all(half.as_bytes()).await?;
+            continue;
         } else if let Some(ms) = bare.strip_prefix("/delay/") {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
         } else if bare == "/headers" {
@@ -560,12 +574,50 @@ mod grpc {
     use tonic::{Request, Response, Status, Streaming};
 
     /// A server named for its answers. Signing an identity that starts with `flaky` fails
-    /// with `UNAVAILABLE` every other time, for retries to mend.
+    /// with `UNAVAILABLE` every other time, for retries to mend. A signature's bundle is the
+    /// `:authority` the call arrived with (what a proxy passed on).
     struct Named(String, AtomicU32);
+
+    /// The metadata key [`Authority`] copies `:authority` into (tonic hides the URI).
+    const AUTHORITY: &str = "x-seen-authority";
+
+    /// Passes each request on with its `:authority` as [`AUTHORITY`] metadata.
+    #[derive(Clone)]
+    struct Authority<S>(S);
+
+    impl<S, B> tower_service::Service<http::Request<B>> for Authority<S>
+    where
+        S: tower_service::Service<http::Request<B>>,
+    {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+
+        fn poll_ready(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), S::Error>> {
+            self.0.poll_ready(cx)
+        }
+
+        fn call(&mut self, mut req: http::Request<B>) -> S::Future {
+            let seen = req.uri().authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
+            if let Ok(v) = http::HeaderValue::from_str(&seen) {
+                req.headers_mut().insert(AUTHORITY, v);
+            }
+            self.0.call(req)
+        }
+    }
 
     #[tonic::async_trait]
     impl Ca for Named {
         async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+            let seen = req
+                .metadata()
+                .get(AUTHORITY)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
             let identity = req.into_inner().identity;
             if identity.starts_with("flaky")
                 && self.1.fetch_add(1, Ordering::Relaxed).is_multiple_of(2)
@@ -574,7 +626,7 @@ mod grpc {
             }
             Ok(Response::new(SignResponse {
                 certificate_pem: format!("{} signed {identity}", self.0),
-                trust_bundle_pem: vec![],
+                trust_bundle_pem: vec![seen],
             }))
         }
     }
@@ -613,6 +665,7 @@ mod grpc {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         println!("ready");
         tonic::transport::Server::builder()
+            .layer(tower_layer::layer_fn(Authority))
             .add_service(CaServer::new(Named(name.clone(), AtomicU32::new(0))))
             .add_service(DiscoveryServer::new(Named(name, AtomicU32::new(0))))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
@@ -628,14 +681,15 @@ mod grpc {
     }
 
     /// Signs `<prefix>-0` .. `<prefix>-<n-1>`, checks each answer, and returns the name of the
-    /// server that answered.
+    /// server that answered and the `:authority` it saw.
     async fn sign_each(
         channel: &tonic::transport::Channel,
         prefix: &str,
         n: usize,
-    ) -> Result<String> {
+    ) -> Result<(String, String)> {
         let mut ca = CaClient::new(channel.clone());
         let mut from = String::new();
+        let mut seen = String::new();
         for i in 0..n {
             let identity = format!("{prefix}-{i}");
             let r = ca
@@ -645,13 +699,14 @@ mod grpc {
                 .into_inner();
             ensure!(r.certificate_pem.ends_with(&format!("signed {identity}")), "{r:?}");
             from = r.certificate_pem.split(' ').next().unwrap_or("").to_owned();
+            seen = r.trust_bundle_pem.first().cloned().unwrap_or_default();
         }
-        Ok(from)
+        Ok((from, seen))
     }
 
     pub async fn call(target: SocketAddr) -> Result<()> {
         let channel = connect(target).await?;
-        let from = sign_each(&channel, "id", 3).await?;
+        let (from, seen) = sign_each(&channel, "id", 3).await?;
         let requests = (1..=5)
             .map(|i| DiscoveryRequest { response_nonce: i.to_string(), ..Default::default() });
         let mut responses =
@@ -662,7 +717,7 @@ mod grpc {
         }
         let want: Vec<String> = (1..=5).map(|i| format!("{from}:{i}")).collect();
         ensure!(got == want, "streamed {got:?}, expected {want:?}");
-        println!("ok 3 unary calls and a 5-message stream served by {from}");
+        println!("ok 3 unary calls and a 5-message stream served by {from} for {seen}");
         Ok(())
     }
 
@@ -672,7 +727,7 @@ mod grpc {
     /// body back until it ends would never deliver).
     pub async fn call_retried(target: SocketAddr) -> Result<()> {
         let channel = connect(target).await?;
-        let from = sign_each(&channel, "flaky", 4).await?;
+        let (from, _) = sign_each(&channel, "flaky", 4).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         // The first message goes out before the stream is opened: the server answers the
         // stream's headers only once it has something to read.
