@@ -20,7 +20,10 @@ use sinew_hbone::Pool;
 use sinew_identity::SpiffeId;
 use sinew_workers::PerWorker;
 use socket2::{Domain, SockRef};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tracing::warn;
 
 use crate::{
@@ -48,6 +51,26 @@ const CERT_WAIT: Duration = Duration::from_secs(5);
 /// at once, so a flood at port 15008, which anyone who can route to the pod may open, cannot
 /// pin the agent's descriptors and memory for every pod.
 pub const HANDSHAKES: usize = 128;
+
+/// Most inbound connections not yet admitted across all the node's pods (HBONE ones before
+/// their client is authenticated, plaintext ones until connected to the application): a
+/// flood spread over many pods stops here, whatever the per-pod bound allows.
+pub const AGENT_HANDSHAKES: usize = 1024;
+
+/// A place among the inbound connections not yet admitted, for one pod ([`HANDSHAKES`]) and
+/// for the node ([`AGENT_HANDSHAKES`]); given back when dropped.
+pub(crate) struct Pending {
+    _pod: OwnedSemaphorePermit,
+    _agent: OwnedSemaphorePermit,
+}
+
+impl Pending {
+    /// A place, if both bounds leave one.
+    fn take(pod: &Arc<Semaphore>, agent: &Arc<Semaphore>) -> Option<Self> {
+        let pod = pod.clone().try_acquire_owned().ok()?;
+        Some(Self { _pod: pod, _agent: agent.clone().try_acquire_owned().ok()? })
+    }
+}
 
 /// Connection counters, shared by every pod's tasks.
 #[derive(Debug, Default)]
@@ -110,6 +133,8 @@ pub struct Ctx {
     pub stats: Arc<Stats>,
     /// Inbound connections open now, re-checked when policy changes.
     pub live: Live,
+    /// The node's places for inbound connections not yet admitted ([`AGENT_HANDSHAKES`]).
+    pending: Arc<Semaphore>,
     /// Round-robin cursor over service endpoints.
     rr: AtomicUsize,
 }
@@ -132,6 +157,7 @@ impl Ctx {
             access,
             stats: Arc::new(Stats::default()),
             live: Live::default(),
+            pending: Arc::new(Semaphore::new(AGENT_HANDSHAKES)),
             rr: AtomicUsize::new(0),
         }
     }
@@ -176,10 +202,18 @@ pub struct PodNet {
     pub ips: Vec<IpAddr>,
     /// The pod's network namespace.
     pub netns: Netns,
-    /// Permits for inbound HBONE connections not yet authenticated ([`HANDSHAKES`]).
-    pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// Permits for inbound connections not yet admitted ([`HANDSHAKES`]).
+    pub handshakes: Arc<Semaphore>,
     /// What all pods share.
     pub ctx: Arc<Ctx>,
+}
+
+impl PodNet {
+    /// A place for one more inbound connection not yet admitted, within the pod's bound and
+    /// the node's; `None`: refuse it.
+    pub(crate) fn pending(&self) -> Option<Pending> {
+        Pending::take(&self.handshakes, &self.ctx.pending)
+    }
 }
 
 /// Accepts on `listener` until the task is aborted.
@@ -329,6 +363,20 @@ pub fn any(v6: bool, port: u16) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_places_are_bounded_per_pod_and_per_node() {
+        let node = Arc::new(Semaphore::new(3));
+        let (a, b) = (Arc::new(Semaphore::new(2)), Arc::new(Semaphore::new(2)));
+        let a1 = Pending::take(&a, &node).expect("a first");
+        let _a2 = Pending::take(&a, &node).expect("a second");
+        assert!(Pending::take(&a, &node).is_none(), "the pod's bound");
+        let _b1 = Pending::take(&b, &node).expect("b first");
+        assert!(Pending::take(&b, &node).is_none(), "the node's bound");
+        assert_eq!(b.available_permits(), 1, "a refusal keeps no place of the pod");
+        drop(a1);
+        assert!(Pending::take(&b, &node).is_some(), "a place given back");
+    }
 
     #[test]
     fn own_listeners_are_never_upstreams() {

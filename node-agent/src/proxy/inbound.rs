@@ -25,7 +25,8 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    CERT_WAIT, Direction, HANDSHAKES, PodNet, canonical, connect_in, copy, is_own_listener, reset,
+    AGENT_HANDSHAKES, CERT_WAIT, Direction, HANDSHAKES, PodNet, canonical, connect_in, copy,
+    is_own_listener, reset,
 };
 use crate::telemetry::{AccessEntry, DecisionLabels, Peer, TcpLabels};
 
@@ -112,9 +113,9 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<PodNet>) {
                 let peer = canonical(peer);
                 // Until its client is authenticated a connection holds a permit: anyone who
                 // can route to the pod can open them, and each holds a socket and buffers.
-                let Ok(permit) = pod.handshakes.clone().try_acquire_owned() else {
+                let Some(permit) = pod.pending() else {
                     // debug: a flood must not flood the log too.
-                    debug!(pod = %pod.name, %peer, limit = HANDSHAKES, "too many HBONE connections in their handshake: refusing");
+                    debug!(pod = %pod.name, %peer, pod_limit = HANDSHAKES, node_limit = AGENT_HANDSHAKES, "too many HBONE connections in their handshake: refusing");
                     reset(&tcp);
                     continue;
                 };
@@ -402,6 +403,12 @@ fn record(
 pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<PodNet>) {
     let ctx = &pod.ctx;
     ctx.stats.inbound.fetch_add(1, Ordering::Relaxed);
+    // Held until the application answers the connect (10 s at most), as HBONE connections
+    // hold theirs until authenticated.
+    let Some(pending) = pod.pending() else {
+        debug!(pod = %pod.name, %peer, pod_limit = HANDSHAKES, node_limit = AGENT_HANDSHAKES, "too many plaintext connections not yet connected: refusing");
+        return reset(&downstream);
+    };
     let start = Instant::now();
     // sk_lookup keeps the destination the client used: it is our local address.
     let destination = match downstream.local_addr() {
@@ -440,6 +447,7 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
             return reset(&downstream);
         }
     };
+    drop(pending);
     ctx.metrics.opened.get_or_create(&labels).inc();
     let kill = Arc::new(Notify::new());
     let _live = ctx.live.register(LiveConn {
