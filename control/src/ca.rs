@@ -19,7 +19,11 @@ use tracing::{info, warn};
 use crate::{snapshot::Snapshot, tokens::Tokens};
 
 /// The shortest lifetime a caller may ask for (tests use short ones to exercise renewal).
-const MIN_TTL: Duration = Duration::from_secs(2);
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+
+/// The longest certificate lifetime the CA issues (a year): `--cert-ttl-secs` is checked
+/// against it, so lifetimes stay far from the date arithmetic's limits.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Authenticates callers as nodes (shared by the CA and discovery services).
 #[derive(Clone, Debug)]
@@ -127,12 +131,13 @@ impl CaService {
             )));
         }
         if let Err(e) = self.authorize(&node, &id) {
-            warn!(%node, %id, "certificate refused: not scheduled on the caller's node");
+            warn!(%node, %id, reason = e.message(), "certificate refused");
             return Err(e);
         }
         let ttl = match req.ttl_seconds {
             0 => self.default_ttl,
-            s => Duration::from_secs(s).clamp(MIN_TTL, self.default_ttl),
+            // Never `clamp`, which panics when the bounds cross.
+            s => Duration::from_secs(s).min(self.default_ttl).max(MIN_TTL),
         };
         let pem = self.ca.sign(&req.csr_pem, &id, ttl).map_err(|e| match e {
             CaError::Csr(m) => Status::invalid_argument(m),

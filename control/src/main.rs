@@ -46,6 +46,15 @@ async fn main() -> Result<()> {
     if !sinew_model::is_dns_subdomain(&args.trust_domain) {
         anyhow::bail!("--trust-domain {:?}: not a DNS name", args.trust_domain);
     }
+    let ttl = Duration::from_secs(args.cert_ttl_secs);
+    if !(sinew_control::ca::MIN_TTL..=sinew_control::ca::MAX_TTL).contains(&ttl) {
+        anyhow::bail!(
+            "--cert-ttl-secs {}: must be between {} and {} seconds",
+            args.cert_ttl_secs,
+            sinew_control::ca::MIN_TTL.as_secs(),
+            sinew_control::ca::MAX_TTL.as_secs()
+        );
+    }
     let tokens = Tokens::load(&args.tokens)?;
     let ca = sinew_identity::Ca::load_or_generate(&args.ca_dir, &args.trust_domain)?;
     let (source, first) = FileSource::new(&args.config_dir);
@@ -53,7 +62,6 @@ async fn main() -> Result<()> {
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(source.run(tx));
     let tls = if args.plaintext { None } else { Some(sinew_control::server_tls(&ca)?) };
-    let ttl = Duration::from_secs(args.cert_ttl_secs);
     let ca = CaService::new(Arc::new(ca), tokens, rx.clone(), ttl);
     let registry = Arc::new(Registry::default());
     let admin = AdminState {

@@ -71,7 +71,7 @@ async fn the_binary_serves_readiness_metrics_clients_and_a_config_dump() {
         cache_dir: dir.path().join("cache"),
         credentials: sinew_control_client::Credentials {
             token: Some("node-1-token-0123456789".into()),
-            tls: Some(sinew_control_client::ClientTls { roots_pem: roots, identity: None }),
+            tls: Some(sinew_control_client::ClientTls::new(roots, None)),
         },
     });
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -107,4 +107,17 @@ async fn the_binary_serves_readiness_metrics_clients_and_a_config_dump() {
         "{errors}"
     );
     task.abort();
+}
+
+#[test]
+fn a_certificate_lifetime_out_of_range_is_refused_naming_the_flag() {
+    for ttl in ["0", "1", "99999999999"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sinew-control"))
+            .args(["--cert-ttl-secs", ttl, "--config-dir", "/nonexistent"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--cert-ttl-secs {ttl} was accepted");
+        assert!(err.contains(&format!("--cert-ttl-secs {ttl}: must be between 2 and")), "{err}");
+    }
 }

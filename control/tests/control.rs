@@ -10,8 +10,8 @@ use std::{
 
 use sinew_control::{ca::CaService, discovery::Registry, source::FileSource, tokens::Tokens};
 use sinew_control_client::{
-    CertConfig, ClientConfig, ClientTls, ConfigView, Credentials, request_certificate,
-    start_certificate, start_config,
+    CertConfig, ClientConfig, ClientTls, ConfigView, ControlSettings, Credentials,
+    request_certificate, start_certificate, start_config,
 };
 use sinew_identity::{Ca, SpiffeId};
 use tokio::{sync::watch, task::JoinHandle};
@@ -64,6 +64,17 @@ impl Control {
     }
 
     async fn start_with(config: &Path, ca_dir: &Path, addr: SocketAddr, tls: bool) -> Self {
+        Self::start_ttl(config, ca_dir, addr, tls, Duration::from_secs(3600)).await
+    }
+
+    /// With `ttl` as the CA's default certificate lifetime.
+    async fn start_ttl(
+        config: &Path,
+        ca_dir: &Path,
+        addr: SocketAddr,
+        tls: bool,
+        ttl: Duration,
+    ) -> Self {
         let ca = Ca::load_or_generate(ca_dir, "cluster.local").unwrap();
         let roots = tls.then(|| ca.bundle().concat());
         let server_tls = tls.then(|| sinew_control::server_tls(&ca).unwrap());
@@ -74,7 +85,7 @@ impl Control {
         let (source, first) = FileSource::new(config);
         let errors = source.errors();
         let (tx, rx) = watch::channel(Arc::new(first));
-        let ca = CaService::new(Arc::new(ca), tokens, rx.clone(), Duration::from_secs(3600));
+        let ca = CaService::new(Arc::new(ca), tokens, rx.clone(), ttl);
         let registry = Arc::new(Registry::default());
         // After a stop, the aborted server lets go of the port a moment later.
         let mut tries = 0;
@@ -373,6 +384,37 @@ impl Control {
 }
 
 #[tokio::test]
+async fn a_node_keeps_reaching_control_past_its_first_certificates_lifetime() {
+    let s = Setup::new();
+    let addr = "127.0.0.1:0".parse().unwrap();
+    let ttl = Duration::from_secs(3);
+    let control = Control::start_ttl(&s.config(), &s.ca(), addr, true, ttl).await;
+    let settings = ControlSettings {
+        endpoint: control.endpoint(),
+        node: "node-1".into(),
+        token: Some(TOKEN_1.into()),
+        roots_pem: control.roots.clone(),
+        cache_dir: s.dir.path().join("node-1"),
+    };
+    let node_id = SpiffeId::node("cluster.local", "node-1").unwrap();
+    let mut credentials = settings.node_credentials(&node_id).await;
+    // The node certificate alone from here on: no token to fall back on.
+    credentials.token = None;
+    let cfg = CertConfig {
+        endpoint: control.endpoint(),
+        credentials,
+        identity: SpiffeId::new("cluster.local", "shop", "reviews").unwrap(),
+        ttl: None,
+        cache_dir: s.dir.path().join("workloads"),
+    };
+    request_certificate(&cfg).await.expect("with the first node certificate");
+    // Past the first node certificate's lifetime: the renewed one is presented.
+    tokio::time::sleep(ttl + Duration::from_secs(1)).await;
+    request_certificate(&cfg).await.expect("with a renewed node certificate");
+    control.stop();
+}
+
+#[tokio::test]
 async fn a_node_bootstraps_with_its_token_then_authenticates_with_its_own_certificate() {
     let s = Setup::new();
     let control =
@@ -386,8 +428,7 @@ async fn a_node_bootstraps_with_its_token_then_authenticates_with_its_own_certif
         ttl: None,
         cache_dir: cache.clone(),
     };
-    let tls =
-        |identity: Option<(String, String)>| Some(ClientTls { roots_pem: roots.clone(), identity });
+    let tls = |identity: Option<(String, String)>| Some(ClientTls::new(roots.clone(), identity));
     // 1. Bootstrap: the token gets the node its own certificate, over TLS.
     let node_id = SpiffeId::node("cluster.local", "node-1").unwrap();
     let bootstrap = Credentials { token: Some(TOKEN_1.into()), tls: tls(None) };
@@ -422,7 +463,7 @@ async fn a_node_bootstraps_with_its_token_then_authenticates_with_its_own_certif
     let stranger = Ca::generate("cluster.local").unwrap();
     let wrong_roots = Credentials {
         token: Some(TOKEN_1.into()),
-        tls: Some(ClientTls { roots_pem: stranger.root_pem().into(), identity: None }),
+        tls: Some(ClientTls::new(stranger.root_pem().into(), None)),
     };
     assert!(request_certificate(&with(wrong_roots, node_id)).await.is_err());
     control.stop();

@@ -88,42 +88,34 @@ impl ControlSettings {
 
     /// Credentials toward the control service: the bootstrap token, plus the node's own
     /// certificate once it has one (from the cache, or asked for now with the token, waiting
-    /// up to 5 s). If control cannot be reached the token alone is used; cached configuration
-    /// keeps serving meanwhile. The node certificate is renewed in the background.
+    /// up to 5 s), kept renewed in the background at half life: every new channel presents
+    /// the current one. If control cannot be reached the token alone is used meanwhile, and
+    /// cached configuration keeps serving.
     pub async fn node_credentials(&self, node_id: &SpiffeId) -> Credentials {
         let bootstrap = Credentials {
             token: self.token.clone(),
-            tls: self.roots_pem.clone().map(|roots_pem| ClientTls { roots_pem, identity: None }),
+            tls: self.roots_pem.clone().map(|roots_pem| ClientTls::new(roots_pem, None)),
         };
         let Some(roots_pem) = self.roots_pem.clone() else { return bootstrap };
         let cfg = CertConfig {
             endpoint: self.endpoint.clone(),
-            credentials: bootstrap.clone(),
+            credentials: bootstrap,
             identity: node_id.clone(),
             ttl: None,
             cache_dir: self.cache_dir.clone(),
         };
-        let (mut svids, task) = start_certificate(cfg);
-        let got =
-            tokio::time::timeout(Duration::from_secs(5), svids.wait_for(Option::is_some)).await;
-        // The renewal task keeps running (and caching) for the process's lifetime.
-        std::mem::forget(task);
-        let svid = match got {
-            Ok(Ok(s)) => s.clone(),
-            _ => None,
-        };
-        match svid {
-            Some(s) => Credentials {
-                token: self.token.clone(),
-                tls: Some(ClientTls {
-                    roots_pem,
-                    identity: Some((s.cert_pem.clone(), s.key_pem.clone())),
-                }),
-            },
-            None => {
-                warn!(node = %node_id, "no node certificate yet (control unreachable?): using the bootstrap token");
-                bootstrap
-            }
+        // The renewal task runs (and caches) for the process's lifetime: its handle is let go.
+        let (mut svids, _task) = start_certificate(cfg);
+        let ready = matches!(
+            tokio::time::timeout(Duration::from_secs(5), svids.wait_for(Option::is_some)).await,
+            Ok(Ok(_))
+        );
+        if !ready {
+            warn!(node = %node_id, "no node certificate yet (control unreachable?): using the bootstrap token until one comes");
+        }
+        Credentials {
+            token: self.token.clone(),
+            tls: Some(ClientTls { roots_pem, identity: None, renewed: Some(svids) }),
         }
     }
 }

@@ -96,7 +96,9 @@ pub fn start_certificate(cfg: CertConfig) -> (watch::Receiver<Option<Arc<Svid>>>
         loop {
             let current = tx.borrow().clone();
             if let Some(svid) = &current {
+                // A floor, so a very short lifetime cannot turn renewal into a busy loop.
                 let wait = svid.renew_at().duration_since(SystemTime::now()).unwrap_or_default();
+                let wait = wait.max(Duration::from_secs(1));
                 tokio::time::sleep(wait).await;
             }
             match request_certificate(&cfg).await {

@@ -12,7 +12,10 @@ mod bootstrap;
 mod certs;
 mod config;
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 pub use bootstrap::{ControlSettings, SettingsError};
 pub use certs::{CertConfig, Svid, request_certificate, start_certificate};
@@ -35,6 +38,28 @@ pub struct ClientTls {
     pub roots_pem: String,
     /// (certificate PEM, key PEM) presented to the control service.
     pub identity: Option<(String, String)>,
+    /// A certificate kept renewed ([`start_certificate`]): each new channel presents the
+    /// one it holds then, while still valid, in place of `identity`. A node certificate
+    /// copied once would expire under a long-lived agent and lock it out of control.
+    pub renewed: Option<tokio::sync::watch::Receiver<Option<Arc<Svid>>>>,
+}
+
+impl ClientTls {
+    /// Trusting `roots_pem`, presenting `identity` (or nothing).
+    pub fn new(roots_pem: String, identity: Option<(String, String)>) -> Self {
+        Self { roots_pem, identity, renewed: None }
+    }
+
+    /// The certificate and key to present now, if any.
+    fn current_identity(&self) -> Option<(String, String)> {
+        let live = self.renewed.as_ref().and_then(|rx| rx.borrow().clone());
+        match live {
+            Some(svid) if svid.expires > SystemTime::now() => {
+                Some((svid.cert_pem.clone(), svid.key_pem.clone()))
+            }
+            _ => self.identity.clone(),
+        }
+    }
 }
 
 /// Opens a channel to `endpoint` (`http://` or `https://`) with `credentials`' TLS settings.
@@ -50,7 +75,7 @@ pub(crate) async fn connect(
         let mut cfg = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(&tls.roots_pem))
             .domain_name(CONTROL_SERVER_NAME);
-        if let Some((cert, key)) = &tls.identity {
+        if let Some((cert, key)) = tls.current_identity() {
             cfg = cfg.identity(tonic::transport::Identity::from_pem(cert, key));
         }
         ep = ep.tls_config(cfg).map_err(connect_err)?;
