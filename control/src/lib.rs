@@ -33,13 +33,21 @@ pub async fn serve(
     registry: Arc<discovery::Registry>,
 ) -> Result<(), tonic::transport::Error> {
     let discovery = discovery::DiscoveryService::new(snapshots, registry, ca.authenticator());
-    let mut builder = tonic::transport::Server::builder();
+    // Anyone who can reach the port can open connections: bound what each may hold (tonic's
+    // default is no stream limit and no keepalive), and find dead peers.
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tcp_keepalive(Some(KEEPALIVE));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
     builder
         .add_service(sinew_api::discovery_server::DiscoveryServer::new(discovery))
-        .add_service(sinew_api::ca_server::CaServer::new(ca))
+        .add_service(
+            sinew_api::ca_server::CaServer::new(ca).max_decoding_message_size(MAX_SIGN_REQUEST),
+        )
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
         .await
 }
@@ -58,10 +66,22 @@ pub fn server_tls(
     .map_err(|e| sinew_identity::CaError::Csr(e.to_string()))?;
     let (key, cert) = ca.issue(&id, &[SERVER_NAME], SERVER_CERT_TTL)?;
     Ok(tonic::transport::ServerTlsConfig::new()
+        .timeout(TLS_HANDSHAKE_TIMEOUT)
         .identity(tonic::transport::Identity::from_pem(cert, key))
         .client_ca_root(tonic::transport::Certificate::from_pem(ca.bundle().concat()))
         .client_auth_optional(true))
 }
+
+/// How long a peer has for the TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Concurrent gRPC streams per connection (an agent or waypoint needs two or three).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// HTTP/2 pings and TCP keepalive on idle connections, to find peers that went away.
+pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
+/// An unanswered ping closes the connection after this long.
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Largest signing request (a CSR is well under 1 KiB).
+pub const MAX_SIGN_REQUEST: usize = 64 * 1024;
 
 /// The DNS name in the control service's certificate.
 pub const SERVER_NAME: &str = "sinew-control";

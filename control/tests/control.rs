@@ -384,6 +384,33 @@ impl Control {
 }
 
 #[tokio::test]
+async fn an_oversized_signing_request_is_refused_before_anything_else() {
+    let s = Setup::new();
+    let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;
+    let mut ca = sinew_api::ca_client::CaClient::connect(control.endpoint()).await.unwrap();
+    let huge = sinew_api::SignRequest {
+        csr_pem: "A".repeat(100 * 1024),
+        identity: "spiffe://cluster.local/ns/shop/sa/reviews".into(),
+        ttl_seconds: 0,
+    };
+    let err = ca.sign(huge).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+    assert!(err.message().contains("message length too large"), "{err}");
+    // The service keeps serving others.
+    let node = SpiffeId::new("cluster.local", "shop", "reviews").unwrap();
+    request_certificate(&CertConfig {
+        endpoint: control.endpoint(),
+        credentials: token(TOKEN_1),
+        identity: node,
+        ttl: None,
+        cache_dir: s.dir.path().join("certs"),
+    })
+    .await
+    .unwrap();
+    control.stop();
+}
+
+#[tokio::test]
 async fn a_node_keeps_reaching_control_past_its_first_certificates_lifetime() {
     let s = Setup::new();
     let addr = "127.0.0.1:0".parse().unwrap();

@@ -14,6 +14,9 @@ use tracing::{info, warn};
 
 use crate::{Backoff, ClientError, write_private};
 
+/// How long a signing request may take.
+const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What to request and where to keep it.
 #[derive(Debug, Clone)]
 pub struct CertConfig {
@@ -61,7 +64,11 @@ pub async fn request_certificate(cfg: &CertConfig) -> Result<Svid, ClientError> 
         ttl_seconds: cfg.ttl.map(|t| t.as_secs()).unwrap_or(0),
     });
     crate::authorize(&mut request, &cfg.credentials)?;
-    let resp = CaClient::new(channel).sign(request).await?.into_inner();
+    // A hung control service must not hold the renewal loop until the certificate expires.
+    let resp = tokio::time::timeout(SIGN_TIMEOUT, CaClient::new(channel).sign(request))
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("no answer to the signing request"))??
+        .into_inner();
     let issued = SystemTime::now();
     let (id, expires) = verify_leaf(&resp.certificate_pem, &resp.trust_bundle_pem, issued)?;
     if id != cfg.identity {

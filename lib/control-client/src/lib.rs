@@ -70,7 +70,13 @@ pub(crate) async fn connect(
     let connect_err = |source| ClientError::Connect { endpoint: endpoint.to_owned(), source };
     let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
         .map_err(connect_err)?
-        .connect_timeout(Duration::from_secs(2));
+        .connect_timeout(Duration::from_secs(2))
+        // A half-open connection (control's host gone) must end the stream so the client
+        // reconnects, not leave it waiting for updates forever.
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .tcp_keepalive(Some(Duration::from_secs(30)));
     if let Some(tls) = &credentials.tls {
         let mut cfg = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(&tls.roots_pem))
