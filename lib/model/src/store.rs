@@ -120,7 +120,11 @@ pub fn parse_document(
             format!("must be {want_api:?} for {kind}, not {api:?}"),
         ));
     }
-    if !is_dns_subdomain(&name) || name.is_empty() {
+    if name.is_empty() {
+        found.push(("metadata.name".to_owned(), "missing".to_owned()));
+    } else if kind == "Namespace" && !is_dns_label(&name) {
+        found.push(("metadata.name".to_owned(), format!("{name:?} is not an RFC 1123 label")));
+    } else if !is_dns_subdomain(&name) {
         found.push(("metadata.name".to_owned(), format!("{name:?} is not a valid name")));
     }
     match (namespaced, namespace.is_empty()) {
@@ -137,9 +141,6 @@ pub fn parse_document(
             format!("{kind} is cluster-scoped: remove metadata.namespace"),
         )),
         _ => {}
-    }
-    if kind == "Namespace" && !is_dns_label(&name) {
-        found.push(("metadata.name".to_owned(), format!("{name:?} is not an RFC 1123 label")));
     }
     match crate::parse_kind(kind, value) {
         Some(Ok(resource)) if found.is_empty() => {
@@ -216,8 +217,11 @@ impl Store {
     /// Re-reads every `*.yaml`/`*.yml` file of `dir` and returns what was rejected.
     ///
     /// A valid resource replaces its previous version; a rejected one keeps its previous
-    /// version (if any) in service; a file that cannot be read or parsed keeps all of its
-    /// previous resources; a file that is gone takes its resources with it. Files whose
+    /// version (if any) in service, and so does every other resource the file held before
+    /// (a document whose kind or name is what broke cannot be matched to what it replaced);
+    /// a file that cannot be read or parsed keeps all of its previous resources; a file that
+    /// is gone takes its resources with it. A resource defined twice in one file is reported
+    /// and its first definition used. Files whose
     /// modification time, length and inode are unchanged are not parsed again.
     pub fn reload_dir(&mut self, dir: &Path) -> Vec<ConfigError> {
         let mut errors = Vec::new();
@@ -262,19 +266,33 @@ impl Store {
                 Err(e) => FileState { resources: previous.resources, stamp: now, errors: vec![e] },
                 Ok(docs) => {
                     let mut state = FileState { stamp: now, ..Default::default() };
+                    let mut rejected = false;
                     for doc in docs {
                         match doc {
+                            Ok(r) if state.resources.contains_key(&r.key()) => {
+                                state.errors.push(ConfigError {
+                                    file: path.clone(),
+                                    resource: r.key().to_string(),
+                                    field: "metadata.name".into(),
+                                    message: "defined twice in this file; the first is used".into(),
+                                });
+                            }
                             Ok(r) => {
                                 state.resources.insert(r.key(), r);
                             }
-                            Err(Rejected { key, errors: errs }) => {
+                            Err(Rejected { errors: errs, .. }) => {
                                 state.errors.extend(errs);
-                                if let Some(old) =
-                                    key.and_then(|k| previous.resources.get(&k).cloned())
-                                {
-                                    state.resources.insert(old.key(), old);
-                                }
+                                rejected = true;
                             }
+                        }
+                    }
+                    // A rejected document cannot take anything out of service, even one
+                    // whose kind or name is what broke (and so cannot be matched to what it
+                    // replaces): with any rejection, every previous resource this version
+                    // does not hold keeps its last good version.
+                    if rejected {
+                        for (key, old) in previous.resources {
+                            state.resources.entry(key).or_insert(old);
                         }
                     }
                     state

@@ -285,3 +285,43 @@ fn store_keeps_the_last_good_version() {
     assert_eq!(errors.len(), 1);
     assert!(store.namespace_is_ambient("shop"));
 }
+
+#[test]
+fn a_document_broken_in_its_kind_or_name_takes_nothing_out_of_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |text: &str| std::fs::write(dir.path().join("a.yaml"), text).unwrap();
+    let ns = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels:\n    sinew.io/dataplane-mode: ambient\n"
+        )
+    };
+    write(&format!("{}---\n{}", ns("shop"), ns("blog")));
+    let mut store = Store::new();
+    assert!(store.reload_dir(dir.path()).is_empty());
+
+    // shop's kind is misspelled, blog's name lost its indentation: neither can be matched to
+    // what it replaces, so both keep their last good version.
+    write(&format!(
+        "{}---\napiVersion: v1\nkind: Namespace\nmetadata:\nname: blog\n",
+        ns("shop").replace("kind: Namespace", "kind: Namespac")
+    ));
+    let errors = store.reload_dir(dir.path());
+    assert_eq!(
+        fields(&errors),
+        [("Namespac/shop", "kind"), ("Namespace/", "metadata.name"), ("Namespace/", "metadata")]
+    );
+    assert!(errors[1].to_string().ends_with("metadata.name: missing"), "{errors:?}");
+    assert!(store.namespace_is_ambient("shop") && store.namespace_is_ambient("blog"));
+
+    // Fixed, with blog removed on purpose: now it goes.
+    write(&ns("shop"));
+    assert!(store.reload_dir(dir.path()).is_empty());
+    assert!(store.namespace("blog").is_none() && store.namespace_is_ambient("shop"));
+
+    // Twice in one file: reported, and the first definition is used.
+    write(&format!("{}---\n{}", ns("shop"), ns("shop").replace("ambient", "none")));
+    let errors = store.reload_dir(dir.path());
+    assert_eq!(fields(&errors), [("Namespace/shop", "metadata.name")]);
+    assert!(errors[0].to_string().contains("defined twice in this file"), "{errors:?}");
+    assert!(store.namespace_is_ambient("shop"));
+}
