@@ -34,10 +34,17 @@ struct Args {
     /// Serve gRPC without TLS (debugging only: tokens then cross the wire in the clear).
     #[arg(long)]
     plaintext: bool,
+    /// Where the last good configuration is kept across restarts, so a file that is broken
+    /// when control starts keeps serving what it last held (default: in --ca-dir).
+    #[arg(long)]
+    state_file: Option<PathBuf>,
     /// Default (and maximum) certificate lifetime in seconds.
     #[arg(long, default_value_t = 24 * 3600)]
     cert_ttl_secs: u64,
 }
+
+/// The last good configuration's file name in --ca-dir, control's own state directory.
+const STATE_FILE: &str = "last-good-config.json";
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -57,7 +64,8 @@ async fn main() -> Result<()> {
     }
     let tokens = Tokens::load(&args.tokens)?;
     let ca = sinew_identity::Ca::load_or_generate(&args.ca_dir, &args.trust_domain)?;
-    let (source, first) = FileSource::new(&args.config_dir);
+    let state = args.state_file.clone().unwrap_or_else(|| args.ca_dir.join(STATE_FILE));
+    let (source, first) = FileSource::new(&args.config_dir, Some(&state));
     let errors = source.errors();
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(source.run(tx));

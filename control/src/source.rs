@@ -6,7 +6,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use sinew_model::{ConfigError, Store};
+use sinew_model::{ConfigError, Resource, Store};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -21,6 +21,89 @@ pub struct FileSource {
     store: Store,
     fingerprint: Vec<(PathBuf, SystemTime, u64)>,
     errors: Arc<Mutex<Vec<ConfigError>>>,
+    /// Where the last good resources are kept across restarts (`--state-file`).
+    state: Option<PathBuf>,
+}
+
+/// The last good configuration as saved: per file, its resources as JSON.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    files: Vec<SavedFile>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedFile {
+    path: PathBuf,
+    resources: Vec<serde_json::Value>,
+}
+
+/// Reads the saved last good configuration; anything unusable is named and left out (the
+/// directory, read next, is the source of truth).
+fn load_saved(state: &Path) -> Store {
+    let text = match std::fs::read(state) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Store::new(),
+        Err(e) => {
+            warn!(file = %state.display(), error = %e, "cannot read the saved configuration; starting from the directory alone");
+            return Store::new();
+        }
+    };
+    let saved: Saved = match serde_json::from_slice(&text) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(file = %state.display(), error = %e, "the saved configuration is not valid; starting from the directory alone");
+            return Store::new();
+        }
+    };
+    let source = state.display().to_string();
+    let files = saved
+        .files
+        .into_iter()
+        .map(|f| {
+            let resources = f
+                .resources
+                .iter()
+                .filter_map(|v| {
+                    let body = serde_json::to_vec(v).ok()?;
+                    Resource::from_json(&source, &body)
+                        .inspect_err(|errs| {
+                            for e in errs {
+                                warn!(error = %e, "saved resource left out");
+                            }
+                        })
+                        .ok()
+                })
+                .collect();
+            (f.path, resources)
+        })
+        .collect();
+    Store::restore(files)
+}
+
+/// Writes `store`'s last good configuration to `state` (a temporary file, synced, then
+/// renamed, so a crash leaves the old or the new one whole).
+fn save(store: &Store, state: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let files = store
+        .last_good()
+        .into_iter()
+        .map(|(path, resources)| SavedFile {
+            path: path.to_path_buf(),
+            resources: resources
+                .into_iter()
+                .filter_map(|r| serde_json::from_slice(&r.to_json()).ok())
+                .collect(),
+        })
+        .collect();
+    let body = serde_json::to_vec(&Saved { files }).map_err(std::io::Error::other)?;
+    if let Some(dir) = state.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = state.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&body)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, state)
 }
 
 fn fingerprint(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
@@ -38,17 +121,30 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
 }
 
 impl FileSource {
-    /// Reads `dir` once and returns the source and its first snapshot.
-    pub fn new(dir: &Path) -> (Self, Snapshot) {
+    /// Reads `dir` once and returns the source and its first snapshot. With `state`, the
+    /// last good configuration saved there before a restart is where the reload starts from
+    /// (a file that is broken now keeps what it last held), and every change is saved there.
+    pub fn new(dir: &Path, state: Option<&Path>) -> (Self, Snapshot) {
+        let store = state.map(load_saved).unwrap_or_default();
         let mut s = Self {
             dir: dir.to_path_buf(),
-            store: Store::new(),
+            store,
             fingerprint: vec![],
             errors: Arc::default(),
+            state: state.map(Path::to_path_buf),
         };
         s.reload();
+        s.save();
         let snap = Snapshot::from_store(&s.store, 1, None);
         (s, snap)
+    }
+
+    fn save(&self) {
+        if let Some(state) = &self.state
+            && let Err(e) = save(&self.store, state)
+        {
+            warn!(file = %state.display(), error = %e, "cannot save the last good configuration");
+        }
     }
 
     /// The rejections of the last reload (shared with the admin endpoint).
@@ -84,6 +180,7 @@ impl FileSource {
                     "configuration changed"
                 );
                 tx.send_replace(Arc::new(next));
+                self.save();
             }
         }
     }

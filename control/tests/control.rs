@@ -82,7 +82,7 @@ impl Control {
         let lines: String =
             (0..50).map(|i| format!("node-{i} node-{i}-token-0123456789\n")).collect();
         let tokens = Tokens::parse("tokens", &lines).unwrap();
-        let (source, first) = FileSource::new(config);
+        let (source, first) = FileSource::new(config, Some(&ca_dir.join("last-good.json")));
         let errors = source.errors();
         let (tx, rx) = watch::channel(Arc::new(first));
         let ca = CaService::new(Arc::new(ca), tokens, rx.clone(), ttl);
@@ -275,6 +275,41 @@ async fn invalid_resources_are_named_and_the_previous_version_stays_served() {
     }
     task.abort();
     control.stop();
+}
+
+#[tokio::test]
+async fn a_restart_with_a_broken_file_serves_its_last_good_version_and_removes_nothing() {
+    let s = Setup::new();
+    let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;
+    let (rx, task) = start_config(s.client(&control, "node-1"));
+    let v1 = wait_for("the first configuration", || policy_version(&rx.borrow())).await;
+    let addr = control.stop();
+
+    // While control is down, the policy file breaks (YAML) and the base file loses the
+    // name of its Service to a bad edit.
+    std::fs::write(s.config().join("policy.yaml"), "kind: [\n").unwrap();
+    let base = std::fs::read_to_string(s.config().join("base.yaml")).unwrap();
+    std::fs::write(s.config().join("base.yaml"), base.replace("{name: reviews,", "{")).unwrap();
+    let control = Control::start(&s.config(), &s.ca(), addr).await;
+    let errors = control.errors.lock().unwrap().clone();
+    let named: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    assert!(named[0].contains("base.yaml: Service/shop/: metadata.name: missing"), "{named:?}");
+    assert!(named.last().unwrap().contains("policy.yaml: document 1: -: YAML syntax"), "{named:?}");
+    wait_for("the client to resume", || (control.registry.clients().len() == 1).then_some(()))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Nothing was removed from the client, and nothing had to be resent.
+    assert_eq!(policy_version(&rx.borrow()), Some(v1));
+    assert!(rx.borrow().resources.contains_key("Service/shop/reviews"));
+    assert_eq!(control.registry.resources_sent.load(Ordering::Relaxed), 0);
+
+    // A file removed on purpose while control was down does take its resources along.
+    let addr = control.stop();
+    std::fs::remove_file(s.config().join("policy.yaml")).unwrap();
+    let control = Control::start(&s.config(), &s.ca(), addr).await;
+    wait_for("the removal", || policy_version(&rx.borrow()).is_none().then_some(())).await;
+    control.stop();
+    task.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

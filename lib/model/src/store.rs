@@ -321,6 +321,31 @@ impl Store {
         errors
     }
 
+    /// Each file's resources in service, to carry the last good configuration over a
+    /// restart ([`Store::restore`]).
+    pub fn last_good(&self) -> Vec<(&Path, Vec<&Resource>)> {
+        self.files
+            .iter()
+            .map(|(path, state)| (path.as_path(), state.resources.values().collect()))
+            .collect()
+    }
+
+    /// A store that holds `last_good` (saved before a restart) as what each file held: the
+    /// next [`Store::reload_dir`] reads every file again, and a file that is now broken, or
+    /// has a rejected document, keeps these versions as if the process had never stopped,
+    /// while a file that is gone takes them along. Without this a restart with a broken file
+    /// would serve less than before, and clients would be told to remove the rest.
+    pub fn restore(last_good: Vec<(PathBuf, Vec<Resource>)>) -> Self {
+        let files = last_good
+            .into_iter()
+            .map(|(path, resources)| {
+                let resources = resources.into_iter().map(|r| (r.key(), r)).collect();
+                (path, FileState { resources, stamp: None, errors: vec![] })
+            })
+            .collect();
+        Self { files }
+    }
+
     /// Every resource in service, each key once.
     pub fn resources(&self) -> BTreeMap<&ResourceKey, &Resource> {
         let mut out = BTreeMap::new();
