@@ -91,6 +91,12 @@ impl DiscoveryService {
     }
 }
 
+/// How long a new stream may take to send its first request (which names the client).
+const FIRST_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How much of a NACK's reason is logged and kept.
+const MAX_NACK_TEXT: usize = 1024;
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -103,9 +109,12 @@ impl Discovery for DiscoveryService {
     ) -> Result<Response<ResponseStream>, Status> {
         let node = self.auth.node(&request)?;
         let mut inbound = request.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("the stream closed before the first request")
-        })?;
+        let first = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no first request within 10 s"))??
+            .ok_or_else(|| {
+                Status::invalid_argument("the stream closed before the first request")
+            })?;
         let client = first
             .client
             .ok_or_else(|| Status::invalid_argument("the first request must carry `client`"))?;
@@ -143,6 +152,7 @@ impl Discovery for DiscoveryService {
             todo: Todo::Everything { after: None },
             removed: Vec::new(),
             outstanding: None,
+            parked: Default::default(),
             nonce: 0,
             registry: self.registry.clone(),
         };
@@ -180,6 +190,15 @@ impl Todo {
     }
 }
 
+/// A response awaiting its ACK or NACK.
+struct Outstanding {
+    nonce: String,
+    /// The system version it completes the sync to, if it is the last slice.
+    completes: Option<u64>,
+    keys: Vec<Arc<str>>,
+    removed: Vec<String>,
+}
+
 struct Session {
     id: u64,
     agent: bool,
@@ -189,8 +208,11 @@ struct Session {
     todo: Todo,
     /// Keys the client must drop, sent with the next response.
     removed: Vec<String>,
-    /// The response awaiting its ACK or NACK, and whether it completed the sync.
-    outstanding: Option<(String, Option<u64>)>,
+    /// The response awaiting its ACK or NACK.
+    outstanding: Option<Outstanding>,
+    /// What rejected responses carried (keys, removals): the client kept its last good
+    /// state, so these are sent again with the next configuration change, as xDS does.
+    parked: (Vec<Arc<str>>, Vec<String>),
     nonce: u64,
     registry: Arc<Registry>,
 }
@@ -201,11 +223,16 @@ impl Session {
         if newer.system_version == self.target.system_version {
             return;
         }
-        let (changed, removed) = if newer.prev_version == self.target.system_version {
+        let (mut changed, removed) = if newer.prev_version == self.target.system_version {
             (newer.changed.clone(), newer.removed.clone())
         } else {
             self.target.diff(&newer)
         };
+        // What the client rejected is tried again: all of it was sent before the cursor, so
+        // it goes as explicit keys either way.
+        let (parked_keys, parked_removed) = std::mem::take(&mut self.parked);
+        changed.extend(parked_keys);
+        self.removed.extend(parked_removed);
         match &mut self.todo {
             // Keys after the cursor are read from the new target anyway.
             Todo::Everything { after } => {
@@ -227,7 +254,12 @@ impl Session {
                     self.todo = Todo::Keys(keys);
                 }
             }
-            Todo::Keys(keys) => keys.extend(changed),
+            Todo::Keys(keys) => {
+                keys.extend(changed);
+                // Once each: a key changed twice before it was sent, or parked and changed.
+                let unique: std::collections::BTreeSet<Arc<str>> = keys.drain(..).collect();
+                keys.extend(unique);
+            }
         }
         self.removed.extend(removed.iter().map(|k| k.to_string()));
         self.target = newer;
@@ -286,15 +318,24 @@ impl Session {
         }
         self.nonce += 1;
         let nonce = format!("{}-{}", self.id, self.nonce);
-        let completes = self.todo.is_empty().then_some(target.system_version);
-        self.outstanding = Some((nonce.clone(), completes));
+        // A sync with a rejected slice is not complete until that slice is taken.
+        let completes =
+            (self.todo.is_empty() && self.parked.0.is_empty() && self.parked.1.is_empty())
+                .then_some(target.system_version);
+        self.outstanding = Some(Outstanding {
+            nonce: nonce.clone(),
+            completes,
+            keys: resources.iter().map(|r| Arc::from(r.key.as_str())).collect(),
+            removed: removed.clone(),
+        });
         self.registry.responses_sent.fetch_add(1, Ordering::Relaxed);
         self.registry.resources_sent.fetch_add(resources.len() as u64, Ordering::Relaxed);
         Some(DiscoveryResponse { system_version: target.system_version, nonce, resources, removed })
     }
 
     fn on_request(&mut self, req: DiscoveryRequest, client: &str) {
-        let Some((nonce, completes)) = self.outstanding.take_if(|(n, _)| *n == req.response_nonce)
+        let Some(Outstanding { nonce, completes, keys, removed }) =
+            self.outstanding.take_if(|o| o.nonce == req.response_nonce)
         else {
             debug!(%client, nonce = %req.response_nonce, "request for an unknown nonce");
             return;
@@ -308,11 +349,15 @@ impl Session {
                 }
             });
         } else {
-            warn!(%client, %nonce, error = %req.error, "client rejected a configuration update (NACK)");
+            // Bounded: a client's reason is logged and kept for /clients, not its whole text.
+            let error: String = req.error.chars().take(MAX_NACK_TEXT).collect();
+            warn!(%client, %nonce, %error, "client rejected a configuration update (NACK); it keeps its last good state, and the rejected part is sent again with the next change");
+            self.parked.0.extend(keys);
+            self.parked.1.extend(removed);
             self.registry.nacks.fetch_add(1, Ordering::Relaxed);
             self.registry.update(self.id, |c| {
                 c.nacks += 1;
-                c.last_nack = Some(req.error.clone());
+                c.last_nack = Some(error);
             });
         }
     }

@@ -312,6 +312,54 @@ async fn a_restart_with_a_broken_file_serves_its_last_good_version_and_removes_n
     task.abort();
 }
 
+#[tokio::test]
+async fn a_rejected_update_is_sent_again_with_the_next_change_and_does_not_count_as_synced() {
+    use sinew_api::{ClientInfo, DiscoveryRequest, discovery_client::DiscoveryClient};
+    let s = Setup::new();
+    let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        client: Some(ClientInfo { name: "node-1".into(), role: "agent".into() }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert(sinew_api::AUTHORIZATION, format!("Bearer {TOKEN_1}").parse().unwrap());
+    let mut client = DiscoveryClient::connect(control.endpoint()).await.unwrap();
+    let mut responses = client.stream(request).await.unwrap().into_inner();
+    let keys = |r: &sinew_api::DiscoveryResponse| {
+        let mut k: Vec<String> = r.resources.iter().map(|r| r.key.clone()).collect();
+        k.sort();
+        k
+    };
+    let first = responses.message().await.unwrap().unwrap();
+    assert!(keys(&first).contains(&"AuthorizationPolicy/shop/reviews".to_string()));
+    let reject = |nonce: &str, error: &str| DiscoveryRequest {
+        response_nonce: nonce.into(),
+        error: error.into(),
+        ..Default::default()
+    };
+    tx.send(reject(&first.nonce, &"x".repeat(10_000))).await.unwrap();
+    wait_for("the NACK", || (control.registry.clients()[0].nacks == 1).then_some(())).await;
+    let state = control.registry.clients()[0].clone();
+    assert_eq!(state.acked_version, 0, "a rejected sync is not complete");
+    assert_eq!(state.last_nack.map(|e| e.len()), Some(1024), "the reason is kept bounded");
+
+    // The next change carries it again, whole, with the change itself (once).
+    std::fs::write(s.config().join("policy.yaml"), policy("reviews")).unwrap();
+    let second = responses.message().await.unwrap().unwrap();
+    assert_eq!(keys(&second), keys(&first));
+    tx.send(reject(&second.nonce, "")).await.unwrap();
+    wait_for("the sync", || {
+        (control.registry.clients()[0].acked_version == second.system_version).then_some(())
+    })
+    .await;
+    control.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_clients_receive_a_policy_change_as_a_delta_and_ack_it() {
     let s = Setup::new();
