@@ -919,8 +919,67 @@ fn validate_refs(e: &mut Errors, parents: &[ParentRef], backends: &[&[BackendRef
     }
 }
 
+/// An HTTP field name (RFC 9110 token), not a pseudo-header.
+fn header_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// An HTTP field value: visible ASCII, spaces and tabs (no CR, LF or NUL).
+fn header_value_ok(value: &str) -> bool {
+    value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+}
+
+/// Header modifier entries the waypoint could not apply are refused here: skipped at run
+/// time they would fail silently (a `remove` of a sensitive header doing nothing).
+fn validate_header_modifier(e: &mut Errors, field: &str, m: &HeaderModifier) {
+    e.at(field, |e| {
+        for (list, values) in [("set", &m.set), ("add", &m.add)] {
+            e.each(list, values, |e, h| {
+                e.check(header_name_ok(&h.name), "name", || {
+                    format!("{:?} is not a header name", h.name)
+                });
+                e.check(header_value_ok(&h.value), "value", || {
+                    format!("{:?} is not a header value (visible ASCII only)", h.value)
+                });
+            });
+        }
+        e.each("remove", &m.remove, |e, name| {
+            e.check(header_name_ok(name), "", || format!("{name:?} is not a header name"));
+        });
+    });
+}
+
+fn validate_path_modifier(e: &mut Errors, field: &str, p: &PathModifier) {
+    let (which, value) = match p {
+        PathModifier::ReplaceFullPath { replace_full_path: v } => ("replaceFullPath", v),
+        PathModifier::ReplacePrefixMatch { replace_prefix_match: v } => ("replacePrefixMatch", v),
+    };
+    e.check(value.starts_with('/') && header_value_ok(value), &format!("{field}.{which}"), || {
+        format!("{value:?} must be a path starting with /")
+    });
+}
+
+fn validate_hostname(e: &mut Errors, field: &str, h: &Option<String>) {
+    if let Some(h) = h {
+        e.check(is_dns_subdomain(h), field, || format!("{h:?} is not a host name"));
+    }
+}
+
 fn validate_filters(e: &mut Errors, filters: &[HttpFilter]) {
     e.each("filters", filters, |e, f| match f {
+        HttpFilter::RequestHeaderModifier { request_header_modifier: m } => {
+            validate_header_modifier(e, "requestHeaderModifier", m);
+        }
+        HttpFilter::ResponseHeaderModifier { response_header_modifier: m } => {
+            validate_header_modifier(e, "responseHeaderModifier", m);
+        }
+        HttpFilter::UrlRewrite { url_rewrite: u } => {
+            validate_hostname(e, "urlRewrite.hostname", &u.hostname);
+            if let Some(p) = &u.path {
+                validate_path_modifier(e, "urlRewrite.path", p);
+            }
+        }
         HttpFilter::RequestRedirect { request_redirect: r } => {
             e.check(matches!(r.status_code, 301 | 302), "requestRedirect.statusCode", || {
                 format!("{} must be 301 or 302", r.status_code)
@@ -930,11 +989,16 @@ fn validate_filters(e: &mut Errors, filters: &[HttpFilter]) {
                     format!("{s:?} must be http or https")
                 });
             }
+            validate_hostname(e, "requestRedirect.hostname", &r.hostname);
+            if let Some(p) = &r.path {
+                validate_path_modifier(e, "requestRedirect.path", p);
+            }
         }
         HttpFilter::RequestMirror { request_mirror: m } => {
             e.check(m.percent <= 100, "requestMirror.percent", || {
                 format!("{} is out of range 0-100", m.percent)
             });
+            dns_label(e, "requestMirror.backendRef.name", &m.backend_ref.name);
         }
         HttpFilter::FaultInjection { fault_injection: f } => {
             e.check(f.delay.is_some() || f.abort.is_some(), "faultInjection", || {
@@ -965,7 +1029,6 @@ fn validate_filters(e: &mut Errors, filters: &[HttpFilter]) {
                 "must be longer than 0".into()
             });
         }
-        _ => {}
     });
 }
 

@@ -193,6 +193,28 @@ fn backend_filters_are_limited_to_the_kinds_applied_per_backend() {
 }
 
 #[test]
+fn filter_values_the_waypoint_could_not_apply_are_named() {
+    let e = errors_of(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{name: svc}]\n  rules:\n    - filters:\n      - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: \"x a\", value: ok}], add: [{name: x-b, value: \"a\\nb\"}], remove: [\"\"]}}\n      - {type: URLRewrite, urlRewrite: {hostname: \"Bad_Host\", path: {type: ReplaceFullPath, replaceFullPath: \"no-slash\"}}}\n      - {type: RequestRedirect, requestRedirect: {statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: \"x\"}}}\n      - {type: RequestMirror, requestMirror: {backendRef: {name: Bad, port: 80}}}\n      backendRefs: [{name: a, port: 80}]\n",
+    );
+    assert_eq!(
+        fields(&e),
+        [
+            ("HTTPRoute/shop/r", "spec.rules[0].filters[0].requestHeaderModifier.set[0].name"),
+            ("HTTPRoute/shop/r", "spec.rules[0].filters[0].requestHeaderModifier.add[0].value"),
+            ("HTTPRoute/shop/r", "spec.rules[0].filters[0].requestHeaderModifier.remove[0]"),
+            ("HTTPRoute/shop/r", "spec.rules[0].filters[1].urlRewrite.hostname"),
+            ("HTTPRoute/shop/r", "spec.rules[0].filters[1].urlRewrite.path.replaceFullPath"),
+            (
+                "HTTPRoute/shop/r",
+                "spec.rules[0].filters[2].requestRedirect.path.replacePrefixMatch"
+            ),
+            ("HTTPRoute/shop/r", "spec.rules[0].filters[3].requestMirror.backendRef.name"),
+        ]
+    );
+}
+
+#[test]
 fn envelope_mistakes_are_named() {
     let e = errors_of(
         "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 80}]}\n---\nkind: Gizmo\nmetadata: {name: g}\n---\napiVersion: v2\nkind: Namespace\nmetadata: {name: n, namespace: x}\n---\napiVersion: sinew.io/v1alpha1\nkind: Workload\nmetadata: {name: w, namespace: shop}\n",
