@@ -164,11 +164,21 @@ impl FileSource {
     /// Polls the directory and publishes a new snapshot whenever the served content changes.
     pub async fn run(mut self, tx: watch::Sender<Arc<Snapshot>>) {
         let mut tick = tokio::time::interval(POLL);
+        let mut settling = None;
         loop {
             tick.tick().await;
-            if fingerprint(&self.dir) == self.fingerprint {
+            let now = fingerprint(&self.dir);
+            if now == self.fingerprint {
+                settling = None;
                 continue;
             }
+            // A file being written (truncated, then filled) looks different at every poll:
+            // it is read once it has held still for one poll, not half-written.
+            if settling.as_ref() != Some(&now) {
+                settling = Some(now);
+                continue;
+            }
+            settling = None;
             self.reload();
             let current = tx.borrow().clone();
             let next =

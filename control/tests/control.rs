@@ -278,6 +278,32 @@ async fn invalid_resources_are_named_and_the_previous_version_stays_served() {
 }
 
 #[tokio::test]
+async fn a_file_is_read_once_it_holds_still_not_while_it_is_written() {
+    use std::io::Write;
+    let s = Setup::new();
+    let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;
+    let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: blog\n  labels: {sinew.io/dataplane-mode: ambient}\n";
+    let mut f = std::fs::File::create(s.config().join("blog.yaml")).unwrap();
+    // Written a few bytes at a time over about 1.5 s, across several polls: no poll may see
+    // (and reject, or serve) a half-written file.
+    for chunk in text.as_bytes().chunks(6) {
+        f.write_all(chunk).unwrap();
+        f.flush().unwrap();
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let errors = control.errors.lock().unwrap().clone();
+            assert!(errors.is_empty(), "a half-written file was read: {errors:?}");
+        }
+    }
+    drop(f);
+    let (rx, task) = start_config(s.client(&control, "node-1"));
+    wait_for("the finished file", || rx.borrow().resources.get("Namespace/blog").map(|_| ())).await;
+    assert!(control.errors.lock().unwrap().is_empty());
+    task.abort();
+    control.stop();
+}
+
+#[tokio::test]
 async fn a_restart_with_a_broken_file_serves_its_last_good_version_and_removes_nothing() {
     let s = Setup::new();
     let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;

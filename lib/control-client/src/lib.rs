@@ -175,6 +175,9 @@ pub(crate) fn write_private(path: &std::path::Path, data: &[u8]) -> Result<(), C
         .open(&tmp)
         .map_err(err)?;
     f.write_all(data).map_err(err)?;
+    // Synced before the rename: after a power loss the cache is the old one or the new one,
+    // never an empty file a restarted client would start from.
+    f.sync_all().map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
 }
 
