@@ -1,5 +1,6 @@
 //! Who is calling: a node, proven by its own certificate (mTLS, verified by rustls against the
-//! trust bundle) or, to bootstrap, by a token from the token file.
+//! trust bundle) or, to bootstrap, by a token from the token file. Either way the node must be
+//! in the token file in force: taking it out revokes it.
 
 use sinew_identity::SpiffeId;
 use tonic::{Request, Status};
@@ -18,6 +19,12 @@ pub fn caller_node<T>(
         let id: SpiffeId =
             sinew_identity::spiffe_id_of_der(leaf).map_err(Status::unauthenticated)?;
         return match id.node_name() {
+            // A node taken out of the token file is revoked, certificate or not.
+            Some(node) if id.trust_domain == trust_domain && !tokens.has_node(node) => {
+                Err(Status::permission_denied(format!(
+                    "node {node} is no longer in the token file (revoked)"
+                )))
+            }
             Some(node) if id.trust_domain == trust_domain => Ok(node.to_owned()),
             _ => Err(Status::permission_denied(format!(
                 "{id} is not a node identity of {trust_domain}"

@@ -16,7 +16,10 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::{snapshot::Snapshot, tokens::Tokens};
+use crate::{
+    snapshot::Snapshot,
+    tokens::{SharedTokens, Tokens},
+};
 
 /// The shortest lifetime a caller may ask for (tests use short ones to exercise renewal).
 pub const MIN_TTL: Duration = Duration::from_secs(2);
@@ -28,14 +31,14 @@ pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Authenticates callers as nodes (shared by the CA and discovery services).
 #[derive(Clone, Debug)]
 pub struct Authenticator {
-    tokens: Arc<Tokens>,
+    tokens: SharedTokens,
     trust_domain: String,
 }
 
 impl Authenticator {
     /// The calling node.
     pub fn node<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        crate::auth::caller_node(request, &self.tokens, &self.trust_domain)
+        crate::auth::caller_node(request, &self.tokens.current(), &self.trust_domain)
     }
 }
 
@@ -54,7 +57,7 @@ pub struct CaService {
     /// Counters.
     pub stats: Arc<CaStats>,
     ca: Arc<Ca>,
-    tokens: Arc<Tokens>,
+    tokens: SharedTokens,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     default_ttl: Duration,
 }
@@ -67,7 +70,18 @@ impl CaService {
         snapshots: watch::Receiver<Arc<Snapshot>>,
         default_ttl: Duration,
     ) -> Self {
-        Self { stats: Arc::default(), ca, tokens: Arc::new(tokens), snapshots, default_ttl }
+        Self {
+            stats: Arc::default(),
+            ca,
+            tokens: SharedTokens::new(tokens),
+            snapshots,
+            default_ttl,
+        }
+    }
+
+    /// The tokens in force, to replace when the file changes.
+    pub fn tokens(&self) -> SharedTokens {
+        self.tokens.clone()
     }
 
     /// Authenticates callers for the other services too.
@@ -118,7 +132,8 @@ impl ca_server::Ca for CaService {
 
 impl CaService {
     fn sign_inner(&self, request: Request<SignRequest>) -> Result<SignResponse, Status> {
-        let node = crate::auth::caller_node(&request, &self.tokens, self.ca.trust_domain())?;
+        let node =
+            crate::auth::caller_node(&request, &self.tokens.current(), self.ca.trust_domain())?;
         let req = request.into_inner();
         let id: SpiffeId = req
             .identity

@@ -71,6 +71,7 @@ async fn main() -> Result<()> {
     tokio::spawn(source.run(tx));
     let tls = if args.plaintext { None } else { Some(sinew_control::server_tls(&ca)?) };
     let ca = CaService::new(Arc::new(ca), tokens, rx.clone(), ttl);
+    tokio::spawn(sinew_control::tokens::watch_file(args.tokens.clone(), ca.tokens()));
     let registry = Arc::new(Registry::default());
     let admin = AdminState {
         registry: registry.clone(),

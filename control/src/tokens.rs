@@ -1,7 +1,11 @@
 //! Bootstrap tokens (local mode): a file of `<node> <token>` lines. On Kubernetes this is where
 //! a TokenReview of the agent's projected service-account token will plug in.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{Arc, RwLock},
+};
 
 /// Errors reading the token file, naming file and line.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +78,58 @@ impl Tokens {
     pub fn node(&self, token: &str) -> Option<&str> {
         self.0.get(token).map(String::as_str)
     }
+
+    /// Whether `node` is listed (a node taken out of the file is revoked).
+    pub fn has_node(&self, node: &str) -> bool {
+        self.0.values().any(|n| n == node)
+    }
+}
+
+/// The token file in force, shared by the CA and discovery and replaced when the file
+/// changes ([`watch_file`]).
+#[derive(Debug, Clone, Default)]
+pub struct SharedTokens(Arc<RwLock<Arc<Tokens>>>);
+
+impl SharedTokens {
+    /// Starting with `tokens`.
+    pub fn new(tokens: Tokens) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(tokens))))
+    }
+
+    /// The tokens in force now.
+    pub fn current(&self) -> Arc<Tokens> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `tokens` in force.
+    pub fn replace(&self, tokens: Tokens) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
+    }
+}
+
+/// Re-reads `path` every 2 s and puts it in force when its content changed (it is small; a
+/// timestamp can miss two writes in one clock tick); a file that does not parse is named and
+/// the last good tokens stay. `tokens` must hold what the file held when it was loaded.
+pub async fn watch_file(path: std::path::PathBuf, tokens: SharedTokens) {
+    let mut last: Option<Vec<u8>> = None;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let now = std::fs::read(&path).ok();
+        // The first look always applies: `tokens` came from the file, or from an older
+        // version of it if it changed before this task ran.
+        if last.is_some() && now == last {
+            continue;
+        }
+        last = now;
+        match Tokens::load(&path) {
+            Ok(t) => {
+                tracing::info!(file = %path.display(), nodes = t.0.len(), "token file reloaded");
+                tokens.replace(t);
+            }
+            Err(e) => tracing::warn!(error = %e, "token file rejected; the last good one stays"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -91,5 +147,33 @@ mod tests {
         let e =
             Tokens::parse("t", "n aaaaaaaaaaaaaaaa\nm aaaaaaaaaaaaaaaa\n").unwrap_err().to_string();
         assert!(e.starts_with("t:2:"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_changed_file_is_put_in_force_and_a_bad_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "node-1 aaaaaaaaaaaaaaaa\n").unwrap();
+        let shared = SharedTokens::new(Tokens::load(&path).unwrap());
+        let task = tokio::spawn(watch_file(path.clone(), shared.clone()));
+        let wait = |want: bool| {
+            let shared = shared.clone();
+            async move {
+                for _ in 0..100 {
+                    if shared.current().has_node("node-2") == want {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                panic!("node-2 listed: never {want}");
+            }
+        };
+        std::fs::write(&path, "node-2 bbbbbbbbbbbbbbbb\n").unwrap();
+        wait(true).await;
+        assert!(!shared.current().has_node("node-1"), "node-1 revoked");
+        std::fs::write(&path, "node-3 short\n").unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        assert!(shared.current().has_node("node-2"), "the last good file stays");
+        task.abort();
     }
 }

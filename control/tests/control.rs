@@ -8,7 +8,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sinew_control::{ca::CaService, discovery::Registry, source::FileSource, tokens::Tokens};
+use sinew_control::{
+    ca::CaService,
+    discovery::Registry,
+    source::FileSource,
+    tokens::{SharedTokens, Tokens},
+};
 use sinew_control_client::{
     CertConfig, ClientConfig, ClientTls, ConfigView, ControlSettings, Credentials,
     request_certificate, start_certificate, start_config,
@@ -55,6 +60,7 @@ struct Control {
     roots: Option<String>,
     registry: Arc<Registry>,
     errors: Arc<std::sync::Mutex<Vec<sinew_model::ConfigError>>>,
+    tokens: SharedTokens,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -86,6 +92,7 @@ impl Control {
         let errors = source.errors();
         let (tx, rx) = watch::channel(Arc::new(first));
         let ca = CaService::new(Arc::new(ca), tokens, rx.clone(), ttl);
+        let tokens = ca.tokens();
         let registry = Arc::new(Registry::default());
         // After a stop, the aborted server lets go of the port a moment later.
         let mut tries = 0;
@@ -107,7 +114,7 @@ impl Control {
                 sinew_control::serve(listener, server_tls, rx, ca, reg).await.unwrap();
             }),
         ];
-        Self { addr, roots, registry, errors, tasks }
+        Self { addr, roots, registry, errors, tokens, tasks }
     }
 
     fn endpoint(&self) -> String {
@@ -488,7 +495,14 @@ async fn a_short_lived_certificate_is_renewed_before_it_expires() {
 impl Control {
     /// Stands for a control service that is not running (for clients that must not reach it).
     fn dummy(addr: SocketAddr) -> Self {
-        Self { addr, roots: None, registry: Arc::default(), errors: Arc::default(), tasks: vec![] }
+        Self {
+            addr,
+            roots: None,
+            registry: Arc::default(),
+            errors: Arc::default(),
+            tokens: SharedTokens::default(),
+            tasks: vec![],
+        }
     }
 }
 
@@ -588,9 +602,15 @@ async fn a_node_bootstraps_with_its_token_then_authenticates_with_its_own_certif
     let err = request_certificate(&with(own.clone(), ratings)).await.unwrap_err().to_string();
     assert!(err.contains("node node-1 runs no workload"), "{err}");
     let (rx, task) =
-        start_config(ClientConfig { credentials: own, ..s.client(&control, "node-1") });
+        start_config(ClientConfig { credentials: own.clone(), ..s.client(&control, "node-1") });
     wait_for("configuration over mTLS", || policy_version(&rx.borrow())).await;
     task.abort();
+
+    // Taken out of the token file, the node is revoked: its own certificate no longer works.
+    control.tokens.replace(Tokens::parse("tokens", "node-2 node-2-token-0123456789\n").unwrap());
+    let reviews = SpiffeId::new("cluster.local", "shop", "reviews").unwrap();
+    let err = request_certificate(&with(own, reviews)).await.unwrap_err().to_string();
+    assert!(err.contains("node node-1 is no longer in the token file (revoked)"), "{err}");
 
     // Without a certificate or a token: refused. An untrusted server: refused by the client.
     let anonymous = Credentials { token: None, tls: tls(None) };
