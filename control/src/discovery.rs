@@ -24,6 +24,15 @@ use crate::snapshot::Snapshot;
 /// hold a bounded amount of memory in the server.
 const MAX_PER_RESPONSE: usize = 500;
 
+/// A response also ends once its resources' bodies reach this size (clients decode messages
+/// of up to 4 MiB, and a resource is at most [`sinew_model::MAX_RESOURCE_BYTES`]).
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+/// Whether a response of `count` resources and `bytes` of bodies is full.
+fn full(count: usize, bytes: usize) -> bool {
+    count >= MAX_PER_RESPONSE || bytes >= MAX_RESPONSE_BYTES
+}
+
 /// Kinds only waypoints need; agents do not receive them.
 const WAYPOINT_ONLY: [&str; 2] = ["HTTPRoute/", "GRPCRoute/"];
 
@@ -279,17 +288,19 @@ impl Session {
                     None => target.resources.range::<Arc<str>, _>(..),
                 };
                 let mut last = None;
+                let mut bytes = 0;
                 for (k, e) in range {
                     last = Some(k.clone());
                     if wanted(agent, k) {
+                        bytes += e.body.len();
                         resources.push(resource(k, e));
                     }
-                    if resources.len() == MAX_PER_RESPONSE {
+                    if full(resources.len(), bytes) {
                         break;
                     }
                 }
                 let more = last.as_ref().is_some_and(|l| {
-                    resources.len() == MAX_PER_RESPONSE
+                    full(resources.len(), bytes)
                         && target
                             .resources
                             .range::<Arc<str>, _>((Bound::Excluded(l.clone()), Bound::Unbounded))
@@ -302,10 +313,14 @@ impl Session {
                 }
             }
             Todo::Keys(keys) => {
-                while resources.len() < MAX_PER_RESPONSE {
+                let mut bytes = 0;
+                while !full(resources.len(), bytes) {
                     let Some(k) = keys.pop_front() else { break };
                     match target.resources.get(&k) {
-                        Some(e) if wanted(agent, &k) => resources.push(resource(&k, e)),
+                        Some(e) if wanted(agent, &k) => {
+                            bytes += e.body.len();
+                            resources.push(resource(&k, e));
+                        }
                         Some(_) => {}
                         None => self.removed.push(k.to_string()),
                     }

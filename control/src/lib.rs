@@ -44,7 +44,12 @@ pub async fn serve(
         builder = builder.tls_config(tls)?;
     }
     builder
-        .add_service(sinew_api::discovery_server::DiscoveryServer::new(discovery))
+        // A resuming client's first request lists every version it holds (about 80 bytes
+        // each): room for 200,000 resources. It is read only once the caller is authenticated.
+        .add_service(
+            sinew_api::discovery_server::DiscoveryServer::new(discovery)
+                .max_decoding_message_size(MAX_DISCOVERY_REQUEST),
+        )
         .add_service(
             sinew_api::ca_server::CaServer::new(ca).max_decoding_message_size(MAX_SIGN_REQUEST),
         )
@@ -80,6 +85,8 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 /// An unanswered ping closes the connection after this long.
 pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Largest discovery request.
+pub const MAX_DISCOVERY_REQUEST: usize = 16 * 1024 * 1024;
 /// Largest signing request (a CSR is well under 1 KiB).
 pub const MAX_SIGN_REQUEST: usize = 64 * 1024;
 

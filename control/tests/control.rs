@@ -285,6 +285,39 @@ async fn invalid_resources_are_named_and_the_previous_version_stays_served() {
 }
 
 #[tokio::test]
+async fn large_resources_go_out_in_responses_bounded_by_size() {
+    let s = Setup::new();
+    // Four policies of about 700 KiB each: 2.8 MiB in all, more than one response may carry.
+    let principals: Vec<String> =
+        (0..20_000).map(|i| format!("cluster.local/ns/shop/sa/client-{i:08}")).collect();
+    for n in 0..4 {
+        std::fs::write(
+            s.config().join(format!("big-{n}.yaml")),
+            format!(
+                "apiVersion: security.sinew.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: big-{n}, namespace: shop}}\nspec:\n  action: ALLOW\n  rules: [{{from: [{{source: {{principals: [{}]}}}}]}}]\n",
+                principals.join(", ")
+            ),
+        )
+        .unwrap();
+    }
+    let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;
+    assert!(control.errors.lock().unwrap().is_empty());
+    let (rx, task) = start_config(s.client(&control, "node-1"));
+    wait_for("all four", || {
+        (0..4)
+            .all(|n| {
+                rx.borrow().resources.contains_key(&format!("AuthorizationPolicy/shop/big-{n}"))
+            })
+            .then_some(())
+    })
+    .await;
+    // 1 MiB per response: at most two of them per response.
+    assert!(control.registry.responses_sent.load(Ordering::Relaxed) >= 2);
+    task.abort();
+    control.stop();
+}
+
+#[tokio::test]
 async fn a_file_is_read_once_it_holds_still_not_while_it_is_written() {
     use std::io::Write;
     let s = Setup::new();

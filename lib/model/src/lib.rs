@@ -145,6 +145,10 @@ resources! {
     DestinationPolicy(DestinationPolicySpec) = "DestinationPolicy", "networking.sinew.io/v1alpha1", true;
 }
 
+/// The largest resource, as JSON, that the model accepts (Kubernetes stores objects of up to
+/// about 1.5 MiB): the control service slices its responses by size with this in mind.
+pub const MAX_RESOURCE_BYTES: usize = 1024 * 1024;
+
 impl Resource {
     /// The resource as Kubernetes-shaped JSON (apiVersion, kind, metadata, spec): what the
     /// control service sends and [`Resource::from_json`] reads back, validating again.

@@ -155,6 +155,20 @@ pub fn parse_document(
                     vec![(field, format!("must be \"ambient\" or \"none\", not {mode:?}"))],
                 ));
             }
+            // Bounded, as Kubernetes bounds objects: every client receives each resource.
+            let size = resource.to_json().len();
+            if size > crate::MAX_RESOURCE_BYTES {
+                return Err(fail(
+                    Some(key),
+                    vec![(
+                        "-".into(),
+                        format!(
+                            "{size} bytes as JSON; a resource may have {} at most",
+                            crate::MAX_RESOURCE_BYTES
+                        ),
+                    )],
+                ));
+            }
             Ok(Some(resource))
         }
         Some(Ok(_)) => Err(fail(Some(key), found)),

@@ -347,3 +347,16 @@ fn a_document_broken_in_its_kind_or_name_takes_nothing_out_of_service() {
     assert!(errors[0].to_string().contains("defined twice in this file"), "{errors:?}");
     assert!(store.namespace_is_ambient("shop"));
 }
+
+#[test]
+fn a_resource_over_a_mebibyte_is_refused() {
+    let principals: Vec<String> =
+        (0..40_000).map(|i| format!("cluster.local/ns/shop/sa/client-{i:08}")).collect();
+    let text = format!(
+        "apiVersion: security.sinew.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: big, namespace: shop}}\nspec:\n  action: ALLOW\n  rules: [{{from: [{{source: {{principals: [{}]}}}}]}}]\n",
+        principals.join(", ")
+    );
+    let e = errors_of(&text);
+    assert_eq!(fields(&e), [("AuthorizationPolicy/shop/big", "-")]);
+    assert!(e[0].message.contains("a resource may have 1048576 at most"), "{}", e[0].message);
+}
