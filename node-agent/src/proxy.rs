@@ -52,9 +52,11 @@ const CERT_WAIT: Duration = Duration::from_secs(5);
 /// pin the agent's descriptors and memory for every pod.
 pub const HANDSHAKES: usize = 128;
 
-/// Most inbound connections not yet admitted across all the node's pods (HBONE ones before
-/// their client is authenticated, plaintext ones until connected to the application): a
-/// flood spread over many pods stops here, whatever the per-pod bound allows.
+/// Most inbound HBONE connections not yet authenticated across all the node's pods: a flood
+/// spread over many pods stops here, whatever the per-pod bound allows. (Plaintext
+/// connections on 15006 are not bounded this way: a legitimate burst of a thousand new
+/// connections to one pod is normal there, and each is only a local connect away from
+/// being admitted.)
 pub const AGENT_HANDSHAKES: usize = 1024;
 
 /// A place among the inbound connections not yet admitted, for one pod ([`HANDSHAKES`]) and
@@ -202,15 +204,15 @@ pub struct PodNet {
     pub ips: Vec<IpAddr>,
     /// The pod's network namespace.
     pub netns: Netns,
-    /// Permits for inbound connections not yet admitted ([`HANDSHAKES`]).
+    /// Permits for inbound HBONE connections not yet authenticated ([`HANDSHAKES`]).
     pub handshakes: Arc<Semaphore>,
     /// What all pods share.
     pub ctx: Arc<Ctx>,
 }
 
 impl PodNet {
-    /// A place for one more inbound connection not yet admitted, within the pod's bound and
-    /// the node's; `None`: refuse it.
+    /// A place for one more inbound HBONE connection not yet authenticated, within the pod's
+    /// bound and the node's; `None`: refuse it.
     pub(crate) fn pending(&self) -> Option<Pending> {
         Pending::take(&self.handshakes, &self.ctx.pending)
     }

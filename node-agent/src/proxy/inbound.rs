@@ -403,12 +403,6 @@ fn record(
 pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<PodNet>) {
     let ctx = &pod.ctx;
     ctx.stats.inbound.fetch_add(1, Ordering::Relaxed);
-    // Held until the application answers the connect (10 s at most), as HBONE connections
-    // hold theirs until authenticated.
-    let Some(pending) = pod.pending() else {
-        debug!(pod = %pod.name, %peer, pod_limit = HANDSHAKES, node_limit = AGENT_HANDSHAKES, "too many plaintext connections not yet connected: refusing");
-        return reset(&downstream);
-    };
     let start = Instant::now();
     // sk_lookup keeps the destination the client used: it is our local address.
     let destination = match downstream.local_addr() {
@@ -447,7 +441,6 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
             return reset(&downstream);
         }
     };
-    drop(pending);
     ctx.metrics.opened.get_or_create(&labels).inc();
     let kill = Arc::new(Notify::new());
     let _live = ctx.live.register(LiveConn {
