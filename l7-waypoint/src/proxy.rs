@@ -393,7 +393,15 @@ async fn route_and_forward(
             return (full(StatusCode::FORBIDDEN, body), done(StatusCode::FORBIDDEN, "RBAC"), None);
         }
     }
-    let selected = snapshot.routes.select(&svc.namespace, &svc.name, down.port, &view);
+    let client_ns = &down.source.namespace;
+    let selected = snapshot.routes.select(&svc.namespace, &svc.name, down.port, client_ns, &view);
+    // Routes that apply to this port replace the implicit routing: nothing matched, 404.
+    if selected.is_none()
+        && snapshot.routes.attached(&svc.namespace, &svc.name, down.port, client_ns)
+    {
+        let status = StatusCode::NOT_FOUND;
+        return (full(status, "route not found\n"), done(status, "NR"), None);
+    }
     let route_name = selected.as_ref().map(|s| format!("{}#{}", s.rule.route, s.rule.index));
     let rule: Option<&CompiledRule> = selected.as_ref().map(|s| s.rule);
     let matched_prefix = selected.as_ref().and_then(|s| s.matched_prefix);
@@ -505,18 +513,20 @@ async fn route_and_forward(
         },
         None => (svc.namespace.clone(), svc.name.clone(), down.port),
     };
+    // A backendRef to a Service that does not exist is invalid: 500, as Gateway API asks
+    // (for that backend's share of the requests only, since the pick is weighted).
     let Some(backend_svc) = snapshot.mesh.service(&backend_ns, &backend_name).cloned() else {
         return (
-            full(StatusCode::SERVICE_UNAVAILABLE, "backend service unknown\n"),
-            done(StatusCode::SERVICE_UNAVAILABLE, "NR"),
+            full(StatusCode::INTERNAL_SERVER_ERROR, "backend service unknown\n"),
+            done(StatusCode::INTERNAL_SERVER_ERROR, "NC"),
             route_name,
         );
     };
     let target_port = backend_svc.target_port(backend_port).unwrap_or(backend_port);
     let Some(backend) = wp.backend(snapshot, &backend_ns, &backend_name) else {
         return (
-            full(StatusCode::SERVICE_UNAVAILABLE, "backend service unknown\n"),
-            done(StatusCode::SERVICE_UNAVAILABLE, "NR"),
+            full(StatusCode::INTERNAL_SERVER_ERROR, "backend service unknown\n"),
+            done(StatusCode::INTERNAL_SERVER_ERROR, "NC"),
             route_name,
         );
     };
@@ -561,7 +571,9 @@ async fn route_and_forward(
     }
     let http2 = upstream_http2(&backend_svc, backend_port, &parts.headers);
     let timeouts = rule.map(|r| r.timeouts.clone()).unwrap_or_default();
-    let per_try = timeouts.backend_request.map(|d| d.0);
+    // 0s turns a timeout off, as Gateway API and Istio read it.
+    let per_try = timeouts.backend_request.map(|d| d.0).filter(|d| !d.is_zero());
+    let request_timeout = timeouts.request.map(|d| d.0).filter(|d| !d.is_zero());
     let hash_config = snapshot
         .destinations
         .get(&format!("{backend_ns}/{backend_name}"))
@@ -577,7 +589,7 @@ async fn route_and_forward(
     // Upstream connections are kept per original client identity, which each tunnel names.
     let source_tag = down.source_tag;
     // The request timeout covers the whole exchange, retries and the response body included.
-    let request_deadline = timeouts.request.map(|t| tokio::time::Instant::now() + t.0);
+    let request_deadline = request_timeout.map(|t| tokio::time::Instant::now() + t);
 
     let tries = async {
         let mut attempt = 0u32;
@@ -606,7 +618,7 @@ async fn route_and_forward(
                     full(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint\n"),
                     Done {
                         status: StatusCode::SERVICE_UNAVAILABLE,
-                        flags: "NR",
+                        flags: "UH",
                         endpoint: last_endpoint,
                         attempts: attempt,
                     },
@@ -637,7 +649,7 @@ async fn route_and_forward(
                     full(StatusCode::SERVICE_UNAVAILABLE, "endpoint has no address\n"),
                     Done {
                         status: StatusCode::SERVICE_UNAVAILABLE,
-                        flags: "NR",
+                        flags: "UH",
                         endpoint: last_endpoint,
                         attempts: attempt,
                     },
@@ -724,8 +736,8 @@ async fn route_and_forward(
             };
         }
     };
-    let (mut resp, d) = match timeouts.request {
-        Some(t) => match tokio::time::timeout(t.0, tries).await {
+    let (mut resp, d) = match request_timeout {
+        Some(t) => match tokio::time::timeout(t, tries).await {
             Ok(r) => r,
             Err(_) => (
                 full(StatusCode::GATEWAY_TIMEOUT, "request timeout\n"),

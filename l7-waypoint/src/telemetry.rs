@@ -36,7 +36,8 @@ pub struct RequestLabels {
     /// The status answered.
     pub response_code: u16,
     /// `-`, or Envoy's flags: `UF` upstream failure, `UT` timeout, `RL` rate limited,
-    /// `FI` injected fault, `UO` overflow, `NR` no route or endpoint, `UAEX` denied.
+    /// `FI` injected fault, `UO` overflow, `NR` no route, `UH` no healthy endpoint, `NC` no
+    /// such backend Service, `UAEX` denied.
     pub response_flags: &'static str,
     /// Always `mutual_tls`.
     pub connection_security_policy: &'static str,

@@ -72,7 +72,8 @@ metadata: {name: greeter, namespace: demo}
 spec:
   parentRefs: [{kind: Service, name: greeter, port: 9000}]
   rules:
-  - backendRefs: [{name: greeter, port: 9000}]
+  - matches: [{path: {type: PathPrefix, value: /sinew.v1.Ca}}, {path: {type: PathPrefix, value: /sinew.v1.Discovery}}]
+    backendRefs: [{name: greeter, port: 9000}]
     retry: {attempts: 2, backoff: 10ms}
 ";
 
@@ -349,6 +350,21 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         out.contains("ok 3 unary calls and a 5-message stream served by v1 for 198.18.200.30:9000"),
         "{out}"
     );
+    // A route attached to the port replaces the implicit routing: a path none of its rules
+    // matches gets 404 (Envoy's NR), not the Service.
+    let out = curl(
+        &c,
+        &client,
+        &[
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://198.18.200.30:9000/other.Svc/Call",
+        ],
+    )?;
+    ensure!(out.trim() == "404", "an unrouted path: {out}");
     // Its route retries: calls the server fails with UNAVAILABLE every other time are retried
     // into answers, and a bidirectional stream still flows message by message.
     let out = c.run_in(&client, &["grpc-retry", "198.18.200.30:9000"])?;

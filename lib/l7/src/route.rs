@@ -10,9 +10,15 @@
 //! the route to that Service, in the route's namespace unless the ref names one; a `port`
 //! limits the route to that service port. `Gateway` parents are not served yet: they are
 //! reported and ignored. `hostnames` are ignored, since a request to a Service's frontend
-//! already names its destination. Routes in another namespace than their Service (GAMMA
-//! "consumer routes") are treated as producer routes: selection does not know the client's
-//! namespace.
+//! already names its destination.
+//!
+//! Producer and consumer routes (GEP-1426): a route in its Service's namespace (a producer
+//! route) applies to every client; a route in another namespace (a consumer route) applies
+//! only to clients of its own namespace, and for them it replaces the producer routes of
+//! that Service and port. So no namespace can change another namespace's traffic.
+//! [`RouteTable::select`] takes the client's namespace for this; when routes apply to a
+//! request's port but none matches, [`RouteTable::attached`] tells the caller to answer 404
+//! rather than forward to the Service (a route replaces the implicit routing).
 //!
 //! Precedence among all rules of all routes attached to the same Service and port:
 //! 1. an `Exact` path over a `RegularExpression` over a `PathPrefix` (Gateway API leaves
@@ -135,6 +141,9 @@ struct ServiceRoutes {
 #[derive(Debug, Clone)]
 struct Candidate {
     key: Key,
+    /// The route's namespace when it is not the Service's (a consumer route): it applies
+    /// only to clients of that namespace.
+    consumer: Option<String>,
     /// `None`: every port.
     ports: Option<Vec<u16>>,
     /// Index into [`ServiceRoutes::rules`].
@@ -235,31 +244,56 @@ impl RouteTable {
         self.services.get(namespace).is_some_and(|s| s.contains_key(name))
     }
 
-    /// The rule for a request to service `namespace/name` on service port `port`, by Gateway
-    /// API precedence; `None` when no route attached to that service matches (the caller then
-    /// forwards to the service itself, Gateway API's default for GAMMA).
+    /// The candidates that apply to a client of namespace `client` on service port `port`:
+    /// that namespace's consumer routes if it has any for this port, else the producer
+    /// routes.
+    fn applicable<'a, 'c>(
+        service: &'a ServiceRoutes,
+        port: u16,
+        client: &'c str,
+    ) -> impl Iterator<Item = &'a Candidate> + use<'a, 'c> {
+        let on_port = move |c: &&Candidate| c.ports.as_ref().is_none_or(|p| p.contains(&port));
+        let own = service
+            .candidates
+            .iter()
+            .filter(on_port)
+            .any(|c| c.consumer.as_deref() == Some(client));
+        service.candidates.iter().filter(on_port).filter(move |c| {
+            if own { c.consumer.as_deref() == Some(client) } else { c.consumer.is_none() }
+        })
+    }
+
+    /// True when routes attached to service `namespace/name` apply to a client of namespace
+    /// `client` on service port `port`: a request none of them matches gets 404.
+    pub fn attached(&self, namespace: &str, name: &str, port: u16, client: &str) -> bool {
+        self.services
+            .get(namespace)
+            .and_then(|s| s.get(name))
+            .is_some_and(|s| Self::applicable(s, port, client).next().is_some())
+    }
+
+    /// The rule for a request from a client of namespace `client` to service
+    /// `namespace/name` on service port `port`, by Gateway API precedence among the routes
+    /// that apply to that client; `None` when none matches (see [`RouteTable::attached`]:
+    /// 404 if routes apply, else the caller forwards to the service itself).
     pub fn select<'a>(
         &'a self,
         namespace: &str,
         name: &str,
         port: u16,
+        client: &str,
         req: &RequestView<'_>,
     ) -> Option<Selected<'a>> {
         let service = self.services.get(namespace)?.get(name)?;
-        service
-            .candidates
-            .iter()
-            .filter(|c| c.ports.as_ref().is_none_or(|ports| ports.contains(&port)))
-            .filter(|c| c.matcher.matches(req))
-            .find_map(|c| {
-                Some(Selected {
-                    rule: service.rules.get(c.rule)?,
-                    matched_prefix: match &c.matcher.path {
-                        PathMatcher::Prefix(p) => Some(p.as_str()),
-                        _ => None,
-                    },
-                })
+        Self::applicable(service, port, client).filter(|c| c.matcher.matches(req)).find_map(|c| {
+            Some(Selected {
+                rule: service.rules.get(c.rule)?,
+                matched_prefix: match &c.matcher.path {
+                    PathMatcher::Prefix(p) => Some(p.as_str()),
+                    _ => None,
+                },
             })
+        })
     }
 
     fn add_http(&mut self, o: &Object<HttpRouteSpec>, problems: &mut Vec<String>) {
@@ -310,6 +344,7 @@ impl RouteTable {
     ) {
         let route = format!("{namespace}/{}", o.metadata.name);
         for ((svc_ns, svc_name), ports) in service_parents(namespace, parents, p) {
+            let consumer = (svc_ns != namespace).then(|| namespace.to_owned());
             let service = self.services.entry(svc_ns).or_default().entry(svc_name).or_default();
             for r in &rules {
                 let rule = service.rules.len();
@@ -329,6 +364,7 @@ impl RouteTable {
                     };
                     service.candidates.push(Candidate {
                         key,
+                        consumer: consumer.clone(),
                         ports: ports.clone(),
                         rule,
                         matcher: matcher.clone(),

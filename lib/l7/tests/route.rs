@@ -48,9 +48,22 @@ fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
     h
 }
 
-/// (route, rule index, matched prefix) selected for `method path?query` to `shop/web:80`.
+/// (route, rule index, matched prefix) selected for `method path?query` to `shop/web:port`
+/// from a client in namespace shop.
 fn pick_in(
     t: &RouteTable,
+    port: u16,
+    method: &str,
+    target: &str,
+    h: &HeaderMap,
+) -> Option<(String, usize, Option<String>)> {
+    pick_as(t, "shop", port, method, target, h)
+}
+
+/// Like [`pick_in`], from a client in namespace `client`.
+fn pick_as(
+    t: &RouteTable,
+    client: &str,
     port: u16,
     method: &str,
     target: &str,
@@ -61,7 +74,7 @@ fn pick_in(
         None => (target, None),
     };
     let req = RequestView { method, path, query, headers: h };
-    t.select("shop", "web", port, &req)
+    t.select("shop", "web", port, client, &req)
         .map(|s| (s.rule.route.clone(), s.rule.index, s.matched_prefix.map(str::to_owned)))
 }
 
@@ -230,9 +243,13 @@ fn other_services_ports_and_misses() {
     assert!(t.has_routes("prod", "web"), "parent namespace as written");
     assert!(!t.has_routes("shop", "db") && !t.has_routes("prod", "api"));
     let req = RequestView { method: "GET", path: "/x", query: None, headers: &h };
-    let far = t.select("prod", "web", 1234, &req).expect("far route");
+    // A consumer route (shop's, on prod/web) applies to shop's clients only.
+    let far = t.select("prod", "web", 1234, "shop", &req).expect("far route");
     assert_eq!((far.rule.route.as_str(), far.matched_prefix), ("shop/far", Some("/")));
-    assert!(t.select("shop", "db", 80, &req).is_none());
+    assert!(t.select("prod", "web", 1234, "prod", &req).is_none(), "not for prod's clients");
+    assert!(!t.attached("prod", "web", 1234, "prod"));
+    assert!(t.attached("prod", "web", 1234, "shop"));
+    assert!(t.select("shop", "db", 80, "shop", &req).is_none());
 }
 
 #[test]
@@ -266,7 +283,7 @@ fn rules_carry_backends_filters_timeouts_and_retry() {
     assert!(problems.is_empty(), "{problems:?}");
     let h = HeaderMap::new();
     let req = RequestView { method: "GET", path: "/", query: None, headers: &h };
-    let rule = t.select("shop", "web", 80, &req).expect("selected").rule;
+    let rule = t.select("shop", "web", 80, "shop", &req).expect("selected").rule;
     assert_eq!((rule.kind, rule.index), ("HTTPRoute", 0));
     let b: Vec<_> =
         rule.backends.iter().map(|b| (&*b.namespace, &*b.name, b.port, b.weight)).collect();
@@ -302,7 +319,7 @@ fn grpc_method_forms() {
     assert_eq!(sel("/shop.Cartx/Add", &h), None);
     assert_eq!(sel("/x.Y/Z", &headers(&[("x-tenant", "a")])), Some((4, Some("/".into()))));
     let req = RequestView { method: "POST", path: "/shop.Cart/Add", query: None, headers: &h };
-    let rule = t.select("shop", "web", 1, &req).expect("selected").rule;
+    let rule = t.select("shop", "web", 1, "shop", &req).expect("selected").rule;
     assert_eq!(
         (rule.kind, rule.route.as_str(), rule.backends[0].port),
         ("GRPCRoute", "shop/g", 9000)
@@ -319,7 +336,7 @@ fn weighted(weights: &[u32]) -> sinew_l7::route::CompiledRule {
     let (t, _) = build(&http_route("r", "[{name: web}]", &rules));
     let h = HeaderMap::new();
     let req = RequestView { method: "GET", path: "/", query: None, headers: &h };
-    t.select("shop", "web", 80, &req).expect("selected").rule.clone()
+    t.select("shop", "web", 80, "shop", &req).expect("selected").rule.clone()
 }
 
 fn counts(weights: &[u32], draws: u64) -> Vec<u64> {
@@ -421,7 +438,7 @@ fn redirect(fields: &str) -> RequestRedirect {
     let (t, _) = build(&http_route("r", "[{name: web}]", &rules));
     let h = HeaderMap::new();
     let req = RequestView { method: "GET", path: "/", query: None, headers: &h };
-    match &t.select("shop", "web", 80, &req).expect("selected").rule.filters[..] {
+    match &t.select("shop", "web", 80, "shop", &req).expect("selected").rule.filters[..] {
         [HttpFilter::RequestRedirect { request_redirect }] => request_redirect.clone(),
         other => panic!("{other:?}"),
     }
@@ -690,13 +707,25 @@ mod property {
         )
     }
 
-    /// (route, rule, matched prefix) by brute force, for a request to shop/web:80.
-    fn expected(routes: &[Route], req: &Request) -> Option<(String, usize, Option<String>)> {
+    /// (route, rule, matched prefix) by brute force, for a request from a client of
+    /// namespace `client` to shop/web:80: the client's own consumer routes if it has any on
+    /// that port, else shop's producer routes.
+    fn expected(
+        routes: &[Route],
+        req: &Request,
+        client: &str,
+    ) -> Option<(String, usize, Option<String>)> {
         let everything = Match { path: None, method: None, headers: vec![], query: vec![] };
-        let mut best: Option<(Key, Option<String>)> = None;
-        for r in routes {
+        let on_web_80 = |r: &&Route| {
             let (ns, svc, port) = r.parent;
-            if (ns, svc) != ("shop", "web") || port.is_some_and(|p| p != 80) {
+            (ns, svc) == ("shop", "web") && port.is_none_or(|p| p == 80)
+        };
+        let consumer =
+            client != "shop" && routes.iter().filter(on_web_80).any(|r| r.namespace == client);
+        let from = if consumer { client } else { "shop" };
+        let mut best: Option<(Key, Option<String>)> = None;
+        for r in routes.iter().filter(on_web_80) {
+            if r.namespace != from {
                 continue;
             }
             for (i, rule) in r.rules.iter().enumerate() {
@@ -739,10 +768,16 @@ mod property {
                 } else {
                     format!("{}?{}", req.path, req.query)
                 };
-                let got = pick_in(&table, 80, req.method, &target, &h);
-                let want = expected(&routes, &req);
-                assert_eq!(got, want, "{} {target} {:?}\n{yaml}", req.method, req.headers);
-                if got.is_some() { selected += 1 } else { none += 1 }
+                for client in ["shop", "zone"] {
+                    let got = pick_as(&table, client, 80, req.method, &target, &h);
+                    let want = expected(&routes, &req, client);
+                    assert_eq!(
+                        got, want,
+                        "{client}: {} {target} {:?}\n{yaml}",
+                        req.method, req.headers
+                    );
+                    if got.is_some() { selected += 1 } else { none += 1 }
+                }
             }
         }
         // Both outcomes are exercised.

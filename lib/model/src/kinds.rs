@@ -744,10 +744,10 @@ pub struct LocalRateLimit {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Timeouts {
-    /// The whole request, retries included.
+    /// The whole request, retries and the response body included (0s: none).
     #[serde(default)]
     pub request: Option<Duration>,
-    /// Each try.
+    /// Each try, to the end of its response (0s: none).
     #[serde(default)]
     pub backend_request: Option<Duration>,
 }
@@ -896,6 +896,10 @@ fn validate_refs(e: &mut Errors, parents: &[ParentRef], backends: &[&[BackendRef
                 e.check(kind == "Service", "kind", || {
                     format!("{kind:?}: backends must be Services")
                 });
+                let group = b.group.as_deref().unwrap_or("");
+                e.check(matches!(group, "" | "core"), "group", || {
+                    format!("{group:?}: backends must be Services of the core group (\"\")")
+                });
                 validate_filters(e, &b.filters);
                 // The waypoint applies these per backend; the rest only per rule.
                 e.each("filters", &b.filters, |e, f| {
@@ -981,9 +985,11 @@ fn validate_filters(e: &mut Errors, filters: &[HttpFilter]) {
             }
         }
         HttpFilter::RequestRedirect { request_redirect: r } => {
-            e.check(matches!(r.status_code, 301 | 302), "requestRedirect.statusCode", || {
-                format!("{} must be 301 or 302", r.status_code)
-            });
+            e.check(
+                matches!(r.status_code, 301 | 302 | 303 | 307 | 308),
+                "requestRedirect.statusCode",
+                || format!("{} must be 301, 302, 303, 307 or 308", r.status_code),
+            );
             if let Some(s) = &r.scheme {
                 e.check(matches!(s.as_str(), "http" | "https"), "requestRedirect.scheme", || {
                     format!("{s:?} must be http or https")
@@ -1066,7 +1072,9 @@ impl Validate for HttpRouteSpec {
             validate_filters(e, &r.filters);
             if let Some(t) = &r.timeouts
                 && let (Some(req), Some(per_try)) = (t.request, t.backend_request)
+                && !req.0.is_zero()
             {
+                // 0s turns a timeout off (Gateway API), so it bounds nothing.
                 e.check(per_try <= req, "timeouts.backendRequest", || {
                     "must not exceed timeouts.request".into()
                 });

@@ -360,3 +360,30 @@ fn a_resource_over_a_mebibyte_is_refused() {
     assert_eq!(fields(&e), [("AuthorizationPolicy/shop/big", "-")]);
     assert!(e[0].message.contains("a resource may have 1048576 at most"), "{}", e[0].message);
 }
+
+#[test]
+fn zero_timeouts_redirect_codes_and_backend_groups_follow_gateway_api() {
+    let route = |rule: &str| {
+        errors_of(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec:\n  parentRefs: [{{name: svc}}]\n  rules:\n    - {rule}\n"
+        ))
+    };
+    // 0s turns the request timeout off, so a per-try timeout under it is fine.
+    assert!(
+        route("{timeouts: {request: 0s, backendRequest: 10s}, backendRefs: [{name: a, port: 80}]}")
+            .is_empty()
+    );
+    for code in [301, 302, 303, 307, 308] {
+        let rule = format!(
+            "{{filters: [{{type: RequestRedirect, requestRedirect: {{statusCode: {code}}}}}]}}"
+        );
+        assert!(route(&rule).is_empty(), "{code}");
+    }
+    let e = route("{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 304}}]}");
+    assert_eq!(
+        fields(&e),
+        [("HTTPRoute/shop/r", "spec.rules[0].filters[0].requestRedirect.statusCode")]
+    );
+    let e = route("{backendRefs: [{name: a, port: 80, group: example.com}]}");
+    assert_eq!(fields(&e), [("HTTPRoute/shop/r", "spec.rules[0].backendRefs[0].group")]);
+}
