@@ -594,6 +594,7 @@ async fn route_and_forward(
     let tries = async {
         let mut attempt = 0u32;
         let mut last_endpoint = None;
+        let mut last_index = None;
         let mut retry_guard = None;
         loop {
             attempt += 1;
@@ -611,8 +612,13 @@ async fn route_and_forward(
                 );
             };
             let now = Instant::now();
-            let Some(i) =
-                backend.balancer.pick(random_u64(), hash, |i| backend.outlier.is_ejected(i, now))
+            let ejected = |i| backend.outlier.is_ejected(i, now);
+            // A retry goes to another endpoint when there is one (Envoy's previous_hosts, on
+            // by default in Istio); a consistent hash keeps its endpoint.
+            let elsewhere = last_index.filter(|_| hash.is_none()).and_then(|last| {
+                backend.balancer.pick(random_u64(), hash, |i| i == last || ejected(i))
+            });
+            let Some(i) = elsewhere.or_else(|| backend.balancer.pick(random_u64(), hash, ejected))
             else {
                 return (
                     full(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint\n"),
@@ -626,6 +632,7 @@ async fn route_and_forward(
             };
             let endpoint = backend.endpoints[i].clone();
             last_endpoint = Some(endpoint.clone());
+            last_index = Some(i);
             let payload = match &mut body {
                 Some(Payload::Buffered(b)) => {
                     Full::new(b.clone()).map_err(|never| match never {}).boxed()
@@ -673,7 +680,6 @@ async fn route_and_forward(
                     .map_err(|e| (e, per_try_timed_out(started, per_try))),
                 None => sent.await.map_err(|e| (e, false)),
             };
-            backend.balancer.observe(i, started.elapsed());
             let outcome = match &result {
                 Ok(resp) => grpc_outcome(resp).unwrap_or(Outcome::Status(resp.status().as_u16())),
                 Err((_, true)) => Outcome::Timeout,
@@ -685,6 +691,11 @@ async fn route_and_forward(
                 Outcome::Grpc(c) => !matches!(c, 14 | 13 | 4),
                 _ => false,
             };
+            if success {
+                backend.balancer.observe(i, started.elapsed());
+            } else {
+                backend.balancer.observe_failure(i, started.elapsed());
+            }
             backend.outlier.record(i, success, Instant::now());
             if !success
                 && body.as_ref().is_some_and(Payload::repeatable)

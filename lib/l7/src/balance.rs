@@ -44,6 +44,8 @@ impl Algorithm {
 const EWMA_ALPHA: f64 = 0.3;
 /// The EWMA of an endpoint never measured (a NaN bit pattern arithmetic never produces here).
 const UNMEASURED: u64 = u64::MAX;
+/// The least a failure counts for, in microseconds (10 ms).
+const FAILURE_FLOOR: f64 = 10_000.0;
 /// Salt for the per-endpoint hash in rendezvous hashing.
 const ENDPOINT_SALT: u64 = 0x5bd1_e995_9e37_79b9;
 
@@ -166,6 +168,23 @@ impl Balancer {
             };
             Some(ewma.to_bits())
         });
+    }
+
+    /// Records a failed try (5xx, reset, connect failure) at `endpoint` as a sample no
+    /// faster than the slowest endpoint measured (and at least [`FAILURE_FLOOR`]): an endpoint
+    /// that fails fast (a crash-looping pod answering 503 in a millisecond) would otherwise
+    /// look like the fastest and draw most of the traffic. It stays in the running, as under
+    /// Envoy's least-request balancing; outlier detection is what takes it out.
+    pub fn observe_failure(&self, endpoint: usize, latency: Duration) {
+        let slowest = self
+            .stats
+            .iter()
+            .map(|s| s.ewma_us.load(Ordering::Relaxed))
+            .filter(|&bits| bits != UNMEASURED)
+            .map(f64::from_bits)
+            .fold(FAILURE_FLOOR, f64::max);
+        let sample = (latency.as_secs_f64() * 1e6).max(slowest);
+        self.observe(endpoint, Duration::from_secs_f64(sample / 1e6));
     }
 
     fn unskipped<'a>(&self, skip: &'a dyn Fn(usize) -> bool) -> impl Iterator<Item = usize> + 'a {

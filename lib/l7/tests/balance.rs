@@ -268,3 +268,31 @@ fn limits_hold_under_concurrency() {
     assert_eq!(granted, 50);
     assert_eq!(l.requests(), 0);
 }
+
+#[test]
+fn an_endpoint_failing_fast_does_not_draw_the_traffic() {
+    let b = Balancer::new(2, Algorithm::P2cEwma);
+    // Endpoint 0 answers in 50 ms; endpoint 1 fails at once, every time.
+    b.observe(0, ms(50));
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let mut to_failing = 0;
+    for _ in 0..1000 {
+        let i = b.pick(rng.next(), None, NONE).unwrap();
+        if i == 1 {
+            to_failing += 1;
+            b.observe_failure(1, Duration::from_micros(500));
+        } else {
+            b.observe(0, ms(50));
+        }
+    }
+    // Failures count as slow as the slowest healthy endpoint, so the failing one never looks
+    // better: it gets at most its fair share (recorded as 0.5 ms successes, all of it).
+    assert!(to_failing <= 600, "{to_failing} of 1000 went to the failing endpoint");
+
+    // Against a 1 ms endpoint, failures count for at least 10 ms.
+    let c = Balancer::new(2, Algorithm::P2cEwma);
+    c.observe(0, ms(1));
+    c.observe_failure(1, Duration::from_micros(100));
+    let picks = (0..100).filter(|_| c.pick(rng.next(), None, NONE) == Some(1)).count();
+    assert_eq!(picks, 0, "a 1 ms endpoint beats one whose only answer was a failure");
+}
