@@ -32,6 +32,16 @@ pub const MIN_CONNECTIONS: usize = 2;
 /// A pooled connection with no streams is closed after this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a CONNECT may wait for the peer's answer: longer than the peer's own connect to
+/// the destination application (10 s), so a slow application gets its 503 from the peer
+/// instead of costing a healthy pooled connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A pooled connection is pinged this often; one whose ping is not answered by the next is
+/// dead (a peer that crashed or was cut off sends no FIN): its streams are reset rather than
+/// left hanging, and new ones go elsewhere.
+pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+
 /// What may share a connection (ztunnel's key): the same source identity and address toward
 /// the same destination address proving the same identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -61,6 +71,20 @@ struct Conn {
     send: SendRequest<Bytes>,
     active: AtomicUsize,
     closed: AtomicBool,
+    /// The certificate and bundle it was made with: after a renewal or a rotation new
+    /// streams go on a new connection, so none rides an old authentication indefinitely.
+    identity: Identity,
+    /// When either side's certificate expires: no new streams after that.
+    valid_until: std::time::SystemTime,
+}
+
+impl Conn {
+    /// May carry a new stream for `identity`.
+    fn usable_for(&self, identity: &Identity) -> bool {
+        !self.closed.load(Ordering::Relaxed)
+            && self.identity.same_credentials(identity)
+            && std::time::SystemTime::now() < self.valid_until
+    }
 }
 
 #[derive(Default)]
@@ -71,12 +95,13 @@ struct Slot {
 }
 
 impl Slot {
-    /// The least loaded open connection with room for one more stream, reserving it. `None`
-    /// also while fewer than [`MIN_CONNECTIONS`] exist and all are busy, so concurrent
-    /// streams spread over that many connections (each driven on its own worker).
-    fn reserve(&self) -> Option<Arc<Conn>> {
+    /// The least loaded usable connection (open, made with `identity`, certificates still
+    /// valid) with room for one more stream, reserving it. `None` also while fewer than
+    /// [`MIN_CONNECTIONS`] exist and all are busy, so concurrent streams spread over that
+    /// many connections (each driven on its own worker).
+    fn reserve(&self, identity: &Identity) -> Option<Arc<Conn>> {
         let conns = self.conns.lock().expect("pool lock poisoned");
-        let open = conns.iter().filter(|c| !c.closed.load(Ordering::Relaxed));
+        let open = conns.iter().filter(|c| c.usable_for(identity));
         let best = open.clone().min_by_key(|c| c.active.load(Ordering::Acquire))?;
         if open.count() < MIN_CONNECTIONS && best.active.load(Ordering::Acquire) > 0 {
             return None;
@@ -169,43 +194,62 @@ impl Pool {
             let mut slots = self.slots.lock().expect("pool lock poisoned");
             slots.entry(key.clone()).or_default().clone()
         };
-        let conn = match slot.reserve() {
-            Some(c) => c,
-            None => {
-                let _dialing = slot.dialing.lock().await;
-                match slot.reserve() {
-                    Some(c) => c,
-                    None => {
-                        let conn = self.dial(key, identity, &slot, dial).await?;
-                        conn.active.fetch_add(1, Ordering::AcqRel);
-                        conn
+        let peer = key.destination;
+        let mut dial = Some(dial);
+        // Twice at most: a request that never left (the pooled connection had been told to
+        // go away, or had died) is safe to send again, on a fresh connection.
+        for attempt in 0..2 {
+            let conn = match slot.reserve(identity) {
+                Some(c) => c,
+                None => {
+                    let _dialing = slot.dialing.lock().await;
+                    match slot.reserve(identity) {
+                        Some(c) => c,
+                        None => {
+                            let Some(d) = dial.take() else {
+                                return Err(HboneError::Timeout { what: "redial", peer });
+                            };
+                            let conn = self.dial(key, identity, &slot, d).await?;
+                            conn.active.fetch_add(1, Ordering::AcqRel);
+                            conn
+                        }
                     }
                 }
+            };
+            let guard = StreamGuard(conn.clone());
+            // A peer that never answers the CONNECT (or keeps its stream limit below ours, so
+            // h2 queues the stream) must not hold the application's connection forever.
+            let result =
+                tokio::time::timeout(CONNECT_TIMEOUT, open_stream(&conn, peer, req.clone()))
+                    .await
+                    .unwrap_or(Err((HboneError::Timeout { what: "CONNECT", peer }, true)));
+            let dead = match &result {
+                Ok(_) => false,
+                Err((HboneError::Timeout { .. }, _)) => true,
+                Err(_) => !matches!(
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.send.clone().ready()).await,
+                    Ok(Ok(_))
+                ),
+            };
+            if dead {
+                // The connection is dead or stuck: stop handing it out.
+                conn.closed.store(true, Ordering::Relaxed);
+                slot.remove(&conn);
             }
-        };
-        let guard = StreamGuard(conn.clone());
-        // A peer that never answers the CONNECT (or keeps its stream limit below ours, so
-        // h2 queues the stream) must not hold the application's connection forever.
-        let peer = key.destination;
-        let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, open_stream(&conn, peer, req))
-            .await
-            .unwrap_or(Err(HboneError::Timeout { what: "CONNECT", peer }));
-        let dead = match &result {
-            Ok(_) => false,
-            Err(HboneError::Timeout { .. }) => true,
-            Err(_) => !matches!(
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.send.clone().ready()).await,
-                Ok(Ok(_))
-            ),
-        };
-        if dead {
-            // The connection is dead or stuck: stop handing it out.
-            conn.closed.store(true, Ordering::Relaxed);
-            slot.remove(&conn);
+            match result {
+                Ok(stream) => {
+                    self.counters.streams.fetch_add(1, Ordering::Relaxed);
+                    return Ok(stream.with_guard(Box::new(guard)));
+                }
+                Err((e, sent)) if sent || !dead || attempt == 1 || dial.is_none() => {
+                    return Err(e);
+                }
+                Err((e, _)) => {
+                    debug!(%peer, error = %e, "CONNECT never left a dead connection; again on a new one")
+                }
+            }
         }
-        let stream = result?;
-        self.counters.streams.fetch_add(1, Ordering::Relaxed);
-        Ok(stream.with_guard(Box::new(guard)))
+        Err(HboneError::Timeout { what: "CONNECT", peer })
     }
 
     async fn dial<D, F>(
@@ -235,6 +279,12 @@ impl Pool {
         .await
         .map_err(|_| timeout("TLS handshake"))?
         .map_err(|source| HboneError::Tls { peer, source })?;
+        let peer_expiry = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| sinew_identity::not_after_of_der(c).ok());
         let (send, connection) = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             h2::client::Builder::new()
@@ -247,8 +297,14 @@ impl Pool {
         .await
         .map_err(|_| timeout("HTTP/2 handshake"))?
         .map_err(|source| HboneError::H2 { peer, source })?;
-        let conn =
-            Arc::new(Conn { send, active: AtomicUsize::new(0), closed: AtomicBool::new(false) });
+        let valid_until = peer_expiry.map_or(identity.not_after(), |p| p.min(identity.not_after()));
+        let conn = Arc::new(Conn {
+            send,
+            active: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            identity: identity.clone(),
+            valid_until,
+        });
         slot.conns.lock().expect("pool lock poisoned").push(conn.clone());
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
         self.counters.open.fetch_add(1, Ordering::Relaxed);
@@ -273,9 +329,12 @@ async fn drive(
     counters: Arc<Counters>,
     peer: SocketAddr,
 ) {
+    let mut connection = connection;
+    let mut ping = connection.ping_pong();
+    let mut awaiting_pong = false;
     let mut connection = std::pin::pin!(connection);
     let mut idle_checks = 0u32;
-    let mut tick = tokio::time::interval(IDLE_TIMEOUT / 4);
+    let mut tick = tokio::time::interval(PING_INTERVAL);
     tick.tick().await;
     loop {
         tokio::select! {
@@ -285,14 +344,32 @@ async fn drive(
                 }
                 break;
             }
+            pong = std::future::poll_fn(|cx| match ping.as_mut() {
+                Some(p) if awaiting_pong => p.poll_pong(cx),
+                _ => std::task::Poll::Pending,
+            }) => {
+                awaiting_pong = false;
+                if pong.is_err() {
+                    break;
+                }
+            }
             _ = tick.tick() => {
+                if awaiting_pong {
+                    // No answer for a whole interval: the peer is gone. Dropping the
+                    // connection resets its streams, so their applications see the end.
+                    debug!(%peer, "HBONE connection unanswered ping: closing");
+                    break;
+                }
+                if let Some(p) = ping.as_mut() {
+                    awaiting_pong = p.send_ping(h2::Ping::opaque()).is_ok();
+                }
                 let Some(c) = conn.upgrade() else { break };
                 if c.active.load(Ordering::Acquire) == 0 {
                     idle_checks += 1;
                 } else {
                     idle_checks = 0;
                 }
-                if idle_checks >= 4 {
+                if PING_INTERVAL * idle_checks >= IDLE_TIMEOUT {
                     // Out of the pool: once the last handle goes, h2 closes gracefully.
                     c.closed.store(true, Ordering::Relaxed);
                     if let Some(s) = slot.upgrade() {
@@ -313,17 +390,21 @@ async fn drive(
     debug!(%peer, "HBONE connection closed");
 }
 
+/// Sends the CONNECT and waits for its answer. An error says whether the request went out
+/// (`false`: the connection refused it before sending, so it may be sent elsewhere).
 async fn open_stream(
     conn: &Conn,
     peer: SocketAddr,
     req: Connect<'_>,
-) -> Result<H2Stream, HboneError> {
-    let h2err = |source| HboneError::H2 { peer, source };
-    let mut send = conn.send.clone().ready().await.map_err(h2err)?;
+) -> Result<H2Stream, (HboneError, bool)> {
+    let unsent = |source| (HboneError::H2 { peer, source }, false);
+    let h2err = |source| (HboneError::H2 { peer, source }, true);
+    let mut send = conn.send.clone().ready().await.map_err(unsent)?;
     let mut request = Request::new(());
     *request.method_mut() = Method::CONNECT;
     *request.uri_mut() = http::Uri::try_from(req.authority.to_string()).map_err(|_| {
-        HboneError::Refused { peer, authority: req.authority, status: StatusCode::BAD_REQUEST }
+        let status = StatusCode::BAD_REQUEST;
+        (HboneError::Refused { peer, authority: req.authority, status }, false)
     })?;
     let headers = request.headers_mut();
     if let Ok(v) = format!("for=\"{}\"", req.client).parse() {
@@ -335,7 +416,7 @@ async fn open_stream(
     if let Some(v) = req.baggage.and_then(|b| b.parse().ok()) {
         headers.insert("baggage", v);
     }
-    let (response, mut stream) = send.send_request(request, false).map_err(h2err)?;
+    let (response, mut stream) = send.send_request(request, false).map_err(unsent)?;
     if !req.early.is_empty() {
         // h2 queues DATA beyond the stream's window until the peer grants it; the early bytes
         // are at most a socket read, far below the 4 MiB window of our peers.
@@ -343,11 +424,8 @@ async fn open_stream(
     }
     let response = response.await.map_err(h2err)?;
     if response.status() != StatusCode::OK {
-        return Err(HboneError::Refused {
-            peer,
-            authority: req.authority,
-            status: response.status(),
-        });
+        let status = response.status();
+        return Err((HboneError::Refused { peer, authority: req.authority, status }, true));
     }
     Ok(H2Stream::new(stream, response.into_body()))
 }

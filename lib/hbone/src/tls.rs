@@ -23,7 +23,7 @@ use rustls::{
     },
     sign::{CertifiedKey, SingleCertAndKey},
 };
-use sinew_identity::{SpiffeId, spiffe_id_of_der};
+use sinew_identity::{SpiffeId, not_after_of_der, spiffe_id_of_der};
 
 /// The only ALPN protocol spoken.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -71,6 +71,8 @@ fn algorithms() -> WebPkiSupportedAlgorithms {
 #[derive(Clone)]
 pub struct Identity {
     id: SpiffeId,
+    /// When the certificate expires.
+    not_after: std::time::SystemTime,
     key: Arc<CertifiedKey>,
     roots: Arc<RootCertStore>,
     server: Arc<OnceLock<Arc<ServerConfig>>>,
@@ -91,6 +93,7 @@ impl Identity {
                 .map_err(|e| invalid("certificate")(e.to_string()))?;
         let leaf = chain.first().ok_or_else(|| invalid("certificate")("no certificate".into()))?;
         let id = spiffe_id_of_der(leaf).map_err(invalid("certificate"))?;
+        let not_after = not_after_of_der(leaf).map_err(invalid("certificate"))?;
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
             .map_err(|e| invalid("private key")(e.to_string()))?;
         let signer = provider()
@@ -111,6 +114,7 @@ impl Identity {
         }
         Ok(Self {
             id,
+            not_after,
             key: Arc::new(certified),
             roots: Arc::new(roots),
             server: Arc::new(OnceLock::new()),
@@ -120,6 +124,17 @@ impl Identity {
     /// The SPIFFE id the certificate carries.
     pub fn id(&self) -> &SpiffeId {
         &self.id
+    }
+
+    /// When the certificate expires.
+    pub fn not_after(&self) -> std::time::SystemTime {
+        self.not_after
+    }
+
+    /// True when `other` is this very certificate and bundle (not a renewal or a rotation):
+    /// connections made with one may carry streams for the other.
+    pub fn same_credentials(&self, other: &Identity) -> bool {
+        Arc::ptr_eq(&self.key, &other.key) && Arc::ptr_eq(&self.roots, &other.roots)
     }
 
     /// The server side (built once per identity and shared by all its connections): requires

@@ -146,16 +146,15 @@ async fn refusals_carry_their_status() {
     let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
     let (addr, _seen) = server(identity(&ca, &server_id)).await;
     let pool = Pool::new();
+    let client = identity(&ca, &client_id);
     let err = pool
-        .connect(&key(&client_id, addr, &server_id), &identity(&ca, &client_id), req(401), dial)
+        .connect(&key(&client_id, addr, &server_id), &client, req(401), dial)
         .await
         .err()
         .unwrap();
     assert!(matches!(err, HboneError::Refused { status: StatusCode::UNAUTHORIZED, .. }), "{err}");
     // The connection stays usable for the next stream.
-    let ok = pool
-        .connect(&key(&client_id, addr, &server_id), &identity(&ca, &client_id), req(80), dial)
-        .await;
+    let ok = pool.connect(&key(&client_id, addr, &server_id), &client, req(80), dial).await;
     assert!(ok.is_ok());
     assert_eq!(pool.stats().opened, 1);
 }
@@ -370,4 +369,29 @@ async fn dropping_a_stream_resets_the_peer() {
     drop(s);
     let r = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
     assert_eq!(r, Err(std::io::ErrorKind::ConnectionReset));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_or_expired_certificates_get_new_connections() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    // The server's certificate lives 3 s.
+    let (key_pem, cert) = ca.issue(&server_id, &[], Duration::from_secs(3)).unwrap();
+    let short = Identity::from_pem(&cert, &key_pem, ca.bundle()).unwrap();
+    let (addr, _seen) = server(short).await;
+    let pool = Pool::new();
+    let k = key(&client_id, addr, &server_id);
+    let first = identity(&ca, &client_id);
+    drop(pool.connect(&k, &first, req(80), dial).await.unwrap());
+    drop(pool.connect(&k, &first, req(80), dial).await.unwrap());
+    assert_eq!(pool.stats().opened, 1, "the same certificate shares the connection");
+    // A renewed client certificate: new streams go on a connection made with it.
+    let renewed = identity(&ca, &client_id);
+    drop(pool.connect(&k, &renewed, req(80), dial).await.unwrap());
+    assert_eq!(pool.stats().opened, 2);
+    // Past the server certificate's expiry no pooled connection is used: a new handshake
+    // is needed, and it refuses the expired certificate.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let err = pool.connect(&k, &renewed, req(80), dial).await.err().unwrap();
+    assert!(matches!(err, HboneError::Tls { .. }), "{err}");
 }

@@ -329,6 +329,14 @@ pub fn verify_leaf(
     Ok((id, expiry))
 }
 
+/// When a DER certificate expires (its `notAfter`).
+pub fn not_after_of_der(der: &[u8]) -> Result<SystemTime, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unreadable certificate: {e}"))?;
+    Ok(SystemTime::UNIX_EPOCH
+        + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64))
+}
+
 /// The SPIFFE id of a DER certificate whose chain was already verified (by rustls).
 pub fn spiffe_id_of_der(der: &[u8]) -> Result<SpiffeId, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)

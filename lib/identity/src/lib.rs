@@ -11,5 +11,7 @@
 mod ca;
 mod spiffe;
 
-pub use ca::{Ca, CaError, DEFAULT_TTL, new_csr, renew_at, spiffe_id_of_der, verify_leaf};
+pub use ca::{
+    Ca, CaError, DEFAULT_TTL, new_csr, not_after_of_der, renew_at, spiffe_id_of_der, verify_leaf,
+};
 pub use spiffe::{NODE_NAMESPACE, SpiffeId, SpiffeIdError};
