@@ -214,9 +214,11 @@ impl MeshIndex {
     pub fn is_waypoint_for(
         &self,
         peer: &SpiffeId,
+        peer_ip: IpAddr,
         trust_domain: &str,
         destination: IpAddr,
     ) -> bool {
+        let peer_ip = peer_ip.to_canonical();
         // Services select workloads of their own namespace, and name a waypoint there: only
         // the destination's namespace is searched (this runs for each tunnel a waypoint opens).
         let Some(dest) = self.workload_by_ip(destination) else { return false };
@@ -229,6 +231,9 @@ impl MeshIndex {
                 && s.waypoint
                     .as_deref()
                     .and_then(|w| self.workload(&s.namespace, w))
+                    // The connection must come from the waypoint's own address too: another
+                    // workload that shares its service account has its identity, not its IP.
+                    .filter(|w| w.ips.iter().any(|ip| ip.to_canonical() == peer_ip))
                     .and_then(|w| w.identity(trust_domain).ok())
                     .is_some_and(|id| id == *peer)
         })

@@ -185,15 +185,19 @@ fn only_the_waypoint_of_a_service_the_destination_serves_counts_as_its_waypoint(
     let real = id("spiffe://cluster.local/ns/shop/sa/waypoint");
     let fake = id("spiffe://cluster.local/ns/other/sa/fake");
     // shop's waypoint speaks for clients of shop/web's endpoints, IPv4-mapped forms included.
-    assert!(idx.is_waypoint_for(&real, "cluster.local", ip("10.0.0.1")));
-    assert!(idx.is_waypoint_for(&real, "cluster.local", ip("::ffff:10.0.0.1")));
+    assert!(idx.is_waypoint_for(&real, ip("10.0.0.50"), "cluster.local", ip("10.0.0.1")));
+    assert!(idx.is_waypoint_for(&real, ip("10.0.0.50"), "cluster.local", ip("::ffff:10.0.0.1")));
     // Not for a pod no service of its selects, nor across namespaces, nor in another domain.
-    assert!(!idx.is_waypoint_for(&real, "cluster.local", ip("10.0.0.9")));
-    assert!(!idx.is_waypoint_for(&real, "cluster.local", ip("10.0.9.1")));
-    assert!(!idx.is_waypoint_for(&real, "other.domain", ip("10.0.0.1")));
+    assert!(!idx.is_waypoint_for(&real, ip("10.0.0.50"), "cluster.local", ip("10.0.0.9")));
+    assert!(!idx.is_waypoint_for(&real, ip("10.0.0.50"), "cluster.local", ip("10.0.9.1")));
+    assert!(!idx.is_waypoint_for(&real, ip("10.0.0.50"), "other.domain", ip("10.0.0.1")));
     // The self-declared waypoint only for its own service's endpoints (itself), never for
     // shop's pods or its namespace's other services.
-    assert!(!idx.is_waypoint_for(&fake, "cluster.local", ip("10.0.0.1")));
-    assert!(!idx.is_waypoint_for(&fake, "cluster.local", ip("10.0.9.1")));
-    assert!(idx.is_waypoint_for(&fake, "cluster.local", ip("10.0.9.50")));
+    assert!(!idx.is_waypoint_for(&fake, ip("10.0.9.50"), "cluster.local", ip("10.0.0.1")));
+    assert!(!idx.is_waypoint_for(&fake, ip("10.0.9.50"), "cluster.local", ip("10.0.9.1")));
+    assert!(idx.is_waypoint_for(&fake, ip("10.0.9.50"), "cluster.local", ip("10.0.9.50")));
+    // The waypoint's identity from another address (a workload sharing its service
+    // account) does not count; its own address in IPv4-mapped form does.
+    assert!(!idx.is_waypoint_for(&real, ip("10.0.0.1"), "cluster.local", ip("10.0.0.1")));
+    assert!(idx.is_waypoint_for(&real, ip("::ffff:10.0.0.50"), "cluster.local", ip("10.0.0.1")));
 }

@@ -183,7 +183,7 @@ fn original_source(
         let (k, v) = m.trim().split_once('=')?;
         (k.trim() == SOURCE_PRINCIPAL_BAGGAGE).then(|| v.trim())
     })?;
-    if !mesh.is_waypoint_for(&inbound.peer, trust_domain, destination) {
+    if !mesh.is_waypoint_for(&inbound.peer, inbound.peer_addr.ip(), trust_domain, destination) {
         return None;
     }
     principal.parse::<SpiffeId>().ok().filter(|id| id.trust_domain == trust_domain)
