@@ -68,6 +68,13 @@ impl Certs {
         self.source.is_some()
     }
 
+    /// Stops keeping the certificates of identities `keep` rejects (no captured pod has them
+    /// any more): their renewal stops, which control would refuse anyway under node
+    /// authorization, retrying forever.
+    pub fn retain(&self, keep: impl Fn(&SpiffeId) -> bool) {
+        self.entries.lock().expect("certificate lock poisoned").retain(|id, _| keep(id));
+    }
+
     /// Starts keeping a certificate for `id`, if not already.
     pub fn ensure(&self, id: &SpiffeId) {
         let Some(source) = &self.source else { return };
@@ -144,5 +151,29 @@ fn current(entry: &Entry) -> Option<Identity> {
             warn!(error = %e, "an issued certificate cannot be used for TLS");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn identities_no_pod_uses_are_let_go() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = CertSource {
+            // Nothing listens there: the renewal tasks just keep retrying.
+            endpoint: "http://127.0.0.1:9".into(),
+            credentials: Credentials::default(),
+            cache_dir: dir.path().to_path_buf(),
+        };
+        let certs = Certs::new(Some(source), Handle::current());
+        let id = |sa: &str| SpiffeId::new("cluster.local", "shop", sa).expect("id");
+        certs.ensure(&id("web"));
+        certs.ensure(&id("api"));
+        assert_eq!(certs.dump().len(), 2);
+        certs.retain(|i| i.service_account == "api");
+        let left: Vec<String> = certs.dump().into_iter().map(|c| c.identity).collect();
+        assert_eq!(left, ["spiffe://cluster.local/ns/shop/sa/api"]);
     }
 }

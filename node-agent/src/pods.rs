@@ -404,6 +404,10 @@ impl Registry {
                 info!(pod = %spec.uid, "namespace left the mesh: released");
             }
         }
+        drop(pods);
+        if changed > 0 {
+            self.prune_certs();
+        }
         changed
     }
 
@@ -417,9 +421,24 @@ impl Registry {
             .ok_or_else(|| PodError::Unknown(uid.into()))?;
         self.release(&pod.status.spec)?;
         drop(pod);
+        self.prune_certs();
         self.persist()?;
         info!(pod = %uid, "un-enrolled");
         Ok(())
+    }
+
+    /// Lets go of the certificates no captured pod uses any more.
+    fn prune_certs(&self) {
+        let pods = self.pods.lock().expect("pod registry lock poisoned");
+        let in_use: std::collections::HashSet<(String, String)> = pods
+            .values()
+            .filter(|p| p.status.captured)
+            .map(|p| (p.status.spec.namespace.clone(), p.status.spec.service_account.clone()))
+            .collect();
+        drop(pods);
+        self.ctx
+            .certs
+            .retain(|id| in_use.contains(&(id.namespace.clone(), id.service_account.clone())));
     }
 
     /// Pods and counters.

@@ -83,9 +83,13 @@ pub async fn request_certificate(cfg: &CertConfig) -> Result<Svid, ClientError> 
     })
 }
 
+/// `svid-<trust domain>_<namespace>_<service account>.json`: none of the three may contain
+/// `_`, so two identities never share a file (with `-` as separator, `a-b`/`c` and
+/// `a`/`b-c` did).
 fn cache_path(cfg: &CertConfig) -> PathBuf {
+    let id = &cfg.identity;
     cfg.cache_dir
-        .join(format!("svid-{}-{}.json", cfg.identity.namespace, cfg.identity.service_account))
+        .join(format!("svid-{}_{}_{}.json", id.trust_domain, id.namespace, id.service_account))
 }
 
 fn load_cached(cfg: &CertConfig) -> Option<Svid> {
