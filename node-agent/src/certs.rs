@@ -136,6 +136,16 @@ impl Certs {
 
 fn current(entry: &Entry) -> Option<Identity> {
     let svid = entry.svids.borrow().clone()?;
+    // An expired certificate (control unreachable past its renewal) is not offered: peers
+    // would refuse it with an alert that names nothing; this names the cause.
+    if svid.expires <= SystemTime::now() {
+        warn!(
+            expired_secs_ago =
+                SystemTime::now().duration_since(svid.expires).unwrap_or_default().as_secs(),
+            "certificate expired and not renewed (control unreachable?): not used"
+        );
+        return None;
+    }
     let mut built = entry.built.lock().expect("certificate lock poisoned");
     if let Some((s, identity)) = &*built
         && Arc::ptr_eq(s, &svid)

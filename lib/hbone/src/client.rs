@@ -32,6 +32,9 @@ pub const MIN_CONNECTIONS: usize = 2;
 /// A pooled connection with no streams is closed after this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Past this many pool keys, keys without connections are dropped when a new one comes.
+const PRUNE_SLOTS_AT: usize = 1024;
+
 /// How long a CONNECT may wait for the peer's answer: longer than the peer's own connect to
 /// the destination application (10 s), so a slow application gets its 503 from the peer
 /// instead of costing a healthy pooled connection.
@@ -91,7 +94,9 @@ impl Conn {
 struct Slot {
     conns: Mutex<Vec<Arc<Conn>>>,
     /// Serializes dialling, so a burst of new streams opens one connection, not one each.
-    dialing: tokio::sync::Mutex<()>,
+    /// It holds the last failed dial's time and reason: whoever waited through it fails
+    /// with it at once, instead of each waiter dialling (and timing out) again in turn.
+    dialing: tokio::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
 
 impl Slot {
@@ -192,6 +197,13 @@ impl Pool {
     {
         let slot = {
             let mut slots = self.slots.lock().expect("pool lock poisoned");
+            if slots.len() >= PRUNE_SLOTS_AT && !slots.contains_key(key) {
+                // Keys of pods long gone: a slot nobody holds and with no connection.
+                slots.retain(|_, s| {
+                    Arc::strong_count(s) > 1
+                        || !s.conns.lock().expect("pool lock poisoned").is_empty()
+                });
+            }
             slots.entry(key.clone()).or_default().clone()
         };
         let peer = key.destination;
@@ -202,14 +214,30 @@ impl Pool {
             let conn = match slot.reserve(identity) {
                 Some(c) => c,
                 None => {
-                    let _dialing = slot.dialing.lock().await;
+                    let waited_from = std::time::Instant::now();
+                    let mut dialing = slot.dialing.lock().await;
                     match slot.reserve(identity) {
                         Some(c) => c,
                         None => {
+                            if let Some((at, reason)) = dialing.as_ref()
+                                && *at >= waited_from
+                            {
+                                return Err(HboneError::DialFailed {
+                                    peer,
+                                    reason: reason.clone(),
+                                });
+                            }
                             let Some(d) = dial.take() else {
                                 return Err(HboneError::Timeout { what: "redial", peer });
                             };
-                            let conn = self.dial(key, identity, &slot, d).await?;
+                            let conn = match self.dial(key, identity, &slot, d).await {
+                                Ok(c) => c,
+                                Err(e) => {
+                                    *dialing = Some((std::time::Instant::now(), e.to_string()));
+                                    return Err(e);
+                                }
+                            };
+                            *dialing = None;
                             conn.active.fetch_add(1, Ordering::AcqRel);
                             conn
                         }

@@ -87,6 +87,15 @@ pub enum HboneError {
         /// Peer address.
         peer: SocketAddr,
     },
+    /// A connection to the peer was being made while this request waited, and it failed:
+    /// the waiters share that outcome instead of each trying (and waiting) again in turn.
+    #[error("connecting to {peer} failed just now: {reason}")]
+    DialFailed {
+        /// Peer address.
+        peer: SocketAddr,
+        /// The failure.
+        reason: String,
+    },
 }
 
 /// The TCP connection under TLS, with reads buffered: rustls asks for 4 KiB at a time, so

@@ -395,3 +395,38 @@ async fn renewed_or_expired_certificates_get_new_connections() {
     let err = pool.connect(&k, &renewed, req(80), dial).await.err().unwrap();
     assert!(matches!(err, HboneError::Tls { .. }), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_waiting_on_a_failing_dial_share_its_failure() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let pool = Pool::new();
+    let client = identity(&ca, &client_id);
+    let k = key(&client_id, "127.0.0.1:9".parse().unwrap(), &server_id);
+    // A destination that takes 500 ms to fail each connect.
+    let slow_failure = |_: SocketAddr| async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Err::<TcpStream, _>(std::io::Error::other("no route to host"))
+    };
+    let started = std::time::Instant::now();
+    let tries: Vec<_> = (0..5)
+        .map(|_| {
+            let (pool, client, k) = (pool.clone(), client.clone(), k.clone());
+            tokio::spawn(async move { pool.connect(&k, &client, req(80), slow_failure).await })
+        })
+        .collect();
+    let mut shared = 0;
+    for t in tries {
+        match t.await.unwrap().err().unwrap() {
+            HboneError::Connect { .. } => {}
+            HboneError::DialFailed { reason, .. } => {
+                assert!(reason.contains("no route to host"), "{reason}");
+                shared += 1;
+            }
+            other => panic!("{other}"),
+        }
+    }
+    // One dial, not five in turn (2.5 s).
+    assert_eq!(shared, 4);
+    assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+}

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 const DEFAULT_CONSECUTIVE_ERRORS: u32 = 5;
 /// Istio's default `baseEjectionTime`.
 const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
+/// The longest ejection (Envoy's default `max_ejection_time`).
+pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 /// Istio's default `maxEjectionPercent`.
 const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
 
@@ -28,8 +30,10 @@ const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
 ///   disables ejection, and a lone endpoint is ejected only when the cap is 100 %;
 /// - ejected endpoints come back when their time is up, checked lazily from `now`.
 ///
-/// `consecutive_errors` 0 disables the detector. Unlike Envoy there is no
-/// `max_ejection_time` cap and the ejection multiplier is never decremented.
+/// `consecutive_errors` 0 disables the detector. An ejection lasts at most Envoy's default
+/// `max_ejection_time` ([`MAX_EJECTION`], or the base time if that is longer), so an endpoint
+/// ejected many times is out for minutes, not hours. Unlike Envoy the ejection multiplier is
+/// never decremented.
 #[derive(Debug)]
 pub struct OutlierDetector {
     consecutive_errors: u32,
@@ -108,7 +112,8 @@ impl OutlierDetector {
             e.consecutive = 0;
             e.ejections = e.ejections.saturating_add(1);
             e.ejected_at = Some(now);
-            e.ejected_for = self.base_ejection_time.saturating_mul(e.ejections);
+            let cap = MAX_EJECTION.max(self.base_ejection_time);
+            e.ejected_for = self.base_ejection_time.saturating_mul(e.ejections).min(cap);
         }
     }
 

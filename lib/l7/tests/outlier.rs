@@ -163,3 +163,17 @@ fn odd_inputs_do_not_panic() {
     fail(&disabled, 0, 10, t0);
     assert_eq!(disabled.ejected_count(t0), 0);
 }
+
+#[test]
+fn an_ejection_lasts_at_most_five_minutes() {
+    let d = OutlierDetector::new(2, 1, SECOND * 30, 50);
+    let mut t = Instant::now();
+    // Eleven ejections in a row: 30 s, 60 s, ... would reach 330 s; the cap holds at 300 s.
+    for n in 1..=11u32 {
+        fail(&d, 0, 1, t);
+        let lasts = (SECOND * 30 * n).min(SECOND * 300);
+        assert!(d.is_ejected(0, t + lasts - Duration::from_nanos(1)), "ejection {n}");
+        assert!(!d.is_ejected(0, t + lasts), "ejection {n}");
+        t += lasts;
+    }
+}
