@@ -35,7 +35,10 @@
 //! A `GRPCRoute` method match becomes a path match: service and method an `Exact`
 //! `/{service}/{method}`, service only a `PathPrefix` `/{service}`, method only a regular
 //! expression `/[^/]+/{method}`, and type `RegularExpression` the expression
-//! `/{service}/{method}` with `[^/]+` for the missing part. It is then ranked as above.
+//! `/{service}/{method}` with `[^/]+` for the missing part. It is ranked as GRPCRoute asks:
+//! more characters of service first, then of method, then more header matches (a
+//! service-only match beats a method-only one), between HTTPRoute's exact paths and its
+//! regular expressions when both kinds attach to one Service.
 
 use std::{borrow::Cow, cmp::Reverse, collections::BTreeMap};
 
@@ -165,6 +168,9 @@ struct Key {
     index: usize,
 }
 
+/// The precedence rank of every GRPCRoute match (see the module documentation).
+const GRPC_RANK: u8 = 1;
+
 #[derive(Debug, Clone)]
 enum PathMatcher {
     Exact(String),
@@ -188,6 +194,8 @@ struct Matcher {
     headers: Vec<(Option<HeaderName>, ValueMatcher)>,
     query: Vec<(String, ValueMatcher)>,
     method: Option<String>,
+    /// Precedence in place of the path's (GRPCRoute: service characters, then method).
+    rank: Option<(u8, usize)>,
 }
 
 /// One rule of a route before attachment, with its matches.
@@ -350,7 +358,7 @@ impl RouteTable {
                 let rule = service.rules.len();
                 service.rules.push(r.rule.clone());
                 for (index, matcher) in r.matchers.iter().enumerate() {
-                    let (path_rank, path_len) = matcher.path.rank();
+                    let (path_rank, path_len) = matcher.rank.unwrap_or_else(|| matcher.path.rank());
                     let key = Key {
                         path_rank,
                         path_len: Reverse(path_len),
@@ -495,6 +503,7 @@ fn http_matchers(matches: &[HttpRouteMatch], rule: usize, p: &mut Problems<'_>) 
                     .map(|q| (q.name.clone(), value_matcher(q, &field, "queryParams", p)))
                     .collect(),
                 method: m.method.clone(),
+                rank: None,
             }
         })
         .collect()
@@ -513,11 +522,18 @@ fn grpc_matchers(matches: &[GrpcRouteMatch], rule: usize, p: &mut Problems<'_>) 
                 None => PathMatcher::Prefix("/".into()),
                 Some(method) => grpc_path(method, &format!("{field}.method"), p),
             };
+            // GRPCRoute precedence: more characters of service, then of method, then headers.
+            let chars = |s: Option<&String>| s.map_or(0, String::len);
+            let (service, method) = match &m.method {
+                Some(mm) => (chars(mm.service.as_ref()), chars(mm.method.as_ref())),
+                None => (0, 0),
+            };
             Matcher {
                 path,
                 headers: header_matchers(&m.headers, &field, p),
                 query: Vec::new(),
                 method: None,
+                rank: Some((GRPC_RANK, service * 10_000 + method)),
             }
         })
         .collect()
@@ -587,6 +603,7 @@ impl Matcher {
             headers: Vec::new(),
             query: Vec::new(),
             method: None,
+            rank: None,
         }
     }
 
@@ -609,8 +626,8 @@ impl PathMatcher {
     fn rank(&self) -> (u8, usize) {
         match self {
             Self::Exact(_) => (0, 0),
-            Self::Regex(len, _) => (1, *len),
-            Self::Prefix(p) => (2, p.trim_end_matches('/').len()),
+            Self::Regex(len, _) => (2, *len),
+            Self::Prefix(p) => (3, p.trim_end_matches('/').len()),
         }
     }
 

@@ -312,7 +312,11 @@ fn grpc_method_forms() {
     let sel = |path: &str, h: &HeaderMap| pick_in(&t, 50051, "POST", path, h).map(|p| (p.1, p.2));
     assert_eq!(sel("/shop.Cart/Add", &h), Some((0, None)));
     assert_eq!(sel("/shop.Cart/Remove", &h), Some((1, Some("/shop.Cart".into()))));
-    assert_eq!(sel("/shop.Cart/Get", &h), Some((2, None)), "method regex beats service prefix");
+    assert_eq!(
+        sel("/shop.Cart/Get", &h),
+        Some((1, Some("/shop.Cart".into()))),
+        "more service characters beat a method match"
+    );
     assert_eq!(sel("/other.Svc/Get", &h), Some((2, None)));
     assert_eq!(sel("/shop.Orders/Delete", &h), Some((3, None)));
     assert_eq!(sel("/shopXOrders/Delete", &h), None);
