@@ -33,6 +33,8 @@ const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 const DEFAULT_ATTEMPTS: u32 = 2;
 /// gRPC `UNAVAILABLE`.
 const GRPC_UNAVAILABLE: u32 = 14;
+/// gRPC `CANCELLED`.
+const GRPC_CANCELLED: u32 = 1;
 /// The status a per-try timeout is answered with, and retried as.
 const GATEWAY_TIMEOUT: u16 = 504;
 
@@ -60,9 +62,10 @@ impl RetryPolicy {
     /// Istio's default retry-on (503 plus connect failure and reset); gRPC `UNAVAILABLE` (14);
     /// resets (for idempotent methods: [`Self::should_retry_request`]) and connect failures
     /// retried; backoff default 25 ms, capped at 10 times the base.
-    /// `None` (no retry block) means no retries at all: [`RetryPolicy::none`].
+    /// `None` (no retry block) is Istio's default policy, [`RetryPolicy::mesh_default`]; a
+    /// block with `attempts: 0` turns retries off.
     pub fn from_model(r: Option<&sinew_model::Retry>) -> Self {
-        let Some(r) = r else { return Self::none() };
+        let Some(r) = r else { return Self::mesh_default() };
         let base = r.backoff.map_or(DEFAULT_BACKOFF, |b| b.0);
         Self {
             attempts: r.attempts.unwrap_or(DEFAULT_ATTEMPTS),
@@ -72,6 +75,22 @@ impl RetryPolicy {
             on_connect_failure: true,
             base_backoff: base,
             max_backoff: base.saturating_mul(10),
+        }
+    }
+
+    /// What Istio retries when a route says nothing: 2 retries on a connect failure, a 503,
+    /// and gRPC `UNAVAILABLE` or `CANCELLED` (its default `retryOn`), with 25 ms backoff.
+    /// Resets are not among them (Istio retries only refused streams, which never reached
+    /// the application). Each retry goes to another endpoint when there is one.
+    pub fn mesh_default() -> Self {
+        Self {
+            attempts: DEFAULT_ATTEMPTS,
+            codes: vec![503],
+            grpc_codes: vec![GRPC_CANCELLED, GRPC_UNAVAILABLE],
+            on_reset: false,
+            on_connect_failure: true,
+            base_backoff: DEFAULT_BACKOFF,
+            max_backoff: DEFAULT_BACKOFF.saturating_mul(10),
         }
     }
 

@@ -34,9 +34,18 @@ fn types_are_send_and_sync() {
 }
 
 #[test]
-fn no_retry_block_retries_nothing() {
+fn no_retry_block_is_istios_default_and_attempts_zero_retries_nothing() {
     let p = RetryPolicy::from_model(None);
-    assert_eq!(p, RetryPolicy::none());
+    assert_eq!(p, RetryPolicy::mesh_default());
+    for o in [Outcome::Status(503), Outcome::Grpc(14), Outcome::Grpc(1), Outcome::ConnectFailure] {
+        assert!(p.should_retry(o, 1) && p.should_retry(o, 2), "{o:?}");
+        assert!(!p.should_retry(o, 3), "{o:?}: 2 retries");
+    }
+    for o in [Outcome::Status(500), Outcome::Status(502), Outcome::Grpc(13), Outcome::Reset] {
+        assert!(!p.should_retry(o, 1), "{o:?}");
+    }
+    let off = sinew_model::Retry { attempts: Some(0), ..Default::default() };
+    let p = RetryPolicy::from_model(Some(&off));
     for o in [
         Outcome::Status(503),
         Outcome::Grpc(14),
