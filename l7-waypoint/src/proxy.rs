@@ -182,6 +182,14 @@ struct Done {
 #[derive(Debug, Clone)]
 struct LocalReply(Bytes);
 
+/// A 503 for a circuit-breaking limit, marked as Envoy marks them.
+fn overloaded(text: &'static str) -> Response<Body> {
+    let mut r = full(StatusCode::SERVICE_UNAVAILABLE, text);
+    r.headers_mut().insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    r.headers_mut().insert("x-sinew-overloaded", HeaderValue::from_static("true"));
+    r
+}
+
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let body = body.into();
     let mut r = Response::new(Full::new(body.clone()).map_err(|never| match never {}).boxed());
@@ -599,8 +607,7 @@ async fn route_and_forward(
         loop {
             attempt += 1;
             let Some(permit) = backend.limits.try_request() else {
-                let mut r = full(StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded\n");
-                r.headers_mut().insert("x-sinew-overloaded", HeaderValue::from_static("true"));
+                let r = overloaded("upstream overloaded\n");
                 return (
                     r,
                     Done {
@@ -667,7 +674,11 @@ async fn route_and_forward(
             let try_deadline = per_try.map(|t| tokio::time::Instant::now() + t);
             let inflight = backend.balancer.start(i);
             let endpoint_key = endpoint.key();
-            let sent = wp.upstreams.send(req, http2, &endpoint_key, Some(source_tag));
+            let pool = crate::upstream::Backend {
+                key: backend.key.clone(),
+                generation: Arc::as_ptr(&backend.limits) as usize,
+            };
+            let sent = wp.upstreams.send(req, http2, &endpoint_key, Some(source_tag), Some(&pool));
             let result = match per_try {
                 Some(t) => tokio::time::timeout(t, sent)
                     .await
@@ -680,10 +691,24 @@ async fn route_and_forward(
                     .map_err(|e| (e, per_try_timed_out(started, per_try))),
                 None => sent.await.map_err(|e| (e, false)),
             };
+            if let Err((UpstreamError::Overflow { .. }, _)) = &result {
+                // The backend's maxConnections: an overflow, not the endpoint's failure.
+                return (
+                    overloaded("upstream connection limit reached\n"),
+                    Done {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        flags: "UO",
+                        endpoint: last_endpoint,
+                        attempts: attempt,
+                    },
+                );
+            }
             let outcome = match &result {
                 Ok(resp) => grpc_outcome(resp).unwrap_or(Outcome::Status(resp.status().as_u16())),
                 Err((_, true)) => Outcome::Timeout,
-                Err((UpstreamError::Connect { .. }, _)) => Outcome::ConnectFailure,
+                Err((UpstreamError::Connect { .. } | UpstreamError::Overflow { .. }, _)) => {
+                    Outcome::ConnectFailure
+                }
                 Err((UpstreamError::Reset { .. }, _)) => Outcome::Reset,
             };
             let success = match outcome {
@@ -1049,7 +1074,8 @@ fn mirror(
     tokio::spawn(async move {
         let key = endpoint.key();
         let _ =
-            tokio::time::timeout(MIRROR_TIMEOUT, wp.upstreams.send(req, http2, &key, None)).await;
+            tokio::time::timeout(MIRROR_TIMEOUT, wp.upstreams.send(req, http2, &key, None, None))
+                .await;
     });
 }
 

@@ -63,8 +63,13 @@ pub struct BackendState {
     pub balancer: Balancer,
     /// Consecutive-failure ejection.
     pub outlier: OutlierDetector,
-    /// Circuit-breaking limits.
-    pub limits: Limits,
+    /// Circuit-breaking limits; kept across endpoint changes (they count the service's
+    /// requests and connections, whichever endpoints serve them).
+    pub limits: Arc<Limits>,
+    /// `connectionPool.connectTimeout`: how long a new upstream connection may take.
+    pub connect_timeout: Option<std::time::Duration>,
+    /// `namespace/name`, which keys its pooled upstream clients.
+    pub key: Arc<str>,
     /// The DestinationPolicy it was built from.
     policy: Option<sinew_model::DestinationPolicySpec>,
 }
@@ -195,6 +200,12 @@ impl Waypoint {
         }
     }
 
+    /// The endpoint state last built for `key` (`namespace/name`), as upstream connectors
+    /// find their backend's limits.
+    pub fn backend_by_key(&self, key: &str) -> Option<Arc<BackendState>> {
+        self.backends.lock().expect("backend lock poisoned").get(key).cloned()
+    }
+
     /// The endpoint state of service `namespace/name`, re-created when its endpoints or its
     /// DestinationPolicy change.
     pub fn backend(
@@ -215,6 +226,11 @@ impl Waypoint {
             return Some(b.clone());
         }
         let n = svc.endpoints.len();
+        let pool = policy.and_then(|p| p.connection_pool.as_ref());
+        let limits = match backends.get(&key) {
+            Some(old) if old.policy.as_ref() == policy => old.limits.clone(),
+            _ => Arc::new(Limits::from_model(pool)),
+        };
         let state = Arc::new(BackendState {
             endpoints: svc.endpoints.clone(),
             balancer: Balancer::new(
@@ -225,7 +241,9 @@ impl Waypoint {
                 n,
                 policy.and_then(|p| p.outlier_detection.as_ref()),
             ),
-            limits: Limits::from_model(policy.and_then(|p| p.connection_pool.as_ref())),
+            limits,
+            connect_timeout: pool.and_then(|p| p.connect_timeout).map(|d| d.0),
+            key: Arc::from(key.as_str()),
             policy: policy.cloned(),
         });
         backends.insert(key, state.clone());

@@ -40,7 +40,8 @@ pub async fn forward(
         debug!(service = %name, "TCP: no such service port");
         return down.reset();
     };
-    let Some(_permit) = backend.limits.try_request() else {
+    // A TCP connection is what maxConnections counts (as Istio applies it to TCP).
+    let Some(_permit) = backend.limits.try_connection() else {
         debug!(service = %name, "TCP: connection limit reached");
         return down.reset();
     };

@@ -10,7 +10,7 @@ use std::{
     future::Future,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     pin::Pin,
-    sync::Weak,
+    sync::{Arc, Weak},
     task::{Context, Poll},
     time::Duration,
 };
@@ -61,13 +61,33 @@ pub enum UpstreamError {
         /// Why.
         reason: String,
     },
+    /// A new connection would pass the backend's `connectionPool.maxConnections`.
+    #[error("{backend}: maxConnections reached")]
+    Overflow {
+        /// The backend service, `namespace/name`.
+        backend: String,
+    },
 }
 
-/// A pooled client per (worker, original client identity, HTTP/2 endpoint) through HBONE;
-/// HTTP/1.1 clients (no endpoint) pool by the URI's endpoint.
+/// A pooled client per (worker, original client identity, HTTP/2 endpoint, backend
+/// service) through HBONE; HTTP/1.1 clients (no endpoint) pool by the URI's endpoint. Per
+/// backend, as Envoy pools per cluster: its connectors apply that backend's connection limit
+/// and connect timeout.
 type HboneClients = std::sync::Mutex<
-    HashMap<(usize, Option<u32>, Option<SocketAddr>), Client<HboneConnector, UpBody>>,
+    HashMap<
+        (usize, Option<u32>, Option<SocketAddr>, Option<(Arc<str>, usize)>),
+        Client<HboneConnector, UpBody>,
+    >,
 >;
+
+/// The backend service a request goes to, as upstream clients are pooled by it.
+pub struct Backend {
+    /// `namespace/name`: the connector finds the backend's limits by it.
+    pub key: Arc<str>,
+    /// Changes when the backend's connection limits are rebuilt (a new DestinationPolicy):
+    /// connections made under the old limits, which counted none of them, are not reused.
+    pub generation: usize,
+}
 
 /// Beyond this many pooled clients (endpoints come and go) the map starts over; requests in
 /// flight keep their client, and idle connections close with it.
@@ -106,10 +126,11 @@ impl Upstreams {
         clients: &HboneClients,
         source: Option<u32>,
         http2_endpoint: Option<SocketAddr>,
+        backend: Option<&Backend>,
     ) -> Client<HboneConnector, UpBody> {
         let worker = sinew_workers::current().unwrap_or(0);
         let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (worker, source, http2_endpoint);
+        let key = (worker, source, http2_endpoint, backend.map(|b| (b.key.clone(), b.generation)));
         if clients.len() >= MAX_CLIENTS && !clients.contains_key(&key) {
             clients.clear();
         }
@@ -119,7 +140,12 @@ impl Upstreams {
                 let mut b = Client::builder(TokioExecutor::new());
                 let http2 = http2_endpoint.is_some();
                 b.pool_idle_timeout(IDLE).pool_timer(TokioTimer::new()).http2_only(http2);
-                b.build(HboneConnector { wp: wp.clone(), source, endpoint: http2_endpoint })
+                b.build(HboneConnector {
+                    wp: wp.clone(),
+                    source,
+                    endpoint: http2_endpoint,
+                    backend: backend.map(|b| b.key.clone()),
+                })
             })
             .clone()
     }
@@ -142,12 +168,14 @@ impl Upstreams {
     /// Sends `req` (its URI `http://<endpoint ip>:<port>/...`) over HTTP/2 or HTTP/1.1, on a
     /// connection of the original client identity `source` (see [`Waypoint::source_tag`]).
     /// Through HBONE, an HTTP/2 backend gets the client's Host as `:authority`.
+    /// `backend` (`namespace/name`) names the service whose connection limits apply.
     pub async fn send(
         &self,
         mut req: http::Request<UpBody>,
         http2: bool,
         endpoint: &str,
         source: Option<u32>,
+        backend: Option<&Backend>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
         let result = match (self, http2) {
             (Self::Hbone { wp, clients }, true) => {
@@ -155,15 +183,23 @@ impl Upstreams {
                     endpoint: endpoint.to_owned(),
                     reason: "not an <ip>:<port> authority".into(),
                 })?;
-                Self::hbone_client(wp, clients, source, Some(to)).request(req).await
+                Self::hbone_client(wp, clients, source, Some(to), backend).request(req).await
             }
             (Self::Hbone { wp, clients }, false) => {
-                Self::hbone_client(wp, clients, source, None).request(req).await
+                Self::hbone_client(wp, clients, source, None, backend).request(req).await
             }
             (Self::Plain { h2, .. }, true) => h2.get().request(req).await,
             (Self::Plain { h1, .. }, false) => h1.get().request(req).await,
         };
         result.map_err(|e| {
+            // The connector's own overflow, through hyper's wrapping.
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(c) = cause {
+                if let Some(UpstreamError::Overflow { backend }) = c.downcast_ref() {
+                    return UpstreamError::Overflow { backend: backend.clone() };
+                }
+                cause = c.source();
+            }
             let reason = error_chain(&e);
             if e.is_connect() {
                 UpstreamError::Connect { endpoint: endpoint.to_owned(), reason }
@@ -194,10 +230,20 @@ pub struct HboneConnector {
     /// The endpoint it connects to whatever the URI names (HTTP/2, whose URIs carry the
     /// client's authority); `None`: the URI's `<ip>:<port>`.
     endpoint: Option<SocketAddr>,
+    /// The backend service whose limits apply (`namespace/name`).
+    backend: Option<Arc<str>>,
 }
 
-/// An HBONE stream as a hyper connection.
-pub struct HboneIo(TokioIo<H2Stream>);
+/// How long a new upstream connection may take without a `connectTimeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An HBONE stream as a hyper connection, holding its place under the backend's
+/// `maxConnections` for as long as it lives.
+pub struct HboneIo(
+    TokioIo<H2Stream>,
+    #[allow(dead_code, reason = "held, not read: released when the connection drops")]
+    Option<sinew_l7::balance::ConnectionPermit>,
+);
 
 impl Connection for HboneIo {
     fn connected(&self) -> Connected {
@@ -248,16 +294,32 @@ impl tower_service::Service<Uri> for HboneConnector {
         let wp = self.wp.clone();
         let source = self.source;
         let bound = self.endpoint;
+        let backend = self.backend.clone();
         Box::pin(async move {
             let endpoint = uri.authority().map(|a| a.to_string()).unwrap_or_default();
             let wp = wp.upgrade().ok_or_else(|| UpstreamError::Connect {
                 endpoint: endpoint.clone(),
                 reason: "waypoint stopping".into(),
             })?;
-            let authority = bound.or_else(|| uri_endpoint(&uri)).ok_or_else(|| {
-                UpstreamError::Connect { endpoint, reason: "not an <ip>:<port> authority".into() }
-            })?;
-            Ok(HboneIo(TokioIo::new(open_tunnel(&wp, authority, source).await?)))
+            let authority =
+                bound.or_else(|| uri_endpoint(&uri)).ok_or_else(|| UpstreamError::Connect {
+                    endpoint: endpoint.clone(),
+                    reason: "not an <ip>:<port> authority".into(),
+                })?;
+            // The backend's connectionPool: a place under maxConnections, and its timeout.
+            let state = backend.as_deref().and_then(|k| wp.backend_by_key(k));
+            let timeout = state.as_ref().and_then(|s| s.connect_timeout).unwrap_or(CONNECT_TIMEOUT);
+            let permit = match &state {
+                Some(s) => Some(connection_place(s, timeout).await?),
+                None => None,
+            };
+            let tunnel = tokio::time::timeout(timeout, open_tunnel(&wp, authority, source))
+                .await
+                .map_err(|_| UpstreamError::Connect {
+                    endpoint,
+                    reason: format!("connect timed out after {timeout:?}"),
+                })??;
+            Ok(HboneIo(TokioIo::new(tunnel), permit))
         })
     }
 }
@@ -296,6 +358,34 @@ pub async fn open_tunnel(
         .connect(&key, &identity, connect, TcpStream::connect)
         .await
         .map_err(|e| err(e.to_string()))
+}
+
+/// How often a request waiting for a connection place looks again.
+const PENDING_POLL: Duration = Duration::from_millis(2);
+
+/// A place under the backend's `maxConnections`. When all are taken the request waits for
+/// one, as Envoy queues it, if `maxPendingRequests` leaves room, for up to `timeout`;
+/// otherwise it overflows (503, UO). Meanwhile hyper may hand it a pooled connection that
+/// came free, and this connect then finishes for the pool.
+async fn connection_place(
+    backend: &crate::state::BackendState,
+    timeout: Duration,
+) -> Result<sinew_l7::balance::ConnectionPermit, UpstreamError> {
+    let overflow = || UpstreamError::Overflow { backend: backend.key.to_string() };
+    if let Some(p) = backend.limits.try_connection() {
+        return Ok(p);
+    }
+    let _pending = backend.limits.try_pending().ok_or_else(overflow)?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        tokio::time::sleep(PENDING_POLL).await;
+        if let Some(p) = backend.limits.try_connection() {
+            return Ok(p);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(overflow());
+        }
+    }
 }
 
 /// The `<ip>:<port>` a URI names, if it names one.

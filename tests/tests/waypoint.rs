@@ -478,6 +478,44 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         tcp["bytes_sent"].as_u64().unwrap_or(0) + tcp["bytes_received"].as_u64().unwrap_or(0);
     ensure!(bytes >= 2 * 1048576, "both MiB crossed the destination agent: {tcp}");
 
+    // Circuit breaking on that port: with maxConnections 1, a connection held open takes the
+    // only place and a second one is refused; once the first ends, one gets through again.
+    c.write_config(
+        "store-policy.yaml",
+        "apiVersion: networking.sinew.io/v1alpha1\nkind: DestinationPolicy\nmetadata: {name: store, namespace: demo}\nspec:\n  service: store\n  connectionPool: {maxConnections: 1}\n",
+    )?;
+    let store = "198.18.200.23:7000";
+    let mut refused = false;
+    for _ in 0..25 {
+        let mut held = client
+            .command(&c.binary("sinew-testapp"), &["hold", store, "3"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let mut line = String::new();
+        let out = held.stdout.take().context("hold stdout")?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
+        ensure!(line.trim() == "open", "the first connection: {line:?}");
+        let second = c.run_in(&client, &["hold", store, "0.2"]);
+        let _ = held.kill();
+        let _ = held.wait();
+        if second.is_err() {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(refused, "a second connection past maxConnections 1 was never refused");
+    let mut again = false;
+    for _ in 0..25 {
+        if c.run_in(&client, &["hold", store, "0.1"]).is_ok() {
+            again = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(again, "the place never came free after the first connection ended");
+
     // The destination agent sees the original client through the waypoint: an L4 DENY for
     // service account `client` on v1 refuses the waypoint's tunnels carrying that client.
     c.write_config(
@@ -564,5 +602,55 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         "no duration histogram"
     );
     ensure!(metrics.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\""));
+
+    // Circuit breaking over HTTP: reviews-v2 gets one upstream connection. HTTP/1.1 carries
+    // one request at a time, so of 10 concurrent streams most wait for it; with no room to
+    // wait (maxPendingRequests 1) the rest overflow as 503s, with room they all get through.
+    let policy = |pending: &str| {
+        format!(
+            "apiVersion: networking.sinew.io/v1alpha1\nkind: DestinationPolicy\nmetadata: {{name: reviews-v2, namespace: demo}}\nspec:\n  service: reviews-v2\n  connectionPool: {{maxConnections: 1{pending}}}\n"
+        )
+    };
+    let burst = || {
+        c.exec_in(
+            &client,
+            Path::new("/usr/bin/h2load"),
+            &[
+                "-n",
+                "40",
+                "-c",
+                "1",
+                "-m",
+                "10",
+                "-H",
+                "x-version: v2",
+                &format!("http://{VIP}/cb"),
+            ],
+        )
+    };
+    c.write_config("v2-policy.yaml", &policy(", maxPendingRequests: 1"))?;
+    let mut overflowed = String::new();
+    for _ in 0..25 {
+        let out = burst()?;
+        if !out.contains("status codes: 40 2xx") {
+            overflowed = out;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(overflowed.contains(" 5xx"), "no overflow past maxConnections 1: {overflowed}");
+    c.write_config("v2-policy.yaml", &policy(""))?;
+    let mut waited = String::new();
+    for _ in 0..25 {
+        waited = burst()?;
+        if waited.contains("status codes: 40 2xx") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(
+        waited.contains("status codes: 40 2xx"),
+        "requests did not wait for the connection: {waited}"
+    );
     Ok(())
 }
