@@ -21,8 +21,9 @@ use sinew_workers::{Pinning, Workers};
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, info, warn};
 
-/// Largest request head accepted.
-const MAX_HEADER_BYTES: usize = 32 << 10;
+/// Largest request head accepted: Envoy's default (`max_request_headers_kb` 60), so
+/// requests with large cookies that Istio serves are served here too (431 beyond).
+const MAX_HEADER_BYTES: usize = 60 << 10;
 
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);

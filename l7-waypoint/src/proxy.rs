@@ -593,7 +593,7 @@ async fn route_and_forward(
             mirror(wp, snapshot, svc, &parts, b, m);
         }
     }
-    let _request = wp.budget.request_started();
+    let _request = backend.budget.request_started();
     // Upstream connections are kept per original client identity, which each tunnel names.
     let source_tag = down.source_tag;
     // The request timeout covers the whole exchange, retries and the response body included.
@@ -725,7 +725,7 @@ async fn route_and_forward(
             if !success
                 && body.as_ref().is_some_and(Payload::repeatable)
                 && policy.should_retry_request(outcome, attempt, parts.method.as_str())
-                && let Some(g) = wp.budget.try_retry()
+                && let Some(g) = backend.budget.try_retry()
             {
                 retry_guard = Some(g);
                 tokio::time::sleep(policy.backoff(attempt, random_u64())).await;

@@ -66,6 +66,9 @@ pub struct BackendState {
     /// Circuit-breaking limits; kept across endpoint changes (they count the service's
     /// requests and connections, whichever endpoints serve them).
     pub limits: Arc<Limits>,
+    /// Retries may add 20 % (at least 3) to the requests in flight to this service, as an
+    /// Envoy cluster's budget: one failing service cannot use up the retries of others.
+    pub budget: Arc<RetryBudget>,
     /// `connectionPool.connectTimeout`: how long a new upstream connection may take.
     pub connect_timeout: Option<std::time::Duration>,
     /// `namespace/name`, which keys its pooled upstream clients.
@@ -73,6 +76,11 @@ pub struct BackendState {
     /// The DestinationPolicy it was built from.
     policy: Option<sinew_model::DestinationPolicySpec>,
 }
+
+/// A backend's retry budget: retries may add this share of its requests in flight...
+const RETRY_BUDGET_SHARE: f64 = 0.2;
+/// ...and at least this many (Envoy's defaults).
+const RETRY_BUDGET_MIN: u32 = 3;
 
 /// Everything the request path shares.
 pub struct Waypoint {
@@ -93,8 +101,6 @@ pub struct Waypoint {
     pub metrics: Metrics,
     /// Access log.
     pub access: AccessLog,
-    /// Retries in flight against requests in flight.
-    pub budget: RetryBudget,
     /// Pooled HTTP clients toward endpoints.
     pub upstreams: Upstreams,
     /// Span export, when an OTLP endpoint is configured.
@@ -138,7 +144,6 @@ impl Waypoint {
             pool: PerWorker::new(workers, |_| Pool::new()),
             metrics: Metrics::default(),
             access,
-            budget: RetryBudget::new(0.2, 3),
             upstreams: if plain { Upstreams::plain(workers) } else { Upstreams::new(me.clone()) },
             otlp,
             built: Mutex::new(None),
@@ -231,6 +236,10 @@ impl Waypoint {
             Some(old) if old.policy.as_ref() == policy => old.limits.clone(),
             _ => Arc::new(Limits::from_model(pool)),
         };
+        let budget = match backends.get(&key) {
+            Some(old) => old.budget.clone(),
+            None => Arc::new(RetryBudget::new(RETRY_BUDGET_SHARE, RETRY_BUDGET_MIN)),
+        };
         let state = Arc::new(BackendState {
             endpoints: svc.endpoints.clone(),
             balancer: Balancer::new(
@@ -242,6 +251,7 @@ impl Waypoint {
                 policy.and_then(|p| p.outlier_detection.as_ref()),
             ),
             limits,
+            budget,
             connect_timeout: pool.and_then(|p| p.connect_timeout).map(|d| d.0),
             key: Arc::from(key.as_str()),
             policy: policy.cloned(),

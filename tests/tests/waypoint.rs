@@ -555,7 +555,7 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     let out =
         c.run_in(&client, &["raw", &format!("{VIP}:80"), "NOT AN HTTP REQUEST\\r\\n\\r\\n"])?;
     ensure!(out.starts_with("HTTP/1.1 400"), "malformed request: {out}");
-    let big = format!("x-big: {}", "a".repeat(40 << 10));
+    let big = format!("x-big: {}", "a".repeat(70 << 10));
     let out = curl(
         &c,
         &client,
