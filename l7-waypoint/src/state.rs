@@ -256,6 +256,15 @@ impl Waypoint {
             key: Arc::from(key.as_str()),
             policy: policy.cloned(),
         });
+        // Endpoints that stay keep their latency and ejection state (matched by address).
+        if let Some(old) = backends.get(&key) {
+            let index: HashMap<&[std::net::IpAddr], usize> =
+                old.endpoints.iter().enumerate().map(|(j, o)| (o.ips.as_slice(), j)).collect();
+            let from_old: Vec<Option<usize>> =
+                state.endpoints.iter().map(|e| index.get(e.ips.as_slice()).copied()).collect();
+            state.balancer.carry_over(&old.balancer, &from_old);
+            state.outlier.carry_over(&old.outlier, &from_old);
+        }
         backends.insert(key, state.clone());
         Some(state)
     }

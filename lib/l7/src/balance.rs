@@ -155,6 +155,16 @@ impl Balancer {
         InFlight { stats: Arc::clone(&self.stats), endpoint }
     }
 
+    /// Takes over `old`'s latency for endpoints that stay (`from_old[i]`: endpoint `i`'s
+    /// index in `old`); in-flight counts stay with the guards that hold them.
+    pub fn carry_over(&self, old: &Balancer, from_old: &[Option<usize>]) {
+        for (s, j) in self.stats.iter().zip(from_old) {
+            if let Some(prev) = j.and_then(|j| old.stats.get(j)) {
+                s.ewma_us.store(prev.ewma_us.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Records a latency sample for `endpoint` (ignored out of range) into its EWMA with
     /// weight 0.3 for the new sample; the first sample is taken as is.
     pub fn observe(&self, endpoint: usize, latency: Duration) {

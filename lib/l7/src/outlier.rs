@@ -90,6 +90,19 @@ impl OutlierDetector {
         )
     }
 
+    /// Takes over `old`'s state for endpoints that stay: `from_old[i]` is endpoint `i`'s
+    /// index in `old`, if it was there. Endpoint changes (a rollout step) then neither forget
+    /// an ejection nor the failures counted so far.
+    pub fn carry_over(&self, old: &OutlierDetector, from_old: &[Option<usize>]) {
+        let old = old.endpoints.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut new = self.endpoints.lock().unwrap_or_else(PoisonError::into_inner);
+        for (e, j) in new.iter_mut().zip(from_old) {
+            if let Some(prev) = j.and_then(|j| old.get(j)) {
+                *e = *prev;
+            }
+        }
+    }
+
     /// Records the result of a request to `endpoint` (a failure being a 5xx, a reset or a
     /// connect failure); an index out of range is ignored.
     pub fn record(&self, endpoint: usize, success: bool, now: Instant) {

@@ -296,3 +296,15 @@ fn an_endpoint_failing_fast_does_not_draw_the_traffic() {
     let picks = (0..100).filter(|_| c.pick(rng.next(), None, NONE) == Some(1)).count();
     assert_eq!(picks, 0, "a 1 ms endpoint beats one whose only answer was a failure");
 }
+
+#[test]
+fn endpoints_that_stay_keep_their_latency_across_a_change() {
+    let old = Balancer::new(2, Algorithm::P2cEwma);
+    old.observe(0, ms(1));
+    old.observe(1, ms(100));
+    let new = Balancer::new(2, Algorithm::P2cEwma);
+    // Same endpoints, listed the other way round.
+    new.carry_over(&old, &[Some(1), Some(0)]);
+    let mut rng = XorShift(0x1234_5678_9abc_def1);
+    assert!((0..50).all(|_| new.pick(rng.next(), None, NONE) == Some(1)), "the 1 ms one");
+}
