@@ -11,7 +11,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, Uri, Version, header};
-use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::body::Body as _;
 use hyper::{Request, Response, body::Incoming};
 use sinew_hbone::random_u64;
@@ -37,8 +37,8 @@ use crate::{
 /// The body of every response the waypoint sends.
 pub type Body = BoxBody<Bytes, BoxError>;
 
-/// Largest request body kept so tries can repeat it (buffered for mirrors; beyond it, a
-/// retried request streams on but is not retried, a mirrored one is refused).
+/// Largest request body kept so tries can repeat it and mirrors can send it; beyond it a
+/// request streams on, not retried and not mirrored.
 pub const MAX_REQUEST_BODY: usize = 8 << 20;
 
 /// The connection a request arrived on.
@@ -541,25 +541,14 @@ async fn route_and_forward(
 
     let policy = RetryPolicy::from_model(rule.and_then(|r| r.retry.as_ref()));
     // Without retries or mirrors the body streams (gRPC streams, uploads, upgrades). With
-    // retries it streams too, while a copy is kept so a try can be repeated. Mirrors send
-    // their copy once the whole body is in, so for them it is buffered first.
+    // retries or mirrors it streams too, while a copy is kept so a try can be repeated and a
+    // mirror can send it once it has all arrived.
     let mut body = if (policy.attempts == 0 && mirrors.is_empty()) || is_upgrade {
         Some(Payload::Stream(body))
     } else if body.is_end_stream() {
         Some(Payload::Buffered(Bytes::new()))
-    } else if mirrors.is_empty() {
-        Some(Payload::Replay(replay::Recorder::new(body, MAX_REQUEST_BODY)))
     } else {
-        match Limited::new(body, MAX_REQUEST_BODY).collect().await {
-            Ok(b) => Some(Payload::Buffered(b.to_bytes())),
-            Err(_) => {
-                return (
-                    full(StatusCode::PAYLOAD_TOO_LARGE, "request body too large or broken\n"),
-                    done(StatusCode::PAYLOAD_TOO_LARGE, "-"),
-                    route_name,
-                );
-            }
-        }
+        Some(Payload::Replay(replay::Recorder::new(body, MAX_REQUEST_BODY)))
     };
     if !is_upgrade {
         strip_hop_by_hop(&mut parts.headers);
@@ -588,9 +577,15 @@ async fn route_and_forward(
         .and_then(|p| p.load_balancer.as_ref())
         .and_then(|lb| lb.consistent_hash.as_ref());
     let hash = hash_config.and_then(|h| consistent_hash_key(h, &parts.headers, down.client));
-    if let Some(Payload::Buffered(b)) = &body {
-        for m in &mirrors {
-            mirror(wp, snapshot, svc, &parts, b, m);
+    // Mirrors get the body once the tries have read all of it (past the limit, no mirror);
+    // the request itself streams on without waiting for them, as Envoy's shadows do.
+    for m in &mirrors {
+        match &body {
+            Some(Payload::Buffered(b)) => {
+                mirror(wp, snapshot, svc, &parts, std::future::ready(Some(b.clone())), m)
+            }
+            Some(Payload::Replay(r)) => mirror(wp, snapshot, svc, &parts, r.whole(), m),
+            _ => {}
         }
     }
     let _request = backend.budget.request_started();
@@ -1040,7 +1035,7 @@ fn mirror(
     snapshot: &Snapshot,
     svc: &ServiceInfo,
     parts: &http::request::Parts,
-    body: &Bytes,
+    body: impl std::future::Future<Output = Option<Bytes>> + Send + 'static,
     m: &sinew_model::RequestMirror,
 ) {
     let ns = m.backend_ref.namespace.as_deref().unwrap_or(&svc.namespace);
@@ -1054,12 +1049,8 @@ fn mirror(
     };
     let endpoint = backend.endpoints[i].clone();
     let Some(ip) = endpoint.ips.first().copied() else { return };
-    let mut req = build_request(
-        parts,
-        Full::new(body.clone()).map_err(|never| match never {}).boxed(),
-        ip,
-        port,
-    );
+    let mut req =
+        build_request(parts, Empty::new().map_err(|never| match never {}).boxed(), ip, port);
     if let Some(host) = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()) {
         let shadow = match host.rsplit_once(':') {
             Some((h, p)) => format!("{h}-shadow:{p}"),
@@ -1073,9 +1064,12 @@ fn mirror(
     let wp = wp.clone();
     tokio::spawn(async move {
         let key = endpoint.key();
-        let _ =
-            tokio::time::timeout(MIRROR_TIMEOUT, wp.upstreams.send(req, http2, &key, None, None))
-                .await;
+        let _ = tokio::time::timeout(MIRROR_TIMEOUT, async move {
+            let Some(body) = body.await else { return };
+            let req = req.map(|_| Full::new(body).map_err(|never| match never {}).boxed());
+            let _ = wp.upstreams.send(req, http2, &key, None, None).await;
+        })
+        .await;
     });
 }
 

@@ -37,6 +37,20 @@ struct Shared<B> {
     /// The try waiting for the client's body, woken when a newer try supersedes it so it
     /// fails (and its upstream request is abandoned) instead of waiting forever.
     waiting: Option<Waker>,
+    /// A mirror wants the whole body: the copy is kept until the client's body ends, even
+    /// once no try can follow.
+    mirrored: bool,
+    /// The mirror waiting for the whole body ([`Recorder::whole`]).
+    whole_waiter: Option<Waker>,
+}
+
+impl<B> Shared<B> {
+    /// The whole body is known, or known to be lost: wake the mirror waiting for it.
+    fn settled(&mut self) {
+        if let Some(w) = self.whole_waiter.take() {
+            w.wake();
+        }
+    }
 }
 
 /// Keeps the copy of a request body and hands out one body per try.
@@ -63,6 +77,8 @@ where
             recording: true,
             current: 0,
             waiting: None,
+            mirrored: false,
+            whole_waiter: None,
         };
         Self { shared: Arc::new(Mutex::new(shared)), limit, hint }
     }
@@ -89,12 +105,49 @@ where
     pub fn replayable(&self) -> bool {
         self.shared.lock().unwrap_or_else(PoisonError::into_inner).kept.is_some()
     }
+
+    /// The whole body once the tries have read it to its end, for a mirror: `None` if it
+    /// passed the limit or failed. The tries are never held back for it (a mirror must not
+    /// delay the request it copies).
+    pub fn whole(&self) -> Whole<B> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner).mirrored = true;
+        Whole { shared: self.shared.clone() }
+    }
+}
+
+/// The future of [`Recorder::whole`].
+pub struct Whole<B> {
+    shared: Arc<Mutex<Shared<B>>>,
+}
+
+impl<B> std::future::Future for Whole<B> {
+    type Output = Option<Bytes>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        let mut s = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if s.kept.is_none() {
+            return Poll::Ready(None);
+        }
+        if s.source_done {
+            let mut whole = bytes::BytesMut::with_capacity(s.kept.unwrap_or(0));
+            for c in &s.chunks {
+                whole.extend_from_slice(c);
+            }
+            return Poll::Ready(Some(whole.freeze()));
+        }
+        s.whole_waiter = Some(cx.waker().clone());
+        Poll::Pending
+    }
 }
 
 impl<B> Drop for Recorder<B> {
     fn drop(&mut self) {
-        // The answer is committed: no try follows, so stop copying what the live one sends.
-        self.shared.lock().unwrap_or_else(PoisonError::into_inner).recording = false;
+        // The answer is committed: no try follows, so stop copying what the live one sends
+        // (unless a mirror still wants the whole body).
+        let mut s = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if !s.mirrored {
+            s.recording = false;
+        }
     }
 }
 
@@ -154,6 +207,7 @@ where
             }
             Poll::Ready(None) => {
                 s.source_done = true;
+                s.settled();
                 this.trailers_sent = true;
                 Poll::Ready(None)
             }
@@ -161,6 +215,7 @@ where
                 // A broken client body cannot be sent whole again.
                 s.kept = None;
                 s.chunks = Vec::new();
+                s.settled();
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(Some(Ok(frame))) => {
@@ -176,12 +231,20 @@ where
                         Some(_) => {
                             s.kept = None;
                             s.chunks = Vec::new();
+                            s.settled();
                         }
                         None => {}
                     }
                 } else if let Some(t) = frame.trailers_ref() {
                     s.trailers = Some(t.clone());
                     this.trailers_sent = true;
+                }
+                // A body of known length may never be polled to its end (hyper stops once the
+                // length is sent): what the client's body says counts as its end too.
+                if s.source.is_end_stream() {
+                    s.source_done = true;
+                    this.trailers_sent = true;
+                    s.settled();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -304,5 +367,24 @@ mod tests {
         let mut first = rec.next_try();
         assert_eq!(read(&mut first, None).await, ("abcdefghij".into(), false));
         assert!(!rec.replayable());
+    }
+
+    #[tokio::test]
+    async fn a_mirror_gets_the_whole_body_once_the_try_has_read_it() {
+        let rec = Recorder::new(script(&["ab", "cd"], false), 64);
+        let whole = rec.whole();
+        let mut first = rec.next_try();
+        // The answer is committed before the body is all in: the copy carries on for the mirror.
+        drop(rec);
+        let (data, _) = read(&mut first, None).await;
+        assert_eq!(data, "abcd");
+        assert_eq!(whole.await.as_deref(), Some(&b"abcd"[..]));
+
+        // Past the limit there is no copy to mirror.
+        let rec = Recorder::new(script(&["abcdef"], false), 4);
+        let whole = rec.whole();
+        let mut first = rec.next_try();
+        read(&mut first, None).await;
+        assert_eq!(whole.await, None);
     }
 }

@@ -423,6 +423,30 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     ensure!(copies.trim() == "10", "v2 saw {copies:?} mirrored requests");
+    // A request body is mirrored too, once it has all arrived; the request is not held for it.
+    let out = curl(
+        &c,
+        &client,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            fmt,
+            "--data-binary",
+            "a mirrored body",
+            &format!("http://{VIP}/mirrored"),
+        ],
+    )?;
+    ensure!(out.trim() == "200 v1", "{out}");
+    let mut copy = String::new();
+    for _ in 0..20 {
+        copy = curl(&c, &client, &["http://198.18.200.22/last/mirrored"])?;
+        if copy == "a mirrored body" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(copy == "a mirrored body", "v2's copy of the body: {copy:?}");
 
     // Trace context: a request carrying a traceparent continues that trace, and the waypoint's
     // span reaches the OpenTelemetry collector (OTLP/HTTP).
