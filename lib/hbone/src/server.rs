@@ -94,6 +94,27 @@ where
     F: Fn(Inbound) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let never = std::future::pending();
+    serve_connection_until(tcp, peer_addr, config, until_handshaken, never, handler).await
+}
+
+/// Like [`serve_connection_holding`], draining when `drain` completes: the client is told to
+/// go away (GOAWAY), so it opens no new stream here, while the streams already open finish.
+/// For a destination that leaves the mesh: its live connections end as they would, new ones
+/// no longer ride an old tunnel.
+pub async fn serve_connection_until<F, Fut, P, D>(
+    tcp: TcpStream,
+    peer_addr: SocketAddr,
+    config: Arc<ServerConfig>,
+    until_handshaken: P,
+    drain: D,
+    handler: F,
+) -> Result<(), HboneError>
+where
+    F: Fn(Inbound) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+    D: Future<Output = ()>,
+{
     let _ = tcp.set_nodelay(true);
     let timeout = |what| HboneError::Timeout { what, peer: peer_addr };
     let tls = tokio::time::timeout(
@@ -131,7 +152,18 @@ where
     .map_err(|_| timeout("HTTP/2 handshake"))?
     .map_err(|source| HboneError::H2 { peer: peer_addr, source })?;
     drop(until_handshaken);
-    while let Some(next) = conn.accept().await {
+    let mut drain = std::pin::pin!(drain);
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            () = &mut drain, if !draining => {
+                conn.graceful_shutdown();
+                draining = true;
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         let (request, mut respond) =
             next.map_err(|source| HboneError::H2 { peer: peer_addr, source })?;
         let authority = request.uri().authority().and_then(|a| a.as_str().parse().ok());

@@ -4,7 +4,10 @@ use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use http::StatusCode;
-use sinew_hbone::{Connect, HboneError, Inbound, Pool, PoolKey, serve_connection, tls::Identity};
+use sinew_hbone::{
+    Connect, HboneError, Inbound, Pool, PoolKey, serve_connection, serve_connection_until,
+    tls::Identity,
+};
 use sinew_identity::{Ca, SpiffeId};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -60,22 +63,7 @@ async fn server(identity: Identity) -> (SocketAddr, mpsc::UnboundedReceiver<Seen
                             tokio::time::sleep(std::time::Duration::from_secs(60)).await;
                             return drop(inbound);
                         }
-                        let Ok(mut stream) = inbound.accept() else { return };
-                        // Echo until the client half-closes, then answer "bye" and close.
-                        let mut buf = vec![0u8; 64 << 10];
-                        loop {
-                            match stream.read(&mut buf).await {
-                                Ok(0) => break,
-                                Ok(n) => {
-                                    if stream.write_all(&buf[..n]).await.is_err() {
-                                        return;
-                                    }
-                                }
-                                Err(_) => return,
-                            }
-                        }
-                        let _ = stream.write_all(b"bye").await;
-                        let _ = stream.shutdown().await;
+                        echo(inbound).await;
                     }
                 })
                 .await;
@@ -83,6 +71,25 @@ async fn server(identity: Identity) -> (SocketAddr, mpsc::UnboundedReceiver<Seen
         }
     });
     (addr, rx)
+}
+
+/// Accepts the tunnel and echoes until the client half-closes, then answers "bye" and closes.
+async fn echo(inbound: Inbound) {
+    let Ok(mut stream) = inbound.accept() else { return };
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = stream.write_all(b"bye").await;
+    let _ = stream.shutdown().await;
 }
 
 fn key(source: &SpiffeId, dest: SocketAddr, expected: &SpiffeId) -> PoolKey {
@@ -430,4 +437,51 @@ async fn streams_waiting_on_a_failing_dial_share_its_failure() {
     // One dial, not five in turn (2.5 s).
     assert_eq!(shared, 4);
     assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_server_finishes_open_streams_and_takes_no_new_ones() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let config = identity(&ca, &server_id).server_config().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    // The first connection drains on the signal; later ones never do.
+    tokio::spawn(async move {
+        let mut drain_rx = Some(drain_rx);
+        loop {
+            let (tcp, peer) = listener.accept().await.unwrap();
+            let (drain_rx, config) = (drain_rx.take(), config.clone());
+            tokio::spawn(async move {
+                let drain = async move {
+                    match drain_rx {
+                        Some(rx) => drop(rx.await),
+                        None => std::future::pending().await,
+                    }
+                };
+                let _ = serve_connection_until(tcp, peer, config, (), drain, echo).await;
+            });
+        }
+    });
+    let pool = Pool::new();
+    let client = identity(&ca, &client_id);
+    let k = key(&client_id, addr, &server_id);
+    let mut open = pool.connect(&k, &client, req(80), dial).await.unwrap();
+    drain_tx.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The open stream still works to its end...
+    open.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    open.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here");
+    open.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b"bye");
+    drop(open);
+    // ...while a new stream goes on a new connection (without the drain it would reuse the
+    // idle first one).
+    drop(pool.connect(&k, &client, req(80), dial).await.unwrap());
+    assert_eq!(pool.stats().opened, 2);
 }

@@ -105,8 +105,12 @@ fn labels_of(mesh: &MeshIndex, ip: IpAddr) -> BTreeMap<String, String> {
     mesh.workload_by_ip(ip).map(|w| w.labels.clone()).unwrap_or_default()
 }
 
-/// Accepts HBONE connections for `pod` until the task is aborted.
+/// Accepts HBONE connections for `pod` until the task is aborted. Aborting it (the pod is
+/// un-enrolled or leaves the mesh) also drains the connections it accepted: their open
+/// streams finish, but no new one is opened on them.
 pub async fn serve_hbone(listener: TcpListener, pod: Arc<PodNet>) {
+    // Dropped with this task: each connection's receiver then sees the channel closed.
+    let (listening, _) = tokio::sync::watch::channel(());
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
@@ -120,6 +124,7 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<PodNet>) {
                     continue;
                 };
                 let pod = pod.clone();
+                let mut listening = listening.subscribe();
                 tokio::spawn(async move {
                     // A pod enrolled a moment ago may still wait for its first certificate
                     // while a peer already connects: wait for it as outbound connections do.
@@ -133,11 +138,16 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<PodNet>) {
                         Err(e) => return warn!(pod = %pod.name, error = %e, "TLS configuration"),
                     };
                     let p = pod.clone();
-                    let served = sinew_hbone::serve_connection_holding(
+                    let drain = async move {
+                        // Never sent on: it returns once the listener's task is gone.
+                        let _ = listening.changed().await;
+                    };
+                    let served = sinew_hbone::serve_connection_until(
                         tcp,
                         peer,
                         config,
                         permit,
+                        drain,
                         move |i| tunnel(p.clone(), i),
                     )
                     .await;
