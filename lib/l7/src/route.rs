@@ -28,8 +28,9 @@
 //! 3. a match with a method over one without;
 //! 4. more header matches;
 //! 5. more query parameter matches;
-//! 6. the older route: without timestamps, `{namespace}/{name}` in alphabetical order (then
-//!    the kind, `GRPCRoute` before `HTTPRoute`);
+//! 6. the older route by `metadata.creationTimestamp` (routes without one after those with
+//!    one), then `{namespace}/{name}` in alphabetical order (then the kind, `GRPCRoute` before
+//!    `HTTPRoute`);
 //! 7. rule order within the route, then match order within the rule.
 //!
 //! A `GRPCRoute` method match becomes a path match: service and method an `Exact`
@@ -162,6 +163,8 @@ struct Key {
     has_method: Reverse<bool>,
     headers: Reverse<usize>,
     query: Reverse<usize>,
+    /// The route's creation time, older first; routes without one after those with one.
+    created: (bool, Option<String>),
     route: String,
     kind: &'static str,
     rule: usize,
@@ -351,6 +354,7 @@ impl RouteTable {
         p: &mut Problems<'_>,
     ) {
         let route = format!("{namespace}/{}", o.metadata.name);
+        let created = o.metadata.creation_timestamp.clone();
         for ((svc_ns, svc_name), ports) in service_parents(namespace, parents, p) {
             let consumer = (svc_ns != namespace).then(|| namespace.to_owned());
             let service = self.services.entry(svc_ns).or_default().entry(svc_name).or_default();
@@ -365,6 +369,7 @@ impl RouteTable {
                         has_method: Reverse(matcher.method.is_some()),
                         headers: Reverse(matcher.headers.len()),
                         query: Reverse(matcher.query.len()),
+                        created: (created.is_none(), created.clone()),
                         route: route.clone(),
                         kind,
                         rule: r.rule.index,

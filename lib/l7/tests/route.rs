@@ -788,3 +788,28 @@ mod property {
         assert!(selected > 1000 && none > 1000, "selected {selected}, none {none}");
     }
 }
+
+#[test]
+fn among_equal_matches_the_older_route_wins() {
+    let dated = |name: &str, created: &str| {
+        format!(
+            "---\napiVersion: {API}\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: shop, \
+             creationTimestamp: \"{created}\"}}\nspec:\n  parentRefs: [{{name: web}}]\n  rules: [{{}}]\n"
+        )
+    };
+    // "a" sorts first by name, but "z" is older; an undated route comes after both.
+    let yaml = [
+        dated("a", "2024-05-01T00:00:00Z"),
+        dated("z", "2023-01-01T00:00:00Z"),
+        http_route("b", "[{name: web}]", "[{}]"),
+    ]
+    .concat();
+    let (t, problems) = build(&yaml);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(pick(&t, "/"), at("z", 0));
+    let undated =
+        [http_route("b", "[{name: web}]", "[{}]"), http_route("a", "[{name: web}]", "[{}]")]
+            .concat();
+    let (t, _) = build(&undated);
+    assert_eq!(pick(&t, "/"), at("a", 0), "without timestamps, by name");
+}

@@ -61,6 +61,36 @@ pub struct ObjectMeta {
     /// Annotations (kept, not interpreted).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// When the object was created (RFC 3339, UTC, as the API server writes it): between
+    /// routes of equal precedence the older wins (Gateway API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
+    // Fields the API server sets: accepted, so `kubectl get -o yaml` output loads, and
+    // dropped.
+    #[serde(default, skip_serializing)]
+    uid: ServerSet,
+    #[serde(default, skip_serializing)]
+    resource_version: ServerSet,
+    #[serde(default, skip_serializing)]
+    generation: ServerSet,
+    #[serde(default, skip_serializing)]
+    managed_fields: ServerSet,
+    #[serde(default, skip_serializing)]
+    owner_references: ServerSet,
+    #[serde(default, skip_serializing)]
+    finalizers: ServerSet,
+    #[serde(default, skip_serializing)]
+    self_link: ServerSet,
+}
+
+/// A field the API server sets, accepted whatever its value and not kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerSet;
+
+impl<'de> Deserialize<'de> for ServerSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| ServerSet)
+    }
 }
 
 /// A resource of one kind: its metadata and its validated spec.

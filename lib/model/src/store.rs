@@ -24,6 +24,10 @@ struct Envelope<S> {
     metadata: ObjectMeta,
     #[serde(default = "Option::default")]
     spec: Option<S>,
+    /// What the API server reports (`kubectl get -o yaml` has it): accepted, not kept.
+    #[serde(default)]
+    #[allow(dead_code, reason = "accepted and dropped")]
+    status: crate::ServerSet,
 }
 
 /// Deserializes one kind with the failing field's path, then validates every field.
@@ -120,6 +124,14 @@ pub fn parse_document(
             format!("must be {want_api:?} for {kind}, not {api:?}"),
         ));
     }
+    if let Some(ts) = value.get("metadata").and_then(|m| m.get("creationTimestamp"))
+        && !ts.as_str().is_some_and(is_timestamp)
+    {
+        found.push((
+            "metadata.creationTimestamp".to_owned(),
+            format!("{ts:?} is not an RFC 3339 UTC time such as 2024-01-02T03:04:05Z"),
+        ));
+    }
     if name.is_empty() {
         found.push(("metadata.name".to_owned(), "missing".to_owned()));
     } else if kind == "Namespace" && !is_dns_label(&name) {
@@ -178,6 +190,30 @@ pub fn parse_document(
         }
         None => unreachable!("kind {kind} is in KINDS"),
     }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, as the API server writes `creationTimestamp` (so such
+/// times order as strings).
+fn is_timestamp(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    b.len() >= 20
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b'T'
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19)
+        && match b.len() {
+            20 => b[19] == b'Z',
+            n => b[19] == b'.' && n > 21 && digits(20..n - 1) && b[n - 1] == b'Z',
+        }
 }
 
 /// What one file held the last time it was read.

@@ -387,3 +387,15 @@ fn zero_timeouts_redirect_codes_and_backend_groups_follow_gateway_api() {
     let e = route("{backendRefs: [{name: a, port: 80, group: example.com}]}");
     assert_eq!(fields(&e), [("HTTPRoute/shop/r", "spec.rules[0].backendRefs[0].group")]);
 }
+
+#[test]
+fn kubectl_output_loads_and_a_bad_creation_time_is_named() {
+    let exported = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  uid: 4f1c2a7e-0000-4000-8000-000000000001\n  resourceVersion: \"12345\"\n  generation: 2\n  creationTimestamp: \"2024-01-02T03:04:05Z\"\n  managedFields:\n  - manager: kubectl\n    operation: Update\n  labels: {sinew.io/dataplane-mode: ambient}\nspec: {finalizers: [kubernetes]}\nstatus: {phase: Active}\n";
+    let e = errors_of(exported);
+    // Namespace's spec is not ours to model: the only complaint may be about it.
+    assert!(e.iter().all(|e| e.field.starts_with("spec")), "{e:?}");
+    let e = errors_of(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, creationTimestamp: yesterday}\n",
+    );
+    assert_eq!(fields(&e), [("Namespace/shop", "metadata.creationTimestamp")]);
+}
