@@ -123,9 +123,14 @@ impl CaService {
 #[tonic::async_trait]
 impl ca_server::Ca for CaService {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+        let peer = request.remote_addr();
         let result = self.sign_inner(request);
         let counter = if result.is_ok() { &self.stats.issued } else { &self.stats.refused };
         counter.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = &result {
+            // Every refusal with who asked, whatever the reason (authentication too).
+            warn!(peer = ?peer, code = ?e.code(), reason = e.message(), "signing request refused");
+        }
         result.map(Response::new)
     }
 }
@@ -146,8 +151,7 @@ impl CaService {
             )));
         }
         if let Err(e) = self.authorize(&node, &id) {
-            warn!(%node, %id, reason = e.message(), "certificate refused");
-            return Err(e);
+            return Err(Status::permission_denied(format!("node {node}, {id}: {}", e.message())));
         }
         let ttl = match req.ttl_seconds {
             0 => self.default_ttl,

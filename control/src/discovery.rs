@@ -116,7 +116,9 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let node = self.auth.node(&request)?;
+        let node = self.auth.node(&request).inspect_err(|e| {
+            warn!(peer = ?request.remote_addr(), reason = e.message(), "discovery stream refused");
+        })?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.message())
             .await
