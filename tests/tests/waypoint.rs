@@ -77,6 +77,19 @@ spec:
     retry: {attempts: 2, backoff: 10ms}
 ";
 
+/// A consumer route (GEP-1426): namespace shop's own routing of demo's reviews, for shop's
+/// clients only.
+const CONSUMER: &str = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-for-shop, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: reviews, namespace: demo, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /split}}]
+    backendRefs: [{name: reviews-v2, namespace: demo, port: 80}]
+";
+
 const ROUTES: &str = "
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -127,10 +140,11 @@ spec:
 /// Control, two nodes, a client, reviews v1 and v2 and the waypoint `wp`.
 fn setup() -> Result<(Cluster, Pod)> {
     must_be_root();
-    let mut c = Cluster::new(&["demo"])?;
+    let mut c = Cluster::new(&["demo", "shop"])?;
     c.add_node()?;
     c.add_node()?;
     let client = c.add_pod_as(1, "client", "demo", "client")?;
+    let shopper = c.add_pod_as(1, "shopper", "shop", "shopper")?;
     let v1 = c.add_pod_labeled(
         2,
         "reviews-1",
@@ -149,6 +163,7 @@ fn setup() -> Result<(Cluster, Pod)> {
     c.write_config("routes.yaml", ROUTES)?;
     c.write_config("grpc.yaml", GRPC)?;
     c.write_config("tcp.yaml", TCP)?;
+    c.write_config("consumer.yaml", CONSUMER)?;
     let collector = c.add_pod(1, "collector", "plain")?;
     c.start_control()?;
     c.serve_http(&collector, 4318, "collector")?;
@@ -156,7 +171,7 @@ fn setup() -> Result<(Cluster, Pod)> {
     c.start_waypoint_with(1, "wp", "demo", &["--otlp-endpoint", &otlp])?;
     c.start_agent(1)?;
     c.start_agent(2)?;
-    for p in [&client, &v1, &v2] {
+    for p in [&client, &shopper, &v1, &v2] {
         ensure!(c.agent(p.node).enroll(p)?.captured);
     }
     c.serve_http(&v1, 8080, "v1")?;
@@ -234,6 +249,23 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         &["-o", "/dev/null", "-w", fmt, "-H", "x-version: v2", &format!("http://{VIP}/h?n=[1-20]")],
     )?;
     ensure!(statuses(&out) == BTreeMap::from([("200 v2".to_string(), 20)]), "{out}");
+
+    // shop's consumer route applies to shop's clients alone (demo's split above ignored its
+    // longer /split prefix), and replaces the producer routes for them: /split goes to v2,
+    // anything else matches nothing of theirs (404).
+    let shopper = c.pods.iter().find(|p| p.name == "shopper").cloned().expect("shopper pod");
+    let out = curl(
+        &c,
+        &shopper,
+        &["-o", "/dev/null", "-w", fmt, &format!("http://{VIP}/split?n=[1-20]")],
+    )?;
+    ensure!(statuses(&out) == BTreeMap::from([("200 v2".to_string(), 20)]), "shop: {out}");
+    let out = curl(
+        &c,
+        &shopper,
+        &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/other")],
+    )?;
+    ensure!(out.trim() == "404", "shop, a path its route does not match: {out}");
 
     // The backend fails every other request with 503; retries turn them into 200s.
     let out = curl(
