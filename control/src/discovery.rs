@@ -244,6 +244,9 @@ impl Session {
         let (parked_keys, parked_removed) = std::mem::take(&mut self.parked);
         changed.extend(parked_keys);
         self.removed.extend(parked_removed);
+        // A removal pending from before must not delete what exists again (the client adds
+        // a response's resources, then drops its removals).
+        self.removed.retain(|k| !newer.resources.contains_key(k.as_str()));
         match &mut self.todo {
             // Keys after the cursor are read from the new target anyway.
             Todo::Everything { after } => {

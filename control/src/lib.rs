@@ -79,8 +79,10 @@ pub fn server_tls(
 
 /// How long a peer has for the TLS handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Concurrent gRPC streams per connection (an agent or waypoint needs two or three).
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// Concurrent gRPC streams per connection: an agent or waypoint needs two or three, but a
+/// proxy in front of control multiplexes many clients' long-lived discovery streams on one
+/// connection (`cargo xtask bench control` puts 100 on each).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 /// HTTP/2 pings and TCP keepalive on idle connections, to find peers that went away.
 pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 /// An unanswered ping closes the connection after this long.

@@ -164,6 +164,9 @@ impl FileSource {
     /// Polls the directory and publishes a new snapshot whenever the served content changes.
     pub async fn run(mut self, tx: watch::Sender<Arc<Snapshot>>) {
         let mut tick = tokio::time::interval(POLL);
+        // After a stall, ticks must not fire back to back: "held still for one poll" means
+        // a poll's time.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut settling = None;
         loop {
             tick.tick().await;

@@ -112,12 +112,21 @@ impl SharedTokens {
 /// the last good tokens stay. `tokens` must hold what the file held when it was loaded.
 pub async fn watch_file(path: std::path::PathBuf, tokens: SharedTokens) {
     let mut last: Option<Vec<u8>> = None;
+    let mut seen: Option<Vec<u8>> = None;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let now = std::fs::read(&path).ok();
-        // The first look always applies: `tokens` came from the file, or from an older
-        // version of it if it changed before this task ran.
+        // A file being rewritten (truncated, then filled) is read once it holds still for a
+        // poll, and an empty one never: either would revoke every node it lacks.
+        let settled = now == seen;
+        seen.clone_from(&now);
+        if !settled || now.as_ref().is_none_or(|t| t.trim_ascii().is_empty()) {
+            continue;
+        }
+        // The first settled look always applies: `tokens` came from the file, or from an
+        // older version of it if it changed before this task ran.
         if last.is_some() && now == last {
             continue;
         }
@@ -159,7 +168,7 @@ mod tests {
         let wait = |want: bool| {
             let shared = shared.clone();
             async move {
-                for _ in 0..100 {
+                for _ in 0..200 {
                     if shared.current().has_node("node-2") == want {
                         return;
                     }
@@ -172,7 +181,7 @@ mod tests {
         wait(true).await;
         assert!(!shared.current().has_node("node-1"), "node-1 revoked");
         std::fs::write(&path, "node-3 short\n").unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
         assert!(shared.current().has_node("node-2"), "the last good file stays");
         task.abort();
     }

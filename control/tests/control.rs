@@ -423,6 +423,16 @@ async fn a_rejected_update_is_sent_again_with_the_next_change_and_does_not_count
         (control.registry.clients()[0].acked_version == second.system_version).then_some(())
     })
     .await;
+
+    // A rejected removal, then the resource is back: the retry must not remove it again.
+    std::fs::remove_file(s.config().join("policy.yaml")).unwrap();
+    let removal = responses.message().await.unwrap().unwrap();
+    assert_eq!(removal.removed, ["AuthorizationPolicy/shop/reviews"]);
+    tx.send(reject(&removal.nonce, "no")).await.unwrap();
+    std::fs::write(s.config().join("policy.yaml"), policy("ratings")).unwrap();
+    let back = responses.message().await.unwrap().unwrap();
+    assert!(keys(&back).contains(&"AuthorizationPolicy/shop/reviews".to_string()));
+    assert!(back.removed.is_empty(), "{:?}", back.removed);
     control.stop();
 }
 
