@@ -717,8 +717,9 @@ async fn route_and_forward(
                 backend.balancer.observe_failure(i, started.elapsed());
             }
             backend.outlier.record(i, success, Instant::now());
-            if !success
-                && body.as_ref().is_some_and(Payload::repeatable)
+            // The policy decides what is retried (gRPC CANCELLED, or a 429 a route lists, are
+            // not failures of the endpoint, yet retried).
+            if body.as_ref().is_some_and(Payload::repeatable)
                 && policy.should_retry_request(outcome, attempt, parts.method.as_str())
                 && let Some(g) = backend.budget.try_retry()
             {
@@ -928,14 +929,15 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         use std::task::Poll;
-        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
-        if polled.is_pending()
-            && let Some(deadline) = self.deadline.as_mut()
+        // Checked before every frame: a body whose data is always ready (a download to a slow
+        // reader) is cut at the deadline too.
+        if let Some(deadline) = self.deadline.as_mut()
             && deadline.as_mut().poll(cx).is_ready()
         {
             self.held = None;
             return Poll::Ready(Some(Err(ResponseTimedOut.into())));
         }
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
             self.held = None;
         }

@@ -40,14 +40,14 @@ struct Shared<B> {
     /// A mirror wants the whole body: the copy is kept until the client's body ends, even
     /// once no try can follow.
     mirrored: bool,
-    /// The mirror waiting for the whole body ([`Recorder::whole`]).
-    whole_waiter: Option<Waker>,
+    /// The mirrors waiting for the whole body ([`Recorder::whole`]).
+    whole_waiters: Vec<Waker>,
 }
 
 impl<B> Shared<B> {
     /// The whole body is known, or known to be lost: wake the mirror waiting for it.
     fn settled(&mut self) {
-        if let Some(w) = self.whole_waiter.take() {
+        for w in self.whole_waiters.drain(..) {
             w.wake();
         }
     }
@@ -78,7 +78,7 @@ where
             current: 0,
             waiting: None,
             mirrored: false,
-            whole_waiter: None,
+            whole_waiters: Vec::new(),
         };
         Self { shared: Arc::new(Mutex::new(shared)), limit, hint }
     }
@@ -135,18 +135,25 @@ impl<B> std::future::Future for Whole<B> {
             }
             return Poll::Ready(Some(whole.freeze()));
         }
-        s.whole_waiter = Some(cx.waker().clone());
+        if !s.whole_waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            s.whole_waiters.push(cx.waker().clone());
+        }
         Poll::Pending
     }
 }
 
 impl<B> Drop for Recorder<B> {
     fn drop(&mut self) {
-        // The answer is committed: no try follows, so stop copying what the live one sends
-        // (unless a mirror still wants the whole body).
+        // The answer is committed: no try follows, so stop copying what the live one sends.
+        // A mirror gets the body only if it had all arrived by then (a stream that goes on
+        // past its response's headers, a bidirectional gRPC call, is not mirrored): so it
+        // never holds the client's body, or a copy of a long stream, beyond the answer.
         let mut s = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-        if !s.mirrored {
-            s.recording = false;
+        s.recording = false;
+        if s.mirrored && !s.source_done {
+            s.kept = None;
+            s.chunks = Vec::new();
+            s.settled();
         }
     }
 }
@@ -372,13 +379,21 @@ mod tests {
     #[tokio::test]
     async fn a_mirror_gets_the_whole_body_once_the_try_has_read_it() {
         let rec = Recorder::new(script(&["ab", "cd"], false), 64);
-        let whole = rec.whole();
+        let (whole, again) = (rec.whole(), rec.whole());
         let mut first = rec.next_try();
-        // The answer is committed before the body is all in: the copy carries on for the mirror.
-        drop(rec);
         let (data, _) = read(&mut first, None).await;
         assert_eq!(data, "abcd");
+        drop(rec);
         assert_eq!(whole.await.as_deref(), Some(&b"abcd"[..]));
+        assert_eq!(again.await.as_deref(), Some(&b"abcd"[..]), "every mirror gets it");
+
+        // The answer came before the body ended (a stream): no mirror, nothing held.
+        let rec = Recorder::new(script(&["ab", "cd"], false), 64);
+        let whole = rec.whole();
+        let mut first = rec.next_try();
+        read(&mut first, Some(1)).await;
+        drop(rec);
+        assert_eq!(whole.await, None);
 
         // Past the limit there is no copy to mirror.
         let rec = Recorder::new(script(&["abcdef"], false), 4);

@@ -263,7 +263,7 @@ impl Waypoint {
             let from_old: Vec<Option<usize>> =
                 state.endpoints.iter().map(|e| index.get(e.ips.as_slice()).copied()).collect();
             state.balancer.carry_over(&old.balancer, &from_old);
-            state.outlier.carry_over(&old.outlier, &from_old);
+            state.outlier.carry_over(&old.outlier, &from_old, Instant::now());
         }
         backends.insert(key, state.clone());
         Some(state)

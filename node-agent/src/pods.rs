@@ -427,18 +427,19 @@ impl Registry {
         Ok(())
     }
 
-    /// Lets go of the certificates no captured pod uses any more.
+    /// Lets go of the certificates no captured pod uses any more. The pod lock is held
+    /// throughout (enrolling takes it before asking for a certificate), so a pod of the same
+    /// identity enrolled meanwhile cannot lose the certificate it just asked for.
     fn prune_certs(&self) {
         let pods = self.pods.lock().expect("pod registry lock poisoned");
-        let in_use: std::collections::HashSet<(String, String)> = pods
+        let in_use: std::collections::HashSet<(&str, &str)> = pods
             .values()
             .filter(|p| p.status.captured)
-            .map(|p| (p.status.spec.namespace.clone(), p.status.spec.service_account.clone()))
+            .map(|p| (p.status.spec.namespace.as_str(), p.status.spec.service_account.as_str()))
             .collect();
-        drop(pods);
         self.ctx
             .certs
-            .retain(|id| in_use.contains(&(id.namespace.clone(), id.service_account.clone())));
+            .retain(|id| in_use.contains(&(id.namespace.as_str(), id.service_account.as_str())));
     }
 
     /// Pods and counters.

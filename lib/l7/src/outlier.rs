@@ -93,12 +93,22 @@ impl OutlierDetector {
     /// Takes over `old`'s state for endpoints that stay: `from_old[i]` is endpoint `i`'s
     /// index in `old`, if it was there. Endpoint changes (a rollout step) then neither forget
     /// an ejection nor the failures counted so far.
-    pub fn carry_over(&self, old: &OutlierDetector, from_old: &[Option<usize>]) {
+    /// The cap on the ejected share still holds for the new endpoint count: ejections past
+    /// it (the list shrank) end now, so some endpoint always remains.
+    pub fn carry_over(&self, old: &OutlierDetector, from_old: &[Option<usize>], now: Instant) {
         let old = old.endpoints.lock().unwrap_or_else(PoisonError::into_inner);
         let mut new = self.endpoints.lock().unwrap_or_else(PoisonError::into_inner);
         for (e, j) in new.iter_mut().zip(from_old) {
             if let Some(prev) = j.and_then(|j| old.get(j)) {
                 *e = *prev;
+            }
+        }
+        let cap = self.max_ejected(new.len());
+        let mut ejected = 0;
+        for e in new.iter_mut().filter(|e| e.is_ejected(now)) {
+            ejected += 1;
+            if ejected > cap {
+                e.ejected_at = None;
             }
         }
     }

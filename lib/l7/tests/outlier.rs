@@ -187,9 +187,21 @@ fn endpoints_that_stay_keep_their_state_across_a_change() {
     assert!(old.is_ejected(1, t0));
     // A new endpoint list: the ejected one is now index 0, the other index 2, index 1 new.
     let new = OutlierDetector::new(3, 2, SECOND * 30, 100);
-    new.carry_over(&old, &[Some(1), None, Some(0)]);
+    new.carry_over(&old, &[Some(1), None, Some(0)], t0);
     assert!(new.is_ejected(0, t0), "the ejection is not forgotten");
     assert!(!new.is_ejected(1, t0));
     fail(&new, 2, 1, t0);
     assert!(new.is_ejected(2, t0), "its earlier failure still counts");
+}
+
+#[test]
+fn a_carried_over_ejection_past_the_cap_ends() {
+    let t0 = Instant::now();
+    let old = OutlierDetector::new(2, 1, SECOND * 30, 50);
+    fail(&old, 0, 1, t0);
+    assert!(old.is_ejected(0, t0));
+    // Only the ejected endpoint remains: the cap (at most 50 %, so none of one) ends it.
+    let new = OutlierDetector::new(1, 1, SECOND * 30, 50);
+    new.carry_over(&old, &[Some(0)], t0);
+    assert!(!new.is_ejected(0, t0), "some endpoint always remains");
 }

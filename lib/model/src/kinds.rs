@@ -959,8 +959,11 @@ fn validate_path_modifier(e: &mut Errors, field: &str, p: &PathModifier) {
         PathModifier::ReplaceFullPath { replace_full_path: v } => ("replaceFullPath", v),
         PathModifier::ReplacePrefixMatch { replace_prefix_match: v } => ("replacePrefixMatch", v),
     };
-    e.check(value.starts_with('/') && header_value_ok(value), &format!("{field}.{which}"), || {
-        format!("{value:?} must be a path starting with /")
+    // Empty is Gateway API's "remove the prefix" (`/foo/bar` with prefix `/foo` becomes
+    // `/bar`), or a full path of `/`.
+    let ok = value.is_empty() || (value.starts_with('/') && header_value_ok(value));
+    e.check(ok, &format!("{field}.{which}"), || {
+        format!("{value:?} must be empty or a path starting with /")
     });
 }
 

@@ -124,7 +124,9 @@ pub fn parse_document(
             format!("must be {want_api:?} for {kind}, not {api:?}"),
         ));
     }
+    // `null` is what `kubectl create --dry-run -o yaml` writes: no time.
     if let Some(ts) = value.get("metadata").and_then(|m| m.get("creationTimestamp"))
+        && !ts.is_null()
         && !ts.as_str().is_some_and(is_timestamp)
     {
         found.push((
@@ -192,8 +194,8 @@ pub fn parse_document(
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, as the API server writes `creationTimestamp` (so such
-/// times order as strings).
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, as the API server writes `creationTimestamp` (whole
+/// seconds, so such times order as strings).
 fn is_timestamp(s: &str) -> bool {
     let b = s.as_bytes();
     let digits =

@@ -398,4 +398,9 @@ fn kubectl_output_loads_and_a_bad_creation_time_is_named() {
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, creationTimestamp: yesterday}\n",
     );
     assert_eq!(fields(&e), [("Namespace/shop", "metadata.creationTimestamp")]);
+    // `kubectl create --dry-run -o yaml` writes a null time.
+    let e = errors_of(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, creationTimestamp: null}\n",
+    );
+    assert!(e.is_empty(), "{e:?}");
 }
