@@ -66,6 +66,9 @@ pub struct BackendState {
     /// Circuit-breaking limits; kept across endpoint changes (they count the service's
     /// requests and connections, whichever endpoints serve them).
     pub limits: Arc<Limits>,
+    /// Notified when one of its upstream connections closes: requests waiting for a place
+    /// under `maxConnections` look again.
+    pub connection_freed: Arc<tokio::sync::Notify>,
     /// Retries may add 20 % (at least 3) to the requests in flight to this service, as an
     /// Envoy cluster's budget: one failing service cannot use up the retries of others.
     pub budget: Arc<RetryBudget>,
@@ -236,6 +239,10 @@ impl Waypoint {
             Some(old) if old.policy.as_ref() == policy => old.limits.clone(),
             _ => Arc::new(Limits::from_model(pool)),
         };
+        let connection_freed = match backends.get(&key) {
+            Some(old) => old.connection_freed.clone(),
+            None => Arc::new(tokio::sync::Notify::new()),
+        };
         let budget = match backends.get(&key) {
             Some(old) => old.budget.clone(),
             None => Arc::new(RetryBudget::new(RETRY_BUDGET_SHARE, RETRY_BUDGET_MIN)),
@@ -251,6 +258,7 @@ impl Waypoint {
                 policy.and_then(|p| p.outlier_detection.as_ref()),
             ),
             limits,
+            connection_freed,
             budget,
             connect_timeout: pool.and_then(|p| p.connect_timeout).map(|d| d.0),
             key: Arc::from(key.as_str()),

@@ -241,9 +241,21 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// `maxConnections` for as long as it lives.
 pub struct HboneIo(
     TokioIo<H2Stream>,
-    #[allow(dead_code, reason = "held, not read: released when the connection drops")]
-    Option<sinew_l7::balance::ConnectionPermit>,
+    #[allow(dead_code, reason = "held, not read: given back when the connection drops")]
+    Option<ConnectionPlace>,
 );
+
+/// A place under a backend's `maxConnections`, given back (and waiters told) on drop.
+pub struct ConnectionPlace {
+    _permit: sinew_l7::balance::ConnectionPermit,
+    freed: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for ConnectionPlace {
+    fn drop(&mut self) {
+        self.freed.notify_waiters();
+    }
+}
 
 impl Connection for HboneIo {
     fn connected(&self) -> Connected {
@@ -360,9 +372,6 @@ pub async fn open_tunnel(
         .map_err(|e| err(e.to_string()))
 }
 
-/// How often a request waiting for a connection place looks again.
-const PENDING_POLL: Duration = Duration::from_millis(2);
-
 /// A place under the backend's `maxConnections`. When all are taken the request waits for
 /// one, as Envoy queues it, if `maxPendingRequests` leaves room, for up to `timeout`;
 /// otherwise it overflows (503, UO). Meanwhile hyper may hand it a pooled connection that
@@ -370,19 +379,22 @@ const PENDING_POLL: Duration = Duration::from_millis(2);
 async fn connection_place(
     backend: &crate::state::BackendState,
     timeout: Duration,
-) -> Result<sinew_l7::balance::ConnectionPermit, UpstreamError> {
+) -> Result<ConnectionPlace, UpstreamError> {
     let overflow = || UpstreamError::Overflow { backend: backend.key.to_string() };
+    let freed = backend.connection_freed.clone();
+    let place = |permit| ConnectionPlace { _permit: permit, freed: freed.clone() };
     if let Some(p) = backend.limits.try_connection() {
-        return Ok(p);
+        return Ok(place(p));
     }
     let _pending = backend.limits.try_pending().ok_or_else(overflow)?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        tokio::time::sleep(PENDING_POLL).await;
+        // Registered before looking, so a place freed in between is not missed.
+        let notified = freed.notified();
         if let Some(p) = backend.limits.try_connection() {
-            return Ok(p);
+            return Ok(place(p));
         }
-        if tokio::time::Instant::now() >= deadline {
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
             return Err(overflow());
         }
     }

@@ -423,10 +423,10 @@ async fn streams_waiting_on_a_failing_dial_share_its_failure() {
             tokio::spawn(async move { pool.connect(&k, &client, req(80), slow_failure).await })
         })
         .collect();
-    let mut shared = 0;
+    let (mut shared, mut dialled) = (0, 0);
     for t in tries {
         match t.await.unwrap().err().unwrap() {
-            HboneError::Connect { .. } => {}
+            HboneError::Connect { .. } => dialled += 1,
             HboneError::DialFailed { reason, .. } => {
                 assert!(reason.contains("no route to host"), "{reason}");
                 shared += 1;
@@ -434,9 +434,10 @@ async fn streams_waiting_on_a_failing_dial_share_its_failure() {
             other => panic!("{other}"),
         }
     }
-    // One dial, not five in turn (2.5 s).
-    assert_eq!(shared, 4);
-    assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+    // One dial shared by those waiting on it, not five in turn (2.5 s). A task that starts
+    // only after that dial failed (a loaded machine) dials once more itself.
+    assert!(dialled <= 2 && shared + dialled == 5, "{dialled} dialled, {shared} shared");
+    assert!(started.elapsed() < Duration::from_millis(2000), "{:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
