@@ -26,12 +26,12 @@ pub struct FileSource {
 }
 
 /// The last good configuration as saved: per file, its resources as JSON.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 struct Saved {
     files: Vec<SavedFile>,
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 struct SavedFile {
     path: PathBuf,
     resources: Vec<serde_json::Value>,
@@ -81,28 +81,35 @@ fn load_saved(state: &Path) -> Store {
 }
 
 /// Writes `store`'s last good configuration to `state` (a temporary file, synced, then
-/// renamed, so a crash leaves the old or the new one whole).
+/// renamed, so a crash leaves the old or the new one whole). Streamed: each resource's JSON
+/// goes straight to the file, with no document tree of the whole configuration in memory.
 fn save(store: &Store, state: &Path) -> std::io::Result<()> {
     use std::io::Write;
-    let files = store
-        .last_good()
-        .into_iter()
-        .map(|(path, resources)| SavedFile {
-            path: path.to_path_buf(),
-            resources: resources
-                .into_iter()
-                .filter_map(|r| serde_json::from_slice(&r.to_json()).ok())
-                .collect(),
-        })
-        .collect();
-    let body = serde_json::to_vec(&Saved { files }).map_err(std::io::Error::other)?;
     if let Some(dir) = state.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = state.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&body)?;
-    f.sync_all()?;
+    let file = std::fs::File::create(&tmp)?;
+    let mut out = std::io::BufWriter::new(file);
+    out.write_all(b"{\"files\":[")?;
+    for (i, (path, resources)) in store.last_good().into_iter().enumerate() {
+        if i > 0 {
+            out.write_all(b",")?;
+        }
+        out.write_all(b"{\"path\":")?;
+        serde_json::to_writer(&mut out, path).map_err(std::io::Error::other)?;
+        out.write_all(b",\"resources\":[")?;
+        for (j, r) in resources.into_iter().enumerate() {
+            if j > 0 {
+                out.write_all(b",")?;
+            }
+            out.write_all(&r.to_json())?;
+        }
+        out.write_all(b"]}")?;
+    }
+    out.write_all(b"]}")?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
     std::fs::rename(&tmp, state)
 }
 
