@@ -202,6 +202,15 @@ fn wait_status(c: &Cluster, pod: &Pod, args: &[&str], want: &str, what: &str) ->
     anyhow::bail!("{what}: never answered {want}")
 }
 
+/// curl's `-w` format for [`statuses`]: `<status> <x-served-by>` per request.
+const FMT: &str = "%{http_code} %header{x-served-by}\\n";
+
+/// `<status> <x-served-by>` counts of the requests curl makes to `url` (a range such as
+/// `?n=[1-20]` makes several) from `pod`.
+fn served(c: &Cluster, pod: &Pod, url: &str) -> Result<BTreeMap<String, usize>> {
+    Ok(statuses(&curl(c, pod, &["-o", "/dev/null", "-w", FMT, url])?))
+}
+
 /// `<status> <x-served-by>` per request.
 fn statuses(out: &str) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
@@ -216,7 +225,7 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     let t0 = std::time::Instant::now();
     let (c, client) = setup()?;
     eprintln!("setup took {:?}", t0.elapsed());
-    let fmt = "%{http_code} %header{x-served-by}\\n";
+    let fmt = FMT;
     // Wait for the whole path (certificates, config) to be up.
     let mut ready = false;
     for _ in 0..100 {
@@ -254,12 +263,8 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     // longer /split prefix), and replaces the producer routes for them: /split goes to v2,
     // anything else matches nothing of theirs (404).
     let shopper = c.pods.iter().find(|p| p.name == "shopper").cloned().expect("shopper pod");
-    let out = curl(
-        &c,
-        &shopper,
-        &["-o", "/dev/null", "-w", fmt, &format!("http://{VIP}/split?n=[1-20]")],
-    )?;
-    ensure!(statuses(&out) == BTreeMap::from([("200 v2".to_string(), 20)]), "shop: {out}");
+    let got = served(&c, &shopper, &format!("http://{VIP}/split?n=[1-20]"))?;
+    ensure!(got == BTreeMap::from([("200 v2".to_string(), 20)]), "shop: {got:?}");
     let out = curl(
         &c,
         &shopper,
@@ -268,12 +273,8 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     ensure!(out.trim() == "404", "shop, a path its route does not match: {out}");
 
     // The backend fails every other request with 503; retries turn them into 200s.
-    let out = curl(
-        &c,
-        &client,
-        &["-o", "/dev/null", "-w", fmt, &format!("http://{VIP}/flaky?n=[1-20]")],
-    )?;
-    ensure!(statuses(&out) == BTreeMap::from([("200 v1".to_string(), 20)]), "{out}");
+    let got = served(&c, &client, &format!("http://{VIP}/flaky?n=[1-20]"))?;
+    ensure!(got == BTreeMap::from([("200 v1".to_string(), 20)]), "{got:?}");
 
     // A backend slower than the 500 ms timeout: 504, in about that time (curl's own clock,
     // so starting curl in the pod does not count; the backend would take 10 s).
@@ -440,12 +441,8 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     }
 
     // Mirroring: v1 answers, v2 gets a copy of each request.
-    let out = curl(
-        &c,
-        &client,
-        &["-o", "/dev/null", "-w", fmt, &format!("http://{VIP}/mirrored?n=[1-10]")],
-    )?;
-    ensure!(statuses(&out) == BTreeMap::from([("200 v1".to_string(), 10)]), "{out}");
+    let got = served(&c, &client, &format!("http://{VIP}/mirrored?n=[1-10]"))?;
+    ensure!(got == BTreeMap::from([("200 v1".to_string(), 10)]), "{got:?}");
     let mut copies = String::new();
     for _ in 0..20 {
         copies = curl(&c, &client, &["http://198.18.200.22/count/mirrored"])?;
