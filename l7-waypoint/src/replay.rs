@@ -193,8 +193,8 @@ where
             this.pos += 1;
             return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
         }
-        if !s.recording && !s.chunks.is_empty() {
-            // Everything recorded was sent and nothing will replay it.
+        if !s.recording && !s.mirrored && !s.chunks.is_empty() {
+            // Everything recorded was sent and nothing will replay it (nor mirror it).
             s.chunks = Vec::new();
             this.pos = 0;
         }
@@ -384,6 +384,8 @@ mod tests {
         let (data, _) = read(&mut first, None).await;
         assert_eq!(data, "abcd");
         drop(rec);
+        // The try polls once more after the answer: the copy must outlive that.
+        assert!(first.frame().await.is_none());
         assert_eq!(whole.await.as_deref(), Some(&b"abcd"[..]));
         assert_eq!(again.await.as_deref(), Some(&b"abcd"[..]), "every mirror gets it");
 
