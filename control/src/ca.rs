@@ -40,6 +40,11 @@ impl Authenticator {
     pub fn node<T>(&self, request: &Request<T>) -> Result<String, Status> {
         crate::auth::caller_node(request, &self.tokens.current(), &self.trust_domain)
     }
+
+    /// Whether `node` is still in the token file (not revoked since it authenticated).
+    pub fn still_listed(&self, node: &str) -> bool {
+        self.tokens.current().has_node(node)
+    }
 }
 
 /// CA counters for metrics.

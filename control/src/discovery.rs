@@ -100,6 +100,9 @@ impl DiscoveryService {
     }
 }
 
+/// How often a stream checks that its node is still listed in the token file.
+const REVOCATION_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How long a new stream may take to send its first request (which names the client).
 const FIRST_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -182,7 +185,20 @@ impl Discovery for DiscoveryService {
                 held.into_keys().filter(|k| !target.resources.contains_key(k.as_str())).collect();
             session.todo = Todo::Keys(changed);
         }
-        tokio::spawn(session.run(inbound, tx, self.snapshots.clone(), client.name));
+        let revoked = {
+            let auth = self.auth.clone();
+            async move {
+                // A node taken out of the token file loses the stream it has open too.
+                let mut tick = tokio::time::interval(REVOCATION_CHECK);
+                loop {
+                    tick.tick().await;
+                    if !auth.still_listed(&node) {
+                        return node;
+                    }
+                }
+            }
+        };
+        tokio::spawn(session.run(inbound, tx, self.snapshots.clone(), client.name, revoked));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -388,8 +404,10 @@ impl Session {
         tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
         client: String,
+        revoked: impl std::future::Future<Output = String>,
     ) {
         snapshots.mark_unchanged();
+        let mut revoked = std::pin::pin!(revoked);
         loop {
             if self.outstanding.is_none()
                 && let Some(resp) = self.next_response()
@@ -405,6 +423,12 @@ impl Session {
                     }
                     Err(_) => break,
                 },
+                node = &mut revoked => {
+                    warn!(%client, %node, "node revoked: ending its discovery stream");
+                    let status = Status::permission_denied(format!("node {node} is revoked"));
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => self.on_request(req, &client),
                     Ok(None) => break,

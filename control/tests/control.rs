@@ -647,13 +647,16 @@ async fn a_node_bootstraps_with_its_token_then_authenticates_with_its_own_certif
     let (rx, task) =
         start_config(ClientConfig { credentials: own.clone(), ..s.client(&control, "node-1") });
     wait_for("configuration over mTLS", || policy_version(&rx.borrow())).await;
-    task.abort();
 
-    // Taken out of the token file, the node is revoked: its own certificate no longer works.
+    // Taken out of the token file, the node is revoked: its own certificate no longer works,
+    // and the discovery stream it has open ends.
     control.tokens.replace(Tokens::parse("tokens", "node-2 node-2-token-0123456789\n").unwrap());
     let reviews = SpiffeId::new("cluster.local", "shop", "reviews").unwrap();
     let err = request_certificate(&with(own, reviews)).await.unwrap_err().to_string();
     assert!(err.contains("node node-1 is no longer in the token file (revoked)"), "{err}");
+    wait_for("the open stream to end", || (!rx.borrow().connected).then_some(())).await;
+    wait_for("no client left", || control.registry.clients().is_empty().then_some(())).await;
+    task.abort();
 
     // Without a certificate or a token: refused. An untrusted server: refused by the client.
     let anonymous = Credentials { token: None, tls: tls(None) };
