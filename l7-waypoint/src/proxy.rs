@@ -530,7 +530,15 @@ async fn route_and_forward(
             route_name,
         );
     };
-    let target_port = backend_svc.target_port(backend_port).unwrap_or(backend_port);
+    // A backendRef port the Service does not have is invalid (500), not a pod port.
+    let Some(target_port) = backend_svc.target_port(backend_port) else {
+        let text = format!("backend service has no port {backend_port}\n");
+        return (
+            full(StatusCode::INTERNAL_SERVER_ERROR, text),
+            done(StatusCode::INTERNAL_SERVER_ERROR, "NC"),
+            route_name,
+        );
+    };
     let Some(backend) = wp.backend(snapshot, &backend_ns, &backend_name) else {
         return (
             full(StatusCode::INTERNAL_SERVER_ERROR, "backend service unknown\n"),
