@@ -131,8 +131,15 @@ impl Upstreams {
         let worker = sinew_workers::current().unwrap_or(0);
         let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
         let key = (worker, source, http2_endpoint, backend.map(|b| (b.key.clone(), b.generation)));
-        if clients.len() >= MAX_CLIENTS && !clients.contains_key(&key) {
-            clients.clear();
+        if !clients.contains_key(&key) {
+            // Clients of this backend's earlier limits are never asked for again.
+            if let Some((name, generation)) = &key.3 {
+                clients
+                    .retain(|k, _| k.3.as_ref().is_none_or(|(n, g)| n != name || g == generation));
+            }
+            if clients.len() >= MAX_CLIENTS {
+                clients.clear();
+            }
         }
         clients
             .entry(key)
