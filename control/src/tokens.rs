@@ -130,8 +130,10 @@ pub async fn watch_file(path: std::path::PathBuf, tokens: SharedTokens) {
         if last.is_some() && now == last {
             continue;
         }
+        // The bytes just checked, not a second read that could catch another rewrite.
+        let text = String::from_utf8_lossy(now.as_deref().unwrap_or_default()).into_owned();
         last = now;
-        match Tokens::load(&path) {
+        match Tokens::parse(&path.display().to_string(), &text) {
             Ok(t) => {
                 tracing::info!(file = %path.display(), nodes = t.0.len(), "token file reloaded");
                 tokens.replace(t);
@@ -183,6 +185,10 @@ mod tests {
         std::fs::write(&path, "node-3 short\n").unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
         assert!(shared.current().has_node("node-2"), "the last good file stays");
+        // An empty file (a rewrite caught between truncate and write) is never applied.
+        std::fs::write(&path, "").unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
+        assert!(shared.current().has_node("node-2"), "an empty file revokes nobody");
         task.abort();
     }
 }

@@ -590,9 +590,9 @@ async fn route_and_forward(
     for m in &mirrors {
         match &body {
             Some(Payload::Buffered(b)) => {
-                mirror(wp, snapshot, svc, &parts, std::future::ready(Some(b.clone())), m)
+                mirror(wp, snapshot, svc, &parts, || std::future::ready(Some(b.clone())), m)
             }
-            Some(Payload::Replay(r)) => mirror(wp, snapshot, svc, &parts, r.whole(), m),
+            Some(Payload::Replay(r)) => mirror(wp, snapshot, svc, &parts, || r.whole(), m),
             _ => {}
         }
     }
@@ -679,7 +679,7 @@ async fn route_and_forward(
             let endpoint_key = endpoint.key();
             let pool = crate::upstream::Backend {
                 key: backend.key.clone(),
-                generation: Arc::as_ptr(&backend.limits) as usize,
+                generation: backend.limits_generation,
             };
             let sent = wp.upstreams.send(req, http2, &endpoint_key, Some(source_tag), Some(&pool));
             let result = match per_try {
@@ -1040,18 +1040,21 @@ fn request_id() -> String {
 /// How long a mirrored request may take; its answer is dropped anyway.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn mirror(
+fn mirror<F>(
     wp: &Arc<Waypoint>,
     snapshot: &Snapshot,
     svc: &ServiceInfo,
     parts: &http::request::Parts,
-    body: impl std::future::Future<Output = Option<Bytes>> + Send + 'static,
+    body: impl FnOnce() -> F,
     m: &sinew_model::RequestMirror,
-) {
+) where
+    F: std::future::Future<Output = Option<Bytes>> + Send + 'static,
+{
     let ns = m.backend_ref.namespace.as_deref().unwrap_or(&svc.namespace);
     let Some(backend) = wp.backend(snapshot, ns, &m.backend_ref.name) else { return };
     let Some(target) = snapshot.mesh.service(ns, &m.backend_ref.name) else { return };
-    let port = target.target_port(m.backend_ref.port.0).unwrap_or(m.backend_ref.port.0);
+    // A port the Service lacks is an invalid backend: no mirror.
+    let Some(port) = target.target_port(m.backend_ref.port.0) else { return };
     let now = Instant::now();
     let Some(i) = backend.balancer.pick(random_u64(), None, |i| backend.outlier.is_ejected(i, now))
     else {
@@ -1072,6 +1075,8 @@ fn mirror(
     }
     let http2 = upstream_http2(target, m.backend_ref.port.0, &parts.headers);
     let wp = wp.clone();
+    // Asked for only now that a mirror will go: a copy kept for none would be wasted.
+    let body = body();
     tokio::spawn(async move {
         let key = endpoint.key();
         let _ = tokio::time::timeout(MIRROR_TIMEOUT, async move {

@@ -40,6 +40,9 @@ struct Shared<B> {
     /// A mirror wants the whole body: the copy is kept until the client's body ends, even
     /// once no try can follow.
     mirrored: bool,
+    /// The answer came before the body ended: the mirror gets nothing ([`Whole`] gives
+    /// `None`), and the copy goes once the live try has caught up with it.
+    mirror_cancelled: bool,
     /// The mirrors waiting for the whole body ([`Recorder::whole`]).
     whole_waiters: Vec<Waker>,
 }
@@ -78,6 +81,7 @@ where
             current: 0,
             waiting: None,
             mirrored: false,
+            mirror_cancelled: false,
             whole_waiters: Vec::new(),
         };
         Self { shared: Arc::new(Mutex::new(shared)), limit, hint }
@@ -125,7 +129,7 @@ impl<B> std::future::Future for Whole<B> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         let mut s = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-        if s.kept.is_none() {
+        if s.kept.is_none() || s.mirror_cancelled {
             return Poll::Ready(None);
         }
         if s.source_done {
@@ -151,8 +155,10 @@ impl<B> Drop for Recorder<B> {
         let mut s = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
         s.recording = false;
         if s.mirrored && !s.source_done {
-            s.kept = None;
-            s.chunks = Vec::new();
+            // The copy itself stays until the live try has replayed it (a retry may be
+            // part-way through it); only the mirror gives up.
+            s.mirrored = false;
+            s.mirror_cancelled = true;
             s.settled();
         }
     }
@@ -403,5 +409,20 @@ mod tests {
         let mut first = rec.next_try();
         read(&mut first, None).await;
         assert_eq!(whole.await, None);
+    }
+
+    #[tokio::test]
+    async fn a_retry_part_way_through_its_replay_when_the_answer_comes_gets_the_whole_body() {
+        let rec = Recorder::new(script(&["ab", "cd", "ef"], false), 64);
+        let whole = rec.whole();
+        let mut first = rec.next_try();
+        read(&mut first, Some(2)).await;
+        let mut second = rec.next_try();
+        read(&mut second, Some(1)).await;
+        // The answer arrives (the recorder goes) while the retry has replayed only "ab".
+        drop(rec);
+        let (rest, _) = read(&mut second, None).await;
+        assert_eq!(rest, "cdef", "the replay goes on, then the live body");
+        assert_eq!(whole.await, None, "no mirror for a body that outlived its answer");
     }
 }

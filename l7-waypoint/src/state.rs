@@ -66,6 +66,8 @@ pub struct BackendState {
     /// Circuit-breaking limits; kept across endpoint changes (they count the service's
     /// requests and connections, whichever endpoints serve them).
     pub limits: Arc<Limits>,
+    /// Which build of `limits` this is (grows with each new one; pools are kept per build).
+    pub limits_generation: u64,
     /// Notified when one of its upstream connections closes: requests waiting for a place
     /// under `maxConnections` look again.
     pub connection_freed: Arc<tokio::sync::Notify>,
@@ -79,6 +81,9 @@ pub struct BackendState {
     /// The DestinationPolicy it was built from.
     policy: Option<sinew_model::DestinationPolicySpec>,
 }
+
+/// Numbers the builds of backends' connection limits.
+static LIMITS_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A backend's retry budget: retries may add this share of its requests in flight...
 const RETRY_BUDGET_SHARE: f64 = 0.2;
@@ -235,9 +240,14 @@ impl Waypoint {
         }
         let n = svc.endpoints.len();
         let pool = policy.and_then(|p| p.connection_pool.as_ref());
-        let limits = match backends.get(&key) {
-            Some(old) if old.policy.as_ref() == policy => old.limits.clone(),
-            _ => Arc::new(Limits::from_model(pool)),
+        let (limits, limits_generation) = match backends.get(&key) {
+            Some(old) if old.policy.as_ref() == policy => {
+                (old.limits.clone(), old.limits_generation)
+            }
+            _ => (
+                Arc::new(Limits::from_model(pool)),
+                LIMITS_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            ),
         };
         let connection_freed = match backends.get(&key) {
             Some(old) => old.connection_freed.clone(),
@@ -258,6 +268,7 @@ impl Waypoint {
                 policy.and_then(|p| p.outlier_detection.as_ref()),
             ),
             limits,
+            limits_generation,
             connection_freed,
             budget,
             connect_timeout: pool.and_then(|p| p.connect_timeout).map(|d| d.0),

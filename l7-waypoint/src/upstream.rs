@@ -75,7 +75,7 @@ pub enum UpstreamError {
 /// and connect timeout.
 type HboneClients = std::sync::Mutex<
     HashMap<
-        (usize, Option<u32>, Option<SocketAddr>, Option<(Arc<str>, usize)>),
+        (usize, Option<u32>, Option<SocketAddr>, Option<(Arc<str>, u64)>),
         Client<HboneConnector, UpBody>,
     >,
 >;
@@ -84,9 +84,9 @@ type HboneClients = std::sync::Mutex<
 pub struct Backend {
     /// `namespace/name`: the connector finds the backend's limits by it.
     pub key: Arc<str>,
-    /// Changes when the backend's connection limits are rebuilt (a new DestinationPolicy):
+    /// Grows when the backend's connection limits are rebuilt (a new DestinationPolicy):
     /// connections made under the old limits, which counted none of them, are not reused.
-    pub generation: usize,
+    pub generation: u64,
 }
 
 /// Beyond this many pooled clients (endpoints come and go) the map starts over; requests in
@@ -132,10 +132,11 @@ impl Upstreams {
         let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
         let key = (worker, source, http2_endpoint, backend.map(|b| (b.key.clone(), b.generation)));
         if !clients.contains_key(&key) {
-            // Clients of this backend's earlier limits are never asked for again.
+            // Clients of this backend's earlier limits are not asked for again (a request
+            // still on older limits evicts nothing newer).
             if let Some((name, generation)) = &key.3 {
                 clients
-                    .retain(|k, _| k.3.as_ref().is_none_or(|(n, g)| n != name || g == generation));
+                    .retain(|k, _| k.3.as_ref().is_none_or(|(n, g)| n != name || g >= generation));
             }
             if clients.len() >= MAX_CLIENTS {
                 clients.clear();
@@ -254,12 +255,15 @@ pub struct HboneIo(
 
 /// A place under a backend's `maxConnections`, given back (and waiters told) on drop.
 pub struct ConnectionPlace {
-    _permit: sinew_l7::balance::ConnectionPermit,
+    permit: Option<sinew_l7::balance::ConnectionPermit>,
     freed: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for ConnectionPlace {
     fn drop(&mut self) {
+        // The place first, then the news: a waiter woken before the count went down would
+        // find no place and sleep through the only notification.
+        drop(self.permit.take());
         self.freed.notify_waiters();
     }
 }
@@ -389,7 +393,7 @@ async fn connection_place(
 ) -> Result<ConnectionPlace, UpstreamError> {
     let overflow = || UpstreamError::Overflow { backend: backend.key.to_string() };
     let freed = backend.connection_freed.clone();
-    let place = |permit| ConnectionPlace { _permit: permit, freed: freed.clone() };
+    let place = |permit| ConnectionPlace { permit: Some(permit), freed: freed.clone() };
     if let Some(p) = backend.limits.try_connection() {
         return Ok(place(p));
     }
