@@ -193,7 +193,8 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                 }
             };
             let early_len = early.len() as u64;
-            let req = Connect { authority: resolved.addr, client: peer, baggage: None, early };
+            let baggage = Some(pod.baggage.as_str());
+            let req = Connect { authority: resolved.addr, client: peer, baggage, early };
             let netns = &pod.netns;
             let tunnel =
                 ctx.pool.get().connect(&key, &identity, req, |a| connect_in(netns, a)).await;
