@@ -320,7 +320,6 @@ impl Registry {
             ips: spec.ips.iter().map(|ip| ip.to_canonical()).collect(),
             netns,
             handshakes: Arc::new(tokio::sync::Semaphore::new(crate::proxy::HANDSHAKES)),
-            baggage: format!("k8s.namespace.name={},k8s.pod.name={}", spec.namespace, spec.name),
             ctx: self.ctx.clone(),
         });
         let mut tasks = Vec::new();

@@ -206,9 +206,6 @@ pub struct PodNet {
     pub netns: Netns,
     /// Permits for inbound HBONE connections not yet authenticated ([`HANDSHAKES`]).
     pub handshakes: Arc<Semaphore>,
-    /// The `baggage` its tunnels carry (namespace and workload, as DESIGN.md and Istio
-    /// ambient send it), made once.
-    pub baggage: String,
     /// What all pods share.
     pub ctx: Arc<Ctx>,
 }

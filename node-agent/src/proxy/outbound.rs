@@ -193,8 +193,7 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                 }
             };
             let early_len = early.len() as u64;
-            let baggage = Some(pod.baggage.as_str());
-            let req = Connect { authority: resolved.addr, client: peer, baggage, early };
+            let req = Connect { authority: resolved.addr, client: peer, baggage: None, early };
             let netns = &pod.netns;
             let tunnel =
                 ctx.pool.get().connect(&key, &identity, req, |a| connect_in(netns, a)).await;
