@@ -12,7 +12,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Weak},
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -72,13 +72,10 @@ pub enum UpstreamError {
 /// A pooled client per (worker, original client identity, HTTP/2 endpoint, backend
 /// service) through HBONE; HTTP/1.1 clients (no endpoint) pool by the URI's endpoint. Per
 /// backend, as Envoy pools per cluster: its connectors apply that backend's connection limit
-/// and connect timeout.
-type HboneClients = std::sync::Mutex<
-    HashMap<
-        (usize, Option<u32>, Option<SocketAddr>, Option<(Arc<str>, u64)>),
-        Client<HboneConnector, UpBody>,
-    >,
->;
+/// and connect timeout. Each with the time it was last asked for.
+type HboneClients = std::sync::Mutex<HashMap<ClientKey, (Client<HboneConnector, UpBody>, Instant)>>;
+
+type ClientKey = (usize, Option<u32>, Option<SocketAddr>, Option<(Arc<str>, u64)>);
 
 /// The backend service a request goes to, as upstream clients are pooled by it.
 pub struct Backend {
@@ -89,9 +86,35 @@ pub struct Backend {
     pub generation: u64,
 }
 
-/// Beyond this many pooled clients (endpoints come and go) the map starts over; requests in
-/// flight keep their client, and idle connections close with it.
+/// At most this many pooled clients (endpoints and client identities come and go): past it,
+/// the ones not asked for in the longest time go (requests in flight keep their client, and
+/// its idle connections close with it).
 const MAX_CLIENTS: usize = 4096;
+
+/// Makes room for one more entry in `map` (at most `cap`): entries unused for longer than
+/// [`IDLE`] go first (their pools have closed every idle connection already), then, if that
+/// is not enough, the least recently used quarter, so a busy waypoint does not pay for a
+/// full scan on every new key, and no entry in use loses its connections all at once, as
+/// clearing the whole map did.
+fn make_room<K: Clone + Eq + std::hash::Hash, V>(
+    map: &mut HashMap<K, (V, Instant)>,
+    cap: usize,
+    now: Instant,
+) {
+    if map.len() < cap {
+        return;
+    }
+    map.retain(|_, (_, used)| now.saturating_duration_since(*used) <= IDLE);
+    if map.len() < cap {
+        return;
+    }
+    let mut by_use: Vec<(Instant, K)> =
+        map.iter().map(|(k, (_, used))| (*used, k.clone())).collect();
+    by_use.sort_unstable_by_key(|(used, _)| *used);
+    for (_, k) in by_use.into_iter().take(cap / 4 + 1) {
+        map.remove(&k);
+    }
+}
 
 /// The pooled clients.
 #[allow(clippy::large_enum_variant, reason = "one per process")]
@@ -129,33 +152,30 @@ impl Upstreams {
         backend: Option<&Backend>,
     ) -> Client<HboneConnector, UpBody> {
         let worker = sinew_workers::current().unwrap_or(0);
+        let now = Instant::now();
         let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
         let key = (worker, source, http2_endpoint, backend.map(|b| (b.key.clone(), b.generation)));
-        if !clients.contains_key(&key) {
-            // Clients of this backend's earlier limits are not asked for again (a request
-            // still on older limits evicts nothing newer).
-            if let Some((name, generation)) = &key.3 {
-                clients
-                    .retain(|k, _| k.3.as_ref().is_none_or(|(n, g)| n != name || g >= generation));
-            }
-            if clients.len() >= MAX_CLIENTS {
-                clients.clear();
-            }
+        if let Some((client, used)) = clients.get_mut(&key) {
+            *used = now;
+            return client.clone();
         }
-        clients
-            .entry(key)
-            .or_insert_with(|| {
-                let mut b = Client::builder(TokioExecutor::new());
-                let http2 = http2_endpoint.is_some();
-                b.pool_idle_timeout(IDLE).pool_timer(TokioTimer::new()).http2_only(http2);
-                b.build(HboneConnector {
-                    wp: wp.clone(),
-                    source,
-                    endpoint: http2_endpoint,
-                    backend: backend.map(|b| b.key.clone()),
-                })
-            })
-            .clone()
+        // Clients of this backend's earlier limits are not asked for again (a request still
+        // on older limits evicts nothing newer).
+        if let Some((name, generation)) = &key.3 {
+            clients.retain(|k, _| k.3.as_ref().is_none_or(|(n, g)| n != name || g >= generation));
+        }
+        make_room(&mut clients, MAX_CLIENTS, now);
+        let mut b = Client::builder(TokioExecutor::new());
+        let http2 = http2_endpoint.is_some();
+        b.pool_idle_timeout(IDLE).pool_timer(TokioTimer::new()).http2_only(http2);
+        let client = b.build(HboneConnector {
+            wp: wp.clone(),
+            source,
+            endpoint: http2_endpoint,
+            backend: backend.map(|b| b.key.clone()),
+        });
+        clients.insert(key, (client.clone(), now));
+        client
     }
 
     /// Clients over plain TCP, for `workers` workers.
@@ -461,6 +481,26 @@ mod tests {
             req.headers_mut().insert(http::header::HOST, h.parse().expect("host"));
         }
         req
+    }
+
+    #[test]
+    fn room_goes_to_new_clients_from_the_longest_unused() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut map: HashMap<u32, ((), Instant)> =
+            (0..8).map(|i| (i, ((), at(i.into())))).collect();
+        // Under the cap: nothing goes.
+        make_room(&mut map, 9, at(10));
+        assert_eq!(map.len(), 8);
+        // At the cap, all recently used: the least recently used quarter (and one) goes.
+        make_room(&mut map, 8, at(10));
+        let mut left: Vec<u32> = map.keys().copied().collect();
+        left.sort_unstable();
+        assert_eq!(left, [3, 4, 5, 6, 7]);
+        // Entries idle past IDLE go first, and then that is enough.
+        map.get_mut(&7).expect("7").1 = at(40_000);
+        make_room(&mut map, 5, at(40_000));
+        assert_eq!(map.keys().copied().collect::<Vec<_>>(), [7]);
     }
 
     #[test]
