@@ -143,10 +143,17 @@ struct Counters {
 }
 
 /// The client side of HBONE, shared by every outbound connection of a process.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Pool {
     slots: Arc<Mutex<HashMap<PoolKey, Arc<Slot>>>>,
     counters: Arc<Counters>,
+    ping_interval: Duration,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self { slots: Arc::default(), counters: Arc::default(), ping_interval: PING_INTERVAL }
+    }
 }
 
 /// One tunnel request.
@@ -170,6 +177,13 @@ impl Pool {
     /// An empty pool.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Pings its connections every `interval` instead of [`PING_INTERVAL`] (a connection
+    /// whose ping is unanswered by the next one closes); for tests, which cannot wait 30 s.
+    pub fn with_ping_interval(mut self, interval: Duration) -> Self {
+        self.ping_interval = interval.max(Duration::from_millis(1));
+        self
     }
 
     /// Counters for metrics and tests.
@@ -343,6 +357,7 @@ impl Pool {
             Arc::downgrade(slot),
             self.counters.clone(),
             peer,
+            self.ping_interval,
         ));
         Ok(conn)
     }
@@ -356,13 +371,14 @@ async fn drive(
     slot: Weak<Slot>,
     counters: Arc<Counters>,
     peer: SocketAddr,
+    ping_interval: Duration,
 ) {
     let mut connection = connection;
     let mut ping = connection.ping_pong();
     let mut awaiting_pong = false;
     let mut connection = std::pin::pin!(connection);
     let mut idle_checks = 0u32;
-    let mut tick = tokio::time::interval(PING_INTERVAL);
+    let mut tick = tokio::time::interval(ping_interval);
     tick.tick().await;
     loop {
         tokio::select! {
@@ -397,7 +413,7 @@ async fn drive(
                 } else {
                     idle_checks = 0;
                 }
-                if PING_INTERVAL * idle_checks >= IDLE_TIMEOUT {
+                if ping_interval * idle_checks >= IDLE_TIMEOUT {
                     // Out of the pool: once the last handle goes, h2 closes gracefully.
                     c.closed.store(true, Ordering::Relaxed);
                     if let Some(s) = slot.upgrade() {

@@ -486,3 +486,57 @@ async fn a_draining_server_finishes_open_streams_and_takes_no_new_ones() {
     drop(pool.connect(&k, &client, req(80), dial).await.unwrap());
     assert_eq!(pool.stats().opened, 2);
 }
+
+/// A TCP relay to `server` for the pool to dial through. Bumping the returned counter
+/// freezes the connections relayed so far: they stay open but carry nothing more, as a peer
+/// that was cut off or crashed without a FIN; later connections relay normally.
+async fn freezable_relay(server: SocketAddr) -> (SocketAddr, tokio::sync::watch::Sender<u32>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (freeze, watch) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        loop {
+            let (mut a, _) = listener.accept().await.unwrap();
+            let mut watch = watch.clone();
+            let born = *watch.borrow();
+            tokio::spawn(async move {
+                let mut b = TcpStream::connect(server).await.unwrap();
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                    _ = async { watch.wait_for(|g| *g > born).await.is_ok() } => std::future::pending().await,
+                }
+            });
+        }
+    });
+    (addr, freeze)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_pings_go_unanswered_closes_and_resets_its_streams() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let (server_addr, _seen) = server(identity(&ca, &server_id)).await;
+    let (relay, freeze) = freezable_relay(server_addr).await;
+    let pool = Pool::new().with_ping_interval(Duration::from_millis(200));
+    let client = identity(&ca, &client_id);
+    let k = key(&client_id, relay, &server_id);
+    let mut open = pool.connect(&k, &client, req(80), dial).await.unwrap();
+    open.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    open.read_exact(&mut back).await.unwrap();
+    // Answered pings keep an idle-looking connection open.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(pool.stats().open, 1);
+    freeze.send(1).unwrap();
+    // The peer goes silent without a FIN: the stream ends within two intervals instead of
+    // waiting forever.
+    let read = tokio::time::timeout(Duration::from_secs(3), open.read(&mut back)).await;
+    assert!(matches!(read, Ok(Err(_)) | Ok(Ok(0))), "the stream still hangs: {read:?}");
+    assert_eq!(pool.stats().open, 0);
+    // New streams go on a new connection.
+    let mut again = pool.connect(&k, &client, req(80), dial).await.unwrap();
+    again.write_all(b"pong").await.unwrap();
+    again.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"pong");
+    assert_eq!(pool.stats().opened, 2);
+}
