@@ -625,11 +625,7 @@ async fn route_and_forward(
             let ejected = |i| backend.outlier.is_ejected(i, now);
             // A retry goes to another endpoint when there is one (Envoy's previous_hosts, on
             // by default in Istio); a consistent hash keeps its endpoint.
-            let elsewhere = last_index.filter(|_| hash.is_none()).and_then(|last| {
-                backend.balancer.pick(random_u64(), hash, |i| i == last || ejected(i))
-            });
-            let Some(i) = elsewhere.or_else(|| backend.balancer.pick(random_u64(), hash, ejected))
-            else {
+            let Some(i) = backend.balancer.pick_try(random_u64(), hash, last_index, ejected) else {
                 return (
                     full(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint\n"),
                     Done {

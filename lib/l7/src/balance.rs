@@ -145,6 +145,24 @@ impl Balancer {
         }
     }
 
+    /// The endpoint for a try: as [`Balancer::pick`], but a retry (`last`: the endpoint the
+    /// previous try failed on) goes to another endpoint when one is not skipped, as Envoy's
+    /// `previous_hosts` retry predicate (on by default in Istio) does; with a hash the
+    /// endpoint stays the hash's, and with nowhere else to go the retry goes back to `last`.
+    pub fn pick_try(
+        &self,
+        rnd: u64,
+        hash: Option<u64>,
+        last: Option<usize>,
+        skip: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let elsewhere = match (last, self.algorithm, hash) {
+            (_, Algorithm::ConsistentHash, Some(_)) | (None, ..) => None,
+            (Some(last), ..) => self.pick(rnd, hash, |i| i == last || skip(i)),
+        };
+        elsewhere.or_else(|| self.pick(rnd, hash, skip))
+    }
+
     /// A request to `endpoint` started; the guard decrements in-flight on drop. An index out
     /// of range gives a guard that counts nothing.
     pub fn start(&self, endpoint: usize) -> InFlight {

@@ -308,3 +308,35 @@ fn endpoints_that_stay_keep_their_latency_across_a_change() {
     let mut rng = XorShift(0x1234_5678_9abc_def1);
     assert!((0..50).all(|_| new.pick(rng.next(), None, NONE) == Some(1)), "the 1 ms one");
 }
+
+#[test]
+fn retries_go_to_another_endpoint_unless_hashed_or_alone() {
+    let mut rng = XorShift(0x5EED);
+    for algorithm in [Algorithm::P2cEwma, Algorithm::RoundRobin, Algorithm::Random] {
+        let b = Balancer::new(3, algorithm);
+        // P2C: the failed endpoint looks fastest, so only the rule keeps it from being
+        // picked again.
+        b.observe(1, ms(1));
+        b.observe(0, ms(50));
+        b.observe(2, ms(50));
+        for _ in 0..200 {
+            let first = b.pick_try(rng.next(), None, None, NONE).expect("an endpoint");
+            let retry = b.pick_try(rng.next(), None, Some(first), NONE).expect("an endpoint");
+            assert_ne!(retry, first, "{algorithm:?}");
+            // With the others skipped (ejected), the retry goes back rather than nowhere.
+            let skip_others = |i| i != first;
+            assert_eq!(b.pick_try(rng.next(), None, Some(first), skip_others), Some(first));
+        }
+    }
+    // One endpoint: the retry goes back to it.
+    let alone = Balancer::new(1, Algorithm::P2cEwma);
+    assert_eq!(alone.pick_try(rng.next(), None, Some(0), NONE), Some(0));
+    // A consistent hash keeps its endpoint on retries; without a hash it spreads like P2C.
+    let hashed = Balancer::new(4, Algorithm::ConsistentHash);
+    for key in 0..100u64 {
+        let home = hashed.pick_try(rng.next(), Some(key), None, NONE);
+        assert_eq!(hashed.pick_try(rng.next(), Some(key), home, NONE), home);
+        let first = hashed.pick_try(rng.next(), None, None, NONE).expect("an endpoint");
+        assert_ne!(hashed.pick_try(rng.next(), None, Some(first), NONE), Some(first));
+    }
+}
