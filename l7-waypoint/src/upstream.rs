@@ -205,20 +205,27 @@ impl Upstreams {
         source: Option<u32>,
         backend: Option<&Backend>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
+        // Held until the response (or failure) arrives: a connect hyper moved to the
+        // background because the request got a pooled connection sees it go and stops
+        // waiting for a place (see `connection_place`).
+        let (waiting, token) = tokio::sync::watch::channel(());
         let result = match (self, http2) {
             (Self::Hbone { wp, clients }, true) => {
                 let to = authority_from_host(&mut req).ok_or_else(|| UpstreamError::Connect {
                     endpoint: endpoint.to_owned(),
                     reason: "not an <ip>:<port> authority".into(),
                 })?;
-                Self::hbone_client(wp, clients, source, Some(to), backend).request(req).await
+                let client = Self::hbone_client(wp, clients, source, Some(to), backend);
+                REQUEST_WAITING.scope(token, client.request(req)).await
             }
             (Self::Hbone { wp, clients }, false) => {
-                Self::hbone_client(wp, clients, source, None, backend).request(req).await
+                let client = Self::hbone_client(wp, clients, source, None, backend);
+                REQUEST_WAITING.scope(token, client.request(req)).await
             }
             (Self::Plain { h2, .. }, true) => h2.get().request(req).await,
             (Self::Plain { h1, .. }, false) => h1.get().request(req).await,
         };
+        drop(waiting);
         result.map_err(|e| {
             // The connector's own overflow, through hyper's wrapping.
             let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
@@ -334,6 +341,8 @@ impl tower_service::Service<Uri> for HboneConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
+        // hyper calls this from the request's own task (see `Upstreams::send`).
+        let requester = REQUEST_WAITING.try_with(|t| t.clone()).ok();
         let wp = self.wp.clone();
         let source = self.source;
         let bound = self.endpoint;
@@ -353,7 +362,7 @@ impl tower_service::Service<Uri> for HboneConnector {
             let state = backend.as_deref().and_then(|k| wp.backend_by_key(k));
             let timeout = state.as_ref().and_then(|s| s.connect_timeout).unwrap_or(CONNECT_TIMEOUT);
             let permit = match &state {
-                Some(s) => Some(connection_place(s, timeout).await?),
+                Some(s) => Some(connection_place(s, timeout, requester).await?),
                 None => None,
             };
             let tunnel = tokio::time::timeout(timeout, open_tunnel(&wp, authority, source))
@@ -403,13 +412,21 @@ pub async fn open_tunnel(
         .map_err(|e| err(e.to_string()))
 }
 
+tokio::task_local! {
+    /// Set while a request waits for its response; its sender goes when it no longer does.
+    static REQUEST_WAITING: tokio::sync::watch::Receiver<()>;
+}
+
 /// A place under the backend's `maxConnections`. When all are taken the request waits for
 /// one, as Envoy queues it, if `maxPendingRequests` leaves room, for up to `timeout`;
-/// otherwise it overflows (503, UO). Meanwhile hyper may hand it a pooled connection that
-/// came free, and this connect then finishes for the pool.
+/// otherwise it overflows (503, UO). Meanwhile hyper may hand the request a pooled
+/// connection that came free and leave this connect to finish for the pool: once the
+/// `requester` no longer waits, neither does this connect, so it holds no pending place
+/// for a request that has none (such leftovers made later requests overflow).
 async fn connection_place(
     backend: &crate::state::BackendState,
     timeout: Duration,
+    requester: Option<tokio::sync::watch::Receiver<()>>,
 ) -> Result<ConnectionPlace, UpstreamError> {
     let overflow = || UpstreamError::Overflow { backend: backend.key.to_string() };
     let freed = backend.connection_freed.clone();
@@ -419,14 +436,33 @@ async fn connection_place(
     }
     let _pending = backend.limits.try_pending().ok_or_else(overflow)?;
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut requester = requester;
+    let gone = async {
+        match &mut requester {
+            // Only ever closes: nothing is sent on it.
+            Some(r) => while r.changed().await.is_ok() {},
+            None => std::future::pending().await,
+        }
+    };
+    let mut gone = std::pin::pin!(gone);
     loop {
         // Registered before looking, so a place freed in between is not missed.
         let notified = freed.notified();
         if let Some(p) = backend.limits.try_connection() {
             return Ok(place(p));
         }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return Err(overflow());
+        tokio::select! {
+            waited = tokio::time::timeout_at(deadline, notified) => {
+                if waited.is_err() {
+                    return Err(overflow());
+                }
+            }
+            () = &mut gone => {
+                return Err(UpstreamError::Connect {
+                    endpoint: backend.key.to_string(),
+                    reason: "the request was served by a pooled connection".into(),
+                });
+            }
         }
     }
 }

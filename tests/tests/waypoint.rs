@@ -658,7 +658,10 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
 
     // Circuit breaking over HTTP: reviews-v2 gets one upstream connection. HTTP/1.1 carries
     // one request at a time, so of 10 concurrent streams most wait for it; with no room to
-    // wait (maxPendingRequests 1) the rest overflow as 503s, with room they all get through.
+    // wait (maxPendingRequests 1) the rest overflow as 503s, with room for the 9 that wait
+    // (maxPendingRequests 10) all 40 get through: a request served by the connection another
+    // one freed holds no pending place after it (it did, for up to 10 s, and later requests
+    // overflowed).
     let policy = |pending: &str| {
         format!(
             "apiVersion: networking.sinew.io/v1alpha1\nkind: DestinationPolicy\nmetadata: {{name: reviews-v2, namespace: demo}}\nspec:\n  service: reviews-v2\n  connectionPool: {{maxConnections: 1{pending}}}\n"
@@ -692,7 +695,7 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     ensure!(overflowed.contains(" 5xx"), "no overflow past maxConnections 1: {overflowed}");
-    c.write_config("v2-policy.yaml", &policy(""))?;
+    c.write_config("v2-policy.yaml", &policy(", maxPendingRequests: 10"))?;
     let mut waited = String::new();
     for _ in 0..25 {
         waited = burst()?;
