@@ -59,8 +59,13 @@ pub struct Exporter {
 impl Exporter {
     /// Starts exporting to `endpoint` (`http://host:4318`).
     pub fn start(endpoint: String) -> Self {
+        Self::start_with(endpoint, EXPORT_TIMEOUT)
+    }
+
+    /// As [`Exporter::start`], each export given `timeout` (tests).
+    fn start_with(endpoint: String, timeout: Duration) -> Self {
         let (queue, rx) = mpsc::channel(4096);
-        tokio::spawn(run(endpoint, rx));
+        tokio::spawn(run(endpoint, rx, timeout));
         Self { queue, dropped: AtomicU64::new(0) }
     }
 
@@ -72,12 +77,16 @@ impl Exporter {
     }
 }
 
-async fn run(endpoint: String, mut rx: mpsc::Receiver<Span>) {
+/// How long one export may take.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn run(endpoint: String, mut rx: mpsc::Receiver<Span>, timeout: Duration) {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
     let mut batch = Vec::with_capacity(BATCH);
-    loop {
+    let mut closed = false;
+    while !closed {
         let deadline = tokio::time::sleep(FLUSH_EVERY);
         tokio::pin!(deadline);
         loop {
@@ -87,7 +96,8 @@ async fn run(endpoint: String, mut rx: mpsc::Receiver<Span>) {
                         batch.push(s);
                         if batch.len() >= BATCH { break; }
                     }
-                    None => return,
+                    // The waypoint is stopping: what is batched still goes.
+                    None => { closed = true; break; }
                 },
                 () = &mut deadline => break,
             }
@@ -101,10 +111,12 @@ async fn run(endpoint: String, mut rx: mpsc::Receiver<Span>) {
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)));
         match req {
-            Ok(req) => match client.request(req).await {
-                Ok(resp) if resp.status().is_success() => {}
-                Ok(resp) => debug!(status = %resp.status(), "OTLP collector refused spans"),
-                Err(e) => debug!(error = %e, "OTLP export failed"),
+            // A collector that never answers must not stall exporting for good.
+            Ok(req) => match tokio::time::timeout(timeout, client.request(req)).await {
+                Ok(Ok(resp)) if resp.status().is_success() => {}
+                Ok(Ok(resp)) => debug!(status = %resp.status(), "OTLP collector refused spans"),
+                Ok(Err(e)) => debug!(error = %e, "OTLP export failed"),
+                Err(_) => debug!(%url, "OTLP collector did not answer within {timeout:?}"),
             },
             Err(e) => debug!(error = %e, %url, "bad OTLP endpoint"),
         }
@@ -152,4 +164,78 @@ pub fn payload(spans: &[Span]) -> Value {
             "scopeSpans": [{ "scope": { "name": "sinew-waypoint" }, "spans": spans }],
         }]
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::{io::AsyncReadExt, net::TcpListener};
+
+    use super::*;
+
+    fn span() -> Span {
+        Span {
+            trace_id: format!("{:032x}", 7),
+            span_id: format!("{:016x}", 9),
+            parent_span_id: None,
+            name: "GET /".into(),
+            start: SystemTime::now(),
+            end: SystemTime::now(),
+            method: "GET".into(),
+            path: "/".into(),
+            status: 200,
+            service: "api.shop".into(),
+            source: "spiffe://cluster.local/ns/shop/sa/client".into(),
+        }
+    }
+
+    /// A collector that reads what it is sent and never answers: the connections it was
+    /// opened and the bytes it got.
+    async fn silent_collector() -> (String, Arc<AtomicU64>, Arc<std::sync::Mutex<Vec<u8>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", l.local_addr().expect("addr"));
+        let (conns, got) = (Arc::new(AtomicU64::new(0)), Arc::new(std::sync::Mutex::default()));
+        let (c, g) = (conns.clone(), got.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                c.fetch_add(1, Ordering::Relaxed);
+                let g: Arc<std::sync::Mutex<Vec<u8>>> = g.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = s.read(&mut buf).await {
+                        g.lock().expect("lock").extend_from_slice(&buf[..n]);
+                    }
+                });
+            }
+        });
+        (url, conns, got)
+    }
+
+    #[tokio::test]
+    async fn a_collector_that_never_answers_does_not_stall_exporting() {
+        let (url, conns, _) = silent_collector().await;
+        let e = Exporter::start_with(url, Duration::from_millis(200));
+        e.export(span());
+        tokio::time::sleep(FLUSH_EVERY + Duration::from_millis(900)).await;
+        e.export(span());
+        tokio::time::sleep(FLUSH_EVERY + Duration::from_millis(500)).await;
+        // The first POST was given up, so the second went on a connection of its own.
+        assert_eq!(conns.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn spans_batched_when_the_waypoint_stops_still_go() {
+        let (url, _, got) = silent_collector().await;
+        let e = Exporter::start_with(url, Duration::from_millis(200));
+        e.export(span());
+        drop(e);
+        for _ in 0..40 {
+            if String::from_utf8_lossy(&got.lock().expect("lock")).contains("resourceSpans") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the last batch was not sent");
+    }
 }

@@ -199,16 +199,18 @@ fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 }
 
 /// A local answer to a gRPC request as gRPC clients read one: HTTP 200, trailers only, with
-/// `grpc-status` mapped from the HTTP status as Envoy maps it (a timeout is
-/// DEADLINE_EXCEEDED) and the reason in `grpc-message`. Its HTTP status stays in the metrics.
-fn as_grpc(resp: &mut Response<Body>, text: &[u8]) {
+/// `grpc-status` mapped from the HTTP status as Envoy's `httpToGrpcStatus` maps it, except
+/// that the route's own timeout (`timed_out`) is DEADLINE_EXCEEDED, as Envoy's router
+/// answers it (an injected 504 stays UNAVAILABLE), and the reason in `grpc-message`. Its
+/// HTTP status stays in the metrics.
+fn as_grpc(resp: &mut Response<Body>, text: &[u8], timed_out: bool) {
     let code = match resp.status().as_u16() {
+        _ if timed_out => 4,
         400 => 13,
         401 => 16,
         403 => 7,
         404 => 12,
-        504 => 4,
-        429 | 502 | 503 => 14,
+        429 | 502 | 503 | 504 => 14,
         _ => 2,
     };
     let mut message = String::new();
@@ -240,20 +242,20 @@ pub async fn handle(
     // What only the access log and span export need is made only when they are on.
     let observed = wp.access.enabled() || wp.otlp.is_some();
     let started_at = observed.then(std::time::SystemTime::now);
-    let parent_span = req
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split('-').nth(2))
-        .filter(|s| s.len() == 16 && observed)
-        .map(str::to_owned);
+    let trace = TraceContext::continue_or_start(req.headers().get("traceparent"));
+    let parent_span = trace.parent.filter(|_| observed).map(|p| format!("{p:016x}"));
+    let traceparent = trace.to_string();
     let snapshot = wp.snapshot.borrow().clone();
     let method = req.method().clone();
     let path_and_query = observed.then(|| {
         req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into())
     });
     let grpc = is_grpc(req.headers());
-    let traceparent = child_traceparent(req.headers().get("traceparent"));
+    let mut req = req;
+    if !trace.continued() {
+        // A tracestate belongs to the trace it came with, which was not continued.
+        req.headers_mut().remove("tracestate");
+    }
     let (mut response, done, route) =
         route_and_forward(&wp, &snapshot, &down, req, &traceparent).await;
     let millis = start.elapsed().as_secs_f64() * 1000.0;
@@ -279,7 +281,8 @@ pub async fn handle(
                 traceparent: Some(traceparent.clone()),
             });
         }
-        if let Some(otlp) = &wp.otlp {
+        // An unsampled trace (flags without bit 0) is propagated but not recorded.
+        if let Some(otlp) = wp.otlp.as_ref().filter(|_| trace.sampled()) {
             let mut ids = traceparent.split('-').skip(1);
             if let (Some(trace_id), Some(span_id)) = (ids.next(), ids.next()) {
                 let path = path_and_query.split('?').next().unwrap_or("/");
@@ -300,7 +303,7 @@ pub async fn handle(
         }
     }
     if grpc && let Some(LocalReply(text)) = response.extensions_mut().remove::<LocalReply>() {
-        as_grpc(&mut response, &text);
+        as_grpc(&mut response, &text, done.flags == "UT");
     }
     if let Ok(v) = HeaderValue::from_str(&traceparent) {
         response.headers_mut().insert("traceparent", v);
@@ -308,28 +311,83 @@ pub async fn handle(
     Ok(response)
 }
 
+/// gRPC's content types as Envoy reads them (`application/grpc`, `+proto` and the like, or
+/// with parameters); `application/grpc-web` is not gRPC (an HTTP/1.1 protocol of browsers).
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
+        .and_then(|v| v.strip_prefix("application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
 }
 
-/// A W3C traceparent continuing the caller's trace (new span id), or starting one.
-fn child_traceparent(parent: Option<&HeaderValue>) -> String {
-    let span = random_u64() | 1;
-    if let Some(p) = parent.and_then(|v| v.to_str().ok()) {
-        let parts: Vec<&str> = p.split('-').collect();
-        if let [version, trace, _, flags] = parts.as_slice()
-            && version.len() == 2
-            && trace.len() == 32
-            && trace.bytes().all(|b| b.is_ascii_hexdigit())
-            && flags.len() == 2
-        {
-            return format!("{version}-{trace}-{span:016x}-{flags}");
+/// This request's W3C trace context: the caller's trace with a new span id, or a new
+/// sampled trace when the caller sent no valid `traceparent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TraceContext {
+    trace: u128,
+    span: u64,
+    /// The caller's span, when the trace was continued.
+    parent: Option<u64>,
+    flags: u8,
+}
+
+impl TraceContext {
+    fn continue_or_start(header: Option<&HeaderValue>) -> Self {
+        let span = random_u64() | 1;
+        match header.and_then(|v| parse_traceparent(v.as_bytes())) {
+            Some((trace, parent, flags)) => Self { trace, span, parent: Some(parent), flags },
+            None => Self {
+                trace: (u128::from(random_u64()) << 64) | u128::from(random_u64() | 1),
+                span,
+                parent: None,
+                flags: 1,
+            },
         }
     }
-    format!("00-{:016x}{:016x}-{span:016x}-01", random_u64(), random_u64())
+
+    fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+
+    /// Whether the caller's trace was continued (its `tracestate` belongs with it).
+    fn continued(&self) -> bool {
+        self.parent.is_some()
+    }
+}
+
+impl std::fmt::Display for TraceContext {
+    /// Version 00, the one this implements, whatever version the caller sent.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "00-{:032x}-{:016x}-{:02x}", self.trace, self.span, self.flags)
+    }
+}
+
+/// A `traceparent` as W3C Trace Context (level 1, section 3.2) defines it: lowercase hex
+/// fields, version `ff` invalid, trace and parent ids not all zeros; a later version may
+/// carry more fields after the fourth, version 00 none. `None` when invalid: the header is
+/// then ignored and a new trace starts.
+fn parse_traceparent(v: &[u8]) -> Option<(u128, u64, u8)> {
+    fn hex(b: &[u8]) -> Option<u128> {
+        let s = std::str::from_utf8(b).ok()?;
+        if !s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+            return None;
+        }
+        u128::from_str_radix(s, 16).ok()
+    }
+    if v.len() < 55 || [2, 35, 52].iter().any(|&i| v[i] != b'-') {
+        return None;
+    }
+    let version = hex(&v[..2])?;
+    let extra_ok = if version == 0 { v.len() == 55 } else { v.len() == 55 || v[55] == b'-' };
+    let (trace, parent, flags) = (hex(&v[3..35])?, hex(&v[36..52])?, hex(&v[53..55])?);
+    (version != 0xff && extra_ok && trace != 0 && parent != 0)
+        .then_some((trace, parent as u64, flags as u8))
+}
+
+/// The token bucket of a rule's `filter_index`th filter: kind, route, rule and filter.
+fn bucket_key(rule: &CompiledRule, filter_index: usize) -> String {
+    format!("{}/{}#{}/{filter_index}", rule.kind, rule.route, rule.index)
 }
 
 fn done(status: StatusCode, flags: &'static str) -> Done {
@@ -397,7 +455,10 @@ async fn route_and_forward(
             &HttpRequest { method: parts.method.as_str(), path: &path },
         );
         if !decision.allowed() {
-            let body = format!("RBAC: access denied ({})\n", decision.reason);
+            // The client learns only that it was denied, as from Envoy; which policies
+            // decided is for the operator (debug log, `sinew explain`).
+            tracing::debug!(service = %svc.name, namespace = %svc.namespace, source = %down.source, path = %path, reason = %decision.reason, "L7 deny");
+            let body = "RBAC: access denied\n";
             return (full(StatusCode::FORBIDDEN, body), done(StatusCode::FORBIDDEN, "RBAC"), None);
         }
     }
@@ -417,7 +478,9 @@ async fn route_and_forward(
     // Rule filters, in order.
     let mut response_headers: Vec<&HeaderModifier> = Vec::new();
     let mut mirrors: Vec<&sinew_model::RequestMirror> = Vec::new();
-    for f in rule.map(|r| r.filters.as_slice()).unwrap_or_default() {
+    for (filter_index, f) in
+        rule.map(|r| r.filters.as_slice()).unwrap_or_default().iter().enumerate()
+    {
         match f {
             HttpFilter::RequestRedirect { request_redirect: r } => {
                 let host = parts
@@ -443,7 +506,10 @@ async fn route_and_forward(
                 return (resp, done(status, "-"), route_name);
             }
             HttpFilter::LocalRateLimit { local_rate_limit: l } => {
-                let key = route_name.clone().unwrap_or_default();
+                // One bucket per filter: an HTTPRoute and a GRPCRoute may share a name, and
+                // a rule may hold two limits (sharing a key, each replaced the other's
+                // bucket with a full one on every request, and nothing was limited).
+                let key = rule.map_or_else(String::new, |r| bucket_key(r, filter_index));
                 let bucket = wp.bucket(&key, l);
                 match bucket.try_take(Instant::now()) {
                     Admit::Allowed { remaining } => {
@@ -1121,17 +1187,44 @@ mod tests {
 
     #[test]
     fn trace_context_is_continued_or_started() {
-        let parent =
-            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
-        let child = child_traceparent(Some(&parent));
-        assert!(child.starts_with("00-0af7651916cd43dd8448eb211c80319c-"), "{child}");
-        assert!(!child.contains("b7ad6b7169203331"), "a new span id: {child}");
-        assert!(child.ends_with("-01"));
-        for bad in ["garbage", "00-xyz-b7ad6b7169203331-01", ""] {
-            let fresh = child_traceparent(Some(&HeaderValue::from_str(bad).unwrap()));
-            let parts: Vec<&str> = fresh.split('-').collect();
-            assert_eq!(parts.len(), 4, "{fresh}");
-            assert_eq!((parts[1].len(), parts[2].len()), (32, 16), "{fresh}");
+        let ctx =
+            |v: &str| TraceContext::continue_or_start(Some(&HeaderValue::from_str(v).unwrap()));
+        let child = ctx("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        let s = child.to_string();
+        assert!(s.starts_with("00-0af7651916cd43dd8448eb211c80319c-"), "{s}");
+        assert!(!s.contains("b7ad6b7169203331"), "a new span id: {s}");
+        assert!(s.ends_with("-01") && child.sampled() && child.continued());
+        assert_eq!(child.parent, Some(0xb7ad_6b71_6920_3331));
+        // Unsampled: propagated as such.
+        let unsampled = ctx("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00");
+        assert!(!unsampled.sampled() && unsampled.to_string().ends_with("-00"));
+        // A later version is read by its first four fields and answered as version 00.
+        let later = ctx("cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what-next");
+        assert!(later.continued() && later.to_string().starts_with("00-0af76519"), "{later:?}");
+        // Invalid (W3C Trace Context 3.2): ignored, a new sampled trace starts.
+        for bad in [
+            "garbage",
+            "",
+            "00-xyz-b7ad6b7169203331-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-zzzzzzzzzzzzzzzz-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-zz",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+            "cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01x",
+            "00_0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ] {
+            let fresh = ctx(bad);
+            let s = fresh.to_string();
+            assert!(
+                !fresh.continued() && fresh.sampled() && !s.contains("0af7651916cd43dd"),
+                "{bad}: {s}"
+            );
+            let parts: Vec<&str> = s.split('-').collect();
+            assert_eq!(parts.len(), 4, "{s}");
+            assert_eq!((parts[0], parts[1].len(), parts[2].len()), ("00", 32, 16), "{s}");
         }
     }
 
@@ -1163,11 +1256,51 @@ mod tests {
     }
 
     #[test]
+    fn rate_limit_buckets_are_per_route_kind_rule_and_filter() {
+        let rule = |kind| CompiledRule {
+            route: "shop/api".into(),
+            kind,
+            index: 1,
+            backends: Vec::new(),
+            filters: Vec::new(),
+            timeouts: Default::default(),
+            retry: None,
+        };
+        let (http, grpc) = (rule("HTTPRoute"), rule("GRPCRoute"));
+        let keys = [bucket_key(&http, 0), bucket_key(&http, 1), bucket_key(&grpc, 0)];
+        assert!(keys[0] != keys[1] && keys[0] != keys[2] && keys[1] != keys[2], "{keys:?}");
+        assert_eq!(bucket_key(&http, 0), keys[0], "stable across requests");
+    }
+
+    #[test]
+    fn grpc_is_told_by_its_content_types_not_grpc_web() {
+        for (ct, grpc) in [
+            ("application/grpc", true),
+            ("application/grpc+proto", true),
+            ("application/grpc;charset=utf-8", true),
+            ("application/grpc-web", false),
+            ("application/grpc-web+proto", false),
+            ("application/grpcx", false),
+            ("application/json", false),
+        ] {
+            let h = headers(&[("content-type", ct)]);
+            assert_eq!(is_grpc(&h), grpc, "{ct}");
+        }
+    }
+
+    #[test]
     fn local_answers_to_grpc_requests_are_grpc_statuses() {
-        for (status, code) in [(403, "7"), (429, "14"), (503, "14"), (504, "4"), (418, "2")] {
+        for (status, timed_out, code) in [
+            (403, false, "7"),
+            (429, false, "14"),
+            (503, false, "14"),
+            (504, false, "14"),
+            (504, true, "4"),
+            (418, false, "2"),
+        ] {
             let mut r = full(StatusCode::from_u16(status).unwrap(), "RBAC: access denied (x%)\n");
             let text = r.extensions_mut().remove::<LocalReply>().expect("marked local").0;
-            as_grpc(&mut r, &text);
+            as_grpc(&mut r, &text, timed_out);
             assert_eq!(r.status(), StatusCode::OK);
             assert_eq!(r.headers()["content-type"], "application/grpc");
             assert_eq!(r.headers()["grpc-status"], code, "{status}");

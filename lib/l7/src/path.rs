@@ -2,9 +2,10 @@
 //! once before authorization and routing, and forwarded, so a policy on `/admin/*` cannot be
 //! passed by `/public/../admin/x` or `/%61dmin/x` while the backend serves `/admin/x`.
 //!
-//! Percent-encoded unreserved characters are decoded, the hex digits of the other escapes
-//! are upper-cased, and `.` and `..` segments are removed. Encoded slashes (`%2F`) stay
-//! encoded: they are data, not separators (Istio's default, `KEEP_UNCHANGED`).
+//! Istio's default, `BASE`: backslashes become slashes, percent-encoded unreserved characters
+//! are decoded, the hex digits of the other escapes are upper-cased, and `.` and `..`
+//! segments are removed; `%00` is refused. Encoded slashes (`%2F`) stay encoded: they are
+//! data, not separators.
 
 use std::borrow::Cow;
 
@@ -17,6 +18,9 @@ pub enum PathError {
     /// Not an absolute path (`*`, or no leading `/`).
     #[error("the path does not start with /")]
     NotAbsolute,
+    /// `%00`, which Envoy refuses in any path.
+    #[error("an encoded NUL (%00) at byte {0} of the path")]
+    Nul(usize),
 }
 
 fn unreserved(b: u8) -> bool {
@@ -33,7 +37,9 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
         return Err(PathError::NotAbsolute);
     }
     let bytes = path.as_bytes();
-    let simple = !bytes.contains(&b'%') && !path.split('/').any(|s| s == "." || s == "..");
+    let simple = !bytes.contains(&b'%')
+        && !bytes.contains(&b'\\')
+        && !path.split('/').any(|s| s == "." || s == "..");
     if simple {
         return Ok(Cow::Borrowed(path));
     }
@@ -48,6 +54,9 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
                 return Err(PathError::BadEscape(i));
             };
             let b = h << 4 | l;
+            if b == 0 {
+                return Err(PathError::Nul(i));
+            }
             if unreserved(b) {
                 decoded.push(b as char);
             } else {
@@ -56,6 +65,10 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
                 decoded.push(bytes[i + 2].to_ascii_uppercase() as char);
             }
             i += 3;
+        } else if bytes[i] == b'\\' {
+            // As Envoy's normalize_path: a backend may well read it as a separator.
+            decoded.push('/');
+            i += 1;
         } else {
             // Paths are ASCII in a valid URI; copy any other byte's char whole.
             let c = path[i..].chars().next().unwrap_or('\u{fffd}');
@@ -123,10 +136,19 @@ mod tests {
     }
 
     #[test]
+    fn backslashes_are_separators() {
+        assert_eq!(n("/public\\..\\admin"), "/admin");
+        assert_eq!(n("/a\\b"), "/a/b");
+        // Encoded, it is data.
+        assert_eq!(n("/a%5cb"), "/a%5Cb");
+    }
+
+    #[test]
     fn bad_paths_are_refused() {
         assert_eq!(normalize("/a%"), Err(PathError::BadEscape(2)));
         assert_eq!(normalize("/a%g1"), Err(PathError::BadEscape(2)));
         assert_eq!(normalize("/%4"), Err(PathError::BadEscape(1)));
+        assert_eq!(normalize("/a%00"), Err(PathError::Nul(2)));
         assert_eq!(normalize("*"), Err(PathError::NotAbsolute));
         assert_eq!(normalize(""), Err(PathError::NotAbsolute));
     }
