@@ -381,8 +381,11 @@ fn parse_traceparent(v: &[u8]) -> Option<(u128, u64, u8)> {
     let version = hex(&v[..2])?;
     let extra_ok = if version == 0 { v.len() == 55 } else { v.len() == 55 || v[55] == b'-' };
     let (trace, parent, flags) = (hex(&v[3..35])?, hex(&v[36..52])?, hex(&v[53..55])?);
-    (version != 0xff && extra_ok && trace != 0 && parent != 0)
-        .then_some((trace, parent as u64, flags as u8))
+    (version != 0xff && extra_ok && trace != 0 && parent != 0).then_some((
+        trace,
+        parent as u64,
+        flags as u8,
+    ))
 }
 
 /// The token bucket of a rule's `filter_index`th filter: kind, route, rule and filter.

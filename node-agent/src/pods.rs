@@ -114,6 +114,11 @@ impl Drop for Pod {
 /// All pods of this node.
 pub struct Registry {
     settings: Settings,
+    /// Held through every change (enroll, un-enroll, re-adoption, reconciliation) from its
+    /// checks to its state file: one change at a time, so a late un-enroll cannot undo a
+    /// newer enroll's capture and two state files cannot be written over each other. Taken
+    /// before `pods` and `capture`.
+    changes: Mutex<()>,
     capture: Mutex<Capture>,
     pods: Mutex<BTreeMap<String, Pod>>,
     ctx: Arc<Ctx>,
@@ -126,7 +131,7 @@ impl Registry {
     pub fn new(settings: Settings, capture: Capture, ctx: Arc<Ctx>, workers: Vec<Handle>) -> Self {
         assert!(!workers.is_empty(), "the registry needs at least one worker");
         let pods = Mutex::new(BTreeMap::new());
-        Self { settings, capture: Mutex::new(capture), pods, ctx, workers }
+        Self { settings, changes: Mutex::new(()), capture: Mutex::new(capture), pods, ctx, workers }
     }
 
     /// What the pods' connections share.
@@ -142,9 +147,16 @@ impl Registry {
         self.settings.state_dir.join("pods.json")
     }
 
-    /// Re-adopts the pods of the state file (after a restart). Pods whose namespace is gone are
-    /// dropped with their pins; others are logged and kept for a later retry by the caller.
+    fn change(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Re-adopts the pods of the state file (after a restart). A pod whose network namespace
+    /// or cgroup is gone is dropped with its pins. One that fails otherwise (a port taken in
+    /// the pod, no descriptors left) stays known, uncaptured, with its pins (it keeps
+    /// failing closed) and the reason in its status; reconciliation tries it again.
     pub fn restore(&self) -> Result<usize, PodError> {
+        let _change = self.change();
         let path = self.state_file();
         let specs: Vec<PodSpec> = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| PodError::State {
@@ -158,15 +170,32 @@ impl Registry {
         for spec in specs {
             let uid = spec.uid.clone();
             let spec_copy = spec.clone();
-            match self.enroll(spec) {
+            match self.enroll_now(spec) {
                 Ok(_) => restored += 1,
-                Err(e) => {
+                // A name that could not have been written by this agent: nothing of it is
+                // touched (its pin path is not to be trusted).
+                Err(e @ PodError::Invalid { .. }) => {
+                    warn!(pod = %uid, error = %e, "ignoring an invalid pod in the state file");
+                }
+                // Another pod holds its address: the pins at that address are not its own.
+                Err(e @ PodError::AddressInUse { .. }) => {
                     warn!(pod = %uid, error = %e, "dropping a pod that cannot be re-adopted");
+                }
+                Err(e @ (PodError::Netns(_) | PodError::Cgroup(_))) => {
+                    warn!(pod = %uid, error = %e, "pod gone: dropping it and its pins");
                     // Its pinned links and addresses would otherwise refuse traffic forever
-                    // for whatever gets that address next; unless another pod holds them.
-                    if !matches!(e, PodError::AddressInUse { .. }) {
-                        let _ = self.release(&spec_copy);
-                    }
+                    // for whatever gets that address next.
+                    let _ = self.release(&spec_copy);
+                }
+                Err(e) => {
+                    warn!(pod = %uid, error = %e, "cannot re-adopt pod: it stays closed, retried on the next configuration change");
+                    let status = PodStatus {
+                        spec: spec_copy,
+                        captured: false,
+                        reason: Some(format!("re-adoption failed: {e}")),
+                    };
+                    let pod = Pod { status, tasks: Vec::new() };
+                    self.pods.lock().expect("pod registry lock poisoned").insert(uid, pod);
                 }
             }
         }
@@ -175,7 +204,13 @@ impl Registry {
     }
 
     /// Adds a pod; captures it when its namespace is enrolled. Idempotent for the same spec.
-    pub fn enroll(&self, mut spec: PodSpec) -> Result<PodStatus, PodError> {
+    pub fn enroll(&self, spec: PodSpec) -> Result<PodStatus, PodError> {
+        let _change = self.change();
+        self.enroll_now(spec)
+    }
+
+    /// [`Registry::enroll`], the change lock held.
+    fn enroll_now(&self, mut spec: PodSpec) -> Result<PodStatus, PodError> {
         validate(&spec)?;
         let resolved = match &spec.cgroup {
             Some(p) => cgroup::validate(&self.settings.cgroup_root, p)?,
@@ -222,6 +257,11 @@ impl Registry {
             let tasks = self.capture_pod(&spec, netns)?;
             (Pod { status: PodStatus { spec, captured: true, reason: None }, tasks }, true)
         } else {
+            // Pins left by an earlier agent, from when the namespace was in the mesh, would
+            // keep the pod failing closed although it is no longer captured.
+            if self.capture.lock().expect("capture lock poisoned").pod_attached(&spec.uid) {
+                self.release(&spec)?;
+            }
             let reason = not_enrolled(&spec.namespace);
             (
                 Pod {
@@ -237,7 +277,7 @@ impl Registry {
         drop(pods);
         if let Err(e) = self.persist() {
             // Undo so that the refusal leaves nothing behind.
-            self.unenroll(&uid).ok();
+            self.unenroll_now(&uid).ok();
             return Err(e);
         }
         info!(pod = %uid, captured, "enrolled");
@@ -279,7 +319,13 @@ impl Registry {
         }
 
         let mut capture = self.capture.lock().expect("capture lock poisoned");
+        // Pins an earlier agent left keep the pod failing closed; a failure here leaves them
+        // (and its addresses, whose sk_lookup then drops) as they were rather than opening it.
+        let was_attached = capture.pod_attached(uid);
         let undo = |capture: &mut Capture| {
+            if was_attached {
+                return;
+            }
             for ip in &spec.ips {
                 capture.remove_addr(*ip);
             }
@@ -364,6 +410,7 @@ impl Registry {
     /// resource changes nothing: its last good version stays in force.
     /// Returns how many pods changed.
     pub fn reconcile(&self) -> usize {
+        let _change = self.change();
         let mesh = self.ctx.mesh.borrow().clone();
         let mut changed = 0;
         let mut pods = self.pods.lock().expect("pod registry lock poisoned");
@@ -413,13 +460,22 @@ impl Registry {
 
     /// Removes a pod: its links, addresses and listeners. Connections already open finish.
     pub fn unenroll(&self, uid: &str) -> Result<(), PodError> {
-        let pod = self
+        let _change = self.change();
+        self.unenroll_now(uid)
+    }
+
+    /// [`Registry::unenroll`], the change lock held. The pod is forgotten only once it is
+    /// released: if releasing fails it stays known (and in the state file), to be tried again.
+    fn unenroll_now(&self, uid: &str) -> Result<(), PodError> {
+        let spec = self
             .pods
             .lock()
             .expect("pod registry lock poisoned")
-            .remove(uid)
+            .get(uid)
+            .map(|p| p.status.spec.clone())
             .ok_or_else(|| PodError::Unknown(uid.into()))?;
-        self.release(&pod.status.spec)?;
+        self.release(&spec)?;
+        let pod = self.pods.lock().expect("pod registry lock poisoned").remove(uid);
         drop(pod);
         self.prune_certs();
         self.persist()?;

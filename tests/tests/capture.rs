@@ -361,6 +361,127 @@ fn restart_drops_pods_whose_namespace_is_gone() -> Result<()> {
     ensure!(pods.iter().all(|p| p.spec.name != "gone"), "{pods:?}");
     ensure!(pods.iter().any(|p| p.spec.name == "server" && p.captured), "{pods:?}");
     ensure!(!c.agent(2).bpffs_dir.join("pods/uid-gone").exists(), "pins of a gone pod left behind");
-    ensure!(c.agent(2).log_text().contains("cannot be re-adopted"));
+    ensure!(c.agent(2).log_text().contains("pod gone: dropping it and its pins"));
+    Ok(())
+}
+
+#[test]
+fn restart_keeps_a_pod_it_cannot_readopt_failing_closed() -> Result<()> {
+    let (mut c, _client, server) = two_nodes()?;
+    let outsider = c.add_pod(1, "outsider", "plain")?;
+    let to_server = Cluster::target(server.v4(), 8080);
+    c.agent(2).kill();
+    // The application takes the agent's inbound port while the agent is down, so the
+    // restarted agent cannot listen in the pod.
+    c.serve(&server, &[15006])?;
+    c.agent(2).restart()?;
+    let pods = c.agent(2).status()?.pods;
+    let pod = pods.iter().find(|p| p.spec.name == "server").context("server forgotten")?;
+    ensure!(!pod.captured, "{pod:?}");
+    ensure!(pod.reason.as_deref().unwrap_or("").contains("re-adoption failed"), "{pod:?}");
+    // It still fails closed: its pins stay, and traffic is refused, not let around the mesh.
+    ensure!(c.pod_has_links(&server)?, "pins of a pod not re-adopted were removed");
+    let err = xfer(&c, &outsider, &to_server, 4096, 4096).unwrap_err();
+    ensure!(format!("{err:#}").contains("refused"), "{err:#}");
+    // Un-enrolling it takes everything away.
+    c.agent(2).unenroll(&server)?;
+    ensure!(!c.pod_has_links(&server)?);
+    Ok(())
+}
+
+#[test]
+fn a_namespace_unlabelled_while_the_agent_was_down_is_released_at_restart() -> Result<()> {
+    let (mut c, _client, server) = two_nodes()?;
+    let labelled = |on: bool| {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: later\n{}",
+            if on { "  labels:\n    sinew.io/dataplane-mode: ambient\n" } else { "" }
+        )
+    };
+    c.write_config("later.yaml", &labelled(true))?;
+    let late = c.add_pod(1, "late", "later")?;
+    let mut captured = false;
+    for _ in 0..100 {
+        captured = c.agent(1).enroll(&late)?.captured;
+        if captured {
+            break;
+        }
+        c.agent(1).unenroll(&late)?;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ensure!(captured && c.pod_has_links(&late)?, "the labelled namespace was never captured");
+    c.agent(1).kill();
+    c.write_config("later.yaml", &labelled(false))?;
+    c.agent(1).restart()?;
+    let pods = c.agent(1).status()?.pods;
+    ensure!(pods.iter().any(|p| p.spec.name == "late" && !p.captured), "{pods:?}");
+    ensure!(!c.pod_has_links(&late)?, "pins of a pod no longer captured left in place");
+    xfer(&c, &late, &Cluster::target(server.v4(), 8080), 4096, 4096)?;
+    ensure!(c.agent(1).status()?.counters.outbound == 0, "a released pod still captured");
+    Ok(())
+}
+
+#[test]
+fn concurrent_enrolls_and_unenrolls_keep_capture_and_state_consistent() -> Result<()> {
+    let (mut c, _client, server) = two_nodes()?;
+    let pods: Vec<Pod> =
+        (0..8).map(|i| c.add_pod(2, &format!("p{i}"), "demo")).collect::<Result<_>>()?;
+    // At once: every enroll succeeds and every one is in the state file.
+    let agent = &*c.agent(2);
+    let results: Vec<Result<bool>> = std::thread::scope(|s| {
+        let handles: Vec<_> =
+            pods.iter().map(|p| s.spawn(|| Ok(agent.enroll(p)?.captured))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in results {
+        ensure!(r?, "a concurrent enroll was not captured");
+    }
+    c.agent(2).kill();
+    c.agent(2).restart()?;
+    let listed = c.agent(2).status()?.pods;
+    ensure!(listed.len() == 9 && listed.iter().all(|p| p.captured), "after restart: {listed:?}");
+
+    // Un-enroll racing enroll of the same pod: whichever wins, status and kernel agree.
+    for round in 0..20 {
+        let agent = &*c.agent(2);
+        std::thread::scope(|s| {
+            let a = s.spawn(|| agent.unenroll(&server));
+            let b = s.spawn(|| agent.enroll(&server));
+            let _ = (a.join(), b.join());
+        });
+        let listed = c.agent(2).status()?.pods;
+        let captured = listed.iter().any(|p| p.spec.name == "server" && p.captured);
+        ensure!(
+            captured == c.pod_has_links(&server)?,
+            "round {round}: status says captured={captured}, links disagree"
+        );
+        if !captured {
+            c.agent(2).enroll(&server)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_client_that_writes_and_closes_at_once_keeps_its_original_destination() -> Result<()> {
+    let (mut c, client, server) = two_nodes()?;
+    let pid = c.agent(1).pid().context("agent 1 runs")?.to_string();
+    // The agent is slow to accept (stopped): the client's FIN is acknowledged and its socket
+    // closed before the agent asks where the connection was going.
+    sinew_test_util::cluster::sh("kill", &["-STOP", &pid])?;
+    let fired =
+        c.run_in(&client, &["fire", &Cluster::target(server.v4(), 8080), "SINK\\r\\nbytes"]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    sinew_test_util::cluster::sh("kill", &["-CONT", &pid])?;
+    fired?;
+    let mut n1 = c.agent(1).status()?.counters;
+    for _ in 0..50 {
+        if n1.outbound + n1.original_dst_errors > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        n1 = c.agent(1).status()?.counters;
+    }
+    ensure!(n1.outbound == 1 && n1.original_dst_errors == 0, "{n1:?}");
     Ok(())
 }

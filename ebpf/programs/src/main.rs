@@ -160,7 +160,7 @@ fn try_established(ctx: &SockOpsContext) -> Result<(), ()> {
     let orig = *unsafe { ORIG_BY_COOKIE.get(&cookie) }.ok_or(())?;
     let key = conn_key(ctx);
     ORIG_BY_CONN.insert(&key, &orig, 0).map_err(|_| ())?;
-    // Ask for state callbacks so both entries go away when the connection closes.
+    // Ask for state callbacks so the cookie's entry goes away when the connection closes.
     ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).map_err(|_| ())?;
     Ok(())
 }
@@ -169,7 +169,9 @@ fn try_closed(ctx: &SockOpsContext) -> Result<(), ()> {
     // SAFETY: the helper only reads the context it is given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = ORIG_BY_COOKIE.remove(&cookie);
-    let _ = ORIG_BY_CONN.remove(&conn_key(ctx));
+    // Not ORIG_BY_CONN: a client that writes and closes at once can reach TCP_CLOSE before
+    // the agent has accepted and asked for the original destination. The agent's question
+    // removes it (try_getsockopt); one never asked for ages out of the LRU map.
     Ok(())
 }
 
@@ -302,6 +304,8 @@ fn try_getsockopt(ctx: &SockoptContext) -> Result<(), ()> {
         core::ptr::write_volatile(&mut (*so).optlen, len);
         core::ptr::write_volatile(&mut (*so).retval, 0);
     }
+    // The agent asks once per connection: the entry has served.
+    let _ = ORIG_BY_CONN.remove(&key);
     Ok(())
 }
 

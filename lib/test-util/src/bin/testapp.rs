@@ -17,7 +17,7 @@ use tokio::{
 
 const USAGE: &str = "usage: sinew-testapp serve PORT... | xfer TARGET UP DOWN SEED | \
 many TARGETS(,) COUNT | sink TARGET SECS [STREAMS] | ping TARGET COUNT | reset TARGET | \
-hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | grpc-retry TARGET | raw TARGET TEXT | steal PORT SECS | flood TARGET COUNT";
+hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | grpc-retry TARGET | raw TARGET TEXT | fire TARGET TEXT | steal PORT SECS | flood TARGET COUNT";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -48,6 +48,7 @@ fn main() -> Result<()> {
             "grpc-call" => grpc::call(arg(1)?.parse()?).await,
             "grpc-retry" => grpc::call_retried(arg(1)?.parse()?).await,
             "raw" => raw(arg(1)?.parse()?, arg(2)?).await,
+            "fire" => fire(arg(1)?.parse()?, arg(2)?).await,
             "flood" => flood(arg(1)?.parse()?, arg(2)?.parse()?).await,
             "mark" => mark(arg(1)?.parse()?, arg(2)?, arg(3)?.parse()?).await,
             _ => bail!(USAGE),
@@ -765,6 +766,16 @@ async fn raw(target: SocketAddr, text: &str) -> Result<()> {
     let mut line = String::new();
     tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line)).await??;
     println!("{}", line.trim_end());
+    Ok(())
+}
+
+/// Connects, writes TEXT (`\r\n` as CR LF) and closes at once, reading nothing: a
+/// fire-and-forget client (syslog, Graphite over TCP).
+async fn fire(target: SocketAddr, text: &str) -> Result<()> {
+    let mut s = TcpStream::connect(target).await.with_context(|| format!("connect {target}"))?;
+    s.write_all(text.replace("\\r\\n", "\r\n").as_bytes()).await?;
+    drop(s);
+    println!("sent");
     Ok(())
 }
 
