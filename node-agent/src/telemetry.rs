@@ -62,10 +62,12 @@ pub struct Metrics {
     pub opened: Family<TcpLabels, Counter>,
     /// `istio_tcp_connections_closed_total`.
     pub closed: Family<TcpLabels, Counter>,
-    /// `istio_tcp_sent_bytes_total` (toward the destination).
-    pub sent: Family<TcpLabels, Counter>,
-    /// `istio_tcp_received_bytes_total` (from the destination).
-    pub received: Family<TcpLabels, Counter>,
+    /// `istio_tcp_received_bytes_total`: bytes of the request, from the source toward the
+    /// destination (Istio: "bytes received during request").
+    pub request_bytes: Family<TcpLabels, Counter>,
+    /// `istio_tcp_sent_bytes_total`: bytes of the response, from the destination back
+    /// (Istio: "bytes sent during response").
+    pub response_bytes: Family<TcpLabels, Counter>,
     /// `sinew_authorization_decisions_total`.
     pub decisions: Family<DecisionLabels, Counter>,
 }
@@ -77,8 +79,8 @@ impl Default for Metrics {
             registry: Registry::default(),
             opened: Family::default(),
             closed: Family::default(),
-            sent: Family::default(),
-            received: Family::default(),
+            request_bytes: Family::default(),
+            response_bytes: Family::default(),
             decisions: Family::default(),
         };
         registry.register(
@@ -93,13 +95,13 @@ impl Default for Metrics {
         );
         registry.register(
             "istio_tcp_sent_bytes",
-            "Bytes sent toward the destination",
-            m.sent.clone(),
+            "Bytes sent during response (from the destination back to the source)",
+            m.response_bytes.clone(),
         );
         registry.register(
             "istio_tcp_received_bytes",
-            "Bytes received from the destination",
-            m.received.clone(),
+            "Bytes received during request (from the source toward the destination)",
+            m.request_bytes.clone(),
         );
         registry.register(
             "sinew_authorization_decisions",
@@ -119,11 +121,12 @@ impl Metrics {
         out
     }
 
-    /// Counts a closed connection and its bytes.
-    pub fn closed(&self, labels: &TcpLabels, sent: u64, received: u64) {
+    /// Counts a closed connection and its bytes: `toward` the destination (the request)
+    /// and `back` from it (the response).
+    pub fn closed(&self, labels: &TcpLabels, toward: u64, back: u64) {
         self.closed.get_or_create(labels).inc();
-        self.sent.get_or_create(labels).inc_by(sent);
-        self.received.get_or_create(labels).inc_by(received);
+        self.request_bytes.get_or_create(labels).inc_by(toward);
+        self.response_bytes.get_or_create(labels).inc_by(back);
     }
 }
 
@@ -211,3 +214,24 @@ impl AccessEntry {
 }
 
 pub use sinew_telemetry::AccessLog;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_bytes_are_received_and_response_bytes_sent_as_istio_counts_them() {
+        let m = Metrics::default();
+        m.closed(&TcpLabels::default(), 100, 1000);
+        let text = m.encode();
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit_once(' '))
+                .map(|(_, v)| v.to_owned())
+                .unwrap_or_default()
+        };
+        assert_eq!(value("istio_tcp_received_bytes_total"), "100", "{text}");
+        assert_eq!(value("istio_tcp_sent_bytes_total"), "1000", "{text}");
+    }
+}
