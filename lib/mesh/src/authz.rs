@@ -360,8 +360,7 @@ impl Authz {
     /// matches its labels wins, then its namespace's one without selector, then the
     /// mesh-wide one (root namespace, no selector); UNSET inherits from the next level and the
     /// default is PERMISSIVE, so the result is never [`MtlsMode::Unset`]. Where several apply
-    /// at one level, the first by name is used (Istio takes the oldest, which a resource does
-    /// not record here).
+    /// at one level, the oldest (`creationTimestamp`, then name) is used, as in Istio.
     pub fn mtls_mode(&self, namespace: &str, labels: &BTreeMap<String, String>) -> MtlsMode {
         self.peers.mode(namespace, labels)
     }

@@ -349,6 +349,29 @@ fn not_principals_and_not_namespaces_with_identity() {
 }
 
 #[test]
+fn namespaces_match_with_a_prefix_or_suffix_wildcard() {
+    let a = authz(&[policy(
+        "shop",
+        "allow-prod",
+        "{rules: [{from: [{source: {namespaces: [\"prod-*\", \"*-edge\"]}}]}]}",
+    )]);
+    assert!(Conn::to("shop").from("prod-eu", "web").allowed(&a));
+    assert!(Conn::to("shop").from("eu-edge", "web").allowed(&a));
+    assert!(!Conn::to("shop").from("staging", "web").allowed(&a));
+    // A `*` inside, or a name with other characters, is refused at load.
+    for bad in ["pr*d", "*prod*", "Prod-*", "*"] {
+        let doc = policy(
+            "shop",
+            "x",
+            &format!("{{rules: [{{from: [{{source: {{namespaces: [\"{bad}\"]}}}}]}}]}}"),
+        );
+        let parsed = sinew_model::parse_file(std::path::Path::new("t.yaml"), &doc).expect("YAML");
+        let refused = parsed.iter().any(|r| r.is_err());
+        assert_eq!(refused, bad != "*", "{bad}");
+    }
+}
+
+#[test]
 fn l7_fields_never_match_in_allow() {
     let a = authz(&[policy(
         "shop",
@@ -492,6 +515,27 @@ fn peer_authentication_precedence() {
     assert_eq!(none.mtls_mode("shop", &BTreeMap::new()), MtlsMode::Permissive, "default");
     let unset = authz(&[peer("sinew-system", "mesh", "{mtls: {mode: UNSET}}")]);
     assert_eq!(unset.mtls_mode("shop", &BTreeMap::new()), MtlsMode::Permissive);
+
+    // `selector: {}` is no selector: mesh-wide in the root namespace, namespace-wide elsewhere.
+    let empty = authz(&[
+        peer("sinew-system", "m", "{selector: {}, mtls: {mode: STRICT}}"),
+        peer("bank", "n", "{selector: {matchLabels: {}}, mtls: {mode: DISABLE}}"),
+    ]);
+    assert_eq!(empty.mtls_mode("shop", &BTreeMap::new()), MtlsMode::Strict);
+    assert_eq!(empty.mtls_mode("bank", &labels("db")), MtlsMode::Disable);
+
+    // Two at one level: the oldest wins, whatever the names.
+    let aged = |name: &str, ts: &str, mode: &str| {
+        format!(
+            "apiVersion: security.sinew.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, \
+             namespace: shop, creationTimestamp: \"{ts}\"}}\nspec: {{mtls: {{mode: {mode}}}}}\n---\n"
+        )
+    };
+    let both = authz(&[
+        aged("a", "2026-05-01T00:00:00Z", "PERMISSIVE"),
+        aged("b", "2026-01-01T00:00:00Z", "STRICT"),
+    ]);
+    assert_eq!(both.mtls_mode("shop", &BTreeMap::new()), MtlsMode::Strict);
 }
 
 #[test]

@@ -165,7 +165,8 @@ pub struct AuthorizationPolicySpec {
     /// ALLOW (default), DENY or AUDIT.
     #[serde(default)]
     pub action: Action,
-    /// Any rule matching makes the policy match; no rules: ALLOW matches nothing, DENY all.
+    /// Any rule matching makes the policy match; no rules: the policy matches nothing (an
+    /// ALLOW policy then allows nothing, a DENY policy denies nothing), as in Istio.
     #[serde(default)]
     pub rules: Vec<Rule>,
 }
@@ -327,9 +328,19 @@ impl Validate for Source {
         for (field, list) in
             [("namespaces", &self.namespaces), ("notNamespaces", &self.not_namespaces)]
         {
+            // As Istio: a name, `*`, or a prefix or suffix match (`prod-*`, `*-test`).
             e.each(field, list, |e, n| {
-                e.check(n == "*" || is_dns_label(n), "", || {
-                    format!("{n:?} is not a namespace name")
+                let name = n.strip_prefix('*').or_else(|| n.strip_suffix('*')).unwrap_or(n);
+                let ok = n == "*"
+                    || (wildcard_ok(n)
+                        && !name.is_empty()
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+                e.check(ok, "", || {
+                    format!(
+                        "{n:?} is not a namespace name, `*`, or one with `*` as prefix or suffix"
+                    )
                 })
             });
         }

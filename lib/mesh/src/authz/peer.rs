@@ -7,7 +7,7 @@ use sinew_model::{MtlsMode, Object, PeerAuthenticationSpec, ROOT_NAMESPACE};
 /// The modes of one namespace.
 #[derive(Debug, Clone, Default)]
 struct NamespaceModes {
-    /// Without selector (the first by name).
+    /// Without selector (the oldest).
     wide: Option<MtlsMode>,
     /// With a selector, by name.
     selected: Vec<(BTreeMap<String, String>, MtlsMode)>,
@@ -16,19 +16,27 @@ struct NamespaceModes {
 /// Every PeerAuthentication, by level.
 #[derive(Debug, Clone, Default)]
 pub(super) struct PeerAuth {
-    /// Root namespace, no selector (the first by name).
+    /// Root namespace, no selector (the oldest).
     mesh: Option<MtlsMode>,
     namespaces: HashMap<String, NamespaceModes>,
 }
 
 impl PeerAuth {
-    /// `objects` sorted by namespace and name, each key once.
-    pub fn build(objects: Vec<&Object<PeerAuthenticationSpec>>) -> Self {
+    /// `objects` sorted by namespace and name, each key once. Where several apply at one
+    /// level the oldest wins (by `creationTimestamp`, then name), as in Istio; a selector
+    /// without labels (`selector: {}`) is no selector, as istiod reads it (so in the root
+    /// namespace it sets the mesh-wide mode).
+    pub fn build(mut objects: Vec<&Object<PeerAuthenticationSpec>>) -> Self {
+        objects.sort_by_cached_key(|o| {
+            let created = &o.metadata.creation_timestamp;
+            ((created.is_none(), created.clone()), o.metadata.name.clone())
+        });
         let mut out = Self::default();
         for o in objects {
             let ns = o.metadata.namespace.as_deref().unwrap_or_default();
             let mode = o.spec.mtls.as_ref().map_or(MtlsMode::Unset, |m| m.mode);
-            match &o.spec.selector {
+            let selector = o.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty());
+            match selector {
                 None if ns == ROOT_NAMESPACE => {
                     out.mesh.get_or_insert(mode);
                 }

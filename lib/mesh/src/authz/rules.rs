@@ -219,9 +219,10 @@ impl CompiledRule {
         }
     }
 
-    /// Every present part matches: some source and some operation. At L4 (no HTTP request),
-    /// like ztunnel, an ALLOW rule with L7 fields never matches, and DENY and AUDIT rules
-    /// ignore those fields (a broader match is the safe side for them).
+    /// Every present part matches: some source and some operation. At L4 (no HTTP request)
+    /// an ALLOW rule with L7 fields never matches, and DENY and AUDIT rules ignore those
+    /// fields (a broader match is the safe side for them, istiod's stated intent; ztunnel
+    /// itself skips DENY entries that hold only L7 fields).
     fn matches<T: Trace>(
         &self,
         index: usize,
