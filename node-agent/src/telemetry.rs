@@ -34,7 +34,8 @@ pub struct TcpLabels {
     pub destination_service: String,
     /// Always `tcp` at L4.
     pub request_protocol: &'static str,
-    /// `-`, or `DENY` when authorization refused the connection, `UF` upstream failure.
+    /// `-`, or `DENY` when authorization refused the connection, `CONNECT` when the
+    /// destination could not be reached (ztunnel's flags).
     pub response_flags: &'static str,
     /// `mutual_tls` over HBONE, `none` for plaintext.
     pub connection_security_policy: &'static str,
@@ -54,6 +55,10 @@ pub struct DecisionLabels {
     /// Source principal, or `unknown`.
     pub source_principal: String,
 }
+
+/// `response_flags` of a connection whose destination could not be reached (ztunnel's
+/// `ConnectionFailure`).
+pub const CONNECT_FAILED: &str = "CONNECT";
 
 /// The agent's metrics.
 pub struct Metrics {

@@ -458,9 +458,25 @@ fn deny_allow_and_audit_policies_are_enforced_logged_and_explained() -> Result<(
 
 #[test]
 fn strict_refuses_plaintext_and_permissive_admits_it() -> Result<()> {
-    let (c, p) = mesh()?;
+    let (mut c, p) = mesh()?;
     // PERMISSIVE (the default): a pod outside the mesh reaches the server in plaintext.
     ensure!(ping(&c, &p.legacy, &p.server).is_ok(), "PERMISSIVE must admit plaintext");
+    // A port nothing listens on, over HBONE and in plaintext: both connections fail, and
+    // Istio's metrics count them with ztunnel's CONNECT flag on both agents.
+    let closed_port = Cluster::target(p.server.v4(), 9);
+    for from in [&p.client, &p.legacy] {
+        ensure!(c.run_in(from, &["ping", &closed_port, "1"]).is_err(), "port 9 answered");
+    }
+    let flag = ["response_flags=\"CONNECT\""];
+    let mut failed = (0.0, 0.0);
+    wait_for("failed connects in the metrics", Duration::from_secs(5), || {
+        failed = (
+            c.agent(1).metric("istio_tcp_connections_opened_total", &flag)?,
+            c.agent(2).metric("istio_tcp_connections_opened_total", &flag)?,
+        );
+        Ok(failed.0 >= 1.0 && failed.1 >= 2.0)
+    })
+    .with_context(|| format!("(source, destination) = {failed:?}"))?;
     c.write_config(
         "peerauth.yaml",
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: demo\nspec:\n  mtls:\n    mode: STRICT\n",

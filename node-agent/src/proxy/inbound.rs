@@ -28,7 +28,7 @@ use super::{
     AGENT_HANDSHAKES, CERT_WAIT, Direction, HANDSHAKES, PodNet, canonical, connect_in, copy,
     is_own_listener, reset,
 };
-use crate::telemetry::{AccessEntry, DecisionLabels, Peer, TcpLabels};
+use crate::telemetry::{AccessEntry, CONNECT_FAILED, DecisionLabels, Peer, TcpLabels};
 
 /// The error of a connection closed by a policy change.
 const CLOSED_BY_POLICY: &str = "closed: the policy in force no longer admits it";
@@ -334,12 +334,24 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
         ctx.metrics.closed(&labels, 0, 0);
         return finish(&pod, log, start);
     }
+    // Live from the decision on: a policy change while the application is being connected
+    // to reaches this connection too (its kill is kept and ends the copy at once).
+    let kill = Arc::new(Notify::new());
+    let _live = ctx.live.register(LiveConn {
+        namespace: pod.namespace.clone(),
+        destination,
+        source_ip: arrival.source.ip(),
+        identity: arrival.identity.clone(),
+        kill: kill.clone(),
+    });
     let upstream = match connect_in(&pod.netns, destination).await {
         Ok(u) => u,
         Err(e) => {
             ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             inbound.refuse(StatusCode::SERVICE_UNAVAILABLE);
-            labels.response_flags = "UF";
+            labels.response_flags = CONNECT_FAILED;
+            ctx.metrics.opened.get_or_create(&labels).inc();
+            ctx.metrics.closed(&labels, 0, 0);
             log.error = Some(format!("connecting to {destination}: {e}"));
             return finish(&pod, log, start);
         }
@@ -352,14 +364,6 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
         }
     };
     ctx.metrics.opened.get_or_create(&labels).inc();
-    let kill = Arc::new(Notify::new());
-    let _live = ctx.live.register(LiveConn {
-        namespace: pod.namespace.clone(),
-        destination,
-        source_ip: arrival.source.ip(),
-        identity: arrival.identity.clone(),
-        kill: kill.clone(),
-    });
     ctx.stats.active.fetch_add(1, Ordering::Relaxed);
     let (mut stream, mut upstream) = (stream, upstream);
     let result = tokio::select! {
@@ -442,16 +446,7 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
         finish(&pod, log, start);
         return reset(&downstream);
     }
-    let upstream = match connect_in(&pod.netns, destination).await {
-        Ok(u) => u,
-        Err(e) => {
-            ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-            log.error = Some(format!("connecting to {destination}: {e}"));
-            finish(&pod, log, start);
-            return reset(&downstream);
-        }
-    };
-    ctx.metrics.opened.get_or_create(&labels).inc();
+    // Live from the decision on, as for a tunnel.
     let kill = Arc::new(Notify::new());
     let _live = ctx.live.register(LiveConn {
         namespace: pod.namespace.clone(),
@@ -460,6 +455,19 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
         identity: None,
         kill: kill.clone(),
     });
+    let upstream = match connect_in(&pod.netns, destination).await {
+        Ok(u) => u,
+        Err(e) => {
+            ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            labels.response_flags = CONNECT_FAILED;
+            ctx.metrics.opened.get_or_create(&labels).inc();
+            ctx.metrics.closed(&labels, 0, 0);
+            log.error = Some(format!("connecting to {destination}: {e}"));
+            finish(&pod, log, start);
+            return reset(&downstream);
+        }
+    };
+    ctx.metrics.opened.get_or_create(&labels).inc();
     ctx.stats.active.fetch_add(1, Ordering::Relaxed);
     let (mut downstream, mut upstream) = (downstream, upstream);
     let result = tokio::select! {

@@ -17,7 +17,7 @@ use tracing::debug;
 use super::{
     CERT_WAIT, Direction, PodNet, canonical, connect_in, copy, is_own_listener, original_dst, reset,
 };
-use crate::telemetry::{AccessEntry, Peer, TcpLabels};
+use crate::telemetry::{AccessEntry, CONNECT_FAILED, Peer, TcpLabels};
 
 /// Most bytes sent along with a CONNECT (see [`read_early`]).
 const EARLY_MAX: usize = 16 << 10;
@@ -207,7 +207,7 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                         log.decision = "deny";
                         labels.response_flags = "DENY";
                     } else {
-                        labels.response_flags = "UF";
+                        labels.response_flags = CONNECT_FAILED;
                     }
                     debug!(pod = %pod.name, %peer, dst = %resolved.addr, error = %e, "HBONE connect failed");
                     log.error = Some(e.to_string());
@@ -245,6 +245,9 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                 Err(e) => {
                     ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
                     debug!(pod = %pod.name, %peer, target = %resolved.addr, error = %e, "upstream connect failed");
+                    labels.response_flags = CONNECT_FAILED;
+                    ctx.metrics.opened.get_or_create(&labels).inc();
+                    ctx.metrics.closed(&labels, 0, 0);
                     log.error = Some(e.to_string());
                     finish(&pod, log, start);
                     return reset(&downstream);
