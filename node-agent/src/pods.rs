@@ -236,6 +236,26 @@ impl Registry {
                 Err(PodError::Conflict(spec.uid))
             };
         }
+        // A network namespace is one pod's: a second pod in it would join the first's
+        // listeners and carry part of its traffic under the second's identity.
+        let netns_id = |p: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+        };
+        if let Some(mine) = netns_id(&spec.netns)
+            && let Some(other) =
+                pods.values().find(|o| netns_id(&o.status.spec.netns) == Some(mine))
+        {
+            return Err(PodError::Invalid {
+                uid: spec.uid,
+                field: "netns",
+                reason: format!(
+                    "{} is the network namespace of enrolled pod {}",
+                    other.status.spec.netns.display(),
+                    other.status.spec.uid
+                ),
+            });
+        }
         // Addresses are per pod: capture state is keyed by address, so a second pod on one
         // (an address reused before the old pod's removal arrived) would take over the
         // first's listeners, and releasing either would uncapture the other.
@@ -308,9 +328,11 @@ impl Registry {
         let mut sets = Vec::with_capacity(self.workers.len());
         for _ in &self.workers {
             let out4 = listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT), false)?;
-            // IPv6 may be disabled in the pod; then IPv4 listeners serve alone.
-            let out6 =
-                listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT), false).ok();
+            // IPv6 may be disabled in the pod; then IPv4 listeners serve alone (and the pod's
+            // IPv6 connections are refused, which is worth a line in the log).
+            let out6 = listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT), false)
+                .map_err(|e| warn!(pod = %uid, error = %e, "no IPv6 outbound listener: the pod's IPv6 connections will be refused"))
+                .ok();
             let inbound = listen(proxy::any(true, INBOUND_PLAINTEXT_PORT), true)
                 .or_else(|_| listen(proxy::any(false, INBOUND_PLAINTEXT_PORT), false))?;
             let hbone = listen(proxy::any(true, INBOUND_HBONE_PORT), true)

@@ -266,7 +266,13 @@ fn bad_input_is_refused_and_changes_nothing() -> Result<()> {
     let mut taken_ip = extra.spec();
     taken_ip.ips = vec![client.v4()];
     let taken = format!("ips: {} is held by enrolled pod {}", client.v4(), client.spec().uid);
+    // Another pod's network namespace: it would join that pod's listeners and carry part of
+    // its traffic under this pod's identity.
+    let mut taken_netns = extra.spec();
+    taken_netns.netns = client.spec().netns;
+    let shared = format!("is the network namespace of enrolled pod {}", client.spec().uid);
     for (spec, expect) in [
+        (taken_netns, shared.as_str()),
         (missing_netns, "does-not-exist"),
         (missing_cgroup, "does-not-exist"),
         (not_a_netns, "not a network namespace"),
