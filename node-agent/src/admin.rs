@@ -72,7 +72,11 @@ async fn explain(
         );
     };
     let mesh = r.ctx().mesh.borrow().clone();
-    match crate::explain::explain(&mesh, &r.ctx().trust_domain, src, dst) {
+    let request = crate::api::http_request(
+        q.get("method").map(String::as_str),
+        q.get("path").map(String::as_str),
+    );
+    match crate::explain::explain(&mesh, &r.ctx().trust_domain, src, dst, request) {
         Ok(v) => (StatusCode::OK, Json(v)),
         Err(e) => (StatusCode::BAD_REQUEST, Json(json!({ "error": e }))),
     }

@@ -71,13 +71,22 @@ async fn handle(line: &[u8], registry: &Arc<Registry>) -> Response {
         Request::Enroll { pod } => registry.enroll(pod).map(Response::Enrolled),
         Request::Unenroll { uid } => registry.unenroll(&uid).map(|()| Response::Unenrolled { uid }),
         Request::Status {} => Ok(Response::Status(registry.status())),
-        Request::Explain { source, destination } => {
+        Request::Explain { source, destination, method, path } => {
             let ctx = registry.ctx();
             let mesh = ctx.mesh.borrow().clone();
-            Ok(match crate::explain::explain(&mesh, &ctx.trust_domain, &source, &destination) {
-                Ok(v) => Response::Explanation(v),
-                Err(message) => Response::Error { message },
-            })
+            let request = http_request(method.as_deref(), path.as_deref());
+            Ok(
+                match crate::explain::explain(
+                    &mesh,
+                    &ctx.trust_domain,
+                    &source,
+                    &destination,
+                    request,
+                ) {
+                    Ok(v) => Response::Explanation(v),
+                    Err(message) => Response::Error { message },
+                },
+            )
         }
     })
     .await;
@@ -86,4 +95,13 @@ async fn handle(line: &[u8], registry: &Arc<Registry>) -> Response {
         Ok(Err(e)) => Response::Error { message: e.to_string() },
         Err(e) => Response::Error { message: format!("internal error: {e}") },
     }
+}
+
+/// The request to explain a waypoint's L7 policies for: method and path, each defaulted
+/// (`GET`, `/`); `None` when neither is given.
+pub(crate) fn http_request<'a>(
+    method: Option<&'a str>,
+    path: Option<&'a str>,
+) -> Option<(&'a str, &'a str)> {
+    (method.is_some() || path.is_some()).then(|| (method.unwrap_or("GET"), path.unwrap_or("/")))
 }

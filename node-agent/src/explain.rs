@@ -4,16 +4,20 @@
 use std::net::{IpAddr, SocketAddr};
 
 use serde_json::{Value, json};
-use sinew_mesh::{Destination, MeshIndex, Source};
+use sinew_mesh::{Destination, HttpRequest, MeshIndex, Source, Target};
 use sinew_model::MtlsMode;
 
 /// Explains `source` (`<namespace>/<name>` or an address) reaching `destination`
-/// (`<address>:<port>`, a pod or a service VIP) under `mesh`.
+/// (`<address>:<port>`, a pod or a service VIP) under `mesh`. For a service behind a
+/// waypoint the waypoint's L7 policies are evaluated too, for `request` (method and path;
+/// `GET /` when not given), and the endpoints' L4 policies see the original client's
+/// identity arriving from the waypoint's address, as the data path does.
 pub fn explain(
     mesh: &MeshIndex,
     trust_domain: &str,
     source: &str,
     destination: &str,
+    request: Option<(&str, &str)>,
 ) -> Result<Value, String> {
     let src_workload = match source.split_once('/') {
         Some((ns, name)) => Some(
@@ -35,6 +39,21 @@ pub fn explain(
     let dst: SocketAddr = destination
         .parse()
         .map_err(|_| format!("destination {destination:?}: expected <address>:<port>"))?;
+    let via_waypoint = match mesh.service_by_vip(dst.ip()) {
+        Some(svc) => match &svc.waypoint {
+            Some(name) => Some((
+                svc.clone(),
+                mesh.workload(&svc.namespace, name).cloned().ok_or_else(|| {
+                    format!(
+                        "service {}/{} uses waypoint {name:?}, which is not a workload of its namespace",
+                        svc.namespace, svc.name
+                    )
+                })?,
+            )),
+            None => None,
+        },
+        None => None,
+    };
     let (targets, service) = match mesh.service_by_vip(dst.ip()) {
         Some(svc) => {
             let port = svc.target_port(dst.port()).ok_or_else(|| {
@@ -61,10 +80,37 @@ pub fn explain(
         Some(w) if w.in_mesh => Some(w.identity(trust_domain).map_err(|e| e.to_string())?),
         _ => None,
     };
+    // Through a waypoint: its L7 policies first, then the endpoints see the client's
+    // identity from the waypoint's address.
+    let mut l7 = None;
+    let mut arriving_from = src_ip;
+    if let Some((svc, wp)) = &via_waypoint {
+        let (method, path) = request.unwrap_or(("GET", "/"));
+        let target = Target {
+            namespace: &svc.namespace,
+            service: &svc.name,
+            waypoint: Some(&wp.name),
+            port: dst.port(),
+        };
+        let src = Source {
+            identity: identity.as_ref(),
+            ip: src_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        };
+        let explanation = mesh.authz().explain_http(&target, &src, &HttpRequest { method, path });
+        let d = &explanation.decision;
+        l7 = Some(json!({
+            "waypoint": wp.key(),
+            "request": format!("{method} {path}"),
+            "verdict": if d.allowed() { "allow" } else { "deny" },
+            "reason": d.reason.to_string(),
+            "explanation": serde_json::to_value(&explanation).unwrap_or(Value::Null),
+        }));
+        arriving_from = wp.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).copied();
+    }
     let mut endpoints = Vec::new();
     for (w, port) in &targets {
         let dest = Destination { namespace: &w.namespace, labels: &w.labels, port: *port };
-        let ip = src_ip.unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let ip = arriving_from.unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let mut e = json!({
             "workload": w.key(),
             "port": port,
@@ -96,7 +142,9 @@ pub fn explain(
         }
         endpoints.push(e);
     }
-    let verdict = if endpoints.iter().all(|e| e["verdict"] == "allow") {
+    let verdict = if l7.as_ref().is_some_and(|l| l["verdict"] == "deny") {
+        "deny"
+    } else if endpoints.iter().all(|e| e["verdict"] == "allow") {
         "allow"
     } else if endpoints.iter().all(|e| e["verdict"] == "deny") {
         "deny"
@@ -112,7 +160,83 @@ pub fn explain(
         },
         "destination": destination,
         "service": service,
+        "waypoint": l7,
         "verdict": verdict,
         "endpoints": endpoints,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mesh() -> MeshIndex {
+        let yaml = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {sinew.io/dataplane-mode: ambient}}
+---
+apiVersion: sinew.io/v1alpha1
+kind: Workload
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {serviceAccount: client, node: n1, ips: [198.18.1.10]}
+---
+apiVersion: sinew.io/v1alpha1
+kind: Workload
+metadata: {name: api-1, namespace: shop, labels: {app: api}}
+spec: {serviceAccount: api, node: n2, ips: [198.18.2.10]}
+---
+apiVersion: sinew.io/v1alpha1
+kind: Workload
+metadata: {name: wp, namespace: shop, labels: {app: wp}}
+spec: {serviceAccount: wp, node: n1, ips: [198.18.3.10]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop, labels: {sinew.io/use-waypoint: wp}}
+spec: {clusterIPs: [198.18.200.1], selector: {app: api}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: security.sinew.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec: {targetRefs: [{kind: Service, name: api}], action: DENY, rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]}
+---
+apiVersion: security.sinew.io/v1
+kind: AuthorizationPolicy
+metadata: {name: from-client-via-wp, namespace: shop}
+spec: {selector: {matchLabels: {app: api}}, rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client], ipBlocks: [198.18.3.10/32]}}]}]}
+";
+        let resources: Vec<_> = sinew_model::parse_file(std::path::Path::new("t.yaml"), yaml)
+            .expect("YAML")
+            .into_iter()
+            .map(|r| r.expect("valid"))
+            .collect();
+        MeshIndex::build(&resources)
+    }
+
+    #[test]
+    fn a_service_behind_a_waypoint_is_explained_through_it() {
+        let m = mesh();
+        let e = explain(&m, "cluster.local", "shop/client", "198.18.200.1:80", None).unwrap();
+        assert_eq!(e["waypoint"]["waypoint"], "shop/wp", "{e:#}");
+        assert_eq!(e["waypoint"]["request"], "GET /");
+        // The endpoint sees the client's identity from the waypoint's address.
+        assert_eq!(e["endpoints"][0]["verdict"], "allow", "{e:#}");
+        assert_eq!(e["verdict"], "allow");
+        // The waypoint's L7 DENY decides for a request it matches.
+        let e = explain(
+            &m,
+            "cluster.local",
+            "shop/client",
+            "198.18.200.1:80",
+            Some(("GET", "/admin/users")),
+        )
+        .unwrap();
+        assert_eq!(e["waypoint"]["verdict"], "deny", "{e:#}");
+        assert_eq!(e["verdict"], "deny");
+        // Straight to the pod (no waypoint), the client's own address does not pass ipBlocks.
+        let e = explain(&m, "cluster.local", "shop/client", "198.18.2.10:8080", None).unwrap();
+        assert!(e["waypoint"].is_null());
+        assert_eq!(e["verdict"], "deny", "{e:#}");
+    }
 }

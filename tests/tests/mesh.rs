@@ -114,10 +114,12 @@ impl Drop for Held {
 }
 
 fn explain(c: &mut Cluster, node: u8, src: &str, dst: &str) -> Result<serde_json::Value> {
-    let r = c
-        .agent(node)
-        .client()
-        .call(&Request::Explain { source: src.into(), destination: dst.into() })?;
+    let r = c.agent(node).client().call(&Request::Explain {
+        source: src.into(),
+        destination: dst.into(),
+        method: None,
+        path: None,
+    })?;
     match r {
         Response::Explanation(v) => Ok(v),
         other => bail!("unexpected answer {other:?}"),
@@ -558,5 +560,32 @@ fn service_vips_resolve_to_mesh_endpoints() -> Result<()> {
     })?;
     let e = entry.context("no access-log line for the service")?;
     ensure!(e["protocol"] == "HBONE" && e["dst"]["addr"] == target(&p.server), "{e}");
+    Ok(())
+}
+
+#[test]
+fn a_destination_without_a_workload_is_refused_while_policies_select_by_label() -> Result<()> {
+    let (mut c, p) = mesh()?;
+    // An ALLOW for the server's label admits the client...
+    c.write_config(
+        "policy.yaml",
+        &policy("allow-client", "ALLOW", "principals: [\"cluster.local/ns/demo/sa/client\"]"),
+    )?;
+    wait_for("the ALLOW is in force", Duration::from_secs(15), || {
+        Ok(ping(&c, &p.other, &p.server).is_err())
+    })?;
+    ensure!(ping(&c, &p.client, &p.server).is_ok());
+    // ...but once no Workload carries the server's address, its labels are unknown: the
+    // selector cannot be decided, and the connection is refused (it was let through, the
+    // selected policies skipped).
+    c.remove_config("workload-server.yaml")?;
+    wait_for("the unknown destination refused", Duration::from_secs(15), || {
+        Ok(ping(&c, &p.other, &p.server).is_err() && ping(&c, &p.client, &p.server).is_err())
+    })?;
+    let entries = c.agent(2).access_entries();
+    ensure!(
+        entries.iter().any(|e| e["reason"].as_str().is_some_and(|r| r.contains("has no Workload"))),
+        "no refusal naming the missing Workload in {entries:?}"
+    );
     Ok(())
 }

@@ -100,11 +100,12 @@ pub fn run(bin_dir: &Path) -> Result<()> {
             e["reason"].as_str().unwrap_or("")
         );
     }
-    if let Response::Explanation(v) = c
-        .agent(2)
-        .client()
-        .call(&Request::Explain { source: "shop/client".into(), destination: target.clone() })?
-    {
+    if let Response::Explanation(v) = c.agent(2).client().call(&Request::Explain {
+        source: "shop/client".into(),
+        destination: target.clone(),
+        method: None,
+        path: None,
+    })? {
         println!("$ sinew explain shop/client {target}");
         for ep in v["endpoints"].as_array().into_iter().flatten() {
             println!(

@@ -70,6 +70,12 @@ pub enum Request {
         source: String,
         /// `<address>:<port>` (a workload or a service VIP).
         destination: String,
+        /// For a service behind a waypoint: the request's method (default `GET`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        method: Option<String>,
+        /// For a service behind a waypoint: the request's path (default `/`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
     },
 }
 

@@ -291,6 +291,19 @@ impl Authz {
         authz
     }
 
+    /// Whether deciding for a workload of `namespace` needs its labels: some
+    /// AuthorizationPolicy (of the namespace, or of the root namespace for every namespace)
+    /// or PeerAuthentication (of the namespace) selects workloads by label. A destination
+    /// whose labels are unknown (no Workload has its address) cannot be decided then, and
+    /// is refused rather than let past the policies that might select it.
+    pub fn selects_by_label(&self, namespace: &str) -> bool {
+        let non_empty =
+            |g: &Group| !(g.deny.is_empty() && g.allow.is_empty() && g.audit.is_empty());
+        non_empty(&self.root_selected)
+            || self.namespaces.get(namespace).is_some_and(|n| non_empty(&n.selected))
+            || self.peers.selects_by_label(namespace)
+    }
+
     /// True when there is no AuthorizationPolicy at all: every connection and every request is
     /// allowed. (PeerAuthentications do not count; they do not take part in [`Authz::check`].)
     pub fn is_empty(&self) -> bool {

@@ -701,3 +701,19 @@ fn random_policy_sets_agree_and_a_matching_deny_always_denies() {
         assert!(d.policy.is_some(), "{ctx}");
     }
 }
+
+#[test]
+fn label_selection_is_known_per_namespace() {
+    let a = authz(&[
+        policy("shop", "sel", "{selector: {matchLabels: {app: db}}, rules: [{}]}"),
+        policy("bank", "wide", "{rules: [{}]}"),
+        peer("pay", "p", "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}}"),
+    ]);
+    assert!(a.selects_by_label("shop"));
+    assert!(!a.selects_by_label("bank"), "namespace-wide policies need no labels");
+    assert!(a.selects_by_label("pay"), "a selecting PeerAuthentication needs them too");
+    assert!(!a.selects_by_label("other"));
+    let root =
+        authz(&[policy("sinew-system", "r", "{selector: {matchLabels: {app: x}}, rules: [{}]}")]);
+    assert!(root.selects_by_label("any"), "root-namespace selectors apply everywhere");
+}

@@ -55,6 +55,12 @@ enum Cmd {
         source: String,
         /// `<address>:<port>` of a pod or a service.
         destination: String,
+        /// For a service behind a waypoint: the HTTP method its L7 policies see (default GET).
+        #[arg(long)]
+        method: Option<String>,
+        /// For a service behind a waypoint: the HTTP path its L7 policies see (default /).
+        #[arg(long)]
+        path: Option<String>,
     },
 }
 
@@ -68,7 +74,9 @@ fn main() -> Result<()> {
         }
         Cmd::Unenroll { uid } => Request::Unenroll { uid },
         Cmd::Status => Request::Status {},
-        Cmd::Explain { source, destination } => Request::Explain { source, destination },
+        Cmd::Explain { source, destination, method, path } => {
+            Request::Explain { source, destination, method, path }
+        }
     };
     match Client::new(&cli.agent).call(&request)? {
         Response::Enrolled(p) if p.captured => println!("enrolled {} (captured)", p.spec.uid),

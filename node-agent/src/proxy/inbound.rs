@@ -73,16 +73,9 @@ impl Live {
         let conns = self.conns.lock().expect("live lock poisoned");
         let mut closed = 0;
         for c in conns.values() {
-            let labels = labels_of(mesh, c.destination.ip());
-            let dst = Destination {
-                namespace: &c.namespace,
-                labels: &labels,
-                port: c.destination.port(),
-            };
-            let strict_plaintext = c.identity.is_none()
-                && mesh.authz().mtls_mode(&c.namespace, &labels) == MtlsMode::Strict;
-            let src = Source { identity: c.identity.as_deref(), ip: c.source_ip };
-            if strict_plaintext || !mesh.authz().check(&dst, &src).allowed() {
+            let decision =
+                decide(mesh, &c.namespace, c.destination, c.identity.as_deref(), c.source_ip);
+            if !decision.is_ok_and(|d| d.allowed()) {
                 c.kill.notify_one();
                 closed += 1;
             }
@@ -101,8 +94,33 @@ impl Live {
     }
 }
 
-fn labels_of(mesh: &MeshIndex, ip: IpAddr) -> BTreeMap<String, String> {
-    mesh.workload_by_ip(ip).map(|w| w.labels.clone()).unwrap_or_default()
+/// The decision on a connection to `destination`, of a pod in `namespace`, from `identity`
+/// (`None`: plaintext) at `source_ip`; `Err` with the reason when it is refused before any
+/// AuthorizationPolicy is consulted: plaintext under STRICT, or a destination whose labels
+/// are unknown (no Workload has its address) while policies select by label.
+fn decide(
+    mesh: &MeshIndex,
+    namespace: &str,
+    destination: SocketAddr,
+    identity: Option<&SpiffeId>,
+    source_ip: IpAddr,
+) -> Result<Decision, String> {
+    let no_labels = BTreeMap::new();
+    let labels = match mesh.workload_by_ip(destination.ip()) {
+        Some(w) => &w.labels,
+        None if mesh.authz().selects_by_label(namespace) => {
+            return Err(format!(
+                "destination {} has no Workload in the mesh view: policies that select by label cannot be decided",
+                destination.ip()
+            ));
+        }
+        None => &no_labels,
+    };
+    if identity.is_none() && mesh.authz().mtls_mode(namespace, labels) == MtlsMode::Strict {
+        return Err("STRICT mTLS: plaintext refused".to_string());
+    }
+    let dst = Destination { namespace, labels, port: destination.port() };
+    Ok(mesh.authz().check(&dst, &Source { identity, ip: source_ip }))
 }
 
 /// Accepts HBONE connections for `pod` until the task is aborted. Aborting it (the pod is
@@ -248,23 +266,11 @@ fn authorize(
     log: &mut AccessEntry,
     labels: &mut TcpLabels,
 ) -> bool {
-    let dst_labels = labels_of(mesh, a.destination.ip());
-    let decision = if a.identity.is_none()
-        && mesh.authz().mtls_mode(&pod.namespace, &dst_labels) == MtlsMode::Strict
-    {
-        None
-    } else {
-        let dst = Destination {
-            namespace: &pod.namespace,
-            labels: &dst_labels,
-            port: a.destination.port(),
-        };
-        let src = Source { identity: a.identity.as_deref(), ip: a.source.ip() };
-        Some(mesh.authz().check(&dst, &src))
-    };
-    let (allowed, word, policy, reason) = match &decision {
-        None => (false, "deny", None, "STRICT mTLS: plaintext refused".to_string()),
-        Some(d) => describe(d),
+    let decision =
+        decide(mesh, &pod.namespace, a.destination, a.identity.as_deref(), a.source.ip());
+    let (allowed, word, policy, reason) = match decision {
+        Err(reason) => (false, "deny", None, reason),
+        Ok(d) => describe(&d),
     };
     pod.ctx
         .metrics

@@ -54,6 +54,11 @@ impl PeerAuth {
         out
     }
 
+    /// Whether a PeerAuthentication of `namespace` selects workloads by label.
+    pub fn selects_by_label(&self, namespace: &str) -> bool {
+        self.namespaces.get(namespace).is_some_and(|n| !n.selected.is_empty())
+    }
+
     pub fn mode(&self, namespace: &str, labels: &BTreeMap<String, String>) -> MtlsMode {
         let ns = self.namespaces.get(namespace);
         let workload = ns.and_then(|n| {
