@@ -5,7 +5,10 @@ use std::{
     borrow::Cow,
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -30,7 +33,7 @@ use hyper_util::rt::TokioIo;
 use crate::{
     replay::{self, BoxError},
     state::{Snapshot, Waypoint},
-    telemetry::{Recorder, RequestEntry, RequestLabels},
+    telemetry::{DestinationLabels, Recorder, RequestEntry, RequestLabels, SourceLabels},
     upstream::{UpBody, UpstreamError, endpoint_uri},
 };
 
@@ -73,6 +76,7 @@ struct RecorderKey {
     status: StatusCode,
     flags: &'static str,
     grpc: bool,
+    grpc_status: Option<u16>,
     endpoint: Option<Arc<sinew_mesh::WorkloadInfo>>,
 }
 
@@ -80,10 +84,11 @@ struct RecorderKey {
 const MAX_RECORDERS: usize = 16;
 
 impl RecorderKey {
-    fn matches(&self, done: &Done, grpc: bool) -> bool {
+    fn matches(&self, done: &Done, grpc: bool, grpc_status: Option<u16>) -> bool {
         self.status == done.status
             && self.flags == done.flags
             && self.grpc == grpc
+            && self.grpc_status == grpc_status
             && match (&self.endpoint, &done.endpoint) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                 (None, None) => true,
@@ -114,23 +119,26 @@ impl Downstream {
         snapshot: &Arc<Snapshot>,
         done: &Done,
         grpc: bool,
+        grpc_status: Option<u16>,
     ) -> Recorder {
         let mut cache = self.recorders.lock().unwrap_or_else(|e| e.into_inner());
         if !cache.snapshot.as_ref().is_some_and(|s| Arc::ptr_eq(s, snapshot)) {
             cache.snapshot = Some(snapshot.clone());
             cache.entries.clear();
         }
-        if let Some((_, r)) = cache.entries.iter().find(|(k, _)| k.matches(done, grpc)) {
+        if let Some((_, r)) = cache.entries.iter().find(|(k, _)| k.matches(done, grpc, grpc_status))
+        {
             return r.clone();
         }
         if cache.entries.len() >= MAX_RECORDERS {
             cache.entries.clear();
         }
-        let recorder = wp.metrics.recorder(&self.labels(wp, snapshot, done, grpc));
+        let recorder = wp.metrics.recorder(&self.labels(wp, snapshot, done, grpc, grpc_status));
         let key = RecorderKey {
             status: done.status,
             flags: done.flags,
             grpc,
+            grpc_status,
             endpoint: done.endpoint.clone(),
         };
         cache.entries.push((key, recorder.clone()));
@@ -138,32 +146,32 @@ impl Downstream {
     }
 
     /// Istio's labels for a request of this connection that ended as `done`.
-    fn labels(&self, wp: &Waypoint, snapshot: &Snapshot, done: &Done, grpc: bool) -> RequestLabels {
+    fn labels(
+        &self,
+        wp: &Waypoint,
+        snapshot: &Snapshot,
+        done: &Done,
+        grpc: bool,
+        grpc_status: Option<u16>,
+    ) -> RequestLabels {
         let svc = &self.service;
-        let unknown = || "unknown".to_string();
+        let endpoint = done.endpoint.as_deref();
         RequestLabels {
             reporter: "waypoint",
-            source_workload: snapshot
-                .mesh
-                .workload_by_ip(self.client.ip())
-                .map_or_else(unknown, |w| w.name.clone()),
-            source_workload_namespace: self.source.namespace.clone(),
-            source_principal: self.principal.clone(),
-            destination_workload: done.endpoint.as_ref().map_or_else(unknown, |w| w.name.clone()),
-            destination_workload_namespace: done
-                .endpoint
-                .as_ref()
-                .map_or_else(|| svc.namespace.clone(), |w| w.namespace.clone()),
-            destination_principal: done
-                .endpoint
-                .as_ref()
-                .and_then(|w| w.identity(&wp.trust_domain).ok())
-                .map_or_else(unknown, |i| i.to_string()),
-            destination_service: format!("{}.{}", svc.name, svc.namespace),
-            destination_service_name: svc.name.clone(),
-            destination_service_namespace: svc.namespace.clone(),
+            source: SourceLabels::new(
+                snapshot.mesh.workload_by_ip(self.client.ip()).map(|w| &**w),
+                Some(&self.source.namespace),
+                Some(self.principal.clone()),
+            ),
+            destination: DestinationLabels::new(
+                endpoint,
+                Some(endpoint.map_or(svc.namespace.as_str(), |w| w.namespace.as_str())),
+                endpoint.and_then(|w| w.identity(&wp.trust_domain).ok()).map(|i| i.to_string()),
+                Some(svc),
+            ),
             request_protocol: if grpc { "grpc" } else { "http" },
             response_code: done.status.as_u16(),
+            grpc_response_status: grpc_status.map(|c| c.to_string()).unwrap_or_default(),
             response_flags: done.flags,
             connection_security_policy: "mutual_tls",
         }
@@ -256,10 +264,13 @@ pub async fn handle(
         // A tracestate belongs to the trace it came with, which was not continued.
         req.headers_mut().remove("tracestate");
     }
-    let (mut response, done, route) =
-        route_and_forward(&wp, &snapshot, &down, req, &traceparent).await;
+    let delayed = AtomicBool::new(false);
+    let (mut response, mut done, route) =
+        route_and_forward(&wp, &snapshot, &down, req, &traceparent, &delayed).await;
+    if delayed.load(Ordering::Relaxed) && done.flags == "-" {
+        done.flags = "DI";
+    }
     let millis = start.elapsed().as_secs_f64() * 1000.0;
-    down.recorder(&wp, &snapshot, &done, grpc).record(millis);
     let svc = &down.service;
     if let (Some(path_and_query), Some(started_at)) = (path_and_query, started_at) {
         if wp.access.enabled() {
@@ -308,7 +319,85 @@ pub async fn handle(
     if let Ok(v) = HeaderValue::from_str(&traceparent) {
         response.headers_mut().insert("traceparent", v);
     }
-    Ok(response)
+    // Counted when the response has ended, as Istio does: the duration covers the body,
+    // and a gRPC call's status comes from its trailers.
+    let grpc_status = grpc.then(|| grpc_status_of(response.headers())).flatten();
+    let finish = Finish { wp, down, snapshot, done, grpc, grpc_status, start };
+    Ok(response.map(|body| Recorded { body, finish: Some(finish) }.boxed()))
+}
+
+fn grpc_status_of(headers: &HeaderMap) -> Option<u16> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// What a request's metrics need once its response has ended.
+struct Finish {
+    wp: Arc<Waypoint>,
+    down: Arc<Downstream>,
+    snapshot: Arc<Snapshot>,
+    done: Done,
+    grpc: bool,
+    grpc_status: Option<u16>,
+    start: Instant,
+}
+
+impl Finish {
+    fn record(self) {
+        let millis = self.start.elapsed().as_secs_f64() * 1000.0;
+        let grpc_status = self.grpc_status.filter(|_| self.grpc);
+        self.down
+            .recorder(&self.wp, &self.snapshot, &self.done, self.grpc, grpc_status)
+            .record(millis);
+    }
+}
+
+/// A response body that records its request's metrics when it ends: its last frame, an
+/// error, or the client going away first (dropped).
+struct Recorded {
+    body: Body,
+    finish: Option<Finish>,
+}
+
+impl hyper::body::Body for Recorded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(t), Some(f)) = (frame.trailers_ref(), self.finish.as_mut()) {
+                    f.grpc_status = grpc_status_of(t).or(f.grpc_status);
+                }
+            }
+            std::task::Poll::Ready(None | Some(Err(_))) => {
+                if let Some(f) = self.finish.take() {
+                    f.record();
+                }
+            }
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        if let Some(f) = self.finish.take() {
+            f.record();
+        }
+    }
 }
 
 /// gRPC's content types as Envoy reads them (`application/grpc`, `+proto` and the like, or
@@ -403,6 +492,7 @@ async fn route_and_forward(
     down: &Downstream,
     req: Request<Incoming>,
     traceparent: &str,
+    delayed: &AtomicBool,
 ) -> (Response<Body>, Done, Option<String>) {
     let svc = &down.service;
     let mut req = req;
@@ -536,6 +626,7 @@ async fn route_and_forward(
                     && (random_u64() % 100) < u64::from(d.percentage)
                 {
                     tokio::time::sleep(d.fixed_delay.0).await;
+                    delayed.store(true, Ordering::Relaxed);
                 }
                 if let Some(a) = &fi.abort
                     && (random_u64() % 100) < u64::from(a.percentage)

@@ -7,37 +7,29 @@ use prometheus_client::{
     registry::Registry,
 };
 use serde::Serialize;
+pub use sinew_telemetry::labels::{DestinationLabels, SourceLabels};
 
-/// The labels of the request metrics (Istio's names).
+/// The labels of the request metrics: Istio's names and values, as a waypoint reports them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RequestLabels {
     /// Always `waypoint`.
     pub reporter: &'static str,
-    /// Source workload name, or `unknown`.
-    pub source_workload: String,
-    /// Source namespace.
-    pub source_workload_namespace: String,
-    /// Source principal (`spiffe://...`).
-    pub source_principal: String,
-    /// Destination workload name, or `unknown` when no endpoint was reached.
-    pub destination_workload: String,
-    /// Destination namespace.
-    pub destination_workload_namespace: String,
-    /// Destination principal.
-    pub destination_principal: String,
-    /// `<name>.<namespace>` of the service addressed.
-    pub destination_service: String,
-    /// The service's name.
-    pub destination_service_name: String,
-    /// The service's namespace.
-    pub destination_service_namespace: String,
+    /// `source_workload`, `source_principal`, `source_canonical_service`, ...
+    #[prometheus(flatten)]
+    pub source: SourceLabels,
+    /// `destination_workload`, `destination_service`, ...
+    #[prometheus(flatten)]
+    pub destination: DestinationLabels,
     /// `http` or `grpc`.
     pub request_protocol: &'static str,
     /// The status answered.
     pub response_code: u16,
+    /// A gRPC call's `grpc-status` (from its trailers, or a trailers-only answer); empty
+    /// for other requests, and for a call that ended without one.
+    pub grpc_response_status: String,
     /// `-`, or Envoy's flags: `UF` upstream failure, `UT` timeout, `RL` rate limited,
-    /// `FI` injected fault, `UO` overflow, `NR` no route, `UH` no healthy endpoint, `NC` no
-    /// such backend Service, `UAEX` denied.
+    /// `FI` injected fault, `DI` injected delay, `UO` overflow, `NR` no route, `UH` no
+    /// healthy endpoint, `NC` no such backend Service, `RBAC` denied.
     pub response_flags: &'static str,
     /// Always `mutual_tls`.
     pub connection_security_policy: &'static str,

@@ -12,32 +12,26 @@ use prometheus_client::{
     registry::Registry,
 };
 use serde::Serialize;
+pub use sinew_telemetry::labels::{DestinationLabels, SourceLabels};
 
-/// The labels of every `istio_tcp_*` series (Istio's names).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, EncodeLabelSet)]
+/// The labels of every `istio_tcp_*` series: Istio's names and values, as ztunnel reports
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TcpLabels {
     /// `source` (outbound side) or `destination` (inbound side).
     pub reporter: &'static str,
-    /// Source workload name.
-    pub source_workload: String,
-    /// Source workload namespace.
-    pub source_workload_namespace: String,
-    /// Source principal (`spiffe://...`), or `unknown`.
-    pub source_principal: String,
-    /// Destination workload name.
-    pub destination_workload: String,
-    /// Destination workload namespace.
-    pub destination_workload_namespace: String,
-    /// Destination principal, or `unknown`.
-    pub destination_principal: String,
-    /// Destination service (`<name>.<namespace>`), or `unknown`.
-    pub destination_service: String,
+    /// `source_workload`, `source_principal`, `source_canonical_service`, ...
+    #[prometheus(flatten)]
+    pub source: SourceLabels,
+    /// `destination_workload`, `destination_service`, ...
+    #[prometheus(flatten)]
+    pub destination: DestinationLabels,
     /// Always `tcp` at L4.
     pub request_protocol: &'static str,
     /// `-`, or `DENY` when authorization refused the connection, `CONNECT` when the
     /// destination could not be reached (ztunnel's flags).
     pub response_flags: &'static str,
-    /// `mutual_tls` over HBONE, `none` for plaintext.
+    /// `mutual_tls` over HBONE, `unknown` for plaintext (as ztunnel).
     pub connection_security_policy: &'static str,
 }
 
@@ -227,7 +221,15 @@ mod tests {
     #[test]
     fn request_bytes_are_received_and_response_bytes_sent_as_istio_counts_them() {
         let m = Metrics::default();
-        m.closed(&TcpLabels::default(), 100, 1000);
+        let labels = TcpLabels {
+            reporter: "destination",
+            source: SourceLabels::new(None, None, None),
+            destination: DestinationLabels::new(None, None, None, None),
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: "unknown",
+        };
+        m.closed(&labels, 100, 1000);
         let text = m.encode();
         let value = |name: &str| {
             text.lines()

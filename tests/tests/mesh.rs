@@ -555,11 +555,28 @@ fn service_vips_resolve_to_mesh_endpoints() -> Result<()> {
             .access_entries()
             .into_iter()
             .rev()
-            .find(|e| e["dst"]["service"] == "server.demo");
+            .find(|e| e["dst"]["service"] == "server.demo.svc.cluster.local");
         Ok(entry.is_some())
     })?;
     let e = entry.context("no access-log line for the service")?;
     ensure!(e["protocol"] == "HBONE" && e["dst"]["addr"] == target(&p.server), "{e}");
+    // Both agents name the service by its hostname, as ztunnel does; the destination guesses
+    // it from the endpoint and port the connection arrived on.
+    for (node, reporter) in [(1, "source"), (2, "destination")] {
+        let mut n = 0.0;
+        wait_for("the service in the metrics", Duration::from_secs(5), || {
+            n = c.agent(node).metric(
+                "istio_tcp_connections_closed_total",
+                &[
+                    &format!("reporter=\"{reporter}\""),
+                    "destination_service=\"server.demo.svc.cluster.local\"",
+                    "destination_canonical_service=\"server\"",
+                ],
+            )?;
+            Ok(n >= 1.0)
+        })
+        .with_context(|| format!("{reporter}: {n}"))?;
+    }
     Ok(())
 }
 

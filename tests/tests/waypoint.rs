@@ -115,6 +115,11 @@ spec:
     - type: FaultInjection
       faultInjection: {abort: {httpStatus: 418, percentage: 100}}
     backendRefs: [{name: reviews-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /held}}]
+    filters:
+    - type: FaultInjection
+      faultInjection: {delay: {fixedDelay: 20ms, percentage: 100}}
+    backendRefs: [{name: reviews-v1, port: 80}]
   - matches: [{path: {type: PathPrefix, value: /mirrored}}]
     filters:
     - type: RequestMirror
@@ -340,6 +345,13 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/fault")],
     )?;
     ensure!(out.trim() == "418", "{out}");
+    // An injected delay: served after it, and flagged DI (checked in the metrics below).
+    let out = curl(
+        &c,
+        &client,
+        &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/held")],
+    )?;
+    ensure!(out.trim() == "200", "{out}");
     // To a gRPC client the same local answer is a gRPC status (trailers only, HTTP 200).
     let out = curl(
         &c,
@@ -641,20 +653,44 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
             .filter(|l| {
                 l.starts_with("istio_requests_total{")
                     && l.contains(&format!("response_code=\"{code}\""))
-                    && l.contains("destination_service=\"reviews.demo\"")
+                    && l.contains("destination_service=\"reviews.demo.svc.cluster.local\"")
             })
             .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
             .sum()
     };
     // 2,000 split + 20 by header + 20 retried + 5 under the limit + 1 headers + 50 over
-    // HTTP/2 + 10 mirrored + 1 GET /admin + 200 after the broken route (+ the probe).
-    ensure!(count("200") >= 2307.0, "200s: {}", count("200"));
+    // HTTP/2 + 10 mirrored + 1 GET /admin + 200 after the broken route + 1 delayed (+ the
+    // probe).
+    ensure!(count("200") >= 2308.0, "200s: {}", count("200"));
     ensure!(count("429") == 5.0 && count("504") == 1.0, "{metrics}");
     ensure!(
         metrics.contains("istio_request_duration_milliseconds_bucket"),
         "no duration histogram"
     );
     ensure!(metrics.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\""));
+    // Istio's workload labels (Kiali reads them), and gRPC calls counted with the status from
+    // their trailers once the stream has ended.
+    ensure!(
+        metrics.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("destination_canonical_service=\"reviews\"")
+            && l.contains("destination_version=\"v1\"")
+            && l.contains("destination_service_name=\"reviews\"")
+            && l.contains("source_canonical_service=\"client\"")),
+        "no series with Istio's workload labels:\n{metrics}"
+    );
+    ensure!(
+        metrics.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("request_protocol=\"grpc\"")
+            && l.contains("response_code=\"200\"")
+            && l.contains("grpc_response_status=\"0\"")),
+        "no gRPC series with grpc_response_status=\"0\":\n{metrics}"
+    );
+    ensure!(
+        metrics.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("response_code=\"200\"")
+            && l.contains("response_flags=\"DI\"")),
+        "no delayed request flagged DI:\n{metrics}"
+    );
 
     // Circuit breaking over HTTP: reviews-v2 gets one upstream connection. HTTP/1.1 carries
     // one request at a time, so of 10 concurrent streams most wait for it; with no room to

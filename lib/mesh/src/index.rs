@@ -46,6 +46,34 @@ impl WorkloadInfo {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    fn label(&self, keys: &[&str]) -> Option<&str> {
+        keys.iter().find_map(|k| self.labels.get(*k)).map(String::as_str)
+    }
+
+    /// Its `app` label, as Istio's metrics report it (`unknown` when absent).
+    pub fn app(&self) -> &str {
+        self.label(&["app"]).unwrap_or("unknown")
+    }
+
+    /// Its `version` label, as Istio's metrics report it (`unknown` when absent).
+    pub fn version(&self) -> &str {
+        self.label(&["version"]).unwrap_or("unknown")
+    }
+
+    /// Istio's canonical service: `service.istio.io/canonical-name`, else
+    /// `app.kubernetes.io/name`, else `app`, else the workload's name.
+    pub fn canonical_service(&self) -> &str {
+        self.label(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
+            .unwrap_or(&self.name)
+    }
+
+    /// Istio's canonical revision: `service.istio.io/canonical-revision`, else
+    /// `app.kubernetes.io/version`, else `version`, else `latest`.
+    pub fn canonical_revision(&self) -> &str {
+        self.label(&["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"])
+            .unwrap_or("latest")
+    }
 }
 
 /// A service as the data plane needs it.
@@ -69,7 +97,16 @@ pub struct ServiceInfo {
     pub endpoints: Vec<Arc<WorkloadInfo>>,
 }
 
+/// The DNS suffix of service hostnames (Kubernetes' default cluster domain), as Istio's
+/// `destination_service` label carries them.
+pub const SERVICE_DOMAIN: &str = "svc.cluster.local";
+
 impl ServiceInfo {
+    /// `<name>.<namespace>.svc.cluster.local`.
+    pub fn hostname(&self) -> String {
+        format!("{}.{}.{SERVICE_DOMAIN}", self.name, self.namespace)
+    }
+
     /// The workload port behind service port `port` (its `targetPort`, else `port` itself);
     /// `None` when the service has no such port.
     pub fn target_port(&self, port: u16) -> Option<u16> {
@@ -200,6 +237,20 @@ impl MeshIndex {
     /// A service by namespace and name.
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<ServiceInfo>> {
         self.services.get(namespace)?.get(name)
+    }
+
+    /// The service a connection arriving at `workload` on `port` most likely came through
+    /// (ztunnel's inbound guess): the first of its namespace, in name order, that has the
+    /// workload as an endpoint and a port whose target is `port`.
+    pub fn service_of_endpoint(
+        &self,
+        workload: &WorkloadInfo,
+        port: u16,
+    ) -> Option<&Arc<ServiceInfo>> {
+        self.services.get(&workload.namespace)?.values().find(|s| {
+            s.endpoints.iter().any(|e| e.name == workload.name)
+                && s.ports.iter().any(|p| p.target_port.unwrap_or(p.port).0 == port)
+        })
     }
 
     /// Every service, in `(namespace, name)` order.

@@ -25,7 +25,7 @@ pub use authz::{
     Authz, Decision, Destination, Explanation, HttpRequest, PolicyTrace, Scope, Source, Target,
     Verdict,
 };
-pub use index::{MeshIndex, ServiceInfo, WorkloadInfo};
+pub use index::{MeshIndex, SERVICE_DOMAIN, ServiceInfo, WorkloadInfo};
 
 use sinew_model::Object;
 

@@ -201,3 +201,37 @@ fn only_the_waypoint_of_a_service_the_destination_serves_counts_as_its_waypoint(
     assert!(!idx.is_waypoint_for(&real, ip("10.0.0.1"), "cluster.local", ip("10.0.0.1")));
     assert!(idx.is_waypoint_for(&real, ip("::ffff:10.0.0.50"), "cluster.local", ip("10.0.0.1")));
 }
+
+#[test]
+fn istio_workload_and_service_names_for_metrics() {
+    let idx = index(
+        &[
+            workload("shop", "web-1", "web", "10.0.0.1", "app: web, version: v2"),
+            workload(
+                "shop",
+                "api-1",
+                "api",
+                "10.0.0.2",
+                "app: api, app.kubernetes.io/name: api-k8s, service.istio.io/canonical-revision: r7",
+            ),
+            workload("shop", "bare-1", "bare", "10.0.0.3", ""),
+            service("shop", "web", "", "10.96.0.10", "app: web"),
+        ]
+        .concat(),
+    );
+    let w = |i| idx.workload_by_ip(ip(i)).expect("workload");
+    let web = w("10.0.0.1");
+    assert_eq!((web.app(), web.version()), ("web", "v2"));
+    assert_eq!((web.canonical_service(), web.canonical_revision()), ("web", "v2"));
+    let api = w("10.0.0.2");
+    assert_eq!((api.canonical_service(), api.canonical_revision()), ("api-k8s", "r7"));
+    let bare = w("10.0.0.3");
+    assert_eq!((bare.app(), bare.version()), ("unknown", "unknown"));
+    assert_eq!((bare.canonical_service(), bare.canonical_revision()), ("bare-1", "latest"));
+    let svc = idx.service_by_vip(ip("10.96.0.10")).expect("service");
+    assert_eq!(svc.hostname(), "web.shop.svc.cluster.local");
+    // Inbound, the service is guessed from the endpoint and its target port (8080 behind 80).
+    assert_eq!(idx.service_of_endpoint(web, 8080).map(|s| s.name.as_str()), Some("web"));
+    assert!(idx.service_of_endpoint(web, 9999).is_none());
+    assert!(idx.service_of_endpoint(bare, 8080).is_none());
+}

@@ -1,6 +1,9 @@
-//! Telemetry shared by every Sinew binary: log setup, and the JSON-lines access log the agent
-//! (one line per connection) and the waypoint (one line per request) write.
+//! Telemetry shared by every Sinew binary: log setup, the JSON-lines access log the agent
+//! (one line per connection) and the waypoint (one line per request) write, and the workload
+//! labels of Istio's standard metrics ([`labels`]).
 #![forbid(unsafe_code)]
+
+pub mod labels;
 
 use std::{
     io::Write,

@@ -28,7 +28,9 @@ use super::{
     AGENT_HANDSHAKES, CERT_WAIT, Direction, HANDSHAKES, PodNet, canonical, connect_in, copy,
     is_own_listener, reset,
 };
-use crate::telemetry::{AccessEntry, CONNECT_FAILED, DecisionLabels, Peer, TcpLabels};
+use crate::telemetry::{
+    AccessEntry, CONNECT_FAILED, DecisionLabels, DestinationLabels, Peer, SourceLabels, TcpLabels,
+};
 
 /// The error of a connection closed by a policy change.
 const CLOSED_BY_POLICY: &str = "closed: the policy in force no longer admits it";
@@ -235,24 +237,33 @@ impl Arrival {
             service: None,
             via: None,
         };
-        let unknown = || "unknown".to_string();
+        // Through a waypoint the source is the original client, known by its identity (the
+        // workload at the source address is the waypoint's, so it is not named).
+        let src_workload = if self.via.is_some() { None } else { src_workload.map(|w| &**w) };
+        let dst_workload = mesh.workload_by_ip(self.destination.ip());
+        let service =
+            dst_workload.and_then(|w| mesh.service_of_endpoint(w, self.destination.port()));
+        log.dst.service = service.map(|s| s.hostname());
         let labels = TcpLabels {
             reporter: "destination",
-            source_workload: src_workload.map_or_else(unknown, |w| w.name.clone()),
-            source_workload_namespace: self
-                .identity
-                .as_ref()
-                .map(|i| i.namespace.clone())
-                .or_else(|| src_workload.map(|w| w.namespace.clone()))
-                .unwrap_or_else(unknown),
-            source_principal: self.identity.as_ref().map_or_else(unknown, |i| i.to_string()),
-            destination_workload: pod.workload.clone(),
-            destination_workload_namespace: pod.namespace.clone(),
-            destination_principal: pod.identity.to_string(),
-            destination_service: unknown(),
+            source: SourceLabels::new(
+                src_workload,
+                self.identity.as_ref().map(|i| i.namespace.as_str()),
+                self.identity.as_ref().map(|i| i.to_string()),
+            ),
+            destination: DestinationLabels::new(
+                dst_workload.map(|w| &**w),
+                Some(&pod.namespace),
+                Some(pod.identity.to_string()),
+                service.map(|s| &**s),
+            ),
             request_protocol: "tcp",
             response_flags: "-",
-            connection_security_policy: if self.identity.is_some() { "mutual_tls" } else { "none" },
+            connection_security_policy: if self.identity.is_some() {
+                "mutual_tls"
+            } else {
+                "unknown"
+            },
         };
         (log, labels)
     }
@@ -280,7 +291,7 @@ fn authorize(
             policy: policy.clone().unwrap_or_else(|| "-".into()),
             destination_workload: pod.workload.clone(),
             destination_workload_namespace: pod.namespace.clone(),
-            source_principal: labels.source_principal.clone(),
+            source_principal: labels.source.source_principal.clone(),
         })
         .inc();
     log.decision = word;

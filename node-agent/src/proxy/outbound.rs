@@ -17,7 +17,9 @@ use tracing::debug;
 use super::{
     CERT_WAIT, Direction, PodNet, canonical, connect_in, copy, is_own_listener, original_dst, reset,
 };
-use crate::telemetry::{AccessEntry, CONNECT_FAILED, Peer, TcpLabels};
+use crate::telemetry::{
+    AccessEntry, CONNECT_FAILED, DestinationLabels, Peer, SourceLabels, TcpLabels,
+};
 
 /// Most bytes sent along with a CONNECT (see [`read_early`]).
 const EARLY_MAX: usize = 16 << 10;
@@ -124,7 +126,7 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
         addr: Some(resolved.addr),
         workload: resolved.workload.as_ref().map(|w| w.key()),
         identity: None,
-        service: resolved.service.as_ref().map(|s| format!("{}.{}", s.name, s.namespace)),
+        service: resolved.service.as_ref().map(|s| s.hostname()),
         via: None,
     };
     let hbone = resolved
@@ -133,22 +135,20 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
         .filter(|w| w.in_mesh && ctx.certs.enabled() && !pod.ips.contains(&resolved.addr.ip()));
     let mut labels = TcpLabels {
         reporter: "source",
-        source_workload: pod.workload.clone(),
-        source_workload_namespace: pod.namespace.clone(),
-        source_principal: pod.identity.to_string(),
-        destination_workload: resolved
-            .workload
-            .as_ref()
-            .map_or("unknown".into(), |w| w.name.clone()),
-        destination_workload_namespace: resolved
-            .workload
-            .as_ref()
-            .map_or("unknown".into(), |w| w.namespace.clone()),
-        destination_principal: "unknown".into(),
-        destination_service: log.dst.service.clone().unwrap_or_else(|| "unknown".into()),
+        source: SourceLabels::new(
+            mesh.workload_by_ip(peer.ip()).map(|w| &**w),
+            Some(&pod.namespace),
+            Some(pod.identity.to_string()),
+        ),
+        destination: DestinationLabels::new(
+            resolved.workload.as_deref(),
+            None,
+            None,
+            resolved.service.as_deref(),
+        ),
         request_protocol: "tcp",
         response_flags: "-",
-        connection_security_policy: "none",
+        connection_security_policy: "unknown",
     };
     match hbone {
         Some(w) => {
@@ -162,7 +162,7 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
             };
             log.protocol = "HBONE";
             log.dst.identity = Some(expected.to_string());
-            labels.destination_principal = expected.to_string();
+            labels.destination.destination_principal = expected.to_string();
             labels.connection_security_policy = "mutual_tls";
             let Some(identity) = ctx.certs.wait_identity(&pod.identity, CERT_WAIT).await else {
                 ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
