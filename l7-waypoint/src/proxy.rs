@@ -264,12 +264,13 @@ pub async fn handle(
         // A tracestate belongs to the trace it came with, which was not continued.
         req.headers_mut().remove("tracestate");
     }
-    let delayed = AtomicBool::new(false);
+    let notes = Notes::default();
     let (mut response, mut done, route) =
-        route_and_forward(&wp, &snapshot, &down, req, &traceparent, &delayed).await;
-    if delayed.load(Ordering::Relaxed) && done.flags == "-" {
+        route_and_forward(&wp, &snapshot, &down, req, &traceparent, &notes).await;
+    if notes.delayed.load(Ordering::Relaxed) && done.flags == "-" {
         done.flags = "DI";
     }
+    let audit = notes.audited.into_inner().unwrap_or_else(|e| e.into_inner());
     let millis = start.elapsed().as_secs_f64() * 1000.0;
     let svc = &down.service;
     if let (Some(path_and_query), Some(started_at)) = (path_and_query, started_at) {
@@ -290,6 +291,7 @@ pub async fn handle(
                 source: down.principal.clone(),
                 duration_ms: millis,
                 traceparent: Some(traceparent.clone()),
+                audit,
             });
         }
         // An unsampled trace (flags without bit 0) is propagated but not recorded.
@@ -328,6 +330,15 @@ pub async fn handle(
 
 fn grpc_status_of(headers: &HeaderMap) -> Option<u16> {
     headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// What the routing of a request noticed on the way, for its metrics and log.
+#[derive(Default)]
+struct Notes {
+    /// An injected delay held it (Envoy's `DI`).
+    delayed: AtomicBool,
+    /// The AUDIT policies its L7 authorization matched (`ns/name`, comma-separated).
+    audited: Mutex<Option<String>>,
 }
 
 /// What a request's metrics need once its response has ended.
@@ -492,7 +503,7 @@ async fn route_and_forward(
     down: &Downstream,
     req: Request<Incoming>,
     traceparent: &str,
-    delayed: &AtomicBool,
+    notes: &Notes,
 ) -> (Response<Body>, Done, Option<String>) {
     let svc = &down.service;
     let mut req = req;
@@ -547,6 +558,16 @@ async fn route_and_forward(
             &src,
             &HttpRequest { method: parts.method.as_str(), path: &path },
         );
+        if let Some(policy) = decision.policy.as_deref().filter(|_| !decision.allowed()) {
+            wp.metrics.decision("deny", policy, svc, &down.principal);
+        }
+        for policy in &decision.audited {
+            wp.metrics.decision("audit", policy, svc, &down.principal);
+        }
+        if !decision.audited.is_empty() {
+            *notes.audited.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(decision.audited.join(","));
+        }
         if !decision.allowed() {
             // The client learns only that it was denied, as from Envoy; which policies
             // decided is for the operator (debug log, `sinew explain`).
@@ -626,7 +647,7 @@ async fn route_and_forward(
                     && (random_u64() % 100) < u64::from(d.percentage)
                 {
                     tokio::time::sleep(d.fixed_delay.0).await;
-                    delayed.store(true, Ordering::Relaxed);
+                    notes.delayed.store(true, Ordering::Relaxed);
                 }
                 if let Some(a) = &fi.abort
                     && (random_u64() % 100) < u64::from(a.percentage)

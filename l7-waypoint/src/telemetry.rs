@@ -35,9 +35,27 @@ pub struct RequestLabels {
     pub connection_security_policy: &'static str,
 }
 
+/// The labels of `sinew_authorization_decisions_total` at the waypoint (as the agent's, per
+/// service instead of per workload).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `deny`, or `audit` (admitted, an AUDIT policy matched).
+    pub decision: &'static str,
+    /// The policy (`<namespace>/<name>`).
+    pub policy: String,
+    /// The service's name.
+    pub destination_service_name: String,
+    /// The service's namespace.
+    pub destination_service_namespace: String,
+    /// Source principal.
+    pub source_principal: String,
+}
+
 /// The waypoint's metrics.
 pub struct Metrics {
     registry: Registry,
+    /// `sinew_authorization_decisions_total`: L7 denials and audits, per policy.
+    pub decisions: Family<DecisionLabels, Counter>,
     /// `istio_requests_total`.
     pub requests: Family<RequestLabels, Counter>,
     /// `istio_request_duration_milliseconds`.
@@ -63,7 +81,13 @@ impl Default for Metrics {
             "Request duration",
             duration.clone(),
         );
-        Self { registry, requests, duration }
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "sinew_authorization_decisions",
+            "L7 authorization decisions that denied a request or matched an AUDIT policy",
+            decisions.clone(),
+        );
+        Self { registry, decisions, requests, duration }
     }
 }
 
@@ -90,6 +114,25 @@ impl Metrics {
             requests: self.requests.get_or_create(labels).clone(),
             duration: self.duration.get_or_create(labels).clone(),
         }
+    }
+
+    /// Counts an L7 authorization `decision` (`deny` or `audit`) by `policy` on `svc`.
+    pub fn decision(
+        &self,
+        decision: &'static str,
+        policy: &str,
+        svc: &sinew_mesh::ServiceInfo,
+        source_principal: &str,
+    ) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                decision,
+                policy: policy.to_owned(),
+                destination_service_name: svc.name.clone(),
+                destination_service_namespace: svc.namespace.clone(),
+                source_principal: source_principal.to_owned(),
+            })
+            .inc();
     }
 
     /// The Prometheus text exposition.
@@ -127,6 +170,9 @@ pub struct RequestEntry {
     pub duration_ms: f64,
     /// W3C trace context sent upstream.
     pub traceparent: Option<String>,
+    /// The AUDIT policies its L7 authorization matched, if any (`ns/name`, comma-separated).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<String>,
 }
 
 pub use sinew_telemetry::AccessLog;

@@ -423,7 +423,7 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     // L7 authorization at the waypoint: POST to /admin denied (403), GET still served.
     c.write_config(
         "l7-policy.yaml",
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin-writes, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: reviews}]\n  action: DENY\n  rules:\n  - to:\n    - operation: {methods: [POST], paths: [\"/admin*\"]}\n",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin-writes, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: reviews}]\n  action: DENY\n  rules:\n  - to:\n    - operation: {methods: [POST], paths: [\"/admin*\"]}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: audit-admin, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: reviews}]\n  action: AUDIT\n  rules:\n  - to:\n    - operation: {paths: [\"/admin*\"]}\n",
     )?;
     let admin = format!("http://{VIP}/admin/users");
     wait_status(&c, &client, &["-X", "POST", &admin], "403", "the L7 DENY")?;
@@ -668,6 +668,15 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         "no duration histogram"
     );
     ensure!(metrics.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\""));
+    // L7 denials and audits are counted per policy.
+    for (decision, policy) in [("deny", "demo/no-admin-writes"), ("audit", "demo/audit-admin")] {
+        ensure!(
+            metrics.lines().any(|l| l.starts_with("sinew_authorization_decisions_total{")
+                && l.contains(&format!("decision=\"{decision}\""))
+                && l.contains(&format!("policy=\"{policy}\""))),
+            "no {decision} by {policy}:\n{metrics}"
+        );
+    }
     // Istio's workload labels (Kiali reads them), and gRPC calls counted with the status from
     // their trailers once the stream has ended.
     ensure!(
