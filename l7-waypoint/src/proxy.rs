@@ -627,7 +627,8 @@ async fn route_and_forward(
                 let bucket = wp.bucket(&key, l);
                 match bucket.try_take(Instant::now()) {
                     Admit::Allowed { remaining } => {
-                        response_headers_limit(&mut parts.extensions, bucket.limit(), remaining);
+                        let reset = whole_seconds(bucket.next_fill_in(Instant::now()));
+                        parts.extensions.insert(RateLimitHeaders(bucket.limit(), remaining, reset));
                     }
                     Admit::Limited { retry_after } => {
                         let mut resp =
@@ -635,8 +636,8 @@ async fn route_and_forward(
                         let h = resp.headers_mut();
                         h.insert("x-ratelimit-limit", bucket.limit().into());
                         h.insert("x-ratelimit-remaining", 0u32.into());
-                        let secs =
-                            retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                        let secs = whole_seconds(retry_after);
+                        h.insert("x-ratelimit-reset", secs.into());
                         h.insert(header::RETRY_AFTER, secs.into());
                         return (resp, done(StatusCode::TOO_MANY_REQUESTS, "RL"), route_name);
                     }
@@ -969,6 +970,7 @@ async fn route_and_forward(
     if let Some(l) = parts.extensions.get::<RateLimitHeaders>() {
         resp.headers_mut().insert("x-ratelimit-limit", l.0.into());
         resp.headers_mut().insert("x-ratelimit-remaining", l.1.into());
+        resp.headers_mut().insert("x-ratelimit-reset", l.2.into());
     }
     (resp, d, route_name)
 }
@@ -977,12 +979,13 @@ fn per_try_timed_out(started: Instant, per_try: Option<Duration>) -> bool {
     per_try.is_some_and(|t| started.elapsed() >= t)
 }
 
-/// (limit, remaining) to report on an admitted response.
+/// (limit, remaining, seconds to the next fill) to report on an admitted response.
 #[derive(Clone, Copy)]
-struct RateLimitHeaders(u32, u32);
+struct RateLimitHeaders(u32, u32, u64);
 
-fn response_headers_limit(ext: &mut http::Extensions, limit: u32, remaining: u32) {
-    ext.insert(RateLimitHeaders(limit, remaining));
+/// A duration in whole seconds, rounded up (rate-limit headers); `u64::MAX` never.
+fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
 
 /// gRPC answers errors as 200 with `grpc-status` in the headers (trailers-only responses).

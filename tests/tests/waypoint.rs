@@ -337,6 +337,20 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     )?;
     let s = statuses(&out);
     ensure!(s.get("429 5") == Some(&5) && s.get("200 5") == Some(&5), "{s:?}");
+    // Envoy's draft-03 headers: seconds until the bucket fills again (60 s interval).
+    let out = curl(
+        &c,
+        &client,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %header{x-ratelimit-reset}",
+            &format!("http://{VIP}/limited"),
+        ],
+    )?;
+    let reset = out.trim().strip_prefix("429 ").and_then(|v| v.parse::<u64>().ok());
+    ensure!(reset.is_some_and(|r| (1..=60).contains(&r)), "{out}");
 
     // Fault injection and header modifiers.
     let out = curl(
@@ -662,7 +676,7 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     // HTTP/2 + 10 mirrored + 1 GET /admin + 200 after the broken route + 1 delayed (+ the
     // probe).
     ensure!(count("200") >= 2308.0, "200s: {}", count("200"));
-    ensure!(count("429") == 5.0 && count("504") == 1.0, "{metrics}");
+    ensure!(count("429") == 6.0 && count("504") == 1.0, "{metrics}");
     ensure!(
         metrics.contains("istio_request_duration_milliseconds_bucket"),
         "no duration histogram"

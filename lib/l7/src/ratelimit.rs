@@ -79,6 +79,17 @@ impl TokenBucket {
         Admit::Limited { retry_after: self.fill_interval.saturating_sub(since_fill) }
     }
 
+    /// Time until the next fill, for the `x-ratelimit-reset` header (`Duration::MAX` when
+    /// the bucket never fills).
+    pub fn next_fill_in(&self, now: Instant) -> Duration {
+        if self.tokens_per_fill == 0 || self.max_tokens == 0 {
+            return Duration::MAX;
+        }
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        self.refill(&mut s, now);
+        self.fill_interval.saturating_sub(now.saturating_duration_since(s.last_fill))
+    }
+
     /// The bucket size (`max_tokens`), for the `x-ratelimit-limit` header.
     pub fn limit(&self) -> u32 {
         self.max_tokens

@@ -136,3 +136,15 @@ fn degenerate_buckets_do_not_panic() {
     let fast = TokenBucket::new(u32::MAX, u32::MAX, Duration::from_nanos(1), t0);
     assert_eq!(fast.try_take(t0 + SECOND * 1_000_000), Admit::Allowed { remaining: u32::MAX - 1 });
 }
+
+#[test]
+fn the_next_fill_is_known_for_the_reset_header() {
+    let t0 = Instant::now();
+    let b = TokenBucket::new(2, 1, SECOND, t0);
+    assert_eq!(b.next_fill_in(t0), SECOND);
+    assert_eq!(b.next_fill_in(t0 + ms(300)), ms(700));
+    // Fills keep their clock: 2.3 s in, the next is 0.7 s away.
+    assert_eq!(b.next_fill_in(t0 + ms(2300)), ms(700));
+    let never = TokenBucket::new(2, 0, SECOND, t0);
+    assert_eq!(never.next_fill_in(t0), Duration::MAX);
+}

@@ -372,9 +372,15 @@ impl Validate for Operation {
     fn validate(&self, e: &mut Errors) {
         for (field, list) in [("methods", &self.methods), ("notMethods", &self.not_methods)] {
             e.each(field, list, |e, m| {
-                e.check(!m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()), "", || {
-                    format!("{m:?} is not an HTTP method")
-                })
+                // An RFC 9110 token without lower case (methods match exactly, and a lower-
+                // case one would never see a request): `GET`, `M-SEARCH`, `PROPFIND`.
+                let ok = !m.is_empty()
+                    && m.bytes().all(|b| {
+                        b.is_ascii_uppercase()
+                            || b.is_ascii_digit()
+                            || b"!#$%&'*+-.^_`|~".contains(&b)
+                    });
+                e.check(ok, "", || format!("{m:?} is not an HTTP method (upper case)"))
             });
         }
         for (field, list) in [("paths", &self.paths), ("notPaths", &self.not_paths)] {

@@ -251,6 +251,17 @@ fn policy_fields_are_checked() {
             ("AuthorizationPolicy/shop/p", "spec.rules[0].from[0].source.ipBlocks[0]"),
         ]
     );
+    // Methods: any upper-case RFC 9110 token (WebDAV, SSDP), nothing in lower case.
+    let e = errors_of(
+        "apiVersion: security.sinew.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  rules:\n    - to: [{operation: {methods: [GET, M-SEARCH, PROPFIND, get, \"GE T\"]}}]\n",
+    );
+    assert_eq!(
+        fields(&e),
+        [
+            ("AuthorizationPolicy/shop/p", "spec.rules[0].to[0].operation.methods[3]"),
+            ("AuthorizationPolicy/shop/p", "spec.rules[0].to[0].operation.methods[4]"),
+        ]
+    );
 }
 
 #[test]
