@@ -90,6 +90,11 @@ pub fn validate(root: &Path, path: &Path) -> Result<PathBuf, CgroupError> {
     Ok(canonical)
 }
 
+/// Whether `inner` is `outer` or below it (programs attached to `outer` act on `inner`).
+pub fn nested(outer: &Path, inner: &Path) -> bool {
+    inner.starts_with(outer)
+}
+
 /// Finds a pod's cgroup from its UID the way kubelet names them: `pod<uid>` with the cgroupfs
 /// driver, `...-pod<uid_with_underscores>.slice` with systemd. Depth-limited. Two directories
 /// of that name (a decoy someone with a delegated subtree made, say) are refused rather than
@@ -146,6 +151,15 @@ mod tests {
         let err = discover(root.path(), "1234-ab").unwrap_err().to_string();
         assert!(err.contains("both look like its cgroup") && err.contains("decoy"), "{err}");
         assert!(err.contains("besteffort/pod1234-ab"), "{err}");
+    }
+
+    #[test]
+    fn nesting_is_by_whole_path_components() {
+        let p = Path::new;
+        assert!(nested(p("/sys/fs/cgroup/a"), p("/sys/fs/cgroup/a")));
+        assert!(nested(p("/sys/fs/cgroup/a"), p("/sys/fs/cgroup/a/b")));
+        assert!(!nested(p("/sys/fs/cgroup/a/b"), p("/sys/fs/cgroup/a")));
+        assert!(!nested(p("/sys/fs/cgroup/a"), p("/sys/fs/cgroup/ab")));
     }
 
     #[test]

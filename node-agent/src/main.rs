@@ -161,6 +161,7 @@ fn run(args: RunArgs) -> Result<()> {
         bpffs_dir: args.common.bpffs_dir.clone(),
         state_dir: args.common.state_dir.clone(),
         cgroup_root,
+        agent_cgroup: own.canonicalize().unwrap_or_else(|_| own.clone()),
     };
     if !sinew_model::is_dns_subdomain(&args.trust_domain) {
         bail!("--trust-domain {:?}: not a DNS name", args.trust_domain);

@@ -95,6 +95,8 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// The cgroup v2 mount.
     pub cgroup_root: PathBuf,
+    /// The agent's own cgroup: no pod's may hold it.
+    pub agent_cgroup: PathBuf,
 }
 
 struct Pod {
@@ -225,6 +227,16 @@ impl Registry {
                 reason: format!("{} is not valid UTF-8", resolved.display()),
             });
         }
+        // Programs attached to a cgroup act on every cgroup below it: one holding the agent
+        // would capture the agent's own connections, one around or inside another pod's
+        // would capture that pod under this one's identity.
+        if cgroup::nested(&resolved, &self.settings.agent_cgroup) {
+            return Err(PodError::Invalid {
+                uid: spec.uid,
+                field: "cgroup",
+                reason: format!("{} holds the agent itself", resolved.display()),
+            });
+        }
         spec.cgroup = Some(resolved);
         let netns = Netns::open(&spec.netns)?;
 
@@ -235,6 +247,22 @@ impl Registry {
             } else {
                 Err(PodError::Conflict(spec.uid))
             };
+        }
+        // Nor may it overlap another pod's cgroup (same, around or inside).
+        let mine = spec.cgroup.clone().unwrap_or_default();
+        let overlaps = |c: &Path| cgroup::nested(&mine, c) || cgroup::nested(c, &mine);
+        if let Some(other) =
+            pods.values().find(|o| o.status.spec.cgroup.as_deref().is_some_and(overlaps))
+        {
+            return Err(PodError::Invalid {
+                uid: spec.uid,
+                field: "cgroup",
+                reason: format!(
+                    "{} overlaps the cgroup of enrolled pod {}",
+                    mine.display(),
+                    other.status.spec.uid
+                ),
+            });
         }
         // A network namespace is one pod's: a second pod in it would join the first's
         // listeners and carry part of its traffic under the second's identity.

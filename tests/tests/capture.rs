@@ -271,8 +271,16 @@ fn bad_input_is_refused_and_changes_nothing() -> Result<()> {
     let mut taken_netns = extra.spec();
     taken_netns.netns = client.spec().netns;
     let shared = format!("is the network namespace of enrolled pod {}", client.spec().uid);
+    // Another pod's cgroup, or the agent's own (programs there would capture it).
+    let mut taken_cgroup = extra.spec();
+    taken_cgroup.cgroup = client.spec().cgroup;
+    let overlap = format!("overlaps the cgroup of enrolled pod {}", client.spec().uid);
+    let mut agents_cgroup = extra.spec();
+    agents_cgroup.cgroup = client.cgroup.parent().map(|base| base.join("agent-n1"));
     for (spec, expect) in [
         (taken_netns, shared.as_str()),
+        (taken_cgroup, overlap.as_str()),
+        (agents_cgroup, "holds the agent itself"),
         (missing_netns, "does-not-exist"),
         (missing_cgroup, "does-not-exist"),
         (not_a_netns, "not a network namespace"),
