@@ -240,17 +240,29 @@ pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodNet>
 
 /// Copies both ways; an EOF is passed on as a FIN (half-close), an error as a reset.
 /// splice(2) when two pipes can be had, user-space buffers otherwise (out of descriptors).
-pub(crate) async fn copy(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<(u64, u64)> {
+/// `progress` is told the bytes moved, (a -> b, b -> a): as they go with splice, at the end
+/// otherwise.
+pub(crate) async fn copy(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> io::Result<(u64, u64)> {
     let result = match splice::Pipes::take() {
         Ok(pipes) => {
-            let result = splice::copy(a, b, &pipes).await;
+            let result = splice::copy(a, b, &pipes, progress).await;
             if result.is_ok() {
                 // Both directions reached EOF with their pipes drained: reusable.
                 pipes.give_back();
             }
             result
         }
-        Err(_) => tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER, COPY_BUFFER).await,
+        Err(_) => {
+            let r = tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER, COPY_BUFFER).await;
+            if let Ok((ab, ba)) = r {
+                progress(ab, ba);
+            }
+            r
+        }
     };
     if result.is_err() {
         // One side was reset or failed: reset the other rather than let it see a clean end.

@@ -3,6 +3,7 @@
 
 use std::{
     net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, SystemTime},
 };
 
@@ -120,12 +121,48 @@ impl Metrics {
         out
     }
 
-    /// Counts a closed connection and its bytes: `toward` the destination (the request)
-    /// and `back` from it (the response).
-    pub fn closed(&self, labels: &TcpLabels, toward: u64, back: u64) {
+    /// Counts a closed connection.
+    pub fn closed(&self, labels: &TcpLabels) {
         self.closed.get_or_create(labels).inc();
-        self.request_bytes.get_or_create(labels).inc_by(toward);
-        self.response_bytes.get_or_create(labels).inc_by(back);
+    }
+
+    /// The byte counters of a connection's series, to count into as bytes flow (ztunnel's
+    /// way: a long-lived connection's traffic shows while it lives, and bytes moved before a
+    /// reset count too).
+    pub fn bytes(&self, labels: &TcpLabels) -> ByteCounters {
+        ByteCounters {
+            toward: self.request_bytes.get_or_create(labels).clone(),
+            back: self.response_bytes.get_or_create(labels).clone(),
+            totals: Default::default(),
+        }
+    }
+}
+
+/// One connection's bytes: `istio_tcp_received_bytes_total` (toward the destination) and
+/// `istio_tcp_sent_bytes_total` (back from it) of its series, and its own totals for the
+/// access log (which a reset does not lose).
+pub struct ByteCounters {
+    toward: Counter,
+    back: Counter,
+    totals: [AtomicU64; 2],
+}
+
+impl ByteCounters {
+    /// Counts bytes moved `toward` the destination and `back` from it.
+    pub fn add(&self, toward: u64, back: u64) {
+        if toward > 0 {
+            self.toward.inc_by(toward);
+            self.totals[0].fetch_add(toward, Ordering::Relaxed);
+        }
+        if back > 0 {
+            self.back.inc_by(back);
+            self.totals[1].fetch_add(back, Ordering::Relaxed);
+        }
+    }
+
+    /// (toward the destination, back from it) so far.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.totals[0].load(Ordering::Relaxed), self.totals[1].load(Ordering::Relaxed))
     }
 }
 
@@ -229,7 +266,11 @@ mod tests {
             response_flags: "-",
             connection_security_policy: "unknown",
         };
-        m.closed(&labels, 100, 1000);
+        let bytes = m.bytes(&labels);
+        bytes.add(60, 0);
+        bytes.add(40, 1000);
+        m.closed(&labels);
+        assert_eq!(bytes.totals(), (100, 1000));
         let text = m.encode();
         let value = |name: &str| {
             text.lines()

@@ -59,8 +59,14 @@ impl H2Stream {
     /// from `tcp` go out as DATA frames without an intermediate copy, DATA received is written
     /// straight to `tcp`, and the window is handed back only once written (backpressure).
     /// EOF either way is passed on as a half-close. Returns (bytes to the peer, bytes from
-    /// it). On error the stream is reset; the caller resets `tcp`.
-    pub async fn copy_tcp(&mut self, tcp: &mut TcpStream) -> io::Result<(u64, u64)> {
+    /// it). On error the stream is reset; the caller resets `tcp`. `progress` is told each
+    /// chunk as it goes, (to the peer, from the peer), so metrics of a long-lived connection
+    /// move while it lives.
+    pub async fn copy_tcp(
+        &mut self,
+        tcp: &mut TcpStream,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> io::Result<(u64, u64)> {
         let pending = std::mem::take(&mut self.pending);
         let result = {
             let (mut tcp_r, mut tcp_w) = tcp.split();
@@ -78,6 +84,7 @@ impl H2Stream {
                         return Ok::<_, io::Error>(total);
                     }
                     total += n as u64;
+                    progress(n as u64, 0);
                     let mut data = buf.split().freeze();
                     while !data.is_empty() {
                         send.reserve_capacity(data.len());
@@ -101,11 +108,14 @@ impl H2Stream {
             };
             let download = async {
                 let mut total = pending.len() as u64;
+                // Counted as received from the peer, before being written on.
                 if !pending.is_empty() {
+                    progress(0, total);
                     tcp_w.write_all(&pending).await?;
                 }
                 while let Some(data) = recv.data().await {
                     let data = data.map_err(to_io)?;
+                    progress(0, data.len() as u64);
                     tcp_w.write_all(&data).await?;
                     let _ = recv.flow_control().release_capacity(data.len());
                     total += data.len() as u64;

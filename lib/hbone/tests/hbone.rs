@@ -540,3 +540,45 @@ async fn a_connection_whose_pings_go_unanswered_closes_and_resets_its_streams() 
     assert_eq!(&back, b"pong");
     assert_eq!(pool.stats().opened, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copying_tells_progress_while_the_connection_lives() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let (addr, _seen) = server(identity(&ca, &server_id)).await;
+    let pool = Pool::new();
+    let mut tunnel = pool
+        .connect(&key(&client_id, addr, &server_id), &identity(&ca, &client_id), req(80), dial)
+        .await
+        .unwrap();
+    // An application socket pair: the tunnel copies to and from one end.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut app = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let (mut end, _) = listener.accept().await.unwrap();
+    let moved = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let m = moved.clone();
+    let copying = tokio::spawn(async move {
+        let progress = |to: u64, from: u64| {
+            m[0].fetch_add(to, Ordering::Relaxed);
+            m[1].fetch_add(from, Ordering::Relaxed);
+        };
+        tunnel.copy_tcp(&mut end, &progress).await
+    });
+    app.write_all(&[7u8; 100]).await.unwrap();
+    let mut back = [0u8; 100];
+    app.read_exact(&mut back).await.unwrap();
+    // Counted while the connection is still open.
+    let now = || (moved[0].load(Ordering::Relaxed), moved[1].load(Ordering::Relaxed));
+    assert_eq!(now(), (100, 100));
+    app.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    app.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b"bye");
+    let totals = copying.await.unwrap().unwrap();
+    assert_eq!(totals, (100, 103));
+    assert_eq!(now(), totals, "progress adds up to the totals");
+}

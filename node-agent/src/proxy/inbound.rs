@@ -29,7 +29,8 @@ use super::{
     is_own_listener, reset,
 };
 use crate::telemetry::{
-    AccessEntry, CONNECT_FAILED, DecisionLabels, DestinationLabels, Peer, SourceLabels, TcpLabels,
+    AccessEntry, ByteCounters, CONNECT_FAILED, DecisionLabels, DestinationLabels, Peer,
+    SourceLabels, TcpLabels,
 };
 
 /// The error of a connection closed by a policy change.
@@ -348,7 +349,7 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
     if !authorize(&pod, &mesh, &arrival, &mut log, &mut labels) {
         inbound.refuse(StatusCode::UNAUTHORIZED);
         ctx.metrics.opened.get_or_create(&labels).inc();
-        ctx.metrics.closed(&labels, 0, 0);
+        ctx.metrics.closed(&labels);
         return finish(&pod, log, start);
     }
     // Live from the decision on: a policy change while the application is being connected
@@ -368,7 +369,7 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
             inbound.refuse(StatusCode::SERVICE_UNAVAILABLE);
             labels.response_flags = CONNECT_FAILED;
             ctx.metrics.opened.get_or_create(&labels).inc();
-            ctx.metrics.closed(&labels, 0, 0);
+            ctx.metrics.closed(&labels);
             log.error = Some(format!("connecting to {destination}: {e}"));
             return finish(&pod, log, start);
         }
@@ -383,8 +384,9 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
     ctx.metrics.opened.get_or_create(&labels).inc();
     ctx.stats.active.fetch_add(1, Ordering::Relaxed);
     let (mut stream, mut upstream) = (stream, upstream);
+    let bytes = ctx.metrics.bytes(&labels);
     let result = tokio::select! {
-        r = copy_tunnel(&mut stream, &mut upstream) => r,
+        r = copy_tunnel(&mut stream, &mut upstream, &bytes) => r,
         () = kill.notified() => {
             stream.reset();
             reset(&upstream);
@@ -392,41 +394,39 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
         }
     };
     ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
-    record(&pod, result, &mut log, &labels);
+    record(&pod, result, &mut log, &labels, &bytes);
     finish(&pod, log, start);
 }
 
 async fn copy_tunnel(
     stream: &mut H2Stream,
     upstream: &mut TcpStream,
+    bytes: &ByteCounters,
 ) -> std::io::Result<(u64, u64)> {
-    // copy_tcp counts (toward the client, from the client): swap to (sent, received).
-    let r = stream.copy_tcp(upstream).await.map(|(back, forth)| (forth, back));
+    // The peer is the source: to it goes the response, from it comes the request.
+    let r = stream.copy_tcp(upstream, &|to_peer, from_peer| bytes.add(from_peer, to_peer)).await;
     if r.is_err() {
         reset(upstream);
     }
     r
 }
 
+/// Logs and counts a connection's end; its bytes were counted as they went.
 fn record(
     pod: &PodNet,
     result: std::io::Result<(u64, u64)>,
     log: &mut AccessEntry,
     labels: &TcpLabels,
+    bytes: &ByteCounters,
 ) {
-    match result {
-        Ok((sent, received)) => {
-            (log.bytes_sent, log.bytes_received) = (sent, received);
-            pod.ctx.metrics.closed(labels, sent, received);
+    (log.bytes_sent, log.bytes_received) = bytes.totals();
+    if let Err(e) = result {
+        if e.to_string() == CLOSED_BY_POLICY {
+            pod.ctx.stats.closed_by_policy.fetch_add(1, Ordering::Relaxed);
         }
-        Err(e) => {
-            if e.to_string() == CLOSED_BY_POLICY {
-                pod.ctx.stats.closed_by_policy.fetch_add(1, Ordering::Relaxed);
-            }
-            log.error = Some(e.to_string());
-            pod.ctx.metrics.closed(labels, 0, 0);
-        }
+        log.error = Some(e.to_string());
     }
+    pod.ctx.metrics.closed(labels);
 }
 
 /// A plaintext connection on the pod's 15006 listener (a client outside the mesh, or a
@@ -459,7 +459,7 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
     let (mut log, mut labels) = arrival.entry(&pod, &mesh);
     if !authorize(&pod, &mesh, &arrival, &mut log, &mut labels) {
         ctx.metrics.opened.get_or_create(&labels).inc();
-        ctx.metrics.closed(&labels, 0, 0);
+        ctx.metrics.closed(&labels);
         finish(&pod, log, start);
         return reset(&downstream);
     }
@@ -478,7 +478,7 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
             ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             labels.response_flags = CONNECT_FAILED;
             ctx.metrics.opened.get_or_create(&labels).inc();
-            ctx.metrics.closed(&labels, 0, 0);
+            ctx.metrics.closed(&labels);
             log.error = Some(format!("connecting to {destination}: {e}"));
             finish(&pod, log, start);
             return reset(&downstream);
@@ -487,8 +487,10 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
     ctx.metrics.opened.get_or_create(&labels).inc();
     ctx.stats.active.fetch_add(1, Ordering::Relaxed);
     let (mut downstream, mut upstream) = (downstream, upstream);
+    let bytes = ctx.metrics.bytes(&labels);
+    let progress = |toward, back| bytes.add(toward, back);
     let result = tokio::select! {
-        r = copy(&mut downstream, &mut upstream) => r,
+        r = copy(&mut downstream, &mut upstream, &progress) => r,
         () = kill.notified() => {
             reset(&downstream);
             reset(&upstream);
@@ -496,7 +498,7 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
         }
     };
     ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
-    record(&pod, result, &mut log, &labels);
+    record(&pod, result, &mut log, &labels, &bytes);
     finish(&pod, log, start);
 }
 

@@ -212,7 +212,7 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                     debug!(pod = %pod.name, %peer, dst = %resolved.addr, error = %e, "HBONE connect failed");
                     log.error = Some(e.to_string());
                     ctx.metrics.opened.get_or_create(&labels).inc();
-                    ctx.metrics.closed(&labels, 0, 0);
+                    ctx.metrics.closed(&labels);
                     finish(&pod, log, start);
                     return reset(&downstream);
                 }
@@ -221,22 +221,18 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
             ctx.metrics.opened.get_or_create(&labels).inc();
             ctx.stats.active.fetch_add(1, Ordering::Relaxed);
             let mut downstream = downstream;
-            // (bytes toward the destination, bytes back from it)
-            let result =
-                tunnel.copy_tcp(&mut downstream).await.map(|(up, down)| (up + early_len, down));
+            // The early bytes went with the CONNECT.
+            let bytes = ctx.metrics.bytes(&labels);
+            bytes.add(early_len, 0);
+            let result = tunnel.copy_tcp(&mut downstream, &|to, from| bytes.add(to, from)).await;
             ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
-            match result {
-                Ok((sent, received)) => {
-                    (log.bytes_sent, log.bytes_received) = (sent, received);
-                    ctx.metrics.closed(&labels, sent, received);
-                }
-                Err(e) => {
-                    // The tunnel was reset with RST_STREAM; the app gets a TCP RST.
-                    reset(&downstream);
-                    log.error = Some(e.to_string());
-                    ctx.metrics.closed(&labels, 0, 0);
-                }
+            (log.bytes_sent, log.bytes_received) = bytes.totals();
+            if let Err(e) = result {
+                // The tunnel was reset with RST_STREAM; the app gets a TCP RST.
+                reset(&downstream);
+                log.error = Some(e.to_string());
             }
+            ctx.metrics.closed(&labels);
             finish(&pod, log, start);
         }
         None => {
@@ -247,7 +243,7 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                     debug!(pod = %pod.name, %peer, target = %resolved.addr, error = %e, "upstream connect failed");
                     labels.response_flags = CONNECT_FAILED;
                     ctx.metrics.opened.get_or_create(&labels).inc();
-                    ctx.metrics.closed(&labels, 0, 0);
+                    ctx.metrics.closed(&labels);
                     log.error = Some(e.to_string());
                     finish(&pod, log, start);
                     return reset(&downstream);
@@ -256,18 +252,15 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
             ctx.metrics.opened.get_or_create(&labels).inc();
             ctx.stats.active.fetch_add(1, Ordering::Relaxed);
             let (mut downstream, mut upstream) = (downstream, upstream);
-            let result = copy(&mut downstream, &mut upstream).await;
+            let bytes = ctx.metrics.bytes(&labels);
+            let result =
+                copy(&mut downstream, &mut upstream, &|to, from| bytes.add(to, from)).await;
             ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
-            match result {
-                Ok((sent, received)) => {
-                    (log.bytes_sent, log.bytes_received) = (sent, received);
-                    ctx.metrics.closed(&labels, sent, received);
-                }
-                Err(e) => {
-                    log.error = Some(e.to_string());
-                    ctx.metrics.closed(&labels, 0, 0);
-                }
+            (log.bytes_sent, log.bytes_received) = bytes.totals();
+            if let Err(e) = result {
+                log.error = Some(e.to_string());
             }
+            ctx.metrics.closed(&labels);
             finish(&pod, log, start);
         }
     }

@@ -55,8 +55,14 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
-/// Moves bytes from `from` to `to` until EOF, then half-closes `to`. Returns the byte count.
-async fn one_way(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<u64> {
+/// Moves bytes from `from` to `to` until EOF, then half-closes `to`. Returns the byte count;
+/// `progress` is told each chunk moved.
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: &Pipe,
+    progress: &(dyn Fn(u64) + Sync),
+) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         // The pipe is empty here, so EAGAIN can only mean the socket has nothing to read.
@@ -89,6 +95,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<u6
                 Ok(m) => {
                     left -= m;
                     total += m as u64;
+                    progress(m as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -126,6 +133,13 @@ impl Pipes {
 
 /// Copies both ways through two pipes; returns (a -> b, b -> a) byte counts, or the first
 /// error (the caller resets both sides and drops the pipes, which may hold data).
-pub async fn copy(a: &TcpStream, b: &TcpStream, pipes: &Pipes) -> io::Result<(u64, u64)> {
-    tokio::try_join!(one_way(a, b, &pipes.0), one_way(b, a, &pipes.1))
+/// `progress` is told each chunk, (a -> b, b -> a).
+pub async fn copy(
+    a: &TcpStream,
+    b: &TcpStream,
+    pipes: &Pipes,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> io::Result<(u64, u64)> {
+    let (forth, back) = (|n| progress(n, 0), |n| progress(0, n));
+    tokio::try_join!(one_way(a, b, &pipes.0, &forth), one_way(b, a, &pipes.1, &back))
 }
