@@ -50,9 +50,15 @@ fn reload(store: &mut Store, dir: &std::path::Path, reported: &mut Vec<String>) 
 
 /// Streams configuration from the control service (see `sinew-control-client`): the disk
 /// cache is published at once, then every accepted update.
-pub fn from_control(cfg: ClientConfig) -> (MeshView, JoinHandle<()>) {
+/// Also returns whether the view is configuration yet (becomes true): a cache was loaded, or
+/// control has answered; false while an agent without a cache has heard nothing.
+pub fn from_control(cfg: ClientConfig) -> (MeshView, JoinHandle<()>, watch::Receiver<bool>) {
     let (mut views, client) = start_config(cfg);
     let first = views.borrow_and_update().clone();
+    let is_known = |v: &sinew_control_client::ConfigView| {
+        v.acks > 0 || (v.from_cache && !v.resources.is_empty())
+    };
+    let (known_tx, known) = watch::channel(is_known(&first));
     let build = |v: &sinew_control_client::ConfigView| {
         Arc::new(MeshIndex::build(v.resources.values().map(|h| &*h.resource)))
     };
@@ -68,9 +74,12 @@ pub fn from_control(cfg: ClientConfig) -> (MeshView, JoinHandle<()>) {
         while views.changed().await.is_ok() {
             let view = views.borrow_and_update().clone();
             tx.send_replace(build(&view));
+            if is_known(&view) {
+                known_tx.send_if_modified(|k| !std::mem::replace(k, true));
+            }
         }
     });
-    (rx, task)
+    (rx, task, known)
 }
 
 struct AbortOnDrop(JoinHandle<()>);

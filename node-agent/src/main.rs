@@ -176,12 +176,12 @@ fn run(args: RunArgs) -> Result<()> {
     let workers = Workers::start(worker_count, "sinew-worker", args.pin_workers)?;
     let handles = workers.handles().to_vec();
     runtime.block_on(async move {
-        let (mesh, certs, _config_task) = match control {
+        let (mesh, certs, _config_task, known) = match control {
             Some(c) => {
                 let node_id = sinew_identity::SpiffeId::node(&args.trust_domain, &c.node)
                     .with_context(|| format!("--node {:?}", c.node))?;
                 let credentials = c.node_credentials(&node_id).await;
-                let (mesh, task) = config::from_control(sinew_control_client::ClientConfig {
+                let (mesh, task, mut known) = config::from_control(sinew_control_client::ClientConfig {
                     endpoint: c.endpoint.clone(),
                     name: c.node.clone(),
                     role: "agent".into(),
@@ -190,19 +190,21 @@ fn run(args: RunArgs) -> Result<()> {
                 });
                 // Without a cache, wait (bounded) for control's first answer, so pods
                 // enrolled right after start are judged against real configuration.
-                if mesh.borrow().workloads().next().is_none() {
-                    let mut first = mesh.clone();
-                    if tokio::time::timeout(FIRST_CONFIG_WAIT, first.changed()).await.is_err() {
-                        warn!("no configuration from control yet; starting without it");
-                    }
+                let view_known =
+                    tokio::time::timeout(FIRST_CONFIG_WAIT, known.wait_for(|k| *k)).await.is_ok();
+                if !view_known {
+                    warn!("no configuration from control yet; starting without it");
                 }
                 let source =
                     CertSource { endpoint: c.endpoint, credentials, cache_dir: c.cache_dir };
-                (mesh, Certs::new(Some(source), tokio::runtime::Handle::current()), task)
+                (mesh, Certs::new(Some(source), tokio::runtime::Handle::current()), task, known)
             }
             None => {
                 let (mesh, task) = config::from_dir(args.config_dir.clone());
-                (mesh, Certs::new(None, tokio::runtime::Handle::current()), task)
+                // Read before this returns: configuration from the start (and for good, so
+                // the sender can go).
+                let (_, known) = tokio::sync::watch::channel(true);
+                (mesh, Certs::new(None, tokio::runtime::Handle::current()), task, known)
             }
         };
         let ctx = Arc::new(Ctx::new(
@@ -215,7 +217,8 @@ fn run(args: RunArgs) -> Result<()> {
         let registry = Arc::new(Registry::new(settings, capture, ctx, handles));
         let restored = {
             let r = registry.clone();
-            tokio::task::spawn_blocking(move || r.restore()).await??
+            let view_known = *known.borrow();
+            tokio::task::spawn_blocking(move || r.restore(view_known)).await??
         };
         // Loading the programs parsed the kernel's BTF (megabytes, freed since): hand the
         // freed heap back so the idle agent stays small.
@@ -235,7 +238,7 @@ fn run(args: RunArgs) -> Result<()> {
         info!(api = %socket.display(), admin = %args.admin, object = %object.display(), restored, workers = worker_count, cpus = ?workers.cpus(), mode = if registry.ctx().certs.enabled() { "mesh" } else { "capture-only" }, "sinew-agent ready");
         let server = tokio::spawn(api::serve(listener, registry.clone()));
         let admin = tokio::spawn(admin::serve(admin_listener, registry.clone()));
-        let reconciler = tokio::spawn(reconcile_loop(registry));
+        let reconciler = tokio::spawn(reconcile_loop(registry, known));
         shutdown_signal().await;
         server.abort();
         admin.abort();
@@ -253,21 +256,40 @@ fn default_workers() -> usize {
 
 /// Applies every new mesh view: namespace enrollment changes, then a re-check of live
 /// inbound connections against the policies now in force.
-async fn reconcile_loop(registry: Arc<Registry>) {
+/// Pins of pods out of the mesh are released only once the view is configuration
+/// (`known`): an agent that has heard nothing from control knows no namespace in the mesh.
+async fn reconcile_loop(registry: Arc<Registry>, mut known: tokio::sync::watch::Receiver<bool>) {
     let mut mesh = registry.ctx().mesh.clone();
+    // Pods that should be captured but are not (a re-adoption or capture that failed: a
+    // port taken in the pod, no descriptors) are tried again this often, not only when the
+    // configuration next changes.
+    let mut retry = tokio::time::interval(CAPTURE_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    retry.tick().await;
     loop {
-        if mesh.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = mesh.changed() => if changed.is_err() { return },
+            // Configuration just became known: apply it in full.
+            Ok(()) = known.changed() => {}
+            _ = retry.tick() => {
+                let r = registry.clone();
+                let _ = tokio::task::spawn_blocking(move || r.reconcile(false)).await;
+                continue;
+            }
         }
         let view = mesh.borrow_and_update().clone();
+        let releases = *known.borrow_and_update();
         let r = registry.clone();
-        let _ = tokio::task::spawn_blocking(move || r.reconcile()).await;
+        let _ = tokio::task::spawn_blocking(move || r.reconcile(releases)).await;
         let closed = registry.ctx().live.recheck(&view);
         if closed > 0 {
             info!(closed, "policy change: closed live connections it no longer admits");
         }
     }
 }
+
+/// How often captures that failed are tried again.
+const CAPTURE_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long a starting agent without a configuration cache waits for control's first answer.
 const FIRST_CONFIG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -86,6 +86,16 @@ pub enum PodError {
     },
 }
 
+/// Who enrolls a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The local API: persisted at once; stale pins of a pod out of the mesh released.
+    Api,
+    /// Re-adoption at start: persisted once at the end; stale pins released only when the
+    /// mesh view is configuration.
+    Restore { view_known: bool },
+}
+
 /// Static settings the pod registry needs.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -155,9 +165,13 @@ impl Registry {
 
     /// Re-adopts the pods of the state file (after a restart). A pod whose network namespace
     /// or cgroup is gone is dropped with its pins. One that fails otherwise (a port taken in
-    /// the pod, no descriptors left) stays known, uncaptured, with its pins (it keeps
-    /// failing closed) and the reason in its status; reconciliation tries it again.
-    pub fn restore(&self) -> Result<usize, PodError> {
+    /// the pod, no descriptors left, a spec the checks now refuse) stays known, uncaptured,
+    /// with its pins (it keeps failing closed) and the reason in its status; reconciliation
+    /// tries it again. `view_known`: the mesh view is configuration (loaded, cached or from
+    /// control), not the empty one of an agent that could not reach control; only then do
+    /// pins of pods whose namespace is not in the mesh go (else reconciliation releases
+    /// them once configuration arrives).
+    pub fn restore(&self, view_known: bool) -> Result<usize, PodError> {
         let _change = self.change();
         let path = self.state_file();
         let specs: Vec<PodSpec> = match std::fs::read(&path) {
@@ -172,11 +186,11 @@ impl Registry {
         for spec in specs {
             let uid = spec.uid.clone();
             let spec_copy = spec.clone();
-            match self.enroll_now(spec) {
+            match self.enroll_now(spec, Mode::Restore { view_known }) {
                 Ok(_) => restored += 1,
                 // A name that could not have been written by this agent: nothing of it is
                 // touched (its pin path is not to be trusted).
-                Err(e @ PodError::Invalid { .. }) => {
+                Err(e @ PodError::Invalid { field: "uid", .. }) => {
                     warn!(pod = %uid, error = %e, "ignoring an invalid pod in the state file");
                 }
                 // Another pod holds its address: the pins at that address are not its own.
@@ -190,7 +204,7 @@ impl Registry {
                     let _ = self.release(&spec_copy);
                 }
                 Err(e) => {
-                    warn!(pod = %uid, error = %e, "cannot re-adopt pod: it stays closed, retried on the next configuration change");
+                    warn!(pod = %uid, error = %e, "cannot re-adopt pod: it stays closed and is retried");
                     let status = PodStatus {
                         spec: spec_copy,
                         captured: false,
@@ -208,11 +222,11 @@ impl Registry {
     /// Adds a pod; captures it when its namespace is enrolled. Idempotent for the same spec.
     pub fn enroll(&self, spec: PodSpec) -> Result<PodStatus, PodError> {
         let _change = self.change();
-        self.enroll_now(spec)
+        self.enroll_now(spec, Mode::Api)
     }
 
     /// [`Registry::enroll`], the change lock held.
-    fn enroll_now(&self, mut spec: PodSpec) -> Result<PodStatus, PodError> {
+    fn enroll_now(&self, mut spec: PodSpec, mode: Mode) -> Result<PodStatus, PodError> {
         validate(&spec)?;
         let resolved = match &spec.cgroup {
             Some(p) => cgroup::validate(&self.settings.cgroup_root, p)?,
@@ -306,8 +320,16 @@ impl Registry {
             (Pod { status: PodStatus { spec, captured: true, reason: None }, tasks }, true)
         } else {
             // Pins left by an earlier agent, from when the namespace was in the mesh, would
-            // keep the pod failing closed although it is no longer captured.
-            if self.capture.lock().expect("capture lock poisoned").pod_attached(&spec.uid) {
+            // keep the pod failing closed although it is no longer captured; but an agent
+            // that has no configuration yet knows no namespace in the mesh, and must not open
+            // every pod it re-adopts (reconciliation releases them once it knows).
+            let view_known = match mode {
+                Mode::Api => true,
+                Mode::Restore { view_known } => view_known,
+            };
+            if view_known
+                && self.capture.lock().expect("capture lock poisoned").pod_attached(&spec.uid)
+            {
                 self.release(&spec)?;
             }
             let reason = not_enrolled(&spec.namespace);
@@ -323,7 +345,11 @@ impl Registry {
         let uid = status.spec.uid.clone();
         pods.insert(uid.clone(), pod);
         drop(pods);
-        if let Err(e) = self.persist() {
+        // Re-adoption writes the state file once, at its end (a failed write here would undo
+        // a pod that is then kept closed).
+        if mode == Mode::Api
+            && let Err(e) = self.persist()
+        {
             // Undo so that the refusal leaves nothing behind.
             self.unenroll_now(&uid).ok();
             return Err(e);
@@ -456,10 +482,11 @@ impl Registry {
     }
 
     /// Applies namespace enrollment changes to known pods, without restarting them: pods of a
-    /// namespace labelled since are captured, pods of one unlabelled are released. A rejected
+    /// namespace labelled since are captured, pods of one unlabelled are released (with
+    /// `releases`: on a new mesh view; a retry on a timer only captures). A rejected
     /// resource changes nothing: its last good version stays in force.
     /// Returns how many pods changed.
-    pub fn reconcile(&self) -> usize {
+    pub fn reconcile(&self, releases: bool) -> usize {
         let _change = self.change();
         let mesh = self.ctx.mesh.borrow().clone();
         let mut changed = 0;
@@ -468,6 +495,21 @@ impl Registry {
             let spec = &pod.status.spec;
             let want = mesh.namespace_is_ambient(&spec.namespace);
             if want == pod.status.captured {
+                // Uncaptured but still pinned (re-adopted before configuration arrived, or
+                // a re-adoption that failed): the view now says it is out of the mesh.
+                if releases
+                    && !want
+                    && self.capture.lock().expect("capture lock poisoned").pod_attached(&spec.uid)
+                {
+                    match self.release(spec) {
+                        Ok(()) => {
+                            pod.status.reason = Some(not_enrolled(&spec.namespace));
+                            changed += 1;
+                            info!(pod = %spec.uid, "namespace not in the mesh: pins released");
+                        }
+                        Err(e) => warn!(pod = %spec.uid, error = %e, "cannot release pod"),
+                    }
+                }
                 continue;
             }
             if want {
@@ -488,6 +530,9 @@ impl Registry {
                     }
                 }
             } else {
+                if !releases {
+                    continue;
+                }
                 if let Err(e) = self.release(spec) {
                     warn!(pod = %spec.uid, error = %e, "cannot release pod");
                     continue;

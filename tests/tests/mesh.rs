@@ -606,3 +606,27 @@ fn a_destination_without_a_workload_is_refused_while_policies_select_by_label() 
     );
     Ok(())
 }
+
+#[test]
+fn an_agent_restarted_without_any_configuration_keeps_its_pods_closed() -> Result<()> {
+    let (mut c, p) = mesh()?;
+    // A fresh start with control away and no cache: the agent knows no namespace in the mesh.
+    c.agent(2).kill();
+    c.stop_control();
+    let cache = c.agent(2).state_dir.join("control");
+    std::fs::remove_dir_all(&cache).with_context(|| format!("removing {}", cache.display()))?;
+    c.agent(2).restart()?;
+    ensure!(c.agent(2).log_text().contains("starting without it"), "{}", c.agent(2).log_text());
+    // Its pods stay pinned and fail closed instead of being opened to plaintext.
+    ensure!(c.pod_has_links(&p.server)?, "pins released while the agent had no configuration");
+    ensure!(ping(&c, &p.legacy, &p.server).is_err(), "the server was reachable around the mesh");
+    // Once control answers, the pod is captured again.
+    c.restart_control()?;
+    wait_for("the server captured again", Duration::from_secs(30), || {
+        Ok(c.agent(2).status()?.pods.iter().any(|s| s.spec.name == "server" && s.captured))
+    })?;
+    wait_for("client reaches server", Duration::from_secs(20), || {
+        Ok(ping(&c, &p.client, &p.server).is_ok())
+    })?;
+    Ok(())
+}
