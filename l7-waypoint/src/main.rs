@@ -263,6 +263,9 @@ async fn run(
     info!(listen = %args.listen, identity = %id, workers = workers.len(), "sinew-waypoint ready");
     until_stopped().await?;
     info!("sinew-waypoint stopping");
+    if let Some(otlp) = &wp.otlp {
+        otlp.stop(Duration::from_secs(2)).await;
+    }
     Ok(())
 }
 

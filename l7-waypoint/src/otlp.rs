@@ -54,6 +54,9 @@ pub struct Exporter {
     queue: mpsc::Sender<Span>,
     /// Spans dropped because the queue was full.
     pub dropped: AtomicU64,
+    /// Told to send what is batched and end ([`Exporter::stop`]).
+    stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Exporter {
@@ -65,8 +68,26 @@ impl Exporter {
     /// As [`Exporter::start`], each export given `timeout` (tests).
     fn start_with(endpoint: String, timeout: Duration) -> Self {
         let (queue, rx) = mpsc::channel(4096);
-        tokio::spawn(run(endpoint, rx, timeout));
-        Self { queue, dropped: AtomicU64::new(0) }
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(run(endpoint, rx, stopped, timeout));
+        Self {
+            queue,
+            dropped: AtomicU64::new(0),
+            stop: std::sync::Mutex::new(Some(stop)),
+            task: std::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    /// Sends the spans batched so far and stops, waiting at most `within` (the waypoint is
+    /// stopping; the handle lives on in tasks that never end, so the queue never closes).
+    pub async fn stop(&self, within: Duration) {
+        if let Some(stop) = self.stop.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            let _ = tokio::time::timeout(within, task).await;
+        }
     }
 
     /// Queues a span (dropped when the queue is full).
@@ -80,7 +101,12 @@ impl Exporter {
 /// How long one export may take.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn run(endpoint: String, mut rx: mpsc::Receiver<Span>, timeout: Duration) {
+async fn run(
+    endpoint: String,
+    mut rx: mpsc::Receiver<Span>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+    timeout: Duration,
+) {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
@@ -99,6 +125,14 @@ async fn run(endpoint: String, mut rx: mpsc::Receiver<Span>, timeout: Duration) 
                     // The waypoint is stopping: what is batched still goes.
                     None => { closed = true; break; }
                 },
+                _ = &mut stopped, if !closed => {
+                    // Whatever is queued joins the last batch.
+                    while let Ok(s) = rx.try_recv() {
+                        batch.push(s);
+                    }
+                    closed = true;
+                    break;
+                }
                 () = &mut deadline => break,
             }
         }
@@ -229,7 +263,8 @@ mod tests {
         let (url, _, got) = silent_collector().await;
         let e = Exporter::start_with(url, Duration::from_millis(200));
         e.export(span());
-        drop(e);
+        // The handle stays alive (tasks hold it); stopping sends the batch.
+        e.stop(Duration::from_secs(2)).await;
         for _ in 0..40 {
             if String::from_utf8_lossy(&got.lock().expect("lock")).contains("resourceSpans") {
                 return;

@@ -353,7 +353,12 @@ struct Finish {
 }
 
 impl Finish {
-    fn record(self) {
+    /// Records the request; `ended`: its response body reached its end (else the client
+    /// went away first: Envoy's `DC`).
+    fn record(mut self, ended: bool) {
+        if !ended && self.done.flags == "-" {
+            self.done.flags = "DC";
+        }
         let millis = self.start.elapsed().as_secs_f64() * 1000.0;
         let grpc_status = self.grpc_status.filter(|_| self.grpc);
         self.down
@@ -386,7 +391,7 @@ impl hyper::body::Body for Recorded {
             }
             std::task::Poll::Ready(None | Some(Err(_))) => {
                 if let Some(f) = self.finish.take() {
-                    f.record();
+                    f.record(true);
                 }
             }
             std::task::Poll::Pending => {}
@@ -406,7 +411,9 @@ impl hyper::body::Body for Recorded {
 impl Drop for Recorded {
     fn drop(&mut self) {
         if let Some(f) = self.finish.take() {
-            f.record();
+            // A body with nothing to send (HEAD, 204, 101, trailers-only) is not polled.
+            let ended = self.body.is_end_stream();
+            f.record(ended);
         }
     }
 }
@@ -558,7 +565,10 @@ async fn route_and_forward(
             &src,
             &HttpRequest { method: parts.method.as_str(), path: &path },
         );
-        if let Some(policy) = decision.policy.as_deref().filter(|_| !decision.allowed()) {
+        if !decision.allowed() {
+            // Denied by default (ALLOW policies apply, none matched): policy `-`, as the
+            // agent counts it.
+            let policy = decision.policy.as_deref().unwrap_or("-");
             wp.metrics.decision("deny", policy, svc, &down.principal);
         }
         for policy in &decision.audited {

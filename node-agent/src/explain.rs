@@ -80,11 +80,12 @@ pub fn explain(
         Some(w) if w.in_mesh => Some(w.identity(trust_domain).map_err(|e| e.to_string())?),
         _ => None,
     };
-    // Through a waypoint: its L7 policies first, then the endpoints see the client's
+    // Through a waypoint (for a source in the mesh: others are not captured and reach the
+    // endpoint directly): its L7 policies first, then the endpoints see the client's
     // identity from the waypoint's address.
     let mut l7 = None;
     let mut arriving_from = src_ip;
-    if let Some((svc, wp)) = &via_waypoint {
+    if let Some((svc, wp)) = via_waypoint.as_ref().filter(|_| identity.is_some()) {
         let (method, path) = request.unwrap_or(("GET", "/"));
         let target = Target {
             namespace: &svc.namespace,
@@ -234,6 +235,9 @@ spec: {selector: {matchLabels: {app: api}}, rules: [{from: [{source: {principals
         .unwrap();
         assert_eq!(e["waypoint"]["verdict"], "deny", "{e:#}");
         assert_eq!(e["verdict"], "deny");
+        // A source outside the mesh is not captured: it reaches the endpoint directly.
+        let e = explain(&m, "cluster.local", "198.18.9.9", "198.18.200.1:80", None).unwrap();
+        assert!(e["waypoint"].is_null(), "{e:#}");
         // Straight to the pod (no waypoint), the client's own address does not pass ipBlocks.
         let e = explain(&m, "cluster.local", "shop/client", "198.18.2.10:8080", None).unwrap();
         assert!(e["waypoint"].is_null());

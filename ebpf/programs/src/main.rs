@@ -155,10 +155,15 @@ fn conn_key(ctx: &SockOpsContext) -> ConnKey {
 fn try_established(ctx: &SockOpsContext) -> Result<(), ()> {
     // SAFETY: the helper only reads the context it is given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = conn_key(ctx);
     // SAFETY: the value is copied out at once; a concurrent delete can at worst give stale bytes
     // for a connection that is going away anyway.
-    let orig = *unsafe { ORIG_BY_COOKIE.get(&cookie) }.ok_or(())?;
-    let key = conn_key(ctx);
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+        // Not redirected by us (or its entry aged out): an entry left under the same tuple
+        // by an earlier connection nobody asked about must not answer for this one.
+        let _ = ORIG_BY_CONN.remove(&key);
+        return Err(());
+    };
     ORIG_BY_CONN.insert(&key, &orig, 0).map_err(|_| ())?;
     // Ask for state callbacks so the cookie's entry goes away when the connection closes.
     ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).map_err(|_| ())?;

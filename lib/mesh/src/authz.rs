@@ -297,10 +297,15 @@ impl Authz {
     /// whose labels are unknown (no Workload has its address) cannot be decided then, and
     /// is refused rather than let past the policies that might select it.
     pub fn selects_by_label(&self, namespace: &str) -> bool {
-        let non_empty =
-            |g: &Group| !(g.deny.is_empty() && g.allow.is_empty() && g.audit.is_empty());
-        non_empty(&self.root_selected)
-            || self.namespaces.get(namespace).is_some_and(|n| non_empty(&n.selected))
+        // `selector: {}` selects every workload: it needs no labels.
+        let by_label = |g: &Group| {
+            [&g.deny, &g.allow, &g.audit]
+                .iter()
+                .flat_map(|v| v.iter())
+                .any(|p| !p.selector.is_empty())
+        };
+        by_label(&self.root_selected)
+            || self.namespaces.get(namespace).is_some_and(|n| by_label(&n.selected))
             || self.peers.selects_by_label(namespace)
     }
 

@@ -136,6 +136,8 @@ pub struct MeshIndex {
     /// namespace -> name -> service.
     services: BTreeMap<String, BTreeMap<String, Arc<ServiceInfo>>>,
     by_vip: HashMap<IpAddr, Arc<ServiceInfo>>,
+    /// `namespace/name` of a workload -> the services it is an endpoint of, in name order.
+    services_of: HashMap<String, Vec<Arc<ServiceInfo>>>,
     ambient: HashSet<String>,
     authz: Authz,
 }
@@ -180,6 +182,9 @@ impl MeshIndex {
             let info = Arc::new(index.service_info(s, &namespaces));
             for ip in &info.vips {
                 index.by_vip.entry(ip.to_canonical()).or_insert_with(|| info.clone());
+            }
+            for e in &info.endpoints {
+                index.services_of.entry(e.key()).or_default().push(info.clone());
             }
             let by_name = index.services.entry(info.namespace.clone()).or_default();
             by_name.insert(info.name.clone(), info);
@@ -247,10 +252,10 @@ impl MeshIndex {
         workload: &WorkloadInfo,
         port: u16,
     ) -> Option<&Arc<ServiceInfo>> {
-        self.services.get(&workload.namespace)?.values().find(|s| {
-            s.endpoints.iter().any(|e| e.name == workload.name)
-                && s.ports.iter().any(|p| p.target_port.unwrap_or(p.port).0 == port)
-        })
+        self.services_of
+            .get(&workload.key())?
+            .iter()
+            .find(|s| s.ports.iter().any(|p| p.target_port.unwrap_or(p.port).0 == port))
     }
 
     /// Every service, in `(namespace, name)` order.

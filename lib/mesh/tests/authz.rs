@@ -716,4 +716,6 @@ fn label_selection_is_known_per_namespace() {
     let root =
         authz(&[policy("sinew-system", "r", "{selector: {matchLabels: {app: x}}, rules: [{}]}")]);
     assert!(root.selects_by_label("any"), "root-namespace selectors apply everywhere");
+    let all = authz(&[policy("sinew-system", "r", "{selector: {}, rules: [{}]}")]);
+    assert!(!all.selects_by_label("any"), "selector: {{}} selects every workload, labels or not");
 }

@@ -245,7 +245,7 @@ impl Arrival {
         let service =
             dst_workload.and_then(|w| mesh.service_of_endpoint(w, self.destination.port()));
         log.dst.service = service.map(|s| s.hostname());
-        let labels = TcpLabels {
+        let mut labels = TcpLabels {
             reporter: "destination",
             source: SourceLabels::new(
                 src_workload,
@@ -266,6 +266,10 @@ impl Arrival {
                 "unknown"
             },
         };
+        if labels.destination.destination_workload == "unknown" {
+            // No Workload (yet) for the pod: it is still the enrolled pod it is.
+            labels.destination.destination_workload = pod.workload.clone();
+        }
         (log, labels)
     }
 }

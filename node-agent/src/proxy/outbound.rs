@@ -150,6 +150,10 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
         response_flags: "-",
         connection_security_policy: "unknown",
     };
+    if labels.source.source_workload == "unknown" {
+        // No Workload (yet) for the pod: it is still the enrolled pod it is.
+        labels.source.source_workload = pod.workload.clone();
+    }
     match hbone {
         Some(w) => {
             let expected = match w.identity(&ctx.trust_domain) {
