@@ -43,6 +43,9 @@ pub struct Span {
     pub path: String,
     /// Status answered.
     pub status: u16,
+    /// A gRPC call's status, if any: non-zero marks the span an error (OpenTelemetry's gRPC
+    /// conventions), whatever the HTTP status.
+    pub grpc_status: Option<u16>,
     /// `<name>.<namespace>`.
     pub service: String,
     /// Source principal.
@@ -184,7 +187,7 @@ pub fn payload(spans: &[Span]) -> Value {
                     attr("sinew.destination_service", json!({ "stringValue": s.service })),
                     attr("sinew.source_principal", json!({ "stringValue": s.source })),
                 ],
-                "status": { "code": if s.status >= 500 { 2 } else { 0 } },
+                "status": { "code": if s.status >= 500 || s.grpc_status.is_some_and(|g| g != 0) { 2 } else { 0 } },
             });
             if let Some(p) = &s.parent_span_id {
                 v["parentSpanId"] = json!(p);
@@ -219,6 +222,7 @@ mod tests {
             method: "GET".into(),
             path: "/".into(),
             status: 200,
+            grpc_status: None,
             service: "api.shop".into(),
             source: "spiffe://cluster.local/ns/shop/sa/client".into(),
         }
@@ -244,6 +248,18 @@ mod tests {
             }
         });
         (url, conns, got)
+    }
+
+    #[test]
+    fn a_failed_grpc_call_is_an_error_span_whatever_its_http_status() {
+        let code = |status, grpc_status| {
+            let s = Span { status, grpc_status, ..span() };
+            payload(&[s])["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["status"]["code"].clone()
+        };
+        assert_eq!(code(200, None), 0);
+        assert_eq!(code(200, Some(0)), 0);
+        assert_eq!(code(200, Some(14)), 2);
+        assert_eq!(code(503, None), 2);
     }
 
     #[tokio::test]

@@ -271,50 +271,19 @@ pub async fn handle(
         done.flags = "DI";
     }
     let audit = notes.audited.into_inner().unwrap_or_else(|e| e.into_inner());
-    let millis = start.elapsed().as_secs_f64() * 1000.0;
-    let svc = &down.service;
-    if let (Some(path_and_query), Some(started_at)) = (path_and_query, started_at) {
-        if wp.access.enabled() {
-            wp.access.write(&RequestEntry {
-                ts: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or_default(),
-                method: method.to_string(),
-                path: path_and_query.clone(),
-                service: format!("{}.{}:{}", svc.name, svc.namespace, down.port),
-                route,
-                status: done.status.as_u16(),
-                flags: done.flags,
-                upstream: done.endpoint.as_ref().map(|w| w.key()),
-                attempts: done.attempts,
-                source: down.principal.clone(),
-                duration_ms: millis,
-                traceparent: Some(traceparent.clone()),
-                audit,
-            });
-        }
-        // An unsampled trace (flags without bit 0) is propagated but not recorded.
-        if let Some(otlp) = wp.otlp.as_ref().filter(|_| trace.sampled()) {
-            let mut ids = traceparent.split('-').skip(1);
-            if let (Some(trace_id), Some(span_id)) = (ids.next(), ids.next()) {
-                let path = path_and_query.split('?').next().unwrap_or("/");
-                otlp.export(crate::otlp::Span {
-                    trace_id: trace_id.to_owned(),
-                    span_id: span_id.to_owned(),
-                    parent_span_id: parent_span,
-                    name: format!("{method} {path}"),
-                    start: started_at,
-                    end: std::time::SystemTime::now(),
-                    method: method.to_string(),
-                    path: path.to_owned(),
-                    status: done.status.as_u16(),
-                    service: format!("{}.{}", svc.name, svc.namespace),
-                    source: down.principal.clone(),
-                });
-            }
-        }
-    }
+    let observed = match (path_and_query, started_at) {
+        (Some(path_and_query), Some(started_at)) => Some(Box::new(Observed {
+            started_at,
+            method,
+            path_and_query,
+            route,
+            traceparent: traceparent.clone(),
+            parent_span,
+            sampled: trace.sampled(),
+            audit,
+        })),
+        _ => None,
+    };
     if grpc && let Some(LocalReply(text)) = response.extensions_mut().remove::<LocalReply>() {
         as_grpc(&mut response, &text, done.flags == "UT");
     }
@@ -324,7 +293,7 @@ pub async fn handle(
     // Counted when the response has ended, as Istio does: the duration covers the body,
     // and a gRPC call's status comes from its trailers.
     let grpc_status = grpc.then(|| grpc_status_of(response.headers())).flatten();
-    let finish = Finish { wp, down, snapshot, done, grpc, grpc_status, start };
+    let finish = Finish { wp, down, snapshot, done, grpc, grpc_status, start, observed };
     Ok(response.map(|body| Recorded { body, finish: Some(finish) }.boxed()))
 }
 
@@ -341,7 +310,20 @@ struct Notes {
     audited: Mutex<Option<String>>,
 }
 
-/// What a request's metrics need once its response has ended.
+/// What a request's access-log line and span need once its response has ended (only when
+/// either is on).
+struct Observed {
+    started_at: std::time::SystemTime,
+    method: http::Method,
+    path_and_query: String,
+    route: Option<String>,
+    traceparent: String,
+    parent_span: Option<String>,
+    sampled: bool,
+    audit: Option<String>,
+}
+
+/// What a request's metrics, access-log line and span need once its response has ended.
 struct Finish {
     wp: Arc<Waypoint>,
     down: Arc<Downstream>,
@@ -350,6 +332,7 @@ struct Finish {
     grpc: bool,
     grpc_status: Option<u16>,
     start: Instant,
+    observed: Option<Box<Observed>>,
 }
 
 impl Finish {
@@ -364,6 +347,51 @@ impl Finish {
         self.down
             .recorder(&self.wp, &self.snapshot, &self.done, self.grpc, grpc_status)
             .record(millis);
+        let Some(o) = self.observed else { return };
+        let (wp, down, done) = (&self.wp, &self.down, &self.done);
+        let svc = &down.service;
+        if wp.access.enabled() {
+            wp.access.write(&RequestEntry {
+                ts: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or_default(),
+                method: o.method.to_string(),
+                path: o.path_and_query.clone(),
+                service: format!("{}.{}:{}", svc.name, svc.namespace, down.port),
+                route: o.route,
+                status: done.status.as_u16(),
+                grpc_status,
+                flags: done.flags,
+                upstream: done.endpoint.as_ref().map(|w| w.key()),
+                attempts: done.attempts,
+                source: down.principal.clone(),
+                duration_ms: millis,
+                traceparent: Some(o.traceparent.clone()),
+                audit: o.audit,
+            });
+        }
+        // An unsampled trace (flags without bit 0) is propagated but not recorded.
+        if let Some(otlp) = wp.otlp.as_ref().filter(|_| o.sampled) {
+            let mut ids = o.traceparent.split('-').skip(1);
+            if let (Some(trace_id), Some(span_id)) = (ids.next(), ids.next()) {
+                let path = o.path_and_query.split('?').next().unwrap_or("/");
+                otlp.export(crate::otlp::Span {
+                    trace_id: trace_id.to_owned(),
+                    span_id: span_id.to_owned(),
+                    parent_span_id: o.parent_span,
+                    name: format!("{} {path}", o.method),
+                    start: o.started_at,
+                    end: std::time::SystemTime::now(),
+                    method: o.method.to_string(),
+                    path: path.to_owned(),
+                    status: done.status.as_u16(),
+                    grpc_status,
+                    service: format!("{}.{}", svc.name, svc.namespace),
+                    source: down.principal.clone(),
+                });
+            }
+        }
     }
 }
 

@@ -158,6 +158,9 @@ pub struct RequestEntry {
     pub route: Option<String>,
     /// Status answered.
     pub status: u16,
+    /// A gRPC call's `grpc-status` (trailers or trailers-only answer), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u16>,
     /// Response flags, as in the metrics.
     pub flags: &'static str,
     /// The endpoint of the last try.
