@@ -16,7 +16,7 @@ use sinew_control::{
 };
 use sinew_control_client::{
     CertConfig, ClientConfig, ClientTls, ConfigView, ControlSettings, Credentials,
-    request_certificate, start_certificate, start_config,
+    request_certificate, start_certificate, start_certificate_following, start_config,
 };
 use sinew_identity::{Ca, SpiffeId};
 use tokio::{sync::watch, task::JoinHandle};
@@ -88,7 +88,8 @@ impl Control {
         let lines: String =
             (0..50).map(|i| format!("node-{i} node-{i}-token-0123456789\n")).collect();
         let tokens = Tokens::parse("tokens", &lines).unwrap();
-        let (source, first) = FileSource::new(config, Some(&ca_dir.join("last-good.json")));
+        let own = vec![sinew_control::source::trust_bundle(ca.bundle())];
+        let (source, first) = FileSource::new(config, Some(&ca_dir.join("last-good.json")), own);
         let errors = source.errors();
         let (tx, rx) = watch::channel(Arc::new(first));
         let ca = CaService::new(Arc::new(ca), tokens, rx.clone(), ttl);
@@ -668,5 +669,53 @@ async fn a_node_bootstraps_with_its_token_then_authenticates_with_its_own_certif
         tls: Some(ClientTls::new(stranger.root_pem().into(), None)),
     };
     assert!(request_certificate(&with(wrong_roots, node_id)).await.is_err());
+    control.stop();
+}
+
+#[tokio::test]
+async fn the_trust_bundle_is_published_and_certificates_follow_it() {
+    let s = Setup::new();
+    // A TrustBundle in the files is refused, named: control publishes its own.
+    std::fs::write(
+        s.config().join("bundle.yaml"),
+        "apiVersion: sinew.io/v1alpha1\nkind: TrustBundle\nmetadata: {name: mesh}\nspec: {roots: [\"-----BEGIN CERTIFICATE-----\\nAAAA\\n-----END CERTIFICATE-----\"]}\n",
+    )
+    .unwrap();
+    let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;
+    let (rx, task) = start_config(s.client(&control, "node-1"));
+    let bundle_of = |v: &sinew_control_client::ConfigView| {
+        v.resources.get("TrustBundle/mesh").and_then(|h| match &*h.resource {
+            sinew_model::Resource::TrustBundle(b) => Some(b.spec.roots.clone()),
+            _ => None,
+        })
+    };
+    let published = wait_for("the trust bundle", || bundle_of(&rx.borrow())).await;
+    let ca = Ca::load_or_generate(&s.ca(), "cluster.local").unwrap();
+    assert_eq!(published, ca.bundle(), "the CA's bundle, not the file's");
+    let errors: Vec<String> =
+        control.errors.lock().unwrap().iter().map(ToString::to_string).collect();
+    assert!(errors.iter().any(|e| e.contains("published by sinew-control")), "{errors:?}");
+
+    // A certificate is renewed at once when the bundle changes, and only once for a bundle
+    // its renewal does not bring (no loop).
+    let (bundle_tx, bundle_rx) = watch::channel(None);
+    let cfg = cert_config(&control, TOKEN_1, "reviews", &s.dir.path().join("certs"));
+    let (mut certs, cert_task) = start_certificate_following(cfg, bundle_rx);
+    let first = wait_for("a certificate", || certs.borrow_and_update().clone()).await;
+    // The bundle it came with: nothing to do.
+    bundle_tx.send_replace(Some(first.bundle.clone().into()));
+    assert!(tokio::time::timeout(Duration::from_secs(2), certs.changed()).await.is_err());
+    bundle_tx.send_replace(Some(vec![published[0].clone(), "another root".to_string()].into()));
+    tokio::time::timeout(Duration::from_secs(5), certs.changed())
+        .await
+        .expect("renewed when the bundle changed")
+        .unwrap();
+    assert_ne!(certs.borrow_and_update().as_ref().unwrap().cert_pem, first.cert_pem);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), certs.changed()).await.is_err(),
+        "renewed again for a bundle control does not serve"
+    );
+    cert_task.abort();
+    task.abort();
     control.stop();
 }

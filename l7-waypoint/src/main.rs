@@ -8,7 +8,7 @@ use clap::Parser;
 use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sinew_control_client::{
-    CertConfig, ClientConfig, ControlSettings, start_certificate, start_config,
+    CertConfig, ClientConfig, ControlSettings, start_certificate_following, start_config,
 };
 use sinew_hbone::Inbound;
 use sinew_identity::SpiffeId;
@@ -218,20 +218,34 @@ async fn run(
 ) -> Result<()> {
     let node_id = SpiffeId::node(&args.trust_domain, &control.node)?;
     let credentials = control.node_credentials(&node_id).await;
-    let (svid, _cert_task) = start_certificate(CertConfig {
-        endpoint: control.endpoint.clone(),
-        credentials: credentials.clone(),
-        identity: id.clone(),
-        ttl: None,
-        cache_dir: control.cache_dir.clone(),
-    });
     let (mut views, _config_task) = start_config(ClientConfig {
         endpoint: control.endpoint.clone(),
         name: format!("{}.{}", args.name, args.namespace),
         role: "waypoint".into(),
         cache_dir: control.cache_dir.clone(),
-        credentials,
+        credentials: credentials.clone(),
     });
+    // Renewed at half life, and at once when control publishes a new trust bundle.
+    let bundle = sinew_control_client::bundle_updates(views.clone(), |v| {
+        v.resources.values().find_map(|h| match &*h.resource {
+            sinew_model::Resource::TrustBundle(b)
+                if b.metadata.name == sinew_model::TRUST_BUNDLE_NAME =>
+            {
+                Some(b.spec.roots.clone().into())
+            }
+            _ => None,
+        })
+    });
+    let (svid, _cert_task) = start_certificate_following(
+        CertConfig {
+            endpoint: control.endpoint.clone(),
+            credentials,
+            identity: id.clone(),
+            ttl: None,
+            cache_dir: control.cache_dir.clone(),
+        },
+        bundle,
+    );
     let build = |v: &sinew_control_client::ConfigView| {
         Arc::new(Snapshot::build(v.resources.values().map(|h| &*h.resource)))
     };

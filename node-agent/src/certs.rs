@@ -9,7 +9,9 @@ use std::{
 };
 
 use serde::Serialize;
-use sinew_control_client::{CertConfig, Credentials, Svid, start_certificate};
+use sinew_control_client::{
+    BundleUpdates, CertConfig, Credentials, Svid, start_certificate_following,
+};
 use sinew_hbone::tls::Identity;
 use sinew_identity::SpiffeId;
 use tokio::{runtime::Handle, sync::watch, task::JoinHandle};
@@ -24,6 +26,8 @@ pub struct CertSource {
     pub credentials: Credentials,
     /// Cache directory.
     pub cache_dir: std::path::PathBuf,
+    /// The trust bundle control publishes: certificates are renewed when it changes.
+    pub bundle: BundleUpdates,
 }
 
 struct Entry {
@@ -90,7 +94,7 @@ impl Certs {
             cache_dir: source.cache_dir.clone(),
         };
         let _guard = self.runtime.enter();
-        let (svids, task) = start_certificate(cfg);
+        let (svids, task) = start_certificate_following(cfg, source.bundle.clone());
         entries.insert(id.clone(), Arc::new(Entry { svids, task, built: Mutex::new(None) }));
     }
 
@@ -176,6 +180,7 @@ mod tests {
             endpoint: "http://127.0.0.1:9".into(),
             credentials: Credentials::default(),
             cache_dir: dir.path().to_path_buf(),
+            bundle: watch::channel(None).1,
         };
         let certs = Certs::new(Some(source), Handle::current());
         let id = |sa: &str| SpiffeId::new("cluster.local", "shop", sa).expect("id");

@@ -195,8 +195,15 @@ fn run(args: RunArgs) -> Result<()> {
                 if !view_known {
                     warn!("no configuration from control yet; starting without it");
                 }
-                let source =
-                    CertSource { endpoint: c.endpoint, credentials, cache_dir: c.cache_dir };
+                let bundle = sinew_control_client::bundle_updates(mesh.clone(), |m| {
+                    m.trust_bundle().cloned()
+                });
+                let source = CertSource {
+                    endpoint: c.endpoint,
+                    credentials,
+                    cache_dir: c.cache_dir,
+                    bundle,
+                };
                 (mesh, Certs::new(Some(source), tokio::runtime::Handle::current()), task, known)
             }
             None => {

@@ -101,16 +101,64 @@ fn load_cached(cfg: &CertConfig) -> Option<Svid> {
 /// Keeps a valid certificate for `cfg.identity` published: the cached one at once if still
 /// valid, then renewals at half life; failures retry with backoff while the old one serves.
 pub fn start_certificate(cfg: CertConfig) -> (watch::Receiver<Option<Arc<Svid>>>, JoinHandle<()>) {
+    let (_, fixed) = watch::channel(None);
+    start_certificate_following(cfg, fixed)
+}
+
+/// The trust bundle the control service publishes (`None` until it has), for
+/// [`start_certificate_following`].
+pub type BundleUpdates = watch::Receiver<Option<Arc<[String]>>>;
+
+/// The trust bundle as `get` reads it from each value of `source` (the client's view of the
+/// configuration), published only when it changes.
+pub fn bundle_updates<T: Send + Sync + 'static>(
+    mut source: watch::Receiver<T>,
+    get: impl Fn(&T) -> Option<Arc<[String]>> + Send + 'static,
+) -> BundleUpdates {
+    let (tx, rx) = watch::channel(get(&source.borrow_and_update()));
+    tokio::spawn(async move {
+        while source.changed().await.is_ok() {
+            let b = get(&source.borrow_and_update());
+            tx.send_if_modified(|cur| {
+                let changed = *cur != b;
+                if changed {
+                    cur.clone_from(&b);
+                }
+                changed
+            });
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// As [`start_certificate`], and renews at once when `bundle` differs from the bundle the
+/// certificate came with (a root added or a new signing root): a rotation reaches this
+/// client without waiting for half life. A bundle that a renewal did not bring is not
+/// chased again (no renewal loop if control's two answers ever disagree).
+pub fn start_certificate_following(
+    cfg: CertConfig,
+    mut bundle: BundleUpdates,
+) -> (watch::Receiver<Option<Arc<Svid>>>, JoinHandle<()>) {
     let (tx, rx) = watch::channel(load_cached(&cfg).map(Arc::new));
     let task = tokio::spawn(async move {
         let mut backoff = Backoff::new();
+        let mut chased: Option<Arc<[String]>> = None;
         loop {
             let current = tx.borrow().clone();
             if let Some(svid) = &current {
                 // A floor, so a very short lifetime cannot turn renewal into a busy loop.
                 let wait = svid.renew_at().duration_since(SystemTime::now()).unwrap_or_default();
                 let wait = wait.max(Duration::from_secs(1));
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    new = new_bundle(&mut bundle, &svid.bundle, chased.as_ref()) => {
+                        info!(identity = %cfg.identity, "trust bundle changed: renewing");
+                        chased = Some(new);
+                    }
+                }
             }
             match request_certificate(&cfg).await {
                 Ok(svid) => {
@@ -132,4 +180,25 @@ pub fn start_certificate(cfg: CertConfig) -> (watch::Receiver<Option<Arc<Svid>>>
         }
     });
     (rx, task)
+}
+
+/// Waits until `bundle` holds roots other than `held` (and than `chased`, the last bundle a
+/// renewal was made for); pends for good once the sender is gone.
+async fn new_bundle(
+    bundle: &mut BundleUpdates,
+    held: &[String],
+    chased: Option<&Arc<[String]>>,
+) -> Arc<[String]> {
+    loop {
+        let now = bundle.borrow_and_update().clone();
+        if let Some(b) = now
+            && b[..] != *held
+            && chased.is_none_or(|c| c[..] != b[..])
+        {
+            return b;
+        }
+        if bundle.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }

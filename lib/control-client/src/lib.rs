@@ -18,7 +18,10 @@ use std::{
 };
 
 pub use bootstrap::{ControlSettings, SettingsError};
-pub use certs::{CertConfig, Svid, request_certificate, start_certificate};
+pub use certs::{
+    BundleUpdates, CertConfig, Svid, bundle_updates, request_certificate, start_certificate,
+    start_certificate_following,
+};
 pub use config::{ClientConfig, ConfigView, Held, start_config};
 
 /// How a client proves itself and checks the control service.
