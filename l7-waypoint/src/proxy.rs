@@ -417,8 +417,22 @@ impl hyper::body::Body for Recorded {
                     f.grpc_status = grpc_status_of(t).or(f.grpc_status);
                 }
             }
-            std::task::Poll::Ready(None | Some(Err(_))) => {
+            std::task::Poll::Ready(None) => {
                 if let Some(f) = self.finish.take() {
+                    f.record(true);
+                }
+            }
+            std::task::Poll::Ready(Some(Err(e))) => {
+                if let Some(mut f) = self.finish.take() {
+                    // The body broke after the headers went: the route's timeout (UT) or
+                    // the upstream's reset (UR), as Envoy flags them.
+                    if f.done.flags == "-" {
+                        f.done.flags = if e.downcast_ref::<ResponseTimedOut>().is_some() {
+                            "UT"
+                        } else {
+                            "UR"
+                        };
+                    }
                     f.record(true);
                 }
             }

@@ -161,6 +161,13 @@ impl Capture {
         CGROUP_PROGRAMS.iter().chain([&SK_LOOKUP]).all(|p| dir.join(p).exists())
     }
 
+    /// True when any link of the pod is pinned (an attach cut short leaves some): such a
+    /// pod's pins must still be released when it leaves the mesh.
+    pub fn pod_pinned(&self, uid: &str) -> bool {
+        let dir = self.pod_dir(uid);
+        CGROUP_PROGRAMS.iter().chain([&SK_LOOKUP]).any(|p| dir.join(p).exists())
+    }
+
     /// Points a pod's pinned links at this agent's programs (`BPF_LINK_UPDATE`, atomic), so a
     /// restarted or upgraded agent runs its own code without the pod ever being detached.
     pub fn relink_pod(&mut self, uid: &str) -> Result<(), BpfError> {

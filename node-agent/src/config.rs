@@ -55,8 +55,12 @@ fn reload(store: &mut Store, dir: &std::path::Path, reported: &mut Vec<String>) 
 pub fn from_control(cfg: ClientConfig) -> (MeshView, JoinHandle<()>, watch::Receiver<bool>) {
     let (mut views, client) = start_config(cfg);
     let first = views.borrow_and_update().clone();
+    // Control sends a sync in slices in key order and publishes `TrustBundle/mesh` itself:
+    // once a view (answered or cached) holds it, every `Namespace/...` of that sync, which
+    // sort before it, has arrived too. A first slice alone would miss namespaces (and open
+    // their pods); an old cache without the bundle waits for control.
     let is_known = |v: &sinew_control_client::ConfigView| {
-        v.acks > 0 || (v.from_cache && !v.resources.is_empty())
+        v.resources.contains_key(&format!("TrustBundle/{}", sinew_model::TRUST_BUNDLE_NAME))
     };
     let (known_tx, known) = watch::channel(is_known(&first));
     let build = |v: &sinew_control_client::ConfigView| {

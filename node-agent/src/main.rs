@@ -221,7 +221,7 @@ fn run(args: RunArgs) -> Result<()> {
             access,
             handles.len(),
         ));
-        let registry = Arc::new(Registry::new(settings, capture, ctx, handles));
+        let registry = Arc::new(Registry::new(settings, capture, ctx, handles, known.clone()));
         let restored = {
             let r = registry.clone();
             let view_known = *known.borrow();

@@ -41,6 +41,18 @@ pub enum PodError {
         /// Why.
         reason: String,
     },
+    /// The pod's cgroup holds the agent: programs there would capture the agent itself.
+    #[error("pod {uid}: field cgroup: {} holds the agent itself", cgroup.display())]
+    HoldsAgent {
+        /// Pod UID as sent.
+        uid: String,
+        /// The cgroup.
+        cgroup: PathBuf,
+    },
+    /// The agent has no configuration yet (control not reached): it cannot tell whether the
+    /// pod's namespace is in the mesh. The CNI plugin retries.
+    #[error("pod {0}: no configuration yet (the control service has not answered); retry")]
+    NotReady(String),
     /// The UID is enrolled already with a different spec.
     #[error("pod {0} is already enrolled with a different spec; un-enroll it first")]
     Conflict(String),
@@ -113,6 +125,9 @@ struct Pod {
     status: PodStatus,
     /// Listener tasks; aborting them closes the listeners (and drops them from the SockHash).
     tasks: Vec<JoinHandle<()>>,
+    /// Re-adopted though its spec is refused now (it overlaps another pod): kept closed,
+    /// never captured by reconciliation, until un-enrolled.
+    refused: bool,
 }
 
 impl Drop for Pod {
@@ -136,14 +151,25 @@ pub struct Registry {
     ctx: Arc<Ctx>,
     /// The data-path workers; every pod has listeners on each.
     workers: Vec<Handle>,
+    /// Whether the mesh view is configuration (see [`Registry::restore`]): until it is, a
+    /// new pod cannot be judged, and enrolling one is refused for the CNI plugin to retry.
+    known: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Registry {
     /// A registry over loaded programs whose pods are served on `workers` (at least one).
-    pub fn new(settings: Settings, capture: Capture, ctx: Arc<Ctx>, workers: Vec<Handle>) -> Self {
+    /// `known`: whether the mesh view is configuration yet (see [`Registry::restore`]).
+    pub fn new(
+        settings: Settings,
+        capture: Capture,
+        ctx: Arc<Ctx>,
+        workers: Vec<Handle>,
+        known: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         assert!(!workers.is_empty(), "the registry needs at least one worker");
         let pods = Mutex::new(BTreeMap::new());
-        Self { settings, changes: Mutex::new(()), capture: Mutex::new(capture), pods, ctx, workers }
+        let capture = Mutex::new(capture);
+        Self { settings, changes: Mutex::new(()), capture, pods, ctx, workers, known }
     }
 
     /// What the pods' connections share.
@@ -193,24 +219,39 @@ impl Registry {
                 Err(e @ PodError::Invalid { field: "uid", .. }) => {
                     warn!(pod = %uid, error = %e, "ignoring an invalid pod in the state file");
                 }
-                // Another pod holds its address: the pins at that address are not its own.
+                // Another pod holds its address: the addresses are not its own, its links
+                // are (nothing could find them to release them later).
                 Err(e @ PodError::AddressInUse { .. }) => {
                     warn!(pod = %uid, error = %e, "dropping a pod that cannot be re-adopted");
+                    let _ = bpf::detach_pod(&self.settings.bpffs_dir, &uid);
                 }
-                Err(e @ (PodError::Netns(_) | PodError::Cgroup(_))) => {
+                // Gone only when its namespace or cgroup no longer exists; another failure
+                // to open them (out of descriptors, say) keeps it closed, below.
+                Err(e @ (PodError::Netns(_) | PodError::Cgroup(_)))
+                    if !spec_copy.netns.exists()
+                        || spec_copy.cgroup.as_ref().is_some_and(|c| !c.exists()) =>
+                {
                     warn!(pod = %uid, error = %e, "pod gone: dropping it and its pins");
                     // Its pinned links and addresses would otherwise refuse traffic forever
                     // for whatever gets that address next.
                     let _ = self.release(&spec_copy);
                 }
+                // Its cgroup holds the agent: pins there would capture the agent itself.
+                Err(e @ PodError::HoldsAgent { .. }) => {
+                    warn!(pod = %uid, error = %e, "dropping a pod whose cgroup holds the agent, and its pins");
+                    let _ = self.release(&spec_copy);
+                }
                 Err(e) => {
-                    warn!(pod = %uid, error = %e, "cannot re-adopt pod: it stays closed and is retried");
+                    // A spec the checks refuse (overlapping another pod) is kept closed but
+                    // never captured behind those checks' back; other failures are retried.
+                    let refused = matches!(e, PodError::Invalid { .. });
+                    warn!(pod = %uid, error = %e, refused, "cannot re-adopt pod: it stays closed");
                     let status = PodStatus {
                         spec: spec_copy,
                         captured: false,
                         reason: Some(format!("re-adoption failed: {e}")),
                     };
-                    let pod = Pod { status, tasks: Vec::new() };
+                    let pod = Pod { status, tasks: Vec::new(), refused };
                     self.pods.lock().expect("pod registry lock poisoned").insert(uid, pod);
                 }
             }
@@ -228,6 +269,9 @@ impl Registry {
     /// [`Registry::enroll`], the change lock held.
     fn enroll_now(&self, mut spec: PodSpec, mode: Mode) -> Result<PodStatus, PodError> {
         validate(&spec)?;
+        if mode == Mode::Api && !*self.known.borrow() {
+            return Err(PodError::NotReady(spec.uid));
+        }
         let resolved = match &spec.cgroup {
             Some(p) => cgroup::validate(&self.settings.cgroup_root, p)?,
             None => cgroup::discover(&self.settings.cgroup_root, &spec.uid)?,
@@ -245,11 +289,7 @@ impl Registry {
         // would capture the agent's own connections, one around or inside another pod's
         // would capture that pod under this one's identity.
         if cgroup::nested(&resolved, &self.settings.agent_cgroup) {
-            return Err(PodError::Invalid {
-                uid: spec.uid,
-                field: "cgroup",
-                reason: format!("{} holds the agent itself", resolved.display()),
-            });
+            return Err(PodError::HoldsAgent { uid: spec.uid, cgroup: resolved });
         }
         spec.cgroup = Some(resolved);
         let netns = Netns::open(&spec.netns)?;
@@ -317,18 +357,25 @@ impl Registry {
         }
         let (pod, captured) = if self.namespace_is_ambient(&spec.namespace) {
             let tasks = self.capture_pod(&spec, netns)?;
-            (Pod { status: PodStatus { spec, captured: true, reason: None }, tasks }, true)
+            (
+                Pod {
+                    status: PodStatus { spec, captured: true, reason: None },
+                    tasks,
+                    refused: false,
+                },
+                true,
+            )
         } else {
             // Pins left by an earlier agent, from when the namespace was in the mesh, would
             // keep the pod failing closed although it is no longer captured; but an agent
             // that has no configuration yet knows no namespace in the mesh, and must not open
             // every pod it re-adopts (reconciliation releases them once it knows).
             let view_known = match mode {
-                Mode::Api => true,
+                Mode::Api => *self.known.borrow(),
                 Mode::Restore { view_known } => view_known,
             };
             if view_known
-                && self.capture.lock().expect("capture lock poisoned").pod_attached(&spec.uid)
+                && self.capture.lock().expect("capture lock poisoned").pod_pinned(&spec.uid)
             {
                 self.release(&spec)?;
             }
@@ -337,6 +384,7 @@ impl Registry {
                 Pod {
                     status: PodStatus { spec, captured: false, reason: Some(reason) },
                     tasks: vec![],
+                    refused: false,
                 },
                 false,
             )
@@ -494,12 +542,12 @@ impl Registry {
         for pod in pods.values_mut() {
             let spec = &pod.status.spec;
             let want = mesh.namespace_is_ambient(&spec.namespace);
-            if want == pod.status.captured {
+            if want == pod.status.captured || (want && pod.refused) {
                 // Uncaptured but still pinned (re-adopted before configuration arrived, or
                 // a re-adoption that failed): the view now says it is out of the mesh.
                 if releases
                     && !want
-                    && self.capture.lock().expect("capture lock poisoned").pod_attached(&spec.uid)
+                    && self.capture.lock().expect("capture lock poisoned").pod_pinned(&spec.uid)
                 {
                     match self.release(spec) {
                         Ok(()) => {

@@ -610,6 +610,7 @@ fn a_destination_without_a_workload_is_refused_while_policies_select_by_label() 
 #[test]
 fn an_agent_restarted_without_any_configuration_keeps_its_pods_closed() -> Result<()> {
     let (mut c, p) = mesh()?;
+    let late = c.add_pod_as(2, "late", "demo", "late")?;
     // A fresh start with control away and no cache: the agent knows no namespace in the mesh.
     c.agent(2).kill();
     c.stop_control();
@@ -620,6 +621,9 @@ fn an_agent_restarted_without_any_configuration_keeps_its_pods_closed() -> Resul
     // Its pods stay pinned and fail closed instead of being opened to plaintext.
     ensure!(c.pod_has_links(&p.server)?, "pins released while the agent had no configuration");
     ensure!(ping(&c, &p.legacy, &p.server).is_err(), "the server was reachable around the mesh");
+    // A new pod cannot be judged yet: refused, for the CNI plugin to retry.
+    let err = c.agent(2).enroll(&late).unwrap_err();
+    ensure!(format!("{err:#}").contains("no configuration yet"), "{err:#}");
     // Once control answers, the pod is captured again.
     c.restart_control()?;
     wait_for("the server captured again", Duration::from_secs(30), || {
@@ -628,5 +632,6 @@ fn an_agent_restarted_without_any_configuration_keeps_its_pods_closed() -> Resul
     wait_for("client reaches server", Duration::from_secs(20), || {
         Ok(ping(&c, &p.client, &p.server).is_ok())
     })?;
+    ensure!(c.agent(2).enroll(&late)?.captured, "the retried enroll");
     Ok(())
 }
