@@ -40,6 +40,41 @@ use crate::{
 /// The body of every response the waypoint sends.
 pub type Body = BoxBody<Bytes, BoxError>;
 
+/// A client's request body, its bytes counted as they are read (`istio_request_bytes`).
+type ReqBody = Counted<Incoming>;
+
+/// A body whose data bytes are counted into `bytes` as they pass.
+struct Counted<B> {
+    body: B,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, B::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Largest request body kept so tries can repeat it and mirrors can send it; beyond it a
 /// request streams on, not retried and not mirrored.
 pub const MAX_REQUEST_BODY: usize = 8 << 20;
@@ -259,7 +294,8 @@ pub async fn handle(
         req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into())
     });
     let grpc = is_grpc(req.headers());
-    let mut req = req;
+    let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut req = req.map(|body| Counted { body, bytes: request_bytes.clone() });
     if !trace.continued() {
         // A tracestate belongs to the trace it came with, which was not continued.
         req.headers_mut().remove("tracestate");
@@ -293,7 +329,18 @@ pub async fn handle(
     // Counted when the response has ended, as Istio does: the duration covers the body,
     // and a gRPC call's status comes from its trailers.
     let grpc_status = grpc.then(|| grpc_status_of(response.headers())).flatten();
-    let finish = Finish { wp, down, snapshot, done, grpc, grpc_status, start, observed };
+    let finish = Finish {
+        wp,
+        down,
+        snapshot,
+        done,
+        grpc,
+        grpc_status,
+        start,
+        observed,
+        request_bytes,
+        response_bytes: 0,
+    };
     Ok(response.map(|body| Recorded { body, finish: Some(finish) }.boxed()))
 }
 
@@ -333,6 +380,10 @@ struct Finish {
     grpc_status: Option<u16>,
     start: Instant,
     observed: Option<Box<Observed>>,
+    /// The request body's bytes, read so far.
+    request_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// The response body's bytes, sent so far.
+    response_bytes: u64,
 }
 
 impl Finish {
@@ -344,9 +395,12 @@ impl Finish {
         }
         let millis = self.start.elapsed().as_secs_f64() * 1000.0;
         let grpc_status = self.grpc_status.filter(|_| self.grpc);
-        self.down
-            .recorder(&self.wp, &self.snapshot, &self.done, self.grpc, grpc_status)
-            .record(millis);
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        self.down.recorder(&self.wp, &self.snapshot, &self.done, self.grpc, grpc_status).record(
+            millis,
+            request_bytes,
+            self.response_bytes,
+        );
         let Some(o) = self.observed else { return };
         let (wp, down, done) = (&self.wp, &self.down, &self.done);
         let svc = &down.service;
@@ -413,8 +467,13 @@ impl hyper::body::Body for Recorded {
         let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
         match &polled {
             std::task::Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(t), Some(f)) = (frame.trailers_ref(), self.finish.as_mut()) {
-                    f.grpc_status = grpc_status_of(t).or(f.grpc_status);
+                if let Some(f) = self.finish.as_mut() {
+                    if let Some(data) = frame.data_ref() {
+                        f.response_bytes += data.len() as u64;
+                    }
+                    if let Some(t) = frame.trailers_ref() {
+                        f.grpc_status = grpc_status_of(t).or(f.grpc_status);
+                    }
                 }
             }
             std::task::Poll::Ready(None) => {
@@ -550,7 +609,7 @@ async fn route_and_forward(
     wp: &Arc<Waypoint>,
     snapshot: &Snapshot,
     down: &Downstream,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     traceparent: &str,
     notes: &Notes,
 ) -> (Response<Body>, Done, Option<String>) {
@@ -1198,9 +1257,9 @@ enum Payload {
     /// Kept in memory: every try sends a copy.
     Buffered(Bytes),
     /// Streamed while a copy is kept: a try repeats it while the copy is whole.
-    Replay(replay::Recorder<Incoming>),
+    Replay(replay::Recorder<ReqBody>),
     /// Streamed: the first try consumes it.
-    Stream(Incoming),
+    Stream(ReqBody),
 }
 
 impl Payload {

@@ -60,7 +60,14 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// `istio_request_duration_milliseconds`.
     pub duration: Family<RequestLabels, Histogram>,
+    /// `istio_request_bytes`: request body sizes.
+    pub request_bytes: Family<RequestLabels, Histogram>,
+    /// `istio_response_bytes`: response body sizes.
+    pub response_bytes: Family<RequestLabels, Histogram>,
 }
+
+/// Istio's size buckets, in bytes.
+const BYTE_BUCKETS: [f64; 8] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7];
 
 /// Istio's duration buckets, in milliseconds.
 const BUCKETS: [f64; 19] = [
@@ -81,13 +88,21 @@ impl Default for Metrics {
             "Request duration",
             duration.clone(),
         );
+        let sizes = || {
+            Family::<RequestLabels, Histogram>::new_with_constructor(
+                (|| Histogram::new(BYTE_BUCKETS)) as fn() -> Histogram,
+            )
+        };
+        let (request_bytes, response_bytes) = (sizes(), sizes());
+        registry.register("istio_request_bytes", "Request body sizes", request_bytes.clone());
+        registry.register("istio_response_bytes", "Response body sizes", response_bytes.clone());
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "sinew_authorization_decisions",
             "L7 authorization decisions that denied a request or matched an AUDIT policy",
             decisions.clone(),
         );
-        Self { registry, decisions, requests, duration }
+        Self { registry, decisions, requests, duration, request_bytes, response_bytes }
     }
 }
 
@@ -97,13 +112,17 @@ impl Default for Metrics {
 pub struct Recorder {
     requests: Counter,
     duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
 }
 
 impl Recorder {
-    /// Counts one request that took `millis`.
-    pub fn record(&self, millis: f64) {
+    /// Counts one request that took `millis`, with its body sizes.
+    pub fn record(&self, millis: f64, request_bytes: u64, response_bytes: u64) {
         self.requests.inc();
         self.duration.observe(millis);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
     }
 }
 
@@ -113,6 +132,8 @@ impl Metrics {
         Recorder {
             requests: self.requests.get_or_create(labels).clone(),
             duration: self.duration.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
         }
     }
 

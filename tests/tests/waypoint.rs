@@ -710,6 +710,16 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     ] {
         ensure!(has_series(labels), "no series with {labels:?}:\n{metrics}");
     }
+    // Body sizes: the mirrored POST sent "a mirrored body" (15 bytes); answers have bodies.
+    let largest_sum = |name: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .fold(0.0, f64::max)
+    };
+    ensure!(largest_sum("istio_request_bytes_sum{") >= 15.0, "request sizes:\n{metrics}");
+    ensure!(largest_sum("istio_response_bytes_sum{") > 0.0, "response sizes:\n{metrics}");
 
     // Circuit breaking over HTTP: reviews-v2 gets one upstream connection. HTTP/1.1 carries
     // one request at a time, so of 10 concurrent streams most wait for it; with no room to
