@@ -89,6 +89,12 @@ impl CaService {
         self.tokens.clone()
     }
 
+    /// The roots this CA serves (PEM, the signing root first): published to every client
+    /// with each discovery response.
+    pub fn bundle(&self) -> Arc<[String]> {
+        self.ca.bundle().into()
+    }
+
     /// Authenticates callers for the other services too.
     pub fn authenticator(&self) -> Authenticator {
         Authenticator {

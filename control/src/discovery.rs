@@ -87,16 +87,19 @@ pub struct DiscoveryService {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     registry: Arc<Registry>,
     auth: crate::ca::Authenticator,
+    /// The CA's roots, sent with every response (clients renew when they change).
+    bundle: Arc<[String]>,
 }
 
 impl DiscoveryService {
-    /// A service publishing `snapshots` to callers `auth` accepts.
+    /// A service publishing `snapshots` and the CA's `bundle` to callers `auth` accepts.
     pub fn new(
         snapshots: watch::Receiver<Arc<Snapshot>>,
         registry: Arc<Registry>,
         auth: crate::ca::Authenticator,
+        bundle: Arc<[String]>,
     ) -> Self {
-        Self { snapshots, registry, auth }
+        Self { snapshots, registry, auth, bundle }
     }
 }
 
@@ -169,6 +172,7 @@ impl Discovery for DiscoveryService {
             parked: Default::default(),
             nonce: 0,
             registry: self.registry.clone(),
+            bundle: self.bundle.clone(),
         };
         if !first.held_versions.is_empty() {
             // Resume: only what differs from what the client holds.
@@ -242,6 +246,7 @@ struct Session {
     parked: (Vec<Arc<str>>, Vec<String>),
     nonce: u64,
     registry: Arc<Registry>,
+    bundle: Arc<[String]>,
 }
 
 impl Session {
@@ -349,7 +354,8 @@ impl Session {
             }
         }
         let removed = std::mem::take(&mut self.removed);
-        if resources.is_empty() && removed.is_empty() {
+        // The first response goes even when empty: it tells the client its sync is complete.
+        if resources.is_empty() && removed.is_empty() && self.nonce > 0 {
             return None;
         }
         self.nonce += 1;
@@ -366,7 +372,14 @@ impl Session {
         });
         self.registry.responses_sent.fetch_add(1, Ordering::Relaxed);
         self.registry.resources_sent.fetch_add(resources.len() as u64, Ordering::Relaxed);
-        Some(DiscoveryResponse { system_version: target.system_version, nonce, resources, removed })
+        Some(DiscoveryResponse {
+            system_version: target.system_version,
+            nonce,
+            resources,
+            removed,
+            complete: Some(completes.is_some()),
+            trust_bundle: self.bundle.to_vec(),
+        })
     }
 
     fn on_request(&mut self, req: DiscoveryRequest, client: &str) {

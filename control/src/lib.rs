@@ -32,7 +32,8 @@ pub async fn serve(
     ca: ca::CaService,
     registry: Arc<discovery::Registry>,
 ) -> Result<(), tonic::transport::Error> {
-    let discovery = discovery::DiscoveryService::new(snapshots, registry, ca.authenticator());
+    let discovery =
+        discovery::DiscoveryService::new(snapshots, registry, ca.authenticator(), ca.bundle());
     // Anyone who can reach the port can open connections: bound what each may hold (tonic's
     // default is no stream limit and no keepalive), and find dead peers.
     let mut builder = tonic::transport::Server::builder()

@@ -65,10 +65,7 @@ async fn main() -> Result<()> {
     let tokens = Tokens::load(&args.tokens)?;
     let ca = sinew_identity::Ca::load_or_generate(&args.ca_dir, &args.trust_domain)?;
     let state = args.state_file.clone().unwrap_or_else(|| args.ca_dir.join(STATE_FILE));
-    // Agents and waypoints renew their certificates when this changes (a root added to
-    // roots.pem, or a new signing root), so a rotation reaches them at once.
-    let own = vec![sinew_control::source::trust_bundle(ca.bundle())];
-    let (source, first) = FileSource::new(&args.config_dir, Some(&state), own);
+    let (source, first) = FileSource::new(&args.config_dir, Some(&state));
     let errors = source.errors();
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(source.run(tx));

@@ -36,24 +36,13 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds the snapshot of a store, with `own` (what the control service publishes
-    /// itself: the trust bundle) in place of anything of the same kind the files hold,
-    /// reusing the entries of `previous` for resources that did not change (serializing
-    /// 10,000 workloads on every edit would dominate a push).
-    pub fn from_store(
-        store: &Store,
-        own: &[Resource],
-        system_version: u64,
-        previous: Option<&Snapshot>,
-    ) -> Self {
+    /// Builds the snapshot of a store, reusing the entries of `previous` for resources that
+    /// did not change (serializing 10,000 workloads on every edit would dominate a push).
+    pub fn from_store(store: &Store, system_version: u64, previous: Option<&Snapshot>) -> Self {
         let mut changed = Vec::new();
-        let own_kinds: Vec<&str> = own.iter().map(Resource::kind).collect();
-        let own_keys: Vec<_> = own.iter().map(Resource::key).collect();
         let resources: BTreeMap<Arc<str>, Entry> = store
             .resources()
             .into_iter()
-            .filter(|(key, _)| !own_kinds.contains(&key.kind))
-            .chain(own_keys.iter().zip(own))
             .map(|(key, r)| {
                 let key = key.to_string();
                 if let Some((k, old)) =

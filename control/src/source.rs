@@ -23,18 +23,6 @@ pub struct FileSource {
     errors: Arc<Mutex<Vec<ConfigError>>>,
     /// Where the last good resources are kept across restarts (`--state-file`).
     state: Option<PathBuf>,
-    /// What the control service publishes itself (the trust bundle), whatever the files say.
-    own: Vec<Resource>,
-}
-
-/// The `TrustBundle/mesh` resource for `roots` (PEM, the signing root first).
-pub fn trust_bundle(roots: &[String]) -> Resource {
-    let mut metadata = sinew_model::ObjectMeta::default();
-    metadata.name = sinew_model::TRUST_BUNDLE_NAME.into();
-    Resource::TrustBundle(sinew_model::Object {
-        metadata,
-        spec: sinew_model::TrustBundleSpec { roots: roots.to_vec() },
-    })
 }
 
 /// The last good configuration as saved: per file, its resources as JSON.
@@ -143,9 +131,7 @@ impl FileSource {
     /// Reads `dir` once and returns the source and its first snapshot. With `state`, the
     /// last good configuration saved there before a restart is where the reload starts from
     /// (a file that is broken now keeps what it last held), and every change is saved there.
-    /// `own`: what the control service publishes itself ([`trust_bundle`]); files may not
-    /// set those kinds (such documents are named in the errors and left out).
-    pub fn new(dir: &Path, state: Option<&Path>, own: Vec<Resource>) -> (Self, Snapshot) {
+    pub fn new(dir: &Path, state: Option<&Path>) -> (Self, Snapshot) {
         let store = state.map(load_saved).unwrap_or_default();
         let mut s = Self {
             dir: dir.to_path_buf(),
@@ -153,11 +139,10 @@ impl FileSource {
             fingerprint: vec![],
             errors: Arc::default(),
             state: state.map(Path::to_path_buf),
-            own,
         };
         s.reload();
         s.save();
-        let snap = Snapshot::from_store(&s.store, &s.own, 1, None);
+        let snap = Snapshot::from_store(&s.store, 1, None);
         (s, snap)
     }
 
@@ -176,18 +161,7 @@ impl FileSource {
 
     fn reload(&mut self) {
         self.fingerprint = fingerprint(&self.dir);
-        let mut errors = self.store.reload_dir(&self.dir);
-        // The control service's own kinds come from it alone.
-        for (key, _) in self.store.resources() {
-            if self.own.iter().any(|o| o.kind() == key.kind) {
-                errors.push(ConfigError {
-                    file: self.dir.clone(),
-                    resource: key.to_string(),
-                    field: "kind".into(),
-                    message: format!("{} is published by sinew-control itself (from its CA); this one is ignored", key.kind),
-                });
-            }
-        }
+        let errors = self.store.reload_dir(&self.dir);
         for e in &errors {
             warn!(error = %e, "resource rejected; its last good version stays in service");
         }
@@ -217,12 +191,8 @@ impl FileSource {
             settling = None;
             self.reload();
             let current = tx.borrow().clone();
-            let next = Snapshot::from_store(
-                &self.store,
-                &self.own,
-                current.system_version + 1,
-                Some(&current),
-            );
+            let next =
+                Snapshot::from_store(&self.store, current.system_version + 1, Some(&current));
             if !next.is_unchanged() {
                 info!(
                     version = next.system_version,

@@ -94,15 +94,13 @@ async fn the_binary_serves_readiness_metrics_clients_and_a_config_dump() {
         "sinew_control_clients 1",
         "sinew_control_config_errors 1",
         "sinew_control_acks_total 1",
-        // The Namespace and the trust bundle control publishes itself.
-        "sinew_control_resources 2",
+        "sinew_control_resources 1",
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line:?} missing from\n{metrics}");
     }
     let dump: serde_json::Value =
         serde_json::from_str(&curl(&format!("{base}/config_dump")).unwrap()).unwrap();
     assert_eq!(dump["resources"]["Namespace/shop"]["resource"]["kind"], "Namespace");
-    assert_eq!(dump["resources"]["TrustBundle/mesh"]["resource"]["kind"], "TrustBundle");
     let errors = dump["errors"][0].as_str().unwrap();
     assert!(
         errors.contains("ns.yaml: Service/shop/bad: spec.ports: a service needs at least one port"),

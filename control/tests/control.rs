@@ -88,8 +88,7 @@ impl Control {
         let lines: String =
             (0..50).map(|i| format!("node-{i} node-{i}-token-0123456789\n")).collect();
         let tokens = Tokens::parse("tokens", &lines).unwrap();
-        let own = vec![sinew_control::source::trust_bundle(ca.bundle())];
-        let (source, first) = FileSource::new(config, Some(&ca_dir.join("last-good.json")), own);
+        let (source, first) = FileSource::new(config, Some(&ca_dir.join("last-good.json")));
         let errors = source.errors();
         let (tx, rx) = watch::channel(Arc::new(first));
         let ca = CaService::new(Arc::new(ca), tokens, rx.clone(), ttl);
@@ -404,6 +403,8 @@ async fn a_rejected_update_is_sent_again_with_the_next_change_and_does_not_count
     };
     let first = responses.message().await.unwrap().unwrap();
     assert!(keys(&first).contains(&"AuthorizationPolicy/shop/reviews".to_string()));
+    assert_eq!(first.complete, Some(true), "the whole small configuration in one response");
+    assert!(!first.trust_bundle.is_empty(), "the CA's roots ride along");
     let reject = |nonce: &str, error: &str| DiscoveryRequest {
         response_nonce: nonce.into(),
         error: error.into(),
@@ -675,26 +676,13 @@ async fn a_node_bootstraps_with_its_token_then_authenticates_with_its_own_certif
 #[tokio::test]
 async fn the_trust_bundle_is_published_and_certificates_follow_it() {
     let s = Setup::new();
-    // A TrustBundle in the files is refused, named: control publishes its own.
-    std::fs::write(
-        s.config().join("bundle.yaml"),
-        "apiVersion: sinew.io/v1alpha1\nkind: TrustBundle\nmetadata: {name: mesh}\nspec: {roots: [\"-----BEGIN CERTIFICATE-----\\nAAAA\\n-----END CERTIFICATE-----\"]}\n",
-    )
-    .unwrap();
     let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;
     let (rx, task) = start_config(s.client(&control, "node-1"));
-    let bundle_of = |v: &sinew_control_client::ConfigView| {
-        v.resources.get("TrustBundle/mesh").and_then(|h| match &*h.resource {
-            sinew_model::Resource::TrustBundle(b) => Some(b.spec.roots.clone()),
-            _ => None,
-        })
-    };
-    let published = wait_for("the trust bundle", || bundle_of(&rx.borrow())).await;
+    // Every response carries the CA's roots, and the first says the sync is complete.
+    let published = wait_for("the trust bundle", || rx.borrow().trust_bundle.clone()).await;
     let ca = Ca::load_or_generate(&s.ca(), "cluster.local").unwrap();
-    assert_eq!(published, ca.bundle(), "the CA's bundle, not the file's");
-    let errors: Vec<String> =
-        control.errors.lock().unwrap().iter().map(ToString::to_string).collect();
-    assert!(errors.iter().any(|e| e.contains("published by sinew-control")), "{errors:?}");
+    assert_eq!(published[..], ca.bundle()[..]);
+    assert!(rx.borrow().synced, "one response holds the whole small configuration");
 
     // A certificate is renewed at once when the bundle changes, and only once for a bundle
     // its renewal does not bring (no loop).
@@ -717,5 +705,52 @@ async fn the_trust_bundle_is_published_and_certificates_follow_it() {
     );
     cert_task.abort();
     task.abort();
+    control.stop();
+}
+
+#[tokio::test]
+async fn a_sync_in_slices_is_complete_only_with_its_last() {
+    use sinew_api::{ClientInfo, DiscoveryRequest, discovery_client::DiscoveryClient};
+    let s = Setup::new();
+    let many: String = (0..600)
+        .map(|i| {
+            format!(
+                "apiVersion: sinew.io/v1alpha1\nkind: Workload\nmetadata: {{name: w{i}, namespace: shop}}\nspec: {{serviceAccount: w, node: node-1, ips: [\"198.18.{}.{}\"]}}\n---\n",
+                10 + i / 200,
+                1 + i % 200
+            )
+        })
+        .collect();
+    std::fs::write(s.config().join("many.yaml"), many).unwrap();
+    let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        client: Some(ClientInfo { name: "node-1".into(), role: "agent".into() }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert(sinew_api::AUTHORIZATION, format!("Bearer {TOKEN_1}").parse().unwrap());
+    let mut client = DiscoveryClient::connect(control.endpoint()).await.unwrap();
+    let mut responses = client.stream(request).await.unwrap().into_inner();
+    let mut slices = Vec::new();
+    loop {
+        let r = responses.message().await.unwrap().unwrap();
+        tx.send(DiscoveryRequest { response_nonce: r.nonce.clone(), ..Default::default() })
+            .await
+            .unwrap();
+        let done = r.complete == Some(true);
+        slices.push((r.resources.len(), r.complete));
+        if done {
+            break;
+        }
+        assert!(slices.len() < 5, "{slices:?}");
+    }
+    // 600 workloads and the rest: two slices, only the last complete.
+    assert_eq!(slices.len(), 2, "{slices:?}");
+    assert_eq!(slices[0], (500, Some(false)));
     control.stop();
 }

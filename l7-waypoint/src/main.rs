@@ -226,16 +226,7 @@ async fn run(
         credentials: credentials.clone(),
     });
     // Renewed at half life, and at once when control publishes a new trust bundle.
-    let bundle = sinew_control_client::bundle_updates(views.clone(), |v| {
-        v.resources.values().find_map(|h| match &*h.resource {
-            sinew_model::Resource::TrustBundle(b)
-                if b.metadata.name == sinew_model::TRUST_BUNDLE_NAME =>
-            {
-                Some(b.spec.roots.clone().into())
-            }
-            _ => None,
-        })
-    });
+    let bundle = sinew_control_client::bundle_updates(views.clone(), |v| v.trust_bundle.clone());
     let (svid, _cert_task) = start_certificate_following(
         CertConfig {
             endpoint: control.endpoint.clone(),

@@ -50,18 +50,19 @@ fn reload(store: &mut Store, dir: &std::path::Path, reported: &mut Vec<String>) 
 
 /// Streams configuration from the control service (see `sinew-control-client`): the disk
 /// cache is published at once, then every accepted update.
-/// Also returns whether the view is configuration yet (becomes true): a cache was loaded, or
-/// control has answered; false while an agent without a cache has heard nothing.
-pub fn from_control(cfg: ClientConfig) -> (MeshView, JoinHandle<()>, watch::Receiver<bool>) {
+/// Also returns whether the view is configuration yet (becomes true): a whole cache was
+/// loaded, or control completed a sync; false while an agent without a cache has heard
+/// nothing, or only part of a sync. And the trust bundle control publishes.
+pub fn from_control(
+    cfg: ClientConfig,
+) -> (MeshView, JoinHandle<()>, watch::Receiver<bool>, sinew_control_client::BundleUpdates) {
     let (mut views, client) = start_config(cfg);
+    let bundle = sinew_control_client::bundle_updates(views.clone(), |v| v.trust_bundle.clone());
     let first = views.borrow_and_update().clone();
-    // Control sends a sync in slices in key order and publishes `TrustBundle/mesh` itself:
-    // once a view (answered or cached) holds it, every `Namespace/...` of that sync, which
-    // sort before it, has arrived too. A first slice alone would miss namespaces (and open
-    // their pods); an old cache without the bundle waits for control.
-    let is_known = |v: &sinew_control_client::ConfigView| {
-        v.resources.contains_key(&format!("TrustBundle/{}", sinew_model::TRUST_BUNDLE_NAME))
-    };
+    // Whole: a response completed a sync, or a (whole) cache was loaded. A first slice
+    // alone would miss namespaces, and open their pods.
+    let is_known =
+        |v: &sinew_control_client::ConfigView| v.synced && (v.acks > 0 || !v.resources.is_empty());
     let (known_tx, known) = watch::channel(is_known(&first));
     let build = |v: &sinew_control_client::ConfigView| {
         Arc::new(MeshIndex::build(v.resources.values().map(|h| &*h.resource)))
@@ -83,7 +84,7 @@ pub fn from_control(cfg: ClientConfig) -> (MeshView, JoinHandle<()>, watch::Rece
             }
         }
     });
-    (rx, task, known)
+    (rx, task, known, bundle)
 }
 
 struct AbortOnDrop(JoinHandle<()>);

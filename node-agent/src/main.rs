@@ -181,7 +181,7 @@ fn run(args: RunArgs) -> Result<()> {
                 let node_id = sinew_identity::SpiffeId::node(&args.trust_domain, &c.node)
                     .with_context(|| format!("--node {:?}", c.node))?;
                 let credentials = c.node_credentials(&node_id).await;
-                let (mesh, task, mut known) = config::from_control(sinew_control_client::ClientConfig {
+                let (mesh, task, mut known, bundle) = config::from_control(sinew_control_client::ClientConfig {
                     endpoint: c.endpoint.clone(),
                     name: c.node.clone(),
                     role: "agent".into(),
@@ -195,9 +195,6 @@ fn run(args: RunArgs) -> Result<()> {
                 if !view_known {
                     warn!("no configuration from control yet; starting without it");
                 }
-                let bundle = sinew_control_client::bundle_updates(mesh.clone(), |m| {
-                    m.trust_bundle().cloned()
-                });
                 let source = CertSource {
                     endpoint: c.endpoint,
                     credentials,

@@ -145,7 +145,10 @@ pub fn start_certificate_following(
     let (tx, rx) = watch::channel(load_cached(&cfg).map(Arc::new));
     let task = tokio::spawn(async move {
         let mut backoff = Backoff::new();
+        // The last bundle a renewal was made for, and the one being renewed for now (it
+        // becomes `chased` only once that renewal succeeds: a failure retries with backoff).
         let mut chased: Option<Arc<[String]>> = None;
+        let mut chasing: Option<Arc<[String]>> = None;
         loop {
             let current = tx.borrow().clone();
             if let Some(svid) = &current {
@@ -156,13 +159,16 @@ pub fn start_certificate_following(
                     () = tokio::time::sleep(wait) => {}
                     new = new_bundle(&mut bundle, &svid.bundle, chased.as_ref()) => {
                         info!(identity = %cfg.identity, "trust bundle changed: renewing");
-                        chased = Some(new);
+                        chasing = Some(new);
                     }
                 }
             }
             match request_certificate(&cfg).await {
                 Ok(svid) => {
                     backoff.reset();
+                    if chasing.is_some() {
+                        chased = chasing.take();
+                    }
                     info!(identity = %cfg.identity, expires_in = ?svid.expires.duration_since(svid.issued).unwrap_or_default(), "certificate renewed");
                     if let Err(e) = write_private(
                         &cache_path(&cfg),

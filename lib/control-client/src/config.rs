@@ -53,6 +53,13 @@ pub struct ConfigView {
     pub acks: u64,
     /// Responses rejected since start.
     pub nacks: u64,
+    /// The configuration is whole: a response completed a sync (servers that do not say so
+    /// complete one with every response), or the cache, written only when whole, was loaded.
+    /// Once true it stays true (a later change arriving in slices is still the last whole
+    /// configuration plus part of the next).
+    pub synced: bool,
+    /// The roots the control service's CA serves, as its last response carried them.
+    pub trust_bundle: Option<Arc<[String]>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -76,7 +83,8 @@ fn load_cache(cfg: &ClientConfig) -> ConfigView {
             return ConfigView::default();
         }
     };
-    let mut view = ConfigView { from_cache: true, ..Default::default() };
+    // Written only when whole (see `synced`).
+    let mut view = ConfigView { from_cache: true, synced: true, ..Default::default() };
     for e in entries {
         match Resource::from_json(&path.display().to_string(), e.body.as_bytes()) {
             Ok(r) => {
@@ -139,6 +147,10 @@ fn apply(current: &ConfigView, resp: &DiscoveryResponse) -> Result<ConfigView, S
     next.from_cache = false;
     next.connected = true;
     next.acks += 1;
+    next.synced |= resp.complete.unwrap_or(true);
+    if !resp.trust_bundle.is_empty() {
+        next.trust_bundle = Some(resp.trust_bundle.clone().into());
+    }
     Ok(next)
 }
 
@@ -183,7 +195,10 @@ async fn session(
         let current = tx.borrow().clone();
         let reply = match apply(&current, &resp) {
             Ok(next) => {
-                if let Err(e) = save_cache(cfg, &next) {
+                // Only a whole configuration is cached: a restart resumes from the last one.
+                if resp.complete.unwrap_or(true)
+                    && let Err(e) = save_cache(cfg, &next)
+                {
                     warn!(error = %e, "cannot cache the configuration");
                 }
                 tx.send_replace(Arc::new(next));

@@ -140,7 +140,6 @@ pub struct MeshIndex {
     services_of: HashMap<String, Vec<Arc<ServiceInfo>>>,
     ambient: HashSet<String>,
     authz: Authz,
-    trust_bundle: Option<Arc<[String]>>,
 }
 
 /// `sinew.io/use-waypoint` from a label map, empty meaning none.
@@ -155,12 +154,8 @@ impl MeshIndex {
     pub fn build<'a>(resources: impl IntoIterator<Item = &'a Resource>) -> Self {
         let (mut namespaces, mut workloads, mut services) = (Vec::new(), Vec::new(), Vec::new());
         let (mut policies, mut peers) = (Vec::new(), Vec::new());
-        let mut trust_bundle = None;
         for r in resources {
             match r {
-                Resource::TrustBundle(o) if o.metadata.name == sinew_model::TRUST_BUNDLE_NAME => {
-                    trust_bundle = Some(o.spec.roots.clone().into());
-                }
                 Resource::Namespace(o) => namespaces.push(o),
                 Resource::Workload(o) => workloads.push(o),
                 Resource::Service(o) => services.push(o),
@@ -173,7 +168,6 @@ impl MeshIndex {
         let mut index = Self {
             ambient: namespaces.iter().filter(|(_, n)| n.ambient).map(|(k, _)| k.clone()).collect(),
             authz: Authz::from_objects(policies, peers),
-            trust_bundle,
             ..Self::default()
         };
         for w in sorted(workloads) {
@@ -238,12 +232,6 @@ impl MeshIndex {
     /// Every workload, in `(namespace, name)` order.
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<WorkloadInfo>> {
         self.workloads.values().flat_map(BTreeMap::values)
-    }
-
-    /// The roots the control service's CA serves (PEM, the signing root first), when it
-    /// publishes them: certificates whose bundle differs are renewed.
-    pub fn trust_bundle(&self) -> Option<&Arc<[String]>> {
-        self.trust_bundle.as_ref()
     }
 
     /// The service that holds virtual IP `ip`.

@@ -29,36 +29,6 @@ impl Validate for NamespaceSpec {
     }
 }
 
-// ---- TrustBundle ----
-
-/// The name of the trust bundle the control service publishes (`TrustBundle/mesh`).
-pub const TRUST_BUNDLE_NAME: &str = "mesh";
-
-/// `TrustBundle.spec`: the roots every workload trusts, as the control service's CA serves
-/// them (it publishes one, `TrustBundle/mesh`, itself; agents and waypoints renew their
-/// certificates when it changes, so a root rotation reaches them at once).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct TrustBundleSpec {
-    /// PEM certificates, the signing root first.
-    pub roots: Vec<String>,
-}
-
-impl Validate for TrustBundleSpec {
-    fn validate(&self, e: &mut Errors) {
-        e.check(!self.roots.is_empty(), "roots", || "a trust bundle needs a root".into());
-        e.each("roots", &self.roots, |e, pem| {
-            let pem = pem.trim();
-            e.check(
-                pem.starts_with("-----BEGIN CERTIFICATE-----")
-                    && pem.ends_with("-----END CERTIFICATE-----"),
-                "",
-                || "not a PEM certificate".into(),
-            )
-        });
-    }
-}
-
 // ---- Workload ----
 
 /// `Workload.spec`: a pod or VM, where it runs and as whom.

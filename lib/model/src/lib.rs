@@ -166,7 +166,6 @@ macro_rules! resources {
 
 resources! {
     Namespace(NamespaceSpec) = "Namespace", "v1", false;
-    TrustBundle(TrustBundleSpec) = "TrustBundle", "sinew.io/v1alpha1", false;
     Workload(WorkloadSpec) = "Workload", "sinew.io/v1alpha1", true;
     Service(ServiceSpec) = "Service", "v1", true;
     AuthorizationPolicy(AuthorizationPolicySpec) = "AuthorizationPolicy", "security.sinew.io/v1", true;

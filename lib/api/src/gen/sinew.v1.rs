@@ -78,6 +78,16 @@ pub struct DiscoveryResponse {
     /// Keys the client must drop.
     #[prost(string, repeated, tag = "4")]
     pub removed: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Set by servers that know it: true when this response completes the sync to
+    /// system_version (nothing of it is still to come or was refused). A client counts its
+    /// configuration as whole only then (absent: every response does, as before).
+    #[prost(bool, optional, tag = "5")]
+    pub complete: ::core::option::Option<bool>,
+    /// The roots the server's CA serves (PEM, the signing root first), on every response:
+    /// clients renew their certificates when it changes (a root rotation). Older clients
+    /// ignore it.
+    #[prost(string, repeated, tag = "6")]
+    pub trust_bundle: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// Generated client implementations.
 pub mod ca_client {
