@@ -592,7 +592,7 @@ async fn a_node_keeps_reaching_control_past_its_first_certificates_lifetime() {
         cache_dir: s.dir.path().join("node-1"),
     };
     let node_id = SpiffeId::node("cluster.local", "node-1").unwrap();
-    let mut credentials = settings.node_credentials(&node_id).await;
+    let mut credentials = settings.node_credentials(&node_id, watch::channel(None).1).await;
     // The node certificate alone from here on: no token to fall back on.
     credentials.token = None;
     let cfg = CertConfig {
@@ -688,7 +688,7 @@ async fn the_trust_bundle_is_published_and_certificates_follow_it() {
     // its renewal does not bring (no loop).
     let (bundle_tx, bundle_rx) = watch::channel(None);
     let cfg = cert_config(&control, TOKEN_1, "reviews", &s.dir.path().join("certs"));
-    let (mut certs, cert_task) = start_certificate_following(cfg, bundle_rx);
+    let (mut certs, cert_task) = start_certificate_following(cfg, bundle_rx, Duration::ZERO);
     let first = wait_for("a certificate", || certs.borrow_and_update().clone()).await;
     // The bundle it came with: nothing to do.
     bundle_tx.send_replace(Some(first.bundle.clone().into()));

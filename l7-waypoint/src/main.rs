@@ -217,7 +217,9 @@ async fn run(
     workers: &Workers,
 ) -> Result<()> {
     let node_id = SpiffeId::node(&args.trust_domain, &control.node)?;
-    let credentials = control.node_credentials(&node_id).await;
+    // The node's certificate follows the trust bundle too, once the stream carries it.
+    let (node_bundle, node_bundle_rx) = watch::channel(None);
+    let credentials = control.node_credentials(&node_id, node_bundle_rx).await;
     let (mut views, _config_task) = start_config(ClientConfig {
         endpoint: control.endpoint.clone(),
         name: format!("{}.{}", args.name, args.namespace),
@@ -227,6 +229,7 @@ async fn run(
     });
     // Renewed at half life, and at once when control publishes a new trust bundle.
     let bundle = sinew_control_client::bundle_updates(views.clone(), |v| v.trust_bundle.clone());
+    sinew_control_client::forward_bundle(bundle.clone(), node_bundle);
     let (svid, _cert_task) = start_certificate_following(
         CertConfig {
             endpoint: control.endpoint.clone(),
@@ -236,6 +239,7 @@ async fn run(
             cache_dir: control.cache_dir.clone(),
         },
         bundle,
+        sinew_control_client::BUNDLE_RENEWAL_SPREAD,
     );
     let build = |v: &sinew_control_client::ConfigView| {
         Arc::new(Snapshot::build(v.resources.values().map(|h| &*h.resource)))

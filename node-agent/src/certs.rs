@@ -10,7 +10,8 @@ use std::{
 
 use serde::Serialize;
 use sinew_control_client::{
-    BundleUpdates, CertConfig, Credentials, Svid, start_certificate_following,
+    BUNDLE_RENEWAL_SPREAD, BundleUpdates, CertConfig, Credentials, Svid,
+    start_certificate_following,
 };
 use sinew_hbone::tls::Identity;
 use sinew_identity::SpiffeId;
@@ -94,7 +95,8 @@ impl Certs {
             cache_dir: source.cache_dir.clone(),
         };
         let _guard = self.runtime.enter();
-        let (svids, task) = start_certificate_following(cfg, source.bundle.clone());
+        let (svids, task) =
+            start_certificate_following(cfg, source.bundle.clone(), BUNDLE_RENEWAL_SPREAD);
         entries.insert(id.clone(), Arc::new(Entry { svids, task, built: Mutex::new(None) }));
     }
 

@@ -180,7 +180,9 @@ fn run(args: RunArgs) -> Result<()> {
             Some(c) => {
                 let node_id = sinew_identity::SpiffeId::node(&args.trust_domain, &c.node)
                     .with_context(|| format!("--node {:?}", c.node))?;
-                let credentials = c.node_credentials(&node_id).await;
+                // The node's certificate follows the trust bundle too, once the stream carries it.
+                let (node_bundle, node_bundle_rx) = tokio::sync::watch::channel(None);
+                let credentials = c.node_credentials(&node_id, node_bundle_rx).await;
                 let (mesh, task, mut known, bundle) = config::from_control(sinew_control_client::ClientConfig {
                     endpoint: c.endpoint.clone(),
                     name: c.node.clone(),
@@ -188,6 +190,7 @@ fn run(args: RunArgs) -> Result<()> {
                     cache_dir: c.cache_dir.clone(),
                     credentials: credentials.clone(),
                 });
+                sinew_control_client::forward_bundle(bundle.clone(), node_bundle);
                 // Without a cache, wait (bounded) for control's first answer, so pods
                 // enrolled right after start are judged against real configuration.
                 let view_known =

@@ -9,7 +9,7 @@ use std::{
 use sinew_identity::SpiffeId;
 use tracing::warn;
 
-use crate::{CertConfig, ClientTls, Credentials, start_certificate};
+use crate::{CertConfig, ClientTls, Credentials};
 
 /// Where the control service is and how to prove who we are.
 #[derive(Debug, Clone)]
@@ -91,7 +91,14 @@ impl ControlSettings {
     /// up to 5 s), kept renewed in the background at half life: every new channel presents
     /// the current one. If control cannot be reached the token alone is used meanwhile, and
     /// cached configuration keeps serving.
-    pub async fn node_credentials(&self, node_id: &SpiffeId) -> Credentials {
+    /// `bundle`: the trust bundle control publishes (fed once the configuration stream is
+    /// up, see [`crate::forward_bundle`]); the node's certificate is renewed when it changes,
+    /// as workload certificates are.
+    pub async fn node_credentials(
+        &self,
+        node_id: &SpiffeId,
+        bundle: crate::BundleUpdates,
+    ) -> Credentials {
         let bootstrap = Credentials {
             token: self.token.clone(),
             tls: self.roots_pem.clone().map(|roots_pem| ClientTls::new(roots_pem, None)),
@@ -105,7 +112,8 @@ impl ControlSettings {
             cache_dir: self.cache_dir.clone(),
         };
         // The renewal task runs (and caches) for the process's lifetime: its handle is let go.
-        let (mut svids, _task) = start_certificate(cfg);
+        let (mut svids, _task) =
+            crate::start_certificate_following(cfg, bundle, crate::BUNDLE_RENEWAL_SPREAD);
         let ready = matches!(
             tokio::time::timeout(Duration::from_secs(5), svids.wait_for(Option::is_some)).await,
             Ok(Ok(_))

@@ -102,8 +102,14 @@ fn load_cached(cfg: &CertConfig) -> Option<Svid> {
 /// valid, then renewals at half life; failures retry with backoff while the old one serves.
 pub fn start_certificate(cfg: CertConfig) -> (watch::Receiver<Option<Arc<Svid>>>, JoinHandle<()>) {
     let (_, fixed) = watch::channel(None);
-    start_certificate_following(cfg, fixed)
+    start_certificate_following(cfg, fixed, Duration::ZERO)
 }
+
+/// How long renewals triggered by a new trust bundle are spread over (each waits a random
+/// part of it first): a control restart with a new root must not have every workload of
+/// every node ask for a certificate in the same second. The old root is still trusted, so
+/// there is no hurry.
+pub const BUNDLE_RENEWAL_SPREAD: Duration = Duration::from_secs(30);
 
 /// The trust bundle the control service publishes (`None` until it has), for
 /// [`start_certificate_following`].
@@ -134,13 +140,15 @@ pub fn bundle_updates<T: Send + Sync + 'static>(
     rx
 }
 
-/// As [`start_certificate`], and renews at once when `bundle` differs from the bundle the
-/// certificate came with (a root added or a new signing root): a rotation reaches this
-/// client without waiting for half life. A bundle that a renewal did not bring is not
-/// chased again (no renewal loop if control's two answers ever disagree).
+/// As [`start_certificate`], and renews when `bundle` differs from the bundle the
+/// certificate came with (a root added or a new signing root), after a random delay below
+/// `spread` ([`BUNDLE_RENEWAL_SPREAD`]): a rotation reaches this client without waiting for
+/// half life. A bundle that a renewal did not bring is not chased again (no renewal loop if
+/// control's two answers ever disagree); a renewal that fails is retried with backoff.
 pub fn start_certificate_following(
     cfg: CertConfig,
     mut bundle: BundleUpdates,
+    spread: Duration,
 ) -> (watch::Receiver<Option<Arc<Svid>>>, JoinHandle<()>) {
     let (tx, rx) = watch::channel(load_cached(&cfg).map(Arc::new));
     let task = tokio::spawn(async move {
@@ -158,7 +166,11 @@ pub fn start_certificate_following(
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     new = new_bundle(&mut bundle, &svid.bundle, chased.as_ref()) => {
-                        info!(identity = %cfg.identity, "trust bundle changed: renewing");
+                        if chasing.is_none() {
+                            let wait = random_below(&cfg.identity.to_string(), spread);
+                            info!(identity = %cfg.identity, in_ms = wait.as_millis() as u64, "trust bundle changed: renewing");
+                            tokio::time::sleep(wait).await;
+                        }
                         chasing = Some(new);
                     }
                 }
@@ -188,6 +200,34 @@ pub fn start_certificate_following(
     (rx, task)
 }
 
+/// A pseudo-random duration below `max` (zero for zero), different per `seed` and moment:
+/// enough to spread renewals, no randomness crate needed.
+fn random_below(seed: &str, max: Duration) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let max_ms = max.as_millis() as u64;
+    if max_ms == 0 {
+        return Duration::ZERO;
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    seed.hash(&mut h);
+    SystemTime::now().hash(&mut h);
+    Duration::from_millis(h.finish() % max_ms)
+}
+
+/// Forwards the bundle `from` publishes into `to` (for a client whose certificate task had
+/// to start before the configuration stream that carries the bundle, such as the node's).
+pub fn forward_bundle(mut from: BundleUpdates, to: watch::Sender<Option<Arc<[String]>>>) {
+    tokio::spawn(async move {
+        loop {
+            let b = from.borrow_and_update().clone();
+            to.send_replace(b);
+            if from.changed().await.is_err() || to.is_closed() {
+                return;
+            }
+        }
+    });
+}
+
 /// Waits until `bundle` holds roots other than `held` (and than `chased`, the last bundle a
 /// renewal was made for); pends for good once the sender is gone.
 async fn new_bundle(
@@ -206,5 +246,33 @@ async fn new_bundle(
         if bundle.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_delays_stay_below_the_spread_and_vary() {
+        let spread = Duration::from_secs(30);
+        let delays: Vec<Duration> =
+            (0..50).map(|i| random_below(&format!("spiffe://td/ns/a/sa/{i}"), spread)).collect();
+        assert!(delays.iter().all(|d| *d < spread));
+        let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
+        assert!(distinct.len() > 40, "spread out: {distinct:?}");
+        assert_eq!(random_below("x", Duration::ZERO), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn a_bundle_is_forwarded_to_a_later_channel() {
+        let (from_tx, from) = watch::channel(None);
+        let (to, mut to_rx) = watch::channel(None);
+        forward_bundle(from, to);
+        from_tx.send_replace(Some(vec!["root".to_string()].into()));
+        tokio::time::timeout(Duration::from_secs(2), to_rx.wait_for(Option::is_some))
+            .await
+            .expect("forwarded")
+            .expect("open");
     }
 }

@@ -19,8 +19,8 @@ use std::{
 
 pub use bootstrap::{ControlSettings, SettingsError};
 pub use certs::{
-    BundleUpdates, CertConfig, Svid, bundle_updates, request_certificate, start_certificate,
-    start_certificate_following,
+    BUNDLE_RENEWAL_SPREAD, BundleUpdates, CertConfig, Svid, bundle_updates, forward_bundle,
+    request_certificate, start_certificate, start_certificate_following,
 };
 pub use config::{ClientConfig, ConfigView, Held, start_config};
 
