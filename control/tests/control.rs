@@ -380,22 +380,10 @@ async fn a_restart_with_a_broken_file_serves_its_last_good_version_and_removes_n
 
 #[tokio::test]
 async fn a_rejected_update_is_sent_again_with_the_next_change_and_does_not_count_as_synced() {
-    use sinew_api::{ClientInfo, DiscoveryRequest, discovery_client::DiscoveryClient};
+    use sinew_api::DiscoveryRequest;
     let s = Setup::new();
     let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(DiscoveryRequest {
-        client: Some(ClientInfo { name: "node-1".into(), role: "agent".into() }),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    request
-        .metadata_mut()
-        .insert(sinew_api::AUTHORIZATION, format!("Bearer {TOKEN_1}").parse().unwrap());
-    let mut client = DiscoveryClient::connect(control.endpoint()).await.unwrap();
-    let mut responses = client.stream(request).await.unwrap().into_inner();
+    let (tx, mut responses) = raw_stream(&control).await;
     let keys = |r: &sinew_api::DiscoveryResponse| {
         let mut k: Vec<String> = r.resources.iter().map(|r| r.key.clone()).collect();
         k.sort();
@@ -710,7 +698,7 @@ async fn the_trust_bundle_is_published_and_certificates_follow_it() {
 
 #[tokio::test]
 async fn a_sync_in_slices_is_complete_only_with_its_last() {
-    use sinew_api::{ClientInfo, DiscoveryRequest, discovery_client::DiscoveryClient};
+    use sinew_api::DiscoveryRequest;
     let s = Setup::new();
     let many: String = (0..600)
         .map(|i| {
@@ -723,19 +711,7 @@ async fn a_sync_in_slices_is_complete_only_with_its_last() {
         .collect();
     std::fs::write(s.config().join("many.yaml"), many).unwrap();
     let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(DiscoveryRequest {
-        client: Some(ClientInfo { name: "node-1".into(), role: "agent".into() }),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    request
-        .metadata_mut()
-        .insert(sinew_api::AUTHORIZATION, format!("Bearer {TOKEN_1}").parse().unwrap());
-    let mut client = DiscoveryClient::connect(control.endpoint()).await.unwrap();
-    let mut responses = client.stream(request).await.unwrap().into_inner();
+    let (tx, mut responses) = raw_stream(&control).await;
     let mut slices = Vec::new();
     loop {
         let r = responses.message().await.unwrap().unwrap();
@@ -753,4 +729,28 @@ async fn a_sync_in_slices_is_complete_only_with_its_last() {
     assert_eq!(slices.len(), 2, "{slices:?}");
     assert_eq!(slices[0], (500, Some(false)));
     control.stop();
+}
+
+/// A discovery stream driven by hand, as node-1's agent: the sender for its requests (the
+/// first, naming the client, already sent) and the responses.
+async fn raw_stream(
+    control: &Control,
+) -> (
+    tokio::sync::mpsc::Sender<sinew_api::DiscoveryRequest>,
+    tonic::Streaming<sinew_api::DiscoveryResponse>,
+) {
+    use sinew_api::{ClientInfo, DiscoveryRequest, discovery_client::DiscoveryClient};
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        client: Some(ClientInfo { name: "node-1".into(), role: "agent".into() }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert(sinew_api::AUTHORIZATION, format!("Bearer {TOKEN_1}").parse().unwrap());
+    let mut client = DiscoveryClient::connect(control.endpoint()).await.unwrap();
+    (tx, client.stream(request).await.unwrap().into_inner())
 }
