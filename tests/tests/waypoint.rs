@@ -193,13 +193,18 @@ fn curl(c: &Cluster, pod: &Pod, args: &[&str]) -> Result<String> {
     c.exec_in(pod, Path::new("/usr/bin/curl"), &all)
 }
 
+/// curl in `pod` printing only `format` (`-w`), the body thrown away.
+fn curl_out(c: &Cluster, pod: &Pod, format: &str, args: &[&str]) -> Result<String> {
+    let mut all = vec!["-o", "/dev/null", "-w", format];
+    all.extend_from_slice(args);
+    curl(c, pod, &all)
+}
+
 /// Repeats a curl in `pod` (its extra `args`) until it answers `want` (the status code),
 /// for changes that reach the waypoint or agents within a few hundred milliseconds.
 fn wait_status(c: &Cluster, pod: &Pod, args: &[&str], want: &str, what: &str) -> Result<()> {
-    let mut all = vec!["-o", "/dev/null", "-w", "%{http_code}"];
-    all.extend_from_slice(args);
     for _ in 0..50 {
-        if curl(c, pod, &all)?.trim() == want {
+        if curl_out(c, pod, "%{http_code}", args)?.trim() == want {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -213,7 +218,7 @@ const FMT: &str = "%{http_code} %header{x-served-by}\\n";
 /// `<status> <x-served-by>` counts of the requests curl makes to `url` (a range such as
 /// `?n=[1-20]` makes several) from `pod`.
 fn served(c: &Cluster, pod: &Pod, url: &str) -> Result<BTreeMap<String, usize>> {
-    Ok(statuses(&curl(c, pod, &["-o", "/dev/null", "-w", FMT, url])?))
+    Ok(statuses(&curl_out(c, pod, FMT, &[url])?))
 }
 
 /// `<status> <x-served-by>` per request.
@@ -244,11 +249,7 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     eprintln!("ready after {:?}", t0.elapsed());
 
     // 2,000 requests on one keep-alive connection: 90/10 within 3 points.
-    let out = curl(
-        &c,
-        &client,
-        &["-o", "/dev/null", "-w", fmt, &format!("http://{VIP}/split?n=[1-2000]")],
-    )?;
+    let out = curl_out(&c, &client, fmt, &[&format!("http://{VIP}/split?n=[1-2000]")])?;
     let s = statuses(&out);
     let (v1, v2) = (s.get("200 v1").copied().unwrap_or(0), s.get("200 v2").copied().unwrap_or(0));
     println!("split: {s:?} after {:?}", t0.elapsed());
@@ -257,11 +258,8 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     ensure!((7.0..=13.0).contains(&share), "v2 got {share:.1} % (want 10 +- 3): {s:?}");
 
     // Header routing picks v2.
-    let out = curl(
-        &c,
-        &client,
-        &["-o", "/dev/null", "-w", fmt, "-H", "x-version: v2", &format!("http://{VIP}/h?n=[1-20]")],
-    )?;
+    let out =
+        curl_out(&c, &client, fmt, &["-H", "x-version: v2", &format!("http://{VIP}/h?n=[1-20]")])?;
     ensure!(statuses(&out) == BTreeMap::from([("200 v2".to_string(), 20)]), "{out}");
 
     // shop's consumer route applies to shop's clients alone (demo's split above ignored its
@@ -270,11 +268,7 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     let shopper = c.pods.iter().find(|p| p.name == "shopper").cloned().expect("shopper pod");
     let got = served(&c, &shopper, &format!("http://{VIP}/split?n=[1-20]"))?;
     ensure!(got == BTreeMap::from([("200 v2".to_string(), 20)]), "shop: {got:?}");
-    let out = curl(
-        &c,
-        &shopper,
-        &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/other")],
-    )?;
+    let out = curl_out(&c, &shopper, "%{http_code}", &[&format!("http://{VIP}/other")])?;
     ensure!(out.trim() == "404", "shop, a path its route does not match: {out}");
 
     // The backend fails every other request with 503; retries turn them into 200s.
@@ -283,16 +277,11 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
 
     // A backend slower than the 500 ms timeout: 504, in about that time (curl's own clock,
     // so starting curl in the pod does not count; the backend would take 10 s).
-    let out = curl(
+    let out = curl_out(
         &c,
         &client,
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{time_total}",
-            &format!("http://{VIP}/delay/10000"),
-        ],
+        "%{http_code} %{time_total}",
+        &[&format!("http://{VIP}/delay/10000")],
     )?;
     let (code, took) = out.trim().split_once(' ').unwrap_or((out.trim(), ""));
     ensure!(code == "504", "{out}");
@@ -324,47 +313,29 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     ensure!((0.45..5.0).contains(&took), "the stalled body was cut after {took} s");
 
     // A burst over the local rate limit (5 tokens): 5 admitted, 5 refused with 429.
-    let out = curl(
+    let out = curl_out(
         &c,
         &client,
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %header{x-ratelimit-limit}\\n",
-            &format!("http://{VIP}/limited?n=[1-10]"),
-        ],
+        "%{http_code} %header{x-ratelimit-limit}\\n",
+        &[&format!("http://{VIP}/limited?n=[1-10]")],
     )?;
     let s = statuses(&out);
     ensure!(s.get("429 5") == Some(&5) && s.get("200 5") == Some(&5), "{s:?}");
     // Envoy's draft-03 headers: seconds until the bucket fills again (60 s interval).
-    let out = curl(
+    let out = curl_out(
         &c,
         &client,
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %header{x-ratelimit-reset}",
-            &format!("http://{VIP}/limited"),
-        ],
+        "%{http_code} %header{x-ratelimit-reset}",
+        &[&format!("http://{VIP}/limited")],
     )?;
     let reset = out.trim().strip_prefix("429 ").and_then(|v| v.parse::<u64>().ok());
     ensure!(reset.is_some_and(|r| (1..=60).contains(&r)), "{out}");
 
     // Fault injection and header modifiers.
-    let out = curl(
-        &c,
-        &client,
-        &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/fault")],
-    )?;
+    let out = curl_out(&c, &client, "%{http_code}", &[&format!("http://{VIP}/fault")])?;
     ensure!(out.trim() == "418", "{out}");
     // An injected delay: served after it, and flagged DI (checked in the metrics below).
-    let out = curl(
-        &c,
-        &client,
-        &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/held")],
-    )?;
+    let out = curl_out(&c, &client, "%{http_code}", &[&format!("http://{VIP}/held")])?;
     ensure!(out.trim() == "200", "{out}");
     // To a gRPC client the same local answer is a gRPC status (trailers only, HTTP 200).
     let out = curl(
@@ -441,11 +412,7 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     )?;
     let admin = format!("http://{VIP}/admin/users");
     wait_status(&c, &client, &["-X", "POST", &admin], "403", "the L7 DENY")?;
-    let out = curl(
-        &c,
-        &client,
-        &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VIP}/admin/users")],
-    )?;
+    let out = curl_out(&c, &client, "%{http_code}", &[&format!("http://{VIP}/admin/users")])?;
     ensure!(out.trim() == "200", "GET must pass: {out}");
     // The policy sees the normalized path: dot segments and escaped letters do not pass it.
     for sneaky in ["/public/../admin/users", "/%61dmin/users", "/x/%2e%2e/admin/users"] {
@@ -479,18 +446,11 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     }
     ensure!(copies.trim() == "10", "v2 saw {copies:?} mirrored requests");
     // A request body is mirrored too, once it has all arrived; the request is not held for it.
-    let out = curl(
+    let out = curl_out(
         &c,
         &client,
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            fmt,
-            "--data-binary",
-            "a mirrored body",
-            &format!("http://{VIP}/mirrored"),
-        ],
+        fmt,
+        &["--data-binary", "a mirrored body", &format!("http://{VIP}/mirrored")],
     )?;
     ensure!(out.trim() == "200 v1", "{out}");
     let mut copy = String::new();
@@ -604,11 +564,8 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     // `/headers` goes to v1 alone, with no timeout that a slow moment could turn into a 504.
     let v1_url = format!("http://{VIP}/headers");
     wait_status(&c, &client, &[&v1_url], "503", "the L4 DENY for the original client")?;
-    let out = curl(
-        &c,
-        &client,
-        &["-o", "/dev/null", "-w", fmt, "-H", "x-version: v2", &format!("http://{VIP}/v2-still")],
-    )?;
+    let out =
+        curl_out(&c, &client, fmt, &["-H", "x-version: v2", &format!("http://{VIP}/v2-still")])?;
     ensure!(out.trim() == "200 v2", "v2 is not covered by the policy: {out}");
     // The first 503 may come from the waypoint's pooled tunnel to v1, which the agent closes
     // when the policy lands (logged as an allowed connection closed by policy); the refused
@@ -620,7 +577,7 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         if deny.is_some() {
             break;
         }
-        let out = curl(&c, &client, &["-o", "/dev/null", "-w", "%{http_code}", &v1_url])?;
+        let out = curl_out(&c, &client, "%{http_code}", &[&v1_url])?;
         ensure!(out.trim() == "503", "v1 answered {out} under the L4 DENY");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -635,22 +592,14 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         c.run_in(&client, &["raw", &format!("{VIP}:80"), "NOT AN HTTP REQUEST\\r\\n\\r\\n"])?;
     ensure!(out.starts_with("HTTP/1.1 400"), "malformed request: {out}");
     let big = format!("x-big: {}", "a".repeat(70 << 10));
-    let out = curl(
-        &c,
-        &client,
-        &["-o", "/dev/null", "-w", "%{http_code}", "-H", &big, &format!("http://{VIP}/")],
-    )?;
+    let out = curl_out(&c, &client, "%{http_code}", &["-H", &big, &format!("http://{VIP}/")])?;
     ensure!(out.trim() == "431", "oversized headers: {out}");
     c.write_config(
         "broken-route.yaml",
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: broken, namespace: demo}\nspec:\n  parentRefs: [{kind: Service, name: reviews}]\n  rules:\n  - backendRefs: [{name: reviews-v2, port: 80, weight: -3}]\n",
     )?;
     std::thread::sleep(Duration::from_secs(1));
-    let out = curl(
-        &c,
-        &client,
-        &["-o", "/dev/null", "-w", fmt, &format!("http://{VIP}/after?n=[1-200]")],
-    )?;
+    let out = curl_out(&c, &client, fmt, &[&format!("http://{VIP}/after?n=[1-200]")])?;
     let s = statuses(&out);
     let total: usize = s.values().sum();
     ensure!(
