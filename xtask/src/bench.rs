@@ -29,20 +29,30 @@ pub fn capture(bin_dir: &Path, out_file: &Path) -> Result<()> {
     }
     c.serve(&ms, &[8080])?;
     c.serve(&ds, &[8080])?;
-    let paths = [("direct", &dc, &ds), ("captured", &mc, &ms), ("one hop", &mc, &ds)];
-    for (_, client, server) in paths {
+    // The floor: the simplest relay (testapp's, tokio) at the places the agents sit, a
+    // loopback listener in the client pod and a listener in the server pod that connects to
+    // the app over loopback, on the plain pair. No capture, no policy, no telemetry.
+    let local = |port: u16| Cluster::target(std::net::Ipv4Addr::LOCALHOST.into(), port);
+    c.start_app(&ds, &["relay", &Cluster::target(ds.v4(), 9090), &local(8080)])?;
+    c.start_app(&dc, &["relay", &local(9001), &Cluster::target(ds.v4(), 9090)])?;
+    let paths = [
+        ("direct", &dc, Cluster::target(ds.v4(), 8080)),
+        ("captured", &mc, Cluster::target(ms.v4(), 8080)),
+        ("one hop", &mc, Cluster::target(ds.v4(), 8080)),
+        ("bare relays", &dc, local(9001)),
+    ];
+    for (_, client, target) in &paths {
         // Warm up (ARP, caches) before measuring.
-        c.run_in(client, &["ping", &Cluster::target(server.v4(), 8080), "50"])?;
+        c.run_in(client, &["ping", target, "50"])?;
     }
     // Rounds interleave the paths so drift on a shared 2-core machine hits all of them alike;
     // each figure is the median of its rounds.
     const ROUNDS: usize = 3;
     let mut samples = vec![(Vec::new(), Vec::new(), Vec::new()); paths.len()];
     for _ in 0..ROUNDS {
-        for (i, (_, client, server)) in paths.iter().enumerate() {
-            let target = Cluster::target(server.v4(), 8080);
-            samples[i].0.push(field(&c.run_in(client, &["sink", &target, "3"])?, "bytes_per_sec")?);
-            let ping = c.run_in(client, &["ping", &target, "500"])?;
+        for (i, (_, client, target)) in paths.iter().enumerate() {
+            samples[i].0.push(field(&c.run_in(client, &["sink", target, "3"])?, "bytes_per_sec")?);
+            let ping = c.run_in(client, &["ping", target, "500"])?;
             samples[i].1.push(field(&ping, "mean_us")?);
             samples[i].2.push(field(&ping, "p50_us")?);
         }
@@ -66,17 +76,24 @@ pub fn capture(bin_dir: &Path, out_file: &Path) -> Result<()> {
         "direct": { "throughput_bytes_per_sec": d.0, "connect_mean_us": d.1, "connect_p50_us": d.2 },
         "captured": { "throughput_bytes_per_sec": m.0, "connect_mean_us": m.1, "connect_p50_us": m.2 },
         "client_side_only": { "throughput_bytes_per_sec": results[2].0, "connect_mean_us": results[2].1, "connect_p50_us": results[2].2 },
+        "bare_relays": { "throughput_bytes_per_sec": results[3].0, "connect_mean_us": results[3].1, "connect_p50_us": results[3].2 },
+        "bare_relays_connect_latency_ratio": results[3].1 / d.1,
         "throughput_ratio": m.0 / d.0,
         "connect_latency_ratio": m.1 / d.1,
         "goals": { "throughput_ratio": ">= 0.6", "connect_latency_ratio": "<= 1.5" },
         "method": "two nodes, both pods enrolled (client and server agents) vs a plain pair on the same nodes; \
                    throughput = one TCP stream for 3 s; connect latency = connect() until the first byte \
-                   of the server's answer, mean of 500 sequential connections; median of 3 interleaved rounds",
+                   of the server's answer, mean of 500 sequential connections; median of 3 interleaved rounds; \
+                   bare_relays = the plain pair through two minimal tokio relays placed where the agents sit \
+                   (loopback listener in the client pod, listener in the server pod relaying to the app over \
+                   loopback): the floor of any design with a user-space hop at each end",
     });
     println!(
-        "throughput_ratio {:.3} (goal >= 0.6)   connect_latency_ratio {:.3} (goal <= 1.5)",
+        "throughput_ratio {:.3} (goal >= 0.6)   connect_latency_ratio {:.3} (goal <= 1.5)   \
+         bare relays: connect_latency_ratio {:.3}",
         m.0 / d.0,
-        m.1 / d.1
+        m.1 / d.1,
+        results[3].1 / d.1
     );
     std::fs::create_dir_all(out_file.parent().context("bench dir")?)?;
     std::fs::write(out_file, serde_json::to_string_pretty(&report)?)?;

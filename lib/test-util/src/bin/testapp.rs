@@ -17,7 +17,7 @@ use tokio::{
 
 const USAGE: &str = "usage: sinew-testapp serve PORT... | xfer TARGET UP DOWN SEED | \
 many TARGETS(,) COUNT | sink TARGET SECS [STREAMS] | ping TARGET COUNT | reset TARGET | \
-hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | grpc-retry TARGET | raw TARGET TEXT | fire TARGET TEXT | steal PORT SECS | flood TARGET COUNT";
+hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | grpc-retry TARGET | raw TARGET TEXT | fire TARGET TEXT | steal PORT SECS | flood TARGET COUNT | relay LISTEN TARGET";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,6 +50,7 @@ fn main() -> Result<()> {
             "raw" => raw(arg(1)?.parse()?, arg(2)?).await,
             "fire" => fire(arg(1)?.parse()?, arg(2)?).await,
             "flood" => flood(arg(1)?.parse()?, arg(2)?.parse()?).await,
+            "relay" => relay(arg(1)?.parse()?, arg(2)?.parse()?).await,
             "mark" => mark(arg(1)?.parse()?, arg(2)?, arg(3)?.parse()?).await,
             _ => bail!(USAGE),
         }
@@ -253,6 +254,23 @@ async fn sink(target: SocketAddr, secs: f64, streams: usize) -> Result<()> {
         serde_json::json!({ "bytes": bytes, "secs": elapsed, "bytes_per_sec": bytes / elapsed })
     );
     Ok(())
+}
+
+/// The simplest user-space TCP relay: each connection accepted on LISTEN gets its own
+/// connection to TARGET and bytes copied both ways. The benchmarks measure it beside the agent,
+/// as the floor any proxy with a user-space hop pays on this machine. Prints "ready".
+async fn relay(listen: SocketAddr, target: SocketAddr) -> Result<()> {
+    let l = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
+    println!("ready");
+    std::io::Write::flush(&mut std::io::stdout())?;
+    loop {
+        let (mut down, _) = l.accept().await?;
+        tokio::spawn(async move {
+            let Ok(mut up) = TcpStream::connect(target).await else { return };
+            let _ = (down.set_nodelay(true), up.set_nodelay(true));
+            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+        });
+    }
 }
 
 /// Joins the `SO_REUSEPORT` group on `[::]:PORT` (dual-stack), as a process in a pod trying
