@@ -28,8 +28,9 @@ struct Args {
     /// Bootstrap tokens: `<node> <token>` per line.
     #[arg(long, default_value = "/etc/sinew-control/tokens")]
     tokens: PathBuf,
-    /// Admin endpoint: /ready, /metrics, /clients, /config_dump.
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    /// Admin endpoint: /ready, /metrics, /clients, /config_dump. Port 15014 as istiod's
+    /// monitoring port: the node's agent, on the same host in local mode, has 15000.
+    #[arg(long, default_value = "127.0.0.1:15014")]
     admin: SocketAddr,
     /// Serve gRPC without TLS (debugging only: tokens then cross the wire in the clear).
     #[arg(long)]

@@ -66,7 +66,7 @@ struct Args {
     /// HBONE listener.
     #[arg(long, default_value = "[::]:15008")]
     listen: SocketAddr,
-    /// Admin endpoint: /metrics, /ready, /config_dump.
+    /// Admin endpoint: /metrics, /ready.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
     /// Where configuration and the certificate are cached.

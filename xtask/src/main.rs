@@ -121,9 +121,10 @@ fn cargo(args: &[&str]) -> Result<()> {
 
 /// Lints, tier 1 (unprivileged), tier 2 (root: netns, cgroups, eBPF, real agents).
 fn test() -> Result<()> {
+    // Formatting first: it needs no build and fails fastest.
+    cargo(&["fmt", "--all", "--check"])?;
     setup::runtime()?;
     build_all(false)?;
-    cargo(&["fmt", "--all", "--check"])?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     cargo(&["test", "--workspace", "--exclude", "sinew-ebpf", "--exclude", "sinew-tests"])?;
     // One cluster at a time: two cores, and timings stay honest.

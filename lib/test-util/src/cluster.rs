@@ -398,6 +398,78 @@ impl Control {
     }
 }
 
+/// The run a harness name (`sn<pid>x<n>...`) belongs to, if it is one.
+fn owner_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("sn")?;
+    let (pid, after) = rest.split_once('x')?;
+    after.starts_with(|c: char| c.is_ascii_digit()).then_some(())?;
+    pid.parse().ok()
+}
+
+/// Whether a harness name belongs to a run that is over: its process is gone, or it is
+/// this process, which has made no cluster yet (its pid was reused after a crash).
+fn is_stale(name: &str) -> bool {
+    owner_pid(name).is_some_and(|pid| {
+        pid == std::process::id() || !Path::new(&format!("/proc/{pid}")).exists()
+    })
+}
+
+/// Removes what an interrupted run (Ctrl-C, SIGKILL: `Drop` never ran) left: its network
+/// namespaces and their processes, cgroups, pinned eBPF links and temporary directory.
+/// Runs once per process, before its first cluster; best effort.
+fn sweep_stale() {
+    let netns = sh("ip", &["netns", "list"]).unwrap_or_default();
+    for ns in netns.lines().filter_map(|l| l.split_whitespace().next()) {
+        if !is_stale(ns) {
+            continue;
+        }
+        if let Ok(pids) = sh("ip", &["netns", "pids", ns]) {
+            for pid in pids.split_whitespace() {
+                let _ = sh("kill", &["-9", pid]);
+            }
+        }
+        let _ = sh("ip", &["netns", "del", ns]);
+    }
+    let entries = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let name_of = |p: &Path| p.file_name().and_then(|n| n.to_str()).unwrap_or("").to_owned();
+    for pin in entries(Path::new("/sys/fs/bpf")) {
+        if is_stale(&name_of(&pin)) {
+            let _ = std::fs::remove_dir_all(&pin);
+        }
+    }
+    for tmp in entries(&std::env::temp_dir()) {
+        if name_of(&tmp).strip_prefix("sinew-test-").is_some_and(is_stale) {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    if let Ok(root) = cgroup2_root() {
+        for base in entries(&root) {
+            if !name_of(&base).strip_prefix("sinew-test-").is_some_and(is_stale) {
+                continue;
+            }
+            let mut dirs: Vec<PathBuf> =
+                entries(&base).into_iter().filter(|p| p.is_dir()).collect();
+            dirs.push(base);
+            for d in dirs {
+                let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.split_whitespace() {
+                    let _ = sh("kill", &["-9", pid]);
+                }
+                for _ in 0..50 {
+                    if std::fs::remove_dir(&d).is_ok() || !d.exists() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+}
+
 /// Where the control service listens (on the fabric bridge).
 pub const CONTROL_ADDR: &str = "198.18.0.254:15012";
 
@@ -405,6 +477,9 @@ impl Cluster {
     /// An empty cluster with a fabric namespace; `ambient` namespaces are enrolled in the mesh.
     pub fn new(ambient: &[&str]) -> Result<Self> {
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        if n == 0 {
+            sweep_stale();
+        }
         let id = format!("sn{}x{n}", std::process::id());
         let dir = std::env::temp_dir().join(format!("sinew-test-{id}"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -937,5 +1012,25 @@ impl Drop for Cluster {
         if std::env::var_os("SINEW_KEEP_TEST_DIR").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_names_are_the_harness_names_of_runs_that_are_over() {
+        assert_eq!(owner_pid("sn123x0-fabric"), Some(123));
+        assert_eq!(owner_pid("sn123x12-n1"), Some(123));
+        assert_eq!(owner_pid("snow"), None);
+        assert_eq!(owner_pid("sn123"), None);
+        assert_eq!(owner_pid("sn123xa"), None);
+        assert_eq!(owner_pid("web"), None);
+        // This process made no cluster here: names under its pid are a crashed run's.
+        assert!(is_stale(&format!("sn{}x0-fabric", std::process::id())));
+        // pid 1 is always running.
+        assert!(!is_stale("sn1x0-fabric"));
+        assert!(!is_stale("shop"));
     }
 }

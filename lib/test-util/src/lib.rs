@@ -20,6 +20,6 @@ pub fn must_be_root() {
     let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or_default();
     assert!(
         uid.split_whitespace().nth(2) == Some("0"),
-        "the root tier needs root (CI runs as root): run `sudo -E cargo xtask test`"
+        "the root tier needs root (CI runs as root): run `sudo -E env \"PATH=$PATH\" cargo xtask test`"
     );
 }
