@@ -76,8 +76,9 @@ impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B
 }
 
 /// Largest request body kept so tries can repeat it and mirrors can send it; beyond it a
-/// request streams on, not retried and not mirrored.
-pub const MAX_REQUEST_BODY: usize = 8 << 20;
+/// request streams on, not retried and not mirrored. 1 MiB as Envoy's default buffer limit:
+/// every request on a route with retries (Istio's default) keeps its copy until the answer.
+pub const MAX_REQUEST_BODY: usize = 1 << 20;
 
 /// The connection a request arrived on.
 pub struct Downstream {
@@ -1034,7 +1035,11 @@ async fn route_and_forward(
                     }
                     // A long answer (a gRPC stream, a download) counts toward the request limit
                     // and least-request balancing until its body ends, not just its headers.
-                    let held = (permit, inflight, retry_guard.take());
+                    // The retry it took is over once its answer is (Envoy resets its retry
+                    // state at the response headers): held to the body's end, a few long
+                    // streams that were retried once would use up the budget's minimum.
+                    drop(retry_guard.take());
+                    let held = (permit, inflight);
                     let deadline = match (request_deadline, try_deadline) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),

@@ -257,12 +257,24 @@ impl Waypoint {
             Some(old) => old.budget.clone(),
             None => Arc::new(RetryBudget::new(RETRY_BUDGET_SHARE, RETRY_BUDGET_MIN)),
         };
+        // Endpoints that stay keep their latency, requests in flight and ejection state
+        // (matched by address); consistent hashing keys on each endpoint's name.
+        let from_old: Option<Vec<Option<usize>>> = backends.get(&key).map(|old| {
+            let index: HashMap<&[std::net::IpAddr], usize> =
+                old.endpoints.iter().enumerate().map(|(j, o)| (o.ips.as_slice(), j)).collect();
+            svc.endpoints.iter().map(|e| index.get(e.ips.as_slice()).copied()).collect()
+        });
+        let ids: Vec<u64> =
+            svc.endpoints.iter().map(|e| sinew_l7::balance::hash_key(e.key().as_bytes())).collect();
+        let algorithm = Algorithm::from_model(policy.and_then(|p| p.load_balancer.as_ref()));
         let state = Arc::new(BackendState {
             endpoints: svc.endpoints.clone(),
-            balancer: Balancer::new(
-                n,
-                Algorithm::from_model(policy.and_then(|p| p.load_balancer.as_ref())),
-            ),
+            balancer: match (backends.get(&key), &from_old) {
+                (Some(old), Some(from_old)) => {
+                    Balancer::following(ids, algorithm, &old.balancer, from_old)
+                }
+                _ => Balancer::with_ids(ids, algorithm),
+            },
             outlier: OutlierDetector::from_model(
                 n,
                 policy.and_then(|p| p.outlier_detection.as_ref()),
@@ -275,14 +287,8 @@ impl Waypoint {
             key: Arc::from(key.as_str()),
             policy: policy.cloned(),
         });
-        // Endpoints that stay keep their latency and ejection state (matched by address).
-        if let Some(old) = backends.get(&key) {
-            let index: HashMap<&[std::net::IpAddr], usize> =
-                old.endpoints.iter().enumerate().map(|(j, o)| (o.ips.as_slice(), j)).collect();
-            let from_old: Vec<Option<usize>> =
-                state.endpoints.iter().map(|e| index.get(e.ips.as_slice()).copied()).collect();
-            state.balancer.carry_over(&old.balancer, &from_old);
-            state.outlier.carry_over(&old.outlier, &from_old, Instant::now());
+        if let (Some(old), Some(from_old)) = (backends.get(&key), &from_old) {
+            state.outlier.carry_over(&old.outlier, from_old, Instant::now());
         }
         backends.insert(key, state.clone());
         Some(state)

@@ -42,6 +42,10 @@ impl Algorithm {
 /// The EWMA weight of a new latency sample: `ewma = 0.3 * sample + 0.7 * ewma`, so a change in
 /// latency shows after a handful of requests while one slow request moves it little.
 const EWMA_ALPHA: f64 = 0.3;
+/// An endpoint's latency estimate decays toward zero with this time constant while no sample
+/// arrives (Linkerd's peak-EWMA default): an endpoint that once looked slow, and so lost every
+/// pick at low concurrency, gets tried again within seconds instead of never.
+const DECAY_US: f64 = 10_000_000.0;
 /// The EWMA of an endpoint never measured (a NaN bit pattern arithmetic never produces here).
 const UNMEASURED: u64 = u64::MAX;
 /// The least a failure counts for, in microseconds (10 ms).
@@ -49,28 +53,41 @@ const FAILURE_FLOOR: f64 = 10_000.0;
 /// Salt for the per-endpoint hash in rendezvous hashing.
 const ENDPOINT_SALT: u64 = 0x5bd1_e995_9e37_79b9;
 
+/// Microseconds since the first call in this process: the clock of every balancer, so stats
+/// carried from one balancer to the next keep their meaning.
+fn now_us() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(std::time::Instant::now).elapsed().as_micros() as u64
+}
+
 #[derive(Debug)]
 struct Stats {
     in_flight: AtomicU64,
     /// `f64` bits of the EWMA latency in microseconds, or [`UNMEASURED`].
     ewma_us: AtomicU64,
+    /// When the EWMA last took a sample ([`now_us`]).
+    updated_us: AtomicU64,
 }
 
 impl Default for Stats {
     fn default() -> Self {
-        Self { in_flight: AtomicU64::new(0), ewma_us: AtomicU64::new(UNMEASURED) }
+        Self {
+            in_flight: AtomicU64::new(0),
+            ewma_us: AtomicU64::new(UNMEASURED),
+            updated_us: AtomicU64::new(0),
+        }
     }
 }
 
 impl Stats {
-    /// `ewma_latency_us * (in_flight + 1)`; 0 for an endpoint never measured, so it is tried
-    /// first.
-    fn score(&self) -> f64 {
+    /// The latency estimate at `now`, decayed since its last sample; `None` if never measured.
+    fn ewma_at(&self, now: u64) -> Option<f64> {
         let bits = self.ewma_us.load(Ordering::Relaxed);
         if bits == UNMEASURED {
-            return 0.0;
+            return None;
         }
-        f64::from_bits(bits) * (self.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
+        let idle = now.saturating_sub(self.updated_us.load(Ordering::Relaxed)) as f64;
+        Some(f64::from_bits(bits) * (-idle / DECAY_US).exp())
     }
 }
 
@@ -78,7 +95,12 @@ impl Stats {
 #[derive(Debug)]
 pub struct Balancer {
     algorithm: Algorithm,
-    stats: Arc<[Stats]>,
+    /// Per endpoint; shared with the next balancer for endpoints that stay, so requests in
+    /// flight keep counting across an endpoint change.
+    stats: Box<[Arc<Stats>]>,
+    /// Stable per-endpoint ids for consistent hashing, so a key stays on its endpoint when
+    /// others come and go.
+    ids: Box<[u64]>,
     /// Round robin: where the next scan starts.
     next: AtomicUsize,
 }
@@ -87,23 +109,53 @@ pub struct Balancer {
 #[derive(Debug)]
 #[must_use = "the request counts as in flight only while the guard lives"]
 pub struct InFlight {
-    stats: Arc<[Stats]>,
-    endpoint: Option<usize>,
+    stats: Option<Arc<Stats>>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(s) = self.endpoint.and_then(|i| self.stats.get(i)) {
+        if let Some(s) = &self.stats {
             s.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
 impl Balancer {
-    /// A balancer over `endpoints` endpoints, none measured yet.
+    /// A balancer over `endpoints` endpoints, none measured yet, identified by their index
+    /// (see [`Balancer::with_ids`]).
     pub fn new(endpoints: usize, algorithm: Algorithm) -> Self {
-        let stats = (0..endpoints).map(|_| Stats::default()).collect();
-        Self { algorithm, stats, next: AtomicUsize::new(0) }
+        Self::with_ids((0..endpoints as u64).collect(), algorithm)
+    }
+
+    /// A balancer over endpoints with stable `ids` (a hash of each endpoint's name): with
+    /// consistent hashing a key moves only when its own endpoint leaves, wherever the others
+    /// sit in the list.
+    pub fn with_ids(ids: Vec<u64>, algorithm: Algorithm) -> Self {
+        let stats = ids.iter().map(|_| Arc::default()).collect();
+        Self { algorithm, stats, ids: ids.into(), next: AtomicUsize::new(0) }
+    }
+
+    /// A balancer over endpoints with `ids` that takes over `old`'s state for endpoints that
+    /// stay (`from_old[i]`: endpoint `i`'s index in `old`): their latency and their requests
+    /// in flight, which go on counting for both.
+    pub fn following(
+        ids: Vec<u64>,
+        algorithm: Algorithm,
+        old: &Balancer,
+        from_old: &[Option<usize>],
+    ) -> Self {
+        let stats = (0..ids.len())
+            .map(|i| {
+                from_old
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .and_then(|j| old.stats.get(j))
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        Self { algorithm, stats, ids: ids.into(), next: AtomicUsize::new(0) }
     }
 
     /// The algorithm.
@@ -131,24 +183,36 @@ impl Balancer {
     /// back to P2C). `None` when every endpoint is skipped or there are none.
     ///
     /// P2C: two distinct random candidates among the endpoints not skipped, the lower score
-    /// wins (the first on a tie), score = `ewma_latency_us * (in_flight + 1)`; an endpoint never
-    /// measured scores 0 (tried first). ConsistentHash: rendezvous (highest random weight)
-    /// hashing over the endpoints not skipped, weight = splitmix64(hash ^ splitmix64(index ^
-    /// salt)), so skipping an endpoint moves only its own keys.
+    /// wins (the first on a tie), score = `ewma_latency_us * (in_flight + 1)`, the EWMA decayed
+    /// toward zero over idle time. An endpoint never measured scores 0 while it has nothing
+    /// in flight (tried first), and as the slowest measured endpoint once it has (a new or
+    /// hung endpoint does not draw every request). ConsistentHash: rendezvous (highest random
+    /// weight) hashing over the endpoints not skipped, weight = splitmix64(hash ^
+    /// splitmix64(id ^ salt)), so an endpoint leaving or skipped moves only its own keys.
     pub fn pick(&self, rnd: u64, hash: Option<u64>, skip: impl Fn(usize) -> bool) -> Option<usize> {
-        let skip: &dyn Fn(usize) -> bool = &skip;
+        self.pick_at(now_us(), rnd, hash, &skip)
+    }
+
+    fn pick_at(
+        &self,
+        now: u64,
+        rnd: u64,
+        hash: Option<u64>,
+        skip: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
         match (self.algorithm, hash) {
             (Algorithm::RoundRobin, _) => self.round_robin(skip),
             (Algorithm::Random, _) => self.random(rnd, skip),
             (Algorithm::ConsistentHash, Some(h)) => self.rendezvous(h, skip),
-            (Algorithm::P2cEwma | Algorithm::ConsistentHash, _) => self.p2c(rnd, skip),
+            (Algorithm::P2cEwma | Algorithm::ConsistentHash, _) => self.p2c(now, rnd, skip),
         }
     }
 
     /// The endpoint for a try: as [`Balancer::pick`], but a retry (`last`: the endpoint the
     /// previous try failed on) goes to another endpoint when one is not skipped, as Envoy's
-    /// `previous_hosts` retry predicate (on by default in Istio) does; with a hash the
-    /// endpoint stays the hash's, and with nowhere else to go the retry goes back to `last`.
+    /// `previous_hosts` retry predicate (on by default in Istio) does; with a hash that is
+    /// the key's next endpoint (as Envoy's ring hash moves along the ring), and with nowhere
+    /// else to go the retry goes back to `last`.
     pub fn pick_try(
         &self,
         rnd: u64,
@@ -156,71 +220,72 @@ impl Balancer {
         last: Option<usize>,
         skip: impl Fn(usize) -> bool,
     ) -> Option<usize> {
-        let elsewhere = match (last, self.algorithm, hash) {
-            (_, Algorithm::ConsistentHash, Some(_)) | (None, ..) => None,
-            (Some(last), ..) => self.pick(rnd, hash, |i| i == last || skip(i)),
-        };
+        let elsewhere = last.and_then(|last| self.pick(rnd, hash, |i| i == last || skip(i)));
         elsewhere.or_else(|| self.pick(rnd, hash, skip))
     }
 
     /// A request to `endpoint` started; the guard decrements in-flight on drop. An index out
     /// of range gives a guard that counts nothing.
     pub fn start(&self, endpoint: usize) -> InFlight {
-        let endpoint = self.stats.get(endpoint).map(|s| {
+        let stats = self.stats.get(endpoint).map(|s| {
             s.in_flight.fetch_add(1, Ordering::Relaxed);
-            endpoint
+            Arc::clone(s)
         });
-        InFlight { stats: Arc::clone(&self.stats), endpoint }
-    }
-
-    /// Takes over `old`'s latency for endpoints that stay (`from_old[i]`: endpoint `i`'s
-    /// index in `old`); in-flight counts stay with the guards that hold them.
-    pub fn carry_over(&self, old: &Balancer, from_old: &[Option<usize>]) {
-        for (s, j) in self.stats.iter().zip(from_old) {
-            if let Some(prev) = j.and_then(|j| old.stats.get(j)) {
-                s.ewma_us.store(prev.ewma_us.load(Ordering::Relaxed), Ordering::Relaxed);
-            }
-        }
+        InFlight { stats }
     }
 
     /// Records a latency sample for `endpoint` (ignored out of range) into its EWMA with
     /// weight 0.3 for the new sample; the first sample is taken as is.
     pub fn observe(&self, endpoint: usize, latency: Duration) {
-        let Some(s) = self.stats.get(endpoint) else { return };
-        let sample = latency.as_secs_f64() * 1e6;
-        let _ = s.ewma_us.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-            let ewma = if bits == UNMEASURED {
-                sample
-            } else {
-                EWMA_ALPHA * sample + (1.0 - EWMA_ALPHA) * f64::from_bits(bits)
-            };
-            Some(ewma.to_bits())
-        });
+        self.observe_at(now_us(), endpoint, latency);
     }
 
-    /// Records a failed try (5xx, reset, connect failure) at `endpoint` as a sample no
-    /// faster than the slowest endpoint measured (and at least [`FAILURE_FLOOR`]): an endpoint
+    fn observe_at(&self, now: u64, endpoint: usize, latency: Duration) {
+        let Some(s) = self.stats.get(endpoint) else { return };
+        let sample = latency.as_secs_f64() * 1e6;
+        let ewma = match s.ewma_at(now) {
+            None => sample,
+            Some(decayed) => EWMA_ALPHA * sample + (1.0 - EWMA_ALPHA) * decayed,
+        };
+        // Concurrent samples may overwrite each other: one sample lost, never a torn value.
+        s.ewma_us.store(ewma.to_bits(), Ordering::Relaxed);
+        s.updated_us.store(now, Ordering::Relaxed);
+    }
+
+    /// Records a failed try (5xx, reset, connect failure) at `endpoint` as a sample a quarter
+    /// slower than the slowest endpoint measured (and at least [`FAILURE_FLOOR`]): an endpoint
     /// that fails fast (a crash-looping pod answering 503 in a millisecond) would otherwise
     /// look like the fastest and draw most of the traffic. It stays in the running, as under
     /// Envoy's least-request balancing; outlier detection is what takes it out.
     pub fn observe_failure(&self, endpoint: usize, latency: Duration) {
-        let slowest = self
-            .stats
-            .iter()
-            .map(|s| s.ewma_us.load(Ordering::Relaxed))
-            .filter(|&bits| bits != UNMEASURED)
-            .map(f64::from_bits)
-            .fold(FAILURE_FLOOR, f64::max);
+        let now = now_us();
+        // Strictly slower than the slowest: equal, the failing endpoint's estimate, decayed a
+        // little less than a busy healthy one's, would keep winning the ties.
+        let slowest = (self.slowest(now).unwrap_or(0.0) * 1.25).max(FAILURE_FLOOR);
         let sample = (latency.as_secs_f64() * 1e6).max(slowest);
-        self.observe(endpoint, Duration::from_secs_f64(sample / 1e6));
+        self.observe_at(now, endpoint, Duration::from_secs_f64(sample / 1e6));
+    }
+
+    /// The highest latency estimate among measured endpoints.
+    fn slowest(&self, now: u64) -> Option<f64> {
+        self.stats.iter().filter_map(|s| s.ewma_at(now)).reduce(f64::max)
     }
 
     fn unskipped<'a>(&self, skip: &'a dyn Fn(usize) -> bool) -> impl Iterator<Item = usize> + 'a {
         (0..self.stats.len()).filter(move |&i| !skip(i))
     }
 
-    fn score(&self, endpoint: usize) -> f64 {
-        self.stats.get(endpoint).map_or(0.0, Stats::score)
+    fn score(&self, now: u64, endpoint: usize) -> f64 {
+        let Some(s) = self.stats.get(endpoint) else { return 0.0 };
+        let in_flight = s.in_flight.load(Ordering::Relaxed);
+        let latency = match s.ewma_at(now) {
+            Some(l) => l,
+            None if in_flight == 0 => return 0.0,
+            // No sample yet but busy (new, or hung with no per-try timeout to end its
+            // requests): as slow as the slowest, so its queue counts against it.
+            None => self.slowest(now).unwrap_or(1.0),
+        };
+        latency * (in_flight as f64 + 1.0)
     }
 
     fn round_robin(&self, skip: &dyn Fn(usize) -> bool) -> Option<usize> {
@@ -245,7 +310,7 @@ impl Balancer {
         self.unskipped(skip).nth(reduce(rnd, count)).or_else(|| self.unskipped(skip).next())
     }
 
-    fn p2c(&self, rnd: u64, skip: &dyn Fn(usize) -> bool) -> Option<usize> {
+    fn p2c(&self, now: u64, rnd: u64, skip: &dyn Fn(usize) -> bool) -> Option<usize> {
         let count = self.unskipped(skip).count();
         if count < 2 {
             return self.unskipped(skip).next();
@@ -258,7 +323,7 @@ impl Balancer {
         let (ia, ib) = (self.unskipped(skip).nth(a), self.unskipped(skip).nth(b));
         match (ia, ib) {
             (Some(ia), Some(ib)) => {
-                let better = self.score(ib) < self.score(ia);
+                let better = self.score(now, ib) < self.score(now, ia);
                 Some(if better { ib } else { ia })
             }
             (one, other) => one.or(other).or_else(|| self.unskipped(skip).next()),
@@ -267,7 +332,20 @@ impl Balancer {
 
     fn rendezvous(&self, hash: u64, skip: &dyn Fn(usize) -> bool) -> Option<usize> {
         self.unskipped(skip)
-            .max_by_key(|&i| splitmix64(hash ^ splitmix64(i as u64 ^ ENDPOINT_SALT)))
+            .max_by_key(|&i| splitmix64(hash ^ splitmix64(self.ids[i] ^ ENDPOINT_SALT)))
+    }
+
+    /// Test support: [`Balancer::pick`] and [`Balancer::observe`] at a given time
+    /// (microseconds on the balancers' clock), for decay without waiting.
+    #[doc(hidden)]
+    pub fn pick_at_for_test(&self, now_us: u64, rnd: u64) -> Option<usize> {
+        self.pick_at(now_us, rnd, None, &|_| false)
+    }
+
+    /// See [`Balancer::pick_at_for_test`].
+    #[doc(hidden)]
+    pub fn observe_at_for_test(&self, now_us: u64, endpoint: usize, latency: Duration) {
+        self.observe_at(now_us, endpoint, latency);
     }
 }
 

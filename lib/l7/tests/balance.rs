@@ -302,15 +302,83 @@ fn endpoints_that_stay_keep_their_latency_across_a_change() {
     let old = Balancer::new(2, Algorithm::P2cEwma);
     old.observe(0, ms(1));
     old.observe(1, ms(100));
-    let new = Balancer::new(2, Algorithm::P2cEwma);
     // Same endpoints, listed the other way round.
-    new.carry_over(&old, &[Some(1), Some(0)]);
+    let new = Balancer::following(vec![1, 0], Algorithm::P2cEwma, &old, &[Some(1), Some(0)]);
     let mut rng = XorShift(0x1234_5678_9abc_def1);
     assert!((0..50).all(|_| new.pick(rng.next(), None, NONE) == Some(1)), "the 1 ms one");
 }
 
 #[test]
-fn retries_go_to_another_endpoint_unless_hashed_or_alone() {
+fn requests_in_flight_count_across_an_endpoint_change() {
+    let old = Balancer::new(2, Algorithm::P2cEwma);
+    let held = old.start(0);
+    let new = Balancer::following(vec![9, 0], Algorithm::P2cEwma, &old, &[None, Some(0)]);
+    assert_eq!(new.in_flight(1), 1, "the old balancer's request counts for the new one");
+    assert_eq!(new.in_flight(0), 0, "a new endpoint starts empty");
+    drop(held);
+    assert_eq!((new.in_flight(1), old.in_flight(0)), (0, 0));
+}
+
+#[test]
+fn a_busy_endpoint_never_measured_does_not_draw_every_request() {
+    // A hung endpoint (accepts, never answers, no per-try timeout) never gets a sample.
+    let b = Balancer::new(2, Algorithm::P2cEwma);
+    b.observe(0, ms(10));
+    let _stuck: Vec<_> = (0..1000).map(|_| b.start(1)).collect();
+    let mut rng = XorShift(77);
+    let to_healthy = (0..100).filter(|_| b.pick(rng.next(), None, NONE) == Some(0)).count();
+    assert!(to_healthy > 90, "{to_healthy} of 100 to the healthy endpoint");
+}
+
+#[test]
+fn an_endpoint_that_once_looked_slow_is_tried_again_as_its_estimate_decays() {
+    let b = Balancer::new(2, Algorithm::P2cEwma);
+    let us = |s: u64| s * 1_000_000;
+    b.observe_at_for_test(0, 0, ms(1));
+    b.observe_at_for_test(0, 1, ms(4));
+    // At low concurrency endpoint 0 wins every pick and endpoint 1 gets no new samples...
+    assert_eq!(b.pick_at_for_test(us(1), 1), Some(0));
+    // ... until endpoint 0 keeps being measured while 1's old estimate decays below it.
+    let mut to_one = 0;
+    for t in 1..=60u64 {
+        match b.pick_at_for_test(us(t), t) {
+            Some(0) => b.observe_at_for_test(us(t), 0, ms(1)),
+            Some(1) => {
+                to_one += 1;
+                b.observe_at_for_test(us(t), 1, ms(1));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(to_one > 10, "endpoint 1 picked {to_one} times in 60 s");
+}
+
+#[test]
+fn consistent_hashing_keeps_keys_when_an_endpoint_joins_anywhere_in_the_list() {
+    // Endpoints sorted by name: a new one can land first and shift every index.
+    let before = Balancer::with_ids(
+        vec![hash_key(b"b"), hash_key(b"c"), hash_key(b"d")],
+        Algorithm::ConsistentHash,
+    );
+    let after = Balancer::with_ids(
+        vec![hash_key(b"a"), hash_key(b"b"), hash_key(b"c"), hash_key(b"d")],
+        Algorithm::ConsistentHash,
+    );
+    let mut moved = 0;
+    for key in 0..10_000u64 {
+        let old = before.pick(0, Some(key), NONE).unwrap();
+        let new = after.pick(0, Some(key), NONE).unwrap();
+        // Old index i is new index i + 1; a key may only move to the new endpoint.
+        if new != old + 1 {
+            assert_eq!(new, 0, "key {key} moved between two endpoints that stayed");
+            moved += 1;
+        }
+    }
+    assert!((2_000..3_000).contains(&moved), "{moved} of 10,000 keys went to the new endpoint");
+}
+
+#[test]
+fn retries_go_to_another_endpoint_unless_alone() {
     let mut rng = XorShift(0x5EED);
     for algorithm in [Algorithm::P2cEwma, Algorithm::RoundRobin, Algorithm::Random] {
         let b = Balancer::new(3, algorithm);
@@ -331,11 +399,16 @@ fn retries_go_to_another_endpoint_unless_hashed_or_alone() {
     // One endpoint: the retry goes back to it.
     let alone = Balancer::new(1, Algorithm::P2cEwma);
     assert_eq!(alone.pick_try(rng.next(), None, Some(0), NONE), Some(0));
-    // A consistent hash keeps its endpoint on retries; without a hash it spreads like P2C.
+    // A consistent hash retries on the key's next endpoint (Envoy's ring hash moves along
+    // the ring), the same one every time; without a hash it spreads like P2C.
     let hashed = Balancer::new(4, Algorithm::ConsistentHash);
     for key in 0..100u64 {
         let home = hashed.pick_try(rng.next(), Some(key), None, NONE);
-        assert_eq!(hashed.pick_try(rng.next(), Some(key), home, NONE), home);
+        let next = hashed.pick_try(rng.next(), Some(key), home, NONE);
+        assert_ne!(next, home);
+        assert_eq!(hashed.pick_try(rng.next(), Some(key), home, NONE), next);
+        let only_home = |i| Some(i) != home;
+        assert_eq!(hashed.pick_try(rng.next(), Some(key), home, only_home), home);
         let first = hashed.pick_try(rng.next(), None, None, NONE).expect("an endpoint");
         assert_ne!(hashed.pick_try(rng.next(), None, Some(first), NONE), Some(first));
     }
