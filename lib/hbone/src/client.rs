@@ -334,6 +334,11 @@ impl Pool {
                 .initial_connection_window_size(CONNECTION_WINDOW)
                 .max_frame_size(MAX_FRAME)
                 .max_send_buffer_size(1 << 20)
+                // Off, as ztunnel has it: a tunnel forwards whatever writes its app makes, so
+                // many small DATA frames on a slow reader are normal, and h2's default budget
+                // would close the whole connection (every stream) with ENHANCE_YOUR_CALM.
+                // Flow control still bounds the bytes.
+                .data_frame_budget(usize::MAX)
                 .handshake::<_, Bytes>(tls),
         )
         .await

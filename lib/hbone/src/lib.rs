@@ -22,7 +22,7 @@ pub mod tls;
 
 use std::net::SocketAddr;
 
-pub use client::{Connect, IDLE_TIMEOUT, Pool, PoolKey, PoolStats, random_u64};
+pub use client::{Connect, IDLE_TIMEOUT, PING_INTERVAL, Pool, PoolKey, PoolStats, random_u64};
 pub use server::{Inbound, serve_connection, serve_connection_holding, serve_connection_until};
 pub use stream::H2Stream;
 

@@ -95,19 +95,27 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let never = std::future::pending();
-    serve_connection_until(tcp, peer_addr, config, until_handshaken, never, handler).await
+    let ping = crate::client::PING_INTERVAL;
+    serve_connection_until(tcp, peer_addr, config, until_handshaken, never, ping, handler).await
 }
 
 /// Like [`serve_connection_holding`], draining when `drain` completes: the client is told to
 /// go away (GOAWAY), so it opens no new stream here, while the streams already open finish.
 /// For a destination that leaves the mesh: its live connections end as they would, new ones
 /// no longer ride an old tunnel.
+///
+/// The client is pinged every `ping_interval` (as ztunnel's server does): one whose ping is
+/// unanswered by the next ends the connection, which resets its streams, so a client node
+/// that lost power or its network, sending no FIN or RST, does not hold its tunnels and the
+/// application connections behind them open forever.
+#[allow(clippy::too_many_arguments, reason = "the layers of serve_connection, each one knob")]
 pub async fn serve_connection_until<F, Fut, P, D>(
     tcp: TcpStream,
     peer_addr: SocketAddr,
     config: Arc<ServerConfig>,
     until_handshaken: P,
     drain: D,
+    ping_interval: std::time::Duration,
     handler: F,
 ) -> Result<(), HboneError>
 where
@@ -146,6 +154,8 @@ where
             .max_header_list_size(MAX_HEADER_LIST)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .max_send_buffer_size(1 << 20)
+            // See the client: small DATA frames are normal in a tunnel.
+            .data_frame_budget(usize::MAX)
             .handshake::<_, Bytes>(tls),
     )
     .await
@@ -154,12 +164,35 @@ where
     drop(until_handshaken);
     let mut drain = std::pin::pin!(drain);
     let mut draining = false;
+    let mut ping = conn.ping_pong();
+    let mut awaiting_pong = false;
+    let mut tick = tokio::time::interval(ping_interval.max(std::time::Duration::from_millis(1)));
+    tick.tick().await;
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
             () = &mut drain, if !draining => {
                 conn.graceful_shutdown();
                 draining = true;
+                continue;
+            }
+            pong = std::future::poll_fn(|cx| match ping.as_mut() {
+                Some(p) if awaiting_pong => p.poll_pong(cx),
+                _ => std::task::Poll::Pending,
+            }) => {
+                awaiting_pong = false;
+                if pong.is_err() {
+                    break;
+                }
+                continue;
+            }
+            _ = tick.tick() => {
+                if awaiting_pong {
+                    return Err(timeout("an answer to a keepalive ping"));
+                }
+                if let Some(p) = ping.as_mut() {
+                    awaiting_pong = p.send_ping(h2::Ping::opaque()).is_ok();
+                }
                 continue;
             }
         };

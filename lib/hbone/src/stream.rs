@@ -74,7 +74,7 @@ impl H2Stream {
             let upload = async {
                 let mut total = 0u64;
                 let mut buf = BytesMut::new();
-                loop {
+                'copy: loop {
                     if buf.capacity() < MIN_READ {
                         buf.reserve(READ_CHUNK);
                     }
@@ -93,18 +93,43 @@ impl H2Stream {
                             Some(Ok(0)) => continue,
                             Some(Ok(n)) => {
                                 let chunk = data.split_to(n.min(data.len()));
-                                send.send_data(chunk, false).map_err(to_io)?;
+                                match send.send_data(chunk, false) {
+                                    Err(e) if stops_sending(&e) => break 'copy,
+                                    sent => sent.map_err(to_io)?,
+                                }
                             }
+                            Some(Err(e)) if stops_sending(&e) => break 'copy,
                             Some(Err(e)) => return Err(to_io(e)),
                             None => {
+                                // Reset under us. NO_ERROR is the peer saying it needs no
+                                // more (its app answered and closed, RFC 9113 section 8.1):
+                                // stop sending and let its answer finish arriving.
+                                let reason = std::future::poll_fn(|cx| send.poll_reset(cx)).await;
+                                if matches!(reason, Ok(Reason::NO_ERROR)) {
+                                    break 'copy;
+                                }
                                 return Err(io::Error::new(
                                     io::ErrorKind::ConnectionReset,
-                                    "stream reset by peer",
+                                    format!("stream reset by peer: {reason:?}"),
                                 ));
                             }
                         }
                     }
                 }
+                // The peer needs no more: read the rest and drop it until the app's EOF
+                // (bounded), as closing a socket with unread bytes would reset it, and the
+                // kernel would throw away the answer the app has not read yet.
+                let drain = async {
+                    loop {
+                        buf.clear();
+                        buf.reserve(READ_CHUNK);
+                        if !matches!(tcp_r.read_buf(&mut buf).await, Ok(n) if n > 0) {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(DRAIN_LIMIT, drain).await;
+                Ok(total)
             };
             let download = async {
                 let mut total = pending.len() as u64;
@@ -143,20 +168,30 @@ impl H2Stream {
         self
     }
 
-    /// Abandons the stream with `RST_STREAM` (CANCEL), so the peer resets its side.
+    /// Abandons the stream with `RST_STREAM` (CONNECT_ERROR, as RFC 9113 section 8.5 signals a
+    /// TCP connection error), so the peer resets its side.
     pub fn reset(&mut self) {
-        self.send.send_reset(Reason::CANCEL);
+        self.send.send_reset(Reason::CONNECT_ERROR);
         self.read_done = true;
         self.write_done = true;
     }
 }
+
+/// A reset with NO_ERROR from the peer: stop sending, the stream is otherwise fine.
+fn stops_sending(e: &h2::Error) -> bool {
+    e.is_remote() && e.reason() == Some(Reason::NO_ERROR)
+}
+
+/// How long the application's remaining upload is read and dropped after the peer said it
+/// needs no more (see [`H2Stream::copy_tcp`]).
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn to_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         return e.into_io().unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
     }
     let kind = match e.reason() {
-        Some(Reason::NO_ERROR | Reason::CANCEL | Reason::STREAM_CLOSED) => {
+        Some(Reason::NO_ERROR | Reason::CANCEL | Reason::STREAM_CLOSED | Reason::CONNECT_ERROR) => {
             io::ErrorKind::ConnectionReset
         }
         _ => io::ErrorKind::BrokenPipe,

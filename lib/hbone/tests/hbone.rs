@@ -461,7 +461,8 @@ async fn a_draining_server_finishes_open_streams_and_takes_no_new_ones() {
                         None => std::future::pending().await,
                     }
                 };
-                let _ = serve_connection_until(tcp, peer, config, (), drain, echo).await;
+                let ping = sinew_hbone::PING_INTERVAL;
+                let _ = serve_connection_until(tcp, peer, config, (), drain, ping, echo).await;
             });
         }
     });
@@ -581,4 +582,87 @@ async fn copying_tells_progress_while_the_connection_lives() {
     let totals = copying.await.unwrap().unwrap();
     assert_eq!(totals, (100, 103));
     assert_eq!(now(), totals, "progress adds up to the totals");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_pings_and_ends_the_tunnels_of_a_client_gone_silent() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_addr = listener.local_addr().unwrap();
+    let config = identity(&ca, &server_id).server_config().unwrap();
+    let (ended, mut ended_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (tcp, peer) = listener.accept().await.unwrap();
+        let never = std::future::pending();
+        let ping = Duration::from_millis(200);
+        let _ = serve_connection_until(tcp, peer, config, (), never, ping, move |i| {
+            let ended = ended.clone();
+            async move {
+                echo(i).await;
+                let _ = ended.send(());
+            }
+        })
+        .await;
+    });
+    let (relay, freeze) = freezable_relay(server_addr).await;
+    // The client's own pings are far apart: only the server's can notice.
+    let pool = Pool::new().with_ping_interval(Duration::from_secs(60));
+    let k = key(&client_id, relay, &server_id);
+    let mut open = pool.connect(&k, &identity(&ca, &client_id), req(80), dial).await.unwrap();
+    open.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    open.read_exact(&mut back).await.unwrap();
+    // Answered pings keep the tunnel up.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(ended_rx.try_recv().is_err(), "a live client's tunnel ended");
+    freeze.send(1).unwrap();
+    let gone = tokio::time::timeout(Duration::from_secs(3), ended_rx.recv()).await;
+    assert!(matches!(gone, Ok(Some(()))), "the server still holds the tunnel: {gone:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_done_with_the_upload_still_delivers_its_whole_answer() {
+    // The server's app answers 1 MiB and closes while the client still uploads: END_STREAM,
+    // then h2 resets the unread upload with NO_ERROR ("stop sending", RFC 9113 section 8.1).
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = identity(&ca, &server_id).server_config().unwrap();
+    tokio::spawn(async move {
+        let (tcp, peer) = listener.accept().await.unwrap();
+        let _ = serve_connection(tcp, peer, config, |inbound: Inbound| async move {
+            let Ok(stream) = inbound.accept() else { return };
+            let mut stream = stream.close_gracefully_on_drop();
+            let mut first = [0u8; 1024];
+            let _ = stream.read(&mut first).await;
+            let _ = stream.write_all(&vec![7u8; 1 << 20]).await;
+        })
+        .await;
+    });
+    let pool = Pool::new();
+    let k = key(&client_id, addr, &server_id);
+    let mut tunnel = pool.connect(&k, &identity(&ca, &client_id), req(80), dial).await.unwrap();
+    let apps = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = TcpStream::connect(apps.local_addr().unwrap()).await.unwrap();
+    let (mut mesh_side, _) = apps.accept().await.unwrap();
+    let copy = tokio::spawn(async move { tunnel.copy_tcp(&mut mesh_side, &|_, _| {}).await });
+    let (mut app_r, mut app_w) = app.into_split();
+    tokio::spawn(async move {
+        let chunk = vec![1u8; 16 << 10];
+        for _ in 0..256 {
+            if app_w.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    // A slow reader: the reset arrives while the answer is still on its way.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), app_r.read_to_end(&mut got)).await;
+    assert!(matches!(read, Ok(Ok(_))), "the answer ended with {read:?}");
+    assert_eq!(got.len(), 1 << 20, "the whole answer, then a clean end");
+    let copied = tokio::time::timeout(Duration::from_secs(5), copy).await;
+    assert!(matches!(copied, Ok(Ok(Ok(_)))), "{copied:?}");
 }

@@ -169,6 +169,7 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<PodNet>) {
                         config,
                         permit,
                         drain,
+                        sinew_hbone::PING_INTERVAL,
                         move |i| tunnel(p.clone(), i),
                     )
                     .await;
