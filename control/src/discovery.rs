@@ -161,7 +161,10 @@ impl Discovery for DiscoveryService {
         );
         info!(client = %client.name, role = %client.role, held = first.held_versions.len(), "client connected");
         let (tx, rx) = mpsc::channel(4);
-        let target = self.snapshots.borrow().clone();
+        // The session's receiver marks this target seen: a snapshot published between here
+        // and the session's first wait is then a change it applies, not one it skips.
+        let mut snapshots = self.snapshots.clone();
+        let target = snapshots.borrow_and_update().clone();
         let mut session = Session {
             id,
             agent: client.role == "agent",
@@ -202,7 +205,7 @@ impl Discovery for DiscoveryService {
                 }
             }
         };
-        tokio::spawn(session.run(inbound, tx, self.snapshots.clone(), client.name, revoked));
+        tokio::spawn(session.run(inbound, tx, snapshots, client.name, revoked));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -419,7 +422,6 @@ impl Session {
         client: String,
         revoked: impl std::future::Future<Output = String>,
     ) {
-        snapshots.mark_unchanged();
         let mut revoked = std::pin::pin!(revoked);
         loop {
             if self.outstanding.is_none()

@@ -60,6 +60,8 @@ pub enum CaError {
 /// A signing root and the trust bundle it serves.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
+    /// The signing certificate's `notAfter`: nothing it signs outlives it.
+    not_after: SystemTime,
     root_pem: String,
     bundle: Vec<String>,
     trust_domain: String,
@@ -114,6 +116,7 @@ impl Ca {
         let cert = params.self_signed(&key)?;
         let root_pem = cert.pem();
         Ok(Self {
+            not_after: now + ROOT_TTL,
             issuer: Issuer::new(params, key),
             bundle: vec![root_pem.clone()],
             root_pem,
@@ -156,6 +159,21 @@ impl Ca {
         if !x509.is_ca() {
             return Err(bad(cert, "not a CA certificate (basicConstraints CA:false)".into()));
         }
+        let validity = x509.validity();
+        let not_after = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(validity.not_after.timestamp().max(0) as u64);
+        let not_before = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(validity.not_before.timestamp().max(0) as u64);
+        let now = SystemTime::now();
+        if not_after <= now || not_before > now + SKEW {
+            return Err(bad(
+                cert,
+                format!(
+                    "the CA certificate is not valid now (valid {} to {})",
+                    validity.not_before, validity.not_after
+                ),
+            ));
+        }
         if x509.public_key().raw
             != rcgen::PublicKeyData::subject_public_key_info(&key_pair).as_slice()
         {
@@ -165,6 +183,7 @@ impl Ca {
             Issuer::from_ca_cert_pem(&cert_pem, key_pair).map_err(|e| bad(cert, e.to_string()))?;
         Ok(Self {
             issuer,
+            not_after,
             bundle: vec![cert_pem.clone()],
             root_pem: cert_pem,
             trust_domain: trust_domain.into(),
@@ -187,6 +206,18 @@ impl Ca {
             }
         }
         Ok(())
+    }
+
+    /// `ttl`, shortened so a certificate issued now expires no later than the CA (an
+    /// operator's CA near its end, say a 90-day one from cert-manager or Vault).
+    fn ttl_within(&self, ttl: Duration) -> Duration {
+        let left = self.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+        ttl.min(left)
+    }
+
+    /// When the signing certificate expires.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
     }
 
     /// The signing root (PEM).
@@ -229,7 +260,7 @@ impl Ca {
                 }
             }
         }
-        let params = leaf_params(id, &[], ttl)?;
+        let params = leaf_params(id, &[], self.ttl_within(ttl))?;
         Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
     }
 
@@ -242,7 +273,8 @@ impl Ca {
         ttl: Duration,
     ) -> Result<(String, String), CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let cert = leaf_params(id, dns_names, ttl)?.signed_by(&key, &self.issuer)?;
+        let cert =
+            leaf_params(id, dns_names, self.ttl_within(ttl))?.signed_by(&key, &self.issuer)?;
         Ok((key.serialize_pem(), cert.pem()))
     }
 }
@@ -423,6 +455,39 @@ mod tests {
 
     fn id(sa: &str) -> SpiffeId {
         SpiffeId::new("cluster.local", "shop", sa).unwrap()
+    }
+
+    /// A CA certificate and key written to `dir`, valid from `from` to `to` (seconds from now).
+    fn ca_files(dir: &Path, from: i64, to: i64) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let at = |s: i64| offset(SystemTime::now()) + time::Duration::seconds(s);
+        (params.not_before, params.not_after) = (at(from), at(to));
+        let cert = params.self_signed(&key).unwrap();
+        let (c, k) = (dir.join("ca-cert.pem"), dir.join("ca-key.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    #[test]
+    fn nothing_signed_outlives_the_ca_and_an_expired_ca_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = ca_files(dir.path(), -60, 3600);
+        let ca = Ca::load(&c, &k, "cluster.local").unwrap();
+        let (_key, csr) = new_csr(&id("reviews")).unwrap();
+        let pem = ca.sign(&csr, &id("reviews"), DEFAULT_TTL).unwrap();
+        let (_, expiry) = verify_leaf(&pem, ca.bundle(), SystemTime::now()).unwrap();
+        assert!(expiry <= ca.not_after(), "the leaf outlives its CA");
+        let (_, own) = ca.issue(&id("control"), &["sinew-control"], DEFAULT_TTL).unwrap();
+        assert!(verify_leaf(&own, ca.bundle(), SystemTime::now()).unwrap().1 <= ca.not_after());
+        for (from, to) in [(-7200, -60), (3600, 7200)] {
+            let (c, k) = ca_files(dir.path(), from, to);
+            let err = Ca::load(&c, &k, "cluster.local").unwrap_err().to_string();
+            assert!(err.contains("ca-cert.pem: the CA certificate is not valid now"), "{err}");
+        }
     }
 
     #[test]
