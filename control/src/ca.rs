@@ -148,8 +148,8 @@ impl ca_server::Ca for CaService {
 
 impl CaService {
     fn sign_inner(&self, request: Request<SignRequest>) -> Result<SignResponse, Status> {
-        let node =
-            crate::auth::caller_node(&request, &self.tokens.current(), self.ca.trust_domain())?;
+        let (node, proof) =
+            crate::auth::caller(&request, &self.tokens.current(), self.ca.trust_domain())?;
         let req = request.into_inner();
         let id: SpiffeId = req
             .identity
@@ -159,6 +159,13 @@ impl CaService {
             return Err(Status::permission_denied(format!(
                 "{id} is outside trust domain {}",
                 self.ca.trust_domain()
+            )));
+        }
+        if id.node_name().is_some() && proof != crate::auth::Proof::Token {
+            // A node certificate that could sign its own successor would outlive any token
+            // change: the node's identity is issued against its token only.
+            return Err(Status::permission_denied(format!(
+                "node {node}, {id}: a node certificate is issued only against the node's bootstrap token"
             )));
         }
         if let Err(e) = self.authorize(&node, &id) {

@@ -2,9 +2,10 @@
 //! a TokenReview of the agent's projected service-account token will plug in.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::Path,
     sync::{Arc, RwLock},
+    time::SystemTime,
 };
 
 /// Errors reading the token file, naming file and line.
@@ -30,9 +31,9 @@ pub enum TokenError {
     },
 }
 
-/// Token -> node.
+/// Token -> node, and since when each node's tokens stand.
 #[derive(Debug, Clone, Default)]
-pub struct Tokens(BTreeMap<String, String>);
+pub struct Tokens(BTreeMap<String, String>, BTreeMap<String, SystemTime>);
 
 impl Tokens {
     /// Parses a token file.
@@ -71,7 +72,32 @@ impl Tokens {
                 return Err(bad("this token is already given to another node"));
             }
         }
-        Ok(Self(map))
+        Ok(Self(map, BTreeMap::new()))
+    }
+
+    fn tokens_of(&self, node: &str) -> BTreeSet<&str> {
+        self.0.iter().filter(|(_, n)| *n == node).map(|(t, _)| t.as_str()).collect()
+    }
+
+    /// Since when `node`'s tokens stand: when it was (re-)listed or lost a token, as this
+    /// process saw it; the epoch for nodes listed as loaded at start (unknown, so every
+    /// certificate counts). A node certificate issued before it is refused: a token replaced
+    /// because it leaked must not leave a certificate obtained with it renewing itself.
+    pub fn since(&self, node: &str) -> SystemTime {
+        self.1.get(node).copied().unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    /// `self` following `old` at `now`: a node new to the file, or one that lost a token,
+    /// stands from `now`; others keep their time (adding a token revokes nothing).
+    fn following(mut self, old: &Tokens, now: SystemTime) -> Self {
+        let nodes: BTreeSet<String> = self.0.values().cloned().collect();
+        for node in nodes {
+            let before = old.tokens_of(&node);
+            let kept = !before.is_empty() && before.is_subset(&self.tokens_of(&node));
+            let since = if kept { old.since(&node) } else { now };
+            self.1.insert(node, since);
+        }
+        self
     }
 
     /// The node a token belongs to.
@@ -101,9 +127,10 @@ impl SharedTokens {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Puts `tokens` in force.
+    /// Puts `tokens` in force (see [`Tokens::since`]).
     pub fn replace(&self, tokens: Tokens) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
+        let mut current = self.0.write().unwrap_or_else(|e| e.into_inner());
+        *current = Arc::new(tokens.following(&current, SystemTime::now()));
     }
 }
 
@@ -158,6 +185,26 @@ mod tests {
         let e =
             Tokens::parse("t", "n aaaaaaaaaaaaaaaa\nm aaaaaaaaaaaaaaaa\n").unwrap_err().to_string();
         assert!(e.starts_with("t:2:"), "{e}");
+    }
+
+    #[test]
+    fn a_node_that_loses_a_token_or_comes_back_stands_anew() {
+        let (t0, t1) = (SystemTime::UNIX_EPOCH, SystemTime::now());
+        let parse = |text: &str| Tokens::parse("t", text).unwrap();
+        let start = parse("a aaaaaaaaaaaaaaaa\nb bbbbbbbbbbbbbbbb\nc cccccccccccccccc\n");
+        assert_eq!(start.since("a"), t0, "listed at start: unknown, every certificate counts");
+        // a: a token added; b: its token replaced; c: taken out; d: new.
+        let next = parse(
+            "a aaaaaaaaaaaaaaaa\na aaaaaaaaaaaaaaa2\nb bbbbbbbbbbbbbbb2\nd dddddddddddddddd\n",
+        )
+        .following(&start, t1);
+        assert_eq!(next.since("a"), t0);
+        assert_eq!(next.since("b"), t1);
+        assert_eq!(next.since("d"), t1);
+        // c back with its old token: certificates from before it was taken out stay refused.
+        let back =
+            parse("c cccccccccccccccc\n").following(&next, t1 + std::time::Duration::from_secs(9));
+        assert_eq!(back.since("c"), t1 + std::time::Duration::from_secs(9));
     }
 
     #[tokio::test]

@@ -662,6 +662,55 @@ async fn a_node_bootstraps_with_its_token_then_authenticates_with_its_own_certif
 }
 
 #[tokio::test]
+async fn a_replaced_token_revokes_the_node_certificates_obtained_before() {
+    let s = Setup::new();
+    let control =
+        Control::start_with(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap(), true).await;
+    let roots = control.roots.clone().unwrap();
+    let cache = s.dir.path().join("certs");
+    let with = |credentials: Credentials, id: SpiffeId| CertConfig {
+        endpoint: control.endpoint(),
+        credentials,
+        identity: id,
+        ttl: None,
+        cache_dir: cache.clone(),
+    };
+    let tls = |identity: Option<(String, String)>| Some(ClientTls::new(roots.clone(), identity));
+    let node_id = SpiffeId::node("cluster.local", "node-1").unwrap();
+    let reviews = SpiffeId::new("cluster.local", "shop", "reviews").unwrap();
+    let bootstrap = Credentials { token: Some(TOKEN_1.into()), tls: tls(None) };
+    let leaked = request_certificate(&with(bootstrap, node_id.clone())).await.unwrap();
+    let own = |cert: &sinew_control_client::Svid, token: Option<&str>| Credentials {
+        token: token.map(str::to_owned),
+        tls: tls(Some((cert.cert_pem.clone(), cert.key_pem.clone()))),
+    };
+    // A node certificate cannot sign its own successor: that takes the token.
+    let err = request_certificate(&with(own(&leaked, None), node_id.clone()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("issued only against the node's bootstrap token"), "{err}");
+    request_certificate(&with(own(&leaked, None), reviews.clone())).await.unwrap();
+
+    // The token leaked and is replaced: certificates obtained before (more than the second
+    // certificate times are rounded to) no longer authenticate.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    const NEW: &str = "node-1-new-token-0123456789";
+    control.tokens.replace(Tokens::parse("tokens", &format!("node-1 {NEW}\n")).unwrap());
+    let err = request_certificate(&with(own(&leaked, None), reviews.clone()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("certificate predates its current token"), "{err}");
+    // The node itself has the new token: it still gets through, and bootstraps anew.
+    request_certificate(&with(own(&leaked, Some(NEW)), reviews.clone())).await.unwrap();
+    let bootstrap = Credentials { token: Some(NEW.into()), tls: tls(None) };
+    let fresh = request_certificate(&with(bootstrap, node_id)).await.unwrap();
+    request_certificate(&with(own(&fresh, None), reviews)).await.unwrap();
+    control.stop();
+}
+
+#[tokio::test]
 async fn the_trust_bundle_is_published_and_certificates_follow_it() {
     let s = Setup::new();
     let control = Control::start(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap()).await;

@@ -26,6 +26,8 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Backdating against clock skew between nodes.
 const SKEW: Duration = Duration::from_secs(5 * 60);
+/// The most a certificate's `notBefore` is set before its issue (clock skew between nodes).
+pub const BACKDATE: Duration = SKEW;
 
 /// Errors of the CA, each naming the file or what was refused.
 #[derive(Debug, thiserror::Error)]
@@ -359,6 +361,14 @@ pub fn verify_leaf(
     let expiry = SystemTime::UNIX_EPOCH
         + Duration::from_secs(leaf.validity().not_after.timestamp().max(0) as u64);
     Ok((id, expiry))
+}
+
+/// When a DER certificate became valid (its `notBefore`).
+pub fn not_before_of_der(der: &[u8]) -> Result<SystemTime, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unreadable certificate: {e}"))?;
+    Ok(SystemTime::UNIX_EPOCH
+        + Duration::from_secs(cert.validity().not_before.timestamp().max(0) as u64))
 }
 
 /// When a DER certificate expires (its `notAfter`).
