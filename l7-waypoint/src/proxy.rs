@@ -628,6 +628,7 @@ async fn route_and_forward(
     {
         parts.headers.insert(header::HOST, v);
     }
+    join_cookie_crumbs(&mut parts.headers);
     // Policies, routes and the backend all see the normalized path (`sinew_l7::path`).
     match sinew_l7::path::normalize(parts.uri.path()) {
         Ok(Cow::Borrowed(_)) => {}
@@ -713,7 +714,7 @@ async fn route_and_forward(
                     .headers
                     .get(header::HOST)
                     .and_then(|h| h.to_str().ok())
-                    .map(|h| h.rsplit_once(':').map_or(h, |(h, _)| h).to_owned())
+                    .map(|h| split_host(h).0.to_owned())
                     .unwrap_or_default();
                 let location = redirect_location(
                     r,
@@ -884,9 +885,12 @@ async fn route_and_forward(
     for m in &mirrors {
         match &body {
             Some(Payload::Buffered(b)) => {
-                mirror(wp, snapshot, svc, &parts, || std::future::ready(Some(b.clone())), m)
+                let body = || std::future::ready(Some(b.clone()));
+                mirror(wp, snapshot, svc, &parts, down.client.is_ipv4(), body, m)
             }
-            Some(Payload::Replay(r)) => mirror(wp, snapshot, svc, &parts, || r.whole(), m),
+            Some(Payload::Replay(r)) => {
+                mirror(wp, snapshot, svc, &parts, down.client.is_ipv4(), || r.whole(), m)
+            }
             _ => {}
         }
     }
@@ -1333,6 +1337,39 @@ fn request_id() -> String {
     )
 }
 
+/// A Host header's host and port: `[fd00::10]:8080` is (`[fd00::10]`, 8080), brackets kept;
+/// `[fd00::10]` has no port.
+fn split_host(host: &str) -> (&str, Option<&str>) {
+    if host.starts_with('[') {
+        return match host.find(']') {
+            Some(end) => {
+                let (h, rest) = host.split_at(end + 1);
+                (h, rest.strip_prefix(':'))
+            }
+            None => (host, None),
+        };
+    }
+    match host.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (host, None),
+    }
+}
+
+/// HTTP/2 splits cookies into one field per crumb (RFC 9113 section 8.2.3); they are joined
+/// back with "; " before the request goes on, as Envoy's HTTP/2 codec does: an HTTP/1.1
+/// backend may read two `Cookie` lines as one joined by ",", and header matches on `cookie`
+/// see the one value a client meant.
+fn join_cookie_crumbs(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    if crumbs.next().is_none() || crumbs.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()).collect();
+    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// How long a mirrored request may take; its answer is dropped anyway.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -1341,6 +1378,7 @@ fn mirror<F>(
     snapshot: &Snapshot,
     svc: &ServiceInfo,
     parts: &http::request::Parts,
+    v4: bool,
     body: impl FnOnce() -> F,
     m: &sinew_model::RequestMirror,
 ) where
@@ -1357,13 +1395,20 @@ fn mirror<F>(
         return;
     };
     let endpoint = backend.endpoints[i].clone();
-    let Some(ip) = endpoint.ips.first().copied() else { return };
+    let ips = &endpoint.ips;
+    let Some(ip) = ips.iter().find(|ip| ip.is_ipv4() == v4).or(ips.first()).copied() else {
+        return;
+    };
+    // The mirror backend's circuit breakers hold for shadow traffic too (as Envoy sends it
+    // through the shadow cluster): over its request limit the mirror is dropped, not queued.
+    let Some(permit) = backend.limits.try_request() else { return };
     let mut req =
         build_request(parts, Empty::new().map_err(|never| match never {}).boxed(), ip, port);
     if let Some(host) = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()) {
-        let shadow = match host.rsplit_once(':') {
-            Some((h, p)) => format!("{h}-shadow:{p}"),
-            None => format!("{host}-shadow"),
+        let (h, p) = split_host(host);
+        let shadow = match p {
+            Some(p) => format!("{h}-shadow:{p}"),
+            None => format!("{h}-shadow"),
         };
         if let Ok(v) = HeaderValue::from_str(&shadow) {
             req.headers_mut().insert(header::HOST, v);
@@ -1371,14 +1416,19 @@ fn mirror<F>(
     }
     let http2 = upstream_http2(target, m.backend_ref.port.0, &parts.headers);
     let wp = wp.clone();
+    let pool = crate::upstream::Backend {
+        key: backend.key.clone(),
+        generation: backend.limits_generation,
+    };
     // Asked for only now that a mirror will go: a copy kept for none would be wasted.
     let body = body();
     tokio::spawn(async move {
+        let _permit = permit;
         let key = endpoint.key();
         let _ = tokio::time::timeout(MIRROR_TIMEOUT, async move {
             let Some(body) = body.await else { return };
             let req = req.map(|_| Full::new(body).map_err(|never| match never {}).boxed());
-            let _ = wp.upstreams.send(req, http2, &key, None, None).await;
+            let _ = wp.upstreams.send(req, http2, &key, None, Some(&pool)).await;
         })
         .await;
     });
@@ -1394,6 +1444,26 @@ mod tests {
             h.append(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn hosts_split_from_their_port_with_ipv6_brackets_kept() {
+        assert_eq!(split_host("[fd00::10]:8080"), ("[fd00::10]", Some("8080")));
+        assert_eq!(split_host("[fd00::10]"), ("[fd00::10]", None));
+        assert_eq!(split_host("shop.example:80"), ("shop.example", Some("80")));
+        assert_eq!(split_host("shop.example"), ("shop.example", None));
+        assert_eq!(split_host("198.18.0.1:80"), ("198.18.0.1", Some("80")));
+    }
+
+    #[test]
+    fn http2_cookie_crumbs_are_joined_into_one_field() {
+        let mut h = headers(&[("cookie", "a=1"), ("cookie", "session=xyz"), ("x-other", "1")]);
+        join_cookie_crumbs(&mut h);
+        let all: Vec<_> = h.get_all("cookie").iter().collect();
+        assert_eq!(all, ["a=1; session=xyz"]);
+        let mut one = headers(&[("cookie", "a=1")]);
+        join_cookie_crumbs(&mut one);
+        assert_eq!(one.get_all("cookie").iter().count(), 1);
     }
 
     #[test]

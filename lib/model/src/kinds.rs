@@ -1090,6 +1090,31 @@ impl Validate for HttpRouteSpec {
                 }
             });
             validate_filters(e, &r.filters);
+            // Gateway API: ReplacePrefixMatch only with PathPrefix matches (there is no prefix
+            // to replace otherwise), and a redirect answers, so a rewrite beside it means nothing.
+            let prefix_modifier = |p: &Option<PathModifier>| {
+                matches!(p, Some(PathModifier::ReplacePrefixMatch { .. }))
+            };
+            let replaces_prefix = r.filters.iter().any(|f| match f {
+                HttpFilter::UrlRewrite { url_rewrite: u } => prefix_modifier(&u.path),
+                HttpFilter::RequestRedirect { request_redirect: r } => prefix_modifier(&r.path),
+                _ => false,
+            });
+            e.check(
+                !replaces_prefix
+                    || r.matches.iter().all(|m| {
+                        m.path.as_ref().is_none_or(|p| p.kind == PathMatchType::PathPrefix)
+                    }),
+                "filters",
+                || "replacePrefixMatch needs every match of the rule to be a PathPrefix".into(),
+            );
+            let has = |f: fn(&HttpFilter) -> bool| r.filters.iter().any(f);
+            e.check(
+                !(has(|f| matches!(f, HttpFilter::RequestRedirect { .. }))
+                    && has(|f| matches!(f, HttpFilter::UrlRewrite { .. }))),
+                "filters",
+                || "requestRedirect and urlRewrite cannot be on the same rule".into(),
+            );
             if let Some(t) = &r.timeouts
                 && let (Some(req), Some(per_try)) = (t.request, t.backend_request)
                 && !req.0.is_zero()
@@ -1131,6 +1156,17 @@ impl Validate for GrpcRouteSpec {
                 validate_value_matches(e, "headers", &m.headers, true);
             });
             validate_filters(e, &r.filters);
+            // Paths are gRPC methods: Gateway API's GRPCRoute has no redirect or rewrite.
+            e.each("filters", &r.filters, |e, f| {
+                let kind = match f {
+                    HttpFilter::UrlRewrite { .. } => Some("urlRewrite"),
+                    HttpFilter::RequestRedirect { .. } => Some("requestRedirect"),
+                    _ => None,
+                };
+                e.check(kind.is_none(), kind.unwrap_or_default(), || {
+                    "not a GRPCRoute filter".into()
+                });
+            });
         });
         let backends: Vec<&[BackendRef]> =
             self.rules.iter().map(|r| r.backend_refs.as_slice()).collect();

@@ -210,6 +210,41 @@ fn filter_values_the_waypoint_could_not_apply_are_named() {
                 "spec.rules[0].filters[2].requestRedirect.path.replacePrefixMatch"
             ),
             ("HTTPRoute/shop/r", "spec.rules[0].filters[3].requestMirror.backendRef.name"),
+            // A redirect answers: a rewrite beside it would mean nothing.
+            ("HTTPRoute/shop/r", "spec.rules[0].filters"),
+        ]
+    );
+}
+
+#[test]
+fn filters_gateway_api_does_not_allow_where_they_stand_are_named() {
+    let route = |kind: &str, rule: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\nmetadata: {{name: r, namespace: shop}}\nspec:\n  parentRefs: [{{name: svc}}]\n  rules:\n{rule}"
+        )
+    };
+    // ReplacePrefixMatch with an Exact match: no prefix to replace (it went through unrewritten).
+    let e = errors_of(&route(
+        "HTTPRoute",
+        "    - matches: [{path: {type: Exact, value: /foo/bar}}]\n      filters:\n      - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}\n      backendRefs: [{name: a, port: 80}]\n",
+    ));
+    assert_eq!(fields(&e), [("HTTPRoute/shop/r", "spec.rules[0].filters")]);
+    assert!(e[0].message.contains("needs every match of the rule to be a PathPrefix"), "{}", e[0]);
+    let ok = errors_of(&route(
+        "HTTPRoute",
+        "    - matches: [{path: {type: PathPrefix, value: /foo}}]\n      filters:\n      - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}\n      backendRefs: [{name: a, port: 80}]\n",
+    ));
+    assert!(ok.is_empty(), "{ok:?}");
+    // GRPCRoute has no redirect or rewrite.
+    let e = errors_of(&route(
+        "GRPCRoute",
+        "    - filters:\n      - {type: RequestRedirect, requestRedirect: {statusCode: 301}}\n      - {type: URLRewrite, urlRewrite: {hostname: other}}\n      backendRefs: [{name: a, port: 80}]\n",
+    ));
+    assert_eq!(
+        fields(&e),
+        [
+            ("GRPCRoute/shop/r", "spec.rules[0].filters[0].requestRedirect"),
+            ("GRPCRoute/shop/r", "spec.rules[0].filters[1].urlRewrite"),
         ]
     );
 }
