@@ -141,6 +141,30 @@ struct ServiceRoutes {
     candidates: Vec<Candidate>,
 }
 
+impl ServiceRoutes {
+    /// Names each HTTPRoute that a GRPCRoute of the same group (producer, or one consumer
+    /// namespace) overrides on a port they share (see `RouteTable::applicable`).
+    fn report_conflicts(&self, namespace: &str, name: &str, problems: &mut Vec<String>) {
+        let overlap = |a: &Option<Vec<u16>>, b: &Option<Vec<u16>>| match (a, b) {
+            (Some(a), Some(b)) => a.iter().any(|p| b.contains(p)),
+            _ => true,
+        };
+        let mut reported = std::collections::BTreeSet::new();
+        for h in self.candidates.iter().filter(|c| c.key.kind == "HTTPRoute") {
+            let conflicted = self.candidates.iter().any(|g| {
+                g.key.kind == "GRPCRoute" && g.consumer == h.consumer && overlap(&g.ports, &h.ports)
+            });
+            if conflicted && reported.insert(h.key.route.as_str()) {
+                problems.push(format!(
+                    "HTTPRoute {}: conflicted: GRPCRoutes attach to service {namespace}/{name} on \
+                     the same port, and only they apply there (Gateway API GEP-1294)",
+                    h.key.route
+                ));
+            }
+        }
+    }
+}
+
 /// One match of one rule, as attached to one Service.
 #[derive(Debug, Clone)]
 struct Candidate {
@@ -244,8 +268,11 @@ impl RouteTable {
                 _ => {}
             }
         }
-        for service in table.services.values_mut().flat_map(BTreeMap::values_mut) {
-            service.candidates.sort_by(|a, b| a.key.cmp(&b.key));
+        for (namespace, services) in &mut table.services {
+            for (name, service) in services {
+                service.candidates.sort_by(|a, b| a.key.cmp(&b.key));
+                service.report_conflicts(namespace, name, &mut problems);
+            }
         }
         (table, problems)
     }
@@ -257,7 +284,8 @@ impl RouteTable {
 
     /// The candidates that apply to a client of namespace `client` on service port `port`:
     /// that namespace's consumer routes if it has any for this port, else the producer
-    /// routes.
+    /// routes; and among those, only GRPCRoutes when there are any (Gateway API GEP-1294:
+    /// route kinds on one Service port conflict, and GRPCRoute wins).
     fn applicable<'a, 'c>(
         service: &'a ServiceRoutes,
         port: u16,
@@ -269,9 +297,21 @@ impl RouteTable {
             .iter()
             .filter(on_port)
             .any(|c| c.consumer.as_deref() == Some(client));
-        service.candidates.iter().filter(on_port).filter(move |c| {
+        let in_group = move |c: &&Candidate| {
             if own { c.consumer.as_deref() == Some(client) } else { c.consumer.is_none() }
-        })
+        };
+        let grpc = service
+            .candidates
+            .iter()
+            .filter(on_port)
+            .filter(in_group)
+            .any(|c| c.key.kind == "GRPCRoute");
+        service
+            .candidates
+            .iter()
+            .filter(on_port)
+            .filter(in_group)
+            .filter(move |c| !grpc || c.key.kind == "GRPCRoute")
     }
 
     /// True when routes attached to service `namespace/name` apply to a client of namespace

@@ -330,6 +330,30 @@ fn grpc_method_forms() {
     );
 }
 
+#[test]
+fn grpc_routes_override_http_routes_on_the_ports_they_share() {
+    let grpc = format!(
+        "---\napiVersion: {API}\nkind: GRPCRoute\nmetadata: {{name: g, namespace: shop}}\nspec:\n  \
+         parentRefs: [{{name: web, port: 80}}]\n  rules:\n  \
+         - matches: [{{method: {{service: shop.Cart}}}}]\n"
+    );
+    let http = web_route(
+        "h",
+        &["{path: {type: PathPrefix, value: /}}", "{path: {type: Exact, value: /shop.Cart/Add}}"],
+    );
+    let (t, problems) = build(&format!("{grpc}{http}"));
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].starts_with("HTTPRoute shop/h: conflicted"), "{problems:?}");
+    let h = HeaderMap::new();
+    // Port 80: only the GRPCRoute applies; what it does not match is a 404.
+    let on_80 = |path: &str| pick_in(&t, 80, "POST", path, &h).map(|p| p.0);
+    assert_eq!(on_80("/shop.Cart/Add"), Some("shop/g".into()));
+    assert_eq!(on_80("/index.html"), None);
+    assert!(t.attached("shop", "web", 80, "shop"));
+    // Another port: the HTTPRoute alone.
+    assert_eq!(pick_in(&t, 8080, "GET", "/index.html", &h).map(|p| p.0), Some("shop/h".into()));
+}
+
 fn weighted(weights: &[u32]) -> sinew_l7::route::CompiledRule {
     let refs: Vec<String> = weights
         .iter()
