@@ -17,17 +17,18 @@ pub mod ca;
 pub mod discovery;
 pub mod snapshot;
 pub mod source;
+pub mod tls;
 pub mod tokens;
 
 use std::sync::Arc;
 
 use tokio::{net::TcpListener, sync::watch};
 
-/// Serves both services on `listener` (over TLS when `tls` is given) until the future is
-/// dropped.
+/// Serves both services on `listener` (over TLS when `tls` is given, see [`server_tls`])
+/// until the future is dropped.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     snapshots: watch::Receiver<Arc<snapshot::Snapshot>>,
     ca: ca::CaService,
     registry: Arc<discovery::Registry>,
@@ -36,15 +37,11 @@ pub async fn serve(
         discovery::DiscoveryService::new(snapshots, registry, ca.authenticator(), ca.bundle());
     // Anyone who can reach the port can open connections: bound what each may hold (tonic's
     // default is no stream limit and no keepalive), and find dead peers.
-    let mut builder = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .tcp_keepalive(Some(KEEPALIVE));
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
-    builder
+        .tcp_keepalive(Some(KEEPALIVE))
         // A resuming client's first request lists every version it holds (about 80 bytes
         // each): room for 200,000 resources. It is read only once the caller is authenticated.
         .add_service(
@@ -53,29 +50,23 @@ pub async fn serve(
         )
         .add_service(
             sinew_api::ca_server::CaServer::new(ca).max_decoding_message_size(MAX_SIGN_REQUEST),
-        )
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-        .await
+        );
+    match tls {
+        Some(tls) => router.serve_with_incoming(tls::incoming(listener, tls)).await,
+        None => {
+            router
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        }
+    }
 }
 
-/// The control service's TLS identity, issued by its own CA: clients verify the DNS name
-/// [`SERVER_NAME`] against the trust bundle; client certificates are optional so that a node
-/// can bootstrap with a token, and verified against the bundle when presented.
-pub fn server_tls(
-    ca: &sinew_identity::Ca,
-) -> Result<tonic::transport::ServerTlsConfig, sinew_identity::CaError> {
-    let id = sinew_identity::SpiffeId::new(
-        ca.trust_domain(),
-        sinew_identity::NODE_NAMESPACE,
-        "sinew-control",
-    )
-    .map_err(|e| sinew_identity::CaError::Csr(e.to_string()))?;
-    let (key, cert) = ca.issue(&id, &[SERVER_NAME], SERVER_CERT_TTL)?;
-    Ok(tonic::transport::ServerTlsConfig::new()
-        .timeout(TLS_HANDSHAKE_TIMEOUT)
-        .identity(tonic::transport::Identity::from_pem(cert, key))
-        .client_ca_root(tonic::transport::Certificate::from_pem(ca.bundle().concat()))
-        .client_auth_optional(true))
+/// The control service's TLS configuration (see [`tls::server_config`]): clients verify the
+/// DNS name [`SERVER_NAME`] against the trust bundle; client certificates are optional so
+/// that a node can bootstrap with a token, and verified against the bundle when presented.
+/// The serving certificate lives [`SERVER_CERT_TTL`] and is re-issued at half life.
+pub fn server_tls(ca: Arc<sinew_identity::Ca>) -> Result<Arc<rustls::ServerConfig>, tls::TlsError> {
+    tls::server_config(ca, SERVER_CERT_TTL)
 }
 
 /// How long a peer has for the TLS handshake.
@@ -95,5 +86,5 @@ pub const MAX_SIGN_REQUEST: usize = 64 * 1024;
 
 /// The DNS name in the control service's certificate.
 pub const SERVER_NAME: &str = "sinew-control";
-/// The control service's own certificate is re-issued at every start; it lives this long.
+/// The control service's own certificate lives this long; it is re-issued at half life.
 pub const SERVER_CERT_TTL: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);

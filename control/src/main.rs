@@ -70,8 +70,9 @@ async fn main() -> Result<()> {
     let errors = source.errors();
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(source.run(tx));
-    let tls = if args.plaintext { None } else { Some(sinew_control::server_tls(&ca)?) };
-    let ca = CaService::new(Arc::new(ca), tokens, rx.clone(), ttl);
+    let ca = Arc::new(ca);
+    let tls = if args.plaintext { None } else { Some(sinew_control::server_tls(ca.clone())?) };
+    let ca = CaService::new(ca, tokens, rx.clone(), ttl);
     tokio::spawn(sinew_control::tokens::watch_file(args.tokens.clone(), ca.tokens()));
     let registry = Arc::new(Registry::default());
     let admin = AdminState {

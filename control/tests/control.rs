@@ -81,9 +81,9 @@ impl Control {
         tls: bool,
         ttl: Duration,
     ) -> Self {
-        let ca = Ca::load_or_generate(ca_dir, "cluster.local").unwrap();
+        let ca = Arc::new(Ca::load_or_generate(ca_dir, "cluster.local").unwrap());
         let roots = tls.then(|| ca.bundle().concat());
-        let server_tls = tls.then(|| sinew_control::server_tls(&ca).unwrap());
+        let server_tls = tls.then(|| sinew_control::server_tls(ca.clone()).unwrap());
         // node-<i> holds the token "node-<i>-token-0123456789".
         let lines: String =
             (0..50).map(|i| format!("node-{i} node-{i}-token-0123456789\n")).collect();
@@ -91,7 +91,7 @@ impl Control {
         let (source, first) = FileSource::new(config, Some(&ca_dir.join("last-good.json")));
         let errors = source.errors();
         let (tx, rx) = watch::channel(Arc::new(first));
-        let ca = CaService::new(Arc::new(ca), tokens, rx.clone(), ttl);
+        let ca = CaService::new(ca, tokens, rx.clone(), ttl);
         let tokens = ca.tokens();
         let registry = Arc::new(Registry::default());
         // After a stop, the aborted server lets go of the port a moment later.
