@@ -666,3 +666,22 @@ async fn a_peer_done_with_the_upload_still_delivers_its_whole_answer() {
     let copied = tokio::time::timeout(Duration::from_secs(5), copy).await;
     assert!(matches!(copied, Ok(Ok(Ok(_)))), "{copied:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_ca_s_certificates_verify_against_the_root_alone() {
+    let dir = std::env::temp_dir().join(format!("sinew-hbone-ca-{}", std::process::id()));
+    let root = sinew_identity::plug_in_ca_files_for_tests(&dir, true).unwrap();
+    let ca = Ca::load_or_generate(&dir, TD).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(ca.bundle(), [root], "peers trust the operator's root, not the intermediate");
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let (addr, mut seen) = server(identity(&ca, &server_id)).await;
+    let mut tunnel = Pool::new()
+        .connect(&key(&client_id, addr, &server_id), &identity(&ca, &client_id), req(80), dial)
+        .await
+        .expect("mutual TLS through the intermediate both ways");
+    tunnel.write_all(b"hi").await.unwrap();
+    let mut back = [0u8; 2];
+    tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(seen.recv().await.unwrap().peer, client_id);
+}

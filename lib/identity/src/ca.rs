@@ -1,5 +1,6 @@
 //! The certificate authority: a root generated on first start and persisted, or supplied by the
-//! operator; CSR signing; leaf verification against a bundle of roots.
+//! operator, possibly an intermediate under the operator's root (Istio's plug-in CA layout);
+//! CSR signing; leaf verification against a bundle of roots, through the chain it carries.
 
 use std::{
     path::{Path, PathBuf},
@@ -62,8 +63,13 @@ pub enum CaError {
 /// A signing root and the trust bundle it serves.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
-    /// The signing certificate's `notAfter`: nothing it signs outlives it.
+    /// The signing certificate's `notAfter` (the earliest of its chain's): nothing it signs
+    /// outlives it.
     not_after: SystemTime,
+    /// An intermediate signer's chain (PEM, the signer first, no root): sent after every
+    /// certificate it issues, so peers that trust only the root can verify them. Empty for
+    /// a root signer.
+    chain: Vec<String>,
     root_pem: String,
     bundle: Vec<String>,
     trust_domain: String,
@@ -119,6 +125,7 @@ impl Ca {
         let root_pem = cert.pem();
         Ok(Self {
             not_after: now + ROOT_TTL,
+            chain: Vec::new(),
             issuer: Issuer::new(params, key),
             bundle: vec![root_pem.clone()],
             root_pem,
@@ -128,7 +135,9 @@ impl Ca {
 
     /// Loads `ca-cert.pem` and `ca-key.pem` from `dir`, or generates and persists them
     /// (directory 0700, key 0600) on first start. `roots.pem`, when present, adds roots to
-    /// the trust bundle (the previous root during a rotation).
+    /// the trust bundle (the previous root during a rotation). Istio's plug-in CA files work
+    /// as they are: `ca-cert.pem` may be an intermediate (followed by its chain, or with
+    /// `cert-chain.pem` beside it), and `root-cert.pem` holds its root.
     pub fn load_or_generate(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
         let (cert, key) = (dir.join("ca-cert.pem"), dir.join("ca-key.pem"));
         let mut ca = if cert.exists() || key.exists() {
@@ -140,10 +149,17 @@ impl Ca {
             write_file(&cert, ca.root_pem.as_bytes(), 0o644)?;
             ca
         };
-        let extra = dir.join("roots.pem");
-        if extra.exists() {
-            ca.add_roots_pem(&extra)?;
+        let chain = dir.join("cert-chain.pem");
+        if chain.exists() {
+            ca.add_chain_pem(&chain)?;
         }
+        for extra in ["root-cert.pem", "roots.pem"] {
+            let extra = dir.join(extra);
+            if extra.exists() {
+                ca.add_roots_pem(&extra)?;
+            }
+        }
+        ca.check_chain().map_err(|reason| CaError::BadFile { path: cert, reason })?;
         Ok(ca)
     }
 
@@ -181,14 +197,73 @@ impl Ca {
         {
             return Err(bad(key, format!("does not match the certificate in {}", cert.display())));
         }
-        let issuer =
-            Issuer::from_ca_cert_pem(&cert_pem, key_pair).map_err(|e| bad(cert, e.to_string()))?;
-        Ok(Self {
+        let signer_pem = pem_encode("CERTIFICATE", &first.contents);
+        let issuer = Issuer::from_ca_cert_pem(&signer_pem, key_pair)
+            .map_err(|e| bad(cert, e.to_string()))?;
+        let mut ca = Self {
             issuer,
             not_after,
-            bundle: vec![cert_pem.clone()],
-            root_pem: cert_pem,
+            chain: Vec::new(),
+            bundle: Vec::new(),
+            root_pem: String::new(),
             trust_domain: trust_domain.into(),
+        };
+        // The signer, then whatever follows it in the file: roots go to the bundle, the
+        // rest (an intermediate signer and the intermediates above it) to the chain.
+        ca.sort_in(&parsed).map_err(|r| bad(cert, r))?;
+        Ok(ca)
+    }
+
+    /// Adds the certificates of a PEM file as the signer's chain (`cert-chain.pem`, Istio's
+    /// layout: the signer, the intermediates above it, maybe the root), roots to the bundle.
+    pub fn add_chain_pem(&mut self, path: &Path) -> Result<(), CaError> {
+        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        let bad = |reason: String| CaError::BadFile { path: path.to_path_buf(), reason };
+        let pems = parse_pems(&text).map_err(bad)?;
+        self.sort_in(&pems).map_err(bad)
+    }
+
+    /// Files each certificate under the bundle (self-signed) or the chain (others), once.
+    fn sort_in(&mut self, pems: &[Pem]) -> Result<(), String> {
+        for p in pems {
+            let x = p.parse_x509().map_err(|e| format!("not a certificate: {e}"))?;
+            let pem = pem_encode("CERTIFICATE", &p.contents);
+            if is_self_signed(&x) {
+                if !self.bundle.contains(&pem) {
+                    self.bundle.push(pem);
+                }
+            } else {
+                if !x.is_ca() {
+                    return Err("the chain holds a certificate that is not a CA".into());
+                }
+                let ends = SystemTime::UNIX_EPOCH
+                    + Duration::from_secs(x.validity().not_after.timestamp().max(0) as u64);
+                self.not_after = self.not_after.min(ends);
+                if !self.chain.contains(&pem) {
+                    self.chain.push(pem);
+                }
+            }
+        }
+        if let Some(root) = self.bundle.first() {
+            self.root_pem.clone_from(root);
+        }
+        Ok(())
+    }
+
+    /// Whether what the CA signs verifies against its bundle through its chain: a signer
+    /// with no root in the bundle would issue certificates nobody accepts.
+    fn check_chain(&self) -> Result<(), String> {
+        if self.bundle.is_empty() {
+            return Err("the signing certificate is an intermediate and no root came with it: \
+                        put its root in root-cert.pem or roots.pem beside it"
+                .into());
+        }
+        let chain = self.chain.concat();
+        if chain.is_empty() {
+            return Ok(());
+        }
+        verify_chain(&chain, &self.bundle, SystemTime::now()).map(|_| ()).map_err(|e| {
+            format!("the signing certificate does not chain to a root of the bundle: {e}")
         })
     }
 
@@ -222,7 +297,8 @@ impl Ca {
         self.not_after
     }
 
-    /// The signing root (PEM).
+    /// The first root of the bundle (PEM): the signer itself, or an intermediate signer's
+    /// root.
     pub fn root_pem(&self) -> &str {
         &self.root_pem
     }
@@ -263,7 +339,8 @@ impl Ca {
             }
         }
         let params = leaf_params(id, &[], self.ttl_within(ttl))?;
-        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
+        let leaf = params.signed_by(&csr.public_key, &self.issuer)?.pem();
+        Ok(leaf + &self.chain.concat())
     }
 
     /// Issues a key and certificate for a service of the mesh itself (the control service's
@@ -277,7 +354,7 @@ impl Ca {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let cert =
             leaf_params(id, dns_names, self.ttl_within(ttl))?.signed_by(&key, &self.issuer)?;
-        Ok((key.serialize_pem(), cert.pem()))
+        Ok((key.serialize_pem(), cert.pem() + &self.chain.concat()))
     }
 }
 
@@ -344,23 +421,79 @@ pub fn verify_leaf(
             leaf.validity().not_after
         )));
     }
-    let mut signed = false;
-    for root in bundle {
-        let pems = parse_pems(root).map_err(v)?;
-        for p in pems {
-            let r = p.parse_x509().map_err(|e| v(format!("unreadable root: {e}")))?;
-            if leaf.verify_signature(Some(r.public_key())).is_ok() && r.validity().is_valid_at(at) {
-                signed = true;
-            }
-        }
-    }
-    if !signed {
-        return Err(v("not signed by any root of the trust bundle".into()));
-    }
+    verify_chain(leaf_pem, bundle, now).map_err(v)?;
     let id = spiffe_id_of(&leaf).map_err(v)?;
     let expiry = SystemTime::UNIX_EPOCH
         + Duration::from_secs(leaf.validity().not_after.timestamp().max(0) as u64);
     Ok((id, expiry))
+}
+
+/// Test support: an operator's root and an intermediate under it, written to `dir` as
+/// Istio's plug-in CA files (`ca-cert.pem` the intermediate, `ca-key.pem` its key, and with
+/// `with_root_file`, `root-cert.pem`); returns the root's PEM.
+#[doc(hidden)]
+pub fn plug_in_ca_files_for_tests(dir: &Path, with_root_file: bool) -> Result<String, CaError> {
+    let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut root = CertificateParams::default();
+    root.distinguished_name.push(DnType::CommonName, "operator root");
+    root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    root.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let root_pem = root.clone().self_signed(&root_key)?.pem();
+    let root_issuer = Issuer::new(root, root_key);
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut mid = CertificateParams::default();
+    mid.distinguished_name.push(DnType::CommonName, "sinew intermediate");
+    mid.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    mid.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let mid_pem = mid.signed_by(&key, &root_issuer)?.pem();
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    write_file(&dir.join("ca-cert.pem"), mid_pem.as_bytes(), 0o644)?;
+    write_file(&dir.join("ca-key.pem"), key.serialize_pem().as_bytes(), 0o600)?;
+    if with_root_file {
+        write_file(&dir.join("root-cert.pem"), root_pem.as_bytes(), 0o644)?;
+    }
+    Ok(root_pem)
+}
+
+/// Whether the first certificate of `pem` reaches a root of `bundle`, directly or through the
+/// CA certificates after it (an intermediate signer's chain), each valid at `now`.
+fn verify_chain(pem: &str, bundle: &[String], now: SystemTime) -> Result<(), String> {
+    let at = x509_parser::time::ASN1Time::from_timestamp(
+        now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64,
+    )
+    .map_err(|e| e.to_string())?;
+    let certs = parse_pems(pem)?;
+    let parsed: Vec<X509Certificate<'_>> = certs
+        .iter()
+        .map(|p| p.parse_x509().map_err(|e| format!("unreadable certificate: {e}")))
+        .collect::<Result<_, _>>()?;
+    let root_pems: Vec<Pem> =
+        bundle.iter().map(|r| parse_pems(r)).collect::<Result<Vec<_>, _>>()?.concat();
+    let roots: Vec<X509Certificate<'_>> = root_pems
+        .iter()
+        .map(|p| p.parse_x509().map_err(|e| format!("unreadable root: {e}")))
+        .collect::<Result<_, _>>()?;
+    let mut current = parsed.first().ok_or("no certificate")?;
+    // Each step climbs one certificate of the chain, which is short: bounded by its length.
+    for _ in 0..=parsed.len() {
+        let signed_by = |c: &X509Certificate<'_>| {
+            current.issuer() == c.subject()
+                && current.verify_signature(Some(c.public_key())).is_ok()
+                && c.validity().is_valid_at(at)
+        };
+        if roots.iter().any(&signed_by) {
+            return Ok(());
+        }
+        match parsed[1..].iter().find(|c| c.is_ca() && signed_by(c)) {
+            Some(next) => current = next,
+            None => break,
+        }
+    }
+    Err("not signed by any root of the trust bundle".into())
+}
+
+fn is_self_signed(c: &X509Certificate<'_>) -> bool {
+    c.issuer() == c.subject() && c.verify_signature(None).is_ok()
 }
 
 /// When a DER certificate became valid (its `notBefore`).
@@ -480,6 +613,31 @@ mod tests {
         std::fs::write(&c, cert.pem()).unwrap();
         std::fs::write(&k, key.serialize_pem()).unwrap();
         (c, k)
+    }
+
+    #[test]
+    fn an_intermediate_ca_signs_certificates_that_carry_its_chain_to_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = plug_in_ca_files_for_tests(dir.path(), true).unwrap();
+        let ca = Ca::load_or_generate(dir.path(), "cluster.local").unwrap();
+        // The bundle is the root alone: peers trust the operator's root, not the intermediate.
+        assert_eq!(ca.bundle().len(), 1);
+        let (_key, csr) = new_csr(&id("reviews")).unwrap();
+        let pem = ca.sign(&csr, &id("reviews"), DEFAULT_TTL).unwrap();
+        assert_eq!(parse_pems(&pem).unwrap().len(), 2, "the leaf, then the intermediate");
+        let (got, _) = verify_leaf(&pem, std::slice::from_ref(&root), SystemTime::now()).unwrap();
+        assert_eq!(got, id("reviews"));
+        // Without the intermediate the leaf does not reach the root.
+        let leaf_only = pem_encode("CERTIFICATE", &parse_pems(&pem).unwrap()[0].contents);
+        assert!(verify_leaf(&leaf_only, &[root], SystemTime::now()).is_err());
+        // Another root does not accept it either.
+        let stranger = Ca::generate("cluster.local").unwrap();
+        assert!(verify_leaf(&pem, stranger.bundle(), SystemTime::now()).is_err());
+        // An intermediate without its root is named: it would sign what nobody accepts.
+        let lone = tempfile::tempdir().unwrap();
+        plug_in_ca_files_for_tests(lone.path(), false).unwrap();
+        let err = Ca::load_or_generate(lone.path(), "cluster.local").unwrap_err().to_string();
+        assert!(err.contains("ca-cert.pem: the signing certificate is an intermediate"), "{err}");
     }
 
     #[test]
