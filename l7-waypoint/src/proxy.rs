@@ -21,6 +21,7 @@ use sinew_hbone::random_u64;
 use sinew_identity::SpiffeId;
 use sinew_l7::{
     balance::hash_key,
+    outlier::Health,
     ratelimit::Admit,
     retry::{Outcome, RetryPolicy},
     route::{CompiledRule, RequestView, modify_headers, redirect_location, rewrite_path},
@@ -1008,17 +1009,17 @@ async fn route_and_forward(
                 }
                 Err((UpstreamError::Reset { .. }, _)) => Outcome::Reset,
             };
-            let success = match outcome {
-                Outcome::Status(s) => s < 500,
-                Outcome::Grpc(c) => !matches!(c, 14 | 13 | 4),
-                _ => false,
+            let health = match outcome {
+                Outcome::Status(s) => Health::of_status(s),
+                Outcome::Grpc(c) => Health::of_grpc(c),
+                _ => Health::GatewayError,
             };
-            if success {
+            if health == Health::Ok {
                 backend.balancer.observe(i, started.elapsed());
             } else {
                 backend.balancer.observe_failure(i, started.elapsed());
             }
-            backend.outlier.record(i, success, Instant::now());
+            backend.outlier.record_health(i, health, Instant::now());
             // The policy decides what is retried (gRPC CANCELLED, or a 429 a route lists, are
             // not failures of the endpoint, yet retried).
             if body.as_ref().is_some_and(Payload::repeatable)

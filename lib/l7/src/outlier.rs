@@ -14,9 +14,46 @@ pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 /// Istio's default `maxEjectionPercent`.
 const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
 
+/// What a request's result says about its endpoint's health, as Envoy's outlier detection
+/// reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Not a 5xx.
+    Ok,
+    /// A 5xx other than a gateway error (the application's own 500, say).
+    ServerError,
+    /// 502, 503 or 504, or a connect failure, reset or timeout (Envoy counts those as 503).
+    GatewayError,
+}
+
+impl Health {
+    /// An HTTP status's health.
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            502..=504 => Self::GatewayError,
+            500..=599 => Self::ServerError,
+            _ => Self::Ok,
+        }
+    }
+
+    /// A gRPC status's health, through the HTTP status Envoy maps it to
+    /// (`Grpc::Utility::grpcToHttpStatus`): UNKNOWN, INTERNAL and DATA_LOSS are 500,
+    /// UNIMPLEMENTED 501, UNAVAILABLE 503, DEADLINE_EXCEEDED 504.
+    pub fn of_grpc(code: u32) -> Self {
+        match code {
+            2 | 13 | 15 | 12 => Self::ServerError,
+            14 | 4 => Self::GatewayError,
+            _ => Self::Ok,
+        }
+    }
+}
+
 /// Consecutive-failure ejection per endpoint (indices `0..endpoints`), with Envoy and Istio
 /// semantics:
 ///
+/// - two counts per endpoint, Envoy's consecutive 5xx and consecutive gateway failure: any
+///   5xx adds to the first, a gateway error to both, a non-gateway 5xx resets the second, a
+///   success both; either reaching its threshold (0: that count is off) ejects;
 /// - after `consecutive_errors` failures in a row an endpoint is ejected for
 ///   `base_ejection_time` times the number of times it has been ejected (1 the first time);
 /// - a success resets the endpoint's consecutive count, and so does an ejection, so an
@@ -37,6 +74,7 @@ const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
 #[derive(Debug)]
 pub struct OutlierDetector {
     consecutive_errors: u32,
+    consecutive_gateway_errors: u32,
     base_ejection_time: Duration,
     max_ejection_percent: u32,
     endpoints: Mutex<Vec<Endpoint>>,
@@ -45,6 +83,7 @@ pub struct OutlierDetector {
 #[derive(Debug, Clone, Copy)]
 struct Endpoint {
     consecutive: u32,
+    consecutive_gateway: u32,
     ejections: u32,
     ejected_at: Option<Instant>,
     ejected_for: Duration,
@@ -66,28 +105,37 @@ impl OutlierDetector {
     ) -> Self {
         let fresh = Endpoint {
             consecutive: 0,
+            consecutive_gateway: 0,
             ejections: 0,
             ejected_at: None,
             ejected_for: Duration::ZERO,
         };
         Self {
             consecutive_errors,
+            consecutive_gateway_errors: 0,
             base_ejection_time,
             max_ejection_percent: max_ejection_percent.min(100),
             endpoints: Mutex::new(vec![fresh; endpoints]),
         }
     }
 
-    /// From a destination's `outlierDetection`: defaults 5 errors, 30 s, 10 %. `None`: disabled
-    /// (never ejects).
+    /// Also ejects after `n` consecutive gateway errors (0: off).
+    pub fn with_gateway_errors(mut self, n: u32) -> Self {
+        self.consecutive_gateway_errors = n;
+        self
+    }
+
+    /// From a destination's `outlierDetection`: defaults 5 consecutive 5xx, gateway errors
+    /// not counted, 30 s, 10 %. `None`: disabled (never ejects).
     pub fn from_model(endpoints: usize, o: Option<&sinew_model::OutlierDetection>) -> Self {
         let Some(o) = o else { return Self::new(endpoints, 0, Duration::ZERO, 0) };
         Self::new(
             endpoints,
-            o.consecutive_errors.unwrap_or(DEFAULT_CONSECUTIVE_ERRORS),
+            o.consecutive_5xx_errors.or(o.consecutive_errors).unwrap_or(DEFAULT_CONSECUTIVE_ERRORS),
             o.base_ejection_time.map_or(DEFAULT_BASE_EJECTION, |d| d.0),
             o.max_ejection_percent.unwrap_or(DEFAULT_MAX_EJECTION_PERCENT),
         )
+        .with_gateway_errors(o.consecutive_gateway_errors.unwrap_or(0))
     }
 
     /// Takes over `old`'s state for endpoints that stay: `from_old[i]` is endpoint `i`'s
@@ -116,7 +164,13 @@ impl OutlierDetector {
     /// Records the result of a request to `endpoint` (a failure being a 5xx, a reset or a
     /// connect failure); an index out of range is ignored.
     pub fn record(&self, endpoint: usize, success: bool, now: Instant) {
-        if self.consecutive_errors == 0 {
+        let health = if success { Health::Ok } else { Health::GatewayError };
+        self.record_health(endpoint, health, now);
+    }
+
+    /// Records a request's result by its [`Health`]; an index out of range is ignored.
+    pub fn record_health(&self, endpoint: usize, health: Health, now: Instant) {
+        if self.consecutive_errors == 0 && self.consecutive_gateway_errors == 0 {
             return;
         }
         let mut all = self.endpoints.lock().unwrap_or_else(PoisonError::into_inner);
@@ -126,13 +180,21 @@ impl OutlierDetector {
         if e.is_ejected(now) {
             return;
         }
-        if success {
-            e.consecutive = 0;
-            return;
+        match health {
+            Health::Ok => {
+                (e.consecutive, e.consecutive_gateway) = (0, 0);
+                return;
+            }
+            Health::ServerError => e.consecutive_gateway = 0,
+            Health::GatewayError => e.consecutive_gateway = e.consecutive_gateway.saturating_add(1),
         }
         e.consecutive = e.consecutive.saturating_add(1);
-        if e.consecutive >= self.consecutive_errors && ejected < cap {
-            e.consecutive = 0;
+        let reached = |count: u32, threshold: u32| threshold > 0 && count >= threshold;
+        if (reached(e.consecutive, self.consecutive_errors)
+            || reached(e.consecutive_gateway, self.consecutive_gateway_errors))
+            && ejected < cap
+        {
+            (e.consecutive, e.consecutive_gateway) = (0, 0);
             e.ejections = e.ejections.saturating_add(1);
             e.ejected_at = Some(now);
             let cap = MAX_EJECTION.max(self.base_ejection_time);

@@ -205,3 +205,56 @@ fn a_carried_over_ejection_past_the_cap_ends() {
     new.carry_over(&old, &[Some(0)], t0);
     assert!(!new.is_ejected(0, t0), "some endpoint always remains");
 }
+
+#[test]
+fn gateway_errors_and_an_applications_500s_count_apart() {
+    use sinew_l7::outlier::Health;
+    let t0 = Instant::now();
+    let gateway_only = sinew_model::OutlierDetection {
+        consecutive_5xx_errors: Some(0),
+        consecutive_gateway_errors: Some(3),
+        max_ejection_percent: Some(100),
+        ..Default::default()
+    };
+    let d = OutlierDetector::from_model(2, Some(&gateway_only));
+    // The application's own 500s never eject it here...
+    (0..10).for_each(|_| d.record_health(0, Health::ServerError, t0));
+    assert!(!d.is_ejected(0, t0));
+    // ... and one breaks a run of gateway errors.
+    for h in [Health::GatewayError, Health::GatewayError, Health::ServerError, Health::GatewayError]
+    {
+        d.record_health(1, h, t0);
+    }
+    assert!(!d.is_ejected(1, t0));
+    (0..2).for_each(|_| d.record_health(1, Health::GatewayError, t0));
+    assert!(d.is_ejected(1, t0), "three 502/503/504 in a row");
+
+    // The default counts every 5xx (Istio's consecutive5xxErrors, 5).
+    let d = OutlierDetector::from_model(
+        2,
+        Some(&sinew_model::OutlierDetection {
+            max_ejection_percent: Some(100),
+            ..Default::default()
+        }),
+    );
+    (0..5).for_each(|_| d.record_health(0, Health::ServerError, t0));
+    assert!(d.is_ejected(0, t0));
+}
+
+#[test]
+fn grpc_and_http_statuses_read_as_envoy_maps_them() {
+    use sinew_l7::outlier::Health;
+    assert_eq!(Health::of_status(200), Health::Ok);
+    assert_eq!(Health::of_status(404), Health::Ok);
+    assert_eq!(Health::of_status(500), Health::ServerError);
+    assert_eq!(Health::of_status(503), Health::GatewayError);
+    // UNKNOWN, INTERNAL, DATA_LOSS: 500; UNIMPLEMENTED: 501; UNAVAILABLE: 503; DEADLINE: 504.
+    for code in [2, 13, 15, 12] {
+        assert_eq!(Health::of_grpc(code), Health::ServerError, "{code}");
+    }
+    assert_eq!(Health::of_grpc(14), Health::GatewayError);
+    assert_eq!(Health::of_grpc(4), Health::GatewayError);
+    for code in [0, 1, 3, 5, 7, 8, 16] {
+        assert_eq!(Health::of_grpc(code), Health::Ok, "{code}");
+    }
+}

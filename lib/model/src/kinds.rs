@@ -1238,7 +1238,15 @@ pub struct ConnectionPool {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct OutlierDetection {
-    /// Consecutive 5xx or connect failures before ejection (default 5).
+    /// Consecutive 5xx (connect failures, resets and timeouts count as 503) before ejection
+    /// (default 5; 0 turns this count off). Istio's name.
+    #[serde(default, rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<u32>,
+    /// Consecutive gateway errors, 502, 503 and 504 (and connect failures, resets and
+    /// timeouts) only, before ejection (default off): an application's own 500s do not count.
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// Sinew's earlier name for `consecutive5xxErrors`, which wins when both are given.
     #[serde(default)]
     pub consecutive_errors: Option<u32>,
     /// How often ejections are evaluated.
@@ -1298,8 +1306,13 @@ impl Validate for DestinationPolicySpec {
                 || format!("{} is out of range 0-100", o.max_ejection_percent.unwrap_or_default()),
             );
             e.check(o.consecutive_errors != Some(0), "outlierDetection.consecutiveErrors", || {
-                "must be at least 1".into()
+                "must be at least 1 (consecutive5xxErrors: 0 turns the 5xx count off)".into()
             });
+            e.check(
+                o.base_ejection_time.is_none_or(|d| d.0 >= std::time::Duration::from_millis(1)),
+                "outlierDetection.baseEjectionTime",
+                || "must be at least 1ms".into(),
+            );
         }
     }
 }

@@ -450,3 +450,19 @@ fn kubectl_output_loads_and_a_bad_creation_time_is_named() {
     );
     assert!(e.is_empty(), "{e:?}");
 }
+
+#[test]
+fn outlier_detection_takes_istios_names_and_refuses_a_zero_ejection_time() {
+    let policy = |od: &str| {
+        format!(
+            "apiVersion: networking.sinew.io/v1alpha1\nkind: DestinationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec:\n  service: reviews\n  outlierDetection: {od}\n"
+        )
+    };
+    let ok = errors_of(&policy("{consecutive5xxErrors: 0, consecutiveGatewayErrors: 3}"));
+    assert!(ok.is_empty(), "{ok:?}");
+    let e = errors_of(&policy("{baseEjectionTime: 0s}"));
+    assert_eq!(
+        fields(&e),
+        [("DestinationPolicy/shop/p", "spec.outlierDetection.baseEjectionTime")]
+    );
+}
