@@ -875,6 +875,15 @@ async fn route_and_forward(
     // 0s turns a timeout off, as Gateway API and Istio read it.
     let per_try = timeouts.backend_request.map(|d| d.0).filter(|d| !d.is_zero());
     let request_timeout = timeouts.request.map(|d| d.0).filter(|d| !d.is_zero());
+    // A gRPC client's own deadline bounds the call too (Istio honours `grpc-timeout` with no
+    // cap); past it the client gets DEADLINE_EXCEEDED.
+    let grpc_deadline = is_grpc(&parts.headers)
+        .then(|| parts.headers.get("grpc-timeout").and_then(|v| grpc_timeout(v.as_bytes())))
+        .flatten();
+    let request_timeout = match (request_timeout, grpc_deadline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     let hash_config = snapshot
         .destinations
         .get(&format!("{backend_ns}/{backend_name}"))
@@ -1094,6 +1103,25 @@ async fn route_and_forward(
         resp.headers_mut().insert("x-ratelimit-reset", l.2.into());
     }
     (resp, d, route_name)
+}
+
+/// A `grpc-timeout` value: at most 8 digits and a unit, H, M, S, m, u or n (the gRPC over
+/// HTTP/2 spec); `None` when malformed, which leaves the call without a deadline.
+fn grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 fn per_try_timed_out(started: Instant, per_try: Option<Duration>) -> bool {
@@ -1445,6 +1473,17 @@ mod tests {
             h.append(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_spec_writes_them() {
+        assert_eq!(grpc_timeout(b"100m"), Some(Duration::from_millis(100)));
+        assert_eq!(grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout(b"99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in [&b""[..], b"m", b"100", b"100x", b"123456789S", b"-1S", b"1.5S"] {
+            assert_eq!(grpc_timeout(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

@@ -59,7 +59,8 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     /// From the route's `retry`: `attempts` default 2; `codes` as given, an empty list meaning
-    /// Istio's default retry-on (503 plus connect failure and reset); gRPC `UNAVAILABLE` (14);
+    /// Istio's default retry-on (503 plus connect failure and reset); gRPC `CANCELLED` (1)
+    /// and `UNAVAILABLE` (14), as Istio's `retryOn` with retries configured;
     /// resets (for idempotent methods: [`Self::should_retry_request`]) and connect failures
     /// retried; backoff default 25 ms, capped at 10 times the base.
     /// `None` (no retry block) is Istio's default policy, [`RetryPolicy::mesh_default`]; a
@@ -70,7 +71,7 @@ impl RetryPolicy {
         Self {
             attempts: r.attempts.unwrap_or(DEFAULT_ATTEMPTS),
             codes: if r.codes.is_empty() { vec![503] } else { r.codes.clone() },
-            grpc_codes: vec![GRPC_UNAVAILABLE],
+            grpc_codes: vec![GRPC_CANCELLED, GRPC_UNAVAILABLE],
             on_reset: true,
             on_connect_failure: true,
             base_backoff: base,

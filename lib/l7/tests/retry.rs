@@ -99,7 +99,7 @@ fn defaults() {
     let p = RetryPolicy::from_model(Some(&model(&[], None, None)));
     assert_eq!(p.attempts, 2);
     assert_eq!(p.codes, vec![503]);
-    assert_eq!(p.grpc_codes, vec![14]);
+    assert_eq!(p.grpc_codes, vec![1, 14], "CANCELLED and UNAVAILABLE, as Istio's retryOn");
     assert!(p.on_reset && p.on_connect_failure);
     assert_eq!((p.base_backoff, p.max_backoff), (ms(25), ms(250)));
     assert!(p.should_retry(Outcome::Status(503), 2));
