@@ -87,6 +87,21 @@ impl Conn {
         !self.closed.load(Ordering::Relaxed)
             && self.identity.same_credentials(identity)
             && std::time::SystemTime::now() < self.valid_until
+            && self.accepts_streams()
+    }
+
+    /// Whether h2 would open a stream here now: not after the peer's GOAWAY or a connection
+    /// error (a request there would fail unsent and use up a try), as ztunnel checks with
+    /// its `ready_to_use`.
+    fn accepts_streams(&self) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        matches!(self.send.clone().poll_ready(&mut cx), std::task::Poll::Ready(Ok(())))
+    }
+
+    /// The most streams this connection carries: ours, or fewer if the peer said so
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS), since h2 would queue the others.
+    fn stream_limit(&self) -> usize {
+        MAX_STREAMS_PER_CONNECTION.min(self.send.current_max_send_streams())
     }
 }
 
@@ -113,7 +128,7 @@ impl Slot {
         }
         // The lock is held, so no other reservation races this one.
         let n = best.active.fetch_add(1, Ordering::AcqRel);
-        if n < MAX_STREAMS_PER_CONNECTION {
+        if n < best.stream_limit() {
             Some(best.clone())
         } else {
             best.active.fetch_sub(1, Ordering::AcqRel);

@@ -685,3 +685,87 @@ async fn an_intermediate_ca_s_certificates_verify_against_the_root_alone() {
     tunnel.read_exact(&mut back).await.unwrap();
     assert_eq!(seen.recv().await.unwrap().peer, client_id);
 }
+
+/// An HTTP/2 server over TLS that allows `max` concurrent streams, answers every CONNECT 200
+/// and holds it open; setting the returned flag sends GOAWAY on the connections open then.
+async fn limited_server(
+    identity: Identity,
+    max: u32,
+) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config().unwrap());
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (acceptor, mut draining) = (acceptor.clone(), draining.clone());
+            draining.mark_unchanged();
+            tokio::spawn(async move {
+                let tls = acceptor.accept(tcp).await.unwrap();
+                let mut conn = h2::server::Builder::new()
+                    .max_concurrent_streams(max)
+                    .handshake::<_, Bytes>(tls)
+                    .await
+                    .unwrap();
+                let mut held = Vec::new();
+                loop {
+                    tokio::select! {
+                        next = conn.accept() => {
+                            let Some(Ok((req, mut respond))) = next else { break };
+                            let ok = http::Response::new(());
+                            held.push((req, respond.send_response(ok, false).unwrap()));
+                        }
+                        Ok(()) = draining.changed() => conn.graceful_shutdown(),
+                    }
+                }
+            });
+        }
+    });
+    (addr, drain)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_allowing_fewer_streams_gets_more_connections_not_queued_streams() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let (addr, _drain) = limited_server(identity(&ca, &server_id), 1).await;
+    let pool = Pool::new();
+    let (k, client) = (key(&client_id, addr, &server_id), identity(&ca, &client_id));
+    let mut held = Vec::new();
+    for n in 1..=3 {
+        let open =
+            tokio::time::timeout(Duration::from_secs(3), pool.connect(&k, &client, req(80), dial))
+                .await;
+        let Ok(Ok(stream)) = open else { panic!("stream {n} was queued behind the peer's limit") };
+        held.push(stream);
+    }
+    assert_eq!(pool.stats().opened, 3, "one stream per connection, as the peer allows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_told_to_go_away_are_not_handed_out() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let (addr, drain) = limited_server(identity(&ca, &server_id), 2).await;
+    let pool = Pool::new();
+    let (k, client) = (key(&client_id, addr, &server_id), identity(&ca, &client_id));
+    // Streams spread over two connections, two each, then a third connection: A B A B C.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(pool.connect(&k, &client, req(80), dial).await.unwrap());
+    }
+    assert_eq!(pool.stats().opened, 3);
+    // One stream each left on A, B and C: all three have room.
+    drop(held.drain(2..4));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The peer drains (an upgrade, say): both connections get GOAWAY, their streams go on.
+    drain.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fresh =
+        tokio::time::timeout(Duration::from_secs(5), pool.connect(&k, &client, req(80), dial))
+            .await
+            .expect("in time");
+    assert!(fresh.is_ok(), "a new stream goes on a new connection: {:?}", fresh.err());
+    assert_eq!(pool.stats().opened, 4);
+}
