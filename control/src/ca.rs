@@ -104,6 +104,8 @@ impl CaService {
     }
 
     /// Node authorization: the node's own identity, or that of a workload scheduled on `node`.
+    /// Sinew's own namespace holds only Sinew's identities (nodes, control): a Workload there
+    /// could otherwise obtain control's identity, which mesh-wide policies may name.
     fn authorize(&self, node: &str, id: &SpiffeId) -> Result<(), Status> {
         if let Some(n) = id.node_name() {
             return if n == node {
@@ -111,6 +113,12 @@ impl CaService {
             } else {
                 Err(Status::permission_denied(format!("node {node} cannot have {id}")))
             };
+        }
+        if id.namespace == sinew_identity::NODE_NAMESPACE {
+            return Err(Status::permission_denied(format!(
+                "{id}: namespace {} is reserved for Sinew's own identities",
+                sinew_identity::NODE_NAMESPACE
+            )));
         }
         let snap = self.snapshots.borrow().clone();
         let allowed = snap.resources.values().any(|e| match e.resource.as_ref() {

@@ -1,11 +1,7 @@
 //! An immutable view of the configuration as clients receive it, with what changed since the
 //! previous one (so a thousand up-to-date clients cost one diff, not a thousand).
 
-use std::{
-    collections::BTreeMap,
-    hash::{Hash, Hasher},
-    sync::Arc,
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 use sinew_model::{Resource, Store};
 
@@ -35,6 +31,15 @@ pub struct Snapshot {
     pub removed: Vec<Arc<str>>,
 }
 
+/// A resource's version: FNV-1a 64 of its JSON, the same in every build and Rust release
+/// (std's hasher may change between releases, and versions must stay equal across a control
+/// upgrade for resuming clients to skip what they hold).
+pub fn content_hash(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 impl Snapshot {
     /// Builds the snapshot of a store, reusing the entries of `previous` for resources that
     /// did not change (serializing 10,000 workloads on every edit would dominate a push).
@@ -52,9 +57,7 @@ impl Snapshot {
                     return (k.clone(), old.clone());
                 }
                 let body = r.to_json();
-                let mut h = std::hash::DefaultHasher::new();
-                body.hash(&mut h);
-                let version: Arc<str> = format!("{:016x}", h.finish()).into();
+                let version: Arc<str> = format!("{:016x}", content_hash(&body)).into();
                 let key: Arc<str> = key.into();
                 changed.push(key.clone());
                 (key, Entry { version, body: body.into(), resource: Arc::new(r.clone()) })
@@ -83,5 +86,16 @@ impl Snapshot {
         let removed =
             self.resources.keys().filter(|k| !newer.resources.contains_key(*k)).cloned().collect();
         (changed, removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn versions_are_fnv1a_64_of_the_json_in_every_build() {
+        // Published FNV-1a 64 test vectors: the same in any build, across Rust releases.
+        assert_eq!(super::content_hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(super::content_hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(super::content_hash(b"foobar"), 0x8594_4171_f739_67e8);
     }
 }

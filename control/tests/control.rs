@@ -217,6 +217,18 @@ async fn ca_signs_only_identities_scheduled_on_the_callers_node() {
         "node node-1 runs no workload with identity spiffe://cluster.local/ns/shop/sa/ratings"
     ));
 
+    // Sinew's own namespace is reserved, even for a Workload scheduled on the node.
+    std::fs::write(
+        s.config().join("system.yaml"),
+        "apiVersion: sinew.io/v1alpha1\nkind: Workload\nmetadata: {name: fake, namespace: sinew-system}\nspec: {serviceAccount: sinew-control, node: node-1, ips: [198.18.1.99]}\n",
+    )
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let mut system = cert_config(&control, TOKEN_1, "reviews", &cache);
+    system.identity = SpiffeId::new("cluster.local", "sinew-system", "sinew-control").unwrap();
+    let err = request_certificate(&system).await.unwrap_err().to_string();
+    assert!(err.contains("namespace sinew-system is reserved"), "{err}");
+
     for token in ["wrong-token-000000000000", ""] {
         let err = request_certificate(&cert_config(&control, token, "reviews", &cache))
             .await

@@ -140,13 +140,24 @@ impl Ca {
     /// `cert-chain.pem` beside it), and `root-cert.pem` holds its root.
     pub fn load_or_generate(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
         let (cert, key) = (dir.join("ca-cert.pem"), dir.join("ca-key.pem"));
+        // Present while a first start writes its root: a crash between the key and the
+        // certificate leaves it, and the next start generates again instead of failing on
+        // a key without a certificate until someone cleans up by hand.
+        let generating = dir.join(".generating");
+        if generating.exists() {
+            for partial in [&cert, &key, &generating] {
+                let _ = std::fs::remove_file(partial);
+            }
+        }
         let mut ca = if cert.exists() || key.exists() {
             Self::load(&cert, &key, trust_domain)?
         } else {
             let ca = Self::generate(trust_domain)?;
             write_private_dir(dir)?;
+            write_file(&generating, b"", 0o600)?;
             write_file(&key, ca.issuer.key().serialize_pem().as_bytes(), 0o600)?;
             write_file(&cert, ca.root_pem.as_bytes(), 0o644)?;
+            std::fs::remove_file(&generating).map_err(io(&generating))?;
             ca
         };
         let chain = dir.join("cert-chain.pem");
@@ -322,6 +333,7 @@ impl Ca {
                 self.trust_domain
             )));
         }
+        check_csr_key(csr_pem)?;
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::Csr(e.to_string()))?;
         if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
@@ -426,6 +438,30 @@ pub fn verify_leaf(
     let expiry = SystemTime::UNIX_EPOCH
         + Duration::from_secs(leaf.validity().not_after.timestamp().max(0) as u64);
     Ok((id, expiry))
+}
+
+/// The CSR's own key (not its signature algorithm, which is all rcgen's parse looks at: a
+/// P-384 key signing with ecdsa-with-SHA256 passed) must be an uncompressed P-256 point.
+fn check_csr_key(csr_pem: &str) -> Result<(), CaError> {
+    use x509_parser::{
+        certification_request::X509CertificationRequest,
+        oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY},
+        prelude::FromDer,
+    };
+    let bad = |m: String| CaError::Csr(m);
+    let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes())
+        .map_err(|e| bad(format!("not a PEM CSR: {e}")))?;
+    let (_, req) = X509CertificationRequest::from_der(&pem.contents)
+        .map_err(|e| bad(format!("not a CSR: {e}")))?;
+    let spki = &req.certification_request_info.subject_pki;
+    let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY
+        || curve != Some(OID_EC_P256)
+        || spki.subject_public_key.data.len() != 65
+    {
+        return Err(bad("the key must be ECDSA P-256".into()));
+    }
+    Ok(())
 }
 
 /// Test support: an operator's root and an intermediate under it, written to `dir` as
@@ -731,6 +767,33 @@ mod tests {
             let pem = signer.sign(&csr, &id("a"), DEFAULT_TTL).unwrap();
             assert_eq!(verify_leaf(&pem, new.bundle(), SystemTime::now()).unwrap().0, id("a"));
         }
+    }
+
+    #[test]
+    fn a_csr_for_another_key_type_is_refused() {
+        let ca = Ca::generate("cluster.local").unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id("a").to_string().try_into().unwrap())];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let err = ca.sign(&csr, &id("a"), DEFAULT_TTL).unwrap_err().to_string();
+        assert!(err.contains("the key must be ECDSA P-256"), "{err}");
+        let (_, good) = new_csr(&id("a")).unwrap();
+        assert!(check_csr_key(&good).is_ok());
+    }
+
+    #[test]
+    fn a_first_start_cut_short_generates_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        // A crash after the key, before the certificate.
+        write_private_dir(&ca_dir).unwrap();
+        std::fs::write(ca_dir.join(".generating"), "").unwrap();
+        std::fs::write(ca_dir.join("ca-key.pem"), "half").unwrap();
+        let ca = Ca::load_or_generate(&ca_dir, "cluster.local").unwrap();
+        assert!(!ca_dir.join(".generating").exists());
+        let again = Ca::load_or_generate(&ca_dir, "cluster.local").unwrap();
+        assert_eq!(ca.root_pem(), again.root_pem(), "kept once whole");
     }
 
     #[test]
