@@ -28,6 +28,23 @@ const MAX_PER_RESPONSE: usize = 500;
 /// of up to 4 MiB, and a resource is at most [`sinew_model::MAX_RESOURCE_BYTES`]).
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 
+/// Most bytes of removed keys in one response: with the resources' own bound a response
+/// stays well under a client's 4 MiB message limit, so deleting a hundred thousand
+/// workloads goes out over several responses instead of one the client cannot take.
+const MAX_REMOVED_BYTES: usize = 1024 * 1024;
+
+/// How many of `removed` fit in one response ([`MAX_REMOVED_BYTES`], at least one).
+fn removed_that_fit(removed: &[String]) -> usize {
+    let mut bytes = 0;
+    removed
+        .iter()
+        .position(|k| {
+            bytes += k.len() + 4;
+            bytes > MAX_REMOVED_BYTES
+        })
+        .map_or(removed.len(), |n| n.max(1))
+}
+
 /// Whether a response of `count` resources and `bytes` of bodies is full.
 fn full(count: usize, bytes: usize) -> bool {
     count >= MAX_PER_RESPONSE || bytes >= MAX_RESPONSE_BYTES
@@ -173,6 +190,7 @@ impl Discovery for DiscoveryService {
             removed: Vec::new(),
             outstanding: None,
             parked: Default::default(),
+            splits: VecDeque::new(),
             nonce: 0,
             registry: self.registry.clone(),
             bundle: self.bundle.clone(),
@@ -247,6 +265,11 @@ struct Session {
     /// What rejected responses carried (keys, removals): the client kept its last good
     /// state, so these are sent again with the next configuration change, as xDS does.
     parked: (Vec<Arc<str>>, Vec<String>),
+    /// Halves of a rejected response, each sent on its own (before other work): the client
+    /// takes a response whole or not at all, so one resource it cannot take would otherwise
+    /// hold back every other one that rode with it, now and with every later change. A
+    /// rejected half is split again; a single rejected resource is parked.
+    splits: VecDeque<(Vec<Arc<str>>, Vec<String>)>,
     nonce: u64,
     registry: Arc<Registry>,
     bundle: Arc<[String]>,
@@ -308,6 +331,18 @@ impl Session {
         let mut resources = Vec::new();
         let target = self.target.clone();
         let agent = self.agent;
+        if let Some((keys, removed)) = self.splits.pop_front() {
+            let mut gone = Vec::new();
+            for k in keys {
+                match target.resources.get(&k) {
+                    Some(e) if wanted(agent, &k) => resources.push(resource(&k, e)),
+                    Some(_) => {}
+                    None => gone.push(k.to_string()),
+                }
+            }
+            let removed: Vec<String> = removed.into_iter().chain(gone).collect();
+            return self.respond(target, resources, removed);
+        }
         match &mut self.todo {
             Todo::Everything { after } => {
                 let range = match after.clone() {
@@ -356,17 +391,31 @@ impl Session {
                 }
             }
         }
-        let removed = std::mem::take(&mut self.removed);
-        // The first response goes even when empty: it tells the client its sync is complete.
+        let removed: Vec<String> = self.removed.drain(..removed_that_fit(&self.removed)).collect();
+        self.respond(target, resources, removed)
+    }
+
+    /// Sends `resources` and `removed` as the next response, awaiting its ACK; `None` when
+    /// there is nothing to send (but the first response goes even when empty: it tells the
+    /// client its sync is complete).
+    fn respond(
+        &mut self,
+        target: Arc<Snapshot>,
+        resources: Vec<sinew_api::Resource>,
+        removed: Vec<String>,
+    ) -> Option<DiscoveryResponse> {
         if resources.is_empty() && removed.is_empty() && self.nonce > 0 {
             return None;
         }
         self.nonce += 1;
         let nonce = format!("{}-{}", self.id, self.nonce);
         // A sync with a rejected slice is not complete until that slice is taken.
-        let completes =
-            (self.todo.is_empty() && self.parked.0.is_empty() && self.parked.1.is_empty())
-                .then_some(target.system_version);
+        let completes = (self.todo.is_empty()
+            && self.removed.is_empty()
+            && self.splits.is_empty()
+            && self.parked.0.is_empty()
+            && self.parked.1.is_empty())
+        .then_some(target.system_version);
         self.outstanding = Some(Outstanding {
             nonce: nonce.clone(),
             completes,
@@ -403,9 +452,16 @@ impl Session {
         } else {
             // Bounded: a client's reason is logged and kept for /clients, not its whole text.
             let error: String = req.error.chars().take(MAX_NACK_TEXT).collect();
-            warn!(%client, %nonce, %error, "client rejected a configuration update (NACK); it keeps its last good state, and the rejected part is sent again with the next change");
-            self.parked.0.extend(keys);
-            self.parked.1.extend(removed);
+            warn!(%client, %nonce, %error, keys = keys.len(), "client rejected a configuration update (NACK); it keeps its last good state; the rest is sent in halves, and what it still rejects again with the next change");
+            if keys.len() > 1 {
+                let mut keys = keys;
+                let second = keys.split_off(keys.len() / 2);
+                self.splits.push_front((second, Vec::new()));
+                self.splits.push_front((keys, removed));
+            } else {
+                self.parked.0.extend(keys);
+                self.parked.1.extend(removed);
+            }
             self.registry.nacks.fetch_add(1, Ordering::Relaxed);
             self.registry.update(self.id, |c| {
                 c.nacks += 1;
@@ -469,5 +525,22 @@ fn resource(key: &Arc<str>, e: &crate::snapshot::Entry) -> sinew_api::Resource {
         key: key.to_string(),
         version: e.version.to_string(),
         body: e.body.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removals_go_out_in_responses_of_bounded_size() {
+        let keys: Vec<String> = (0..150_000).map(|i| format!("Workload/shop/pod-{i:06}")).collect();
+        let first = removed_that_fit(&keys);
+        let bytes: usize = keys[..first].iter().map(|k| k.len() + 4).sum();
+        assert!(first < keys.len() && bytes <= MAX_REMOVED_BYTES, "{first} keys, {bytes} bytes");
+        assert_eq!(removed_that_fit(&keys[..10]), 10);
+        assert_eq!(removed_that_fit(&[]), 0);
+        // One key longer than the budget still goes, alone.
+        assert_eq!(removed_that_fit(&["x".repeat(MAX_REMOVED_BYTES * 2), "y".into()]), 1);
     }
 }

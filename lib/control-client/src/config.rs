@@ -176,7 +176,8 @@ async fn session(
     backoff: &mut Backoff,
 ) -> Result<(), ClientError> {
     let channel = crate::connect(&cfg.endpoint, &cfg.credentials).await?;
-    let mut client = DiscoveryClient::new(channel);
+    // Control bounds its responses well under this (tonic's default is 4 MiB).
+    let mut client = DiscoveryClient::new(channel).max_decoding_message_size(16 << 20);
     let (req_tx, req_rx) = mpsc::channel(4);
     let held = tx.borrow().resources.iter().map(|(k, h)| (k.clone(), h.version.clone())).collect();
     let first = DiscoveryRequest {
