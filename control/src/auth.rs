@@ -8,12 +8,35 @@ use tonic::{Request, Status};
 use crate::tokens::Tokens;
 
 /// How a caller proved it is its node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Proof {
-    /// The node's own certificate (mutual TLS).
-    Certificate,
+    /// The node's own certificate (mutual TLS), issued then (its `notBefore`).
+    Certificate {
+        /// When the certificate was issued.
+        issued: std::time::SystemTime,
+    },
     /// A bootstrap token from the token file.
-    Token,
+    Token(String),
+}
+
+impl Proof {
+    /// Whether the proof still holds for `node` under `tokens`: listed, and the certificate
+    /// not older than the node's tokens, or the token still the node's. A stream opened
+    /// with a proof that no longer holds is ended.
+    pub fn holds(&self, node: &str, tokens: &Tokens) -> bool {
+        tokens.has_node(node)
+            && match self {
+                Proof::Certificate { issued } => !predates(*issued, node, tokens),
+                Proof::Token(t) => tokens.node(t) == Some(node),
+            }
+    }
+}
+
+/// Whether a node certificate issued at `issued` predates `node`'s current tokens.
+/// Certificates are backdated by the CA, and their times are whole seconds.
+fn predates(issued: std::time::SystemTime, node: &str, tokens: &Tokens) -> bool {
+    let slack = sinew_identity::BACKDATE + std::time::Duration::from_secs(1);
+    issued + slack < tokens.since(node)
 }
 
 /// Authenticates a request's caller as a node.
@@ -50,25 +73,23 @@ pub fn caller<T>(
                 )));
             }
         };
-        // Issued before the node's tokens last changed: it may come from a leaked token.
-        // Certificates are backdated by the CA, and their times are whole seconds; a
+        // Issued before the node's tokens last changed: it may come from a leaked token; a
         // bootstrap token, if sent, still counts.
         let issued = sinew_identity::not_before_of_der(leaf).map_err(Status::unauthenticated)?;
-        let slack = sinew_identity::BACKDATE + std::time::Duration::from_secs(1);
-        if issued + slack >= tokens.since(&node) {
-            return Ok((node, Proof::Certificate));
+        if !predates(issued, &node, tokens) {
+            return Ok((node, Proof::Certificate { issued }));
         }
         return match token_node(request, tokens) {
-            Ok(n) if n == node => Ok((node, Proof::Token)),
+            Ok((n, token)) if n == node => Ok((node, Proof::Token(token))),
             _ => Err(Status::permission_denied(format!(
                 "node {node}'s certificate predates its current token: bootstrap again with the token"
             ))),
         };
     }
-    token_node(request, tokens).map(|node| (node, Proof::Token))
+    token_node(request, tokens).map(|(node, token)| (node, Proof::Token(token)))
 }
 
-fn token_node<T>(request: &Request<T>, tokens: &Tokens) -> Result<String, Status> {
+fn token_node<T>(request: &Request<T>, tokens: &Tokens) -> Result<(String, String), Status> {
     let header = request.metadata().get(sinew_api::AUTHORIZATION).ok_or_else(|| {
         Status::unauthenticated(
             "no client certificate and no bootstrap token (authorization: Bearer <token>)",
@@ -81,6 +102,6 @@ fn token_node<T>(request: &Request<T>, tokens: &Tokens) -> Result<String, Status
         .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
     tokens
         .node(token)
-        .map(str::to_owned)
+        .map(|node| (node.to_owned(), token.to_owned()))
         .ok_or_else(|| Status::unauthenticated("unknown bootstrap token"))
 }

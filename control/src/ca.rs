@@ -36,14 +36,15 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// The calling node.
-    pub fn node<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        crate::auth::caller_node(request, &self.tokens.current(), &self.trust_domain)
+    /// The calling node, and how it proved it.
+    pub fn node<T>(&self, request: &Request<T>) -> Result<(String, crate::auth::Proof), Status> {
+        crate::auth::caller(request, &self.tokens.current(), &self.trust_domain)
     }
 
-    /// Whether `node` is still in the token file (not revoked since it authenticated).
-    pub fn still_listed(&self, node: &str) -> bool {
-        self.tokens.current().has_node(node)
+    /// Whether `node`'s proof still holds (listed, token or certificate not replaced since
+    /// it authenticated).
+    pub fn still_valid(&self, node: &str, proof: &crate::auth::Proof) -> bool {
+        proof.holds(node, &self.tokens.current())
     }
 }
 
@@ -169,7 +170,7 @@ impl CaService {
                 self.ca.trust_domain()
             )));
         }
-        if id.node_name().is_some() && proof != crate::auth::Proof::Token {
+        if id.node_name().is_some() && !matches!(proof, crate::auth::Proof::Token(_)) {
             // A node certificate that could sign its own successor would outlive any token
             // change: the node's identity is issued against its token only.
             return Err(Status::permission_denied(format!(

@@ -120,7 +120,7 @@ impl DiscoveryService {
     }
 }
 
-/// How often a stream checks that its node is still listed in the token file.
+/// How often a stream checks that its node's proof still holds (see `Proof::holds`).
 const REVOCATION_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a new stream may take to send its first request (which names the client).
@@ -139,7 +139,7 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let node = self.auth.node(&request).inspect_err(|e| {
+        let (node, proof) = self.auth.node(&request).inspect_err(|e| {
             warn!(peer = ?request.remote_addr(), reason = e.message(), "discovery stream refused");
         })?;
         let mut inbound = request.into_inner();
@@ -213,11 +213,12 @@ impl Discovery for DiscoveryService {
         let revoked = {
             let auth = self.auth.clone();
             async move {
-                // A node taken out of the token file loses the stream it has open too.
+                // A node taken out of the token file loses the stream it has open too, and so
+                // does a stream opened with a token or node certificate replaced since.
                 let mut tick = tokio::time::interval(REVOCATION_CHECK);
                 loop {
                     tick.tick().await;
-                    if !auth.still_listed(&node) {
+                    if !auth.still_valid(&node, &proof) {
                         return node;
                     }
                 }

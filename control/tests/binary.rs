@@ -71,6 +71,7 @@ async fn the_binary_serves_readiness_metrics_clients_and_a_config_dump() {
         cache_dir: dir.path().join("cache"),
         credentials: sinew_control_client::Credentials {
             token: Some("node-1-token-0123456789".into()),
+            token_file: None,
             tls: Some(sinew_control_client::ClientTls::new(roots, None)),
         },
     });

@@ -187,7 +187,7 @@ fn denied_sa(view: &ConfigView) -> Option<String> {
 }
 
 fn token(t: &str) -> Credentials {
-    Credentials { token: (!t.is_empty()).then(|| t.to_owned()), tls: None }
+    Credentials { token: (!t.is_empty()).then(|| t.to_owned()), token_file: None, tls: None }
 }
 
 fn cert_config(control: &Control, tok: &str, sa: &str, cache: &Path) -> CertConfig {
@@ -608,6 +608,7 @@ async fn a_node_keeps_reaching_control_past_its_first_certificates_lifetime() {
         endpoint: control.endpoint(),
         node: "node-1".into(),
         token: Some(TOKEN_1.into()),
+        token_file: None,
         roots_pem: control.roots.clone(),
         cache_dir: s.dir.path().join("node-1"),
     };
@@ -646,7 +647,7 @@ async fn a_node_bootstraps_with_its_token_then_authenticates_with_its_own_certif
     let tls = |identity: Option<(String, String)>| Some(ClientTls::new(roots.clone(), identity));
     // 1. Bootstrap: the token gets the node its own certificate, over TLS.
     let node_id = SpiffeId::node("cluster.local", "node-1").unwrap();
-    let bootstrap = Credentials { token: Some(TOKEN_1.into()), tls: tls(None) };
+    let bootstrap = Credentials { token: Some(TOKEN_1.into()), token_file: None, tls: tls(None) };
     let node_cert = request_certificate(&with(bootstrap.clone(), node_id.clone())).await.unwrap();
     // A token cannot get another node's identity.
     let other = SpiffeId::node("cluster.local", "node-2").unwrap();
@@ -659,6 +660,7 @@ async fn a_node_bootstraps_with_its_token_then_authenticates_with_its_own_certif
     // 2. From then on, no token: the node certificate authenticates, for the CA and discovery.
     let own = Credentials {
         token: None,
+        token_file: None,
         tls: tls(Some((node_cert.cert_pem.clone(), node_cert.key_pem.clone()))),
     };
     let reviews = SpiffeId::new("cluster.local", "shop", "reviews").unwrap();
@@ -681,12 +683,13 @@ async fn a_node_bootstraps_with_its_token_then_authenticates_with_its_own_certif
     task.abort();
 
     // Without a certificate or a token: refused. An untrusted server: refused by the client.
-    let anonymous = Credentials { token: None, tls: tls(None) };
+    let anonymous = Credentials { token: None, token_file: None, tls: tls(None) };
     let err = request_certificate(&with(anonymous, node_id.clone())).await.unwrap_err().to_string();
     assert!(err.contains("no client certificate and no bootstrap token"), "{err}");
     let stranger = Ca::generate("cluster.local").unwrap();
     let wrong_roots = Credentials {
         token: Some(TOKEN_1.into()),
+        token_file: None,
         tls: Some(ClientTls::new(stranger.root_pem().into(), None)),
     };
     assert!(request_certificate(&with(wrong_roots, node_id)).await.is_err());
@@ -710,10 +713,11 @@ async fn a_replaced_token_revokes_the_node_certificates_obtained_before() {
     let tls = |identity: Option<(String, String)>| Some(ClientTls::new(roots.clone(), identity));
     let node_id = SpiffeId::node("cluster.local", "node-1").unwrap();
     let reviews = SpiffeId::new("cluster.local", "shop", "reviews").unwrap();
-    let bootstrap = Credentials { token: Some(TOKEN_1.into()), tls: tls(None) };
+    let bootstrap = Credentials { token: Some(TOKEN_1.into()), token_file: None, tls: tls(None) };
     let leaked = request_certificate(&with(bootstrap, node_id.clone())).await.unwrap();
     let own = |cert: &sinew_control_client::Svid, token: Option<&str>| Credentials {
         token: token.map(str::to_owned),
+        token_file: None,
         tls: tls(Some((cert.cert_pem.clone(), cert.key_pem.clone()))),
     };
     // A node certificate cannot sign its own successor: that takes the token.
@@ -724,19 +728,37 @@ async fn a_replaced_token_revokes_the_node_certificates_obtained_before() {
     assert!(err.contains("issued only against the node's bootstrap token"), "{err}");
     request_certificate(&with(own(&leaked, None), reviews.clone())).await.unwrap();
 
+    let (rx, task) = start_config(ClientConfig {
+        credentials: own(&leaked, None),
+        ..s.client(&control, "node-1")
+    });
+    wait_for("configuration with the certificate", || policy_version(&rx.borrow())).await;
+
     // The token leaked and is replaced: certificates obtained before (more than the second
-    // certificate times are rounded to) no longer authenticate.
+    // certificate times are rounded to) no longer authenticate, and the stream one opened
+    // ends.
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     const NEW: &str = "node-1-new-token-0123456789";
     control.tokens.replace(Tokens::parse("tokens", &format!("node-1 {NEW}\n")).unwrap());
+    wait_for("the stream to end", || (!rx.borrow().connected).then_some(())).await;
+    task.abort();
     let err = request_certificate(&with(own(&leaked, None), reviews.clone()))
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("certificate predates its current token"), "{err}");
-    // The node itself has the new token: it still gets through, and bootstraps anew.
+    // The node itself has the new token: it still gets through, and bootstraps anew. A
+    // running agent reads it from its token file, which the operator updated.
     request_certificate(&with(own(&leaked, Some(NEW)), reviews.clone())).await.unwrap();
-    let bootstrap = Credentials { token: Some(NEW.into()), tls: tls(None) };
+    let file = s.dir.path().join("token");
+    std::fs::write(&file, format!("{NEW}\n")).unwrap();
+    let rotated = Credentials {
+        token: Some(TOKEN_1.into()),
+        token_file: Some(file),
+        tls: tls(Some((leaked.cert_pem.clone(), leaked.key_pem.clone()))),
+    };
+    request_certificate(&with(rotated, reviews.clone())).await.unwrap();
+    let bootstrap = Credentials { token: Some(NEW.into()), token_file: None, tls: tls(None) };
     let fresh = request_certificate(&with(bootstrap, node_id)).await.unwrap();
     request_certificate(&with(own(&fresh, None), reviews)).await.unwrap();
     control.stop();

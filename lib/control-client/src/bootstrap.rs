@@ -20,6 +20,8 @@ pub struct ControlSettings {
     pub node: String,
     /// Bootstrap token.
     pub token: Option<String>,
+    /// The file it came from, read again on each use (see [`Credentials::token_file`]).
+    pub token_file: Option<PathBuf>,
     /// Roots of the control service's certificate, PEM.
     pub roots_pem: Option<String>,
     /// Where configuration and certificates are cached.
@@ -83,7 +85,8 @@ impl ControlSettings {
             }
             None => None,
         };
-        Ok(Self { endpoint, node, token, roots_pem, cache_dir })
+        let token_file = token_file.map(Path::to_path_buf);
+        Ok(Self { endpoint, node, token, token_file, roots_pem, cache_dir })
     }
 
     /// Credentials toward the control service: the bootstrap token, plus the node's own
@@ -101,6 +104,7 @@ impl ControlSettings {
     ) -> Credentials {
         let bootstrap = Credentials {
             token: self.token.clone(),
+            token_file: self.token_file.clone(),
             tls: self.roots_pem.clone().map(|roots_pem| ClientTls::new(roots_pem, None)),
         };
         let Some(roots_pem) = self.roots_pem.clone() else { return bootstrap };
@@ -123,6 +127,7 @@ impl ControlSettings {
         }
         Credentials {
             token: self.token.clone(),
+            token_file: self.token_file.clone(),
             tls: Some(ClientTls { roots_pem, identity: None, renewed: Some(svids) }),
         }
     }

@@ -29,6 +29,11 @@ pub use config::{ClientConfig, ConfigView, Held, start_config};
 pub struct Credentials {
     /// Bootstrap token, sent as `authorization: Bearer <token>` when present.
     pub token: Option<String>,
+    /// The file the token is kept in, read again for every request (the token as read at
+    /// start when it cannot be): an operator who replaces a node's token (control then
+    /// refuses node certificates issued before) updates the file, and the running agent
+    /// bootstraps with the new one instead of being locked out until restarted.
+    pub token_file: Option<std::path::PathBuf>,
     /// TLS: the roots that sign the control service's certificate, and the client's own
     /// certificate (a node identity) when it has one. `None`: plaintext (tests, debugging).
     pub tls: Option<ClientTls>,
@@ -97,7 +102,11 @@ pub(crate) fn authorize<T>(
     request: &mut tonic::Request<T>,
     credentials: &Credentials,
 ) -> Result<(), ClientError> {
-    if let Some(token) = &credentials.token {
+    let fresh = credentials.token_file.as_ref().and_then(|p| {
+        let t = std::fs::read_to_string(p).ok()?.trim().to_owned();
+        (!t.is_empty()).then_some(t)
+    });
+    if let Some(token) = fresh.as_ref().or(credentials.token.as_ref()) {
         let value = format!("Bearer {token}").parse().map_err(|_| {
             tonic::Status::invalid_argument("the token is not a valid header value")
         })?;
