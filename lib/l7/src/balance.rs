@@ -50,6 +50,9 @@ const DECAY_US: f64 = 10_000_000.0;
 const UNMEASURED: u64 = u64::MAX;
 /// The least a failure counts for, in microseconds (10 ms).
 const FAILURE_FLOOR: f64 = 10_000.0;
+/// The most any sample counts for, in microseconds (a minute): estimates stay finite however
+/// long an endpoint keeps failing.
+const SAMPLE_CAP: f64 = 60_000_000.0;
 /// Salt for the per-endpoint hash in rendezvous hashing.
 const ENDPOINT_SALT: u64 = 0x5bd1_e995_9e37_79b9;
 
@@ -241,8 +244,12 @@ impl Balancer {
     }
 
     fn observe_at(&self, now: u64, endpoint: usize, latency: Duration) {
+        self.observe_us(now, endpoint, latency.as_secs_f64() * 1e6);
+    }
+
+    fn observe_us(&self, now: u64, endpoint: usize, sample: f64) {
         let Some(s) = self.stats.get(endpoint) else { return };
-        let sample = latency.as_secs_f64() * 1e6;
+        let sample = sample.min(SAMPLE_CAP);
         let ewma = match s.ewma_at(now) {
             None => sample,
             Some(decayed) => EWMA_ALPHA * sample + (1.0 - EWMA_ALPHA) * decayed,
@@ -259,11 +266,18 @@ impl Balancer {
     /// Envoy's least-request balancing; outlier detection is what takes it out.
     pub fn observe_failure(&self, endpoint: usize, latency: Duration) {
         let now = now_us();
-        // Strictly slower than the slowest: equal, the failing endpoint's estimate, decayed a
-        // little less than a busy healthy one's, would keep winning the ties.
-        let slowest = (self.slowest(now).unwrap_or(0.0) * 1.25).max(FAILURE_FLOOR);
-        let sample = (latency.as_secs_f64() * 1e6).max(slowest);
-        self.observe_at(now, endpoint, Duration::from_secs_f64(sample / 1e6));
+        // Strictly slower than the slowest other endpoint: equal, the failing endpoint's
+        // estimate, decayed a little less than a busy healthy one's, would keep winning the
+        // ties. (Not counting its own estimate, which would compound with every failure.)
+        let others = self
+            .stats
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != endpoint)
+            .filter_map(|(_, s)| s.ewma_at(now))
+            .reduce(f64::max);
+        let slowest = (others.unwrap_or(0.0) * 1.25).max(FAILURE_FLOOR);
+        self.observe_us(now, endpoint, (latency.as_secs_f64() * 1e6).max(slowest));
     }
 
     /// The highest latency estimate among measured endpoints.

@@ -413,3 +413,30 @@ fn retries_go_to_another_endpoint_unless_alone() {
         assert_ne!(hashed.pick_try(rng.next(), None, Some(first), NONE), Some(first));
     }
 }
+
+#[test]
+fn an_endpoint_failing_for_ever_keeps_a_finite_estimate() {
+    // A backend down for good: every try fails, thousands of times.
+    let b = Balancer::new(2, Algorithm::P2cEwma);
+    b.observe(0, ms(1));
+    for _ in 0..5_000 {
+        b.observe_failure(1, ms(2));
+        b.observe_failure(0, ms(2));
+    }
+    let mut rng = XorShift(3);
+    assert!(b.pick(rng.next(), None, NONE).is_some(), "picks go on, nothing overflowed");
+    // One endpoint alone failing: its estimate settles a quarter above the others', not
+    // compounding, so a few successes bring it back.
+    let c = Balancer::new(2, Algorithm::P2cEwma);
+    c.observe(0, ms(20));
+    for _ in 0..5_000 {
+        c.observe_failure(1, ms(1));
+    }
+    let worse = (0..100).filter(|_| c.pick(rng.next(), None, NONE) == Some(1)).count();
+    assert_eq!(worse, 0, "worse than the healthy one");
+    for _ in 0..3 {
+        c.observe(1, ms(1));
+    }
+    let back = (0..100).filter(|_| c.pick(rng.next(), None, NONE) == Some(1)).count();
+    assert_eq!(back, 100, "three fast answers and it is the faster again");
+}

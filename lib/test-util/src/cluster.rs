@@ -407,7 +407,8 @@ fn owner_pid(name: &str) -> Option<u32> {
 }
 
 /// Whether a harness name belongs to a run that is over: its process is gone, or it is
-/// this process, which has made no cluster yet (its pid was reused after a crash).
+/// this process, which has made no cluster yet (its pid was reused after a crash; the sweep
+/// runs once, before any cluster of this process exists).
 fn is_stale(name: &str) -> bool {
     owner_pid(name).is_some_and(|pid| {
         pid == std::process::id() || !Path::new(&format!("/proc/{pid}")).exists()
@@ -424,8 +425,10 @@ fn sweep_stale() {
             continue;
         }
         if let Ok(pids) = sh("ip", &["netns", "pids", ns]) {
-            for pid in pids.split_whitespace() {
-                let _ = sh("kill", &["-9", pid]);
+            for pid in pids.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
+                if pid > 1 && pid != std::process::id() {
+                    let _ = sh("kill", &["-9", &pid.to_string()]);
+                }
             }
         }
         let _ = sh("ip", &["netns", "del", ns]);
@@ -456,8 +459,12 @@ fn sweep_stale() {
             dirs.push(base);
             for d in dirs {
                 let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
-                for pid in procs.split_whitespace() {
-                    let _ = sh("kill", &["-9", pid]);
+                // Processes of another PID namespace read as 0: `kill -9 0` would kill our own
+                // process group.
+                for pid in procs.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
+                    if pid > 1 && pid != std::process::id() {
+                        let _ = sh("kill", &["-9", &pid.to_string()]);
+                    }
                 }
                 for _ in 0..50 {
                     if std::fs::remove_dir(&d).is_ok() || !d.exists() {
@@ -476,10 +483,11 @@ pub const CONTROL_ADDR: &str = "198.18.0.254:15012";
 impl Cluster {
     /// An empty cluster with a fabric namespace; `ambient` namespaces are enrolled in the mesh.
     pub fn new(ambient: &[&str]) -> Result<Self> {
+        // Before this process's first cluster, and every cluster waits for it: a cluster of
+        // another thread must not be taken for a stale one.
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(sweep_stale);
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        if n == 0 {
-            sweep_stale();
-        }
         let id = format!("sn{}x{n}", std::process::id());
         let dir = std::env::temp_dir().join(format!("sinew-test-{id}"));
         let _ = std::fs::remove_dir_all(&dir);
