@@ -249,6 +249,8 @@ struct Outstanding {
     /// The system version it completes the sync to, if it is the last slice.
     completes: Option<u64>,
     keys: Vec<Arc<str>>,
+    /// The version of each key sent, in the same order.
+    versions: Vec<Arc<str>>,
     removed: Vec<String>,
 }
 
@@ -263,9 +265,10 @@ struct Session {
     removed: Vec<String>,
     /// The response awaiting its ACK or NACK.
     outstanding: Option<Outstanding>,
-    /// What rejected responses carried (keys, removals): the client kept its last good
-    /// state, so these are sent again with the next configuration change, as xDS does.
-    parked: (Vec<Arc<str>>, Vec<String>),
+    /// What rejected responses carried (keys with the version rejected, removals): the
+    /// client kept its last good state, so a key is sent again once its version changed (the
+    /// same one would be rejected again) and removals with the next change, as xDS does.
+    parked: (Vec<(Arc<str>, Arc<str>)>, Vec<String>),
     /// Halves of a rejected response, each sent on its own (before other work): the client
     /// takes a response whole or not at all, so one resource it cannot take would otherwise
     /// hold back every other one that rode with it, now and with every later change. A
@@ -290,11 +293,19 @@ impl Session {
         // What the client rejected is tried again: all of it was sent before the cursor, so
         // it goes as explicit keys either way.
         let (parked_keys, parked_removed) = std::mem::take(&mut self.parked);
-        changed.extend(parked_keys);
+        for (key, rejected) in parked_keys {
+            match newer.resources.get(&key) {
+                Some(e) if e.version == rejected => self.parked.0.push((key, rejected)),
+                _ => changed.push(key),
+            }
+        }
         self.removed.extend(parked_removed);
         // A removal pending from before must not delete what exists again (the client adds
         // a response's resources, then drops its removals).
         self.removed.retain(|k| !newer.resources.contains_key(k.as_str()));
+        for (_, removed) in &mut self.splits {
+            removed.retain(|k| !newer.resources.contains_key(k.as_str()));
+        }
         match &mut self.todo {
             // Keys after the cursor are read from the new target anyway.
             Todo::Everything { after } => {
@@ -421,6 +432,7 @@ impl Session {
             nonce: nonce.clone(),
             completes,
             keys: resources.iter().map(|r| Arc::from(r.key.as_str())).collect(),
+            versions: resources.iter().map(|r| Arc::from(r.version.as_str())).collect(),
             removed: removed.clone(),
         });
         self.registry.responses_sent.fetch_add(1, Ordering::Relaxed);
@@ -436,7 +448,7 @@ impl Session {
     }
 
     fn on_request(&mut self, req: DiscoveryRequest, client: &str) {
-        let Some(Outstanding { nonce, completes, keys, removed }) =
+        let Some(Outstanding { nonce, completes, keys, versions, removed }) =
             self.outstanding.take_if(|o| o.nonce == req.response_nonce)
         else {
             debug!(%client, nonce = %req.response_nonce, "request for an unknown nonce");
@@ -460,7 +472,7 @@ impl Session {
                 self.splits.push_front((second, Vec::new()));
                 self.splits.push_front((keys, removed));
             } else {
-                self.parked.0.extend(keys);
+                self.parked.0.extend(keys.into_iter().zip(versions));
                 self.parked.1.extend(removed);
             }
             self.registry.nacks.fetch_add(1, Ordering::Relaxed);

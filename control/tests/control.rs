@@ -434,6 +434,16 @@ async fn a_rejected_update_is_sent_again_with_the_next_change_and_does_not_count
     let others: Vec<String> = keys(&first).into_iter().filter(|k| k != BAD).collect();
     assert_eq!(taken, others);
     assert_eq!(control.registry.clients()[0].acked_version, 0, "still not complete");
+    // An unrelated change does not carry the policy again: its version was rejected.
+    std::fs::write(
+        s.config().join("extra.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: extra}\n",
+    )
+    .unwrap();
+    let unrelated = responses.message().await.unwrap().unwrap();
+    assert_eq!(keys(&unrelated), ["Namespace/extra"]);
+    assert_eq!(unrelated.complete, Some(false), "the rejected policy is still missing");
+    tx.send(reject(&unrelated.nonce, "")).await.unwrap();
 
     // The next change carries the rejected policy again, with the change itself (once).
     std::fs::write(s.config().join("policy.yaml"), policy("reviews")).unwrap();
