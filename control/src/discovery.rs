@@ -243,6 +243,9 @@ impl Todo {
     }
 }
 
+/// A resource key and one of its versions.
+type KeyVersion = (Arc<str>, Arc<str>);
+
 /// A response awaiting its ACK or NACK.
 struct Outstanding {
     nonce: String,
@@ -268,7 +271,7 @@ struct Session {
     /// What rejected responses carried (keys with the version rejected, removals): the
     /// client kept its last good state, so a key is sent again once its version changed (the
     /// same one would be rejected again) and removals with the next change, as xDS does.
-    parked: (Vec<(Arc<str>, Arc<str>)>, Vec<String>),
+    parked: (Vec<KeyVersion>, Vec<String>),
     /// Halves of a rejected response, each sent on its own (before other work): the client
     /// takes a response whole or not at all, so one resource it cannot take would otherwise
     /// hold back every other one that rode with it, now and with every later change. A
