@@ -24,8 +24,9 @@ use crate::snapshot::Snapshot;
 /// hold a bounded amount of memory in the server.
 const MAX_PER_RESPONSE: usize = 500;
 
-/// A response also ends once its resources' bodies reach this size (clients decode messages
-/// of up to 4 MiB, and a resource is at most [`sinew_model::MAX_RESOURCE_BYTES`]).
+/// A response also ends once its resources' bodies reach this size (Sinew's clients decode
+/// messages of up to 16 MiB, tonic's default is 4 MiB, and a resource is at most
+/// [`sinew_model::MAX_RESOURCE_BYTES`]).
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 
 /// Most bytes of removed keys in one response: with the resources' own bound a response

@@ -399,6 +399,8 @@ async fn drive(
     let mut connection = std::pin::pin!(connection);
     let mut idle_checks = 0u32;
     let mut tick = tokio::time::interval(ping_interval);
+    // See the server: no burst of ticks after a stall.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tokio::select! {

@@ -167,6 +167,9 @@ where
     let mut ping = conn.ping_pong();
     let mut awaiting_pong = false;
     let mut tick = tokio::time::interval(ping_interval.max(std::time::Duration::from_millis(1)));
+    // After a stall (a paused VM, a starved runtime) the next ping goes a whole interval
+    // later, not at once: ticks in a burst would judge a healthy peer by a ping just sent.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         let next = tokio::select! {

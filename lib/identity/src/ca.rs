@@ -25,6 +25,9 @@ use crate::SpiffeId;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Root lifetime when generated.
 const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Below this much life left the CA refuses to sign (certificates of seconds would be
+/// renewed in a loop).
+const MIN_LEFT: Duration = Duration::from_secs(60);
 /// Backdating against clock skew between nodes.
 const SKEW: Duration = Duration::from_secs(5 * 60);
 /// The most a certificate's `notBefore` is set before its issue (clock skew between nodes).
@@ -58,6 +61,9 @@ pub enum CaError {
     /// Generating or signing failed.
     #[error("signing failed: {0}")]
     Sign(#[from] rcgen::Error),
+    /// The signing certificate is (nearly) at its end: nothing useful can be issued.
+    #[error("{0}")]
+    Expiring(String),
 }
 
 /// A signing root and the trust bundle it serves.
@@ -144,10 +150,16 @@ impl Ca {
         // certificate leaves it, and the next start generates again instead of failing on
         // a key without a certificate until someone cleans up by hand.
         let generating = dir.join(".generating");
-        if generating.exists() {
-            for partial in [&cert, &key, &generating] {
-                let _ = std::fs::remove_file(partial);
+        if let Ok(marker) = std::fs::metadata(&generating).and_then(|m| m.modified()) {
+            // Only what that start wrote (not older than its marker): files an operator put
+            // there since stay.
+            for partial in [&cert, &key] {
+                let modified = std::fs::metadata(partial).and_then(|m| m.modified());
+                if modified.is_ok_and(|t| t <= marker + Duration::from_secs(60)) {
+                    let _ = std::fs::remove_file(partial);
+                }
             }
+            let _ = std::fs::remove_file(&generating);
         }
         let mut ca = if cert.exists() || key.exists() {
             Self::load(&cert, &key, trust_domain)?
@@ -298,9 +310,15 @@ impl Ca {
 
     /// `ttl`, shortened so a certificate issued now expires no later than the CA (an
     /// operator's CA near its end, say a 90-day one from cert-manager or Vault).
-    fn ttl_within(&self, ttl: Duration) -> Duration {
+    fn ttl_within(&self, ttl: Duration) -> Result<Duration, CaError> {
         let left = self.not_after.duration_since(SystemTime::now()).unwrap_or_default();
-        ttl.min(left)
+        if left < MIN_LEFT {
+            return Err(CaError::Expiring(format!(
+                "the signing CA certificate expires in {} s: rotate it (README, root rotation)",
+                left.as_secs()
+            )));
+        }
+        Ok(ttl.min(left))
     }
 
     /// When the signing certificate expires.
@@ -350,7 +368,7 @@ impl Ca {
                 }
             }
         }
-        let params = leaf_params(id, &[], self.ttl_within(ttl))?;
+        let params = leaf_params(id, &[], self.ttl_within(ttl)?)?;
         let leaf = params.signed_by(&csr.public_key, &self.issuer)?.pem();
         Ok(leaf + &self.chain.concat())
     }
@@ -365,7 +383,7 @@ impl Ca {
     ) -> Result<(String, String), CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let cert =
-            leaf_params(id, dns_names, self.ttl_within(ttl))?.signed_by(&key, &self.issuer)?;
+            leaf_params(id, dns_names, self.ttl_within(ttl)?)?.signed_by(&key, &self.issuer)?;
         Ok((key.serialize_pem(), cert.pem() + &self.chain.concat()))
     }
 }
