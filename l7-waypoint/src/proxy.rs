@@ -854,7 +854,9 @@ async fn route_and_forward(
     } else {
         Some(Payload::Replay(replay::Recorder::new(body, MAX_REQUEST_BODY)))
     };
-    if !is_upgrade {
+    if is_upgrade {
+        prepare_upgrade_headers(&mut parts.headers);
+    } else {
         strip_hop_by_hop(&mut parts.headers);
     }
     if let Ok(v) = HeaderValue::from_str(traceparent) {
@@ -870,7 +872,9 @@ async fn route_and_forward(
     if !parts.headers.contains_key("x-forwarded-proto") {
         parts.headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
-    let http2 = upstream_http2(&backend_svc, backend_port, &parts.headers);
+    // A WebSocket upgrade is HTTP/1.1's: over HTTP/2 hyper would drop its upgrade headers
+    // and the backend would see a plain GET.
+    let http2 = !is_upgrade && upstream_http2(&backend_svc, backend_port, &parts.headers);
     let timeouts = rule.map(|r| r.timeouts.clone()).unwrap_or_default();
     // 0s turns a timeout off, as Gateway API and Istio read it.
     let per_try = timeouts.backend_request.map(|d| d.0).filter(|d| !d.is_zero());
@@ -1195,6 +1199,18 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// A WebSocket upgrade's request headers: hop-by-hop headers go as for any request (those
+/// the client's `Connection` lists, `Keep-Alive`, `Proxy-Connection`, a `TE` other than
+/// trailers), keeping only the upgrade itself, as Envoy does.
+fn prepare_upgrade_headers(h: &mut HeaderMap) {
+    let upgrade = h.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(h);
+    if let Some(u) = upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, u);
+    }
+}
+
 fn build_request(
     parts: &http::request::Parts,
     body: UpBody,
@@ -1473,6 +1489,23 @@ mod tests {
             h.append(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn an_upgrade_keeps_only_the_upgrade_of_its_hop_by_hop_headers() {
+        let mut h = headers(&[
+            ("connection", "Upgrade, X-Internal"),
+            ("upgrade", "websocket"),
+            ("x-internal", "1"),
+            ("keep-alive", "5"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ]);
+        prepare_upgrade_headers(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["connection", "sec-websocket-key", "upgrade"]);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
     }
 
     #[test]
