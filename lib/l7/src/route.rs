@@ -21,8 +21,9 @@
 //! rather than forward to the Service (a route replaces the implicit routing).
 //!
 //! Precedence among all rules of all routes attached to the same Service and port:
-//! 1. an `Exact` path over a `RegularExpression` over a `PathPrefix` (Gateway API leaves
-//!    regular expressions' rank to the implementation; this is ours);
+//! 1. an `Exact` path over a `PathPrefix` over a `RegularExpression` (Gateway API leaves
+//!    regular expressions' rank to the implementation; this is Istio's, `getURIRank`, so
+//!    routes moved from Istio pick the same rules);
 //! 2. among prefixes the longest (a trailing `/` not counted), among regular expressions the
 //!    longest pattern;
 //! 3. a match with a method over one without;
@@ -671,8 +672,8 @@ impl PathMatcher {
     fn rank(&self) -> (u8, usize) {
         match self {
             Self::Exact(_) => (0, 0),
-            Self::Regex(len, _) => (2, *len),
-            Self::Prefix(p) => (3, p.trim_end_matches('/').len()),
+            Self::Prefix(p) => (2, p.trim_end_matches('/').len()),
+            Self::Regex(len, _) => (3, *len),
         }
     }
 

@@ -128,20 +128,22 @@ fn prefix_is_element_wise() {
 }
 
 #[test]
-fn regex_is_a_full_match_between_exact_and_prefix() {
+fn regex_is_a_full_match_ranked_below_prefixes_as_in_istio() {
     let (t, _) = build(&web_route(
         "r",
         &[
-            "{path: {value: /a}}",
+            "{path: {value: /b}}",
             "{path: {type: RegularExpression, value: '/a/[0-9]+'}}",
             "{path: {type: Exact, value: /a/1}}",
             "{path: {type: RegularExpression, value: '/a/[0-9]+/x'}}",
+            "{path: {value: /a/9}}",
         ],
     ));
     assert_eq!(pick(&t, "/a/12"), at("r", 1));
-    assert_eq!(pick(&t, "/a/12x"), at("r", 0), "not a full match");
+    assert_eq!(pick(&t, "/a/12x"), None, "not a full match");
     assert_eq!(pick(&t, "/a/1"), at("r", 2), "exact beats regex");
     assert_eq!(pick(&t, "/a/1/x"), at("r", 3));
+    assert_eq!(pick(&t, "/a/9"), at("r", 4), "a prefix beats a regex (Istio's getURIRank)");
     assert_eq!(pick(&t, "/x/a/12"), None);
     let (t, _) = build(&web_route(
         "r",
@@ -719,9 +721,9 @@ mod property {
     fn key(r: &Route, rule: usize, index: usize, m: &Match) -> Key {
         let (rank, len) = match m.path {
             Some((PathKind::Exact, _)) => (0, 0),
-            Some((PathKind::Regex, v)) => (1, v.len()),
-            Some((PathKind::Prefix, v)) => (2, v.trim_end_matches('/').len()),
-            None => (2, 0),
+            Some((PathKind::Prefix, v)) => (1, v.trim_end_matches('/').len()),
+            Some((PathKind::Regex, v)) => (2, v.len()),
+            None => (1, 0),
         };
         (
             rank,
