@@ -893,7 +893,11 @@ async fn route_and_forward(
         .get(&format!("{backend_ns}/{backend_name}"))
         .and_then(|p| p.load_balancer.as_ref())
         .and_then(|lb| lb.consistent_hash.as_ref());
-    let hash = hash_config.and_then(|h| consistent_hash_key(h, &parts.headers, down.client));
+    let generated = hash_config.and_then(|h| generated_cookie(h, &parts.headers));
+    let hash = match &generated {
+        Some((hash, _)) => Some(*hash),
+        None => hash_config.and_then(|h| consistent_hash_key(h, &parts.headers, down.client)),
+    };
     // Mirrors get the body once the tries have read all of it (past the limit, no mirror);
     // the request itself streams on without waiting for them, as Envoy's shadows do.
     for m in &mirrors {
@@ -1101,6 +1105,9 @@ async fn route_and_forward(
     for m in response_headers {
         modify_headers(resp.headers_mut(), m);
     }
+    if let Some((_, set_cookie)) = generated {
+        resp.headers_mut().append(header::SET_COOKIE, set_cookie);
+    }
     if let Some(l) = parts.extensions.get::<RateLimitHeaders>() {
         resp.headers_mut().insert("x-ratelimit-limit", l.0.into());
         resp.headers_mut().insert("x-ratelimit-remaining", l.1.into());
@@ -1147,6 +1154,40 @@ fn grpc_outcome(resp: &Response<Incoming>) -> Option<Outcome> {
     (code != 0).then_some(Outcome::Grpc(code))
 }
 
+/// The value of cookie `name` in the request.
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// For a hashing cookie with a `ttl` the request lacks, as Envoy does: a new cookie value
+/// the request is hashed on, and the `Set-Cookie` that makes the client's next requests
+/// carry it (so they reach the same endpoint). `None` when the request has the cookie or
+/// the policy generates none.
+fn generated_cookie(
+    h: &sinew_model::ConsistentHash,
+    headers: &HeaderMap,
+) -> Option<(u64, HeaderValue)> {
+    let c = h.http_cookie.as_ref()?;
+    let ttl = c.ttl?;
+    if cookie(headers, &c.name).is_some() {
+        return None;
+    }
+    let value = format!("{:016x}", sinew_hbone::random_u64());
+    let mut set = format!("{}={value}; Path={}", c.name, c.path.as_deref().unwrap_or("/"));
+    if !ttl.0.is_zero() {
+        set.push_str(&format!("; Max-Age={}", ttl.0.as_secs().max(1)));
+    }
+    set.push_str("; HttpOnly");
+    Some((hash_key(value.as_bytes()), HeaderValue::from_str(&set).ok()?))
+}
+
 /// The consistent-hashing key the DestinationPolicy names: a header, a cookie or the client
 /// address. `None` (no such header or cookie): the balancer falls back to P2C.
 fn consistent_hash_key(
@@ -1157,15 +1198,8 @@ fn consistent_hash_key(
     if let Some(name) = &h.http_header_name {
         return headers.get(name.as_str()).map(|v| hash_key(v.as_bytes()));
     }
-    if let Some(name) = &h.http_cookie {
-        return headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|c| c.trim().split_once('='))
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| hash_key(v.as_bytes()));
+    if let Some(c) = &h.http_cookie {
+        return cookie(headers, &c.name).map(|v| hash_key(v.as_bytes()));
     }
     h.use_source_ip.then(|| hash_key(client.ip().to_string().as_bytes()))
 }
@@ -1492,6 +1526,35 @@ mod tests {
     }
 
     #[test]
+    fn a_hashing_cookie_with_a_ttl_is_generated_when_missing_and_then_sticks() {
+        let policy = |ttl: u64| sinew_model::ConsistentHash {
+            http_cookie: Some(sinew_model::HttpCookie {
+                name: "sticky".into(),
+                path: Some("/shop".into()),
+                ttl: Some(sinew_model::Duration(Duration::from_secs(ttl))),
+            }),
+            ..Default::default()
+        };
+        let client = "198.18.1.10:4000".parse().unwrap();
+        let (hash, set) = generated_cookie(&policy(3600), &HeaderMap::new()).expect("generated");
+        let set = set.to_str().unwrap().to_owned();
+        assert!(
+            set.starts_with("sticky=") && set.ends_with("; Path=/shop; Max-Age=3600; HttpOnly"),
+            "{set}"
+        );
+        // The client sends it back: the same hash, nothing generated again.
+        let value = set.trim_start_matches("sticky=").split(';').next().unwrap();
+        let back = headers(&[]);
+        let mut back = back;
+        back.insert("cookie", HeaderValue::from_str(&format!("sticky={value}")).unwrap());
+        assert!(generated_cookie(&policy(3600), &back).is_none());
+        assert_eq!(consistent_hash_key(&policy(3600), &back, client), Some(hash));
+        // ttl 0s: a session cookie.
+        let (_, session) = generated_cookie(&policy(0), &HeaderMap::new()).unwrap();
+        assert!(!session.to_str().unwrap().contains("Max-Age"), "{session:?}");
+    }
+
+    #[test]
     fn an_upgrade_keeps_only_the_upgrade_of_its_hop_by_hop_headers() {
         let mut h = headers(&[
             ("connection", "Upgrade, X-Internal"),
@@ -1555,6 +1618,7 @@ mod tests {
         };
         let h = headers(&[("cookie", "a=1; session=xyz"), ("cookie", "b=2")]);
         assert_eq!(consistent_hash_key(&by_cookie, &h, client), Some(hash_key(b"xyz")));
+        assert!(generated_cookie(&by_cookie, &HeaderMap::new()).is_none(), "no ttl: none made");
         let by_ip = sinew_model::ConsistentHash { use_source_ip: true, ..Default::default() };
         assert_eq!(
             consistent_hash_key(&by_ip, &HeaderMap::new(), client),

@@ -1189,6 +1189,51 @@ pub enum LbAlgorithm {
     Random,
 }
 
+/// The cookie consistent hashing reads (Istio's `httpCookie`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "HttpCookieForm", rename_all = "camelCase")]
+pub struct HttpCookie {
+    /// Cookie name.
+    pub name: String,
+    /// `Path` of a generated cookie (default `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Generate the cookie, with this `Max-Age`, when a request lacks it; `0s`: a session
+    /// cookie. Absent: never generated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Duration>,
+}
+
+/// `httpCookie` as written: a bare name (Sinew's first form) or Istio's object.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum HttpCookieForm {
+    Name(String),
+    #[serde(rename_all = "camelCase")]
+    Full {
+        name: String,
+        #[serde(default)]
+        path: Option<String>,
+        #[serde(default)]
+        ttl: Option<Duration>,
+    },
+}
+
+impl From<HttpCookieForm> for HttpCookie {
+    fn from(f: HttpCookieForm) -> Self {
+        match f {
+            HttpCookieForm::Name(name) => Self { name, path: None, ttl: None },
+            HttpCookieForm::Full { name, path, ttl } => Self { name, path, ttl },
+        }
+    }
+}
+
+impl From<&str> for HttpCookie {
+    fn from(name: &str) -> Self {
+        Self { name: name.into(), path: None, ttl: None }
+    }
+}
+
 /// Consistent hashing key.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -1196,9 +1241,10 @@ pub struct ConsistentHash {
     /// Hash this request header.
     #[serde(default)]
     pub http_header_name: Option<String>,
-    /// Hash this cookie.
+    /// Hash this cookie: its name, or Istio's `{name, path, ttl}` (with a `ttl`, a client
+    /// without the cookie gets one, so its next requests stick to the same endpoint).
     #[serde(default)]
-    pub http_cookie: Option<String>,
+    pub http_cookie: Option<HttpCookie>,
     /// Hash the source address.
     #[serde(default)]
     pub use_source_ip: bool,
@@ -1287,6 +1333,23 @@ impl Validate for DestinationPolicySpec {
             e.check(keys == 1, "loadBalancer.consistentHash", || {
                 "exactly one of httpHeaderName, httpCookie, useSourceIp".into()
             });
+            if let Some(c) = &h.http_cookie {
+                let token = |s: &str| {
+                    !s.is_empty()
+                        && s.bytes()
+                            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+                };
+                e.check(token(&c.name), "loadBalancer.consistentHash.httpCookie.name", || {
+                    format!("{:?} is not a cookie name", c.name)
+                });
+                if let Some(p) = &c.path {
+                    let ok =
+                        p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic() && b != b';');
+                    e.check(ok, "loadBalancer.consistentHash.httpCookie.path", || {
+                        format!("{p:?} is not a cookie path")
+                    });
+                }
+            }
         }
         if let Some(p) = &self.connection_pool {
             for (field, v) in [

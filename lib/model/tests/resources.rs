@@ -466,3 +466,33 @@ fn outlier_detection_takes_istios_names_and_refuses_a_zero_ejection_time() {
         [("DestinationPolicy/shop/p", "spec.outlierDetection.baseEjectionTime")]
     );
 }
+
+#[test]
+fn a_hashing_cookie_takes_a_name_or_istios_object() {
+    let policy = |cookie: &str| {
+        format!(
+            "apiVersion: networking.sinew.io/v1alpha1\nkind: DestinationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec:\n  service: reviews\n  loadBalancer: {{consistentHash: {{httpCookie: {cookie}}}}}\n"
+        )
+    };
+    for ok in ["session", "{name: session, path: /, ttl: 1h}", "{name: session, ttl: 0s}"] {
+        let e = errors_of(&policy(ok));
+        assert!(e.is_empty(), "{ok}: {e:?}");
+    }
+    let e = errors_of(&policy("{name: 'bad name', path: nope}"));
+    assert_eq!(
+        fields(&e),
+        [
+            ("DestinationPolicy/shop/p", "spec.loadBalancer.consistentHash.httpCookie.name"),
+            ("DestinationPolicy/shop/p", "spec.loadBalancer.consistentHash.httpCookie.path"),
+        ]
+    );
+    // What control sends is read back the same by a client.
+    let parsed: Vec<sinew_model::Resource> =
+        parse_file(Path::new("f.yaml"), &policy("{name: session, path: /a, ttl: 30s}"))
+            .unwrap()
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+    let back = sinew_model::Resource::from_json("t", &parsed[0].to_json()).unwrap();
+    assert_eq!(back, parsed[0]);
+}
