@@ -984,7 +984,9 @@ async fn route_and_forward(
                     },
                 );
             };
-            let req = build_request(&parts, payload, ip, target_port);
+            let mut req = build_request(&parts, payload, ip, target_port);
+            // Which try this is, as Istio has Envoy tell every upstream request.
+            req.headers_mut().insert("x-envoy-attempt-count", HeaderValue::from(attempt));
             let started = Instant::now();
             let try_deadline = per_try.map(|t| tokio::time::Instant::now() + t);
             let inflight = backend.balancer.start(i);

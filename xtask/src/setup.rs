@@ -105,7 +105,7 @@ pub fn ebpf_toolchain() -> Result<()> {
         println!("setup: cargo install bpf-linker {BPF_LINKER_VERSION} (about 2 minutes, once)");
         // Without LLVM_PREFIX the build finds the image's LLVM 14 llvm-config and fails to link.
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["install", "--quiet", "bpf-linker", "--version", BPF_LINKER_VERSION])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
