@@ -15,6 +15,7 @@
 //! - [`otlp`]: OpenTelemetry span export (OTLP/HTTP JSON).
 #![forbid(unsafe_code)]
 
+pub mod idle;
 pub mod otlp;
 pub mod proxy;
 pub mod replay;

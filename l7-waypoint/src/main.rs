@@ -27,6 +27,9 @@ const MAX_HEADER_BYTES: usize = 60 << 10;
 
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client connection that moves no byte either way for this long is closed (Envoy's
+/// default connection idle timeout, 1 h).
+const CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[derive(Parser)]
 #[command(name = "sinew-waypoint", version, about = "Sinew L7 waypoint")]
@@ -242,7 +245,9 @@ async fn run(
         sinew_control_client::BUNDLE_RENEWAL_SPREAD,
     );
     let build = |v: &sinew_control_client::ConfigView| {
-        Arc::new(Snapshot::build(v.resources.values().map(|h| &*h.resource)))
+        let mut s = Snapshot::build(v.resources.values().map(|h| &*h.resource));
+        s.synced = v.synced;
+        Arc::new(s)
     };
     let first = views.borrow_and_update().clone();
     let (tx, snapshots) = watch::channel(build(&first));
@@ -278,19 +283,28 @@ async fn run(
     Ok(())
 }
 
+/// Most HBONE connections not yet authenticated (in their TLS and HTTP/2 handshakes, 10 s
+/// each at most): anyone who can reach the port may open them, and past this many the
+/// waypoint closes new ones at once instead of holding descriptors and memory for each.
+static HANDSHAKES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1024);
+
 async fn connection(wp: Arc<Waypoint>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+    let Ok(permit) = HANDSHAKES.try_acquire() else {
+        return debug!(%peer, "too many HBONE handshakes at once: closing");
+    };
     let Some(identity) = wp.identity() else {
-        return warn!(%peer, "no certificate yet: refusing HBONE");
+        return debug!(%peer, "no valid certificate: refusing HBONE");
     };
     let config = match identity.server_config() {
         Ok(c) => c,
         Err(e) => return warn!(error = %e, "TLS configuration"),
     };
     let w = wp.clone();
-    if let Err(e) =
-        sinew_hbone::serve_connection(tcp, peer, config, move |inbound| tunnel(w.clone(), inbound))
-            .await
-    {
+    let served = sinew_hbone::serve_connection_holding(tcp, peer, config, permit, move |inbound| {
+        tunnel(w.clone(), inbound)
+    })
+    .await;
+    if let Err(e) = served {
         debug!(%peer, error = %e, "HBONE connection ended");
     }
 }
@@ -330,9 +344,16 @@ async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
     };
     let service =
         hyper::service::service_fn(move |req| proxy::handle(wp.clone(), down.clone(), req));
-    let served = http_server().serve_connection_with_upgrades(TokioIo::new(stream), service).await;
-    if let Err(e) = served {
-        debug!(%authority, error = %e, "HTTP connection ended with an error");
+    let (stream, activity) = sinew_l7_waypoint::idle::Watched::new(stream);
+    let server = http_server();
+    let serve = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::select! {
+        served = serve => if let Err(e) = served {
+            debug!(%authority, error = %e, "HTTP connection ended with an error");
+        },
+        why = activity.expired(HEADER_READ_TIMEOUT, CONNECTION_IDLE_TIMEOUT) => {
+            debug!(%authority, why, "HTTP connection closed");
+        }
     }
 }
 
@@ -345,20 +366,31 @@ fn http_server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     // A client gets 30 s to send a request's headers (hyper's default, which needs a timer):
     // without one, a client that sends part of a request holds its connection forever.
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    // No HTTP/2 keepalive pings here: a vanished client node is found by the HBONE layer's
+    // pings under this stream, and pings would keep an idle connection from ever looking
+    // idle (see `idle`).
     builder
 }
 
 async fn serve_admin(listener: TcpListener, wp: Arc<Waypoint>) {
     use axum::{Router, extract::State, routing::get};
     let app = Router::new()
-        .route("/metrics", get(|State(w): State<Arc<Waypoint>>| async move { w.metrics.encode() }))
+        .route(
+            "/metrics",
+            get(|State(w): State<Arc<Waypoint>>| async move {
+                let kind = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+                ([(axum::http::header::CONTENT_TYPE, kind)], w.metrics.encode())
+            }),
+        )
         .route(
             "/ready",
             get(|State(w): State<Arc<Waypoint>>| async move {
-                if w.identity().is_some() {
-                    (StatusCode::OK, "ready\n")
+                if w.identity().is_none() {
+                    (StatusCode::SERVICE_UNAVAILABLE, "no valid certificate\n")
+                } else if !w.snapshot.borrow().synced {
+                    (StatusCode::SERVICE_UNAVAILABLE, "no whole configuration from control yet\n")
                 } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "no certificate yet\n")
+                    (StatusCode::OK, "ready\n")
                 }
             }),
         )

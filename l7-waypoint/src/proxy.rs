@@ -346,8 +346,28 @@ pub async fn handle(
     Ok(response.map(|body| Recorded { body, finish: Some(finish) }.boxed()))
 }
 
+/// A response's `grpc-status`; a code outside gRPC's 0-16 reads as UNKNOWN (2), as gRPC
+/// clients read it: the value becomes a metric label, and a backend must not be able to
+/// make one series per number.
 fn grpc_status_of(headers: &HeaderMap) -> Option<u16> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    let code: u16 = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    Some(if code <= 16 { code } else { 2 })
+}
+
+/// How much of a path a span carries (Envoy's `max_path_tag_length`): URIs of 60 KiB in a
+/// queue of thousands of spans would hold hundreds of megabytes.
+const SPAN_PATH_MAX: usize = 256;
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn truncated(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// What the routing of a request noticed on the way, for its metrics and log.
@@ -436,11 +456,11 @@ impl Finish {
                     trace_id: trace_id.to_owned(),
                     span_id: span_id.to_owned(),
                     parent_span_id: o.parent_span,
-                    name: format!("{} {path}", o.method),
+                    name: format!("{} {}", o.method, truncated(path, SPAN_PATH_MAX)),
                     start: o.started_at,
                     end: std::time::SystemTime::now(),
                     method: o.method.to_string(),
-                    path: path.to_owned(),
+                    path: truncated(path, SPAN_PATH_MAX).to_owned(),
                     status: done.status.as_u16(),
                     grpc_status,
                     service: format!("{}.{}", svc.name, svc.namespace),
@@ -1525,6 +1545,20 @@ mod tests {
             h.append(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn backend_input_cannot_grow_labels_or_spans_without_bound() {
+        // grpc-status outside 0-16 is UNKNOWN: one label value, not one per number.
+        for (v, want) in [("0", Some(0)), ("16", Some(16)), ("17", Some(2)), ("65535", Some(2))] {
+            assert_eq!(grpc_status_of(&headers(&[("grpc-status", v)])), want, "{v}");
+        }
+        assert_eq!(grpc_status_of(&headers(&[("grpc-status", "x")])), None);
+        // Span paths are cut at 256 bytes, on a character boundary.
+        let long = "/é".repeat(200);
+        let cut = truncated(&long, SPAN_PATH_MAX);
+        assert!(cut.len() <= SPAN_PATH_MAX && long.starts_with(cut) && cut.len() > 250);
+        assert_eq!(truncated("/short", SPAN_PATH_MAX), "/short");
     }
 
     #[test]

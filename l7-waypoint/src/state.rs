@@ -35,6 +35,9 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// DestinationPolicies by `namespace/service`.
     pub destinations: HashMap<String, sinew_model::DestinationPolicySpec>,
+    /// Whether this is a whole configuration (control completed a sync, or a file source):
+    /// the waypoint is ready only then.
+    pub synced: bool,
 }
 
 impl Snapshot {
@@ -42,7 +45,7 @@ impl Snapshot {
     pub fn build<'a>(resources: impl IntoIterator<Item = &'a Resource> + Clone) -> Self {
         let (routes, problems) = RouteTable::build(resources.clone());
         for p in problems {
-            warn!(problem = %p, "route not applied");
+            warn!(problem = %p, "route problem");
         }
         let mut destinations = HashMap::new();
         for r in resources.clone() {
@@ -51,7 +54,7 @@ impl Snapshot {
                 destinations.insert(format!("{ns}/{}", o.spec.service), o.spec.clone());
             }
         }
-        Self { mesh: MeshIndex::build(resources), routes, destinations }
+        Self { mesh: MeshIndex::build(resources), routes, destinations, synced: true }
     }
 }
 
@@ -161,9 +164,12 @@ impl Waypoint {
         })
     }
 
-    /// Our TLS credentials, if the certificate has been issued.
+    /// Our TLS credentials, if the certificate has been issued and is still valid.
     pub fn identity(&self) -> Option<Identity> {
         let svid = self.svid.borrow().clone()?;
+        if svid.expires <= std::time::SystemTime::now() {
+            return None;
+        }
         let mut built = self.built.lock().expect("identity lock poisoned");
         if let Some((s, i)) = &*built
             && Arc::ptr_eq(s, &svid)
