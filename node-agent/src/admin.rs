@@ -20,13 +20,23 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/stats/prometheus", get(metrics))
-        .route("/ready", get(|| async { "ready\n" }))
-        .route("/healthz/ready", get(|| async { "ready\n" }))
+        .route("/ready", get(ready))
+        .route("/healthz/ready", get(ready))
         .route("/config_dump", get(config_dump))
         .route("/certs", get(certs))
         .route("/explain", get(explain))
         .with_state(registry);
     let _ = axum::serve(listener, app).await;
+}
+
+/// Ready once the configuration is known: before, enrolling a pod is refused (the CNI plugin
+/// retries), so a readiness probe must not pass.
+async fn ready(State(r): State<Arc<Registry>>) -> impl IntoResponse {
+    if r.configuration_known() {
+        (axum::http::StatusCode::OK, "ready\n")
+    } else {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "no configuration from control yet\n")
+    }
 }
 
 async fn metrics(State(r): State<Arc<Registry>>) -> impl IntoResponse {

@@ -36,6 +36,11 @@ struct Entry {
     task: JoinHandle<()>,
     /// The TLS credentials of the SVID they were built from.
     built: Mutex<Option<(Arc<Svid>, Identity)>>,
+    /// The identity, for logs.
+    id: SpiffeId,
+    /// The expired SVID already warned about: one line per certificate that runs out, not
+    /// one per connection refused meanwhile (which anyone who can connect would multiply).
+    expired_noted: Mutex<Option<Arc<Svid>>>,
 }
 
 impl Drop for Entry {
@@ -97,7 +102,14 @@ impl Certs {
         let _guard = self.runtime.enter();
         let (svids, task) =
             start_certificate_following(cfg, source.bundle.clone(), BUNDLE_RENEWAL_SPREAD);
-        entries.insert(id.clone(), Arc::new(Entry { svids, task, built: Mutex::new(None) }));
+        let entry = Entry {
+            svids,
+            task,
+            built: Mutex::new(None),
+            id: id.clone(),
+            expired_noted: Mutex::new(None),
+        };
+        entries.insert(id.clone(), Arc::new(entry));
     }
 
     /// The TLS credentials for `id`, if its certificate has been issued.
@@ -145,11 +157,16 @@ fn current(entry: &Entry) -> Option<Identity> {
     // An expired certificate (control unreachable past its renewal) is not offered: peers
     // would refuse it with an alert that names nothing; this names the cause.
     if svid.expires <= SystemTime::now() {
-        warn!(
-            expired_secs_ago =
-                SystemTime::now().duration_since(svid.expires).unwrap_or_default().as_secs(),
-            "certificate expired and not renewed (control unreachable?): not used"
-        );
+        let mut noted = entry.expired_noted.lock().expect("certificate lock poisoned");
+        if !noted.as_ref().is_some_and(|n| Arc::ptr_eq(n, &svid)) {
+            warn!(
+                identity = %entry.id,
+                expired_secs_ago =
+                    SystemTime::now().duration_since(svid.expires).unwrap_or_default().as_secs(),
+                "certificate expired and not renewed (control unreachable?): not used"
+            );
+            *noted = Some(svid);
+        }
         return None;
     }
     let mut built = entry.built.lock().expect("certificate lock poisoned");

@@ -189,6 +189,12 @@ impl Registry {
         self.changes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether the configuration is known (see [`Self::restore`]): until then pods cannot be
+    /// enrolled, so the agent is not ready.
+    pub fn configuration_known(&self) -> bool {
+        *self.known.borrow()
+    }
+
     /// Re-adopts the pods of the state file (after a restart). A pod whose network namespace
     /// or cgroup is gone is dropped with its pins. One that fails otherwise (a port taken in
     /// the pod, no descriptors left, a spec the checks now refuse) stays known, uncaptured,

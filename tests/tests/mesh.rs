@@ -624,6 +624,9 @@ fn an_agent_restarted_without_any_configuration_keeps_its_pods_closed() -> Resul
     // A new pod cannot be judged yet: refused, for the CNI plugin to retry.
     let err = c.agent(2).enroll(&late).unwrap_err();
     ensure!(format!("{err:#}").contains("no configuration yet"), "{err:#}");
+    // So it is not ready either (a readiness probe must not pass).
+    let ready = c.agent(2).admin_get("/ready")?;
+    ensure!(ready.contains("no configuration from control yet"), "ready without it: {ready}");
     // Once control answers, the pod is captured again.
     c.restart_control()?;
     wait_for("the server captured again", Duration::from_secs(30), || {
@@ -633,5 +636,7 @@ fn an_agent_restarted_without_any_configuration_keeps_its_pods_closed() -> Resul
         Ok(ping(&c, &p.client, &p.server).is_ok())
     })?;
     ensure!(c.agent(2).enroll(&late)?.captured, "the retried enroll");
+    let ready = c.agent(2).admin_get("/ready")?;
+    ensure!(ready.trim() == "ready", "not ready once configured: {ready}");
     Ok(())
 }

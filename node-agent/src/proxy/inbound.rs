@@ -151,7 +151,8 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<PodNet>) {
                     // while a peer already connects: wait for it as outbound connections do.
                     let certs = &pod.ctx.certs;
                     let Some(identity) = certs.wait_identity(&pod.identity, CERT_WAIT).await else {
-                        warn!(pod = %pod.name, %peer, "no certificate yet: refusing HBONE");
+                        // Per connection, so at debug: the certificate's state is logged once.
+                        debug!(pod = %pod.name, %peer, "no certificate yet: refusing HBONE");
                         return reset(&tcp);
                     };
                     let config = match identity.server_config() {
