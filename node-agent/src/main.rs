@@ -234,11 +234,13 @@ fn run(args: RunArgs) -> Result<()> {
         if let Some(dir) = socket.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        // A stale socket from a killed agent would make bind fail.
-        let _ = std::fs::remove_file(socket);
+        // A stale socket from a killed agent would make bind fail; but never remove what is
+        // not a socket (a mistyped path), nor the socket of an agent still answering.
+        prepare_socket_path(socket)?;
         let listener = tokio::net::UnixListener::bind(socket)
             .with_context(|| format!("binding the local API at {}", socket.display()))?;
-        std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .with_context(|| format!("restricting {} to root", socket.display()))?;
         let admin_listener = tokio::net::TcpListener::bind(args.admin)
             .await
             .with_context(|| format!("--admin {}", args.admin))?;
@@ -374,4 +376,51 @@ fn cleanup(common: &Common) -> Result<()> {
         println!("removed cgroup {}", own.display());
     }
     Ok(())
+}
+
+/// Clears the way for the local API socket at `path`: a stale socket goes; a path that is
+/// not a socket, or a socket another agent still answers on, is refused with the reason.
+fn prepare_socket_path(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    if !meta.file_type().is_socket() {
+        bail!(
+            "--api-socket {}: exists and is not a socket; refusing to replace it",
+            path.display()
+        );
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!(
+            "--api-socket {}: another sinew-agent answers there (one agent per node)",
+            path.display()
+        );
+    }
+    std::fs::remove_file(path).with_context(|| format!("removing the stale {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_socket_path_replaces_only_a_stale_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        // A mistyped path onto a file: refused, the file kept.
+        let file = dir.path().join("pods.json");
+        std::fs::write(&file, "{}").unwrap();
+        let err = prepare_socket_path(&file).unwrap_err().to_string();
+        assert!(err.contains("is not a socket"), "{err}");
+        assert!(file.exists());
+        // A socket an agent answers on: refused.
+        let live = dir.path().join("live.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        let err = prepare_socket_path(&live).unwrap_err().to_string();
+        assert!(err.contains("another sinew-agent answers there"), "{err}");
+        // A stale one (its agent gone): removed. Nothing there: fine.
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        prepare_socket_path(&stale).unwrap();
+        assert!(!stale.exists());
+        prepare_socket_path(&dir.path().join("none.sock")).unwrap();
+    }
 }

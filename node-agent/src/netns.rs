@@ -44,8 +44,15 @@ pub struct Netns {
 impl Netns {
     /// Opens `path` and checks that it is a network namespace by entering it once.
     pub fn open(path: &Path) -> Result<Self, NetnsError> {
+        // Non-blocking: a FIFO given as the path would otherwise block the open for ever,
+        // and every pod change behind it.
         let open = |p: &Path| {
-            File::open(p).map_err(|source| NetnsError::Open { path: path.to_path_buf(), source })
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(p)
+                .map_err(|source| NetnsError::Open { path: path.to_path_buf(), source })
         };
         let file = open(path)?;
         let home = open(Path::new("/proc/thread-self/ns/net"))?;
@@ -116,4 +123,24 @@ pub fn netns_cookie(sock: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fifo_is_refused_at_once_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(Netns::open(&fifo).map(|_| ()));
+        });
+        let opened = rx.recv_timeout(std::time::Duration::from_secs(2)).expect("not blocked");
+        assert!(opened.is_err(), "a FIFO is no network namespace");
+    }
 }

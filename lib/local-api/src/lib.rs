@@ -159,7 +159,7 @@ pub enum Response {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The socket could not be reached.
-    #[error("cannot reach the agent at {path}: {source} (is sinew-agent running?)")]
+    #[error("cannot reach the agent at {path}: {source}{}", connect_hint(source))]
     Connect {
         /// Socket path.
         path: PathBuf,
@@ -185,6 +185,17 @@ pub enum ClientError {
     /// The agent refused the request.
     #[error("the agent refused: {0}")]
     Refused(String),
+    /// The request cannot be encoded (a path that is not UTF-8, say).
+    #[error("cannot send the request: {0}")]
+    Encode(serde_json::Error),
+}
+
+/// What a failed connect most likely means.
+fn connect_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => " (the local API is root's: run as root)",
+        _ => " (is sinew-agent running?)",
+    }
 }
 
 /// A blocking client of the local API.
@@ -201,7 +212,7 @@ impl Client {
 
     /// Sends one request; an [`Response::Error`] becomes [`ClientError::Refused`].
     pub fn call(&self, request: &Request) -> Result<Response, ClientError> {
-        let mut line = serde_json::to_vec(request).expect("requests always serialize");
+        let mut line = serde_json::to_vec(request).map_err(ClientError::Encode)?;
         line.push(b'\n');
         match self.call_raw(&line)? {
             Response::Error { message } => Err(ClientError::Refused(message)),
@@ -238,6 +249,36 @@ mod tests {
         assert_eq!(pod.ips.len(), 2);
         let again: Request = serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
         assert_eq!(again, req);
+    }
+
+    #[test]
+    fn a_path_that_is_not_utf8_is_an_error_not_a_panic() {
+        use std::os::unix::ffi::OsStrExt;
+        let pod = PodSpec {
+            uid: "u".into(),
+            name: "a".into(),
+            namespace: "n".into(),
+            service_account: "default".into(),
+            netns: std::ffi::OsStr::from_bytes(b"/run/netns/\xff").into(),
+            cgroup: None,
+            ips: vec![],
+        };
+        let err = Client::new("/nonexistent").call(&Request::Enroll { pod }).unwrap_err();
+        assert!(matches!(err, ClientError::Encode(_)), "{err}");
+    }
+
+    #[test]
+    fn a_permission_error_does_not_suggest_the_agent_is_down() {
+        let denied = ClientError::Connect {
+            path: "/run/sinew/agent.sock".into(),
+            source: std::io::ErrorKind::PermissionDenied.into(),
+        };
+        assert!(denied.to_string().contains("run as root"), "{denied}");
+        let gone = ClientError::Connect {
+            path: "/run/sinew/agent.sock".into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        };
+        assert!(gone.to_string().contains("is sinew-agent running?"), "{gone}");
     }
 
     #[test]
