@@ -7,7 +7,11 @@ pub mod labels;
 
 use std::{
     io::Write,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError},
+    },
 };
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), coloured only on a terminal so log
@@ -23,9 +27,20 @@ pub fn init_logging() {
         .init();
 }
 
-/// Where access-log lines go: a file, stdout, or nowhere. One JSON object per line.
+/// Lines queued for the writer thread; past this many (a stalled stdout pipe, a slow disk)
+/// new lines are dropped and counted, and traffic goes on.
+const QUEUE: usize = 8192;
+
+/// Where access-log lines go: a file, stdout, or nowhere. One JSON object per line, written
+/// by a thread of its own: the data path only queues them, so a log that cannot keep up
+/// never holds a connection (Envoy's workers likewise hand lines to a flush thread).
 #[derive(Clone)]
-pub struct AccessLog(Option<Arc<Mutex<Box<dyn Write + Send>>>>);
+pub struct AccessLog(Option<Arc<Queue>>);
+
+struct Queue {
+    lines: SyncSender<Vec<u8>>,
+    dropped: AtomicU64,
+}
 
 impl AccessLog {
     /// `-` for stdout, `off` for none, else a file appended to.
@@ -33,11 +48,13 @@ impl AccessLog {
         let out: Box<dyn Write + Send> = match target {
             "off" => return Ok(Self(None)),
             "-" => Box::new(std::io::stdout()),
-            path => Box::new(std::io::LineWriter::new(
-                std::fs::OpenOptions::new().create(true).append(true).open(path)?,
-            )),
+            path => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
         };
-        Ok(Self(Some(Arc::new(Mutex::new(out)))))
+        let (lines, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("sinew-access-log".into())
+            .spawn(move || write_lines(rx, out))?;
+        Ok(Self(Some(Arc::new(Queue { lines, dropped: AtomicU64::new(0) }))))
     }
 
     /// Whether lines go anywhere (callers skip building entries otherwise).
@@ -45,13 +62,94 @@ impl AccessLog {
         self.0.is_some()
     }
 
-    /// Writes one line (errors writing the log never affect traffic).
+    /// Queues one line (errors writing the log never affect traffic).
     pub fn write(&self, entry: &impl serde::Serialize) {
-        let Some(out) = &self.0 else { return };
+        let Some(q) = &self.0 else { return };
         let Ok(mut line) = serde_json::to_vec(entry) else { return };
         line.push(b'\n');
-        if let Ok(mut out) = out.lock() {
-            let _ = out.write_all(&line);
+        match q.lines.try_send(line) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                q.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
+    }
+
+    /// Lines dropped because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.0.as_ref().map_or(0, |q| q.dropped.load(Ordering::Relaxed))
+    }
+}
+
+/// The writer thread: writes what is queued, flushing whenever the queue runs dry, until
+/// every sender is gone.
+fn write_lines(rx: Receiver<Vec<u8>>, out: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::with_capacity(64 << 10, out);
+    while let Ok(line) = rx.recv() {
+        let _ = out.write_all(&line);
+        while let Ok(more) = rx.try_recv() {
+            let _ = out.write_all(&more);
+        }
+        let _ = out.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that blocks until released, as a stalled pipe does.
+    struct Stalled(std::sync::mpsc::Receiver<()>);
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.recv();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_log_drops_lines_and_never_blocks_the_writer_of_a_line() {
+        let (_release, stalled) = std::sync::mpsc::channel();
+        let (lines, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        std::thread::spawn(move || write_lines(rx, Box::new(Stalled(stalled))));
+        let log = AccessLog(Some(Arc::new(Queue { lines, dropped: AtomicU64::new(0) })));
+        let start = std::time::Instant::now();
+        for i in 0..(QUEUE + 1000) {
+            log.write(&serde_json::json!({ "n": i }));
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(2), "writes blocked");
+        // The queue and the writer's buffer full, the rest are dropped and counted.
+        assert!(log.dropped() > 0, "dropped {}", log.dropped());
+    }
+
+    #[test]
+    fn lines_reach_the_file_in_order() {
+        let dir = std::env::temp_dir().join(format!("sinew-log-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let log = AccessLog::open(dir.to_str().unwrap()).unwrap();
+        for i in 0..100 {
+            log.write(&serde_json::json!({ "n": i }));
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&dir).unwrap_or_default();
+            if text.lines().count() == 100 {
+                let n: Vec<u64> = text
+                    .lines()
+                    .map(|l| {
+                        serde_json::from_str::<serde_json::Value>(l).unwrap()["n"].as_u64().unwrap()
+                    })
+                    .collect();
+                assert_eq!(n, (0..100).collect::<Vec<u64>>());
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "lines missing: {text}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_file(&dir);
     }
 }
