@@ -221,13 +221,23 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The agent's access log so far, one JSON object per connection.
+    /// The agent's access log so far, one JSON object per connection. The agent writes it
+    /// from a thread of its own every few tens of milliseconds: read once it held still for
+    /// a quarter second (2 s at most), so lines of connections just ended are in.
     pub fn access_entries(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.access_log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        let read = || std::fs::read_to_string(&self.access_log).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut text = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(250));
+            let again = read();
+            if again == text || Instant::now() > deadline {
+                text = again;
+                break;
+            }
+            text = again;
+        }
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     /// GETs `path` from the agent's admin endpoint (inside its node's namespace) with curl.
