@@ -60,10 +60,22 @@ async fn connection(stream: UnixStream, registry: Arc<Registry>) {
     }
 }
 
+/// Why a request line was refused, naming the field when it is inside an enroll's pod (the
+/// tagged request enum's own error loses the path: "invalid IP address syntax at line 1").
+fn malformed(line: &[u8], e: &serde_json::Error) -> String {
+    let field = serde_json::from_slice::<serde_json::Value>(line)
+        .ok()
+        .filter(|v| v["op"] == "enroll")
+        .and_then(|v| v.get("pod").cloned())
+        .and_then(|pod| serde_path_to_error::deserialize::<_, sinew_local_api::PodSpec>(pod).err())
+        .map(|pe| format!("malformed request: field pod.{}: {}", pe.path(), pe.inner()));
+    field.unwrap_or_else(|| format!("malformed request: {e}"))
+}
+
 async fn handle(line: &[u8], registry: &Arc<Registry>) -> Response {
     let request: Request = match serde_json::from_slice(line) {
         Ok(r) => r,
-        Err(e) => return Response::Error { message: format!("malformed request: {e}") },
+        Err(e) => return Response::Error { message: malformed(line, &e) },
     };
     let registry = registry.clone();
     // Enrollment enters namespaces and touches bpffs: keep it off the data path's workers.
@@ -104,4 +116,21 @@ pub(crate) fn http_request<'a>(
     path: Option<&'a str>,
 ) -> Option<(&'a str, &'a str)> {
     (method.is_some() || path.is_some()).then(|| (method.unwrap_or("GET"), path.unwrap_or("/")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_value_inside_a_pod_is_named_by_its_field() {
+        let line = br#"{"op":"enroll","pod":{"uid":"u","name":"a","namespace":"n","netns":"/x","ips":["198.18.1.1","300.1.1.1"]}}"#;
+        let e = serde_json::from_slice::<Request>(line).unwrap_err();
+        let msg = malformed(line, &e);
+        assert!(msg.contains("field pod.ips[1]"), "{msg}");
+        // Outside a pod, serde's own message.
+        let line = br#"{"op":"reboot"}"#;
+        let e = serde_json::from_slice::<Request>(line).unwrap_err();
+        assert!(malformed(line, &e).starts_with("malformed request: unknown variant"));
+    }
 }
