@@ -280,6 +280,7 @@ async fn run(
     if let Some(otlp) = &wp.otlp {
         otlp.stop(Duration::from_secs(2)).await;
     }
+    wp.access.flush(Duration::from_secs(1));
     Ok(())
 }
 

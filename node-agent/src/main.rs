@@ -247,11 +247,14 @@ fn run(args: RunArgs) -> Result<()> {
         info!(api = %socket.display(), admin = %args.admin, object = %object.display(), restored, workers = worker_count, cpus = ?workers.cpus(), mode = if registry.ctx().certs.enabled() { "mesh" } else { "capture-only" }, "sinew-agent ready");
         let server = tokio::spawn(api::serve(listener, registry.clone()));
         let admin = tokio::spawn(admin::serve(admin_listener, registry.clone()));
+        let access = registry.ctx().access.clone();
         let reconciler = tokio::spawn(reconcile_loop(registry, known));
         shutdown_signal().await;
         server.abort();
         admin.abort();
         reconciler.abort();
+        // The last connections' lines, before the process goes.
+        access.flush(std::time::Duration::from_secs(1));
         // Pins stay: enrolled pods keep failing closed until the agent is back.
         info!("sinew-agent stopping; pinned capture stays in place");
         Ok(())

@@ -42,8 +42,14 @@ const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50)
 pub struct AccessLog(Option<Arc<Queue>>);
 
 struct Queue {
-    lines: SyncSender<Vec<u8>>,
-    dropped: AtomicU64,
+    lines: SyncSender<Msg>,
+    dropped: Arc<AtomicU64>,
+}
+
+enum Msg {
+    Line(Vec<u8>),
+    /// Write out everything queued before, then answer.
+    Flush(SyncSender<()>),
 }
 
 impl AccessLog {
@@ -55,10 +61,12 @@ impl AccessLog {
             path => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
         };
         let (lines, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counted = dropped.clone();
         std::thread::Builder::new()
             .name("sinew-access-log".into())
-            .spawn(move || write_lines(rx, out))?;
-        Ok(Self(Some(Arc::new(Queue { lines, dropped: AtomicU64::new(0) }))))
+            .spawn(move || write_lines(rx, out, &counted))?;
+        Ok(Self(Some(Arc::new(Queue { lines, dropped }))))
     }
 
     /// Whether lines go anywhere (callers skip building entries otherwise).
@@ -71,7 +79,7 @@ impl AccessLog {
         let Some(q) = &self.0 else { return };
         let Ok(mut line) = serde_json::to_vec(entry) else { return };
         line.push(b'\n');
-        match q.lines.try_send(line) {
+        match q.lines.try_send(Msg::Line(line)) {
             Ok(()) | Err(TrySendError::Disconnected(_)) => {}
             Err(TrySendError::Full(_)) => {
                 q.dropped.fetch_add(1, Ordering::Relaxed);
@@ -83,18 +91,46 @@ impl AccessLog {
     pub fn dropped(&self) -> u64 {
         self.0.as_ref().map_or(0, |q| q.dropped.load(Ordering::Relaxed))
     }
+
+    /// Waits (up to `wait`) until every line queued so far is written: at shutdown, so the
+    /// last connections' lines are not lost with the process.
+    pub fn flush(&self, wait: std::time::Duration) {
+        let Some(q) = &self.0 else { return };
+        let (done, written) = std::sync::mpsc::sync_channel(1);
+        if q.lines.try_send(Msg::Flush(done)).is_ok() {
+            let _ = written.recv_timeout(wait);
+        }
+    }
 }
 
 /// The writer thread: writes what is queued, flushing whenever the queue runs dry, until
-/// every sender is gone.
-fn write_lines(rx: Receiver<Vec<u8>>, out: Box<dyn Write + Send>) {
+/// every sender is gone; says so (every 10 s at most) when lines were dropped.
+fn write_lines(rx: Receiver<Msg>, out: Box<dyn Write + Send>, dropped: &AtomicU64) {
     let mut out = std::io::BufWriter::with_capacity(64 << 10, out);
-    while let Ok(line) = rx.recv() {
-        let _ = out.write_all(&line);
+    let (mut reported, mut last_report) = (0, std::time::Instant::now());
+    let handle = |msg: Msg, out: &mut std::io::BufWriter<Box<dyn Write + Send>>| match msg {
+        Msg::Line(line) => {
+            let _ = out.write_all(&line);
+        }
+        Msg::Flush(done) => {
+            let _ = out.flush();
+            let _ = done.try_send(());
+        }
+    };
+    while let Ok(msg) = rx.recv() {
+        handle(msg, &mut out);
         while let Ok(more) = rx.try_recv() {
-            let _ = out.write_all(&more);
+            handle(more, &mut out);
         }
         let _ = out.flush();
+        let now = dropped.load(Ordering::Relaxed);
+        if now > reported && last_report.elapsed() >= std::time::Duration::from_secs(10) {
+            tracing::warn!(
+                dropped = now - reported,
+                "access log lines dropped: the log cannot keep up"
+            );
+            (reported, last_report) = (now, std::time::Instant::now());
+        }
         // Not waiting in `recv` meanwhile: senders queue without waking this thread.
         std::thread::sleep(FLUSH_INTERVAL);
     }
@@ -121,10 +157,12 @@ mod tests {
     fn a_stalled_log_drops_lines_and_never_blocks_the_writer_of_a_line() {
         let (_release, stalled) = std::sync::mpsc::channel();
         let (lines, rx) = std::sync::mpsc::sync_channel(QUEUE);
-        std::thread::spawn(move || write_lines(rx, Box::new(Stalled(stalled))));
-        let log = AccessLog(Some(Arc::new(Queue { lines, dropped: AtomicU64::new(0) })));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counted = dropped.clone();
+        std::thread::spawn(move || write_lines(rx, Box::new(Stalled(stalled)), &counted));
+        let log = AccessLog(Some(Arc::new(Queue { lines, dropped })));
         let start = std::time::Instant::now();
-        for i in 0..(QUEUE + 1000) {
+        for i in 0..(QUEUE * 2 + 10_000) {
             log.write(&serde_json::json!({ "n": i }));
         }
         assert!(start.elapsed() < std::time::Duration::from_secs(2), "writes blocked");
@@ -140,6 +178,9 @@ mod tests {
         for i in 0..100 {
             log.write(&serde_json::json!({ "n": i }));
         }
+        // At shutdown: everything queued is written before this returns.
+        log.flush(std::time::Duration::from_secs(5));
+        assert_eq!(std::fs::read_to_string(&dir).unwrap().lines().count(), 100);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let text = std::fs::read_to_string(&dir).unwrap_or_default();
