@@ -1072,24 +1072,27 @@ async fn route_and_forward(
             return match result {
                 Ok(mut resp) => {
                     let status = resp.status();
-                    if status == StatusCode::SWITCHING_PROTOCOLS {
-                        splice_upgrade(downstream_upgrade.take(), hyper::upgrade::on(&mut resp));
-                    } else {
-                        strip_hop_by_hop(resp.headers_mut());
-                    }
                     // A long answer (a gRPC stream, a download) counts toward the request limit
                     // and least-request balancing until its body ends, not just its headers.
                     // The retry it took is over once its answer is (Envoy resets its retry
                     // state at the response headers): held to the body's end, a few long
                     // streams that were retried once would use up the budget's minimum.
                     drop(retry_guard.take());
-                    let held = (permit, inflight);
+                    let mut held = Some((permit, inflight));
+                    if status == StatusCode::SWITCHING_PROTOCOLS {
+                        // An upgraded connection is a request in flight for as long as it
+                        // lives, as in Envoy.
+                        let up = hyper::upgrade::on(&mut resp);
+                        splice_upgrade(downstream_upgrade.take(), up, held.take());
+                    } else {
+                        strip_hop_by_hop(resp.headers_mut());
+                    }
                     let deadline = match (request_deadline, try_deadline) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
                     };
                     let deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
-                    let resp = resp.map(|body| HeldBody { body, held: Some(held), deadline });
+                    let resp = resp.map(|body| HeldBody { body, held, deadline });
                     let resp = resp.map(BodyExt::boxed);
                     (resp, Done { status, flags: "-", endpoint: last_endpoint, attempts: attempt })
                 }
@@ -1401,14 +1404,29 @@ fn parts_is_upgrade(h: &HeaderMap) -> bool {
 }
 
 /// After a 101, joins the client's upgraded connection to the endpoint's, both ways.
-fn splice_upgrade(down: Option<hyper::upgrade::OnUpgrade>, up: hyper::upgrade::OnUpgrade) {
+/// `held` (the request's permit and in-flight count) lives as long as the spliced
+/// connection; a connection that moves no byte either way for [`UPGRADE_IDLE_TIMEOUT`] is
+/// closed.
+fn splice_upgrade<H: Send + 'static>(
+    down: Option<hyper::upgrade::OnUpgrade>,
+    up: hyper::upgrade::OnUpgrade,
+    held: H,
+) {
     let Some(down) = down else { return };
     tokio::spawn(async move {
+        let _held = held;
         let (Ok(down), Ok(up)) = (down.await, up.await) else { return };
-        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+        let (down, activity) = crate::idle::Watched::new(TokioIo::new(down));
+        let (mut down, mut up) = (down, TokioIo::new(up));
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+            _ = activity.expired(UPGRADE_IDLE_TIMEOUT, UPGRADE_IDLE_TIMEOUT) => {}
+        }
     });
 }
+
+/// How long a spliced (WebSocket) connection may move no byte either way.
+const UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Sends a copy of the request to the mirror's backend and forgets the answer. The copy's
 /// Host gets Envoy's `-shadow` suffix so the backend can tell copies apart.
