@@ -32,15 +32,18 @@ pub fn explain(
             mesh.workload_by_ip(ip).cloned()
         }
     };
-    let src_ip: Option<IpAddr> = match &src_workload {
-        Some(w) => w.ips.first().copied(),
-        None => source.parse().ok(),
-    };
     let dst: SocketAddr = destination
         .parse()
         .map_err(|_| format!("destination {destination:?}: expected <address>:<port>"))?;
+    // A dual-stack source connects from its address of the destination's family.
+    let src_ip: Option<IpAddr> = match &src_workload {
+        Some(w) => w.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).or(w.ips.first()).copied(),
+        None => source.parse().ok(),
+    };
+    let source_in_mesh = src_workload.as_ref().is_some_and(|w| w.in_mesh);
+    // Only sources in the mesh go through a waypoint (others are not captured).
     let via_waypoint = match mesh.service_by_vip(dst.ip()) {
-        Some(svc) => match &svc.waypoint {
+        Some(svc) if source_in_mesh => match &svc.waypoint {
             Some(name) => Some((
                 svc.clone(),
                 mesh.workload(&svc.namespace, name).cloned().ok_or_else(|| {
@@ -52,7 +55,7 @@ pub fn explain(
             )),
             None => None,
         },
-        None => None,
+        _ => None,
     };
     let (targets, service) = match mesh.service_by_vip(dst.ip()) {
         Some(svc) => {
@@ -62,7 +65,21 @@ pub fn explain(
                     svc.namespace, svc.name
                 )
             })?;
-            let eps: Vec<_> = svc.endpoints.iter().map(|w| (w.clone(), port)).collect();
+            // As the data path picks them: endpoints with an address of the VIP's family.
+            let eps: Vec<_> = svc
+                .endpoints
+                .iter()
+                .filter(|w| w.ips.iter().any(|ip| ip.is_ipv4() == dst.is_ipv4()))
+                .map(|w| (w.clone(), port))
+                .collect();
+            if eps.is_empty() && via_waypoint.is_none() {
+                return Ok(json!({
+                    "source": source, "destination": destination,
+                    "service": format!("{}/{}", svc.namespace, svc.name),
+                    "verdict": "deny",
+                    "reason": format!("service {}/{} has no endpoints of this address family: the connection is refused", svc.namespace, svc.name),
+                }));
+            }
             (eps, Some(format!("{}/{}", svc.namespace, svc.name)))
         }
         None => match mesh.workload_by_ip(dst.ip()) {
@@ -172,7 +189,17 @@ mod tests {
     use super::*;
 
     fn mesh() -> MeshIndex {
-        let yaml = "\
+        let yaml = mesh_yaml();
+        let resources: Vec<_> = sinew_model::parse_file(std::path::Path::new("t.yaml"), yaml)
+            .expect("YAML")
+            .into_iter()
+            .map(|r| r.expect("valid"))
+            .collect();
+        MeshIndex::build(&resources)
+    }
+
+    fn mesh_yaml() -> &'static str {
+        "\
 apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {sinew.io/dataplane-mode: ambient}}
@@ -206,13 +233,47 @@ apiVersion: security.sinew.io/v1
 kind: AuthorizationPolicy
 metadata: {name: from-client-via-wp, namespace: shop}
 spec: {selector: {matchLabels: {app: api}}, rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client], ipBlocks: [198.18.3.10/32]}}]}]}
+"
+    }
+
+    #[test]
+    fn explain_refuses_what_the_data_path_refuses_and_picks_the_family() {
+        let extra = "\
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: shop}
+spec: {clusterIPs: [198.18.200.2], selector: {app: nobody}, ports: [{port: 80}]}
+---
+apiVersion: sinew.io/v1alpha1
+kind: Workload
+metadata: {name: dual, namespace: shop, labels: {app: dual}}
+spec: {serviceAccount: dual, node: n1, ips: [198.18.1.20, \"2001:2::20\"]}
+---
+apiVersion: sinew.io/v1alpha1
+kind: Workload
+metadata: {name: v6-server, namespace: shop, labels: {app: v6}}
+spec: {serviceAccount: v6, node: n2, ips: [\"2001:2::30\"]}
+---
+apiVersion: security.sinew.io/v1
+kind: AuthorizationPolicy
+metadata: {name: v6-only, namespace: shop}
+spec: {selector: {matchLabels: {app: v6}}, rules: [{from: [{source: {ipBlocks: [\"2001:2::/64\"]}}]}]}
 ";
-        let resources: Vec<_> = sinew_model::parse_file(std::path::Path::new("t.yaml"), yaml)
-            .expect("YAML")
-            .into_iter()
-            .map(|r| r.expect("valid"))
-            .collect();
-        MeshIndex::build(&resources)
+        let base = mesh_yaml();
+        let resources: Vec<_> =
+            sinew_model::parse_file(std::path::Path::new("t.yaml"), &format!("{base}{extra}"))
+                .expect("YAML")
+                .into_iter()
+                .map(|r| r.expect("valid"))
+                .collect();
+        let m = MeshIndex::build(&resources);
+        // A service with no endpoints: the data path refuses, so explain says deny.
+        let e = explain(&m, "cluster.local", "shop/client", "198.18.200.2:80", None).unwrap();
+        assert_eq!(e["verdict"], "deny", "{e:#}");
+        // A dual-stack source toward an IPv6 destination is judged by its IPv6 address.
+        let e = explain(&m, "cluster.local", "shop/dual", "[2001:2::30]:8080", None).unwrap();
+        assert_eq!(e["verdict"], "allow", "{e:#}");
     }
 
     #[test]
