@@ -6,9 +6,54 @@
 
 use std::{
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll, Waker},
 };
+
+/// The most bytes every request's replay copies may hold together: retries are on by
+/// default, so every body is copied while its tries may need it, and many concurrent uploads
+/// to a slow backend would otherwise hold their copies without any bound but the number of
+/// requests. Past it a request streams without a copy, and is not retried (as past its own
+/// limit).
+pub const REPLAY_BUDGET: usize = 64 << 20;
+
+/// Bytes replay copies may hold together, and hold now.
+#[derive(Debug)]
+pub struct Budget {
+    max: usize,
+    held: AtomicUsize,
+}
+
+impl Budget {
+    /// A budget of `max` bytes.
+    pub const fn new(max: usize) -> Self {
+        Self { max, held: AtomicUsize::new(0) }
+    }
+
+    /// Takes `n` bytes, if they are left.
+    fn reserve(&self, n: usize) -> bool {
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(n).filter(|total| *total <= self.max)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, n: usize) {
+        self.held.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+/// The process's budget ([`REPLAY_BUDGET`]).
+pub static REPLAY: Budget = Budget::new(REPLAY_BUDGET);
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -45,9 +90,24 @@ struct Shared<B> {
     mirror_cancelled: bool,
     /// The mirrors waiting for the whole body ([`Recorder::whole`]).
     whole_waiters: Vec<Waker>,
+    /// Bytes of `chunks` counted in `budget`.
+    reserved: usize,
+    budget: &'static Budget,
+}
+
+impl<B> Drop for Shared<B> {
+    fn drop(&mut self) {
+        self.budget.release(self.reserved);
+    }
 }
 
 impl<B> Shared<B> {
+    /// The copy goes: its bytes return to the budget.
+    fn drop_chunks(&mut self) {
+        self.chunks = Vec::new();
+        self.budget.release(std::mem::take(&mut self.reserved));
+    }
+
     /// The whole body is known, or known to be lost: wake the mirror waiting for it.
     fn settled(&mut self) {
         for w in self.whole_waiters.drain(..) {
@@ -68,8 +128,14 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    /// Records `source`, keeping at most `limit` bytes for replays.
+    /// Records `source`, keeping at most `limit` bytes for replays, within the process's
+    /// [`REPLAY`] budget.
     pub fn new(source: B, limit: usize) -> Self {
+        Self::within(source, limit, &REPLAY)
+    }
+
+    /// Like [`Recorder::new`], within `budget`.
+    pub fn within(source: B, limit: usize, budget: &'static Budget) -> Self {
         let hint = source.size_hint();
         let shared = Shared {
             source,
@@ -83,6 +149,8 @@ where
             mirrored: false,
             mirror_cancelled: false,
             whole_waiters: Vec::new(),
+            reserved: 0,
+            budget,
         };
         Self { shared: Arc::new(Mutex::new(shared)), limit, hint }
     }
@@ -201,7 +269,7 @@ where
         }
         if !s.recording && !s.mirrored && !s.chunks.is_empty() {
             // Everything recorded was sent and nothing will replay it (nor mirror it).
-            s.chunks = Vec::new();
+            s.drop_chunks();
             this.pos = 0;
         }
         if s.source_done {
@@ -227,7 +295,7 @@ where
             Poll::Ready(Some(Err(e))) => {
                 // A broken client body cannot be sent whole again.
                 s.kept = None;
-                s.chunks = Vec::new();
+                s.drop_chunks();
                 s.settled();
                 Poll::Ready(Some(Err(e.into())))
             }
@@ -236,14 +304,15 @@ where
                     && s.recording
                 {
                     match s.kept.map(|k| k + data.len()) {
-                        Some(k) if k <= this.limit => {
+                        Some(k) if k <= this.limit && s.budget.reserve(data.len()) => {
                             s.kept = Some(k);
+                            s.reserved += data.len();
                             s.chunks.push(data.clone());
                             this.pos = s.chunks.len();
                         }
                         Some(_) => {
                             s.kept = None;
-                            s.chunks = Vec::new();
+                            s.drop_chunks();
                             s.settled();
                         }
                         None => {}
@@ -329,6 +398,25 @@ mod tests {
             left -= 1;
         }
         (data, trailers)
+    }
+
+    #[tokio::test]
+    async fn copies_beyond_the_process_budget_are_not_kept_and_go_back_to_it() {
+        static SMALL: Budget = Budget::new(6);
+        let a = Recorder::within(script(&["ab", "cd"], false), 1024, &SMALL);
+        let mut ta = a.next_try();
+        assert_eq!(read(&mut ta, None).await, ("abcd".into(), false));
+        assert!(a.replayable());
+        assert_eq!(SMALL.held(), 4);
+        // A second request: its first 2 bytes fit, the next 2 do not; it streams on without
+        // a copy and is no longer retried.
+        let b = Recorder::within(script(&["ef", "gh"], false), 1024, &SMALL);
+        let mut tb = b.next_try();
+        assert_eq!(read(&mut tb, None).await, ("efgh".into(), false));
+        assert!(!b.replayable());
+        assert_eq!(SMALL.held(), 4, "what b kept went back");
+        drop((ta, a));
+        assert_eq!(SMALL.held(), 0, "all of it back once the requests are gone");
     }
 
     #[tokio::test]
