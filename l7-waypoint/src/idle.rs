@@ -155,3 +155,96 @@ mod tests {
         assert!(Instant::now() >= t2 + idle && t2 > t1, "counted from the last byte either way");
     }
 }
+
+/// HTTP/2 rapid reset (CVE-2023-44487): a client that opens streams and resets them at once
+/// costs the waypoint a routed, maybe mirrored request each, while h2 frees its stream slot
+/// immediately, so its concurrency limit never holds it back. As Envoy counts "premature"
+/// resets, a connection whose requests are mostly cancelled within a second of their start,
+/// past a minimum count, is closed.
+#[derive(Debug, Default)]
+pub struct Resets {
+    total: AtomicU64,
+    premature: AtomicU64,
+    abusive: tokio::sync::Notify,
+}
+
+/// Requests cancelled early before a connection can be judged abusive (Envoy's
+/// `premature_reset_total_stream_count` default is 500; this is lower since each of our
+/// requests may fan out to mirrors).
+const PREMATURE_MIN: u64 = 100;
+/// A cancellation this soon after the request started is premature.
+const PREMATURE_WITHIN: Duration = Duration::from_secs(1);
+
+impl Resets {
+    /// A request started; the guard notes whether it finished or was cancelled.
+    pub fn start(self: &Arc<Self>) -> RequestWatch {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        RequestWatch { resets: self.clone(), start: Instant::now(), done: false }
+    }
+
+    /// Completes once the connection's requests are mostly premature resets.
+    pub async fn abusive(&self) {
+        self.abusive.notified().await;
+    }
+
+    fn cancelled_early(&self) {
+        let premature = self.premature.fetch_add(1, Ordering::Relaxed) + 1;
+        let total = self.total.load(Ordering::Relaxed);
+        if premature >= PREMATURE_MIN && premature * 2 >= total {
+            self.abusive.notify_one();
+        }
+    }
+}
+
+/// One request of a connection, watched for a premature cancel.
+#[derive(Debug)]
+pub struct RequestWatch {
+    resets: Arc<Resets>,
+    start: Instant,
+    done: bool,
+}
+
+impl RequestWatch {
+    /// The request was answered (not cancelled).
+    pub fn finished(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for RequestWatch {
+    fn drop(&mut self) {
+        if !self.done && self.start.elapsed() < PREMATURE_WITHIN {
+            self.resets.cancelled_early();
+        }
+    }
+}
+
+#[cfg(test)]
+mod reset_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn mostly_premature_resets_mark_a_connection_abusive_and_normal_traffic_does_not() {
+        let r = Arc::new(Resets::default());
+        // Normal use: answered requests and a few cancels.
+        for i in 0..1000 {
+            let w = r.start();
+            if i % 10 != 0 {
+                w.finished();
+            }
+        }
+        let quiet = tokio::time::timeout(Duration::from_millis(50), r.abusive()).await.is_err();
+        assert!(quiet, "100 cancels in 1,000 requests is not abuse");
+        // A rapid-reset loop: every new request cancelled at once.
+        let r = Arc::new(Resets::default());
+        let abusive = tokio::spawn({
+            let r = r.clone();
+            async move { r.abusive().await }
+        });
+        tokio::task::yield_now().await;
+        for _ in 0..PREMATURE_MIN {
+            drop(r.start());
+        }
+        tokio::time::timeout(Duration::from_secs(1), abusive).await.expect("flagged").unwrap();
+    }
+}

@@ -343,8 +343,16 @@ async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
         Ok(s) => s.close_gracefully_on_drop(),
         Err(e) => return debug!(error = %e, "CONNECT accept failed"),
     };
-    let service =
-        hyper::service::service_fn(move |req| proxy::handle(wp.clone(), down.clone(), req));
+    let resets = Arc::new(sinew_l7_waypoint::idle::Resets::default());
+    let watched = resets.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let (wp, down, watch) = (wp.clone(), down.clone(), watched.start());
+        async move {
+            let resp = proxy::handle(wp, down, req).await;
+            watch.finished();
+            resp
+        }
+    });
     let (stream, activity) = sinew_l7_waypoint::idle::Watched::new(stream);
     let server = http_server();
     let serve = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -354,6 +362,9 @@ async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
         },
         why = activity.expired(HEADER_READ_TIMEOUT, CONNECTION_IDLE_TIMEOUT) => {
             debug!(%authority, why, "HTTP connection closed");
+        }
+        () = resets.abusive() => {
+            warn!(%authority, "closing a connection whose requests are mostly reset at once (HTTP/2 rapid reset)");
         }
     }
 }
