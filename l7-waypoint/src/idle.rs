@@ -1,7 +1,9 @@
-//! Idle client connections: a stream wrapper that notes when bytes last moved, and a watch
-//! that ends the connection when none came at all within a first bound (a client that opens a
-//! tunnel and sends nothing, or half an HTTP/2 preface, which hyper's version detection would
-//! wait on forever), or none moved either way for the idle timeout.
+//! Idle client connections: a stream wrapper that notes when bytes last moved (either way),
+//! and a watch that says when the connection should go: no byte at all within a first bound
+//! (a client that opens a tunnel and sends nothing, which hyper's version detection would
+//! wait on for ever), or, with no request in flight, nothing moved for the idle timeout
+//! (Envoy's connection `idle_timeout`: a request still being answered, a sparse gRPC stream
+//! or a long poll, keeps its connection).
 
 use std::{
     io,
@@ -25,11 +27,30 @@ use tokio::{
 pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    /// Requests in flight (from the handler's call to their response body's end).
+    active: AtomicU64,
+}
+
+/// Counts a request in flight on its connection until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
 }
 
 const NOTHING_YET: u64 = u64::MAX;
 
 impl Activity {
+    /// A request started; it counts until the guard is dropped.
+    pub fn request(self: &Arc<Self>) -> InFlight {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
     fn touch(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
@@ -47,7 +68,12 @@ impl Activity {
             }
             let next = self.start + Duration::from_millis(last) + idle;
             if next <= Instant::now() {
-                return "idle";
+                if self.active.load(Ordering::Relaxed) == 0 {
+                    return "idle";
+                }
+                // A request in flight: not idle, look again an idle time from now.
+                deadline = Instant::now() + idle;
+                continue;
             }
             deadline = next;
         }
@@ -64,8 +90,11 @@ pub struct Watched<S> {
 impl<S> Watched<S> {
     /// Wraps `inner`; the activity is the watch's side.
     pub fn new(inner: S) -> (Self, Arc<Activity>) {
-        let activity =
-            Arc::new(Activity { start: Instant::now(), last_ms: AtomicU64::new(NOTHING_YET) });
+        let activity = Arc::new(Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(NOTHING_YET),
+            active: AtomicU64::new(0),
+        });
         (Self { inner, activity: activity.clone() }, activity)
     }
 }
@@ -153,6 +182,22 @@ mod tests {
         let t2 = Instant::now();
         assert_eq!(watch.await.unwrap(), "idle");
         assert!(Instant::now() >= t2 + idle && t2 > t1, "counted from the last byte either way");
+        // A request in flight (a sparse stream, a long poll) keeps the connection, silent or
+        // not, and the idle time counts from its end.
+        let (_client, server) = tokio::io::duplex(64);
+        let (mut s, activity) = Watched::new(server);
+        s.write_all(b"x").await.unwrap();
+        let request = activity.request();
+        let watch = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.expired(first, idle).await }
+        });
+        tokio::time::sleep(idle * 3).await;
+        assert!(!watch.is_finished(), "closed under a request in flight");
+        drop(request);
+        let ended = Instant::now();
+        assert_eq!(watch.await.unwrap(), "idle");
+        assert!(Instant::now() >= ended + idle);
     }
 }
 
@@ -163,22 +208,20 @@ mod tests {
 /// past a minimum count, is closed.
 #[derive(Debug, Default)]
 pub struct Resets {
-    total: AtomicU64,
+    closed: AtomicU64,
     premature: AtomicU64,
     abusive: tokio::sync::Notify,
 }
 
-/// Requests cancelled early before a connection can be judged abusive (Envoy's
-/// `premature_reset_total_stream_count` default is 500; this is lower since each of our
-/// requests may fan out to mirrors).
-const PREMATURE_MIN: u64 = 100;
+/// Closed requests before a connection is judged (Envoy's
+/// `premature_reset_total_stream_count` default); then half of them premature is abuse.
+const PREMATURE_MIN: u64 = 500;
 /// A cancellation this soon after the request started is premature.
 const PREMATURE_WITHIN: Duration = Duration::from_secs(1);
 
 impl Resets {
     /// A request started; the guard notes whether it finished or was cancelled.
     pub fn start(self: &Arc<Self>) -> RequestWatch {
-        self.total.fetch_add(1, Ordering::Relaxed);
         RequestWatch { resets: self.clone(), start: Instant::now(), done: false }
     }
 
@@ -187,10 +230,11 @@ impl Resets {
         self.abusive.notified().await;
     }
 
-    fn cancelled_early(&self) {
-        let premature = self.premature.fetch_add(1, Ordering::Relaxed) + 1;
-        let total = self.total.load(Ordering::Relaxed);
-        if premature >= PREMATURE_MIN && premature * 2 >= total {
+    fn closed(&self, premature: bool) {
+        let closed = self.closed.fetch_add(1, Ordering::Relaxed) + 1;
+        let premature = self.premature.fetch_add(u64::from(premature), Ordering::Relaxed)
+            + u64::from(premature);
+        if closed >= PREMATURE_MIN && premature * 2 >= closed {
             self.abusive.notify_one();
         }
     }
@@ -213,9 +257,7 @@ impl RequestWatch {
 
 impl Drop for RequestWatch {
     fn drop(&mut self) {
-        if !self.done && self.start.elapsed() < PREMATURE_WITHIN {
-            self.resets.cancelled_early();
-        }
+        self.resets.closed(!self.done && self.start.elapsed() < PREMATURE_WITHIN);
     }
 }
 
@@ -235,6 +277,13 @@ mod reset_tests {
         }
         let quiet = tokio::time::timeout(Duration::from_millis(50), r.abusive()).await.is_err();
         assert!(quiet, "100 cancels in 1,000 requests is not abuse");
+        // Nor is a short burst of cancels on a young connection.
+        let young = Arc::new(Resets::default());
+        for _ in 0..100 {
+            drop(young.start());
+        }
+        let quiet = tokio::time::timeout(Duration::from_millis(50), young.abusive()).await.is_err();
+        assert!(quiet, "judged only past {PREMATURE_MIN} closed requests");
         // A rapid-reset loop: every new request cancelled at once.
         let r = Arc::new(Resets::default());
         let abusive = tokio::spawn({
@@ -242,9 +291,45 @@ mod reset_tests {
             async move { r.abusive().await }
         });
         tokio::task::yield_now().await;
-        for _ in 0..PREMATURE_MIN {
+        for _ in 0..PREMATURE_MIN / 2 {
             drop(r.start());
         }
+        for _ in 0..PREMATURE_MIN / 2 {
+            r.start().finished();
+        }
         tokio::time::timeout(Duration::from_secs(1), abusive).await.expect("flagged").unwrap();
+    }
+}
+
+/// A response body holding its request's [`InFlight`] until it ends or is dropped.
+pub struct Holding<B> {
+    body: B,
+    _in_flight: InFlight,
+}
+
+impl<B> Holding<B> {
+    /// `body`, counting `in_flight` while it lives.
+    pub fn new(body: B, in_flight: InFlight) -> Self {
+        Self { body, _in_flight: in_flight }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Holding<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }

@@ -344,30 +344,42 @@ async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
         Err(e) => return debug!(error = %e, "CONNECT accept failed"),
     };
     let resets = Arc::new(sinew_l7_waypoint::idle::Resets::default());
-    let watched = resets.clone();
+    let (stream, activity) = sinew_l7_waypoint::idle::Watched::new(stream);
+    let (watched, active) = (resets.clone(), activity.clone());
     let service = hyper::service::service_fn(move |req| {
         let (wp, down, watch) = (wp.clone(), down.clone(), watched.start());
+        // In flight until its response body ends (a stream, a long poll).
+        let in_flight = active.request();
         async move {
             let resp = proxy::handle(wp, down, req).await;
             watch.finished();
-            resp
+            resp.map(|r| r.map(|body| sinew_l7_waypoint::idle::Holding::new(body, in_flight)))
         }
     });
-    let (stream, activity) = sinew_l7_waypoint::idle::Watched::new(stream);
     let server = http_server();
     let serve = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::select! {
-        served = serve => if let Err(e) = served {
-            debug!(%authority, error = %e, "HTTP connection ended with an error");
-        },
-        why = activity.expired(HEADER_READ_TIMEOUT, CONNECTION_IDLE_TIMEOUT) => {
-            debug!(%authority, why, "HTTP connection closed");
+    tokio::pin!(serve);
+    let closing = tokio::select! {
+        served = serve.as_mut() => {
+            if let Err(e) = served {
+                debug!(%authority, error = %e, "HTTP connection ended with an error");
+            }
+            return;
         }
+        why = activity.expired(HEADER_READ_TIMEOUT, CONNECTION_IDLE_TIMEOUT) => why,
         () = resets.abusive() => {
             warn!(%authority, "closing a connection whose requests are mostly reset at once (HTTP/2 rapid reset)");
+            "rapid reset"
         }
-    }
+    };
+    // GOAWAY (HTTP/2) or close after the request in hand (HTTP/1.1), then a bound.
+    debug!(%authority, why = closing, "closing the HTTP connection");
+    serve.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(GRACEFUL_CLOSE, serve).await;
 }
+
+/// How long a connection being closed (idle, abusive) may take to finish what it has.
+const GRACEFUL_CLOSE: Duration = Duration::from_secs(10);
 
 /// The HTTP server settings of every client connection.
 fn http_server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
