@@ -1191,7 +1191,7 @@ pub enum LbAlgorithm {
 
 /// The cookie consistent hashing reads (Istio's `httpCookie`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "HttpCookieForm", rename_all = "camelCase")]
+#[serde(from = "HttpCookieForm", into = "HttpCookieForm", rename_all = "camelCase")]
 pub struct HttpCookie {
     /// Cookie name.
     pub name: String,
@@ -1204,26 +1204,40 @@ pub struct HttpCookie {
     pub ttl: Option<Duration>,
 }
 
-/// `httpCookie` as written: a bare name (Sinew's first form) or Istio's object.
-#[derive(Deserialize)]
+/// `httpCookie` as written: a bare name (Sinew's first form) or Istio's object; written back
+/// as a bare name when it is only one, so clients of an older release still read it.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 enum HttpCookieForm {
     Name(String),
-    #[serde(rename_all = "camelCase")]
-    Full {
-        name: String,
-        #[serde(default)]
-        path: Option<String>,
-        #[serde(default)]
-        ttl: Option<Duration>,
-    },
+    Full(HttpCookieObject),
+}
+
+/// Istio's `httpCookie` object (its `attributes` are not supported: refused, not ignored).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HttpCookieObject {
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ttl: Option<Duration>,
 }
 
 impl From<HttpCookieForm> for HttpCookie {
     fn from(f: HttpCookieForm) -> Self {
         match f {
             HttpCookieForm::Name(name) => Self { name, path: None, ttl: None },
-            HttpCookieForm::Full { name, path, ttl } => Self { name, path, ttl },
+            HttpCookieForm::Full(HttpCookieObject { name, path, ttl }) => Self { name, path, ttl },
+        }
+    }
+}
+
+impl From<HttpCookie> for HttpCookieForm {
+    fn from(c: HttpCookie) -> Self {
+        match (c.path, c.ttl) {
+            (None, None) => Self::Name(c.name),
+            (path, ttl) => Self::Full(HttpCookieObject { name: c.name, path, ttl }),
         }
     }
 }

@@ -495,4 +495,14 @@ fn a_hashing_cookie_takes_a_name_or_istios_object() {
             .collect();
     let back = sinew_model::Resource::from_json("t", &parsed[0].to_json()).unwrap();
     assert_eq!(back, parsed[0]);
+    // A bare name is written back bare (clients of an older release read only that form),
+    // and an unknown field of the object is refused, not ignored.
+    let bare: Vec<sinew_model::Resource> = parse_file(Path::new("f.yaml"), &policy("session"))
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let json = String::from_utf8(bare[0].to_json()).unwrap();
+    assert!(json.contains(r#""httpCookie":"session""#), "{json}");
+    assert!(!errors_of(&policy("{name: session, tll: 1h}")).is_empty(), "a typo is refused");
 }
