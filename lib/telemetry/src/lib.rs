@@ -27,13 +27,18 @@ pub fn init_logging() {
         .init();
 }
 
-/// Lines queued for the writer thread; past this many (a stalled stdout pipe, a slow disk)
-/// new lines are dropped and counted, and traffic goes on.
+/// Lines queued for the writer thread; past this many, or [`QUEUE_BYTES`] (a stalled
+/// stdout pipe, a slow disk), new lines are dropped and counted, and traffic goes on.
 const QUEUE: usize = 16384;
+/// Bytes queued at most: a waypoint line carries a path of up to 60 KiB, so a count alone
+/// would let a stalled log hold a gigabyte.
+const QUEUE_BYTES: usize = 16 << 20;
 /// The writer wakes at most this often: lines are batched (Envoy flushes its access logs
 /// every second) instead of costing a thread wake-up each, which on a busy 2-core machine
 /// took a tenth of the waypoint's requests per second.
 const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+/// Dropped lines are reported this often at most.
+const DROP_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where access-log lines go: a file, stdout, or nowhere. One JSON object per line, written
 /// by a thread of its own: the data path only queues them, so a log that cannot keep up
@@ -43,7 +48,12 @@ pub struct AccessLog(Option<Arc<Queue>>);
 
 struct Queue {
     lines: SyncSender<Msg>,
-    dropped: Arc<AtomicU64>,
+    /// Bytes queued and not yet written.
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
+    dropped: AtomicU64,
+    /// When drops were last reported, in milliseconds since `born`.
+    reported_ms: AtomicU64,
+    born: std::time::Instant,
 }
 
 enum Msg {
@@ -60,13 +70,7 @@ impl AccessLog {
             "-" => Box::new(std::io::stdout()),
             path => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
         };
-        let (lines, rx) = std::sync::mpsc::sync_channel(QUEUE);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let counted = dropped.clone();
-        std::thread::Builder::new()
-            .name("sinew-access-log".into())
-            .spawn(move || write_lines(rx, out, &counted))?;
-        Ok(Self(Some(Arc::new(Queue { lines, dropped }))))
+        Ok(Self(Some(Arc::new(Queue::start(out)?))))
     }
 
     /// Whether lines go anywhere (callers skip building entries otherwise).
@@ -79,12 +83,7 @@ impl AccessLog {
         let Some(q) = &self.0 else { return };
         let Ok(mut line) = serde_json::to_vec(entry) else { return };
         line.push(b'\n');
-        match q.lines.try_send(Msg::Line(line)) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-            Err(TrySendError::Full(_)) => {
-                q.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        q.queue(line);
     }
 
     /// Lines dropped because the writer could not keep up.
@@ -96,21 +95,94 @@ impl AccessLog {
     /// last connections' lines are not lost with the process.
     pub fn flush(&self, wait: std::time::Duration) {
         let Some(q) = &self.0 else { return };
+        let deadline = std::time::Instant::now() + wait;
         let (done, written) = std::sync::mpsc::sync_channel(1);
-        if q.lines.try_send(Msg::Flush(done)).is_ok() {
-            let _ = written.recv_timeout(wait);
+        let mut flush = Msg::Flush(done);
+        // The queue may be full right now: try until there is room or time is up.
+        loop {
+            match q.lines.try_send(flush) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
+                    flush = back;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = written.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
+    }
+}
+
+impl Queue {
+    fn start(out: Box<dyn Write + Send>) -> std::io::Result<Self> {
+        let (lines, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let written = bytes.clone();
+        std::thread::Builder::new()
+            .name("sinew-access-log".into())
+            .spawn(move || write_lines(rx, out, &written))?;
+        Ok(Self {
+            lines,
+            bytes,
+            dropped: AtomicU64::new(0),
+            reported_ms: AtomicU64::new(0),
+            born: std::time::Instant::now(),
+        })
+    }
+
+    fn queue(&self, line: Vec<u8>) {
+        let len = line.len();
+        let room = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                b.checked_add(len).filter(|total| *total <= QUEUE_BYTES)
+            })
+            .is_ok();
+        if !room {
+            return self.drop_line();
+        }
+        match self.lines.try_send(Msg::Line(line)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.bytes.fetch_sub(len, Ordering::Relaxed);
+                self.drop_line();
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.bytes.fetch_sub(len, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Counts a dropped line, and says so every [`DROP_REPORT_EVERY`] at most (from the
+    /// sender's side: the writer may be the one stuck).
+    fn drop_line(&self) {
+        let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = self.born.elapsed().as_millis() as u64;
+        let last = self.reported_ms.load(Ordering::Relaxed);
+        let due = dropped == 1 || now.saturating_sub(last) >= DROP_REPORT_EVERY.as_millis() as u64;
+        if due
+            && self
+                .reported_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(dropped, "access log lines dropped: the log cannot keep up");
         }
     }
 }
 
 /// The writer thread: writes what is queued, flushing whenever the queue runs dry, until
-/// every sender is gone; says so (every 10 s at most) when lines were dropped.
-fn write_lines(rx: Receiver<Msg>, out: Box<dyn Write + Send>, dropped: &AtomicU64) {
+/// every sender is gone.
+fn write_lines(
+    rx: Receiver<Msg>,
+    out: Box<dyn Write + Send>,
+    queued: &std::sync::atomic::AtomicUsize,
+) {
     let mut out = std::io::BufWriter::with_capacity(64 << 10, out);
-    let (mut reported, mut last_report) = (0, std::time::Instant::now());
     let handle = |msg: Msg, out: &mut std::io::BufWriter<Box<dyn Write + Send>>| match msg {
         Msg::Line(line) => {
             let _ = out.write_all(&line);
+            queued.fetch_sub(line.len(), Ordering::Relaxed);
         }
         Msg::Flush(done) => {
             let _ = out.flush();
@@ -123,14 +195,6 @@ fn write_lines(rx: Receiver<Msg>, out: Box<dyn Write + Send>, dropped: &AtomicU6
             handle(more, &mut out);
         }
         let _ = out.flush();
-        let now = dropped.load(Ordering::Relaxed);
-        if now > reported && last_report.elapsed() >= std::time::Duration::from_secs(10) {
-            tracing::warn!(
-                dropped = now - reported,
-                "access log lines dropped: the log cannot keep up"
-            );
-            (reported, last_report) = (now, std::time::Instant::now());
-        }
         // Not waiting in `recv` meanwhile: senders queue without waking this thread.
         std::thread::sleep(FLUSH_INTERVAL);
     }
@@ -156,11 +220,7 @@ mod tests {
     #[test]
     fn a_stalled_log_drops_lines_and_never_blocks_the_writer_of_a_line() {
         let (_release, stalled) = std::sync::mpsc::channel();
-        let (lines, rx) = std::sync::mpsc::sync_channel(QUEUE);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let counted = dropped.clone();
-        std::thread::spawn(move || write_lines(rx, Box::new(Stalled(stalled)), &counted));
-        let log = AccessLog(Some(Arc::new(Queue { lines, dropped })));
+        let log = AccessLog(Some(Arc::new(Queue::start(Box::new(Stalled(stalled))).unwrap())));
         let start = std::time::Instant::now();
         for i in 0..(QUEUE * 2 + 10_000) {
             log.write(&serde_json::json!({ "n": i }));
@@ -168,6 +228,18 @@ mod tests {
         assert!(start.elapsed() < std::time::Duration::from_secs(2), "writes blocked");
         // The queue and the writer's buffer full, the rest are dropped and counted.
         assert!(log.dropped() > 0, "dropped {}", log.dropped());
+    }
+
+    #[test]
+    fn a_stalled_log_holds_a_bounded_number_of_bytes() {
+        let (_release, stalled) = std::sync::mpsc::channel();
+        let log = AccessLog(Some(Arc::new(Queue::start(Box::new(Stalled(stalled))).unwrap())));
+        let path = "x".repeat(100 << 10);
+        for _ in 0..400 {
+            log.write(&serde_json::json!({ "path": path }));
+        }
+        // 400 lines of 100 KiB would be 40 MiB: past 16 MiB queued they are dropped.
+        assert!(log.dropped() >= 200, "dropped {}", log.dropped());
     }
 
     #[test]
