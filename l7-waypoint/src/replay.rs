@@ -222,6 +222,11 @@ impl<B> Drop for Recorder<B> {
         // never holds the client's body, or a copy of a long stream, beyond the answer.
         let mut s = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
         s.recording = false;
+        // The live try frees the copy on its next poll once it has caught up: wake it now,
+        // or a stream that went quiet after its answer began would hold its copy for life.
+        if let Some(w) = s.waiting.take() {
+            w.wake();
+        }
         if s.mirrored && !s.source_done {
             // The copy itself stays until the live try has replayed it (a retry may be
             // part-way through it); only the mirror gives up.
@@ -417,6 +422,25 @@ mod tests {
         assert_eq!(SMALL.held(), 4, "what b kept went back");
         drop((ta, a));
         assert_eq!(SMALL.held(), 0, "all of it back once the requests are gone");
+    }
+
+    #[tokio::test]
+    async fn a_quiet_stream_lets_its_copy_go_once_no_try_can_follow() {
+        static QUIET: Budget = Budget::new(1024);
+        // The client sends "ab", then nothing more for now (a bidirectional stream).
+        let mut body = script(&["ab"], false);
+        body.1 = true;
+        let rec = Recorder::within(body, 1024, &QUIET);
+        let mut live = rec.next_try();
+        assert_eq!(read(&mut live, Some(1)).await, ("ab".into(), false));
+        assert_eq!(QUIET.held(), 2);
+        let waiting = tokio::spawn(async move { (live.frame().await.is_none(), QUIET.held()) });
+        tokio::task::yield_now().await;
+        // The answer came: no try follows, and the waiting try is woken to free the copy.
+        drop(rec);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(QUIET.held(), 0, "the copy of a quiet stream went");
+        waiting.abort();
     }
 
     #[tokio::test]
