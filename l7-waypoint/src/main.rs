@@ -246,7 +246,8 @@ async fn run(
     );
     let build = |v: &sinew_control_client::ConfigView| {
         let mut s = Snapshot::build(v.resources.values().map(|h| &*h.resource));
-        s.synced = v.synced;
+        // As the agent judges it: a sync completed, or a cache that held something.
+        s.synced = v.synced && (v.acks > 0 || !v.resources.is_empty());
         Arc::new(s)
     };
     let first = views.borrow_and_update().clone();

@@ -391,7 +391,8 @@ pub async fn open_tunnel(
         .workload_by_ip(authority.ip())
         .ok_or_else(|| err("no workload has this address".into()))?;
     let expected = workload.identity(&wp.trust_domain).map_err(|e| err(e.to_string()))?;
-    let identity = wp.identity().ok_or_else(|| err("no certificate yet".into()))?;
+    let identity =
+        wp.identity().ok_or_else(|| err("no valid certificate (none yet, or expired)".into()))?;
     let key = PoolKey {
         source: wp.id.clone(),
         source_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),

@@ -160,7 +160,8 @@ pub fn explain(
         }
         endpoints.push(e);
     }
-    let verdict = if l7.as_ref().is_some_and(|l| l["verdict"] == "deny") {
+    let verdict = if l7.as_ref().is_some_and(|l| l["verdict"] == "deny") || endpoints.is_empty() {
+        // No endpoint (of the destination's family) behind a waypoint: nothing answers.
         "deny"
     } else if endpoints.iter().all(|e| e["verdict"] == "allow") {
         "allow"
@@ -245,6 +246,11 @@ kind: Service
 metadata: {name: empty, namespace: shop}
 spec: {clusterIPs: [198.18.200.2], selector: {app: nobody}, ports: [{port: 80}]}
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: empty-wp, namespace: shop, labels: {sinew.io/use-waypoint: wp}}
+spec: {clusterIPs: [198.18.200.3], selector: {app: nobody}, ports: [{port: 80}]}
+---
 apiVersion: sinew.io/v1alpha1
 kind: Workload
 metadata: {name: dual, namespace: shop, labels: {app: dual}}
@@ -270,6 +276,9 @@ spec: {selector: {matchLabels: {app: v6}}, rules: [{from: [{source: {ipBlocks: [
         let m = MeshIndex::build(&resources);
         // A service with no endpoints: the data path refuses, so explain says deny.
         let e = explain(&m, "cluster.local", "shop/client", "198.18.200.2:80", None).unwrap();
+        assert_eq!(e["verdict"], "deny", "{e:#}");
+        // Behind a waypoint too: it passes the request on to nobody.
+        let e = explain(&m, "cluster.local", "shop/client", "198.18.200.3:80", None).unwrap();
         assert_eq!(e["verdict"], "deny", "{e:#}");
         // A dual-stack source toward an IPv6 destination is judged by its IPv6 address.
         let e = explain(&m, "cluster.local", "shop/dual", "[2001:2::30]:8080", None).unwrap();

@@ -392,11 +392,14 @@ fn prepare_socket_path(path: &std::path::Path) -> Result<()> {
             path.display()
         );
     }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        bail!(
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => bail!(
             "--api-socket {}: another sinew-agent answers there (one agent per node)",
             path.display()
-        );
+        ),
+        // Nobody listens: a killed agent's socket.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        Err(e) => bail!("--api-socket {}: cannot tell whether it is in use: {e}", path.display()),
     }
     std::fs::remove_file(path).with_context(|| format!("removing the stale {}", path.display()))
 }

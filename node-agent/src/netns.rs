@@ -50,7 +50,7 @@ impl Netns {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
                 .read(true)
-                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
                 .open(p)
                 .map_err(|source| NetnsError::Open { path: path.to_path_buf(), source })
         };

@@ -39,8 +39,8 @@
 //! expression `/[^/]+/{method}`, and type `RegularExpression` the expression
 //! `/{service}/{method}` with `[^/]+` for the missing part. It is ranked as GRPCRoute asks:
 //! more characters of service first, then of method, then more header matches (a
-//! service-only match beats a method-only one), between HTTPRoute's exact paths and its
-//! regular expressions when both kinds attach to one Service.
+//! service-only match beats a method-only one). GRPCRoutes and HTTPRoutes never compete: on
+//! a Service port both attach to, only the GRPCRoutes apply (GEP-1294).
 
 use std::{borrow::Cow, cmp::Reverse, collections::BTreeMap};
 
