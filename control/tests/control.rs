@@ -640,21 +640,35 @@ async fn a_node_keeps_reaching_control_past_its_first_certificates_lifetime() {
     control.stop();
 }
 
+/// For tests that sign over TLS: a signing request for (credentials, identity), and TLS
+/// settings presenting an identity (or none).
+#[allow(clippy::type_complexity)]
+fn signing(
+    control: &Control,
+    s: &Setup,
+) -> (
+    impl Fn(Credentials, SpiffeId) -> CertConfig + use<>,
+    impl Fn(Option<(String, String)>) -> Option<ClientTls> + use<>,
+) {
+    let (endpoint, cache) = (control.endpoint(), s.dir.path().join("certs"));
+    let roots = control.roots.clone().expect("a control with TLS");
+    let with = move |credentials, identity| CertConfig {
+        endpoint: endpoint.clone(),
+        credentials,
+        identity,
+        ttl: None,
+        cache_dir: cache.clone(),
+    };
+    let tls = move |identity| Some(ClientTls::new(roots.clone(), identity));
+    (with, tls)
+}
+
 #[tokio::test]
 async fn a_node_bootstraps_with_its_token_then_authenticates_with_its_own_certificate() {
     let s = Setup::new();
     let control =
         Control::start_with(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap(), true).await;
-    let roots = control.roots.clone().unwrap();
-    let cache = s.dir.path().join("certs");
-    let with = |credentials: Credentials, id: SpiffeId| CertConfig {
-        endpoint: control.endpoint(),
-        credentials,
-        identity: id,
-        ttl: None,
-        cache_dir: cache.clone(),
-    };
-    let tls = |identity: Option<(String, String)>| Some(ClientTls::new(roots.clone(), identity));
+    let (with, tls) = signing(&control, &s);
     // 1. Bootstrap: the token gets the node its own certificate, over TLS.
     let node_id = SpiffeId::node("cluster.local", "node-1").unwrap();
     let bootstrap = Credentials { token: Some(TOKEN_1.into()), token_file: None, tls: tls(None) };
@@ -711,16 +725,7 @@ async fn a_replaced_token_revokes_the_node_certificates_obtained_before() {
     let s = Setup::new();
     let control =
         Control::start_with(&s.config(), &s.ca(), "127.0.0.1:0".parse().unwrap(), true).await;
-    let roots = control.roots.clone().unwrap();
-    let cache = s.dir.path().join("certs");
-    let with = |credentials: Credentials, id: SpiffeId| CertConfig {
-        endpoint: control.endpoint(),
-        credentials,
-        identity: id,
-        ttl: None,
-        cache_dir: cache.clone(),
-    };
-    let tls = |identity: Option<(String, String)>| Some(ClientTls::new(roots.clone(), identity));
+    let (with, tls) = signing(&control, &s);
     let node_id = SpiffeId::node("cluster.local", "node-1").unwrap();
     let reviews = SpiffeId::new("cluster.local", "shop", "reviews").unwrap();
     let bootstrap = Credentials { token: Some(TOKEN_1.into()), token_file: None, tls: tls(None) };

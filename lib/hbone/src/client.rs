@@ -394,14 +394,9 @@ async fn drive(
     ping_interval: Duration,
 ) {
     let mut connection = connection;
-    let mut ping = connection.ping_pong();
-    let mut awaiting_pong = false;
+    let mut keepalive = crate::Keepalive::new(connection.ping_pong(), ping_interval).await;
     let mut connection = std::pin::pin!(connection);
     let mut idle_checks = 0u32;
-    let mut tick = tokio::time::interval(ping_interval);
-    // See the server: no burst of ticks after a stall.
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
     loop {
         tokio::select! {
             result = &mut connection => {
@@ -410,24 +405,12 @@ async fn drive(
                 }
                 break;
             }
-            pong = std::future::poll_fn(|cx| match ping.as_mut() {
-                Some(p) if awaiting_pong => p.poll_pong(cx),
-                _ => std::task::Poll::Pending,
-            }) => {
-                awaiting_pong = false;
-                if pong.is_err() {
-                    break;
-                }
-            }
-            _ = tick.tick() => {
-                if awaiting_pong {
+            beat = keepalive.next() => {
+                if beat == crate::Beat::Gone {
                     // No answer for a whole interval: the peer is gone. Dropping the
                     // connection resets its streams, so their applications see the end.
                     debug!(%peer, "HBONE connection unanswered ping: closing");
                     break;
-                }
-                if let Some(p) = ping.as_mut() {
-                    awaiting_pong = p.send_ping(h2::Ping::opaque()).is_ok();
                 }
                 let Some(c) = conn.upgrade() else { break };
                 if c.active.load(Ordering::Acquire) == 0 {

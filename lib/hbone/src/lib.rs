@@ -108,3 +108,61 @@ const WIRE_BUFFER: usize = 64 << 10;
 pub(crate) fn wire(tcp: tokio::net::TcpStream) -> Wire {
     tokio::io::BufReader::with_capacity(WIRE_BUFFER, tcp)
 }
+
+/// What a keepalive tick found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Beat {
+    /// A ping went out (the previous one was answered).
+    Pinged,
+    /// The last ping was not answered by the next tick, or the connection failed it.
+    Gone,
+}
+
+/// HTTP/2 keepalive pings, on both sides of a connection: a ping every interval, and a peer
+/// that has not answered one by the next is gone (no FIN or RST may ever come from a node
+/// that lost power or its network).
+pub(crate) struct Keepalive {
+    ping: Option<h2::PingPong>,
+    awaiting: bool,
+    tick: tokio::time::Interval,
+}
+
+impl Keepalive {
+    /// Pings through `ping` every `interval`, the first an interval from now.
+    pub(crate) async fn new(ping: Option<h2::PingPong>, interval: std::time::Duration) -> Self {
+        let mut tick = tokio::time::interval(interval.max(std::time::Duration::from_millis(1)));
+        // After a stall (a paused VM, a starved runtime) the next ping goes a whole interval
+        // later, not at once: ticks in a burst would judge a healthy peer by a ping just sent.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        Self { ping, awaiting: false, tick }
+    }
+
+    /// Waits for the next tick (answers arriving meanwhile are taken). Cancel-safe: its state
+    /// lives in `self`, so it may be raced against the connection in a `select!`.
+    pub(crate) async fn next(&mut self) -> Beat {
+        loop {
+            let (ping, awaiting) = (&mut self.ping, self.awaiting);
+            tokio::select! {
+                pong = std::future::poll_fn(|cx| match ping.as_mut() {
+                    Some(p) if awaiting => p.poll_pong(cx),
+                    _ => std::task::Poll::Pending,
+                }) => {
+                    self.awaiting = false;
+                    if pong.is_err() {
+                        return Beat::Gone;
+                    }
+                }
+                _ = self.tick.tick() => {
+                    if self.awaiting {
+                        return Beat::Gone;
+                    }
+                    if let Some(p) = self.ping.as_mut() {
+                        self.awaiting = p.send_ping(h2::Ping::opaque()).is_ok();
+                    }
+                    return Beat::Pinged;
+                }
+            }
+        }
+    }
+}

@@ -164,13 +164,7 @@ where
     drop(until_handshaken);
     let mut drain = std::pin::pin!(drain);
     let mut draining = false;
-    let mut ping = conn.ping_pong();
-    let mut awaiting_pong = false;
-    let mut tick = tokio::time::interval(ping_interval.max(std::time::Duration::from_millis(1)));
-    // After a stall (a paused VM, a starved runtime) the next ping goes a whole interval
-    // later, not at once: ticks in a burst would judge a healthy peer by a ping just sent.
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+    let mut keepalive = crate::Keepalive::new(conn.ping_pong(), ping_interval).await;
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
@@ -179,25 +173,10 @@ where
                 draining = true;
                 continue;
             }
-            pong = std::future::poll_fn(|cx| match ping.as_mut() {
-                Some(p) if awaiting_pong => p.poll_pong(cx),
-                _ => std::task::Poll::Pending,
-            }) => {
-                awaiting_pong = false;
-                if pong.is_err() {
-                    break;
-                }
-                continue;
-            }
-            _ = tick.tick() => {
-                if awaiting_pong {
-                    return Err(timeout("an answer to a keepalive ping"));
-                }
-                if let Some(p) = ping.as_mut() {
-                    awaiting_pong = p.send_ping(h2::Ping::opaque()).is_ok();
-                }
-                continue;
-            }
+            beat = keepalive.next() => match beat {
+                crate::Beat::Pinged => continue,
+                crate::Beat::Gone => return Err(timeout("an answer to a keepalive ping")),
+            },
         };
         let Some(next) = next else { break };
         let (request, mut respond) =
