@@ -190,7 +190,10 @@ mod tests {
     use super::*;
 
     fn mesh() -> MeshIndex {
-        let yaml = mesh_yaml();
+        mesh_of(mesh_yaml())
+    }
+
+    fn mesh_of(yaml: &str) -> MeshIndex {
         let resources: Vec<_> = sinew_model::parse_file(std::path::Path::new("t.yaml"), yaml)
             .expect("YAML")
             .into_iter()
@@ -266,14 +269,7 @@ kind: AuthorizationPolicy
 metadata: {name: v6-only, namespace: shop}
 spec: {selector: {matchLabels: {app: v6}}, rules: [{from: [{source: {ipBlocks: [\"2001:2::/64\"]}}]}]}
 ";
-        let base = mesh_yaml();
-        let resources: Vec<_> =
-            sinew_model::parse_file(std::path::Path::new("t.yaml"), &format!("{base}{extra}"))
-                .expect("YAML")
-                .into_iter()
-                .map(|r| r.expect("valid"))
-                .collect();
-        let m = MeshIndex::build(&resources);
+        let m = mesh_of(&format!("{}{extra}", mesh_yaml()));
         // A service with no endpoints: the data path refuses, so explain says deny.
         let e = explain(&m, "cluster.local", "shop/client", "198.18.200.2:80", None).unwrap();
         assert_eq!(e["verdict"], "deny", "{e:#}");
