@@ -153,7 +153,11 @@ impl Waypoint {
             snapshot,
             svid,
             pool: PerWorker::new(workers, |_| Pool::new()),
-            metrics: Metrics::default(),
+            metrics: {
+                let mut m = Metrics::default();
+                m.count_dropped_lines(&access);
+                m
+            },
             access,
             upstreams: if plain { Upstreams::plain(workers) } else { Upstreams::new(me.clone()) },
             otlp,

@@ -155,7 +155,11 @@ impl Ctx {
             mesh,
             certs,
             pool: PerWorker::new(workers, |_| Pool::new()),
-            metrics: Arc::new(Metrics::default()),
+            metrics: Arc::new({
+                let mut m = Metrics::default();
+                m.count_dropped_lines(&access);
+                m
+            }),
             access,
             stats: Arc::new(Stats::default()),
             live: Live::default(),

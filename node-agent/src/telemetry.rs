@@ -113,6 +113,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Adds `sinew_access_log_lines_dropped_total` for `access`.
+    pub fn count_dropped_lines(&mut self, access: &sinew_telemetry::AccessLog) {
+        self.registry.register_collector(Box::new(access.dropped_lines()));
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();

@@ -171,6 +171,36 @@ impl Queue {
     }
 }
 
+/// `sinew_access_log_lines_dropped_total` of an [`AccessLog`], read at each scrape.
+#[derive(Clone)]
+pub struct DroppedLines(AccessLog);
+
+impl std::fmt::Debug for DroppedLines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("DroppedLines").field(&self.0.dropped()).finish()
+    }
+}
+
+impl prometheus_client::collector::Collector for DroppedLines {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        let m = prometheus_client::metrics::counter::ConstCounter::new(self.0.dropped());
+        m.encode(enc.encode_descriptor(
+            "sinew_access_log_lines_dropped",
+            "Access-log lines dropped because the log could not keep up",
+            None,
+            m.metric_type(),
+        )?)
+    }
+}
+
+impl AccessLog {
+    /// Its dropped-lines counter, to register with a metrics registry.
+    pub fn dropped_lines(&self) -> DroppedLines {
+        DroppedLines(self.clone())
+    }
+}
+
 /// The writer thread: writes what is queued, flushing whenever the queue runs dry, until
 /// every sender is gone.
 fn write_lines(
@@ -240,6 +270,22 @@ mod tests {
         }
         // 400 lines of 100 KiB would be 40 MiB: past 16 MiB queued they are dropped.
         assert!(log.dropped() >= 200, "dropped {}", log.dropped());
+    }
+
+    #[test]
+    fn dropped_lines_are_a_prometheus_counter() {
+        let (_release, stalled) = std::sync::mpsc::channel();
+        let log = AccessLog(Some(Arc::new(Queue::start(Box::new(Stalled(stalled))).unwrap())));
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(log.dropped_lines()));
+        let path = "x".repeat(1 << 20);
+        for _ in 0..40 {
+            log.write(&serde_json::json!({ "path": path }));
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        let line = format!("sinew_access_log_lines_dropped_total {}", log.dropped());
+        assert!(log.dropped() > 0 && out.contains(&line), "{out}");
     }
 
     #[test]
