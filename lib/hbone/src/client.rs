@@ -121,9 +121,17 @@ impl Slot {
     /// many connections (each driven on its own worker).
     fn reserve(&self, identity: &Identity) -> Option<Arc<Conn>> {
         let conns = self.conns.lock().expect("pool lock poisoned");
-        let open = conns.iter().filter(|c| c.usable_for(identity));
-        let best = open.clone().min_by_key(|c| c.active.load(Ordering::Acquire))?;
-        if open.count() < MIN_CONNECTIONS && best.active.load(Ordering::Acquire) > 0 {
+        // One pass: whether a connection is usable asks h2 (a lock each), once per connection.
+        let (mut open, mut best) = (0, None::<&Arc<Conn>>);
+        for c in conns.iter().filter(|c| c.usable_for(identity)) {
+            open += 1;
+            let load = c.active.load(Ordering::Acquire);
+            if best.is_none_or(|b| load < b.active.load(Ordering::Acquire)) {
+                best = Some(c);
+            }
+        }
+        let best = best?;
+        if open < MIN_CONNECTIONS && best.active.load(Ordering::Acquire) > 0 {
             return None;
         }
         // The lock is held, so no other reservation races this one.
