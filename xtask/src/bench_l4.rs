@@ -122,6 +122,12 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
     c.serve(&ds, &[8080])?;
     nginx(&mut c, &ms)?;
     nginx(&mut c, &ds)?;
+    // The floor of new-connection latency for any design with an agent relaying on each node:
+    // the simplest relay (testapp's, tokio) where the agents sit, on the plain pair, as in
+    // `bench capture`. No capture, TLS, HTTP/2, policy or telemetry.
+    let local = |port: u16| Cluster::target(std::net::Ipv4Addr::LOCALHOST.into(), port);
+    c.start_app(&ds, &["relay", &Cluster::target(ds.v4(), 9090), &local(8080)])?;
+    c.start_app(&dc, &["relay", &local(9001), &Cluster::target(ds.v4(), 9090)])?;
     let paths = [("direct", &dc, &ds), ("mesh", &mc, &ms)];
     for (name, client, server) in paths {
         // Warm up (ARP, certificates, pooled connection) and wait for nginx.
@@ -162,7 +168,9 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
     // ratios against a direct path that moves by tens of percent between runs.
     let pids = [agent_pid(&mut c, 1)?, agent_pid(&mut c, 2)?];
     let mut cpu_per_gib = Vec::new();
+    let mut relays_us = Vec::new();
     for _ in 0..ROUNDS {
+        relays_us.push(field(&c.run_in(&dc, &["ping", &local(9001), "500"])?, "mean_us")?);
         for (i, (_, client, server)) in paths.iter().enumerate() {
             let target = Cluster::target(server.v4(), 8080);
             let before = cpu_ms(pids[0])? + cpu_ms(pids[1])?;
@@ -187,6 +195,7 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
         v[v.len() / 2]
     };
     let cpu_per_gib = median(&mut cpu_per_gib);
+    let relays_us = median(&mut relays_us);
     let m: Vec<[f64; 6]> = s
         .iter_mut()
         .map(|r| {
@@ -208,6 +217,7 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
             r[5]
         );
     }
+    println!("  bare relays: connect+first byte {relays_us:6.1} us");
     let (d, x) = (m[0], m[1]);
     let report = json!({
         "suite": "l4",
@@ -218,6 +228,8 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
         "http_rps_ratio": x[3] / d[3],
         "http_p99_added_ms": x[5] - d[5],
         "connect_latency_ratio": x[2] / d[2],
+        "bare_relays": { "connect_mean_us": relays_us },
+        "bare_relays_connect_latency_ratio": relays_us / d[2],
         "agent_rss_idle_mib": rss_idle_kib as f64 / 1024.0,
         "agent_rss_loaded_mib": rss_loaded_kib as f64 / 1024.0,
         "agents_cpu_ms_per_gib_1_stream": cpu_per_gib,
@@ -231,17 +243,21 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
         "method": "two nodes; mesh = both pods enrolled, control service running, HBONE with mutual TLS between the agents (their default worker count: 1 on 2 CPUs); \
                    direct = a plain pair on the same nodes. Throughput: sinew-testapp sink for 3 s on 1 and on 8 streams. \
                    Connect: connect() until the first answer byte, mean of 500 sequential connections. \
+                   bare_relays = the plain pair through two minimal tokio relays placed where the agents sit (loopback listener \
+                   in the client pod, listener in the server pod relaying to the app), a new TCP connection between them per connection: \
+                   the floor of connect latency with a user-space hop on each node, without capture, TLS, HTTP/2, policy or telemetry. \
                    HTTP: wrk -t2 -c30 for 5 s against nginx (1 worker). CPU per GiB: both agents' user+system time during the 1-stream run. RSS: the larger agent's VmRSS, idle after warm-up and after the load. \
                    Median of 3 interleaved rounds.",
     });
     println!(
         "throughput_1_ratio {:.3} (goal >= 0.45)  throughput_8_ratio {:.3}  http_rps_ratio {:.3} (goal >= 0.7)  \
-         http_p99_added_ms {:.3} (goal <= 0.7)  connect_latency_ratio {:.2} (goal <= 2.0)  agent_rss_idle_mib {:.1} (goal <= 12)  agents_cpu_ms_per_gib_1_stream {:.0}",
+         http_p99_added_ms {:.3} (goal <= 0.7)  connect_latency_ratio {:.2} (goal <= 2.0; bare relays {:.2})  agent_rss_idle_mib {:.1} (goal <= 12)  agents_cpu_ms_per_gib_1_stream {:.0}",
         x[0] / d[0],
         x[1] / d[1],
         x[3] / d[3],
         x[5] - d[5],
         x[2] / d[2],
+        relays_us / d[2],
         rss_idle_kib as f64 / 1024.0,
         cpu_per_gib
     );
