@@ -405,7 +405,14 @@ pub async fn open_tunnel(
     let baggage = source
         .and_then(|tag| wp.source_of(tag))
         .map(|principal| format!("{SOURCE_PRINCIPAL_BAGGAGE}={principal}"));
-    let connect = Connect { authority, client, baggage: baggage.as_deref(), early: Bytes::new() };
+    let connect = Connect {
+        authority,
+        client,
+        baggage: baggage.as_deref(),
+        early: Bytes::new(),
+        // The waypoint retries on a refused or failed connect: it needs the answer first.
+        optimistic: false,
+    };
     wp.pool
         .get()
         .connect(&key, &identity, connect, TcpStream::connect)

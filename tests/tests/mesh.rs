@@ -237,6 +237,7 @@ mod rogue {
                 client: "198.18.0.1:1".parse()?,
                 baggage: None,
                 early: Default::default(),
+                optimistic: false,
             };
             let r = Pool::new().connect(&key, identity, req, |_| async { Ok(tcp) }).await;
             Ok(r.map(drop).map_err(|e| e.to_string()))

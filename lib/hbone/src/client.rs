@@ -194,7 +194,17 @@ pub struct Connect<'a> {
     /// comes one round trip between the agents sooner. If the peer refuses the tunnel they
     /// are dropped with it. Empty for none.
     pub early: Bytes,
+    /// Return as soon as the request is sent, without waiting for the peer's answer: bytes
+    /// go out at once, bytes in wait for the answer, and a refusal is the stream's error (see
+    /// [`crate::refused`]). The request says so ([`OPTIMISTIC_HEADER`]), so a Sinew
+    /// peer may send its 200 with the application's first answer, one TLS record instead of
+    /// two. For a byte tunnel; not where the caller acts on the tunnel being up (retries on
+    /// connect failure).
+    pub optimistic: bool,
 }
+
+/// Request header of a client that does not wait for the 200 (see [`Connect::optimistic`]).
+pub const OPTIMISTIC_HEADER: &str = "sinew-optimistic";
 
 impl Pool {
     /// An empty pool.
@@ -473,11 +483,17 @@ async fn open_stream(
     if let Some(v) = req.baggage.and_then(|b| b.parse().ok()) {
         headers.insert("baggage", v);
     }
+    if req.optimistic {
+        headers.insert(OPTIMISTIC_HEADER, http::HeaderValue::from_static("1"));
+    }
     let (response, mut stream) = send.send_request(request, false).map_err(unsent)?;
     if !req.early.is_empty() {
         // h2 queues DATA beyond the stream's window until the peer grants it; the early bytes
         // are at most a socket read, far below the 4 MiB window of our peers.
         stream.send_data(req.early, false).map_err(h2err)?;
+    }
+    if req.optimistic {
+        return Ok(H2Stream::awaiting(stream, response, peer, req.authority));
     }
     let response = response.await.map_err(h2err)?;
     if response.status() != StatusCode::OK {

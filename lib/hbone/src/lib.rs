@@ -22,9 +22,11 @@ pub mod tls;
 
 use std::net::SocketAddr;
 
-pub use client::{Connect, IDLE_TIMEOUT, PING_INTERVAL, Pool, PoolKey, PoolStats, random_u64};
+pub use client::{
+    Connect, IDLE_TIMEOUT, OPTIMISTIC_HEADER, PING_INTERVAL, Pool, PoolKey, PoolStats, random_u64,
+};
 pub use server::{Inbound, serve_connection, serve_connection_holding, serve_connection_until};
-pub use stream::H2Stream;
+pub use stream::{ANSWER_WAIT, H2Stream, refused};
 
 /// The HBONE port on every mesh pod.
 pub const HBONE_PORT: u16 = 15008;

@@ -51,6 +51,23 @@ impl Inbound {
         Ok(H2Stream::new(send, self.recv))
     }
 
+    /// Whether the client sends without waiting for the 200 ([`crate::OPTIMISTIC_HEADER`]).
+    pub fn optimistic(&self) -> bool {
+        self.headers.contains_key(crate::OPTIMISTIC_HEADER)
+    }
+
+    /// Accepts the tunnel; the 200 goes out with the first bytes to the client, so an answer
+    /// the application gives at once shares its TLS record (and the client's wakeup):
+    /// [`H2Stream::copy_tcp`] holds it at most [`crate::ANSWER_WAIT`]. Only for an
+    /// [`Self::optimistic`] client (a client waiting for the 200 before sending more would
+    /// stall until then); others are answered at once, as [`Self::accept`] does.
+    pub fn accept_with_answer(self) -> Result<H2Stream, h2::Error> {
+        if !self.optimistic() {
+            return self.accept();
+        }
+        Ok(H2Stream::unanswered(self.respond, self.recv))
+    }
+
     /// Answers `status` (401 denied, 503 upstream unreachable...) and ends the stream.
     pub fn refuse(mut self, status: StatusCode) {
         let _ = self.respond.send_response(response(status), true);

@@ -1,17 +1,23 @@
 //! One tunnelled connection as a byte stream.
 
 use std::{
+    future::Future,
     io,
+    net::SocketAddr,
     pin::Pin,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use bytes::{Buf, Bytes, BytesMut};
-use h2::{Reason, RecvStream, SendStream};
+use h2::{Reason, RecvStream, SendStream, client::ResponseFuture, server::SendResponse};
+use http::{Response, StatusCode};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
 };
+
+use crate::HboneError;
 
 /// Largest DATA frame payload we queue at once; h2 splits it to the peer's frame size.
 const MAX_WRITE: usize = 256 << 10;
@@ -20,13 +26,93 @@ const READ_CHUNK: usize = 256 << 10;
 /// Below this much free buffer, a fresh chunk is reserved before reading.
 const MIN_READ: usize = 16 << 10;
 
+/// How long a server holding its 200 back (see [`crate::Inbound::accept_with_answer`]) waits
+/// for the application's first bytes before answering alone. Only the client's bookkeeping
+/// waits on it: bytes flow both ways meanwhile.
+pub const ANSWER_WAIT: Duration = Duration::from_secs(1);
+
+/// The sending half: open, or (a server holding its 200 back) not yet answered.
+enum Tx {
+    Open(SendStream<Bytes>),
+    Unanswered(SendResponse<Bytes>),
+}
+
+impl Tx {
+    /// The stream to send on, answering 200 first if that was held back.
+    fn open(&mut self) -> io::Result<&mut SendStream<Bytes>> {
+        if let Tx::Unanswered(respond) = self {
+            let mut ok = Response::new(());
+            *ok.status_mut() = StatusCode::OK;
+            *self = Tx::Open(respond.send_response(ok, false).map_err(to_io)?);
+        }
+        match self {
+            Tx::Open(send) => Ok(send),
+            Tx::Unanswered(_) => Err(io::Error::other("HBONE answer not sent")),
+        }
+    }
+
+    fn reset(&mut self, reason: Reason) {
+        match self {
+            Tx::Open(send) => send.send_reset(reason),
+            Tx::Unanswered(respond) => respond.send_reset(reason),
+        }
+    }
+}
+
+/// The receiving half: open, or (an optimistic client) still waiting for the peer's answer.
+enum Rx {
+    Open(RecvStream),
+    Awaiting(Box<Awaiting>),
+}
+
+/// A `CONNECT` sent without waiting for its answer.
+struct Awaiting {
+    response: ResponseFuture,
+    peer: SocketAddr,
+    authority: SocketAddr,
+    /// The peer must answer within [`crate::client::CONNECT_TIMEOUT`].
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Rx {
+    /// Waits for the peer's answer, if not yet here: Ok once the tunnel is up (200), an
+    /// error carrying [`HboneError::Refused`] for any other answer.
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Rx::Awaiting(a) = self else { return Poll::Ready(Ok(())) };
+        let (peer, authority) = (a.peer, a.authority);
+        let response = match Pin::new(&mut a.response).poll(cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => {
+                ready!(a.deadline.as_mut().poll(cx));
+                let e = HboneError::Timeout { what: "an answer to CONNECT", peer };
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, e)));
+            }
+        };
+        let response = response.map_err(to_io)?;
+        let status = response.status();
+        if status != StatusCode::OK {
+            let e = HboneError::Refused { peer, authority, status };
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionRefused, e)));
+        }
+        *self = Rx::Open(response.into_body());
+        Poll::Ready(Ok(()))
+    }
+
+    fn open(&mut self) -> io::Result<&mut RecvStream> {
+        match self {
+            Rx::Open(recv) => Ok(recv),
+            Rx::Awaiting(_) => Err(io::Error::other("HBONE answer not received")),
+        }
+    }
+}
+
 /// The bytes of one `CONNECT` stream, both ways. A clean end (`poll_shutdown`) sends
 /// `END_STREAM` (half-close); dropping the stream before both ways ended sends `RST_STREAM`
 /// (CANCEL), which the peer passes on as a TCP reset. A reset from the peer reads as
 /// `ConnectionReset`.
 pub struct H2Stream {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
+    send: Tx,
+    recv: Rx,
     /// Received but not yet read.
     pending: Bytes,
     read_done: bool,
@@ -39,6 +125,29 @@ pub struct H2Stream {
 
 impl H2Stream {
     pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self::with_halves(Tx::Open(send), Rx::Open(recv))
+    }
+
+    /// A server's stream whose 200 is sent with the first bytes to the peer (or at EOF, or
+    /// after [`ANSWER_WAIT`] in [`Self::copy_tcp`]).
+    pub(crate) fn unanswered(respond: SendResponse<Bytes>, recv: RecvStream) -> Self {
+        Self::with_halves(Tx::Unanswered(respond), Rx::Open(recv))
+    }
+
+    /// A client's stream whose `CONNECT` is not answered yet: bytes may go out at once, bytes
+    /// in wait for the answer, and a refusal is the stream's error.
+    pub(crate) fn awaiting(
+        send: SendStream<Bytes>,
+        response: ResponseFuture,
+        peer: SocketAddr,
+        authority: SocketAddr,
+    ) -> Self {
+        let deadline = Box::pin(tokio::time::sleep(crate::client::CONNECT_TIMEOUT));
+        let awaiting = Awaiting { response, peer, authority, deadline };
+        Self::with_halves(Tx::Open(send), Rx::Awaiting(Box::new(awaiting)))
+    }
+
+    fn with_halves(send: Tx, recv: Rx) -> Self {
         Self {
             send,
             recv,
@@ -55,6 +164,23 @@ impl H2Stream {
         self
     }
 
+    /// Waits for the peer's answer to the `CONNECT`, for a stream opened without waiting
+    /// (at once otherwise): Ok when the tunnel is up, [`HboneError::Refused`] with the
+    /// status otherwise.
+    pub async fn answered(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.recv.poll_answer(cx)).await
+    }
+
+    /// The refusal that arrived, if the peer already answered with one: after a copy failed
+    /// while the answer was outstanding, the refusal is the better reason.
+    fn refusal_now(&mut self) -> Option<io::Error> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.recv.poll_answer(&mut cx) {
+            Poll::Ready(Err(e)) if refused(&e).is_some() => Some(e),
+            _ => None,
+        }
+    }
+
     /// Copies between this stream and `tcp` both ways until both ends finish: bytes read
     /// from `tcp` go out as DATA frames without an intermediate copy, DATA received is written
     /// straight to `tcp`, and the window is handed back only once written (backpressure).
@@ -67,18 +193,47 @@ impl H2Stream {
         tcp: &mut TcpStream,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> io::Result<(u64, u64)> {
+        self.copy_tcp_with(tcp, progress, &|| {}).await
+    }
+
+    /// [`Self::copy_tcp`], calling `answered` once the peer's 200 is in (at once if it was
+    /// before): for a stream opened without waiting, whose refusal is the copy's error (an
+    /// `io::Error` carrying [`HboneError::Refused`], see [`refused`]).
+    pub async fn copy_tcp_with(
+        &mut self,
+        tcp: &mut TcpStream,
+        progress: &(dyn Fn(u64, u64) + Sync),
+        answered: &(dyn Fn() + Sync),
+    ) -> io::Result<(u64, u64)> {
         let pending = std::mem::take(&mut self.pending);
         let result = {
             let (mut tcp_r, mut tcp_w) = tcp.split();
-            let (send, recv) = (&mut self.send, &mut self.recv);
+            let (tx, rx) = (&mut self.send, &mut self.recv);
             let upload = async {
                 let mut total = 0u64;
                 let mut buf = BytesMut::new();
-                'copy: loop {
-                    if buf.capacity() < MIN_READ {
-                        buf.reserve(READ_CHUNK);
+                // A held-back 200 leaves with the application's first bytes, in one TLS record
+                // (or alone at its EOF, or after ANSWER_WAIT of silence).
+                let mut first = None;
+                if matches!(tx, Tx::Unanswered(_)) {
+                    buf.reserve(READ_CHUNK);
+                    if let Ok(read) =
+                        tokio::time::timeout(ANSWER_WAIT, tcp_r.read_buf(&mut buf)).await
+                    {
+                        first = Some(read?);
                     }
-                    let n = tcp_r.read_buf(&mut buf).await?;
+                }
+                let send = tx.open()?;
+                'copy: loop {
+                    let n = match first.take() {
+                        Some(n) => n,
+                        None => {
+                            if buf.capacity() < MIN_READ {
+                                buf.reserve(READ_CHUNK);
+                            }
+                            tcp_r.read_buf(&mut buf).await?
+                        }
+                    };
                     if n == 0 {
                         send.send_data(Bytes::new(), true).map_err(to_io)?;
                         return Ok::<_, io::Error>(total);
@@ -132,6 +287,9 @@ impl H2Stream {
                 Ok(total)
             };
             let download = async {
+                std::future::poll_fn(|cx| rx.poll_answer(cx)).await?;
+                answered();
+                let recv = rx.open()?;
                 let mut total = pending.len() as u64;
                 // Counted as received from the peer, before being written on.
                 if !pending.is_empty() {
@@ -150,14 +308,18 @@ impl H2Stream {
             };
             tokio::try_join!(upload, download)
         };
-        match &result {
-            Ok(_) => {
+        match result {
+            Ok(totals) => {
                 self.read_done = true;
                 self.write_done = true;
+                Ok(totals)
             }
-            Err(_) => self.reset(),
+            Err(e) => {
+                let e = self.refusal_now().unwrap_or(e);
+                self.reset();
+                Err(e)
+            }
         }
-        result
     }
 
     /// Makes dropping the stream end it cleanly (END_STREAM) instead of with a reset: for a
@@ -171,9 +333,18 @@ impl H2Stream {
     /// Abandons the stream with `RST_STREAM` (CONNECT_ERROR, as RFC 9113 section 8.5 signals a
     /// TCP connection error), so the peer resets its side.
     pub fn reset(&mut self) {
-        self.send.send_reset(Reason::CONNECT_ERROR);
+        self.send.reset(Reason::CONNECT_ERROR);
         self.read_done = true;
         self.write_done = true;
+    }
+}
+
+/// The peer's refusal carried by an error of [`H2Stream`] opened without waiting for the
+/// answer: the status it answered (401 denied, 503 unreachable...).
+pub fn refused(e: &io::Error) -> Option<StatusCode> {
+    match e.get_ref()?.downcast_ref::<HboneError>()? {
+        HboneError::Refused { status, .. } => Some(*status),
+        _ => None,
     }
 }
 
@@ -201,32 +372,38 @@ fn to_io(e: h2::Error) -> io::Error {
 
 impl AsyncRead for H2Stream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
         loop {
-            if !self.pending.is_empty() {
-                let n = self.pending.len().min(buf.remaining());
-                buf.put_slice(&self.pending[..n]);
-                self.pending.advance(n);
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending[..n]);
+                this.pending.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            if self.read_done {
+            if this.read_done {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(self.recv.poll_data(cx)) {
+            if let Err(e) = ready!(this.recv.poll_answer(cx)) {
+                this.read_done = true;
+                return Poll::Ready(Err(e));
+            }
+            let recv = this.recv.open()?;
+            match ready!(recv.poll_data(cx)) {
                 None => {
                     // END_STREAM: the peer half-closed.
-                    self.read_done = true;
+                    this.read_done = true;
                 }
                 Some(Ok(data)) => {
                     // Hand the window back at once: at most one frame is held here.
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    self.pending = data;
+                    let _ = recv.flow_control().release_capacity(data.len());
+                    this.pending = data;
                 }
                 Some(Err(e)) => {
-                    self.read_done = true;
+                    this.read_done = true;
                     return Poll::Ready(Err(to_io(e)));
                 }
             }
@@ -247,21 +424,20 @@ impl AsyncWrite for H2Stream {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         let want = buf.len().min(MAX_WRITE);
-        self.send.reserve_capacity(want);
+        let send = self.send.open()?;
+        send.reserve_capacity(want);
         loop {
-            match ready!(self.send.poll_capacity(cx)) {
+            match ready!(send.poll_capacity(cx)) {
                 Some(Ok(0)) => continue,
                 Some(Ok(n)) => {
                     let n = n.min(buf.len());
                     let data = Bytes::copy_from_slice(&buf[..n]);
-                    return Poll::Ready(
-                        self.send.send_data(data, false).map(|()| n).map_err(to_io),
-                    );
+                    return Poll::Ready(send.send_data(data, false).map(|()| n).map_err(to_io));
                 }
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
                 None => {
                     // The stream was closed under us: a reset from the peer.
-                    let e = match ready!(self.send.poll_reset(cx)) {
+                    let e = match ready!(send.poll_reset(cx)) {
                         Ok(reason) => io::Error::new(
                             io::ErrorKind::ConnectionReset,
                             format!("stream reset by peer: {reason:?}"),
@@ -282,7 +458,7 @@ impl AsyncWrite for H2Stream {
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.write_done {
             self.write_done = true;
-            self.send.send_data(Bytes::new(), true).map_err(to_io)?;
+            self.send.open()?.send_data(Bytes::new(), true).map_err(to_io)?;
         }
         Poll::Ready(Ok(()))
     }
@@ -294,9 +470,11 @@ impl Drop for H2Stream {
             return;
         }
         if self.reset_on_drop {
-            self.send.send_reset(Reason::CANCEL);
-        } else if !self.write_done {
-            let _ = self.send.send_data(Bytes::new(), true);
+            self.send.reset(Reason::CANCEL);
+        } else if !self.write_done
+            && let Ok(send) = self.send.open()
+        {
+            let _ = send.send_data(Bytes::new(), true);
         }
     }
 }

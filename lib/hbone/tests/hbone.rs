@@ -107,6 +107,7 @@ fn req(port: u16) -> Connect<'static> {
         client: "198.18.1.11:40000".parse().unwrap(),
         baggage: Some("k8s.namespace.name=shop"),
         early: Bytes::new(),
+        optimistic: false,
     }
 }
 
@@ -768,4 +769,136 @@ async fn connections_told_to_go_away_are_not_handed_out() {
             .expect("in time");
     assert!(fresh.is_ok(), "a new stream goes on a new connection: {:?}", fresh.err());
     assert_eq!(pool.stats().opened, 4);
+}
+
+/// An HBONE server tunnelling every CONNECT to `app` as the agent does: the 200 held for
+/// the app's first answer (for an optimistic client), then `copy_tcp`.
+async fn tunnelling_server(identity: Identity, app: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = identity.server_config().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = listener.accept().await.unwrap();
+            let config = config.clone();
+            tokio::spawn(serve_connection(tcp, peer, config, move |inbound: Inbound| async move {
+                let Ok(mut upstream) = TcpStream::connect(app).await else {
+                    return inbound.refuse(StatusCode::SERVICE_UNAVAILABLE);
+                };
+                let Ok(mut stream) = inbound.accept_with_answer() else { return };
+                let _ = stream.copy_tcp(&mut upstream, &|_, _| {}).await;
+            }));
+        }
+    });
+    addr
+}
+
+/// An app that reads until it has `wants` bytes, waits `think`, answers "answer" and closes.
+async fn slow_app(wants: usize, think: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = vec![0u8; wants];
+                if s.read_exact(&mut got).await.is_ok() {
+                    tokio::time::sleep(think).await;
+                    let _ = s.write_all(b"answer").await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_optimistic_tunnel_sends_at_once_and_gets_its_200_with_the_first_answer() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let app = slow_app(2, Duration::from_millis(300)).await;
+    let addr = tunnelling_server(identity(&ca, &server_id), app).await;
+    let (pool, me) = (Pool::new(), identity(&ca, &client_id));
+    let k = key(&client_id, addr, &server_id);
+    let optimistic = Connect { early: Bytes::from_static(b"a"), optimistic: true, ..req(8080) };
+    // The app answers only once it has both bytes: the second is written after the CONNECT,
+    // so it must flow before any 200.
+    let start = std::time::Instant::now();
+    let mut s = pool.connect(&k, &me, optimistic, dial).await.unwrap();
+    s.write_all(b"b").await.unwrap();
+    s.answered().await.unwrap();
+    let answered_after = start.elapsed();
+    assert!(
+        answered_after >= Duration::from_millis(250),
+        "200 before the answer: {answered_after:?}"
+    );
+    assert!(answered_after < sinew_hbone::ANSWER_WAIT, "200 on the timer: {answered_after:?}");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"answer");
+    // A client that waits for the 200 (ztunnel's way) gets it at once from the same server:
+    // holding it back would stall such a client until the timer.
+    let start = std::time::Instant::now();
+    let mut s = pool.connect(&k, &me, req(8080), dial).await.unwrap();
+    assert!(start.elapsed() < Duration::from_millis(250), "{:?}", start.elapsed());
+    s.write_all(b"ab").await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"answer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_app_s_optimistic_client_gets_its_200_after_the_answer_wait() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    // Wants more than it will ever get: never answers.
+    let app = slow_app(100, Duration::ZERO).await;
+    let addr = tunnelling_server(identity(&ca, &server_id), app).await;
+    let optimistic = Connect { optimistic: true, ..req(8080) };
+    let start = std::time::Instant::now();
+    let mut s = Pool::new()
+        .connect(&key(&client_id, addr, &server_id), &identity(&ca, &client_id), optimistic, dial)
+        .await
+        .unwrap();
+    s.answered().await.unwrap();
+    let after = start.elapsed();
+    assert!(after >= sinew_hbone::ANSWER_WAIT, "{after:?}");
+    assert!(after < sinew_hbone::ANSWER_WAIT + Duration::from_secs(3), "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_optimistic_tunnel_s_refusal_is_its_copy_error() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let (addr, _seen) = server(identity(&ca, &server_id)).await;
+    let (pool, me) = (Pool::new(), identity(&ca, &client_id));
+    let k = key(&client_id, addr, &server_id);
+    let optimistic =
+        |port| Connect { early: Bytes::from_static(b"early"), optimistic: true, ..req(port) };
+    // The app side of the copy: a real socket pair.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut app_client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let (mut app, _) = listener.accept().await.unwrap();
+    let mut s = pool.connect(&k, &me, optimistic(401), dial).await.unwrap();
+    let answered = std::sync::atomic::AtomicBool::new(false);
+    let on_answer = || answered.store(true, std::sync::atomic::Ordering::Relaxed);
+    let copy = s.copy_tcp_with(&mut app, &|_, _| {}, &on_answer);
+    let err = tokio::time::timeout(Duration::from_secs(5), copy).await.unwrap().unwrap_err();
+    assert_eq!(sinew_hbone::refused(&err), Some(StatusCode::UNAUTHORIZED), "{err}");
+    assert!(!answered.load(std::sync::atomic::Ordering::Relaxed));
+    drop(s);
+    // Read as a stream, the refusal is the read's error too.
+    let mut s = pool.connect(&k, &me, optimistic(401), dial).await.unwrap();
+    let err = s.read(&mut [0u8; 8]).await.unwrap_err();
+    assert_eq!(sinew_hbone::refused(&err), Some(StatusCode::UNAUTHORIZED), "{err}");
+    drop(s);
+    // Accepted: the echo comes back through the copy, and the answer was told.
+    let mut s = pool.connect(&k, &me, optimistic(80), dial).await.unwrap();
+    app_client.shutdown().await.unwrap();
+    let copy = s.copy_tcp_with(&mut app, &|_, _| {}, &on_answer);
+    tokio::time::timeout(Duration::from_secs(5), copy).await.unwrap().unwrap();
+    assert!(answered.load(std::sync::atomic::Ordering::Relaxed));
+    let mut got = Vec::new();
+    app_client.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"earlybye");
+    assert_eq!(pool.stats().opened, 1);
 }

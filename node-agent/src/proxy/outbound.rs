@@ -4,12 +4,15 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use bytes::{Bytes, BytesMut};
-use sinew_hbone::{Connect, HBONE_PORT, HboneError, PoolKey};
+use sinew_hbone::{Connect, HBONE_PORT, HboneError, PoolKey, refused};
 use sinew_mesh::{MeshIndex, ServiceInfo, WorkloadInfo};
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -197,7 +200,15 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                 }
             };
             let early_len = early.len() as u64;
-            let req = Connect { authority: resolved.addr, client: peer, baggage: None, early };
+            // Optimistic: the app's bytes go out without waiting for the peer's 200, which a
+            // Sinew peer sends with the app's first answer (one TLS record, one wakeup here).
+            let req = Connect {
+                authority: resolved.addr,
+                client: peer,
+                baggage: None,
+                early,
+                optimistic: true,
+            };
             let netns = &pod.netns;
             let tunnel =
                 ctx.pool.get().connect(&key, &identity, req, |a| connect_in(netns, a)).await;
@@ -221,19 +232,37 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                     return reset(&downstream);
                 }
             };
-            ctx.stats.hbone_outbound.fetch_add(1, Ordering::Relaxed);
-            ctx.metrics.opened.get_or_create(&labels).inc();
             ctx.stats.active.fetch_add(1, Ordering::Relaxed);
             let mut downstream = downstream;
             // The early bytes went with the CONNECT.
             let bytes = ctx.metrics.bytes(&labels);
             bytes.add(early_len, 0);
-            let result = tunnel.copy_tcp(&mut downstream, &|to, from| bytes.add(to, from)).await;
+            // The connection counts as opened once the peer accepted it; a refusal is the
+            // copy's error, counted below with its flag.
+            let answered = AtomicBool::new(false);
+            let on_answer = || {
+                answered.store(true, Ordering::Relaxed);
+                ctx.stats.hbone_outbound.fetch_add(1, Ordering::Relaxed);
+                ctx.metrics.opened.get_or_create(&labels).inc();
+            };
+            let result = tunnel
+                .copy_tcp_with(&mut downstream, &|to, from| bytes.add(to, from), &on_answer)
+                .await;
             ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
             (log.bytes_sent, log.bytes_received) = bytes.totals();
             if let Err(e) = result {
-                // The tunnel was reset with RST_STREAM; the app gets a TCP RST.
+                // Refused, or reset with RST_STREAM: the app gets a TCP RST.
                 reset(&downstream);
+                if !answered.load(Ordering::Relaxed) {
+                    ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    labels.response_flags = CONNECT_FAILED;
+                    if refused(&e) == Some(http::StatusCode::UNAUTHORIZED) {
+                        log.decision = "deny";
+                        labels.response_flags = "DENY";
+                    }
+                    debug!(pod = %pod.name, %peer, dst = %resolved.addr, error = %e, "HBONE tunnel not accepted");
+                    ctx.metrics.opened.get_or_create(&labels).inc();
+                }
                 log.error = Some(e.to_string());
             }
             ctx.metrics.closed(&labels);
