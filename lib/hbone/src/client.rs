@@ -293,7 +293,9 @@ impl Pool {
             };
             let guard = StreamGuard(conn.clone());
             // A peer that never answers the CONNECT (or keeps its stream limit below ours, so
-            // h2 queues the stream) must not hold the application's connection forever.
+            // h2 queues the stream) must not hold the application's connection forever. (An
+            // optimistic stream's answer is timed in the stream, which retires the connection
+            // the same way, below.)
             let result =
                 tokio::time::timeout(CONNECT_TIMEOUT, open_stream(&conn, peer, req.clone()))
                     .await
@@ -314,7 +316,20 @@ impl Pool {
             match result {
                 Ok(stream) => {
                     self.counters.streams.fetch_add(1, Ordering::Relaxed);
-                    return Ok(stream.with_guard(Box::new(guard)));
+                    let stream = stream.with_guard(Box::new(guard));
+                    if !req.optimistic {
+                        return Ok(stream);
+                    }
+                    // Answered later, in the stream: a peer that stops answering CONNECTs
+                    // (while still answering pings) retires its connection from there.
+                    let (c, s) = (conn.clone(), Arc::downgrade(&slot));
+                    let retire = move || {
+                        c.closed.store(true, Ordering::Relaxed);
+                        if let Some(s) = s.upgrade() {
+                            s.remove(&c);
+                        }
+                    };
+                    return Ok(stream.on_answer_timeout(Box::new(retire)));
                 }
                 Err((e, sent)) if sent || !dead || attempt == 1 || dial.is_none() => {
                     return Err(e);
@@ -457,8 +472,9 @@ async fn drive(
     debug!(%peer, "HBONE connection closed");
 }
 
-/// Sends the CONNECT and waits for its answer. An error says whether the request went out
-/// (`false`: the connection refused it before sending, so it may be sent elsewhere).
+/// Sends the CONNECT and waits for its answer (an optimistic request: only sends it, the
+/// stream waits). An error says whether the request went out (`false`: the connection
+/// refused it before sending, so it may be sent elsewhere).
 async fn open_stream(
     conn: &Conn,
     peer: SocketAddr,

@@ -51,18 +51,26 @@ impl Tx {
         }
     }
 
+    /// Resets the stream. A held-back 200 goes out first: the tunnel was accepted and the
+    /// connection behind it ended, which is what the client should count.
     fn reset(&mut self, reason: Reason) {
-        match self {
-            Tx::Open(send) => send.send_reset(reason),
-            Tx::Unanswered(respond) => respond.send_reset(reason),
+        match self.open() {
+            Ok(send) => send.send_reset(reason),
+            Err(_) => {
+                if let Tx::Unanswered(respond) = self {
+                    respond.send_reset(reason);
+                }
+            }
         }
     }
 }
 
-/// The receiving half: open, or (an optimistic client) still waiting for the peer's answer.
+/// The receiving half: open, (an optimistic client) still waiting for the peer's answer, or
+/// the answer failed (kept, as h2's response future must not be polled again).
 enum Rx {
     Open(RecvStream),
     Awaiting(Box<Awaiting>),
+    Failed(AnswerFailure),
 }
 
 /// A `CONNECT` sent without waiting for its answer.
@@ -72,36 +80,72 @@ struct Awaiting {
     authority: SocketAddr,
     /// The peer must answer within [`crate::client::CONNECT_TIMEOUT`].
     deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Told when the deadline passes (the pool retires a connection whose peer stopped
+    /// answering CONNECTs).
+    on_timeout: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+/// Why the answer to a `CONNECT` sent without waiting did not open the tunnel.
+#[derive(Debug, Clone)]
+enum AnswerFailure {
+    Refused { peer: SocketAddr, authority: SocketAddr, status: StatusCode },
+    Other { kind: io::ErrorKind, message: String },
+}
+
+impl AnswerFailure {
+    fn to_error(&self) -> io::Error {
+        match self {
+            AnswerFailure::Refused { peer, authority, status } => {
+                let e = HboneError::Refused { peer: *peer, authority: *authority, status: *status };
+                io::Error::new(io::ErrorKind::ConnectionRefused, e)
+            }
+            AnswerFailure::Other { kind, message } => io::Error::new(*kind, message.clone()),
+        }
+    }
 }
 
 impl Rx {
     /// Waits for the peer's answer, if not yet here: Ok once the tunnel is up (200), an
-    /// error carrying [`HboneError::Refused`] for any other answer.
+    /// error carrying [`HboneError::Refused`] for any other answer (the same error again on
+    /// every later call).
     fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Rx::Awaiting(a) = self else { return Poll::Ready(Ok(())) };
+        let a = match self {
+            Rx::Open(_) => return Poll::Ready(Ok(())),
+            Rx::Failed(f) => return Poll::Ready(Err(f.to_error())),
+            Rx::Awaiting(a) => a,
+        };
         let (peer, authority) = (a.peer, a.authority);
-        let response = match Pin::new(&mut a.response).poll(cx) {
-            Poll::Ready(r) => r,
+        let failure = match Pin::new(&mut a.response).poll(cx) {
+            Poll::Ready(Ok(response)) if response.status() == StatusCode::OK => {
+                *self = Rx::Open(response.into_body());
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(Ok(response)) => {
+                AnswerFailure::Refused { peer, authority, status: response.status() }
+            }
+            Poll::Ready(Err(e)) => {
+                let e = to_io(e);
+                AnswerFailure::Other { kind: e.kind(), message: e.to_string() }
+            }
             Poll::Pending => {
                 ready!(a.deadline.as_mut().poll(cx));
+                if let Some(retire) = a.on_timeout.take() {
+                    retire();
+                }
                 let e = HboneError::Timeout { what: "an answer to CONNECT", peer };
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, e)));
+                AnswerFailure::Other { kind: io::ErrorKind::TimedOut, message: e.to_string() }
             }
         };
-        let response = response.map_err(to_io)?;
-        let status = response.status();
-        if status != StatusCode::OK {
-            let e = HboneError::Refused { peer, authority, status };
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionRefused, e)));
-        }
-        *self = Rx::Open(response.into_body());
-        Poll::Ready(Ok(()))
+        let e = failure.to_error();
+        *self = Rx::Failed(failure);
+        Poll::Ready(Err(e))
     }
 
     fn open(&mut self) -> io::Result<&mut RecvStream> {
         match self {
             Rx::Open(recv) => Ok(recv),
             Rx::Awaiting(_) => Err(io::Error::other("HBONE answer not received")),
+            Rx::Failed(f) => Err(f.to_error()),
         }
     }
 }
@@ -109,7 +153,9 @@ impl Rx {
 /// The bytes of one `CONNECT` stream, both ways. A clean end (`poll_shutdown`) sends
 /// `END_STREAM` (half-close); dropping the stream before both ways ended sends `RST_STREAM`
 /// (CANCEL), which the peer passes on as a TCP reset. A reset from the peer reads as
-/// `ConnectionReset`.
+/// `ConnectionReset`. A stream opened without waiting for the answer (optimistic) also
+/// fails with `ConnectionRefused` carrying [`HboneError::Refused`] when the peer refuses
+/// the tunnel, and `TimedOut` when it does not answer.
 pub struct H2Stream {
     send: Tx,
     recv: Rx,
@@ -143,8 +189,23 @@ impl H2Stream {
         authority: SocketAddr,
     ) -> Self {
         let deadline = Box::pin(tokio::time::sleep(crate::client::CONNECT_TIMEOUT));
-        let awaiting = Awaiting { response, peer, authority, deadline };
+        let awaiting = Awaiting { response, peer, authority, deadline, on_timeout: None };
         Self::with_halves(Tx::Open(send), Rx::Awaiting(Box::new(awaiting)))
+    }
+
+    /// Calls `f` if the peer does not answer the `CONNECT` in time.
+    pub(crate) fn on_answer_timeout(mut self, f: Box<dyn FnOnce() + Send + Sync>) -> Self {
+        if let Rx::Awaiting(a) = &mut self.recv {
+            a.on_timeout = Some(f);
+        }
+        self
+    }
+
+    /// Whether the peer's answer to a `CONNECT` sent without waiting arrived and was not a
+    /// 200, or did not arrive in time, or the stream failed before it: the tunnel never
+    /// opened (as opposed to a copy that failed on the application's side).
+    pub fn answer_failed(&self) -> bool {
+        matches!(self.recv, Rx::Failed(_))
     }
 
     fn with_halves(send: Tx, recv: Rx) -> Self {

@@ -190,6 +190,27 @@ async fn an_unanswered_connect_times_out_and_retires_its_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_optimistic_stream_s_unanswered_connect_times_out_and_retires_its_connection() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    let (addr, _seen) = server(identity(&ca, &server_id)).await;
+    let (pool, me) = (Pool::new(), identity(&ca, &client_id));
+    let k = key(&client_id, addr, &server_id);
+    let started = std::time::Instant::now();
+    let optimistic = Connect { optimistic: true, ..req(408) };
+    let mut s = pool.connect(&k, &me, optimistic, dial).await.unwrap();
+    let err = s.answered().await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    assert!(s.answer_failed());
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    // The same failure again, not a second poll of h2's finished response.
+    assert_eq!(s.answered().await.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+    // The stuck connection is not handed out again: the next stream gets a new one.
+    assert!(pool.connect(&k, &me, req(80), dial).await.is_ok());
+    assert_eq!(pool.stats().opened, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_bytes_ride_with_the_request_and_die_with_a_refusal() {
     let ca = Ca::generate(TD).unwrap();
     let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
@@ -890,6 +911,10 @@ async fn an_optimistic_tunnel_s_refusal_is_its_copy_error() {
     let mut s = pool.connect(&k, &me, optimistic(401), dial).await.unwrap();
     let err = s.read(&mut [0u8; 8]).await.unwrap_err();
     assert_eq!(sinew_hbone::refused(&err), Some(StatusCode::UNAUTHORIZED), "{err}");
+    // Asked again, the same refusal (h2's response future is not polled twice).
+    let err = s.answered().await.unwrap_err();
+    assert_eq!(sinew_hbone::refused(&err), Some(StatusCode::UNAUTHORIZED), "{err}");
+    assert!(s.answer_failed());
     drop(s);
     // Accepted: the echo comes back through the copy, and the answer was told.
     let mut s = pool.connect(&k, &me, optimistic(80), dial).await.unwrap();
@@ -901,4 +926,34 @@ async fn an_optimistic_tunnel_s_refusal_is_its_copy_error() {
     app_client.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"earlybye");
     assert_eq!(pool.stats().opened, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_reset_while_its_200_is_held_reaches_the_client_as_a_reset() {
+    let ca = Ca::generate(TD).unwrap();
+    let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
+    // A server that accepts, holding the 200, and resets at once (a policy change, say).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = identity(&ca, &server_id).server_config().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, peer)) = listener.accept().await {
+            tokio::spawn(serve_connection(tcp, peer, config.clone(), |inbound: Inbound| async {
+                if let Ok(mut stream) = inbound.accept_with_answer() {
+                    stream.reset();
+                }
+            }));
+        }
+    });
+    let optimistic = Connect { optimistic: true, ..req(8080) };
+    let mut s = Pool::new()
+        .connect(&key(&client_id, addr, &server_id), &identity(&ca, &client_id), optimistic, dial)
+        .await
+        .unwrap();
+    // The 200 goes out right before the reset; h2 may report the reset first.
+    let err = match tokio::time::timeout(Duration::from_secs(5), s.answered()).await.unwrap() {
+        Ok(()) => s.read(&mut [0u8; 8]).await.unwrap_err(),
+        Err(e) => e,
+    };
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }

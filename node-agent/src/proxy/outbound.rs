@@ -5,8 +5,8 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -21,7 +21,7 @@ use super::{
     CERT_WAIT, Direction, PodNet, canonical, connect_in, copy, is_own_listener, original_dst, reset,
 };
 use crate::telemetry::{
-    AccessEntry, CONNECT_FAILED, DestinationLabels, Peer, SourceLabels, TcpLabels,
+    AccessEntry, ByteCounters, CONNECT_FAILED, DestinationLabels, Peer, SourceLabels, TcpLabels,
 };
 
 /// Most bytes sent along with a CONNECT (see [`read_early`]).
@@ -234,33 +234,39 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
             };
             ctx.stats.active.fetch_add(1, Ordering::Relaxed);
             let mut downstream = downstream;
-            // The early bytes went with the CONNECT.
-            let bytes = ctx.metrics.bytes(&labels);
-            bytes.add(early_len, 0);
-            // The connection counts as opened once the peer accepted it; a refusal is the
-            // copy's error, counted below with its flag.
-            let answered = AtomicBool::new(false);
+            // The connection counts as opened, and its bytes (the early ones went with the
+            // CONNECT) as moved, once the peer accepted it, as when the 200 was awaited
+            // first; a refusal is the copy's error, counted below with its flag.
+            let bytes = OnceLock::<ByteCounters>::new();
+            let unanswered_up = AtomicU64::new(early_len);
             let on_answer = || {
-                answered.store(true, Ordering::Relaxed);
+                let b = bytes.get_or_init(|| ctx.metrics.bytes(&labels));
+                b.add(unanswered_up.swap(0, Ordering::Relaxed), 0);
                 ctx.stats.hbone_outbound.fetch_add(1, Ordering::Relaxed);
                 ctx.metrics.opened.get_or_create(&labels).inc();
             };
-            let result = tunnel
-                .copy_tcp_with(&mut downstream, &|to, from| bytes.add(to, from), &on_answer)
-                .await;
+            let progress = |to, from| match bytes.get() {
+                Some(b) => b.add(to, from),
+                None => drop(unanswered_up.fetch_add(to, Ordering::Relaxed)),
+            };
+            let result = tunnel.copy_tcp_with(&mut downstream, &progress, &on_answer).await;
             ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
-            (log.bytes_sent, log.bytes_received) = bytes.totals();
+            (log.bytes_sent, log.bytes_received) = bytes.get().map_or((0, 0), ByteCounters::totals);
             if let Err(e) = result {
                 // Refused, or reset with RST_STREAM: the app gets a TCP RST.
                 reset(&downstream);
-                if !answered.load(Ordering::Relaxed) {
-                    ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                    labels.response_flags = CONNECT_FAILED;
-                    if refused(&e) == Some(http::StatusCode::UNAUTHORIZED) {
-                        log.decision = "deny";
-                        labels.response_flags = "DENY";
+                if bytes.get().is_none() {
+                    // Not answered. Either the tunnel never opened (refused, no answer in
+                    // time), or the app's side failed while the answer was on its way.
+                    if tunnel.answer_failed() {
+                        ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                        labels.response_flags = CONNECT_FAILED;
+                        if refused(&e) == Some(http::StatusCode::UNAUTHORIZED) {
+                            log.decision = "deny";
+                            labels.response_flags = "DENY";
+                        }
+                        debug!(pod = %pod.name, %peer, dst = %resolved.addr, error = %e, "HBONE tunnel not accepted");
                     }
-                    debug!(pod = %pod.name, %peer, dst = %resolved.addr, error = %e, "HBONE tunnel not accepted");
                     ctx.metrics.opened.get_or_create(&labels).inc();
                 }
                 log.error = Some(e.to_string());
