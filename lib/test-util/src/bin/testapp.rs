@@ -17,7 +17,7 @@ use tokio::{
 
 const USAGE: &str = "usage: sinew-testapp serve PORT... | xfer TARGET UP DOWN SEED | \
 many TARGETS(,) COUNT | sink TARGET SECS [STREAMS] | ping TARGET COUNT | reset TARGET | \
-hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | grpc-retry TARGET | raw TARGET TEXT | fire TARGET TEXT | steal PORT SECS | flood TARGET COUNT | relay LISTEN TARGET";
+hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | grpc-retry TARGET | raw TARGET TEXT | fire TARGET TEXT | steal PORT SECS | flood TARGET COUNT | relay LISTEN TARGET [warm|lazy]";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,7 +50,15 @@ fn main() -> Result<()> {
             "raw" => raw(arg(1)?.parse()?, arg(2)?).await,
             "fire" => fire(arg(1)?.parse()?, arg(2)?).await,
             "flood" => flood(arg(1)?.parse()?, arg(2)?.parse()?).await,
-            "relay" => relay(arg(1)?.parse()?, arg(2)?.parse()?).await,
+            "relay" => {
+                let mode = match args.get(3).map(String::as_str) {
+                    None => Relay::Plain,
+                    Some("warm") => Relay::Warm,
+                    Some("lazy") => Relay::Lazy,
+                    Some(_) => bail!(USAGE),
+                };
+                relay(arg(1)?.parse()?, arg(2)?.parse()?, mode).await
+            }
             "mark" => mark(arg(1)?.parse()?, arg(2)?, arg(3)?.parse()?).await,
             _ => bail!(USAGE),
         }
@@ -259,17 +267,54 @@ async fn sink(target: SocketAddr, secs: f64, streams: usize) -> Result<()> {
 /// The simplest user-space TCP relay: each connection accepted on LISTEN gets its own
 /// connection to TARGET and bytes copied both ways. The benchmarks measure it beside the agent,
 /// as the floor any proxy with a user-space hop pays on this machine. Prints "ready".
-async fn relay(listen: SocketAddr, target: SocketAddr) -> Result<()> {
+/// How `relay` reaches its target.
+#[derive(Clone, Copy, PartialEq)]
+enum Relay {
+    /// A new connection per accepted one.
+    Plain,
+    /// The connection is opened ahead, before the client comes, as a pooled tunnel is.
+    Warm,
+    /// The connection is opened once the client's first bytes are in, as a tunnel's far
+    /// end connects on the request it carries.
+    Lazy,
+}
+
+/// The simplest relay (accept, connect, `copy_bidirectional`): the benchmarks' floor for an
+/// agent hop.
+async fn relay(listen: SocketAddr, target: SocketAddr, mode: Relay) -> Result<()> {
     let l = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
     println!("ready");
     std::io::Write::flush(&mut std::io::stdout())?;
+    let connect = move || async move {
+        let up = TcpStream::connect(target).await?;
+        up.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(up)
+    };
+    let mut spare: Option<tokio::task::JoinHandle<std::io::Result<TcpStream>>> = None;
     loop {
         let (mut down, _) = l.accept().await?;
+        let warm = match spare.take() {
+            Some(ready) => ready.await.ok().and_then(Result::ok),
+            None => None,
+        };
         tokio::spawn(async move {
-            let Ok(mut up) = TcpStream::connect(target).await else { return };
-            let _ = (down.set_nodelay(true), up.set_nodelay(true));
+            if mode == Relay::Lazy && down.readable().await.is_err() {
+                return;
+            }
+            let mut up = match warm {
+                Some(up) => up,
+                None => match connect().await {
+                    Ok(up) => up,
+                    Err(_) => return,
+                },
+            };
+            let _ = down.set_nodelay(true);
             let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
         });
+        if mode == Relay::Warm {
+            // Spawned after the copy, so it runs once that has had its first turn.
+            spare = Some(tokio::spawn(connect()));
+        }
     }
 }
 
