@@ -60,6 +60,26 @@ pub(crate) fn cpu_ms(pid: u32) -> Result<f64> {
     Ok(ticks * 10.0)
 }
 
+/// CPU time of all of a process's threads so far, in us, at nanosecond resolution (the
+/// scheduler's own count, /proc/PID/task/*/schedstat), for figures over short runs.
+fn cpu_us_fine(pid: u32) -> Result<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("schedstat"))?;
+        ns += stat.split_whitespace().next().context("empty schedstat")?.parse::<u64>()?;
+    }
+    Ok(ns as f64 / 1000.0)
+}
+
+/// `sinew-testapp ping` from `client` to `target`, 500 connections: (mean us, CPU us per
+/// connection of the processes `pids`).
+fn ping_with_cpu(c: &Cluster, client: &Pod, target: &str, pids: &[u32]) -> Result<(f64, f64)> {
+    let cpu = || pids.iter().map(|p| cpu_us_fine(*p)).sum::<Result<f64>>();
+    let before = cpu()?;
+    let ping = c.run_in(client, &["ping", target, "500"])?;
+    Ok((field(&ping, "mean_us")?, (cpu()? - before) / 500.0))
+}
+
 /// wrk's requests/s and p50/p99 latency (ms).
 fn wrk(c: &Cluster, client: &Pod, server: &Pod, secs: u32) -> Result<(f64, f64, f64)> {
     wrk_url(c, client, &format!("http://{}/", Cluster::target(server.v4(), 80)), secs)
@@ -174,10 +194,24 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
     let pids = [agent_pid(&mut c, 1)?, agent_pid(&mut c, 2)?];
     let mut cpu_per_gib = Vec::new();
     let (mut relays_us, mut warm_us) = (Vec::new(), Vec::new());
+    // CPU per new connection of both agents, and of the warm relays: where the mesh's extra
+    // latency is not extra work, it is on the critical path.
+    let (mut agents_cpu, mut warm_cpu) = (Vec::new(), Vec::new());
     c.run_in(&dc, &["ping", &local(9002), "20"])?;
+    let warm_pids = ["9002", "9091"]
+        .iter()
+        .map(|port| {
+            let out =
+                sinew_test_util::sh("pgrep", &["-f", &format!("relay .*{port} .*(warm|lazy)")])?;
+            let pid = out.lines().next().with_context(|| format!("no relay on {port}"))?;
+            Ok(pid.trim().parse()?)
+        })
+        .collect::<Result<Vec<u32>>>()?;
     for _ in 0..ROUNDS {
         relays_us.push(field(&c.run_in(&dc, &["ping", &local(9001), "500"])?, "mean_us")?);
-        warm_us.push(field(&c.run_in(&dc, &["ping", &local(9002), "500"])?, "mean_us")?);
+        let (us, cpu) = ping_with_cpu(&c, &dc, &local(9002), &warm_pids)?;
+        warm_us.push(us);
+        warm_cpu.push(cpu);
         for (i, (_, client, server)) in paths.iter().enumerate() {
             let target = Cluster::target(server.v4(), 8080);
             let before = cpu_ms(pids[0])? + cpu_ms(pids[1])?;
@@ -188,8 +222,11 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
             }
             s[i][0].push(field(&sink, "bytes_per_sec")?);
             s[i][1].push(field(&c.run_in(client, &["sink", &target, "3", "8"])?, "bytes_per_sec")?);
-            let ping = c.run_in(client, &["ping", &target, "500"])?;
-            s[i][2].push(field(&ping, "mean_us")?);
+            let (us, cpu) = ping_with_cpu(&c, client, &target, &pids)?;
+            s[i][2].push(us);
+            if i == 1 {
+                agents_cpu.push(cpu);
+            }
             let (rps, p50, p99) = wrk(&c, client, server, 5)?;
             s[i][3].push(rps);
             s[i][4].push(p50);
@@ -204,6 +241,7 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
     let cpu_per_gib = median(&mut cpu_per_gib);
     let relays_us = median(&mut relays_us);
     let warm_us = median(&mut warm_us);
+    let (agents_cpu, warm_cpu) = (median(&mut agents_cpu), median(&mut warm_cpu));
     let m: Vec<[f64; 6]> = s
         .iter_mut()
         .map(|r| {
@@ -226,7 +264,8 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
         );
     }
     println!(
-        "  bare relays: connect+first byte {relays_us:6.1} us   warm bare relays: {warm_us:6.1} us"
+        "  bare relays: connect+first byte {relays_us:6.1} us   warm bare relays: {warm_us:6.1} us   \
+         CPU per new connection: agents {agents_cpu:.0} us, warm relays {warm_cpu:.0} us"
     );
     let (d, x) = (m[0], m[1]);
     let report = json!({
@@ -240,7 +279,8 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
         "connect_latency_ratio": x[2] / d[2],
         "bare_relays": { "connect_mean_us": relays_us },
         "bare_relays_connect_latency_ratio": relays_us / d[2],
-        "warm_bare_relays": { "connect_mean_us": warm_us },
+        "warm_bare_relays": { "connect_mean_us": warm_us, "cpu_us_per_connection": warm_cpu },
+        "agents_cpu_us_per_connection": agents_cpu,
         "warm_bare_relays_connect_latency_ratio": warm_us / d[2],
         "agent_rss_idle_mib": rss_idle_kib as f64 / 1024.0,
         "agent_rss_loaded_mib": rss_loaded_kib as f64 / 1024.0,
@@ -260,6 +300,7 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
                    the floor of connect latency with a user-space hop on each node, without capture, TLS, HTTP/2, policy or telemetry. \
                    warm_bare_relays = the same in the tunnel's shape: the cross-node connection opened before the client comes \
                    (as a pooled HBONE connection), the far relay connecting to the app once the first bytes are in. \
+                   CPU per connection: both agents' (or both warm relays') scheduler time over the 500-connection loop. \
                    HTTP: wrk -t2 -c30 for 5 s against nginx (1 worker). CPU per GiB: both agents' user+system time during the 1-stream run. RSS: the larger agent's VmRSS, idle after warm-up and after the load. \
                    Median of 3 interleaved rounds.",
     });
