@@ -264,9 +264,6 @@ async fn sink(target: SocketAddr, secs: f64, streams: usize) -> Result<()> {
     Ok(())
 }
 
-/// The simplest user-space TCP relay: each connection accepted on LISTEN gets its own
-/// connection to TARGET and bytes copied both ways. The benchmarks measure it beside the agent,
-/// as the floor any proxy with a user-space hop pays on this machine. Prints "ready".
 /// How `relay` reaches its target.
 #[derive(Clone, Copy, PartialEq)]
 enum Relay {
@@ -279,8 +276,10 @@ enum Relay {
     Lazy,
 }
 
-/// The simplest relay (accept, connect, `copy_bidirectional`): the benchmarks' floor for an
-/// agent hop.
+/// The simplest user-space TCP relay: each connection accepted on LISTEN gets a connection
+/// to TARGET (its own, or one opened ahead) and bytes copied both ways. The benchmarks
+/// measure it beside the agent, as the floor any proxy with a user-space hop pays on this
+/// machine. Prints "ready".
 async fn relay(listen: SocketAddr, target: SocketAddr, mode: Relay) -> Result<()> {
     let l = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
     println!("ready");
