@@ -35,41 +35,47 @@ struct Seen {
     traceparent: bool,
 }
 
-/// An HBONE server whose CONNECTs to port 401 are refused with 401 and others echo.
-async fn server(identity: Identity) -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+/// An HBONE server on loopback with `identity`, serving every connection with `handler`.
+async fn serve_all<F, Fut>(identity: Identity, handler: F) -> SocketAddr
+where
+    F: Fn(Inbound) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
     let config = identity.server_config().unwrap();
     tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = listener.accept().await.unwrap();
-            let (config, tx) = (config.clone(), tx.clone());
-            tokio::spawn(async move {
-                let _ = serve_connection(tcp, peer, config, move |inbound: Inbound| {
-                    let tx = tx.clone();
-                    async move {
-                        let _ = tx.send(Seen {
-                            peer: (*inbound.peer).clone(),
-                            authority: inbound.authority,
-                            forwarded: inbound.forwarded_for(),
-                            traceparent: inbound.headers.contains_key("traceparent"),
-                        });
-                        if inbound.authority.port() == 401 {
-                            return inbound.refuse(StatusCode::UNAUTHORIZED);
-                        }
-                        if inbound.authority.port() == 408 {
-                            // Never answers.
-                            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
-                            return drop(inbound);
-                        }
-                        echo(inbound).await;
-                    }
-                })
-                .await;
-            });
+        while let Ok((tcp, peer)) = listener.accept().await {
+            tokio::spawn(serve_connection(tcp, peer, config.clone(), handler.clone()));
         }
     });
+    addr
+}
+
+/// An HBONE server whose CONNECTs to port 401 are refused with 401 and others echo.
+async fn server(identity: Identity) -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let addr = serve_all(identity, move |inbound: Inbound| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(Seen {
+                peer: (*inbound.peer).clone(),
+                authority: inbound.authority,
+                forwarded: inbound.forwarded_for(),
+                traceparent: inbound.headers.contains_key("traceparent"),
+            });
+            if inbound.authority.port() == 401 {
+                return inbound.refuse(StatusCode::UNAUTHORIZED);
+            }
+            if inbound.authority.port() == 408 {
+                // Never answers.
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                return drop(inbound);
+            }
+            echo(inbound).await;
+        }
+    })
+    .await;
     (addr, rx)
 }
 
@@ -795,23 +801,14 @@ async fn connections_told_to_go_away_are_not_handed_out() {
 /// An HBONE server tunnelling every CONNECT to `app` as the agent does: the 200 held for
 /// the app's first answer (for an optimistic client), then `copy_tcp`.
 async fn tunnelling_server(identity: Identity, app: SocketAddr) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = identity.server_config().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = listener.accept().await.unwrap();
-            let config = config.clone();
-            tokio::spawn(serve_connection(tcp, peer, config, move |inbound: Inbound| async move {
-                let Ok(mut upstream) = TcpStream::connect(app).await else {
-                    return inbound.refuse(StatusCode::SERVICE_UNAVAILABLE);
-                };
-                let Ok(mut stream) = inbound.accept_with_answer() else { return };
-                let _ = stream.copy_tcp(&mut upstream, &|_, _| {}).await;
-            }));
-        }
-    });
-    addr
+    serve_all(identity, move |inbound: Inbound| async move {
+        let Ok(mut upstream) = TcpStream::connect(app).await else {
+            return inbound.refuse(StatusCode::SERVICE_UNAVAILABLE);
+        };
+        let Ok(mut stream) = inbound.accept_with_answer() else { return };
+        let _ = stream.copy_tcp(&mut upstream, &|_, _| {}).await;
+    })
+    .await
 }
 
 /// An app that reads until it has `wants` bytes, waits `think`, answers "answer" and closes.
@@ -933,18 +930,12 @@ async fn a_tunnel_reset_while_its_200_is_held_reaches_the_client_as_a_reset() {
     let ca = Ca::generate(TD).unwrap();
     let (client_id, server_id) = (id("shop", "client"), id("shop", "server"));
     // A server that accepts, holding the 200, and resets at once (a policy change, say).
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = identity(&ca, &server_id).server_config().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, peer)) = listener.accept().await {
-            tokio::spawn(serve_connection(tcp, peer, config.clone(), |inbound: Inbound| async {
-                if let Ok(mut stream) = inbound.accept_with_answer() {
-                    stream.reset();
-                }
-            }));
+    let addr = serve_all(identity(&ca, &server_id), |inbound: Inbound| async {
+        if let Ok(mut stream) = inbound.accept_with_answer() {
+            stream.reset();
         }
-    });
+    })
+    .await;
     let optimistic = Connect { optimistic: true, ..req(8080) };
     let mut s = Pool::new()
         .connect(&key(&client_id, addr, &server_id), &identity(&ca, &client_id), optimistic, dial)
