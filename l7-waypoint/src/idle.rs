@@ -80,6 +80,51 @@ impl Activity {
     }
 }
 
+/// One request's stream, for Envoy's `stream_idle_timeout`: the request body's bytes so far
+/// and when a frame of either body last moved. A stream that moves nothing for the limit ends:
+/// with a 408 before its response has started, with a reset after (`proxy::handle`).
+#[derive(Debug)]
+pub struct StreamActivity {
+    start: Instant,
+    last_ms: AtomicU64,
+    /// The request body's data bytes read so far (`istio_request_bytes`).
+    pub request_bytes: AtomicU64,
+}
+
+impl StreamActivity {
+    /// A stream starting now.
+    pub fn new() -> Self {
+        Self { start: Instant::now(), last_ms: AtomicU64::new(0), request_bytes: AtomicU64::new(0) }
+    }
+
+    /// A frame moved.
+    pub fn touch(&self) {
+        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// When the stream will have moved nothing for `limit`, unless something moves first.
+    pub fn idle_at(&self, limit: Duration) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + limit
+    }
+
+    /// Completes once nothing has moved for `limit`.
+    pub async fn idle_for(&self, limit: Duration) {
+        loop {
+            let at = self.idle_at(limit);
+            if at <= Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(at).await;
+        }
+    }
+}
+
+impl Default for StreamActivity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A stream whose reads and writes mark [`Activity`].
 #[derive(Debug)]
 pub struct Watched<S> {
@@ -157,6 +202,29 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_is_idle_a_limit_after_its_last_frame() {
+        let limit = Duration::from_secs(300);
+        let stream = Arc::new(StreamActivity::new());
+        let t0 = Instant::now();
+        let watch = tokio::spawn({
+            let stream = stream.clone();
+            async move { stream.idle_for(limit).await }
+        });
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        stream.touch();
+        let touched = Instant::now();
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        assert!(!watch.is_finished(), "idle 300 s counts from the last frame, not the start");
+        watch.await.unwrap();
+        assert_eq!(Instant::now(), touched + limit);
+        assert!(Instant::now() > t0 + limit);
+        // Already idle: at once.
+        let before = Instant::now();
+        stream.idle_for(limit).await;
+        assert_eq!(Instant::now(), before);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_client_goes_after_the_first_bound_an_idle_one_after_the_idle_time() {

@@ -88,6 +88,11 @@ struct Args {
     /// process may use; `off` never does.
     #[arg(long, default_value_t = Pinning::Auto)]
     pin_workers: Pinning,
+    /// How long a request's stream may move nothing either way before it ends: a 408 before
+    /// its response has started, a reset after (Envoy's `stream_idle_timeout`, whose 5-minute
+    /// default this is); `0s` turns it off.
+    #[arg(long, default_value = "5m", value_parser = sinew_model::Duration::parse)]
+    stream_idle_timeout: sinew_model::Duration,
 }
 
 fn main() -> Result<()> {
@@ -113,7 +118,8 @@ fn main() -> Result<()> {
     let workers = Workers::start(args.workers, "sinew-waypoint", args.pin_workers)?;
     info!(workers = args.workers, cpus = ?workers.cpus(), "workers started");
     if let (Some(listen), Some(upstream)) = (args.plain_http, args.plain_upstream) {
-        return runtime.block_on(run_plain(listen, upstream, id, access, &workers));
+        let stream_idle = stream_idle(&args);
+        return runtime.block_on(run_plain(listen, upstream, id, access, &workers, stream_idle));
     }
     let (Some(endpoint), Some(node)) = (args.control.clone(), args.node.clone()) else {
         bail!("--control and --node are required");
@@ -157,6 +163,11 @@ async fn until_stopped() -> Result<()> {
     Ok(())
 }
 
+/// `--stream-idle-timeout`, `None` when off.
+fn stream_idle(args: &Args) -> Option<Duration> {
+    Some(args.stream_idle_timeout.0).filter(|d| !d.is_zero())
+}
+
 /// `--plain-http`: the HTTP engine alone, for benchmarks against other proxies.
 async fn run_plain(
     listen: SocketAddr,
@@ -164,6 +175,7 @@ async fn run_plain(
     id: SpiffeId,
     access: AccessLog,
     workers: &Workers,
+    stream_idle: Option<Duration>,
 ) -> Result<()> {
     let yaml = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n---\n\
@@ -196,6 +208,7 @@ async fn run_plain(
         otlp: None,
         plain: true,
         workers: workers.len(),
+        stream_idle,
     };
     let wp = Waypoint::new(setup, snapshots, svid);
     let id = Arc::new(id);
@@ -266,6 +279,7 @@ async fn run(
         otlp,
         plain: false,
         workers: workers.len(),
+        stream_idle: stream_idle(&args),
     };
     let wp = Waypoint::new(setup, snapshots, svid);
     let w = wp.clone();

@@ -32,6 +32,7 @@ use sinew_model::{HeaderModifier, HttpFilter};
 use hyper_util::rt::TokioIo;
 
 use crate::{
+    idle::StreamActivity,
     replay::{self, BoxError},
     state::{Snapshot, Waypoint},
     telemetry::{DestinationLabels, Recorder, RequestEntry, RequestLabels, SourceLabels},
@@ -44,10 +45,11 @@ pub type Body = BoxBody<Bytes, BoxError>;
 /// A client's request body, its bytes counted as they are read (`istio_request_bytes`).
 type ReqBody = Counted<Incoming>;
 
-/// A body whose data bytes are counted into `bytes` as they pass.
+/// A body whose data bytes are counted into its stream's `request_bytes` as they pass, each
+/// frame marking the stream active.
 struct Counted<B> {
     body: B,
-    bytes: Arc<std::sync::atomic::AtomicU64>,
+    stream: Arc<StreamActivity>,
 }
 
 impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B> {
@@ -59,10 +61,11 @@ impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, B::Error>>> {
         let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.stream.request_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            self.stream.touch();
         }
         polled
     }
@@ -296,15 +299,27 @@ pub async fn handle(
         req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into())
     });
     let grpc = is_grpc(req.headers());
-    let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut req = req.map(|body| Counted { body, bytes: request_bytes.clone() });
+    let stream = Arc::new(StreamActivity::new());
+    let mut req = req.map(|body| Counted { body, stream: stream.clone() });
     if !trace.continued() {
         // A tracestate belongs to the trace it came with, which was not continued.
         req.headers_mut().remove("tracestate");
     }
     let notes = Notes::default();
-    let (mut response, mut done, route) =
-        route_and_forward(&wp, &snapshot, &down, req, &traceparent, &notes).await;
+    let forwarded = route_and_forward(&wp, &snapshot, &down, req, &traceparent, &notes);
+    let (mut response, mut done, route) = match wp.stream_idle {
+        // Nothing moved either way for the limit before the response started (Envoy's
+        // `stream_idle_timeout`; dropping the forwarding cancels the upstream request).
+        Some(limit) => tokio::select! {
+            biased;
+            r = forwarded => r,
+            () = stream.idle_for(limit) => {
+                let status = StatusCode::REQUEST_TIMEOUT;
+                (full(status, "stream timeout\n"), done(status, "SI"), None)
+            }
+        },
+        None => forwarded.await,
+    };
     if notes.delayed.load(Ordering::Relaxed) && done.flags == "-" {
         done.flags = "DI";
     }
@@ -340,10 +355,10 @@ pub async fn handle(
         grpc_status,
         start,
         observed,
-        request_bytes,
+        stream,
         response_bytes: 0,
     };
-    Ok(response.map(|body| Recorded { body, finish: Some(finish) }.boxed()))
+    Ok(response.map(|body| Recorded { body, finish: Some(finish), idle: None }.boxed()))
 }
 
 /// A response's `grpc-status`; a code outside gRPC's 0-16 reads as UNKNOWN (2), as gRPC
@@ -402,8 +417,8 @@ struct Finish {
     grpc_status: Option<u16>,
     start: Instant,
     observed: Option<Box<Observed>>,
-    /// The request body's bytes, read so far.
-    request_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// The stream: the request body's bytes read so far, its last activity.
+    stream: Arc<StreamActivity>,
     /// The response body's bytes, sent so far.
     response_bytes: u64,
 }
@@ -417,7 +432,7 @@ impl Finish {
         }
         let millis = self.start.elapsed().as_secs_f64() * 1000.0;
         let grpc_status = self.grpc_status.filter(|_| self.grpc);
-        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        let request_bytes = self.stream.request_bytes.load(Ordering::Relaxed);
         self.down.recorder(&self.wp, &self.snapshot, &self.done, self.grpc, grpc_status).record(
             millis,
             request_bytes,
@@ -473,9 +488,43 @@ impl Finish {
 
 /// A response body that records its request's metrics when it ends: its last frame, an
 /// error, or the client going away first (dropped).
+///
+/// With the waypoint's stream idle timeout, a body that moves nothing either way for that
+/// long (no frame of its own, none of its request's) fails with [`StreamIdle`], as Envoy
+/// resets an idle stream whose response has started.
 struct Recorded {
     body: Body,
     finish: Option<Finish>,
+    /// Armed at the first wait for a frame.
+    idle: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// The stream moved nothing for the waypoint's stream idle timeout while its response body
+/// was streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("the stream moved nothing for the stream idle timeout")]
+pub struct StreamIdle;
+
+impl Recorded {
+    /// Whether the stream has been idle for the limit; if not, the timer is set to wake
+    /// this task when it would be.
+    fn idle_expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        let Some(f) = self.finish.as_ref() else { return false };
+        let Some(limit) = f.wp.stream_idle else { return false };
+        loop {
+            let at = f.stream.idle_at(limit);
+            if at <= tokio::time::Instant::now() {
+                return true;
+            }
+            let sleep = self.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if sleep.deadline() != at {
+                sleep.as_mut().reset(at);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+        }
+    }
 }
 
 impl hyper::body::Body for Recorded {
@@ -490,6 +539,7 @@ impl hyper::body::Body for Recorded {
         match &polled {
             std::task::Poll::Ready(Some(Ok(frame))) => {
                 if let Some(f) = self.finish.as_mut() {
+                    f.stream.touch();
                     if let Some(data) = frame.data_ref() {
                         f.response_bytes += data.len() as u64;
                     }
@@ -517,7 +567,17 @@ impl hyper::body::Body for Recorded {
                     f.record(true);
                 }
             }
-            std::task::Poll::Pending => {}
+            std::task::Poll::Pending => {
+                if self.idle_expired(cx) {
+                    if let Some(mut f) = self.finish.take() {
+                        if f.done.flags == "-" {
+                            f.done.flags = "SI";
+                        }
+                        f.record(true);
+                    }
+                    return std::task::Poll::Ready(Some(Err(StreamIdle.into())));
+                }
+            }
         }
         polled
     }

@@ -3,7 +3,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use sinew_control_client::Svid;
@@ -116,6 +116,9 @@ pub struct Waypoint {
     pub upstreams: Upstreams,
     /// Span export, when an OTLP endpoint is configured.
     pub otlp: Option<crate::otlp::Exporter>,
+    /// How long a request's stream may move nothing either way (Envoy's
+    /// `stream_idle_timeout`); `None`: for ever.
+    pub stream_idle: Option<Duration>,
     built: Mutex<Option<(Arc<Svid>, Identity)>>,
     buckets: Mutex<HashMap<String, (LocalRateLimit, Arc<TokenBucket>)>>,
     sources: Mutex<(HashMap<String, u32>, Vec<String>)>,
@@ -136,6 +139,8 @@ pub struct Setup {
     pub plain: bool,
     /// Worker threads (per-worker connection pools).
     pub workers: usize,
+    /// See [`Waypoint::stream_idle`].
+    pub stream_idle: Option<Duration>,
 }
 
 impl Waypoint {
@@ -145,7 +150,7 @@ impl Waypoint {
         snapshot: watch::Receiver<Arc<Snapshot>>,
         svid: watch::Receiver<Option<Arc<Svid>>>,
     ) -> Arc<Self> {
-        let Setup { name, id, access, otlp, plain, workers } = setup;
+        let Setup { name, id, access, otlp, plain, workers, stream_idle } = setup;
         Arc::new_cyclic(|me| Self {
             name,
             trust_domain: id.trust_domain.clone(),
@@ -161,6 +166,7 @@ impl Waypoint {
             access,
             upstreams: if plain { Upstreams::plain(workers) } else { Upstreams::new(me.clone()) },
             otlp,
+            stream_idle,
             built: Mutex::new(None),
             buckets: Mutex::new(HashMap::new()),
             sources: Mutex::new((HashMap::new(), Vec::new())),

@@ -105,6 +105,11 @@ spec:
   - matches: [{path: {type: PathPrefix, value: /delay}}]
     backendRefs: [{name: reviews-v1, port: 80}]
     timeouts: {request: 500ms}
+  - matches: [{path: {type: PathPrefix, value: /idle}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /delay}}
+    backendRefs: [{name: reviews-v1, port: 80}]
   - matches: [{path: {type: PathPrefix, value: /limited}}]
     filters:
     - type: LocalRateLimit
@@ -173,7 +178,13 @@ fn setup() -> Result<(Cluster, Pod)> {
     c.start_control()?;
     c.serve_http(&collector, 4318, "collector")?;
     let otlp = format!("http://{}:4318", collector.v4());
-    c.start_waypoint_with(1, "wp", "demo", &["--otlp-endpoint", &otlp])?;
+    // A stream idle timeout short enough to watch (Envoy's default is 5 minutes).
+    c.start_waypoint_with(
+        1,
+        "wp",
+        "demo",
+        &["--otlp-endpoint", &otlp, "--stream-idle-timeout", "2s"],
+    )?;
     c.start_agent(1)?;
     c.start_agent(2)?;
     for p in [&client, &shopper, &v1, &v2] {
@@ -311,6 +322,29 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     ensure!(code == "200", "{stdout}");
     let took: f64 = took.parse().with_context(|| format!("curl time in {stdout:?}"))?;
     ensure!((0.45..5.0).contains(&took), "the stalled body was cut after {took} s");
+
+    // The stream idle timeout (2 s here): a request on a route without a timeout (/idle, the
+    // backend's /delay) to a backend silent for 10 s gets a 408 once nothing has moved for
+    // 2 s, and a body stalled half-way is cut then (curl: partial file), neither waited for.
+    let idle = format!("http://{VIP}/idle/10000");
+    let out = curl_out(&c, &client, "%{http_code} %{time_total}", &[&idle])?;
+    let (code, took) = out.trim().split_once(' ').unwrap_or((out.trim(), ""));
+    ensure!(code == "408", "a silent backend past the stream idle timeout: {out}");
+    let took: f64 = took.parse().with_context(|| format!("curl time in {out:?}"))?;
+    ensure!((1.9..8.0).contains(&took), "the idle stream ended after {took} s");
+    let out = client
+        .command(
+            Path::new("/usr/bin/curl"),
+            &["-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code} %{time_total}"],
+        )
+        .arg(format!("{idle}/mid"))
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.code() == Some(18), "a body idle past the stream idle timeout: {out:?}");
+    let (code, took) = stdout.trim().split_once(' ').unwrap_or((stdout.trim(), ""));
+    ensure!(code == "200", "{stdout}");
+    let took: f64 = took.parse().with_context(|| format!("curl time in {stdout:?}"))?;
+    ensure!((1.9..8.0).contains(&took), "the idle body was cut after {took} s");
 
     // A burst over the local rate limit (5 tokens): 5 admitted, 5 refused with 429.
     let out = curl_out(
@@ -656,6 +690,9 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         ][..],
         &["request_protocol=\"grpc\"", "response_code=\"200\"", "grpc_response_status=\"0\""],
         &["response_code=\"200\"", "response_flags=\"DI\""],
+        // The stream idle timeouts: before the response (408) and during its body.
+        &["response_code=\"408\"", "response_flags=\"SI\""],
+        &["response_code=\"200\"", "response_flags=\"SI\""],
     ] {
         ensure!(has_series(labels), "no series with {labels:?}:\n{metrics}");
     }
