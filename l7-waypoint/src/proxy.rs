@@ -983,7 +983,7 @@ async fn route_and_forward(
     for m in &mirrors {
         match &body {
             Some(Payload::Buffered(b)) => {
-                let body = || std::future::ready(Some(b.clone()));
+                let body = || std::future::ready(Some(replay::WholeBody::unbudgeted(b.clone())));
                 mirror(wp, snapshot, svc, &parts, down.client.is_ipv4(), body, m)
             }
             Some(Payload::Replay(r)) => {
@@ -1561,7 +1561,7 @@ fn mirror<F>(
     body: impl FnOnce() -> F,
     m: &sinew_model::RequestMirror,
 ) where
-    F: std::future::Future<Output = Option<Bytes>> + Send + 'static,
+    F: std::future::Future<Output = Option<replay::WholeBody>> + Send + 'static,
 {
     let ns = m.backend_ref.namespace.as_deref().unwrap_or(&svc.namespace);
     let Some(backend) = wp.backend(snapshot, ns, &m.backend_ref.name) else { return };
@@ -1606,8 +1606,11 @@ fn mirror<F>(
         let key = endpoint.key();
         let _ = tokio::time::timeout(MIRROR_TIMEOUT, async move {
             let Some(body) = body.await else { return };
-            let req = req.map(|_| Full::new(body).map_err(|never| match never {}).boxed());
+            let bytes = body.bytes.clone();
+            let req = req.map(|_| Full::new(bytes).map_err(|never| match never {}).boxed());
             let _ = wp.upstreams.send(req, http2, &key, None, Some(&pool)).await;
+            // Counted in the replay budget until the mirror is done with it.
+            drop(body);
         })
         .await;
     });

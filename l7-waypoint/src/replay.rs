@@ -55,6 +55,31 @@ impl Budget {
 /// The process's budget ([`REPLAY_BUDGET`]).
 pub static REPLAY: Budget = Budget::new(REPLAY_BUDGET);
 
+/// A mirror's copy of a whole request body ([`Recorder::whole`]), counted in the budget it
+/// was taken from for as long as the mirror holds it: a mirror to a slow backend keeps its
+/// copy up to its timeout, after the request's own copy is gone.
+#[derive(Debug)]
+pub struct WholeBody {
+    /// The body.
+    pub bytes: Bytes,
+    held: Option<(&'static Budget, usize)>,
+}
+
+impl WholeBody {
+    /// A body counted in no budget (one the request holds anyway).
+    pub fn unbudgeted(bytes: Bytes) -> Self {
+        Self { bytes, held: None }
+    }
+}
+
+impl Drop for WholeBody {
+    fn drop(&mut self) {
+        if let Some((budget, n)) = self.held.take() {
+            budget.release(n);
+        }
+    }
+}
+
 use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, SizeHint};
@@ -179,8 +204,8 @@ where
     }
 
     /// The whole body once the tries have read it to its end, for a mirror: `None` if it
-    /// passed the limit or failed. The tries are never held back for it (a mirror must not
-    /// delay the request it copies).
+    /// passed the limit or failed, or if its copy does not fit in the budget. The tries are
+    /// never held back for it (a mirror must not delay the request it copies).
     pub fn whole(&self) -> Whole<B> {
         self.shared.lock().unwrap_or_else(PoisonError::into_inner).mirrored = true;
         Whole { shared: self.shared.clone() }
@@ -193,19 +218,24 @@ pub struct Whole<B> {
 }
 
 impl<B> std::future::Future for Whole<B> {
-    type Output = Option<Bytes>;
+    type Output = Option<WholeBody>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<WholeBody>> {
         let mut s = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-        if s.kept.is_none() || s.mirror_cancelled {
+        let Some(len) = s.kept.filter(|_| !s.mirror_cancelled) else {
             return Poll::Ready(None);
-        }
+        };
         if s.source_done {
-            let mut whole = bytes::BytesMut::with_capacity(s.kept.unwrap_or(0));
+            // Past the budget there is no mirror, as past the request's own limit.
+            if !s.budget.reserve(len) {
+                return Poll::Ready(None);
+            }
+            let mut whole = bytes::BytesMut::with_capacity(len);
             for c in &s.chunks {
                 whole.extend_from_slice(c);
             }
-            return Poll::Ready(Some(whole.freeze()));
+            let held = Some((s.budget, len));
+            return Poll::Ready(Some(WholeBody { bytes: whole.freeze(), held }));
         }
         if !s.whole_waiters.iter().any(|w| w.will_wake(cx.waker())) {
             s.whole_waiters.push(cx.waker().clone());
@@ -504,8 +534,9 @@ mod tests {
         drop(rec);
         // The try polls once more after the answer: the copy must outlive that.
         assert!(first.frame().await.is_none());
-        assert_eq!(whole.await.as_deref(), Some(&b"abcd"[..]));
-        assert_eq!(again.await.as_deref(), Some(&b"abcd"[..]), "every mirror gets it");
+        let bytes = |w: Option<WholeBody>| w.map(|w| w.bytes.clone());
+        assert_eq!(bytes(whole.await).as_deref(), Some(&b"abcd"[..]));
+        assert_eq!(bytes(again.await).as_deref(), Some(&b"abcd"[..]), "every mirror gets it");
 
         // The answer came before the body ended (a stream): no mirror, nothing held.
         let rec = Recorder::new(script(&["ab", "cd"], false), 64);
@@ -513,14 +544,36 @@ mod tests {
         let mut first = rec.next_try();
         read(&mut first, Some(1)).await;
         drop(rec);
-        assert_eq!(whole.await, None);
+        assert!(whole.await.is_none());
 
         // Past the limit there is no copy to mirror.
         let rec = Recorder::new(script(&["abcdef"], false), 4);
         let whole = rec.whole();
         let mut first = rec.next_try();
         read(&mut first, None).await;
-        assert_eq!(whole.await, None);
+        assert!(whole.await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_mirrors_copy_counts_in_the_budget_until_the_mirror_lets_it_go() {
+        static MIRRORS: Budget = Budget::new(10);
+        let rec = Recorder::within(script(&["ab", "cd"], false), 64, &MIRRORS);
+        let (whole, again, third) = (rec.whole(), rec.whole(), rec.whole());
+        let mut first = rec.next_try();
+        read(&mut first, None).await;
+        assert_eq!(MIRRORS.held(), 4, "the request's copy");
+        let whole = whole.await.expect("fits");
+        assert_eq!(MIRRORS.held(), 8, "and the mirror's");
+        // A second mirror's copy would pass the budget: that mirror is not sent.
+        assert!(again.await.is_none());
+        drop(whole);
+        assert_eq!(MIRRORS.held(), 4, "a mirror done with its copy gives it back");
+        let third = third.await.expect("fits again");
+        drop((first, rec));
+        assert_eq!(MIRRORS.held(), 4, "the request has gone, its mirror holds on");
+        assert_eq!(third.bytes, "abcd");
+        drop(third);
+        assert_eq!(MIRRORS.held(), 0);
     }
 
     #[tokio::test]
@@ -535,6 +588,6 @@ mod tests {
         drop(rec);
         let (rest, _) = read(&mut second, None).await;
         assert_eq!(rest, "cdef", "the replay goes on, then the live body");
-        assert_eq!(whole.await, None, "no mirror for a body that outlived its answer");
+        assert!(whole.await.is_none(), "no mirror for a body that outlived its answer");
     }
 }
