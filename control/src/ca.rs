@@ -85,6 +85,12 @@ impl CaService {
         }
     }
 
+    /// Keeps the tokens' times in `path` across restarts (see [`crate::tokens::restore`]).
+    pub fn remember_tokens_in(mut self, path: std::path::PathBuf) -> Self {
+        self.tokens = self.tokens.remembered_in(path);
+        self
+    }
+
     /// The tokens in force, to replace when the file changes.
     pub fn tokens(&self) -> SharedTokens {
         self.tokens.clone()

@@ -47,6 +47,9 @@ struct Args {
 /// The last good configuration's file name in --ca-dir, control's own state directory.
 const STATE_FILE: &str = "last-good-config.json";
 
+/// The tokens' times across restarts (`sinew_control::tokens::Memory`), in --ca-dir.
+const TOKEN_MEMORY_FILE: &str = "token-times.json";
+
 #[tokio::main]
 async fn main() -> Result<()> {
     sinew_telemetry::init_logging();
@@ -65,6 +68,9 @@ async fn main() -> Result<()> {
     }
     let tokens = Tokens::load(&args.tokens)?;
     let ca = sinew_identity::Ca::load_or_generate(&args.ca_dir, &args.trust_domain)?;
+    // After the CA, which creates --ca-dir on a first start.
+    let token_memory = args.ca_dir.join(TOKEN_MEMORY_FILE);
+    let tokens = sinew_control::tokens::restore(tokens, &token_memory);
     let state = args.state_file.clone().unwrap_or_else(|| args.ca_dir.join(STATE_FILE));
     let (source, first) = FileSource::new(&args.config_dir, Some(&state));
     let errors = source.errors();
@@ -72,7 +78,7 @@ async fn main() -> Result<()> {
     tokio::spawn(source.run(tx));
     let ca = Arc::new(ca);
     let tls = if args.plaintext { None } else { Some(sinew_control::server_tls(ca.clone())?) };
-    let ca = CaService::new(ca, tokens, rx.clone(), ttl);
+    let ca = CaService::new(ca, tokens, rx.clone(), ttl).remember_tokens_in(token_memory);
     tokio::spawn(sinew_control::tokens::watch_file(args.tokens.clone(), ca.tokens()));
     let registry = Arc::new(Registry::default());
     let admin = AdminState {

@@ -3,10 +3,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, RwLock},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
+
+use serde::{Deserialize, Serialize};
 
 /// Errors reading the token file, naming file and line.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +20,14 @@ pub enum TokenError {
         path: String,
         /// Cause.
         source: std::io::Error,
+    },
+    /// A token memory file that is not one ([`Memory`]).
+    #[error("{path}: not a token memory file: {source}")]
+    Memory {
+        /// File.
+        path: String,
+        /// Cause.
+        source: serde_json::Error,
     },
     /// A bad line.
     #[error("{path}:{line}: {reason}")]
@@ -109,17 +119,136 @@ impl Tokens {
     pub fn has_node(&self, node: &str) -> bool {
         self.0.values().any(|n| n == node)
     }
+
+    /// A digest of `node`'s tokens (SHA-256 of them sorted, hex): what [`Memory`] keeps in
+    /// their place.
+    fn digest(&self, node: &str) -> String {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for t in self.tokens_of(node) {
+            ctx.update(t.as_bytes());
+            ctx.update(b"\n");
+        }
+        ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// `self`, loaded at start, after the run that left `memory`: a node whose tokens are
+    /// those it remembers keeps its time; one whose tokens changed while control was down,
+    /// or that it did not list, stands from `now`. With no memory (a first start) every time
+    /// is unknown, as [`Tokens::since`] says.
+    pub fn after_restart(mut self, memory: Option<&Memory>, now: SystemTime) -> Self {
+        let Some(memory) = memory else { return self };
+        let nodes: BTreeSet<String> = self.0.values().cloned().collect();
+        for node in nodes {
+            let since = match memory.nodes.get(&node) {
+                Some(m) if m.digest == self.digest(&node) => {
+                    SystemTime::UNIX_EPOCH + Duration::from_millis(m.since_ms)
+                }
+                _ => now,
+            };
+            self.1.insert(node, since);
+        }
+        self
+    }
+
+    /// What to keep of these tokens across a restart.
+    pub fn memory(&self) -> Memory {
+        let nodes: BTreeSet<&String> = self.0.values().collect();
+        let nodes = nodes
+            .into_iter()
+            .map(|node| {
+                let since = self.since(node).duration_since(SystemTime::UNIX_EPOCH);
+                let since_ms = since.map_or(0, |d| d.as_millis() as u64);
+                (node.clone(), NodeMemory { digest: self.digest(node), since_ms })
+            })
+            .collect();
+        Memory { nodes }
+    }
+}
+
+/// What control keeps of its tokens across restarts (in its state directory): per node, a
+/// digest of its tokens and since when they stand. Without it a restart would forget that a
+/// node's token was replaced, and take the certificates obtained with the old one again.
+/// Digests, not tokens: the file is no second copy of the secrets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Memory {
+    nodes: BTreeMap<String, NodeMemory>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct NodeMemory {
+    digest: String,
+    /// Milliseconds since the epoch; 0: unknown.
+    since_ms: u64,
+}
+
+impl Memory {
+    /// Reads `path`; `None` when there is no such file (a first start).
+    pub fn load(path: &Path) -> Result<Option<Self>, TokenError> {
+        let p = || path.display().to_string();
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| TokenError::Memory { path: p(), source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(TokenError::Io { path: p(), source }),
+        }
+    }
+
+    /// Writes `path` whole or not at all (a temporary file renamed over it), readable by
+    /// control only.
+    pub fn save(&self, path: &Path) -> Result<(), TokenError> {
+        let io = |source| TokenError::Io { path: path.display().to_string(), source };
+        let tmp = path.with_extension("tmp");
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other).map_err(io)?;
+        {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io)?;
+            f.write_all(&json).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+}
+
+/// The tokens loaded at start, after what the last run remembered in `path`, which then
+/// holds them. A memory that cannot be read is named, and every node stands from now (its
+/// older node certificates are refused; its token still works), the safe side.
+pub fn restore(tokens: Tokens, path: &Path) -> Tokens {
+    let now = SystemTime::now();
+    let tokens = match Memory::load(path) {
+        Ok(memory) => tokens.after_restart(memory.as_ref(), now),
+        Err(e) => {
+            tracing::warn!(error = %e, "token memory unreadable: every node's tokens stand from now");
+            tokens.after_restart(Some(&Memory::default()), now)
+        }
+    };
+    if let Err(e) = tokens.memory().save(path) {
+        tracing::warn!(error = %e, "cannot keep the token memory");
+    }
+    tokens
 }
 
 /// The token file in force, shared by the CA and discovery and replaced when the file
-/// changes ([`watch_file`]).
+/// changes ([`watch_file`]); with a memory file, each change is kept there ([`Memory`]).
 #[derive(Debug, Clone, Default)]
-pub struct SharedTokens(Arc<RwLock<Arc<Tokens>>>);
+pub struct SharedTokens(Arc<RwLock<Arc<Tokens>>>, Option<Arc<PathBuf>>);
 
 impl SharedTokens {
     /// Starting with `tokens`.
     pub fn new(tokens: Tokens) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(tokens))))
+        Self(Arc::new(RwLock::new(Arc::new(tokens))), None)
+    }
+
+    /// Keeps every change in `path` (see [`restore`]).
+    pub fn remembered_in(self, path: PathBuf) -> Self {
+        Self(self.0, Some(Arc::new(path)))
     }
 
     /// The tokens in force now.
@@ -131,6 +260,11 @@ impl SharedTokens {
     pub fn replace(&self, tokens: Tokens) {
         let mut current = self.0.write().unwrap_or_else(|e| e.into_inner());
         *current = Arc::new(tokens.following(&current, SystemTime::now()));
+        if let Some(path) = &self.1
+            && let Err(e) = current.memory().save(path)
+        {
+            tracing::warn!(error = %e, "cannot keep the token memory: a restart would forget this change");
+        }
     }
 }
 
@@ -205,6 +339,43 @@ mod tests {
         let back =
             parse("c cccccccccccccccc\n").following(&next, t1 + std::time::Duration::from_secs(9));
         assert_eq!(back.since("c"), t1 + std::time::Duration::from_secs(9));
+    }
+
+    #[test]
+    fn a_restart_remembers_whose_tokens_changed_and_when() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = dir.path().join("token-times.json");
+        let parse = |text: &str| Tokens::parse("t", text).unwrap();
+        let ab = "a aaaaaaaaaaaaaaaa\nb bbbbbbbbbbbbbbbb\n";
+        // A first start: nothing remembered, every time unknown.
+        let first = restore(parse(ab), &memory);
+        assert_eq!(first.since("a"), SystemTime::UNIX_EPOCH);
+        let kept = std::fs::read_to_string(&memory).unwrap();
+        assert!(!kept.contains("aaaaaaaaaaaaaaaa"), "digests, not tokens: {kept}");
+        // While it runs, b's token is replaced: b stands from then, and the memory says so.
+        let shared = SharedTokens::new(first).remembered_in(memory.clone());
+        shared.replace(parse("a aaaaaaaaaaaaaaaa\nb bbbbbbbbbbbbbbb2\n"));
+        let replaced = shared.current().since("b");
+        assert!(replaced > SystemTime::UNIX_EPOCH);
+        // Restarted with the same file: b's time is not forgotten.
+        let again = restore(parse("a aaaaaaaaaaaaaaaa\nb bbbbbbbbbbbbbbb2\n"), &memory);
+        assert_eq!(again.since("a"), SystemTime::UNIX_EPOCH);
+        let ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis();
+        assert_eq!(ms(again.since("b")), ms(replaced));
+        // Restarted after a's token changed and c was added while control was down: both
+        // stand from the restart.
+        let before = SystemTime::now();
+        let later =
+            restore(parse("a aaaaaaaaaaaaaaa3\nb bbbbbbbbbbbbbbb2\nc cccccccccccccccc\n"), &memory);
+        assert!(later.since("a") >= before && later.since("c") >= before);
+        assert_eq!(ms(later.since("b")), ms(replaced));
+        // A memory that is not one: named, and every node stands from now (the safe side).
+        std::fs::write(&memory, "not json").unwrap();
+        let e = Memory::load(&memory).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: not a token memory file", memory.display())), "{e}");
+        let after = restore(parse(ab), &memory);
+        assert!(after.since("a") >= before && after.since("b") >= before);
+        assert!(Memory::load(&memory).unwrap().is_some(), "rewritten whole");
     }
 
     #[tokio::test]
