@@ -198,22 +198,8 @@ impl Memory {
     /// control only.
     pub fn save(&self, path: &Path) -> Result<(), TokenError> {
         let io = |source| TokenError::Io { path: path.display().to_string(), source };
-        let tmp = path.with_extension("tmp");
         let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other).map_err(io)?;
-        {
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io)?;
-            f.write_all(&json).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, path).map_err(io)
+        sinew_identity::write_atomic(path, &json, 0o600).map_err(io)
     }
 }
 

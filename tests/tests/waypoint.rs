@@ -223,6 +223,18 @@ fn wait_status(c: &Cluster, pod: &Pod, args: &[&str], want: &str, what: &str) ->
     anyhow::bail!("{what}: never answered {want}")
 }
 
+/// curl in `pod` fetching `url`, the body thrown away: its exit code, the HTTP status and
+/// the seconds it took by curl's own clock (so starting curl in the pod does not count).
+fn timed_curl(pod: &Pod, url: &str) -> Result<(Option<i32>, String, f64)> {
+    let format = "%{http_code} %{time_total}";
+    let args = ["-sS", "--max-time", "20", "-o", "/dev/null", "-w", format, url];
+    let out = pod.command(Path::new("/usr/bin/curl"), &args).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (code, took) = stdout.trim().split_once(' ').unwrap_or((stdout.trim(), ""));
+    let took = took.parse().with_context(|| format!("curl time in {out:?}"))?;
+    Ok((out.status.code(), code.to_owned(), took))
+}
+
 /// curl's `-w` format for [`statuses`]: `<status> <x-served-by>` per request.
 const FMT: &str = "%{http_code} %header{x-served-by}\\n";
 
@@ -286,64 +298,25 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     let got = served(&c, &client, &format!("http://{VIP}/flaky?n=[1-20]"))?;
     ensure!(got == BTreeMap::from([("200 v1".to_string(), 20)]), "{got:?}");
 
-    // A backend slower than the 500 ms timeout: 504, in about that time (curl's own clock,
-    // so starting curl in the pod does not count; the backend would take 10 s).
-    let out = curl_out(
-        &c,
-        &client,
-        "%{http_code} %{time_total}",
-        &[&format!("http://{VIP}/delay/10000")],
-    )?;
-    let (code, took) = out.trim().split_once(' ').unwrap_or((out.trim(), ""));
-    ensure!(code == "504", "{out}");
-    let took: f64 = took.parse().with_context(|| format!("curl time in {out:?}"))?;
+    // A backend slower than the 500 ms timeout: 504, in about that time (the backend would
+    // take 10 s).
+    let (exit, code, took) = timed_curl(&client, &format!("http://{VIP}/delay/10000"))?;
+    ensure!(exit == Some(0) && code == "504", "{exit:?} {code}");
     ensure!((0.45..5.0).contains(&took), "the 500 ms timeout answered after {took} s");
     // The timeout covers the response body too: a backend that stalls after half its body is
     // cut off at the timeout (curl: partial file), not waited for.
-    let url = format!("http://{VIP}/delay/10000/mid");
-    let out = client
-        .command(
-            Path::new("/usr/bin/curl"),
-            &[
-                "-sS",
-                "--max-time",
-                "20",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code} %{time_total}",
-                &url,
-            ],
-        )
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.code() == Some(18), "a body stalled past the timeout: {out:?}");
-    let (code, took) = stdout.trim().split_once(' ').unwrap_or((stdout.trim(), ""));
-    ensure!(code == "200", "{stdout}");
-    let took: f64 = took.parse().with_context(|| format!("curl time in {stdout:?}"))?;
+    let (exit, code, took) = timed_curl(&client, &format!("http://{VIP}/delay/10000/mid"))?;
+    ensure!(exit == Some(18) && code == "200", "a body stalled past the timeout: {exit:?} {code}");
     ensure!((0.45..5.0).contains(&took), "the stalled body was cut after {took} s");
 
     // The stream idle timeout (2 s here): a request on a route without a timeout (/idle, the
     // backend's /delay) to a backend silent for 10 s gets a 408 once nothing has moved for
     // 2 s, and a body stalled half-way is cut then (curl: partial file), neither waited for.
-    let idle = format!("http://{VIP}/idle/10000");
-    let out = curl_out(&c, &client, "%{http_code} %{time_total}", &[&idle])?;
-    let (code, took) = out.trim().split_once(' ').unwrap_or((out.trim(), ""));
-    ensure!(code == "408", "a silent backend past the stream idle timeout: {out}");
-    let took: f64 = took.parse().with_context(|| format!("curl time in {out:?}"))?;
+    let (exit, code, took) = timed_curl(&client, &format!("http://{VIP}/idle/10000"))?;
+    ensure!(exit == Some(0) && code == "408", "a silent backend, idle: {exit:?} {code}");
     ensure!((1.9..8.0).contains(&took), "the idle stream ended after {took} s");
-    let out = client
-        .command(
-            Path::new("/usr/bin/curl"),
-            &["-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code} %{time_total}"],
-        )
-        .arg(format!("{idle}/mid"))
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.code() == Some(18), "a body idle past the stream idle timeout: {out:?}");
-    let (code, took) = stdout.trim().split_once(' ').unwrap_or((stdout.trim(), ""));
-    ensure!(code == "200", "{stdout}");
-    let took: f64 = took.parse().with_context(|| format!("curl time in {stdout:?}"))?;
+    let (exit, code, took) = timed_curl(&client, &format!("http://{VIP}/idle/10000/mid"))?;
+    ensure!(exit == Some(18) && code == "200", "a body stalled, idle: {exit:?} {code}");
     ensure!((1.9..8.0).contains(&took), "the idle body was cut after {took} s");
 
     // A burst over the local rate limit (5 tokens): 5 admitted, 5 refused with 429.

@@ -170,7 +170,6 @@ impl Backoff {
 }
 
 pub(crate) fn write_private(path: &std::path::Path, data: &[u8]) -> Result<(), ClientError> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
     let err = |e: std::io::Error| ClientError::Cache {
         path: path.display().to_string(),
         reason: e.to_string(),
@@ -178,19 +177,9 @@ pub(crate) fn write_private(path: &std::path::Path, data: &[u8]) -> Result<(), C
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(data).map_err(err)?;
-    // Synced before the rename: after a power loss the cache is the old one or the new one,
-    // never an empty file a restarted client would start from.
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    // Whole: after a power loss the cache is the old one or the new one, never an empty file
+    // a restarted client would start from.
+    sinew_identity::write_atomic(path, data, 0o600).map_err(err)
 }
 
 #[cfg(test)]

@@ -631,6 +631,14 @@ fn write_private_dir(dir: &Path) -> Result<(), CaError> {
 }
 
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
+    write_atomic(path, data, mode).map_err(io(path))
+}
+
+/// Writes `path` whole or not at all, with permissions `mode`: a temporary file beside it,
+/// synced, then renamed over it, so after a crash or a power loss the file is the old one or
+/// the new one, never a torn or empty one a restart would start from. For keys, caches and
+/// state.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
@@ -638,10 +646,10 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
         .create(true)
         .truncate(true)
         .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

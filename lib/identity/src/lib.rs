@@ -13,6 +13,6 @@ mod spiffe;
 
 pub use ca::{
     BACKDATE, Ca, CaError, DEFAULT_TTL, new_csr, not_after_of_der, not_before_of_der,
-    plug_in_ca_files_for_tests, renew_at, spiffe_id_of_der, verify_leaf,
+    plug_in_ca_files_for_tests, renew_at, spiffe_id_of_der, verify_leaf, write_atomic,
 };
 pub use spiffe::{NODE_NAMESPACE, SpiffeId, SpiffeIdError};
