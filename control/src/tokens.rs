@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, SystemTime},
 };
 
@@ -90,8 +90,8 @@ impl Tokens {
     }
 
     /// Since when `node`'s tokens stand: when it was (re-)listed or lost a token, as this
-    /// process saw it; the epoch for nodes listed as loaded at start (unknown, so every
-    /// certificate counts). A node certificate issued before it is refused: a token replaced
+    /// process saw it or as the last run remembered it ([`Tokens::after_restart`]); the epoch
+    /// when unknown (a first start: every certificate counts). A node certificate issued before it is refused: a token replaced
     /// because it leaked must not leave a certificate obtained with it renewing itself.
     pub fn since(&self, node: &str) -> SystemTime {
         self.1.get(node).copied().unwrap_or(SystemTime::UNIX_EPOCH)
@@ -120,27 +120,26 @@ impl Tokens {
         self.0.values().any(|n| n == node)
     }
 
-    /// A digest of `node`'s tokens (SHA-256 of them sorted, hex): what [`Memory`] keeps in
-    /// their place.
-    fn digest(&self, node: &str) -> String {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        for t in self.tokens_of(node) {
-            ctx.update(t.as_bytes());
-            ctx.update(b"\n");
-        }
-        ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    /// Digests of `node`'s tokens (SHA-256, hex): what [`Memory`] keeps in their place.
+    fn digests(&self, node: &str) -> BTreeSet<String> {
+        let hex = |t: &str| {
+            let d = ring::digest::digest(&ring::digest::SHA256, t.as_bytes());
+            d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+        };
+        self.tokens_of(node).into_iter().map(hex).collect()
     }
 
-    /// `self`, loaded at start, after the run that left `memory`: a node whose tokens are
-    /// those it remembers keeps its time; one whose tokens changed while control was down,
-    /// or that it did not list, stands from `now`. With no memory (a first start) every time
-    /// is unknown, as [`Tokens::since`] says.
+    /// `self`, loaded at start, after the run that left `memory`, as [`SharedTokens::replace`]
+    /// follows a change: a node that still has every token it remembers keeps its time (one
+    /// added revokes nothing); one that lost a token while control was down, or that it did
+    /// not list, stands from `now`. With no memory (a first start) every time is unknown, as
+    /// [`Tokens::since`] says.
     pub fn after_restart(mut self, memory: Option<&Memory>, now: SystemTime) -> Self {
         let Some(memory) = memory else { return self };
         let nodes: BTreeSet<String> = self.0.values().cloned().collect();
         for node in nodes {
             let since = match memory.nodes.get(&node) {
-                Some(m) if m.digest == self.digest(&node) => {
+                Some(m) if !m.digests.is_empty() && m.digests.is_subset(&self.digests(&node)) => {
                     SystemTime::UNIX_EPOCH + Duration::from_millis(m.since_ms)
                 }
                 _ => now,
@@ -158,7 +157,7 @@ impl Tokens {
             .map(|node| {
                 let since = self.since(node).duration_since(SystemTime::UNIX_EPOCH);
                 let since_ms = since.map_or(0, |d| d.as_millis() as u64);
-                (node.clone(), NodeMemory { digest: self.digest(node), since_ms })
+                (node.clone(), NodeMemory { digests: self.digests(node), since_ms })
             })
             .collect();
         Memory { nodes }
@@ -176,7 +175,7 @@ pub struct Memory {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct NodeMemory {
-    digest: String,
+    digests: BTreeSet<String>,
     /// Milliseconds since the epoch; 0: unknown.
     since_ms: u64,
 }
@@ -224,7 +223,7 @@ pub fn restore(tokens: Tokens, path: &Path) -> Tokens {
 /// The token file in force, shared by the CA and discovery and replaced when the file
 /// changes ([`watch_file`]); with a memory file, each change is kept there ([`Memory`]).
 #[derive(Debug, Clone, Default)]
-pub struct SharedTokens(Arc<RwLock<Arc<Tokens>>>, Option<Arc<PathBuf>>);
+pub struct SharedTokens(Arc<RwLock<Arc<Tokens>>>, Option<Arc<(PathBuf, Mutex<()>)>>);
 
 impl SharedTokens {
     /// Starting with `tokens`.
@@ -234,7 +233,7 @@ impl SharedTokens {
 
     /// Keeps every change in `path` (see [`restore`]).
     pub fn remembered_in(self, path: PathBuf) -> Self {
-        Self(self.0, Some(Arc::new(path)))
+        Self(self.0, Some(Arc::new((path, Mutex::new(())))))
     }
 
     /// The tokens in force now.
@@ -244,12 +243,17 @@ impl SharedTokens {
 
     /// Puts `tokens` in force (see [`Tokens::since`]).
     pub fn replace(&self, tokens: Tokens) {
-        let mut current = self.0.write().unwrap_or_else(|e| e.into_inner());
-        *current = Arc::new(tokens.following(&current, SystemTime::now()));
-        if let Some(path) = &self.1
-            && let Err(e) = current.memory().save(path)
         {
-            tracing::warn!(error = %e, "cannot keep the token memory: a restart would forget this change");
+            let mut current = self.0.write().unwrap_or_else(|e| e.into_inner());
+            *current = Arc::new(tokens.following(&current, SystemTime::now()));
+        }
+        // Written outside the lock every authentication reads; one writer at a time, each
+        // writing what is in force when it gets its turn, so the last change is the one kept.
+        if let Some(memory) = &self.1 {
+            let _writer = memory.1.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = self.current().memory().save(&memory.0) {
+                tracing::warn!(error = %e, "cannot keep the token memory: a restart would forget this change");
+            }
         }
     }
 }
@@ -283,7 +287,9 @@ pub async fn watch_file(path: std::path::PathBuf, tokens: SharedTokens) {
         match Tokens::parse(&path.display().to_string(), &text) {
             Ok(t) => {
                 tracing::info!(file = %path.display(), nodes = t.0.len(), "token file reloaded");
-                tokens.replace(t);
+                // Off the runtime's threads: the memory file is written and synced.
+                let shared = tokens.clone();
+                let _ = tokio::task::spawn_blocking(move || shared.replace(t)).await;
             }
             Err(e) => tracing::warn!(error = %e, "token file rejected; the last good one stays"),
         }
@@ -348,13 +354,17 @@ mod tests {
         assert_eq!(again.since("a"), SystemTime::UNIX_EPOCH);
         let ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis();
         assert_eq!(ms(again.since("b")), ms(replaced));
-        // Restarted after a's token changed and c was added while control was down: both
-        // stand from the restart.
+        // Restarted after b gained a token (which revokes nothing), a's token was replaced
+        // and c was added while control was down: a and c stand from the restart.
         let before = SystemTime::now();
-        let later =
-            restore(parse("a aaaaaaaaaaaaaaa3\nb bbbbbbbbbbbbbbb2\nc cccccccccccccccc\n"), &memory);
+        let later = restore(
+            parse(
+                "a aaaaaaaaaaaaaaa3\nb bbbbbbbbbbbbbbb2\nb bbbbbbbbbbbbbbb4\nc cccccccccccccccc\n",
+            ),
+            &memory,
+        );
         assert!(later.since("a") >= before && later.since("c") >= before);
-        assert_eq!(ms(later.since("b")), ms(replaced));
+        assert_eq!(ms(later.since("b")), ms(replaced), "a token added revokes nothing");
         // A memory that is not one: named, and every node stands from now (the safe side).
         std::fs::write(&memory, "not json").unwrap();
         let e = Memory::load(&memory).unwrap_err().to_string();

@@ -320,8 +320,14 @@ pub async fn handle(
         },
         None => forwarded.await,
     };
-    if notes.delayed.load(Ordering::Relaxed) && done.flags == "-" {
-        done.flags = "DI";
+    // The response's headers are activity too: its body gets a whole idle time from them.
+    stream.touch();
+    if notes.delayed.load(Ordering::Relaxed) {
+        done.flags = match done.flags {
+            "-" => "DI",
+            "SI" => "DI,SI",
+            other => other,
+        };
     }
     let audit = notes.audited.into_inner().unwrap_or_else(|e| e.into_inner());
     let observed = match (path_and_query, started_at) {
@@ -570,9 +576,11 @@ impl hyper::body::Body for Recorded {
             std::task::Poll::Pending => {
                 if self.idle_expired(cx) {
                     if let Some(mut f) = self.finish.take() {
-                        if f.done.flags == "-" {
-                            f.done.flags = "SI";
-                        }
+                        f.done.flags = match f.done.flags {
+                            "-" => "SI",
+                            "DI" => "DI,SI",
+                            other => other,
+                        };
                         f.record(true);
                     }
                     return std::task::Poll::Ready(Some(Err(StreamIdle.into())));
@@ -1606,11 +1614,9 @@ fn mirror<F>(
         let key = endpoint.key();
         let _ = tokio::time::timeout(MIRROR_TIMEOUT, async move {
             let Some(body) = body.await else { return };
-            let bytes = body.bytes.clone();
-            let req = req.map(|_| Full::new(bytes).map_err(|never| match never {}).boxed());
+            // The body itself holds its place in the replay budget, until hyper lets it go.
+            let req = req.map(|_| body.map_err(|never| match never {}).boxed());
             let _ = wp.upstreams.send(req, http2, &key, None, Some(&pool)).await;
-            // Counted in the replay budget until the mirror is done with it.
-            drop(body);
         })
         .await;
     });

@@ -56,13 +56,37 @@ impl Budget {
 pub static REPLAY: Budget = Budget::new(REPLAY_BUDGET);
 
 /// A mirror's copy of a whole request body ([`Recorder::whole`]), counted in the budget it
-/// was taken from for as long as the mirror holds it: a mirror to a slow backend keeps its
-/// copy up to its timeout, after the request's own copy is gone.
+/// was taken from for as long as it lives: a mirror to a slow backend keeps its copy up to
+/// its timeout, after the request's own copy is gone. It is the mirror request's body, so
+/// it lives until hyper has sent it and let it go.
 #[derive(Debug)]
 pub struct WholeBody {
-    /// The body.
+    /// The body; taken once sent.
     pub bytes: Bytes,
     held: Option<(&'static Budget, usize)>,
+}
+
+impl Body for WholeBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.bytes.is_empty() {
+            return Poll::Ready(None);
+        }
+        Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut self.bytes)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.bytes.len() as u64)
+    }
 }
 
 impl WholeBody {
@@ -568,10 +592,14 @@ mod tests {
         assert!(again.await.is_none());
         drop(whole);
         assert_eq!(MIRRORS.held(), 4, "a mirror done with its copy gives it back");
-        let third = third.await.expect("fits again");
+        let mut third = third.await.expect("fits again");
         drop((first, rec));
         assert_eq!(MIRRORS.held(), 4, "the request has gone, its mirror holds on");
-        assert_eq!(third.bytes, "abcd");
+        // Sent as a body: its place in the budget goes when the sender drops it, not sooner.
+        let sent = third.frame().await.expect("a frame").expect("data").into_data().ok();
+        assert_eq!(sent.as_deref(), Some(&b"abcd"[..]));
+        assert!(third.frame().await.is_none());
+        assert_eq!(MIRRORS.held(), 4, "held while the sender holds the body");
         drop(third);
         assert_eq!(MIRRORS.held(), 0);
     }
