@@ -315,7 +315,10 @@ pub async fn handle(
             r = forwarded => r,
             () = stream.idle_for(limit) => {
                 let status = StatusCode::REQUEST_TIMEOUT;
-                (full(status, "stream timeout\n"), done(status, "SI"), None)
+                let mut d = done(status, "SI");
+                d.endpoint = notes.endpoint.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let route = notes.route.lock().unwrap_or_else(|e| e.into_inner()).take();
+                (full(status, "stream timeout\n"), d, route)
             }
         },
         None => forwarded.await,
@@ -398,6 +401,10 @@ struct Notes {
     delayed: AtomicBool,
     /// The AUDIT policies its L7 authorization matched (`ns/name`, comma-separated).
     audited: Mutex<Option<String>>,
+    /// The route rule chosen and the endpoint of the latest try, for a request that ends
+    /// before its answer (the stream idle timeout).
+    route: Mutex<Option<String>>,
+    endpoint: Mutex<Option<Arc<sinew_mesh::WorkloadInfo>>>,
 }
 
 /// What a request's access-log line and span need once its response has ended (only when
@@ -788,6 +795,7 @@ async fn route_and_forward(
         return (full(status, "route not found\n"), done(status, "NR"), None);
     }
     let route_name = selected.as_ref().map(|s| format!("{}#{}", s.rule.route, s.rule.index));
+    notes.route.lock().unwrap_or_else(|e| e.into_inner()).clone_from(&route_name);
     let rule: Option<&CompiledRule> = selected.as_ref().map(|s| s.rule);
     let matched_prefix = selected.as_ref().and_then(|s| s.matched_prefix);
 
@@ -1042,6 +1050,7 @@ async fn route_and_forward(
             };
             let endpoint = backend.endpoints[i].clone();
             last_endpoint = Some(endpoint.clone());
+            *notes.endpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(endpoint.clone());
             last_index = Some(i);
             let payload = match &mut body {
                 Some(Payload::Buffered(b)) => {

@@ -664,7 +664,7 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         &["request_protocol=\"grpc\"", "response_code=\"200\"", "grpc_response_status=\"0\""],
         &["response_code=\"200\"", "response_flags=\"DI\""],
         // The stream idle timeouts: before the response (408) and during its body.
-        &["response_code=\"408\"", "response_flags=\"SI\""],
+        &["response_code=\"408\"", "response_flags=\"SI\"", "destination_workload=\"reviews-1\""],
         &["response_code=\"200\"", "response_flags=\"SI\""],
     ] {
         ensure!(has_series(labels), "no series with {labels:?}:\n{metrics}");
