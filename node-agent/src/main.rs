@@ -95,6 +95,11 @@ struct RunArgs {
     /// may use (never with one worker); `off` never does.
     #[arg(long, default_value_t = Pinning::Auto)]
     pin_workers: Pinning,
+    /// Plaintext from the node itself (its addresses and 169.254.7.127, Istio ambient's
+    /// source for kubelet's probes) reaches pods without mTLS or policy, so health probes
+    /// pass under STRICT; `false` judges it like any other plaintext.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    node_bypass: bool,
 }
 
 fn main() -> Result<()> {
@@ -214,13 +219,13 @@ fn run(args: RunArgs) -> Result<()> {
                 (mesh, Certs::new(None, tokio::runtime::Handle::current()), task, known)
             }
         };
-        let ctx = Arc::new(Ctx::new(
-            args.trust_domain.clone(),
-            mesh,
-            Arc::new(certs),
-            access,
-            handles.len(),
-        ));
+        let mut ctx =
+            Ctx::new(args.trust_domain.clone(), mesh, Arc::new(certs), access, handles.len());
+        if args.node_bypass {
+            ctx.node_addrs = sinew_node_agent::netns::node_addresses()
+                .context("listing the node's addresses (--node-bypass)")?;
+        }
+        let ctx = Arc::new(ctx);
         let registry = Arc::new(Registry::new(settings, capture, ctx, handles, known.clone()));
         let restored = {
             let r = registry.clone();

@@ -488,6 +488,9 @@ fn strict_refuses_plaintext_and_permissive_admits_it() -> Result<()> {
         Ok(ping(&c, &p.legacy, &p.server).is_err())
     })?;
     ensure!(ping(&c, &p.client, &p.server).is_ok(), "mTLS traffic must pass under STRICT");
+    // The node itself, where kubelet's health probes come from, still reaches its pod.
+    let probe = c.run_on_node(p.server.node, &["ping", &target(&p.server), "1"]);
+    ensure!(probe.is_ok(), "plaintext from the server's node under STRICT: {probe:?}");
     c.write_config(
         "peerauth.yaml",
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: demo\nspec:\n  mtls:\n    mode: PERMISSIVE\n",

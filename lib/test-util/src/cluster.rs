@@ -946,6 +946,25 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs `sinew-testapp <args>` in node `node`'s own namespace (where kubelet's probes
+    /// would come from) to completion; Ok(stdout) on success.
+    pub fn run_on_node(&self, node: u8, args: &[&str]) -> Result<String> {
+        let n = self.nodes.iter().find(|n| n.index == node).context("no such node")?;
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", n.netns))
+            .arg(self.binary("sinew-testapp"))
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "testapp {} on node {node} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Runs `sinew-testapp <args>` in `pod` to completion; Ok(stdout) on success.
     pub fn run_in(&self, pod: &Pod, args: &[&str]) -> Result<String> {
         let out = pod.command(&self.binary("sinew-testapp"), args).output()?;

@@ -36,6 +36,10 @@ use crate::telemetry::{
 /// The error of a connection closed by a policy change.
 const CLOSED_BY_POLICY: &str = "closed: the policy in force no longer admits it";
 
+/// Why a plaintext connection from the node itself was admitted without a decision.
+const FROM_THE_NODE: &str =
+    "from the node itself (kubelet's health probes): neither mTLS nor policy applies";
+
 /// An admitted inbound connection, as policy sees it.
 struct LiveConn {
     namespace: String,
@@ -464,20 +468,29 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
     };
     let mesh = ctx.mesh.borrow().clone();
     let (mut log, mut labels) = arrival.entry(&pod, &mesh);
-    if !authorize(&pod, &mesh, &arrival, &mut log, &mut labels) {
+    // The node itself (kubelet's probes, host-network processes) reaches its pods whatever
+    // their mTLS mode and policies, as in Istio ambient (whose node traffic comes from
+    // 169.254.7.127) and Linkerd (which admits probes): STRICT must not fail every probe.
+    let from_node = ctx.node_addrs.contains(&arrival.source.ip());
+    if from_node {
+        log.decision = "allow";
+        log.reason = Some(FROM_THE_NODE.into());
+    } else if !authorize(&pod, &mesh, &arrival, &mut log, &mut labels) {
         ctx.metrics.opened.get_or_create(&labels).inc();
         ctx.metrics.closed(&labels);
         finish(&pod, log, start);
         return reset(&downstream);
     }
-    // Live from the decision on, as for a tunnel.
+    // Live from the decision on, as for a tunnel; the node's connections are not re-checked.
     let kill = Arc::new(Notify::new());
-    let _live = ctx.live.register(LiveConn {
-        namespace: pod.namespace.clone(),
-        destination,
-        source_ip: arrival.source.ip(),
-        identity: None,
-        kill: kill.clone(),
+    let _live = (!from_node).then(|| {
+        ctx.live.register(LiveConn {
+            namespace: pod.namespace.clone(),
+            destination,
+            source_ip: arrival.source.ip(),
+            identity: None,
+            kill: kill.clone(),
+        })
     });
     let upstream = match connect_in(&pod.netns, destination).await {
         Ok(u) => u,
