@@ -95,11 +95,13 @@ struct RunArgs {
     /// may use (never with one worker); `off` never does.
     #[arg(long, default_value_t = Pinning::Auto)]
     pin_workers: Pinning,
-    /// Plaintext from the node itself (its addresses and 169.254.7.127, Istio ambient's
-    /// source for kubelet's probes) reaches pods without mTLS or policy, so health probes
-    /// pass under STRICT; `false` judges it like any other plaintext.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    node_bypass: bool,
+    /// A source address whose plaintext reaches pods without mTLS or policy (repeatable):
+    /// the address the node's CNI rewrites kubelet's health probes to, so that they pass
+    /// under STRICT (istio-cni uses 169.254.7.127 and fd16:9254:7127:1337:ffff:ffff:ffff:ffff,
+    /// for connections opened on the node only). Never the node's own address: forwarded
+    /// traffic (a NodePort) can arrive from it.
+    #[arg(long = "trust-plaintext-from", value_name = "IP")]
+    trust_plaintext_from: Vec<std::net::IpAddr>,
 }
 
 fn main() -> Result<()> {
@@ -221,10 +223,7 @@ fn run(args: RunArgs) -> Result<()> {
         };
         let mut ctx =
             Ctx::new(args.trust_domain.clone(), mesh, Arc::new(certs), access, handles.len());
-        if args.node_bypass {
-            ctx.node_addrs = sinew_node_agent::netns::node_addresses()
-                .context("listing the node's addresses (--node-bypass)")?;
-        }
+        ctx.trusted_plaintext = args.trust_plaintext_from.iter().map(|ip| ip.to_canonical()).collect();
         let ctx = Arc::new(ctx);
         let registry = Arc::new(Registry::new(settings, capture, ctx, handles, known.clone()));
         let restored = {

@@ -105,29 +105,6 @@ impl Netns {
     }
 }
 
-/// Istio ambient's source for the node's traffic to its pods (istio-cni SNATs kubelet's
-/// probes to it), so nodes set up for ztunnel keep their probes working.
-pub const ISTIO_NODE_SNAT: std::net::IpAddr =
-    std::net::IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 7, 127));
-
-/// The addresses of this thread's network namespace (the node's, for the agent), loopback
-/// aside, with [`ISTIO_NODE_SNAT`]: where the node's own connections to its pods come from.
-pub fn node_addresses() -> io::Result<std::collections::HashSet<std::net::IpAddr>> {
-    let mut out: std::collections::HashSet<_> = nix::ifaddrs::getifaddrs()?
-        .filter_map(|i| {
-            let a = i.address?;
-            let ip: std::net::IpAddr = match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
-                (Some(v4), _) => v4.ip().into(),
-                (_, Some(v6)) => v6.ip().into(),
-                _ => return None,
-            };
-            (!ip.is_loopback()).then_some(ip)
-        })
-        .collect();
-    out.insert(ISTIO_NODE_SNAT);
-    Ok(out)
-}
-
 /// `SO_NETNS_COOKIE` of a socket: the identity of the namespace it lives in.
 pub fn netns_cookie(sock: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
     let mut cookie: u64 = 0;

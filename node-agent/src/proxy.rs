@@ -135,9 +135,9 @@ pub struct Ctx {
     pub stats: Arc<Stats>,
     /// Inbound connections open now, re-checked when policy changes.
     pub live: Live,
-    /// The node's own addresses: plaintext from them reaches pods without mTLS or policy
-    /// (health probes; see `inbound::plaintext`). Empty: no such exception.
-    pub node_addrs: std::collections::HashSet<IpAddr>,
+    /// Sources whose plaintext reaches pods without mTLS or policy (`--trust-plaintext-from`:
+    /// the node's probe address; see `inbound::plaintext`).
+    pub trusted_plaintext: std::collections::HashSet<IpAddr>,
     /// The node's places for inbound connections not yet admitted ([`AGENT_HANDSHAKES`]).
     pending: Arc<Semaphore>,
     /// Round-robin cursor over service endpoints.
@@ -166,7 +166,7 @@ impl Ctx {
             access,
             stats: Arc::new(Stats::default()),
             live: Live::default(),
-            node_addrs: Default::default(),
+            trusted_plaintext: Default::default(),
             pending: Arc::new(Semaphore::new(AGENT_HANDSHAKES)),
             rr: AtomicUsize::new(0),
         }

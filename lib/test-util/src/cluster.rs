@@ -779,6 +779,11 @@ impl Cluster {
 
     /// Starts an agent on node `node` (1-based).
     pub fn start_agent(&mut self, node: u8) -> Result<&mut Agent> {
+        self.start_agent_with(node, &[])
+    }
+
+    /// [`Cluster::start_agent`] with extra flags.
+    pub fn start_agent_with(&mut self, node: u8, flags: &[&str]) -> Result<&mut Agent> {
         let n = self.nodes.get(node as usize - 1).context("no such node")?.clone();
         let rel = self.cgroup_base.strip_prefix(&self.cgroup_root)?.join(format!("agent-n{node}"));
         let mut agent = Agent {
@@ -806,6 +811,7 @@ impl Cluster {
                 None => vec![],
             },
         };
+        agent.extra.extend(flags.iter().map(|f| f.to_string()));
         agent.spawn()?;
         let slot = &mut self.agents[node as usize - 1];
         *slot = Some(agent);

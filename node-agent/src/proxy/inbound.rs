@@ -36,9 +36,9 @@ use crate::telemetry::{
 /// The error of a connection closed by a policy change.
 const CLOSED_BY_POLICY: &str = "closed: the policy in force no longer admits it";
 
-/// Why a plaintext connection from the node itself was admitted without a decision.
-const FROM_THE_NODE: &str =
-    "from the node itself (kubelet's health probes): neither mTLS nor policy applies";
+/// Why a plaintext connection from a trusted source was admitted without a decision.
+const TRUSTED_SOURCE: &str =
+    "from a --trust-plaintext-from source (the node's probes): neither mTLS nor policy applies";
 
 /// An admitted inbound connection, as policy sees it.
 struct LiveConn {
@@ -468,22 +468,22 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
     };
     let mesh = ctx.mesh.borrow().clone();
     let (mut log, mut labels) = arrival.entry(&pod, &mesh);
-    // The node itself (kubelet's probes, host-network processes) reaches its pods whatever
-    // their mTLS mode and policies, as in Istio ambient (whose node traffic comes from
-    // 169.254.7.127) and Linkerd (which admits probes): STRICT must not fail every probe.
-    let from_node = ctx.node_addrs.contains(&arrival.source.ip());
-    if from_node {
+    // The node's health probes, which its CNI rewrites to a source no pod or peer can have,
+    // reach their pods whatever the mTLS mode and policies, as ztunnel's do from istio-cni's
+    // 169.254.7.127: STRICT must not fail every probe.
+    let trusted = ctx.trusted_plaintext.contains(&arrival.source.ip());
+    if trusted {
         log.decision = "allow";
-        log.reason = Some(FROM_THE_NODE.into());
+        log.reason = Some(TRUSTED_SOURCE.into());
     } else if !authorize(&pod, &mesh, &arrival, &mut log, &mut labels) {
         ctx.metrics.opened.get_or_create(&labels).inc();
         ctx.metrics.closed(&labels);
         finish(&pod, log, start);
         return reset(&downstream);
     }
-    // Live from the decision on, as for a tunnel; the node's connections are not re-checked.
+    // Live from the decision on, as for a tunnel; trusted ones are not re-checked.
     let kill = Arc::new(Notify::new());
-    let _live = (!from_node).then(|| {
+    let _live = (!trusted).then(|| {
         ctx.live.register(LiveConn {
             namespace: pod.namespace.clone(),
             destination,

@@ -16,7 +16,7 @@ use tokio::{
 };
 
 const USAGE: &str = "usage: sinew-testapp serve PORT... | xfer TARGET UP DOWN SEED | \
-many TARGETS(,) COUNT | sink TARGET SECS [STREAMS] | ping TARGET COUNT | reset TARGET | \
+many TARGETS(,) COUNT | sink TARGET SECS [STREAMS] | ping TARGET COUNT [SOURCE-IP] | reset TARGET | \
 hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | grpc-retry TARGET | raw TARGET TEXT | fire TARGET TEXT | steal PORT SECS | flood TARGET COUNT | relay LISTEN TARGET [warm|lazy]";
 
 fn main() -> Result<()> {
@@ -38,7 +38,10 @@ fn main() -> Result<()> {
                 let streams = args.get(3).map(|n| n.parse()).transpose()?.unwrap_or(1);
                 sink(arg(1)?.parse()?, arg(2)?.parse()?, streams).await
             }
-            "ping" => ping(arg(1)?.parse()?, arg(2)?.parse()?).await,
+            "ping" => {
+                let source = args.get(3).map(|s| s.parse()).transpose()?;
+                ping(arg(1)?.parse()?, arg(2)?.parse()?, source).await
+            }
             "steal" => steal(arg(1)?.parse()?, arg(2)?.parse()?).await,
             "reset" => reset(arg(1)?.parse()?).await,
             "hold" => hold(arg(1)?.parse()?, arg(2)?.parse()?).await,
@@ -346,11 +349,18 @@ async fn steal(port: u16, secs: u64) -> Result<()> {
     Ok(())
 }
 
-async fn ping(target: SocketAddr, count: usize) -> Result<()> {
+async fn ping(target: SocketAddr, count: usize, source: Option<std::net::IpAddr>) -> Result<()> {
     let mut us = Vec::with_capacity(count);
     for _ in 0..count {
         let start = Instant::now();
-        let mut s = TcpStream::connect(target).await?;
+        let mut s = match source {
+            None => TcpStream::connect(target).await?,
+            Some(ip) => {
+                let sock = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                sock.bind(SocketAddr::new(ip, 0))?;
+                sock.connect(target).await?
+            }
+        };
         s.set_nodelay(true)?;
         s.write_all(b"PING\n").await?;
         let mut b = [0u8; 1];
