@@ -102,6 +102,10 @@ struct RunArgs {
     /// traffic (a NodePort) can arrive from it.
     #[arg(long = "trust-plaintext-from", value_name = "IP")]
     trust_plaintext_from: Vec<std::net::IpAddr>,
+    /// On SIGTERM, how long open connections may go on before the agent exits; new ones are
+    /// refused from the signal on (pods fail closed until an agent is back).
+    #[arg(long, default_value = "20s", value_parser = sinew_model::Duration::parse)]
+    drain_timeout: sinew_model::Duration,
 }
 
 fn main() -> Result<()> {
@@ -252,11 +256,22 @@ fn run(args: RunArgs) -> Result<()> {
         let server = tokio::spawn(api::serve(listener, registry.clone()));
         let admin = tokio::spawn(admin::serve(admin_listener, registry.clone()));
         let access = registry.ctx().access.clone();
-        let reconciler = tokio::spawn(reconcile_loop(registry, known));
+        let reconciler = tokio::spawn(reconcile_loop(registry.clone(), known));
         shutdown_signal().await;
         server.abort();
-        admin.abort();
         reconciler.abort();
+        // Drain, as ztunnel does on SIGTERM: no new connections, the open ones finish for up
+        // to --drain-timeout (a second signal ends it at once).
+        let limit = args.drain_timeout.0;
+        info!(open = registry.ctx().stats.active.load(std::sync::atomic::Ordering::Relaxed), ?limit, "draining");
+        let cut = tokio::select! {
+            cut = registry.drain(limit) => cut,
+            () = shutdown_signal() => registry.ctx().stats.active.load(std::sync::atomic::Ordering::Relaxed),
+        };
+        if cut > 0 {
+            warn!(cut, "connections still open at the end of the drain: cut");
+        }
+        admin.abort();
         // The last connections' lines, before the process goes.
         access.flush(std::time::Duration::from_secs(1));
         // Pins stay: enrolled pods keep failing closed until the agent is back.

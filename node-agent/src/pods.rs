@@ -172,6 +172,28 @@ impl Registry {
         Self { settings, changes: Mutex::new(()), capture, pods, ctx, workers, known }
     }
 
+    /// Stops taking connections (every pod's listeners close; HBONE connections are told
+    /// GOAWAY, their open streams finish) and waits up to `limit` for the open ones to end.
+    /// Returns how many are still open. Pins stay: pods fail closed until an agent is back.
+    pub async fn drain(&self, limit: std::time::Duration) -> u64 {
+        {
+            let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+            for pod in pods.values_mut() {
+                for t in pod.tasks.drain(..) {
+                    t.abort();
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let open = self.ctx.stats.active.load(std::sync::atomic::Ordering::Relaxed);
+            if open == 0 || tokio::time::Instant::now() >= deadline {
+                return open;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// What the pods' connections share.
     pub fn ctx(&self) -> &Arc<Ctx> {
         &self.ctx

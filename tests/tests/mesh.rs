@@ -660,3 +660,28 @@ fn an_agent_restarted_without_any_configuration_keeps_its_pods_closed() -> Resul
     ensure!(ready.trim() == "ready", "not ready once configured: {ready}");
     Ok(())
 }
+
+#[test]
+fn a_stopping_agent_lets_open_connections_finish_and_refuses_new_ones() -> Result<()> {
+    let (mut c, p) = mesh()?;
+    // A 2 s upload through both agents, under way when node 1's agent is told to stop.
+    let upload = p
+        .client
+        .command(&c.binary("sinew-testapp"), &["sink", &target(&p.server), "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(700));
+    c.agent(1).terminate()?;
+    std::thread::sleep(Duration::from_millis(300));
+    // Draining: a new connection is refused, the agent stays for the open one...
+    ensure!(ping(&c, &p.client, &p.server).is_err(), "a new connection was taken while draining");
+    ensure!(!c.agent(1).exited_within(Duration::ZERO)?, "the agent left with a connection open");
+    // ...which finishes whole.
+    let out = upload.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "the upload under way was cut: {err}");
+    // Then it goes, well before its 20 s limit.
+    ensure!(c.agent(1).exited_within(Duration::from_secs(5))?, "no exit once drained");
+    Ok(())
+}

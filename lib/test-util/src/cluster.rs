@@ -311,6 +311,28 @@ impl Agent {
             .context("no VmRSS")
     }
 
+    /// Asks the agent to stop (SIGTERM): it drains, then exits.
+    pub fn terminate(&self) -> Result<()> {
+        let pid = self.pid().context("agent not running")?;
+        sh("kill", &["-TERM", &pid.to_string()]).map(drop)
+    }
+
+    /// Whether the agent has exited within `limit` (reaped if so).
+    pub fn exited_within(&mut self, limit: Duration) -> Result<bool> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let Some(child) = self.child.as_mut() else { return Ok(true) };
+            if child.try_wait()?.is_some() {
+                self.child = None;
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Kills the agent abruptly (SIGKILL), leaving its pins in place.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
