@@ -93,6 +93,10 @@ struct Args {
     /// default this is); `0s` turns it off.
     #[arg(long, default_value = "5m", value_parser = sinew_model::Duration::parse)]
     stream_idle_timeout: sinew_model::Duration,
+    /// On SIGTERM, how long the requests in hand may go on before the waypoint exits; its
+    /// connections are told to go at once and new ones are closed.
+    #[arg(long, default_value = "20s", value_parser = sinew_model::Duration::parse)]
+    drain_timeout: sinew_model::Duration,
 }
 
 fn main() -> Result<()> {
@@ -291,6 +295,24 @@ async fn run(
     tokio::spawn(serve_admin(admin, wp.clone()));
     info!(listen = %args.listen, identity = %id, workers = workers.len(), "sinew-waypoint ready");
     until_stopped().await?;
+    // Drain as Envoy does: connections are told to go and new ones closed; the requests in
+    // hand finish for up to --drain-timeout (a second signal ends it at once).
+    let open = || wp.open.load(std::sync::atomic::Ordering::Relaxed);
+    info!(open = open(), limit = ?args.drain_timeout.0, "sinew-waypoint draining");
+    wp.draining.send_replace(true);
+    let drain = async {
+        let deadline = tokio::time::Instant::now() + args.drain_timeout.0;
+        while open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        () = drain => {}
+        r = until_stopped() => r?,
+    }
+    if open() > 0 {
+        warn!(open = open(), "connections still open at the end of the drain: cut");
+    }
     info!("sinew-waypoint stopping");
     if let Some(otlp) = &wp.otlp {
         otlp.stop(Duration::from_secs(2)).await;
@@ -308,6 +330,9 @@ async fn connection(wp: Arc<Waypoint>, tcp: tokio::net::TcpStream, peer: SocketA
     let Ok(permit) = HANDSHAKES.try_acquire() else {
         return debug!(%peer, "too many HBONE handshakes at once: closing");
     };
+    if *wp.draining.borrow() {
+        return debug!(%peer, "draining: closing a new HBONE connection");
+    }
     let Some(identity) = wp.identity() else {
         return debug!(%peer, "no valid certificate: refusing HBONE");
     };
@@ -316,10 +341,21 @@ async fn connection(wp: Arc<Waypoint>, tcp: tokio::net::TcpStream, peer: SocketA
         Err(e) => return warn!(error = %e, "TLS configuration"),
     };
     let w = wp.clone();
-    let served = sinew_hbone::serve_connection_holding(tcp, peer, config, permit, move |inbound| {
-        tunnel(w.clone(), inbound)
-    })
+    wp.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // A drain tells the client to go away (GOAWAY): its open streams finish, new ones go
+    // to another waypoint.
+    let drained = wp.drained();
+    let served = sinew_hbone::serve_connection_until(
+        tcp,
+        peer,
+        config,
+        permit,
+        drained,
+        sinew_hbone::PING_INTERVAL,
+        move |inbound| tunnel(w.clone(), inbound),
+    )
     .await;
+    wp.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     if let Err(e) = served {
         debug!(%peer, error = %e, "HBONE connection ended");
     }
@@ -359,6 +395,7 @@ async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
         Err(e) => return debug!(error = %e, "CONNECT accept failed"),
     };
     let resets = Arc::new(sinew_l7_waypoint::idle::Resets::default());
+    let wp_drained = wp.drained();
     let (stream, activity) = sinew_l7_waypoint::idle::Watched::new(stream);
     let (watched, active) = (resets.clone(), activity.clone());
     let service = hyper::service::service_fn(move |req| {
@@ -371,6 +408,7 @@ async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
             resp.map(|r| r.map(|body| sinew_l7_waypoint::idle::Holding::new(body, in_flight)))
         }
     });
+    let drained = wp_drained;
     let server = http_server();
     let serve = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(serve);
@@ -386,6 +424,7 @@ async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
             warn!(%authority, "closing a connection whose requests are mostly reset at once (HTTP/2 rapid reset)");
             "rapid reset"
         }
+        () = drained => "draining",
     };
     // GOAWAY (HTTP/2) or close after the request in hand (HTTP/1.1), then a bound.
     debug!(%authority, why = closing, "closing the HTTP connection");

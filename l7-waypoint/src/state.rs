@@ -119,6 +119,11 @@ pub struct Waypoint {
     /// How long a request's stream may move nothing either way (Envoy's
     /// `stream_idle_timeout`); `None`: for ever.
     pub stream_idle: Option<Duration>,
+    /// Set when the waypoint is stopping: connections are told to go (GOAWAY, or a close
+    /// after the request in hand) and new ones are closed.
+    pub draining: watch::Sender<bool>,
+    /// HBONE connections open now (what a drain waits for).
+    pub open: std::sync::atomic::AtomicUsize,
     built: Mutex<Option<(Arc<Svid>, Identity)>>,
     buckets: Mutex<HashMap<String, (LocalRateLimit, Arc<TokenBucket>)>>,
     sources: Mutex<(HashMap<String, u32>, Vec<String>)>,
@@ -167,11 +172,21 @@ impl Waypoint {
             upstreams: if plain { Upstreams::plain(workers) } else { Upstreams::new(me.clone()) },
             otlp,
             stream_idle,
+            draining: watch::channel(false).0,
+            open: Default::default(),
             built: Mutex::new(None),
             buckets: Mutex::new(HashMap::new()),
             sources: Mutex::new((HashMap::new(), Vec::new())),
             backends: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Completes once the waypoint is draining.
+    pub fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut draining = self.draining.subscribe();
+        async move {
+            let _ = draining.wait_for(|d| *d).await;
+        }
     }
 
     /// Our TLS credentials, if the certificate has been issued and is still valid.

@@ -148,7 +148,7 @@ spec:
 ";
 
 /// Control, two nodes, a client, reviews v1 and v2 and the waypoint `wp`.
-fn setup() -> Result<(Cluster, Pod)> {
+fn setup() -> Result<(Cluster, Pod, Pod)> {
     must_be_root();
     let mut c = Cluster::new(&["demo", "shop"])?;
     c.add_node()?;
@@ -179,7 +179,7 @@ fn setup() -> Result<(Cluster, Pod)> {
     c.serve_http(&collector, 4318, "collector")?;
     let otlp = format!("http://{}:4318", collector.v4());
     // A stream idle timeout short enough to watch (Envoy's default is 5 minutes).
-    c.start_waypoint_with(
+    let wp = c.start_waypoint_with(
         1,
         "wp",
         "demo",
@@ -194,7 +194,7 @@ fn setup() -> Result<(Cluster, Pod)> {
     c.serve_http(&v2, 8080, "v2")?;
     c.start_app(&v1, &["grpc", "9000", "v1"])?;
     c.serve(&v1, &[7000])?;
-    Ok((c, client))
+    Ok((c, client, wp))
 }
 
 /// Runs curl in `pod` (captured: its traffic goes through the mesh) and returns stdout.
@@ -256,7 +256,7 @@ fn statuses(out: &str) -> BTreeMap<String, usize> {
 #[test]
 fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     let t0 = std::time::Instant::now();
-    let (c, client) = setup()?;
+    let (c, client, wp) = setup()?;
     eprintln!("setup took {:?}", t0.elapsed());
     let fmt = FMT;
     // Wait for the whole path (certificates, config) to be up.
@@ -732,5 +732,32 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         waited.contains("status codes: 40 2xx"),
         "requests did not wait for the connection: {waited}"
     );
+
+    // Stopping (SIGTERM): a request in hand (a 1.5 s answer) finishes, then the waypoint
+    // drains and exits, well before its 20 s limit.
+    let slow = client
+        .command(
+            Path::new("/usr/bin/curl"),
+            &["-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}"],
+        )
+        .arg(format!("http://{VIP}/idle/1500"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let procs = std::fs::read_to_string(wp.cgroup.join("cgroup.procs"))?;
+    let pid = procs.lines().next().context("no waypoint process")?.trim().to_owned();
+    sinew_test_util::sh("kill", &["-TERM", &pid])?;
+    let out = slow.wait_with_output()?;
+    ensure!(String::from_utf8_lossy(&out.stdout) == "200", "the request in hand: {out:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    // Exited: gone, or a zombie until the cluster reaps it.
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    };
+    while running() {
+        ensure!(std::time::Instant::now() < deadline, "the waypoint did not exit once drained");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok(())
 }
