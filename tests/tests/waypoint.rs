@@ -148,7 +148,7 @@ spec:
 ";
 
 /// Control, two nodes, a client, reviews v1 and v2 and the waypoint `wp`.
-fn setup() -> Result<(Cluster, Pod, Pod)> {
+fn setup() -> Result<(Cluster, Pod)> {
     must_be_root();
     let mut c = Cluster::new(&["demo", "shop"])?;
     c.add_node()?;
@@ -179,7 +179,7 @@ fn setup() -> Result<(Cluster, Pod, Pod)> {
     c.serve_http(&collector, 4318, "collector")?;
     let otlp = format!("http://{}:4318", collector.v4());
     // A stream idle timeout short enough to watch (Envoy's default is 5 minutes).
-    let wp = c.start_waypoint_with(
+    c.start_waypoint_with(
         1,
         "wp",
         "demo",
@@ -194,7 +194,7 @@ fn setup() -> Result<(Cluster, Pod, Pod)> {
     c.serve_http(&v2, 8080, "v2")?;
     c.start_app(&v1, &["grpc", "9000", "v1"])?;
     c.serve(&v1, &[7000])?;
-    Ok((c, client, wp))
+    Ok((c, client))
 }
 
 /// Runs curl in `pod` (captured: its traffic goes through the mesh) and returns stdout.
@@ -256,7 +256,7 @@ fn statuses(out: &str) -> BTreeMap<String, usize> {
 #[test]
 fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     let t0 = std::time::Instant::now();
-    let (c, client, wp) = setup()?;
+    let (c, client) = setup()?;
     eprintln!("setup took {:?}", t0.elapsed());
     let fmt = FMT;
     // Wait for the whole path (certificates, config) to be up.
