@@ -32,7 +32,9 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
 /// Ready once the configuration is known: before, enrolling a pod is refused (the CNI plugin
 /// retries), so a readiness probe must not pass.
 async fn ready(State(r): State<Arc<Registry>>) -> impl IntoResponse {
-    if r.configuration_known() {
+    if r.draining() {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "stopping\n")
+    } else if r.configuration_known() {
         (axum::http::StatusCode::OK, "ready\n")
     } else {
         (axum::http::StatusCode::SERVICE_UNAVAILABLE, "no configuration from control yet\n")

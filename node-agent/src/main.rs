@@ -259,9 +259,9 @@ fn run(args: RunArgs) -> Result<()> {
         let reconciler = tokio::spawn(reconcile_loop(registry.clone(), known));
         shutdown_signal().await;
         server.abort();
-        reconciler.abort();
         // Drain, as ztunnel does on SIGTERM: no new connections, the open ones finish for up
-        // to --drain-timeout (a second signal ends it at once).
+        // to --drain-timeout (a second signal ends it at once). The reconciler goes on, so a
+        // policy change still closes what it no longer admits; its captures are refused.
         let limit = args.drain_timeout.0;
         info!(open = registry.ctx().stats.active.load(std::sync::atomic::Ordering::Relaxed), ?limit, "draining");
         let cut = tokio::select! {
@@ -271,6 +271,7 @@ fn run(args: RunArgs) -> Result<()> {
         if cut > 0 {
             warn!(cut, "connections still open at the end of the drain: cut");
         }
+        reconciler.abort();
         admin.abort();
         // The last connections' lines, before the process goes.
         access.flush(std::time::Duration::from_secs(1));

@@ -53,6 +53,9 @@ pub enum PodError {
     /// pod's namespace is in the mesh. The CNI plugin retries.
     #[error("pod {0}: no configuration yet (the control service has not answered); retry")]
     NotReady(String),
+    /// The agent is stopping (draining): it opens no listener for anyone.
+    #[error("pod {0}: the agent is stopping; retry with the next one")]
+    Stopping(String),
     /// The UID is enrolled already with a different spec.
     #[error("pod {0} is already enrolled with a different spec; un-enroll it first")]
     Conflict(String),
@@ -154,6 +157,8 @@ pub struct Registry {
     /// Whether the mesh view is configuration (see [`Registry::restore`]): until it is, a
     /// new pod cannot be judged, and enrolling one is refused for the CNI plugin to retry.
     known: tokio::sync::watch::Receiver<bool>,
+    /// Set by [`Registry::drain`]: no capture opens listeners any more.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Registry {
@@ -169,21 +174,28 @@ impl Registry {
         assert!(!workers.is_empty(), "the registry needs at least one worker");
         let pods = Mutex::new(BTreeMap::new());
         let capture = Mutex::new(capture);
-        Self { settings, changes: Mutex::new(()), capture, pods, ctx, workers, known }
+        let draining = Default::default();
+        Self { settings, changes: Mutex::new(()), capture, pods, ctx, workers, known, draining }
     }
 
     /// Stops taking connections (every pod's listeners close; HBONE connections are told
     /// GOAWAY, their open streams finish) and waits up to `limit` for the open ones to end.
     /// Returns how many are still open. Pins stay: pods fail closed until an agent is back.
-    pub async fn drain(&self, limit: std::time::Duration) -> u64 {
-        {
-            let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+    pub async fn drain(self: &Arc<Self>, limit: std::time::Duration) -> u64 {
+        self.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        // After any change under way (an enroll on the blocking pool may be opening a pod's
+        // listeners): later ones see `draining` and open none.
+        let me = self.clone();
+        let closed = tokio::task::spawn_blocking(move || {
+            let _change = me.changes.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pods = me.pods.lock().unwrap_or_else(|e| e.into_inner());
             for pod in pods.values_mut() {
                 for t in pod.tasks.drain(..) {
                     t.abort();
                 }
             }
-        }
+        });
+        let _ = closed.await;
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let open = self.ctx.stats.active.load(std::sync::atomic::Ordering::Relaxed);
@@ -192,6 +204,11 @@ impl Registry {
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether the agent is stopping ([`Registry::drain`]).
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// What the pods' connections share.
@@ -437,6 +454,9 @@ impl Registry {
     /// Creates the pod's listeners, registers its addresses and attaches the programs.
     fn capture_pod(&self, spec: &PodSpec, netns: Netns) -> Result<Vec<JoinHandle<()>>, PodError> {
         let uid = &spec.uid;
+        if self.draining() {
+            return Err(PodError::Stopping(uid.clone()));
+        }
         let identity =
             SpiffeId::new(&self.ctx.trust_domain, &spec.namespace, &spec.service_account).map_err(
                 |e| PodError::Invalid {

@@ -144,6 +144,24 @@ pub struct Ctx {
     rr: AtomicUsize,
 }
 
+/// Counts a connection in [`Stats::active`] while it lives, also when its task is cancelled
+/// or panics, which a bare add and subtract would miss (a drain would wait for it in vain).
+pub(crate) struct Active<'a>(&'a AtomicU64);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Stats {
+    /// One more connection in [`Stats::active`], until the guard is dropped.
+    pub(crate) fn count_active(&self) -> Active<'_> {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        Active(&self.active)
+    }
+}
+
 impl Ctx {
     /// A context over the given parts, for `workers` data-path workers.
     pub fn new(

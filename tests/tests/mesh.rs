@@ -677,6 +677,8 @@ fn a_stopping_agent_lets_open_connections_finish_and_refuses_new_ones() -> Resul
     // Draining: a new connection is refused, the agent stays for the open one...
     ensure!(ping(&c, &p.client, &p.server).is_err(), "a new connection was taken while draining");
     ensure!(!c.agent(1).exited_within(Duration::ZERO)?, "the agent left with a connection open");
+    let ready = c.agent(1).admin_get("/ready")?;
+    ensure!(ready.trim() == "stopping", "a draining agent's /ready: {ready}");
     // ...which finishes whole.
     let out = upload.wait_with_output()?;
     let err = String::from_utf8_lossy(&out.stderr);

@@ -393,7 +393,7 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
         }
     };
     ctx.metrics.opened.get_or_create(&labels).inc();
-    ctx.stats.active.fetch_add(1, Ordering::Relaxed);
+    let active = ctx.stats.count_active();
     let (mut stream, mut upstream) = (stream, upstream);
     let bytes = ctx.metrics.bytes(&labels);
     let result = tokio::select! {
@@ -404,7 +404,7 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
             Err(std::io::Error::other(CLOSED_BY_POLICY))
         }
     };
-    ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
+    drop(active);
     record(&pod, result, &mut log, &labels, &bytes);
     finish(&pod, log, start);
 }
@@ -505,7 +505,7 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
         }
     };
     ctx.metrics.opened.get_or_create(&labels).inc();
-    ctx.stats.active.fetch_add(1, Ordering::Relaxed);
+    let active = ctx.stats.count_active();
     let (mut downstream, mut upstream) = (downstream, upstream);
     let bytes = ctx.metrics.bytes(&labels);
     let progress = |toward, back| bytes.add(toward, back);
@@ -517,7 +517,7 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
             Err(std::io::Error::other(CLOSED_BY_POLICY))
         }
     };
-    ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
+    drop(active);
     record(&pod, result, &mut log, &labels, &bytes);
     finish(&pod, log, start);
 }

@@ -232,7 +232,7 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                     return reset(&downstream);
                 }
             };
-            ctx.stats.active.fetch_add(1, Ordering::Relaxed);
+            let active = ctx.stats.count_active();
             let mut downstream = downstream;
             // The connection counts as opened, and its bytes (the early ones went with the
             // CONNECT) as moved, once the peer accepted it, as when the 200 was awaited
@@ -250,7 +250,7 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                 None => drop(unanswered_up.fetch_add(to, Ordering::Relaxed)),
             };
             let result = tunnel.copy_tcp_with(&mut downstream, &progress, &on_answer).await;
-            ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
+            drop(active);
             (log.bytes_sent, log.bytes_received) = bytes.get().map_or((0, 0), ByteCounters::totals);
             if let Err(e) = result {
                 // Refused, or reset with RST_STREAM: the app gets a TCP RST.
@@ -289,12 +289,12 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                 }
             };
             ctx.metrics.opened.get_or_create(&labels).inc();
-            ctx.stats.active.fetch_add(1, Ordering::Relaxed);
+            let active = ctx.stats.count_active();
             let (mut downstream, mut upstream) = (downstream, upstream);
             let bytes = ctx.metrics.bytes(&labels);
             let result =
                 copy(&mut downstream, &mut upstream, &|to, from| bytes.add(to, from)).await;
-            ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
+            drop(active);
             (log.bytes_sent, log.bytes_received) = bytes.totals();
             if let Err(e) = result {
                 log.error = Some(e.to_string());
