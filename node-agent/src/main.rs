@@ -177,6 +177,12 @@ fn run(args: RunArgs) -> Result<()> {
     if !sinew_model::is_dns_subdomain(&args.trust_domain) {
         bail!("--trust-domain {:?}: not a DNS name", args.trust_domain);
     }
+    for ip in &args.trust_plaintext_from {
+        // No connection comes from these: a value that trusts nothing is a mistake.
+        if ip.is_unspecified() || ip.is_multicast() {
+            bail!("--trust-plaintext-from {ip}: not an address a connection can come from");
+        }
+    }
     let access = AccessLog::open(&args.access_log)
         .with_context(|| format!("--access-log {}", args.access_log))?;
     let control = control_settings(&args)?;
@@ -227,7 +233,8 @@ fn run(args: RunArgs) -> Result<()> {
         };
         let mut ctx =
             Ctx::new(args.trust_domain.clone(), mesh, Arc::new(certs), access, handles.len());
-        ctx.trusted_plaintext = args.trust_plaintext_from.iter().map(|ip| ip.to_canonical()).collect();
+        ctx.trusted_plaintext =
+            args.trust_plaintext_from.iter().map(|ip| ip.to_canonical()).collect();
         let ctx = Arc::new(ctx);
         let registry = Arc::new(Registry::new(settings, capture, ctx, handles, known.clone()));
         let restored = {
