@@ -90,9 +90,10 @@ impl Tokens {
     }
 
     /// Since when `node`'s tokens stand: when it was (re-)listed or lost a token, as this
-    /// process saw it or as the last run remembered it ([`Tokens::after_restart`]); the epoch
-    /// when unknown (a first start: every certificate counts). A node certificate issued before it is refused: a token replaced
-    /// because it leaked must not leave a certificate obtained with it renewing itself.
+    /// process saw it or as the last run remembered it ([`Tokens::after_restart`]); the
+    /// epoch when unknown (a first start: every certificate counts). A node certificate
+    /// issued before it is refused: a token replaced because it leaked must not leave a
+    /// certificate obtained with it renewing itself.
     pub fn since(&self, node: &str) -> SystemTime {
         self.1.get(node).copied().unwrap_or(SystemTime::UNIX_EPOCH)
     }

@@ -341,7 +341,7 @@ async fn connection(wp: Arc<Waypoint>, tcp: tokio::net::TcpStream, peer: SocketA
         Err(e) => return warn!(error = %e, "TLS configuration"),
     };
     let w = wp.clone();
-    wp.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _open = Open::count(&wp.open);
     // A drain tells the client to go away (GOAWAY): its open streams finish, new ones go
     // to another waypoint.
     let drained = wp.drained();
@@ -355,9 +355,25 @@ async fn connection(wp: Arc<Waypoint>, tcp: tokio::net::TcpStream, peer: SocketA
         move |inbound| tunnel(w.clone(), inbound),
     )
     .await;
-    wp.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     if let Err(e) = served {
         debug!(%peer, error = %e, "HBONE connection ended");
+    }
+}
+
+/// Counts an HBONE connection in [`Waypoint::open`] while it lives, also when its task is
+/// cancelled or panics (a drain would otherwise wait for it in vain).
+struct Open<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Open<'a> {
+    fn count(open: &'a std::sync::atomic::AtomicUsize) -> Self {
+        open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(open)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -395,7 +411,7 @@ async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
         Err(e) => return debug!(error = %e, "CONNECT accept failed"),
     };
     let resets = Arc::new(sinew_l7_waypoint::idle::Resets::default());
-    let wp_drained = wp.drained();
+    let drained = wp.drained();
     let (stream, activity) = sinew_l7_waypoint::idle::Watched::new(stream);
     let (watched, active) = (resets.clone(), activity.clone());
     let service = hyper::service::service_fn(move |req| {
@@ -408,7 +424,6 @@ async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
             resp.map(|r| r.map(|body| sinew_l7_waypoint::idle::Holding::new(body, in_flight)))
         }
     });
-    let drained = wp_drained;
     let server = http_server();
     let serve = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(serve);
@@ -426,10 +441,15 @@ async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
         }
         () = drained => "draining",
     };
-    // GOAWAY (HTTP/2) or close after the request in hand (HTTP/1.1), then a bound.
+    // GOAWAY (HTTP/2) or close after the request in hand (HTTP/1.1), then a bound; a drain
+    // has its own (--drain-timeout, which ends the process).
     debug!(%authority, why = closing, "closing the HTTP connection");
     serve.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(GRACEFUL_CLOSE, serve).await;
+    if closing == "draining" {
+        let _ = serve.await;
+    } else {
+        let _ = tokio::time::timeout(GRACEFUL_CLOSE, serve).await;
+    }
 }
 
 /// How long a connection being closed (idle, abusive) may take to finish what it has.
@@ -463,7 +483,9 @@ async fn serve_admin(listener: TcpListener, wp: Arc<Waypoint>) {
         .route(
             "/ready",
             get(|State(w): State<Arc<Waypoint>>| async move {
-                if w.identity().is_none() {
+                if *w.draining.borrow() {
+                    (StatusCode::SERVICE_UNAVAILABLE, "stopping\n")
+                } else if w.identity().is_none() {
                     (StatusCode::SERVICE_UNAVAILABLE, "no valid certificate\n")
                 } else if !w.snapshot.borrow().synced {
                     (StatusCode::SERVICE_UNAVAILABLE, "no whole configuration from control yet\n")

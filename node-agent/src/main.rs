@@ -179,7 +179,8 @@ fn run(args: RunArgs) -> Result<()> {
     }
     for ip in &args.trust_plaintext_from {
         // No connection comes from these: a value that trusts nothing is a mistake.
-        if ip.is_unspecified() || ip.is_multicast() {
+        let canonical = ip.to_canonical();
+        if canonical.is_unspecified() || canonical.is_multicast() {
             bail!("--trust-plaintext-from {ip}: not an address a connection can come from");
         }
     }
@@ -270,10 +271,10 @@ fn run(args: RunArgs) -> Result<()> {
         // to --drain-timeout (a second signal ends it at once). The reconciler goes on, so a
         // policy change still closes what it no longer admits; its captures are refused.
         let limit = args.drain_timeout.0;
-        info!(open = registry.ctx().stats.active.load(std::sync::atomic::Ordering::Relaxed), ?limit, "draining");
+        info!(open = registry.ctx().stats.open(), ?limit, "draining");
         let cut = tokio::select! {
             cut = registry.drain(limit) => cut,
-            () = shutdown_signal() => registry.ctx().stats.active.load(std::sync::atomic::Ordering::Relaxed),
+            () = shutdown_signal() => registry.ctx().stats.open(),
         };
         if cut > 0 {
             warn!(cut, "connections still open at the end of the drain: cut");

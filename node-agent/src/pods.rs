@@ -54,7 +54,7 @@ pub enum PodError {
     #[error("pod {0}: no configuration yet (the control service has not answered); retry")]
     NotReady(String),
     /// The agent is stopping (draining): it opens no listener for anyone.
-    #[error("pod {0}: the agent is stopping; retry with the next one")]
+    #[error("pod {0}: the agent is stopping; retry once it is back")]
     Stopping(String),
     /// The UID is enrolled already with a different spec.
     #[error("pod {0} is already enrolled with a different spec; un-enroll it first")]
@@ -198,7 +198,7 @@ impl Registry {
         let _ = closed.await;
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let open = self.ctx.stats.active.load(std::sync::atomic::Ordering::Relaxed);
+            let open = self.ctx.stats.open();
             if open == 0 || tokio::time::Instant::now() >= deadline {
                 return open;
             }

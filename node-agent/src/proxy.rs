@@ -155,6 +155,11 @@ impl Drop for Active<'_> {
 }
 
 impl Stats {
+    /// Connections open now ([`Stats::active`]).
+    pub fn open(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
     /// One more connection in [`Stats::active`], until the guard is dropped.
     pub(crate) fn count_active(&self) -> Active<'_> {
         self.active.fetch_add(1, Ordering::Relaxed);

@@ -23,6 +23,10 @@ fn bad_flags_are_named_with_their_values() {
         ),
         (&["--trust-plaintext-from", "::"][..], "--trust-plaintext-from ::: not an address"),
         (
+            &["--trust-plaintext-from", "::ffff:0.0.0.0"][..],
+            "--trust-plaintext-from ::ffff:0.0.0.0: not an address",
+        ),
+        (
             &["--trust-plaintext-from", "probe"][..],
             "invalid value 'probe' for '--trust-plaintext-from",
         ),
