@@ -978,19 +978,11 @@ impl Cluster {
     /// would come from) to completion; Ok(stdout) on success.
     pub fn run_on_node(&self, node: u8, args: &[&str]) -> Result<String> {
         let n = self.nodes.iter().find(|n| n.index == node).context("no such node")?;
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", n.netns))
-            .arg(self.binary("sinew-testapp"))
-            .args(args)
-            .env("RUST_BACKTRACE", "0")
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "testapp {} on node {node} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let net = format!("--net=/run/netns/{}", n.netns);
+        let app = self.binary("sinew-testapp");
+        let app = app.to_string_lossy();
+        let all: Vec<&str> = [net.as_str(), &app].into_iter().chain(args.iter().copied()).collect();
+        sh("nsenter", &all)
     }
 
     /// Runs `sinew-testapp <args>` in `pod` to completion; Ok(stdout) on success.
