@@ -277,7 +277,13 @@ fn run(args: RunArgs) -> Result<()> {
             () = shutdown_signal() => registry.ctx().stats.open(),
         };
         if cut > 0 {
-            warn!(cut, "connections still open at the end of the drain: cut");
+            // Reset, not closed (a close could pass for a whole answer), and logged.
+            warn!(cut, "connections still open at the end of the drain: reset");
+            registry.ctx().stop.notify_waiters();
+            let logged = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+            while registry.ctx().stats.open() > 0 && tokio::time::Instant::now() < logged {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
         }
         reconciler.abort();
         admin.abort();

@@ -135,6 +135,9 @@ pub struct Ctx {
     pub stats: Arc<Stats>,
     /// Inbound connections open now, re-checked when policy changes.
     pub live: Live,
+    /// Notified when a drain reaches its limit: every connection still open is reset (a
+    /// plain close could pass for a whole answer) and logged.
+    pub stop: tokio::sync::Notify,
     /// Sources whose plaintext reaches pods without mTLS or policy (`--trust-plaintext-from`:
     /// the node's probe address; see `inbound::plaintext`).
     pub trusted_plaintext: std::collections::HashSet<IpAddr>,
@@ -189,6 +192,7 @@ impl Ctx {
             access,
             stats: Arc::new(Stats::default()),
             live: Live::default(),
+            stop: tokio::sync::Notify::new(),
             trusted_plaintext: Default::default(),
             pending: Arc::new(Semaphore::new(AGENT_HANDSHAKES)),
             rr: AtomicUsize::new(0),
@@ -304,6 +308,11 @@ pub(crate) async fn copy(
 }
 
 /// Makes the next close send RST instead of FIN.
+/// The error of a connection reset because the agent stopped (its drain reached its limit).
+pub(crate) fn stopped() -> std::io::Error {
+    std::io::Error::other("reset: the agent stopped (--drain-timeout passed)")
+}
+
 pub(crate) fn reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }

@@ -685,5 +685,27 @@ fn a_stopping_agent_lets_open_connections_finish_and_refuses_new_ones() -> Resul
     ensure!(out.status.success(), "the upload under way was cut: {err}");
     // Then it goes, well before its 20 s limit.
     ensure!(c.agent(1).exited_within(Duration::from_secs(5))?, "no exit once drained");
+
+    // A connection still open when a (1 s) drain ends is reset, not closed: a close could
+    // pass for a whole answer.
+    c.start_agent_with(1, &["--drain-timeout", "1s"])?;
+    wait_for("the restarted agent serves", Duration::from_secs(20), || {
+        Ok(ping(&c, &p.client, &p.server).is_ok())
+    })?;
+    let mut held = p
+        .client
+        .command(&c.binary("sinew-testapp"), &["hold", &target(&p.server), "15"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut out = std::io::BufReader::new(held.stdout.take().context("hold stdout")?);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    ensure!(line.trim() == "open", "hold: {line}");
+    c.agent(1).terminate()?;
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    ensure!(line.trim() == "closed reset", "a connection past the drain: {line}");
+    let _ = held.wait();
+    ensure!(c.agent(1).exited_within(Duration::from_secs(5))?, "no exit after the drain limit");
     Ok(())
 }

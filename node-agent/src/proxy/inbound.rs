@@ -403,6 +403,11 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
             reset(&upstream);
             Err(std::io::Error::other(CLOSED_BY_POLICY))
         }
+        () = ctx.stop.notified() => {
+            stream.reset();
+            reset(&upstream);
+            Err(super::stopped())
+        }
     };
     drop(active);
     record(&pod, result, &mut log, &labels, &bytes);
@@ -515,6 +520,11 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
             reset(&downstream);
             reset(&upstream);
             Err(std::io::Error::other(CLOSED_BY_POLICY))
+        }
+        () = ctx.stop.notified() => {
+            reset(&downstream);
+            reset(&upstream);
+            Err(super::stopped())
         }
     };
     drop(active);

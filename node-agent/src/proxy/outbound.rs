@@ -249,7 +249,11 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                 Some(b) => b.add(to, from),
                 None => drop(unanswered_up.fetch_add(to, Ordering::Relaxed)),
             };
-            let result = tunnel.copy_tcp_with(&mut downstream, &progress, &on_answer).await;
+            let result = tokio::select! {
+                r = tunnel.copy_tcp_with(&mut downstream, &progress, &on_answer) => r,
+                // Reset below, as any failed copy.
+                () = ctx.stop.notified() => Err(super::stopped()),
+            };
             drop(active);
             (log.bytes_sent, log.bytes_received) = bytes.get().map_or((0, 0), ByteCounters::totals);
             if let Err(e) = result {
@@ -292,8 +296,15 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
             let active = ctx.stats.count_active();
             let (mut downstream, mut upstream) = (downstream, upstream);
             let bytes = ctx.metrics.bytes(&labels);
-            let result =
-                copy(&mut downstream, &mut upstream, &|to, from| bytes.add(to, from)).await;
+            let progress = |to, from| bytes.add(to, from);
+            let result = tokio::select! {
+                r = copy(&mut downstream, &mut upstream, &progress) => r,
+                () = ctx.stop.notified() => {
+                    reset(&downstream);
+                    reset(&upstream);
+                    Err(super::stopped())
+                }
+            };
             drop(active);
             (log.bytes_sent, log.bytes_received) = bytes.totals();
             if let Err(e) = result {
