@@ -386,21 +386,8 @@ async fn tunnel(wp: Arc<Waypoint>, inbound: Inbound) {
         return inbound.refuse(StatusCode::BAD_REQUEST);
     };
     let client = inbound.forwarded_for().unwrap_or(inbound.peer_addr);
-    if sinew_l7_waypoint::tcp::is_tcp_port(&service, authority.port()) {
-        let source_tag = wp.source_tag(&inbound.peer.to_string());
-        let stream = match inbound.accept() {
-            Ok(s) => s,
-            Err(e) => return debug!(error = %e, "CONNECT accept failed"),
-        };
-        return sinew_l7_waypoint::tcp::forward(
-            wp,
-            stream,
-            service,
-            authority.port(),
-            client,
-            source_tag,
-        )
-        .await;
+    if service.is_tcp_port(authority.port()) {
+        return sinew_l7_waypoint::tcp::serve(wp, inbound, service, authority.port(), client).await;
     }
     let down =
         Arc::new(Downstream::new(&wp, service, authority.port(), inbound.peer.clone(), client));

@@ -456,10 +456,7 @@ impl Finish {
         let svc = &down.service;
         if wp.access.enabled() {
             wp.access.write(&RequestEntry {
-                ts: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or_default(),
+                ts: sinew_telemetry::unix_seconds(),
                 method: o.method.to_string(),
                 path: o.path_and_query.clone(),
                 service: format!("{}.{}:{}", svc.name, svc.namespace, down.port),
@@ -757,7 +754,7 @@ async fn route_and_forward(
         waypoint: Some(&wp.name),
         port: down.port,
     };
-    if snapshot.mesh.authz().has_http_policies(&target) {
+    if snapshot.mesh.authz().has_targeted_policies(&target) {
         let src = Source { identity: Some(&down.source), ip: down.client.ip() };
         let decision = snapshot.mesh.authz().check_http(
             &target,

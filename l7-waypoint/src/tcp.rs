@@ -1,80 +1,154 @@
 //! Service ports that speak plain TCP: `appProtocol: tcp`, or a port named `tcp` or `tcp-*`
-//! (Istio's naming convention). Putting a namespace behind a waypoint must not break its
-//! databases and queues, so their bytes pass through unparsed: to an endpoint the service's
-//! balancer picks (skipping ejected ones, within its connection limits), over HBONE as the
-//! waypoint naming the original client, with half-close and resets carried across. The
-//! destination agent then applies its L4 policy to that client.
+//! (Istio's naming convention, [`ServiceInfo::is_tcp_port`]). Putting a namespace behind a
+//! waypoint must not break its databases and queues, so their bytes pass through unparsed:
+//! to an endpoint the service's balancer picks (skipping ejected ones, within its connection
+//! limits), over HBONE as the waypoint naming the original client, with half-close and
+//! resets carried across. The destination agent then applies its L4 policy to that client.
+//!
+//! The policies attached to the service or the waypoint (`targetRefs`) apply here too, with
+//! the L4 rule semantics ([`sinew_mesh::Authz::check_tcp`]): a connection they deny is
+//! refused with 401, as an agent refuses one. Every connection gets one access-log line.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use sinew_hbone::{H2Stream, random_u64};
-use sinew_mesh::ServiceInfo;
+use http::StatusCode;
+use sinew_hbone::{H2Stream, Inbound, random_u64};
+use sinew_mesh::{ServiceInfo, Source, Target};
 use tracing::debug;
 
-use crate::{state::Waypoint, upstream::open_tunnel};
+use crate::{state::Waypoint, telemetry::ConnectionEntry, upstream::open_tunnel};
 
-/// Whether service port `port` is declared plain TCP.
-pub fn is_tcp_port(service: &ServiceInfo, port: u16) -> bool {
-    service.ports.iter().filter(|p| p.port.0 == port).any(|p| {
-        p.app_protocol.as_deref().is_some_and(|a| a.eq_ignore_ascii_case("tcp"))
-            || p.name.as_deref().is_some_and(|n| n == "tcp" || n.starts_with("tcp-"))
-    })
-}
-
-/// Carries one tunnelled connection to service port `port` through to an endpoint;
-/// `client` is the original client's address, `source_tag` its identity (see
-/// [`Waypoint::source_tag`]). Failures reset the client's stream.
-pub async fn forward(
+/// Serves one CONNECT to plain TCP port `port` of `service`: authorizes it, then carries the
+/// bytes through to an endpoint. `client` is the original client's address.
+pub async fn serve(
     wp: Arc<Waypoint>,
-    mut down: H2Stream,
+    inbound: Inbound,
     service: Arc<ServiceInfo>,
     port: u16,
     client: SocketAddr,
-    source_tag: u32,
 ) {
-    let name = format!("{}/{}:{port}", service.namespace, service.name);
+    let start = Instant::now();
+    let source = inbound.peer.clone();
+    let mut entry = ConnectionEntry {
+        ts: 0.0,
+        protocol: "tcp",
+        service: format!("{}.{}:{port}", service.name, service.namespace),
+        flags: "-",
+        upstream: None,
+        source: source.to_string(),
+        bytes_sent: 0,
+        bytes_received: 0,
+        duration_ms: 0.0,
+        error: None,
+        audit: None,
+    };
+    let snapshot = wp.snapshot.borrow().clone();
+    let target = Target {
+        namespace: &service.namespace,
+        service: &service.name,
+        waypoint: Some(&wp.name),
+        port,
+    };
+    let authz = snapshot.mesh.authz();
+    if authz.has_targeted_policies(&target) {
+        let d = authz.check_tcp(&target, &Source { identity: Some(&source), ip: client.ip() });
+        for policy in &d.audited {
+            wp.metrics.decision("audit", policy, &service, &entry.source);
+        }
+        if !d.audited.is_empty() {
+            entry.audit = Some(d.audited.join(","));
+        }
+        if !d.allowed() {
+            // Denied by default (ALLOW policies apply, none matched): policy `-`, as the
+            // agent counts it.
+            let policy = d.policy.as_deref().unwrap_or("-");
+            wp.metrics.decision("deny", policy, &service, &entry.source);
+            debug!(service = %entry.service, source = %entry.source, reason = %d.reason, "TCP deny");
+            inbound.refuse(StatusCode::UNAUTHORIZED);
+            entry.flags = "RBAC";
+            return log(&wp, entry, start);
+        }
+    }
+    let source_tag = wp.source_tag(&entry.source);
+    match inbound.accept() {
+        Ok(down) => forward(&wp, down, &service, port, client, source_tag, &mut entry).await,
+        Err(e) => {
+            debug!(error = %e, "CONNECT accept failed");
+            entry.error = Some(format!("accepting the CONNECT: {e}"));
+        }
+    }
+    log(&wp, entry, start);
+}
+
+/// Writes the connection's access-log line.
+fn log(wp: &Waypoint, mut entry: ConnectionEntry, start: Instant) {
+    if wp.access.enabled() {
+        entry.ts = sinew_telemetry::unix_seconds();
+        entry.duration_ms = start.elapsed().as_secs_f64() * 1000.0;
+        wp.access.write(&entry);
+    }
+}
+
+/// Carries one accepted connection through to an endpoint the service's balancer picks;
+/// `source_tag` is the original client's identity (see [`Waypoint::source_tag`]). Failures
+/// reset the client's stream; what happened goes into `entry`.
+async fn forward(
+    wp: &Arc<Waypoint>,
+    mut down: H2Stream,
+    service: &ServiceInfo,
+    port: u16,
+    client: SocketAddr,
+    source_tag: u32,
+    entry: &mut ConnectionEntry,
+) {
     let snapshot = wp.snapshot.borrow().clone();
     let (Some(backend), Some(target_port)) =
         (wp.backend(&snapshot, &service.namespace, &service.name), service.target_port(port))
     else {
-        debug!(service = %name, "TCP: no such service port");
+        debug!(service = %entry.service, "TCP: no such service port");
+        entry.flags = "NC";
         return down.reset();
     };
     // A TCP connection is what maxConnections counts (as Istio applies it to TCP).
     let Some(_permit) = backend.limits.try_connection() else {
-        debug!(service = %name, "TCP: connection limit reached");
+        debug!(service = %entry.service, "TCP: connection limit reached");
+        entry.flags = "UO";
         return down.reset();
     };
     let now = Instant::now();
     let Some(i) = backend.balancer.pick(random_u64(), None, |i| backend.outlier.is_ejected(i, now))
     else {
-        debug!(service = %name, "TCP: no healthy endpoint");
+        debug!(service = %entry.service, "TCP: no healthy endpoint");
+        entry.flags = "UH";
         return down.reset();
     };
     let endpoint = &backend.endpoints[i];
+    entry.upstream = Some(endpoint.key());
     let ip =
         endpoint.ips.iter().find(|ip| ip.is_ipv4() == client.is_ipv4()).or(endpoint.ips.first());
     let Some(ip) = ip.copied() else {
-        debug!(service = %name, endpoint = %endpoint.key(), "TCP: endpoint has no address");
+        debug!(service = %entry.service, endpoint = %endpoint.key(), "TCP: endpoint has no address");
+        entry.flags = "UH";
         return down.reset();
     };
     let _inflight = backend.balancer.start(i);
-    let mut up = match open_tunnel(&wp, SocketAddr::new(ip, target_port), Some(source_tag)).await {
+    let mut up = match open_tunnel(wp, SocketAddr::new(ip, target_port), Some(source_tag)).await {
         Ok(up) => up,
         Err(e) => {
             backend.outlier.record(i, false, Instant::now());
-            debug!(service = %name, error = %e, "TCP: upstream tunnel failed");
+            debug!(service = %entry.service, error = %e, "TCP: upstream tunnel failed");
+            entry.flags = "UF";
+            entry.error = Some(e.to_string());
             return down.reset();
         }
     };
     backend.outlier.record(i, true, Instant::now());
     match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        Ok((sent, received)) => {
-            debug!(service = %name, endpoint = %endpoint.key(), sent, received, "TCP connection done");
-        }
+        Ok((sent, received)) => (entry.bytes_sent, entry.bytes_received) = (sent, received),
         Err(e) => {
             // One side was reset or failed: reset the other rather than end it cleanly.
-            debug!(service = %name, error = %e, "TCP connection reset");
+            debug!(service = %entry.service, error = %e, "TCP connection reset");
+            entry.error = Some(e.to_string());
             down.reset();
             up.reset();
         }
@@ -118,8 +192,8 @@ mod tests {
         for (p, tcp) in
             [(5432, true), (6379, true), (7000, true), (80, false), (8080, false), (9000, false)]
         {
-            assert_eq!(is_tcp_port(&svc, p), tcp, "port {p}");
+            assert_eq!(svc.is_tcp_port(p), tcp, "port {p}");
         }
-        assert!(!is_tcp_port(&svc, 1), "a port the service does not have");
+        assert!(!svc.is_tcp_port(1), "a port the service does not have");
     }
 }

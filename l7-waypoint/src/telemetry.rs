@@ -1,5 +1,6 @@
 //! Istio's request metrics (`istio_requests_total`, `istio_request_duration_milliseconds`,
-//! same names and labels) and one JSON access-log line per request.
+//! same names and labels) and one JSON access-log line per request (per connection on plain
+//! TCP ports).
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -200,6 +201,37 @@ pub struct RequestEntry {
     /// W3C trace context sent upstream.
     pub traceparent: Option<String>,
     /// The AUDIT policies its L7 authorization matched, if any (`ns/name`, comma-separated).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<String>,
+}
+
+/// One access-log line of a connection to a plain TCP port (Envoy's TCP proxy logs one per
+/// connection too). Its fields share names with [`RequestEntry`]'s where they mean the same.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionEntry {
+    /// Seconds since the epoch, when the connection ended.
+    pub ts: f64,
+    /// Always `tcp`, telling these lines from request lines.
+    pub protocol: &'static str,
+    /// Service addressed (`<name>.<namespace>:<port>`).
+    pub service: String,
+    /// `-`, or Envoy's flags: `RBAC` denied, `NC` no such backend, `UO` connection limit,
+    /// `UH` no healthy endpoint, `UF` the endpoint could not be reached.
+    pub flags: &'static str,
+    /// The endpoint the connection went to, if one was picked.
+    pub upstream: Option<String>,
+    /// Source identity.
+    pub source: String,
+    /// Bytes from the client toward the endpoint.
+    pub bytes_sent: u64,
+    /// Bytes from the endpoint back.
+    pub bytes_received: u64,
+    /// How long the connection lasted.
+    pub duration_ms: f64,
+    /// How it failed after it was connected (a reset on either side), if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The AUDIT policies its authorization matched, if any (`ns/name`, comma-separated).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit: Option<String>,
 }

@@ -9,8 +9,9 @@ use sinew_model::MtlsMode;
 
 /// Explains `source` (`<namespace>/<name>` or an address) reaching `destination`
 /// (`<address>:<port>`, a pod or a service VIP) under `mesh`. For a service behind a
-/// waypoint the waypoint's L7 policies are evaluated too, for `request` (method and path;
-/// `GET /` when not given), and the endpoints' L4 policies see the original client's
+/// waypoint the waypoint's policies are evaluated too, for `request` (method and path;
+/// `GET /` when not given; a plain TCP port: the connection, with the L4 rule semantics),
+/// and the endpoints' L4 policies see the original client's
 /// identity arriving from the waypoint's address, as the data path does.
 pub fn explain(
     mesh: &MeshIndex,
@@ -114,11 +115,17 @@ pub fn explain(
             identity: identity.as_ref(),
             ip: src_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
         };
-        let explanation = mesh.authz().explain_http(&target, &src, &HttpRequest { method, path });
+        // A plain TCP port is passed through, authorized with the L4 rule semantics.
+        let (explanation, request) = if svc.is_tcp_port(dst.port()) {
+            (mesh.authz().explain_tcp(&target, &src), "TCP connection".to_owned())
+        } else {
+            let req = HttpRequest { method, path };
+            (mesh.authz().explain_http(&target, &src, &req), format!("{method} {path}"))
+        };
         let d = &explanation.decision;
         l7 = Some(json!({
             "waypoint": wp.key(),
-            "request": format!("{method} {path}"),
+            "request": request,
             "verdict": if d.allowed() { "allow" } else { "deny" },
             "reason": d.reason.to_string(),
             "explanation": serde_json::to_value(&explanation).unwrap_or(Value::Null),
@@ -308,5 +315,33 @@ spec: {selector: {matchLabels: {app: v6}}, rules: [{from: [{source: {ipBlocks: [
         let e = explain(&m, "cluster.local", "shop/client", "198.18.2.10:8080", None).unwrap();
         assert!(e["waypoint"].is_null());
         assert_eq!(e["verdict"], "deny", "{e:#}");
+    }
+
+    #[test]
+    fn a_tcp_port_behind_a_waypoint_is_explained_as_a_connection() {
+        let extra = "\
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop, labels: {sinew.io/use-waypoint: wp}}
+spec: {clusterIPs: [198.18.200.4], selector: {app: api}, ports: [{port: 5432, appProtocol: tcp}]}
+---
+apiVersion: security.sinew.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-client-writes, namespace: shop}
+spec: {targetRefs: [{kind: Service, name: db}], action: DENY, rules: [{from: [{source: {serviceAccounts: [client]}}], to: [{operation: {methods: [POST]}}]}]}
+";
+        let m = mesh_of(&format!("{}{extra}", mesh_yaml()));
+        // No method to read on a TCP connection: the DENY matches on its source alone.
+        let e = explain(&m, "cluster.local", "shop/client", "198.18.200.4:5432", None).unwrap();
+        assert_eq!(e["waypoint"]["request"], "TCP connection", "{e:#}");
+        assert_eq!(
+            e["waypoint"]["reason"],
+            "denied by DENY policy shop/no-client-writes (rule 0, L7 fields ignored at L4)"
+        );
+        assert_eq!(e["verdict"], "deny");
+        // Another source passes the waypoint, then meets the endpoint's own L4 ALLOW.
+        let e = explain(&m, "cluster.local", "shop/wp", "198.18.200.4:5432", None).unwrap();
+        assert_eq!(e["waypoint"]["verdict"], "allow", "{e:#}");
     }
 }

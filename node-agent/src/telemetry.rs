@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use prometheus_client::{
@@ -234,10 +234,7 @@ impl AccessEntry {
         duration: Duration,
     ) -> Self {
         Self {
-            ts: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or_default(),
+            ts: sinew_telemetry::unix_seconds(),
             direction,
             pod: pod.to_owned(),
             protocol,

@@ -562,6 +562,83 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     }
     ensure!(again, "the place never came free after the first connection ended");
 
+    // The waypoint logs a line per TCP connection: the 1 MiB each way above went to v1.
+    let logged = c.waypoint_access_entries("wp");
+    let line = logged.iter().find(|e| e["protocol"] == "tcp" && e["flags"] == "-");
+    let line = line.ok_or_else(|| anyhow::anyhow!("no TCP line in the waypoint's log"))?;
+    ensure!(line["service"] == "store.demo:7000" && line["upstream"] == "demo/reviews-1", "{line}");
+    ensure!(line["source"] == "spiffe://cluster.local/ns/demo/sa/client", "{line}");
+    ensure!(line["bytes_sent"].as_u64() >= Some(1048576), "{line}");
+    ensure!(line["bytes_received"].as_u64() >= Some(1048576), "{line}");
+
+    // The policies attached to the Service apply to its TCP port too, with the L4 rule
+    // semantics (Istio's for TCP traffic): a DENY rule matches without its HTTP fields, an
+    // ALLOW rule with them admits nothing. A denied connection is refused at the waypoint,
+    // logged with RBAC and counted per policy.
+    let store_answers = || {
+        c.run_in(&client, &["xfer", store, "4096", "4096", "3"])
+            .is_ok_and(|o| o.contains("checksums match"))
+    };
+    let wait_store = |want: bool, what: &str| -> Result<()> {
+        for _ in 0..50 {
+            if store_answers() == want {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        anyhow::bail!("{what}: the TCP port was {} refused", if want { "still" } else { "never" })
+    };
+    let store_authz = |name: &str, spec: &str| {
+        c.write_config(
+            "store-authz.yaml",
+            &format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  targetRefs: [{{kind: Service, name: store}}]\n{spec}"
+            ),
+        )
+    };
+    let wp_metrics = |c: &Cluster| -> Result<String> {
+        let wp = c.pods.iter().find(|p| p.name == "wp").context("waypoint pod")?;
+        c.pod_get(wp, "http://127.0.0.1:15000/metrics")
+    };
+    let store_denials = |c: &Cluster, policy: &str| -> Result<bool> {
+        Ok(wp_metrics(c)?.lines().any(|l| {
+            l.starts_with("sinew_authorization_decisions_total{")
+                && l.contains("decision=\"deny\"")
+                && l.contains(&format!("policy=\"{policy}\""))
+                && l.contains("destination_service_name=\"store\"")
+        }))
+    };
+    store_authz(
+        "store-deny",
+        "  action: DENY\n  rules:\n  - from:\n    - source: {serviceAccounts: [client]}\n    to:\n    - operation: {methods: [POST]}\n",
+    )?;
+    wait_store(false, "a DENY by service account, its method ignored")?;
+    let logged = c.waypoint_access_entries("wp");
+    let line = logged.iter().rev().find(|e| e["protocol"] == "tcp" && e["flags"] == "RBAC");
+    let line = line.ok_or_else(|| anyhow::anyhow!("no RBAC TCP line in the waypoint's log"))?;
+    ensure!(line["source"] == "spiffe://cluster.local/ns/demo/sa/client", "{line}");
+    ensure!(line["upstream"].is_null() && line["bytes_sent"] == 0, "refused before any: {line}");
+    ensure!(store_denials(&c, "demo/store-deny")?, "no deny by demo/store-deny counted");
+    // An ALLOW that only lists paths: nothing matches at L4, so the default is deny (policy
+    // `-`, counted once the new policy is in).
+    store_authz("store-paths", "  rules:\n  - to:\n    - operation: {paths: [\"/*\"]}\n")?;
+    let mut by_default = false;
+    for _ in 0..50 {
+        ensure!(!store_answers(), "an ALLOW rule with paths admitted a TCP connection");
+        if store_denials(&c, "-")? {
+            by_default = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(by_default, "the ALLOW with paths never denied by default");
+    store_authz(
+        "store-client",
+        "  rules:\n  - from:\n    - source: {principals: [cluster.local/ns/demo/sa/client]}\n",
+    )?;
+    wait_store(true, "an ALLOW for the client's principal")?;
+    c.remove_config("store-authz.yaml")?;
+
     // The destination agent sees the original client through the waypoint: an L4 DENY for
     // service account `client` on v1 refuses the waypoint's tunnels carrying that client.
     c.write_config(

@@ -3,7 +3,8 @@
 //! waypoint (as Istio ambient's waypoints apply them at L7).
 //!
 //! Who enforces what, as in Istio ambient: a policy with `targetRefs` is attached to a Service
-//! or a waypoint (a `Gateway`) and is enforced by the waypoint only ([`Authz::check_http`]);
+//! or a waypoint (a `Gateway`) and is enforced by the waypoint only ([`Authz::check_http`],
+//! [`Authz::check_tcp`]);
 //! every other policy (with a `selector`, or neither) is enforced by the node agents only
 //! ([`Authz::check`]). The rule semantics below are the same for both; only the L7 fields
 //! differ, as described there.
@@ -39,6 +40,11 @@
 //! the L7 fields are evaluated: `methods` / `notMethods` exactly (case-sensitive), `paths` /
 //! `notPaths` against the path without its query, with Istio's string match (`*` alone, one
 //! leading or trailing `*`, otherwise exact), `ports` against the service port.
+//!
+//! A plain TCP port behind a waypoint ([`Authz::check_tcp`]) is decided by the same attached
+//! policies with the L4 rule semantics: nothing to read `methods` or `paths` from, so an
+//! ALLOW rule with them never matches and DENY and AUDIT rules match as if they were absent,
+//! as Istio documents for TCP traffic.
 
 mod explain;
 mod peer;
@@ -345,7 +351,26 @@ impl Authz {
         src: &Source<'_>,
         req: &HttpRequest<'_>,
     ) -> Decision {
-        self.decide_http(target, src, &req.without_query(), &mut NoTrace)
+        self.decide_targeted(target, src, Some(&req.without_query()), &mut NoTrace)
+    }
+
+    /// Decides a connection to a plain TCP port at the waypoint, by the policies attached to
+    /// the target's service or waypoint as for [`Authz::check_http`], with the L4 rule
+    /// semantics (see the module docs). Allocates nothing when no policy applies.
+    pub fn check_tcp(&self, target: &Target<'_>, src: &Source<'_>) -> Decision {
+        self.decide_targeted(target, src, None, &mut NoTrace)
+    }
+
+    /// Decides a connection like [`Authz::check_tcp`] (same evaluation, same decision) and
+    /// says how every applicable policy was evaluated.
+    pub fn explain_tcp(&self, target: &Target<'_>, src: &Source<'_>) -> Explanation {
+        let mut explainer = Explainer::targeted(src, target, None);
+        let decision = self.decide_targeted(target, src, None, &mut explainer);
+        Explanation {
+            decision,
+            policies: explainer.finish(),
+            mtls_mode: self.mtls_mode(target.namespace, &BTreeMap::new()),
+        }
     }
 
     /// Decides an HTTP request like [`Authz::check_http`] (same evaluation, same decision) and
@@ -357,8 +382,8 @@ impl Authz {
         req: &HttpRequest<'_>,
     ) -> Explanation {
         let req = req.without_query();
-        let mut explainer = Explainer::http(src, target, &req);
-        let decision = self.decide_http(target, src, &req, &mut explainer);
+        let mut explainer = Explainer::targeted(src, target, Some(&req));
+        let decision = self.decide_targeted(target, src, Some(&req), &mut explainer);
         Explanation {
             decision,
             policies: explainer.finish(),
@@ -367,8 +392,9 @@ impl Authz {
     }
 
     /// True when any policy targets this service or waypoint (so the waypoint can skip
-    /// evaluation otherwise: [`Authz::check_http`] would allow by default).
-    pub fn has_http_policies(&self, target: &Target<'_>) -> bool {
+    /// evaluation otherwise: [`Authz::check_http`] and [`Authz::check_tcp`] would allow by
+    /// default).
+    pub fn has_targeted_policies(&self, target: &Target<'_>) -> bool {
         [Action::Deny, Action::Allow, Action::Audit]
             .into_iter()
             .any(|action| self.applicable_http(*target, action).next().is_some())
@@ -425,27 +451,27 @@ impl Authz {
         decide(&req, |action| self.applicable(dst, action), t)
     }
 
-    /// The L7 evaluation behind both `check_http` and `explain_http`; `http` is already
-    /// without query.
-    fn decide_http<T: Trace>(
+    /// The waypoint's evaluation behind `check_http`, `explain_http` (`http` already without
+    /// query), `check_tcp` and `explain_tcp` (no `http`).
+    fn decide_targeted<T: Trace>(
         &self,
         target: &Target<'_>,
         src: &Source<'_>,
-        http: &HttpRequest<'_>,
+        http: Option<&HttpRequest<'_>>,
         t: &mut T,
     ) -> Decision {
         let req = Request {
             identity: src.identity,
             ip: src.ip.to_canonical(),
             port: target.port,
-            http: Some(*http),
+            http: http.copied(),
         };
         let target = *target;
         decide(&req, |action| self.applicable_http(target, action), t)
     }
 }
 
-/// The one evaluation behind `check`, `explain`, `check_http` and `explain_http`, over the
+/// The one evaluation behind every `check_*` and `explain_*`, over the
 /// policies `applicable` gives for each action, in evaluation order. With a tracer that is not
 /// `ON`, it stops at the deciding match; with one, it evaluates every applicable policy. The
 /// decision is the same: the first match in evaluation order decides.

@@ -112,6 +112,16 @@ impl ServiceInfo {
     pub fn target_port(&self, port: u16) -> Option<u16> {
         self.ports.iter().find(|p| p.port.0 == port).map(|p| p.target_port.unwrap_or(p.port).0)
     }
+
+    /// Whether service port `port` is declared plain TCP: `appProtocol: tcp`, or a port named
+    /// `tcp` or `tcp-*` (Istio's naming convention). A waypoint passes such ports through
+    /// unparsed and authorizes them at L4.
+    pub fn is_tcp_port(&self, port: u16) -> bool {
+        self.ports.iter().filter(|p| p.port.0 == port).any(|p| {
+            p.app_protocol.as_deref().is_some_and(|a| a.eq_ignore_ascii_case("tcp"))
+                || p.name.as_deref().is_some_and(|n| n == "tcp" || n.starts_with("tcp-"))
+        })
+    }
 }
 
 /// What a Namespace resource says.

@@ -134,6 +134,15 @@ impl Req {
         self.decide(a).allowed()
     }
 
+    /// `explain_tcp` for a connection to a plain TCP port of the same target, after checking
+    /// that its decision is `check_tcp`'s.
+    fn explain_tcp(&self, a: &Authz) -> Explanation {
+        let (target, src) = (self.target(), self.source());
+        let explanation = a.explain_tcp(&target, &src);
+        assert_eq!(explanation.decision, a.check_tcp(&target, &src), "TCP disagrees");
+        explanation
+    }
+
     /// The L4 decision for a connection to the same namespace and port.
     fn l4(&self, a: &Authz) -> Decision {
         let labels = BTreeMap::from([("app".to_owned(), self.service.clone())]);
@@ -165,6 +174,61 @@ fn deny_on_method_and_path_denies_only_that_request() {
     assert_eq!(e.policies[0].scope, Scope::Service);
     let e = Req::to("shop", "reviews").call("POST", "/x").explain(&a);
     assert_eq!(e.policies[0].why, ["rule 0: to[0].operation.paths: /x not in [/admin]"]);
+}
+
+#[test]
+fn a_tcp_port_behind_the_waypoint_is_decided_by_the_attached_policies_at_l4() {
+    // Istio's rules for TCP traffic: an ALLOW rule with HTTP fields never matches, a DENY
+    // rule matches without them; source and port fields are evaluated as usual.
+    let a = authz(&[
+        on_service(
+            "shop",
+            "deny-posts",
+            "db",
+            "action: DENY, rules: [{from: [{source: {serviceAccounts: [batch]}}], to: \
+             [{operation: {methods: [POST]}}]}]",
+        ),
+        on_service(
+            "shop",
+            "allow-web",
+            "db",
+            "rules: [{from: [{source: {principals: [cluster.local/ns/front/sa/web]}}]}, {to: \
+             [{operation: {paths: [/health]}}]}]",
+        ),
+        on_service(
+            "shop",
+            "audit-all",
+            "db",
+            "action: AUDIT, rules: [{to: [{operation: {ports: [5432]}}]}]",
+        ),
+    ]);
+    let db = Req::to("shop", "db").port(5432);
+    let e = db.clone().from("front", "web").explain_tcp(&a);
+    assert_eq!(e.decision.reason, "allowed by ALLOW policy shop/allow-web (rule 0)");
+    assert_eq!(e.decision.audited, ["shop/audit-all"]);
+    assert!(e.policies.iter().all(|p| p.scope == Scope::Service), "{:?}", e.policies);
+    // Rule 1 of the ALLOW only lists a path: it admits no TCP connection.
+    let e = db.clone().from("front", "api").explain_tcp(&a);
+    assert_eq!(e.decision.reason, "denied: ALLOW policies apply (shop/allow-web) and none matches");
+    let allow = e.policies.iter().find(|p| p.policy == "shop/allow-web").unwrap();
+    assert_eq!(
+        allow.why[1],
+        "rule 1: to[0].operation.paths: L7 field, not evaluated at L4: an ALLOW rule with it \
+         never matches"
+    );
+    // The DENY names a method: at L4 it matches on its source alone (the safe side).
+    let e = db.clone().from("shop", "batch").explain_tcp(&a);
+    assert_eq!(
+        e.decision.reason,
+        "denied by DENY policy shop/deny-posts (rule 0, L7 fields ignored at L4)"
+    );
+    // The same policies over HTTP evaluate the method and path.
+    let batch = Req::to("shop", "db").from("shop", "batch");
+    assert!(!batch.clone().call("POST", "/x").allowed(&a));
+    assert!(batch.get("/health").allowed(&a), "a GET is not a POST, and /health is allowed");
+    // Policies attached elsewhere do not apply.
+    assert!(Req::to("shop", "cache").port(5432).explain_tcp(&a).decision.allowed());
+    assert!(!a.has_targeted_policies(&Req::to("shop", "cache").target()));
 }
 
 #[test]
@@ -284,9 +348,9 @@ fn a_policy_on_another_service_does_not_apply() {
     let e = reviews.explain(&a);
     assert_eq!(e.decision.reason, "allowed: no ALLOW policy applies");
     assert!(e.policies.is_empty(), "{:?}", e.policies);
-    assert!(!a.has_http_policies(&reviews.target()), "bank's reviews is another service");
+    assert!(!a.has_targeted_policies(&reviews.target()), "bank's reviews is another service");
     let ratings = Req::to("shop", "ratings");
-    assert!(a.has_http_policies(&ratings.target()));
+    assert!(a.has_targeted_policies(&ratings.target()));
     assert_eq!(ratings.decide(&a).policy.as_deref(), Some("shop/deny-ratings"));
     assert!(!Req::to("bank", "reviews").allowed(&a));
 }
@@ -323,7 +387,7 @@ fn a_gateway_target_applies_to_every_service_of_its_waypoint() {
     for waypoint in [Some("other-waypoint"), None] {
         let r = Req::to("shop", "reviews").via(waypoint).call("DELETE", "/debug/x");
         assert!(r.allowed(&a), "{waypoint:?}");
-        assert!(!a.has_http_policies(&r.target()), "{waypoint:?}");
+        assert!(!a.has_targeted_policies(&r.target()), "{waypoint:?}");
     }
 }
 
@@ -379,7 +443,7 @@ fn selector_and_namespace_policies_are_not_used_at_l7() {
     let e = r.explain(&a);
     assert_eq!(e.decision.reason, "allowed: no ALLOW policy applies");
     assert!(e.policies.is_empty());
-    assert!(!a.has_http_policies(&r.target()));
+    assert!(!a.has_targeted_policies(&r.target()));
 }
 
 #[test]
@@ -615,7 +679,7 @@ fn random_policy_sets_agree_and_split_between_l4_and_l7() {
             .collect();
         assert_eq!(e.decision.audited, audited, "{ctx}");
         assert!(e.policies.iter().all(|p| matches!(p.scope, Scope::Service | Scope::Gateway)));
-        assert_eq!(a.has_http_policies(&r.target()), !e.policies.is_empty(), "{ctx}");
+        assert_eq!(a.has_targeted_policies(&r.target()), !e.policies.is_empty(), "{ctx}");
 
         let with_query = r.clone().call(&r.method, &format!("{}?q=/admin", r.path));
         assert_eq!(with_query.decide(&a), e.decision, "query {ctx}");

@@ -27,6 +27,14 @@ pub fn init_logging() {
         .init();
 }
 
+/// Now, in seconds since the Unix epoch (the access logs' `ts`); 0 on a clock set before it.
+pub fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
 /// Lines queued for the writer thread; past this many, or [`QUEUE_BYTES`] (a stalled
 /// stdout pipe, a slow disk), new lines are dropped and counted, and traffic goes on.
 const QUEUE: usize = 16384;

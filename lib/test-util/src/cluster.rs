@@ -221,23 +221,10 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The agent's access log so far, one JSON object per connection. The agent writes it
-    /// from a thread of its own every few tens of milliseconds: read once it held still for
-    /// a quarter second (2 s at most), so lines of connections just ended are in.
+    /// The agent's access log so far, one JSON object per connection (see
+    /// [`access_entries`]).
     pub fn access_entries(&self) -> Vec<serde_json::Value> {
-        let read = || std::fs::read_to_string(&self.access_log).unwrap_or_default();
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let mut text = read();
-        loop {
-            std::thread::sleep(Duration::from_millis(250));
-            let again = read();
-            if again == text || Instant::now() > deadline {
-                text = again;
-                break;
-            }
-            text = again;
-        }
-        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        access_entries(&self.access_log)
     }
 
     /// GETs `path` from the agent's admin endpoint (inside its node's namespace) with curl.
@@ -937,6 +924,12 @@ impl Cluster {
         Ok(pod)
     }
 
+    /// The access log of the waypoint `name` so far: one JSON object per request, or per
+    /// connection to a plain TCP port (see [`access_entries`]).
+    pub fn waypoint_access_entries(&self, name: &str) -> Vec<serde_json::Value> {
+        access_entries(&self.dir.join(format!("waypoint-{name}.log")))
+    }
+
     /// GETs `url` with curl inside `pod`'s network namespace (not its cgroup: never captured).
     pub fn pod_get(&self, pod: &Pod, url: &str) -> Result<String> {
         sh(
@@ -1070,6 +1063,25 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// The JSON lines of the access log at `path`. Agents and waypoints write theirs from a thread
+/// of their own every few tens of milliseconds: read once it held still for a quarter second
+/// (2 s at most), so lines of connections just ended are in.
+pub fn access_entries(path: &Path) -> Vec<serde_json::Value> {
+    let read = || std::fs::read_to_string(path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut text = read();
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let again = read();
+        if again == text || Instant::now() > deadline {
+            text = again;
+            break;
+        }
+        text = again;
+    }
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 #[cfg(test)]

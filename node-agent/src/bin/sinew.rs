@@ -55,7 +55,8 @@ enum Cmd {
         source: String,
         /// `<address>:<port>` of a pod or a service.
         destination: String,
-        /// For a service behind a waypoint: the HTTP method its L7 policies see (default GET).
+        /// For a service behind a waypoint: the HTTP method its L7 policies see (default GET;
+        /// a plain TCP port is explained as a connection).
         #[arg(long)]
         method: Option<String>,
         /// For a service behind a waypoint: the HTTP path its L7 policies see (default /).

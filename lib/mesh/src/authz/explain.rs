@@ -1,5 +1,5 @@
-//! The tracer behind `Authz::explain` and `Authz::explain_http`: turns what the evaluation
-//! went through into words.
+//! The tracer behind `Authz::explain`, `Authz::explain_http` and `Authz::explain_tcp`: turns
+//! what the evaluation went through into words.
 
 use std::fmt::Display;
 
@@ -14,8 +14,10 @@ use super::{
 pub(super) struct Explainer<'a> {
     source: Source<'a>,
     port: u16,
-    /// The request and what it is for, at the waypoint; `None` at L4.
-    http: Option<(HttpRequest<'a>, Target<'a>)>,
+    /// What the waypoint serves the connection or request for; `None` at the agents.
+    target: Option<Target<'a>>,
+    /// The request, at the waypoint; `None` at L4 (the agents, and TCP at the waypoint).
+    http: Option<HttpRequest<'a>>,
     misses: Vec<(usize, Miss)>,
     traces: Vec<PolicyTrace>,
 }
@@ -23,12 +25,24 @@ pub(super) struct Explainer<'a> {
 impl<'a> Explainer<'a> {
     /// For an L4 check.
     pub fn new(source: &Source<'a>, port: u16) -> Self {
-        Self { source: *source, port, http: None, misses: Vec::new(), traces: Vec::new() }
+        Self {
+            source: *source,
+            port,
+            target: None,
+            http: None,
+            misses: Vec::new(),
+            traces: Vec::new(),
+        }
     }
 
-    /// For an HTTP request at the waypoint (the path already without query).
-    pub fn http(source: &Source<'a>, target: &Target<'a>, req: &HttpRequest<'a>) -> Self {
-        Self { http: Some((*req, *target)), ..Self::new(source, target.port) }
+    /// For the waypoint: an HTTP request (the path already without query), or a TCP
+    /// connection (`None`).
+    pub fn targeted(
+        source: &Source<'a>,
+        target: &Target<'a>,
+        http: Option<&HttpRequest<'a>>,
+    ) -> Self {
+        Self { target: Some(*target), http: http.copied(), ..Self::new(source, target.port) }
     }
 
     pub fn finish(self) -> Vec<PolicyTrace> {
@@ -74,7 +88,7 @@ impl<'a> Explainer<'a> {
                 let Some(op) = rule.and_then(|r| r.to.get(index)) else {
                     return path;
                 };
-                let http = self.http.map(|(req, _)| req);
+                let http = self.http;
                 let (value, list) = match field {
                     Field::Methods => (http.map(|r| r.method), &op.methods),
                     Field::NotMethods => (http.map(|r| r.method), &op.not_methods),
@@ -155,8 +169,8 @@ impl Trace for Explainer<'_> {
         self.traces.push(PolicyTrace {
             policy: policy.key.clone(),
             action: policy.action,
-            scope: match &self.http {
-                Some((_, target)) => policy.http_scope(target),
+            scope: match &self.target {
+                Some(target) => policy.http_scope(target),
                 None => policy.scope,
             },
             matched: matched.is_some(),
