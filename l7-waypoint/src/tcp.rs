@@ -7,16 +7,23 @@
 //!
 //! The policies attached to the service or the waypoint (`targetRefs`) apply here too, with
 //! the L4 rule semantics ([`sinew_mesh::Authz::check_tcp`]): a connection they deny is
-//! refused with 401, as an agent refuses one. Every connection gets one access-log line.
+//! refused with 401, as an agent refuses one, and a configuration change that denies an open
+//! connection resets it. Every connection gets one access-log line.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use http::StatusCode;
 use sinew_hbone::{H2Stream, Inbound, random_u64};
-use sinew_mesh::{ServiceInfo, Source, Target};
+use sinew_identity::SpiffeId;
+use sinew_mesh::{Decision, ServiceInfo, Source, Target};
+use tokio::sync::watch;
 use tracing::debug;
 
-use crate::{state::Waypoint, telemetry::ConnectionEntry, upstream::open_tunnel};
+use crate::{
+    state::{Snapshot, Waypoint},
+    telemetry::ConnectionEntry,
+    upstream::open_tunnel,
+};
 
 /// Serves one CONNECT to plain TCP port `port` of `service`: authorizes it, then carries the
 /// bytes through to an endpoint. `client` is the original client's address.
@@ -42,16 +49,10 @@ pub async fn serve(
         error: None,
         audit: None,
     };
-    let snapshot = wp.snapshot.borrow().clone();
-    let target = Target {
-        namespace: &service.namespace,
-        service: &service.name,
-        waypoint: Some(&wp.name),
-        port,
-    };
-    let authz = snapshot.mesh.authz();
-    if authz.has_targeted_policies(&target) {
-        let d = authz.check_tcp(&target, &Source { identity: Some(&source), ip: client.ip() });
+    // Every configuration after the one decided on here decides the connection again.
+    let mut changes = wp.snapshot.clone();
+    let snapshot = changes.borrow_and_update().clone();
+    if let Some(d) = decide(&wp, &snapshot, &service, port, &source, client) {
         for policy in &d.audited {
             wp.metrics.decision("audit", policy, &service, &entry.source);
         }
@@ -59,11 +60,7 @@ pub async fn serve(
             entry.audit = Some(d.audited.join(","));
         }
         if !d.allowed() {
-            // Denied by default (ALLOW policies apply, none matched): policy `-`, as the
-            // agent counts it.
-            let policy = d.policy.as_deref().unwrap_or("-");
-            wp.metrics.decision("deny", policy, &service, &entry.source);
-            debug!(service = %entry.service, source = %entry.source, reason = %d.reason, "TCP deny");
+            count_denial(&wp, &d, &service, &entry);
             inbound.refuse(StatusCode::UNAUTHORIZED);
             entry.flags = "RBAC";
             return log(&wp, entry, start);
@@ -71,13 +68,47 @@ pub async fn serve(
     }
     let source_tag = wp.source_tag(&entry.source);
     match inbound.accept() {
-        Ok(down) => forward(&wp, down, &service, port, client, source_tag, &mut entry).await,
+        Ok(down) => {
+            let peer = Peer { source: &source, client, source_tag, changes };
+            forward(&wp, down, &service, port, peer, &mut entry).await
+        }
         Err(e) => {
             debug!(error = %e, "CONNECT accept failed");
             entry.error = Some(format!("accepting the CONNECT: {e}"));
         }
     }
     log(&wp, entry, start);
+}
+
+/// The decision of the policies attached to `service` or this waypoint on a connection to
+/// its `port` from `source` at `client`; `None` when no policy is attached.
+fn decide(
+    wp: &Waypoint,
+    snapshot: &Snapshot,
+    service: &ServiceInfo,
+    port: u16,
+    source: &SpiffeId,
+    client: SocketAddr,
+) -> Option<Decision> {
+    let target = Target {
+        namespace: &service.namespace,
+        service: &service.name,
+        waypoint: Some(&wp.name),
+        port,
+    };
+    let authz = snapshot.mesh.authz();
+    authz
+        .has_targeted_policies(&target)
+        .then(|| authz.check_tcp(&target, &Source { identity: Some(source), ip: client.ip() }))
+}
+
+/// Counts and logs a denial.
+fn count_denial(wp: &Waypoint, d: &Decision, service: &ServiceInfo, entry: &ConnectionEntry) {
+    // Denied by default (ALLOW policies apply, none matched): policy `-`, as the agent
+    // counts it.
+    let policy = d.policy.as_deref().unwrap_or("-");
+    wp.metrics.decision("deny", policy, service, &entry.source);
+    debug!(service = %entry.service, source = %entry.source, reason = %d.reason, "TCP deny");
 }
 
 /// Writes the connection's access-log line.
@@ -89,18 +120,29 @@ fn log(wp: &Waypoint, mut entry: ConnectionEntry, start: Instant) {
     }
 }
 
-/// Carries one accepted connection through to an endpoint the service's balancer picks;
-/// `source_tag` is the original client's identity (see [`Waypoint::source_tag`]). Failures
-/// reset the client's stream; what happened goes into `entry`.
+/// Who a connection is from: the original client's identity, its address, and the
+/// waypoint's tag for the identity (see [`Waypoint::source_tag`]); and the configurations
+/// after the one that admitted it.
+struct Peer<'a> {
+    source: &'a SpiffeId,
+    client: SocketAddr,
+    source_tag: u32,
+    changes: watch::Receiver<Arc<Snapshot>>,
+}
+
+/// Carries one accepted connection through to an endpoint the service's balancer picks, as
+/// long as the policies admit it: every new configuration decides it again, and one that
+/// denies it resets both sides (as the agents do with theirs). Failures reset the client's
+/// stream; what happened goes into `entry`.
 async fn forward(
     wp: &Arc<Waypoint>,
     mut down: H2Stream,
     service: &ServiceInfo,
     port: u16,
-    client: SocketAddr,
-    source_tag: u32,
+    peer: Peer<'_>,
     entry: &mut ConnectionEntry,
 ) {
+    let Peer { source, client, source_tag, mut changes } = peer;
     let snapshot = wp.snapshot.borrow().clone();
     let (Some(backend), Some(target_port)) =
         (wp.backend(&snapshot, &service.namespace, &service.name), service.target_port(port))
@@ -143,12 +185,40 @@ async fn forward(
         }
     };
     backend.outlier.record(i, true, Instant::now());
-    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        Ok((sent, received)) => (entry.bytes_sent, entry.bytes_received) = (sent, received),
-        Err(e) => {
+    let copied = {
+        let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                copied = &mut copy => break Some(copied),
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        // The configuration is gone with the waypoint: just finish.
+                        break Some(copy.await);
+                    }
+                    let snapshot = changes.borrow_and_update().clone();
+                    if let Some(d) = decide(wp, &snapshot, service, port, source, client)
+                        && !d.allowed()
+                    {
+                        count_denial(wp, &d, service, entry);
+                        break None;
+                    }
+                }
+            }
+        }
+    };
+    match copied {
+        Some(Ok((sent, received))) => (entry.bytes_sent, entry.bytes_received) = (sent, received),
+        Some(Err(e)) => {
             // One side was reset or failed: reset the other rather than end it cleanly.
             debug!(service = %entry.service, error = %e, "TCP connection reset");
             entry.error = Some(e.to_string());
+            down.reset();
+            up.reset();
+        }
+        None => {
+            entry.flags = "RBAC";
+            entry.error = Some("closed: a policy change denies it".to_owned());
             down.reset();
             up.reset();
         }

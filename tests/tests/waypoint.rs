@@ -637,6 +637,26 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         "  rules:\n  - from:\n    - source: {principals: [cluster.local/ns/demo/sa/client]}\n",
     )?;
     wait_store(true, "an ALLOW for the client's principal")?;
+    // A policy change that denies an open connection resets it.
+    let mut held = client
+        .command(&c.binary("sinew-testapp"), &["hold", store, "10"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        held.stdout.take().context("hold stdout")?,
+    ));
+    let first = lines.next().transpose()?;
+    ensure!(first.as_deref() == Some("open"), "the held connection: {first:?}");
+    let started = std::time::Instant::now();
+    store_authz(
+        "store-deny",
+        "  action: DENY\n  rules:\n  - from:\n    - source: {namespaces: [demo]}\n",
+    )?;
+    let end = lines.next().transpose()?;
+    let _ = held.wait();
+    ensure!(end.as_deref() == Some("closed reset"), "the held connection ended: {end:?}");
+    ensure!(started.elapsed() < Duration::from_secs(8), "reset only after {:?}", started.elapsed());
     c.remove_config("store-authz.yaml")?;
 
     // The destination agent sees the original client through the waypoint: an L4 DENY for
