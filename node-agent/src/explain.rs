@@ -149,7 +149,7 @@ pub fn explain(
             let explanation =
                 mesh.authz().explain(&dest, &Source { identity: identity.as_ref(), ip });
             let strict = identity.is_none()
-                && mesh.authz().mtls_mode(&w.namespace, &w.labels) == MtlsMode::Strict;
+                && mesh.authz().mtls_mode(&w.namespace, &w.labels, *port) == MtlsMode::Strict;
             let (verdict, reason) = if strict {
                 (
                     "deny".to_string(),

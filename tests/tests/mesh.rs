@@ -502,6 +502,19 @@ fn strict_refuses_plaintext_and_permissive_admits_it() -> Result<()> {
     ensure!(probe.is_ok(), "a probe from the trusted source under STRICT: {probe:?}");
     let node = c.run_on_node(p.server.node, &["ping", &target(&p.server), "1"]);
     ensure!(node.is_err(), "plaintext from the node's own address passed under STRICT");
+    // A port of the server's scraped in plaintext, Istio's way: `portLevelMtls` on a policy
+    // selecting the server makes that workload port PERMISSIVE; the others stay STRICT.
+    c.serve(&p.server, &[9090])?;
+    c.write_config(
+        "peerauth-ports.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: server-metrics\n  namespace: demo\nspec:\n  selector:\n    matchLabels: {app: server}\n  portLevelMtls:\n    9090: {mode: PERMISSIVE}\n",
+    )?;
+    let metrics_port = Cluster::target(p.server.v4(), 9090);
+    let plain_9090 = |c: &Cluster| c.run_in(&p.legacy, &["ping", &metrics_port, "1"]).is_ok();
+    wait_for("port 9090 PERMISSIVE", Duration::from_secs(15), || Ok(plain_9090(&c)))?;
+    ensure!(ping(&c, &p.legacy, &p.server).is_err(), "port 8080 must stay STRICT");
+    c.remove_config("peerauth-ports.yaml")?;
+    wait_for("port 9090 STRICT again", Duration::from_secs(15), || Ok(!plain_9090(&c)))?;
     c.write_config(
         "peerauth.yaml",
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: demo\nspec:\n  mtls:\n    mode: PERMISSIVE\n",

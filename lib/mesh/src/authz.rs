@@ -336,7 +336,7 @@ impl Authz {
         Explanation {
             decision,
             policies: explainer.finish(),
-            mtls_mode: self.mtls_mode(dst.namespace, dst.labels),
+            mtls_mode: self.mtls_mode(dst.namespace, dst.labels, dst.port),
         }
     }
 
@@ -369,7 +369,7 @@ impl Authz {
         Explanation {
             decision,
             policies: explainer.finish(),
-            mtls_mode: self.mtls_mode(target.namespace, &BTreeMap::new()),
+            mtls_mode: self.mtls_mode(target.namespace, &BTreeMap::new(), target.port),
         }
     }
 
@@ -387,7 +387,7 @@ impl Authz {
         Explanation {
             decision,
             policies: explainer.finish(),
-            mtls_mode: self.mtls_mode(target.namespace, &BTreeMap::new()),
+            mtls_mode: self.mtls_mode(target.namespace, &BTreeMap::new(), target.port),
         }
     }
 
@@ -400,13 +400,19 @@ impl Authz {
             .any(|action| self.applicable_http(*target, action).next().is_some())
     }
 
-    /// The mTLS mode for a destination: a PeerAuthentication of its namespace whose selector
-    /// matches its labels wins, then its namespace's one without selector, then the
-    /// mesh-wide one (root namespace, no selector); UNSET inherits from the next level and the
-    /// default is PERMISSIVE, so the result is never [`MtlsMode::Unset`]. Where several apply
-    /// at one level, the oldest (`creationTimestamp`, then name) is used, as in Istio.
-    pub fn mtls_mode(&self, namespace: &str, labels: &BTreeMap<String, String>) -> MtlsMode {
-        self.peers.mode(namespace, labels)
+    /// The mTLS mode for a destination port: a PeerAuthentication of its namespace whose
+    /// selector matches its labels wins (its `portLevelMtls` entry for `port`, the workload
+    /// port, first), then its namespace's one without selector, then the mesh-wide one (root
+    /// namespace, no selector); UNSET inherits from the next level and the default is
+    /// PERMISSIVE, so the result is never [`MtlsMode::Unset`]. Where several apply at one
+    /// level, the oldest (`creationTimestamp`, then name) is used, as in Istio.
+    pub fn mtls_mode(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        port: u16,
+    ) -> MtlsMode {
+        self.peers.mode(namespace, labels, port)
     }
 
     /// The policies of `action` that apply to `dst`, in evaluation order.

@@ -503,26 +503,34 @@ fn peer_authentication_precedence() {
         peer("bank", "unset", "{}"),
         peer("bank", "web-strict", "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}}"),
     ]);
-    assert_eq!(a.mtls_mode("shop", &labels("legacy")), MtlsMode::Disable, "workload wins");
-    assert_eq!(a.mtls_mode("shop", &labels("web")), MtlsMode::Permissive, "namespace");
-    assert_eq!(a.mtls_mode("shop", &labels("inherit")), MtlsMode::Permissive, "UNSET: namespace");
-    assert_eq!(a.mtls_mode("bank", &labels("db")), MtlsMode::Strict, "UNSET namespace: mesh");
-    assert_eq!(a.mtls_mode("bank", &labels("web")), MtlsMode::Strict);
-    assert_eq!(a.mtls_mode("other", &BTreeMap::new()), MtlsMode::Strict, "mesh");
-    assert_eq!(a.mtls_mode("bank", &labels("legacy")), MtlsMode::Strict, "selector is ns-local");
+    assert_eq!(a.mtls_mode("shop", &labels("legacy"), 8080), MtlsMode::Disable, "workload wins");
+    assert_eq!(a.mtls_mode("shop", &labels("web"), 8080), MtlsMode::Permissive, "namespace");
+    assert_eq!(
+        a.mtls_mode("shop", &labels("inherit"), 8080),
+        MtlsMode::Permissive,
+        "UNSET: namespace"
+    );
+    assert_eq!(a.mtls_mode("bank", &labels("db"), 8080), MtlsMode::Strict, "UNSET namespace: mesh");
+    assert_eq!(a.mtls_mode("bank", &labels("web"), 8080), MtlsMode::Strict);
+    assert_eq!(a.mtls_mode("other", &BTreeMap::new(), 8080), MtlsMode::Strict, "mesh");
+    assert_eq!(
+        a.mtls_mode("bank", &labels("legacy"), 8080),
+        MtlsMode::Strict,
+        "selector is ns-local"
+    );
     assert!(a.is_empty(), "PeerAuthentications are not authorization policies");
     let none = Authz::default();
-    assert_eq!(none.mtls_mode("shop", &BTreeMap::new()), MtlsMode::Permissive, "default");
+    assert_eq!(none.mtls_mode("shop", &BTreeMap::new(), 8080), MtlsMode::Permissive, "default");
     let unset = authz(&[peer("sinew-system", "mesh", "{mtls: {mode: UNSET}}")]);
-    assert_eq!(unset.mtls_mode("shop", &BTreeMap::new()), MtlsMode::Permissive);
+    assert_eq!(unset.mtls_mode("shop", &BTreeMap::new(), 8080), MtlsMode::Permissive);
 
     // `selector: {}` is no selector: mesh-wide in the root namespace, namespace-wide elsewhere.
     let empty = authz(&[
         peer("sinew-system", "m", "{selector: {}, mtls: {mode: STRICT}}"),
         peer("bank", "n", "{selector: {matchLabels: {}}, mtls: {mode: DISABLE}}"),
     ]);
-    assert_eq!(empty.mtls_mode("shop", &BTreeMap::new()), MtlsMode::Strict);
-    assert_eq!(empty.mtls_mode("bank", &labels("db")), MtlsMode::Disable);
+    assert_eq!(empty.mtls_mode("shop", &BTreeMap::new(), 8080), MtlsMode::Strict);
+    assert_eq!(empty.mtls_mode("bank", &labels("db"), 8080), MtlsMode::Disable);
 
     // Two at one level: the oldest wins, whatever the names.
     let aged = |name: &str, ts: &str, mode: &str| {
@@ -535,7 +543,66 @@ fn peer_authentication_precedence() {
         aged("a", "2026-05-01T00:00:00Z", "PERMISSIVE"),
         aged("b", "2026-01-01T00:00:00Z", "STRICT"),
     ]);
-    assert_eq!(both.mtls_mode("shop", &BTreeMap::new()), MtlsMode::Strict);
+    assert_eq!(both.mtls_mode("shop", &BTreeMap::new(), 8080), MtlsMode::Strict);
+}
+
+#[test]
+fn port_level_modes_override_their_workload_policy_on_their_ports() {
+    let labels = |app: &str| BTreeMap::from([("app".to_owned(), app.to_owned())]);
+    let a = authz(&[
+        peer("shop", "ns", "{mtls: {mode: STRICT}}"),
+        // Istio's usual case: STRICT, but a metrics port scraped in plaintext.
+        peer(
+            "shop",
+            "web",
+            "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}, portLevelMtls: {9090: \
+             {mode: PERMISSIVE}, \"9091\": {mode: DISABLE}, 9092: {mode: UNSET}}}",
+        ),
+        // Only ports: the rest inherits from the namespace.
+        peer(
+            "shop",
+            "db",
+            "{selector: {matchLabels: {app: db}}, portLevelMtls: {5432: {mode: PERMISSIVE}}}",
+        ),
+    ]);
+    let mode = |app: &str, port: u16| a.mtls_mode("shop", &labels(app), port);
+    assert_eq!(mode("web", 8080), MtlsMode::Strict);
+    assert_eq!(mode("web", 9090), MtlsMode::Permissive);
+    assert_eq!(mode("web", 9091), MtlsMode::Disable, "a port given as a string");
+    assert_eq!(mode("web", 9092), MtlsMode::Strict, "UNSET: the workload's mode");
+    assert_eq!(mode("db", 5432), MtlsMode::Permissive);
+    assert_eq!(mode("db", 5433), MtlsMode::Strict, "the namespace's");
+    assert_eq!(mode("cache", 9090), MtlsMode::Strict, "another workload's ports are its own");
+}
+
+#[test]
+fn port_level_modes_need_a_selector_and_valid_ports() {
+    let refused = |spec: &str| -> Option<String> {
+        let yaml = peer("shop", "p", spec);
+        match sinew_model::parse_file(std::path::Path::new("p.yaml"), &yaml) {
+            Err(e) => Some(e.to_string()),
+            Ok(r) => r
+                .into_iter()
+                .next()?
+                .err()
+                .map(|r| r.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")),
+        }
+    };
+    for spec in [
+        "{mtls: {mode: STRICT}, portLevelMtls: {9090: {mode: PERMISSIVE}}}",
+        "{selector: {matchLabels: {}}, portLevelMtls: {9090: {mode: PERMISSIVE}}}",
+    ] {
+        let err = refused(spec).unwrap_or_else(|| panic!("accepted: {spec}"));
+        assert!(err.contains("spec.portLevelMtls") && err.contains("selector"), "{err}");
+    }
+    for port in ["0", "70000", "x"] {
+        let spec = format!(
+            "{{selector: {{matchLabels: {{app: a}}}}, portLevelMtls: {{\"{port}\": {{}}}}}}"
+        );
+        assert!(refused(&spec).is_some(), "port {port}");
+    }
+    let fine = "{selector: {matchLabels: {app: a}}, portLevelMtls: {9090: {mode: STRICT}}}";
+    assert_eq!(refused(fine), None);
 }
 
 #[test]

@@ -412,7 +412,7 @@ pub enum MtlsMode {
 
 /// `PeerAuthentication.spec`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PeerAuthenticationSpec {
     /// Workloads it applies to; absent: the namespace (or mesh, in the root namespace).
     #[serde(default)]
@@ -420,6 +420,10 @@ pub struct PeerAuthenticationSpec {
     /// The mode.
     #[serde(default)]
     pub mtls: Option<Mtls>,
+    /// Modes for some workload ports (the port the application listens on), over `mtls`;
+    /// only with a selector, as Istio has it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_level_mtls: BTreeMap<Port, Mtls>,
 }
 
 /// `mtls`.
@@ -432,7 +436,15 @@ pub struct Mtls {
 }
 
 impl Validate for PeerAuthenticationSpec {
-    fn validate(&self, _: &mut Errors) {}
+    fn validate(&self, e: &mut Errors) {
+        // istiod refuses these too: a mesh or namespace policy has no workload to take ports
+        // from.
+        let selects = self.selector.as_ref().is_some_and(|s| !s.match_labels.is_empty());
+        e.check(self.port_level_mtls.is_empty() || selects, "portLevelMtls", || {
+            "port-level modes need a selector with matchLabels (they apply to a workload's ports)"
+                .into()
+        });
+    }
 }
 
 // ---- HTTPRoute / GRPCRoute (Gateway API v1) ----

@@ -53,7 +53,10 @@ apiVersion: security.sinew.io/v1
 kind: PeerAuthentication
 metadata: {name: default, namespace: shop}
 spec:
+  selector: {matchLabels: {app: web}}
   mtls: {mode: STRICT}
+  portLevelMtls:
+    9090: {mode: PERMISSIVE}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute

@@ -123,7 +123,9 @@ fn decide(
         }
         None => &no_labels,
     };
-    if identity.is_none() && mesh.authz().mtls_mode(namespace, labels) == MtlsMode::Strict {
+    if identity.is_none()
+        && mesh.authz().mtls_mode(namespace, labels, destination.port()) == MtlsMode::Strict
+    {
         return Err("STRICT mTLS: plaintext refused".to_string());
     }
     let dst = Destination { namespace, labels, port: destination.port() };

@@ -9,8 +9,17 @@ use sinew_model::{MtlsMode, Object, PeerAuthenticationSpec, ROOT_NAMESPACE};
 struct NamespaceModes {
     /// Without selector (the oldest).
     wide: Option<MtlsMode>,
-    /// With a selector, by name.
-    selected: Vec<(BTreeMap<String, String>, MtlsMode)>,
+    /// With a selector, by age.
+    selected: Vec<Selected>,
+}
+
+/// A PeerAuthentication with a selector.
+#[derive(Debug, Clone)]
+struct Selected {
+    labels: BTreeMap<String, String>,
+    mode: MtlsMode,
+    /// `portLevelMtls`: workload ports with modes of their own.
+    ports: BTreeMap<u16, MtlsMode>,
 }
 
 /// Every PeerAuthentication, by level.
@@ -43,12 +52,14 @@ impl PeerAuth {
                 None => {
                     out.namespaces.entry(ns.to_owned()).or_default().wide.get_or_insert(mode);
                 }
-                Some(sel) => out
-                    .namespaces
-                    .entry(ns.to_owned())
-                    .or_default()
-                    .selected
-                    .push((sel.match_labels.clone(), mode)),
+                Some(sel) => {
+                    let ports = o.spec.port_level_mtls.iter().map(|(p, m)| (p.0, m.mode));
+                    out.namespaces.entry(ns.to_owned()).or_default().selected.push(Selected {
+                        labels: sel.match_labels.clone(),
+                        mode,
+                        ports: ports.collect(),
+                    })
+                }
             }
         }
         out
@@ -59,18 +70,23 @@ impl PeerAuth {
         self.namespaces.get(namespace).is_some_and(|n| !n.selected.is_empty())
     }
 
-    pub fn mode(&self, namespace: &str, labels: &BTreeMap<String, String>) -> MtlsMode {
+    /// The mode of workload `port` of a workload of `namespace` with `labels`: the port's
+    /// own mode in the selecting policy, then that policy's, the namespace's and the mesh's
+    /// (UNSET inherits from the next).
+    pub fn mode(&self, namespace: &str, labels: &BTreeMap<String, String>, port: u16) -> MtlsMode {
         let ns = self.namespaces.get(namespace);
         let workload = ns.and_then(|n| {
-            n.selected
-                .iter()
-                .find(|(sel, _)| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
-                .map(|&(_, mode)| mode)
+            n.selected.iter().find(|s| s.labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
         });
-        [workload, ns.and_then(|n| n.wide), self.mesh]
-            .into_iter()
-            .flatten()
-            .find(|&m| m != MtlsMode::Unset)
-            .unwrap_or(MtlsMode::Permissive)
+        [
+            workload.and_then(|w| w.ports.get(&port).copied()),
+            workload.map(|w| w.mode),
+            ns.and_then(|n| n.wide),
+            self.mesh,
+        ]
+        .into_iter()
+        .flatten()
+        .find(|&m| m != MtlsMode::Unset)
+        .unwrap_or(MtlsMode::Permissive)
     }
 }
