@@ -26,7 +26,7 @@ use sinew_l7::{
     retry::{Outcome, RetryPolicy},
     route::{CompiledRule, RequestView, modify_headers, redirect_location, rewrite_path},
 };
-use sinew_mesh::{HttpRequest, ServiceInfo, Source, Target};
+use sinew_mesh::{HttpRequest, ServiceInfo};
 use sinew_model::{HeaderModifier, HttpFilter};
 
 use hyper_util::rt::TokioIo;
@@ -748,28 +748,10 @@ async fn route_and_forward(
         headers: &parts.headers,
     };
     // L7 authorization: policies attached to the service or to this waypoint (targetRefs).
-    let target = Target {
-        namespace: &svc.namespace,
-        service: &svc.name,
-        waypoint: Some(&wp.name),
-        port: down.port,
-    };
-    if snapshot.mesh.authz().has_targeted_policies(&target) {
-        let src = Source { identity: Some(&down.source), ip: down.client.ip() };
-        let decision = snapshot.mesh.authz().check_http(
-            &target,
-            &src,
-            &HttpRequest { method: parts.method.as_str(), path: &path },
-        );
-        if !decision.allowed() {
-            // Denied by default (ALLOW policies apply, none matched): policy `-`, as the
-            // agent counts it.
-            let policy = decision.policy.as_deref().unwrap_or("-");
-            wp.metrics.decision("deny", policy, svc, &down.principal);
-        }
-        for policy in &decision.audited {
-            wp.metrics.decision("audit", policy, svc, &down.principal);
-        }
+    let request = HttpRequest { method: parts.method.as_str(), path: &path };
+    let source = (&*down.source, down.principal.as_str());
+    let client = down.client.ip();
+    if let Some(decision) = wp.authorize(snapshot, svc, down.port, source, client, Some(&request)) {
         if !decision.audited.is_empty() {
             *notes.audited.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(decision.audited.join(","));

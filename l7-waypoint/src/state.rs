@@ -2,6 +2,7 @@
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -16,7 +17,7 @@ use sinew_l7::{
     retry::RetryBudget,
     route::RouteTable,
 };
-use sinew_mesh::{MeshIndex, WorkloadInfo};
+use sinew_mesh::{Decision, HttpRequest, MeshIndex, ServiceInfo, Source, Target, WorkloadInfo};
 use sinew_model::{LocalRateLimit, Resource};
 use sinew_workers::PerWorker;
 use tokio::sync::watch;
@@ -211,6 +212,59 @@ impl Waypoint {
                 None
             }
         }
+    }
+
+    /// The decision of the policies attached to `svc` or this waypoint (`targetRefs`) on a
+    /// request (`http`) or a connection to a plain TCP port (`None`) to service `port`, from
+    /// `source` at `client`; `None` when no policy is attached (all is allowed).
+    pub fn decide(
+        &self,
+        snapshot: &Snapshot,
+        svc: &ServiceInfo,
+        port: u16,
+        source: &SpiffeId,
+        client: IpAddr,
+        http: Option<&HttpRequest<'_>>,
+    ) -> Option<Decision> {
+        let target = Target {
+            namespace: &svc.namespace,
+            service: &svc.name,
+            waypoint: Some(&self.name),
+            port,
+        };
+        let authz = snapshot.mesh.authz();
+        if !authz.has_targeted_policies(&target) {
+            return None;
+        }
+        let src = Source { identity: Some(source), ip: client };
+        Some(match http {
+            Some(req) => authz.check_http(&target, &src, req),
+            None => authz.check_tcp(&target, &src),
+        })
+    }
+
+    /// [`Waypoint::decide`], with the decision counted in
+    /// `sinew_authorization_decisions_total` (a denial, and every AUDIT policy matched);
+    /// `principal` is `source` as a string.
+    pub fn authorize(
+        &self,
+        snapshot: &Snapshot,
+        svc: &ServiceInfo,
+        port: u16,
+        (source, principal): (&SpiffeId, &str),
+        client: IpAddr,
+        http: Option<&HttpRequest<'_>>,
+    ) -> Option<Decision> {
+        let d = self.decide(snapshot, svc, port, source, client, http)?;
+        if !d.allowed() {
+            // Denied by default (ALLOW policies apply, none matched): policy `-`, as the
+            // agent counts it.
+            self.metrics.decision("deny", d.policy.as_deref().unwrap_or("-"), svc, principal);
+        }
+        for policy in &d.audited {
+            self.metrics.decision("audit", policy, svc, principal);
+        }
+        Some(d)
     }
 
     /// A small number standing for an original client identity, for upstream URIs.

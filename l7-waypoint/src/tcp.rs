@@ -10,13 +10,22 @@
 //! refused with 401, as an agent refuses one, and a configuration change that denies an open
 //! connection resets it. Every connection gets one access-log line.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
 
 use http::StatusCode;
 use sinew_hbone::{H2Stream, Inbound, random_u64};
 use sinew_identity::SpiffeId;
-use sinew_mesh::{Decision, ServiceInfo, Source, Target};
-use tokio::sync::watch;
+use sinew_mesh::{CLOSED_BY_POLICY, ServiceInfo};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::watch,
+};
 use tracing::debug;
 
 use crate::{
@@ -47,22 +56,24 @@ pub async fn serve(
         bytes_received: 0,
         duration_ms: 0.0,
         error: None,
+        policy: None,
+        reason: None,
         audit: None,
     };
     // Every configuration after the one decided on here decides the connection again.
     let mut changes = wp.snapshot.clone();
     let snapshot = changes.borrow_and_update().clone();
-    if let Some(d) = decide(&wp, &snapshot, &service, port, &source, client) {
-        for policy in &d.audited {
-            wp.metrics.decision("audit", policy, &service, &entry.source);
-        }
+    let principal = (&*source, entry.source.as_str());
+    if let Some(d) = wp.authorize(&snapshot, &service, port, principal, client.ip(), None) {
         if !d.audited.is_empty() {
             entry.audit = Some(d.audited.join(","));
         }
+        entry.policy = d.policy.clone();
         if !d.allowed() {
-            count_denial(&wp, &d, &service, &entry);
+            debug!(service = %entry.service, source = %entry.source, reason = %d.reason, "TCP deny");
             inbound.refuse(StatusCode::UNAUTHORIZED);
             entry.flags = "RBAC";
+            entry.reason = Some(d.reason.into_owned());
             return log(&wp, entry, start);
         }
     }
@@ -78,37 +89,6 @@ pub async fn serve(
         }
     }
     log(&wp, entry, start);
-}
-
-/// The decision of the policies attached to `service` or this waypoint on a connection to
-/// its `port` from `source` at `client`; `None` when no policy is attached.
-fn decide(
-    wp: &Waypoint,
-    snapshot: &Snapshot,
-    service: &ServiceInfo,
-    port: u16,
-    source: &SpiffeId,
-    client: SocketAddr,
-) -> Option<Decision> {
-    let target = Target {
-        namespace: &service.namespace,
-        service: &service.name,
-        waypoint: Some(&wp.name),
-        port,
-    };
-    let authz = snapshot.mesh.authz();
-    authz
-        .has_targeted_policies(&target)
-        .then(|| authz.check_tcp(&target, &Source { identity: Some(source), ip: client.ip() }))
-}
-
-/// Counts and logs a denial.
-fn count_denial(wp: &Waypoint, d: &Decision, service: &ServiceInfo, entry: &ConnectionEntry) {
-    // Denied by default (ALLOW policies apply, none matched): policy `-`, as the agent
-    // counts it.
-    let policy = d.policy.as_deref().unwrap_or("-");
-    wp.metrics.decision("deny", policy, service, &entry.source);
-    debug!(service = %entry.service, source = %entry.source, reason = %d.reason, "TCP deny");
 }
 
 /// Writes the connection's access-log line.
@@ -174,7 +154,7 @@ async fn forward(
         return down.reset();
     };
     let _inflight = backend.balancer.start(i);
-    let mut up = match open_tunnel(wp, SocketAddr::new(ip, target_port), Some(source_tag)).await {
+    let up = match open_tunnel(wp, SocketAddr::new(ip, target_port), Some(source_tag)).await {
         Ok(up) => up,
         Err(e) => {
             backend.outlier.record(i, false, Instant::now());
@@ -185,43 +165,91 @@ async fn forward(
         }
     };
     backend.outlier.record(i, true, Instant::now());
+    let (mut down, mut up) = (Counted::new(down), Counted::new(up));
     let copied = {
         let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
         tokio::pin!(copy);
         loop {
             tokio::select! {
-                copied = &mut copy => break Some(copied),
+                copied = &mut copy => break Ok(copied),
                 changed = changes.changed() => {
                     if changed.is_err() {
                         // The configuration is gone with the waypoint: just finish.
-                        break Some(copy.await);
+                        break Ok(copy.await);
                     }
                     let snapshot = changes.borrow_and_update().clone();
-                    if let Some(d) = decide(wp, &snapshot, service, port, source, client)
+                    if let Some(d) = wp.decide(&snapshot, service, port, source, client.ip(), None)
                         && !d.allowed()
                     {
-                        count_denial(wp, &d, service, entry);
-                        break None;
+                        break Err(d);
                     }
                 }
             }
         }
     };
+    // Counted as they went, so a reset loses none.
+    (entry.bytes_sent, entry.bytes_received) = (down.read, up.read);
     match copied {
-        Some(Ok((sent, received))) => (entry.bytes_sent, entry.bytes_received) = (sent, received),
-        Some(Err(e)) => {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
             // One side was reset or failed: reset the other rather than end it cleanly.
             debug!(service = %entry.service, error = %e, "TCP connection reset");
             entry.error = Some(e.to_string());
-            down.reset();
-            up.reset();
+            down.inner.reset();
+            up.inner.reset();
         }
-        None => {
+        Err(d) => {
+            debug!(service = %entry.service, source = %entry.source, reason = %d.reason, "TCP connection closed by a policy change");
             entry.flags = "RBAC";
-            entry.error = Some("closed: a policy change denies it".to_owned());
-            down.reset();
-            up.reset();
+            entry.error = Some(CLOSED_BY_POLICY.to_owned());
+            entry.policy = d.policy.clone();
+            entry.reason = Some(d.reason.into_owned());
+            down.inner.reset();
+            up.inner.reset();
         }
+    }
+}
+
+/// A tunnelled stream that counts the bytes read from it.
+struct Counted {
+    inner: H2Stream,
+    read: u64,
+}
+
+impl Counted {
+    fn new(inner: H2Stream) -> Self {
+        Self { inner, read: 0 }
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -215,8 +215,9 @@ pub struct ConnectionEntry {
     pub protocol: &'static str,
     /// Service addressed (`<name>.<namespace>:<port>`).
     pub service: String,
-    /// `-`, or Envoy's flags: `RBAC` denied, `NC` no such backend, `UO` connection limit,
-    /// `UH` no healthy endpoint, `UF` the endpoint could not be reached.
+    /// `-`, or Envoy's flags: `RBAC` denied (refused, or closed by a policy change), `NC` no
+    /// such backend, `UO` connection limit, `UH` no healthy endpoint, `UF` the endpoint could
+    /// not be reached.
     pub flags: &'static str,
     /// The endpoint the connection went to, if one was picked.
     pub upstream: Option<String>,
@@ -228,9 +229,16 @@ pub struct ConnectionEntry {
     pub bytes_received: u64,
     /// How long the connection lasted.
     pub duration_ms: f64,
-    /// How it failed after it was connected (a reset on either side), if it did.
+    /// What went wrong, if anything: the endpoint unreachable, a reset on either side, a
+    /// policy change closing it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The policy that decided, when one did (`ns/name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Why it was denied, in a sentence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// The AUDIT policies its authorization matched, if any (`ns/name`, comma-separated).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit: Option<String>,

@@ -600,14 +600,16 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         let wp = c.pods.iter().find(|p| p.name == "wp").context("waypoint pod")?;
         c.pod_get(wp, "http://127.0.0.1:15000/metrics")
     };
-    let store_denials = |c: &Cluster, policy: &str| -> Result<bool> {
+    let store_decisions = |c: &Cluster, decision: &str, policy: &str| -> Result<bool> {
         Ok(wp_metrics(c)?.lines().any(|l| {
             l.starts_with("sinew_authorization_decisions_total{")
-                && l.contains("decision=\"deny\"")
+                && l.contains(&format!("decision=\"{decision}\""))
                 && l.contains(&format!("policy=\"{policy}\""))
                 && l.contains("destination_service_name=\"store\"")
         }))
     };
+    // Without the connection limit, so that a refusal can only be the policy's.
+    c.remove_config("store-policy.yaml")?;
     store_authz(
         "store-deny",
         "  action: DENY\n  rules:\n  - from:\n    - source: {serviceAccounts: [client]}\n    to:\n    - operation: {methods: [POST]}\n",
@@ -618,14 +620,15 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     let line = line.ok_or_else(|| anyhow::anyhow!("no RBAC TCP line in the waypoint's log"))?;
     ensure!(line["source"] == "spiffe://cluster.local/ns/demo/sa/client", "{line}");
     ensure!(line["upstream"].is_null() && line["bytes_sent"] == 0, "refused before any: {line}");
-    ensure!(store_denials(&c, "demo/store-deny")?, "no deny by demo/store-deny counted");
+    ensure!(line["policy"] == "demo/store-deny", "{line}");
+    ensure!(store_decisions(&c, "deny", "demo/store-deny")?, "no deny by demo/store-deny counted");
     // An ALLOW that only lists paths: nothing matches at L4, so the default is deny (policy
     // `-`, counted once the new policy is in).
     store_authz("store-paths", "  rules:\n  - to:\n    - operation: {paths: [\"/*\"]}\n")?;
     let mut by_default = false;
     for _ in 0..50 {
         ensure!(!store_answers(), "an ALLOW rule with paths admitted a TCP connection");
-        if store_denials(&c, "-")? {
+        if store_decisions(&c, "deny", "-")? {
             by_default = true;
             break;
         }
@@ -637,9 +640,10 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         "  rules:\n  - from:\n    - source: {principals: [cluster.local/ns/demo/sa/client]}\n",
     )?;
     wait_store(true, "an ALLOW for the client's principal")?;
-    // A policy change that denies an open connection resets it.
+    // A connection held open: a change that still admits it leaves it be (an AUDIT policy,
+    // in force once a new connection is audited), one that denies it resets it.
     let mut held = client
-        .command(&c.binary("sinew-testapp"), &["hold", store, "10"])
+        .command(&c.binary("sinew-testapp"), &["hold", store, "30"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()?;
@@ -648,6 +652,21 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     ));
     let first = lines.next().transpose()?;
     ensure!(first.as_deref() == Some("open"), "the held connection: {first:?}");
+    c.write_config(
+        "store-audit.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: store-audit, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: store}]\n  action: AUDIT\n  rules: [{}]\n",
+    )?;
+    let mut audited = false;
+    for _ in 0..50 {
+        ensure!(store_answers(), "the ALLOW for the client's principal stopped admitting it");
+        if store_decisions(&c, "audit", "demo/store-audit")? {
+            audited = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(audited, "the AUDIT policy never audited a connection");
+    ensure!(held.try_wait()?.is_none(), "a change that still admits it ended the held connection");
     let started = std::time::Instant::now();
     store_authz(
         "store-deny",
@@ -656,7 +675,20 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     let end = lines.next().transpose()?;
     let _ = held.wait();
     ensure!(end.as_deref() == Some("closed reset"), "the held connection ended: {end:?}");
-    ensure!(started.elapsed() < Duration::from_secs(8), "reset only after {:?}", started.elapsed());
+    ensure!(
+        started.elapsed() < Duration::from_secs(20),
+        "reset only after {:?}",
+        started.elapsed()
+    );
+    let closed = "closed: the policy in force no longer admits it";
+    let logged = c.waypoint_access_entries("wp");
+    let line = logged.iter().rev().find(|e| e["protocol"] == "tcp" && e["error"] == closed);
+    let line = line.ok_or_else(|| anyhow::anyhow!("no TCP line closed by policy"))?;
+    ensure!(line["flags"] == "RBAC" && line["policy"] == "demo/store-deny", "{line}");
+    // The held connection sent its `ADDR` line and was answered before the reset.
+    ensure!(line["bytes_sent"].as_u64() >= Some(5), "{line}");
+    ensure!(line["bytes_received"].as_u64() >= Some(5), "{line}");
+    c.remove_config("store-audit.yaml")?;
     c.remove_config("store-authz.yaml")?;
 
     // The destination agent sees the original client through the waypoint: an L4 DENY for

@@ -50,6 +50,10 @@ mod explain;
 mod peer;
 mod rules;
 
+/// Why a connection admitted earlier was closed: a policy change no longer admits it (the
+/// access logs' `error`, agent and waypoint alike).
+pub const CLOSED_BY_POLICY: &str = "closed: the policy in force no longer admits it";
+
 use std::{
     borrow::Cow,
     collections::{BTreeMap, HashMap},
@@ -273,7 +277,8 @@ impl Authz {
             let (ns, name) = ns_name(p);
             authz.policies += 1;
             if let Some(first) = p.spec.target_refs.first() {
-                // The scope a trace shows is worked out per request (`Policy::http_scope`).
+                // The scope a trace shows is worked out per request or connection
+                // (`Policy::targeted_scope`).
                 let scope = if first.kind == "Service" { Scope::Service } else { Scope::Gateway };
                 let policy = Policy::new(ns, name, scope, &p.spec);
                 authz.targeted.entry(ns.to_owned()).or_default().push(policy);
@@ -397,7 +402,7 @@ impl Authz {
     pub fn has_targeted_policies(&self, target: &Target<'_>) -> bool {
         [Action::Deny, Action::Allow, Action::Audit]
             .into_iter()
-            .any(|action| self.applicable_http(*target, action).next().is_some())
+            .any(|action| self.applicable_targeted(*target, action).next().is_some())
     }
 
     /// The mTLS mode for a destination port: a PeerAuthentication of its namespace whose
@@ -435,7 +440,7 @@ impl Authz {
 
     /// The policies of `action` attached to `target` with `targetRefs`, in evaluation order:
     /// the root namespace's, then the target namespace's.
-    fn applicable_http<'s>(
+    fn applicable_targeted<'s>(
         &'s self,
         target: Target<'s>,
         action: Action,
@@ -473,7 +478,7 @@ impl Authz {
             http: http.copied(),
         };
         let target = *target;
-        decide(&req, |action| self.applicable_http(target, action), t)
+        decide(&req, |action| self.applicable_targeted(target, action), t)
     }
 }
 

@@ -22,8 +22,8 @@ mod authz;
 mod index;
 
 pub use authz::{
-    Authz, Decision, Destination, Explanation, HttpRequest, PolicyTrace, Scope, Source, Target,
-    Verdict,
+    Authz, CLOSED_BY_POLICY, Decision, Destination, Explanation, HttpRequest, PolicyTrace, Scope,
+    Source, Target, Verdict,
 };
 pub use index::{MeshIndex, SERVICE_DOMAIN, ServiceInfo, WorkloadInfo};
 

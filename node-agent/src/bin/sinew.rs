@@ -56,10 +56,11 @@ enum Cmd {
         /// `<address>:<port>` of a pod or a service.
         destination: String,
         /// For a service behind a waypoint: the HTTP method its L7 policies see (default GET;
-        /// a plain TCP port is explained as a connection).
+        /// not used for a plain TCP port, which is explained as a connection).
         #[arg(long)]
         method: Option<String>,
-        /// For a service behind a waypoint: the HTTP path its L7 policies see (default /).
+        /// For a service behind a waypoint: the HTTP path its L7 policies see (default /;
+        /// not used for a plain TCP port).
         #[arg(long)]
         path: Option<String>,
     },

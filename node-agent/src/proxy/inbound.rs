@@ -16,7 +16,7 @@ use std::{
 use http::StatusCode;
 use sinew_hbone::{H2Stream, Inbound};
 use sinew_identity::SpiffeId;
-use sinew_mesh::{Decision, Destination, MeshIndex, Source};
+use sinew_mesh::{CLOSED_BY_POLICY, Decision, Destination, MeshIndex, Source};
 use sinew_model::MtlsMode;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -32,9 +32,6 @@ use crate::telemetry::{
     AccessEntry, ByteCounters, CONNECT_FAILED, DecisionLabels, DestinationLabels, Peer,
     SourceLabels, TcpLabels,
 };
-
-/// The error of a connection closed by a policy change.
-const CLOSED_BY_POLICY: &str = "closed: the policy in force no longer admits it";
 
 /// Why a plaintext connection from a trusted source was admitted without a decision.
 const TRUSTED_SOURCE: &str =

@@ -170,7 +170,7 @@ impl Trace for Explainer<'_> {
             policy: policy.key.clone(),
             action: policy.action,
             scope: match &self.target {
-                Some(target) => policy.http_scope(target),
+                Some(target) => policy.targeted_scope(target),
                 None => policy.scope,
             },
             matched: matched.is_some(),

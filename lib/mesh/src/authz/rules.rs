@@ -135,7 +135,7 @@ pub(super) struct Policy {
     pub key: String,
     pub namespace: String,
     pub action: Action,
-    /// The L4 scope; for a policy with `targetRefs`, see [`Policy::http_scope`].
+    /// The L4 scope; for a policy with `targetRefs`, see [`Policy::targeted_scope`].
     pub scope: Scope,
     /// `matchLabels` (empty unless `scope` is `Workload`, where empty selects everything).
     pub selector: BTreeMap<String, String>,
@@ -170,7 +170,7 @@ impl Policy {
     }
 
     /// Why a policy with `targetRefs` applies to `target`: its service, else its waypoint.
-    pub fn http_scope(&self, target: &Target<'_>) -> Scope {
+    pub fn targeted_scope(&self, target: &Target<'_>) -> Scope {
         let service = self.targets.iter().any(|t| {
             matches!(t, TargetRef::Service(name) if *name == target.service)
                 && self.namespace == target.namespace
