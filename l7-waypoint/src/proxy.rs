@@ -748,7 +748,17 @@ async fn route_and_forward(
         headers: &parts.headers,
     };
     // L7 authorization: policies attached to the service or to this waypoint (targetRefs).
-    let request = HttpRequest { method: parts.method.as_str(), path: &path };
+    // The authority as sent: HTTP/1.1's Host header, else HTTP/2's :authority.
+    let host = match parts.headers.get(header::HOST) {
+        Some(h) => h.to_str().unwrap_or_default(),
+        None => parts.uri.authority().map_or("", |a| a.as_str()),
+    };
+    let request = HttpRequest {
+        method: parts.method.as_str(),
+        path: &path,
+        host,
+        headers: Some(&parts.headers),
+    };
     let source = (&*down.source, down.principal.as_str());
     let client = down.client.ip();
     if let Some(decision) = wp.authorize(snapshot, svc, down.port, source, client, Some(&request)) {

@@ -430,6 +430,18 @@ fn deny_allow_and_audit_policies_are_enforced_logged_and_explained() -> Result<(
     ensure!(ping(&c, &p.client, &p.server).is_err(), "unlisted principal admitted");
     ensure!(ping(&c, &p.legacy, &p.server).is_err(), "plaintext (no principal) admitted");
 
+    // Conditions (`when`) on the connection's attributes: all must hold.
+    c.write_config(
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-when, namespace: demo}\nspec:\n  rules:\n  - when:\n    - {key: source.principal, values: [cluster.local/ns/demo/sa/client]}\n    - {key: destination.port, values: [\"8080\"]}\n",
+    )?;
+    wait_for("the conditions are in force", Duration::from_secs(15), || {
+        let why = explain(&mut c, 2, "demo/other", &target(&p.server))?.to_string();
+        Ok(why.contains("demo/allow-when") && why.contains("when[0] source.principal"))
+    })?;
+    ensure!(ping(&c, &p.client, &p.server).is_ok(), "the conditions' principal refused");
+    ensure!(ping(&c, &p.other, &p.server).is_err(), "another principal admitted");
+
     // AUDIT logs the would-be denial and lets the traffic through.
     c.write_config(
         "policy.yaml",
@@ -437,7 +449,7 @@ fn deny_allow_and_audit_policies_are_enforced_logged_and_explained() -> Result<(
     )?;
     wait_for("the AUDIT policy is in force", Duration::from_secs(15), || {
         let why = explain(&mut c, 2, "demo/client", &target(&p.server))?.to_string();
-        Ok(why.contains("demo/audit-client") && !why.contains("demo/allow-other"))
+        Ok(why.contains("demo/audit-client") && !why.contains("demo/allow-when"))
     })?;
     ensure!(ping(&c, &p.client, &p.server).is_ok(), "AUDIT must let the connection through");
     let mut audit = None;

@@ -415,10 +415,15 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     // L7 authorization at the waypoint: POST to /admin denied (403), GET still served.
     c.write_config(
         "l7-policy.yaml",
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin-writes, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: reviews}]\n  action: DENY\n  rules:\n  - to:\n    - operation: {methods: [POST], paths: [\"/admin*\"]}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: audit-admin, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: reviews}]\n  action: AUDIT\n  rules:\n  - to:\n    - operation: {paths: [\"/admin*\"]}\n",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin-writes, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: reviews}]\n  action: DENY\n  rules:\n  - to:\n    - operation: {methods: [POST], paths: [\"/admin*\"]}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: audit-admin, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: reviews}]\n  action: AUDIT\n  rules:\n  - to:\n    - operation: {paths: [\"/admin*\"]}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-blocked, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: reviews}]\n  action: DENY\n  rules:\n  - when: [{key: \"request.headers[x-block]\", values: [\"yes\"]}]\n  - to: [{operation: {notHosts: [\"reviews*\", \"198.18.200.20*\"]}}]\n",
     )?;
     let admin = format!("http://{VIP}/admin/users");
     wait_status(&c, &client, &["-X", "POST", &admin], "403", "the L7 DENY")?;
+    // A header condition and a host: `x-block: yes`, or a Host outside the service's names.
+    let blocked = curl_out(&c, &client, "%{http_code}", &["-H", "x-block: yes", &admin])?;
+    ensure!(blocked.trim() == "403", "x-block: yes got {blocked}");
+    let elsewhere = curl_out(&c, &client, "%{http_code}", &["-H", "Host: Evil.Example", &admin])?;
+    ensure!(elsewhere.trim() == "403", "Host: Evil.Example got {elsewhere}");
     let out = curl_out(&c, &client, "%{http_code}", &[&format!("http://{VIP}/admin/users")])?;
     ensure!(out.trim() == "200", "GET must pass: {out}");
     // The policy sees the normalized path: dot segments and escaped letters do not pass it.

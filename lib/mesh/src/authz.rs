@@ -20,11 +20,14 @@
 //! nothing), while an empty rule (`rules: [{}]`) matches everything. A rule matches when some
 //! `from` source and some `to` operation match (an absent `from` or `to` matches everything);
 //! within a source or operation every present field must match and every present `not*` field
-//! must not. Fields evaluated at L4: principals, namespaces, serviceAccounts, ipBlocks (source)
-//! and ports (destination), with their `not*` forms. A source without identity (plaintext)
-//! fails the identity fields and passes their `not*` forms. L7-only fields (methods, paths)
-//! cannot be evaluated here: an ALLOW rule with them never matches, DENY and AUDIT rules match
-//! as if they were absent (the safe side in both cases).
+//! must not; every `when` condition must hold (a value matching one of its `values`, if given,
+//! and none of its `notValues`). Fields evaluated at L4: principals, namespaces,
+//! serviceAccounts, ipBlocks (source) and ports (destination), with their `not*` forms, and the
+//! conditions on `source.ip`, `source.namespace`, `source.principal` and `destination.port`. A
+//! source without identity (plaintext) fails the identity fields and passes their `not*`
+//! forms; a condition without a value likewise. L7-only fields (methods, paths, hosts, and
+//! `request.headers[...]` conditions) cannot be evaluated here: an ALLOW rule with them never
+//! matches, DENY and AUDIT rules match as if they were absent (the safe side in both cases).
 //!
 //! Decision: any DENY match denies; else, with no ALLOW policy applying, the connection is
 //! allowed; else an ALLOW match allows and anything else is denied. AUDIT policies never
@@ -39,7 +42,9 @@
 //! the root namespace, the Service). Same decision and order, root-namespace policies first;
 //! the L7 fields are evaluated: `methods` / `notMethods` exactly (case-sensitive), `paths` /
 //! `notPaths` against the path without its query, with Istio's string match (`*` alone, one
-//! leading or trailing `*`, otherwise exact), `ports` against the service port.
+//! leading or trailing `*`, otherwise exact), `hosts` / `notHosts` the same way against the
+//! authority as sent but without regard to case, `request.headers[name]` conditions against
+//! the header's values (several joined with `,`), `ports` against the service port.
 //!
 //! A plain TCP port behind a waypoint ([`Authz::check_tcp`]) is decided by the same attached
 //! policies with the L4 rule semantics: nothing to read `methods` or `paths` from, so an
@@ -93,14 +98,25 @@ pub struct HttpRequest<'a> {
     /// The path, without query (anything from a `?` on is ignored all the same). Compared as
     /// given: normalizing it is the caller's job.
     pub path: &'a str,
+    /// The authority as sent (`Host`, or HTTP/2's `:authority`), what `hosts` match; empty
+    /// when there is none.
+    pub host: &'a str,
+    /// The request headers, what `when` conditions on `request.headers[...]` read; `None`
+    /// reads as a request without any.
+    pub headers: Option<&'a http::HeaderMap>,
 }
 
 impl<'a> HttpRequest<'a> {
+    /// A request with method and path only (no host, no headers), as `sinew explain` asks.
+    pub fn new(method: &'a str, path: &'a str) -> Self {
+        Self { method, path, host: "", headers: None }
+    }
+
     /// The same request with anything from a `?` dropped from the path, so that a query can
     /// never make a path miss a DENY rule.
     fn without_query(&self) -> Self {
         let path = self.path.split_once('?').map_or(self.path, |(path, _)| path);
-        Self { method: self.method, path }
+        Self { path, ..*self }
     }
 }
 

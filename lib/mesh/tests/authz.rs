@@ -606,6 +606,88 @@ fn port_level_modes_need_a_selector_and_valid_ports() {
 }
 
 #[test]
+fn when_conditions_on_l4_attributes() {
+    let a = authz(&[policy(
+        "shop",
+        "conditions",
+        "{rules: [{when: [{key: source.namespace, values: [\"front*\"]}, {key: destination.port, \
+         notValues: [\"9090\"]}]}, {when: [{key: source.ip, values: [10.1.0.0/16]}, {key: \
+         source.principal, notValues: [cluster.local/ns/back/sa/*]}]}]}",
+    )]);
+    assert!(Conn::to("shop").from("front", "web").allowed(&a));
+    assert!(Conn::to("shop").from("front-2", "web").port(8080).allowed(&a));
+    let e = Conn::to("shop").from("front", "web").port(9090).explain(&a);
+    assert_eq!(
+        e.policies[0].why,
+        [
+            "rule 0: when[1] destination.port: 9090 in notValues [9090]",
+            "rule 1: when[0] source.ip: 10.0.0.9 not in [10.1.0.0/16]",
+        ]
+    );
+    let e = Conn::to("shop").from("back", "web").explain(&a);
+    assert_eq!(e.policies[0].why[0], "rule 0: when[0] source.namespace: back not in [front*]");
+    // Without an identity, `values` fail and `notValues` pass.
+    let e = Conn::to("shop").plaintext().explain(&a);
+    assert_eq!(
+        e.policies[0].why[0],
+        "rule 0: when[0] source.namespace: no value (no identity, or no such header)"
+    );
+    assert!(Conn::to("shop").plaintext().ip("10.1.2.3").allowed(&a));
+    assert!(
+        !Conn::to("shop").with_id("spiffe://cluster.local/ns/back/sa/a").ip("10.1.2.3").allowed(&a)
+    );
+}
+
+#[test]
+fn a_header_condition_is_l7() {
+    // An ALLOW rule with one never matches a connection; a DENY rule matches without it.
+    let a = authz(&[
+        policy(
+            "shop",
+            "allow-header",
+            "{rules: [{when: [{key: \"request.headers[x-user]\", values: [admin]}]}]}",
+        ),
+        policy(
+            "bank",
+            "deny-header",
+            "{action: DENY, rules: [{from: [{source: {namespaces: [client]}}], when: [{key: \
+             \"request.headers[x-user]\", notValues: [admin]}]}]}",
+        ),
+    ]);
+    let e = Conn::to("shop").explain(&a);
+    assert!(!e.decision.allowed());
+    assert_eq!(
+        e.policies[0].why,
+        ["rule 0: when[0] request.headers[x-user]: L7 field, not evaluated at L4: an ALLOW \
+             rule with it never matches"]
+    );
+    let d = Conn::to("bank").decide(&a);
+    assert_eq!(
+        d.reason,
+        "denied by DENY policy bank/deny-header (rule 0, L7 fields ignored at L4)"
+    );
+}
+
+#[test]
+fn condition_keys_and_values_are_checked() {
+    let refused = |when: &str| -> String {
+        let yaml = policy("shop", "p", &format!("{{rules: [{{when: [{when}]}}]}}"));
+        let docs = sinew_model::parse_file(std::path::Path::new("p.yaml"), &yaml).unwrap();
+        let r = docs.into_iter().next().unwrap().expect_err(when);
+        r.errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    };
+    let e = refused("{key: \"request.auth.claims[iss]\", values: [x]}");
+    assert!(e.contains("rules[0].when[0].key") && e.contains("does not evaluate"), "{e}");
+    let e = refused("{key: source.nonsense, values: [x]}");
+    assert!(e.contains("is not a condition key"), "{e}");
+    assert!(refused("{key: source.ip}").contains("needs values or notValues"));
+    assert!(refused("{key: source.ip, values: [nowhere]}").contains("when[0].values[0]"));
+    assert!(refused("{key: destination.port, notValues: [\"0\"]}").contains("not a port"));
+    assert!(refused("{key: \"request.headers[]\", values: [x]}").contains("not an HTTP header"));
+    assert!(refused("{key: source.namespace, values: [\"a*b\"]}").contains("prefix or suffix"));
+}
+
+#[test]
 fn check_equals_explain_on_a_table() {
     let a = authz(&[
         policy(

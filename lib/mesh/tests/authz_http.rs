@@ -52,6 +52,8 @@ struct Req {
     ip: IpAddr,
     method: String,
     path: String,
+    host: String,
+    headers: http::HeaderMap,
 }
 
 impl Req {
@@ -67,7 +69,19 @@ impl Req {
             ip: "10.0.0.9".parse().unwrap(),
             method: "GET".into(),
             path: "/".into(),
+            host: format!("{service}.{ns}"),
+            headers: http::HeaderMap::new(),
         }
+    }
+
+    fn host(mut self, host: &str) -> Self {
+        self.host = host.into();
+        self
+    }
+
+    fn header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers.append(name, value.parse().unwrap());
+        self
     }
 
     fn get(self, path: &str) -> Self {
@@ -119,7 +133,12 @@ impl Req {
 
     /// `explain_http`, after checking that its decision is `check_http`'s.
     fn explain(&self, a: &Authz) -> Explanation {
-        let req = HttpRequest { method: &self.method, path: &self.path };
+        let req = HttpRequest {
+            method: &self.method,
+            path: &self.path,
+            host: &self.host,
+            headers: Some(&self.headers),
+        };
         let (target, src) = (self.target(), self.source());
         let explanation = a.explain_http(&target, &src, &req);
         assert_eq!(explanation.decision, a.check_http(&target, &src, &req), "disagree");
@@ -229,6 +248,65 @@ fn a_tcp_port_behind_the_waypoint_is_decided_by_the_attached_policies_at_l4() {
     // Policies attached elsewhere do not apply.
     assert!(Req::to("shop", "cache").port(5432).explain_tcp(&a).decision.allowed());
     assert!(!a.has_targeted_policies(&Req::to("shop", "cache").target()));
+}
+
+#[test]
+fn hosts_match_the_authority_without_regard_to_case() {
+    let a = authz(&[on_service(
+        "shop",
+        "hosts",
+        "reviews",
+        "rules: [{to: [{operation: {hosts: [reviews.shop, \"*.example.com\", \"api.example.com:*\"]}}]}]",
+    )]);
+    for host in ["reviews.shop", "REVIEWS.shop", "www.Example.com", "api.example.com:8080"] {
+        assert!(Req::to("shop", "reviews").host(host).allowed(&a), "{host}");
+    }
+    for host in ["reviews.shop:80", "example.com", ""] {
+        assert!(!Req::to("shop", "reviews").host(host).allowed(&a), "{host}");
+    }
+    let e = Req::to("shop", "reviews").host("evil.org").explain(&a);
+    assert_eq!(
+        e.policies[0].why,
+        [
+            "rule 0: to[0].operation.hosts: evil.org not in [reviews.shop, *.example.com, api.example.com:*]"
+        ]
+    );
+}
+
+#[test]
+fn header_conditions() {
+    let a = authz(&[on_service(
+        "shop",
+        "deny-guests",
+        "reviews",
+        "action: DENY, rules: [{when: [{key: \"request.headers[X-User]\", notValues: [\"admin-*\"]}]}]",
+    )]);
+    assert!(Req::to("shop", "reviews").header("x-user", "admin-ann").allowed(&a));
+    let e = Req::to("shop", "reviews").header("x-user", "guest").explain(&a);
+    assert_eq!(e.decision.reason, "denied by DENY policy shop/deny-guests (rule 0)");
+    // No header: `notValues` passes, so the DENY matches.
+    assert!(!Req::to("shop", "reviews").allowed(&a));
+    // Several values are joined with `,`, as Envoy's matchers see them.
+    let r = Req::to("shop", "reviews").header("x-user", "admin-a").header("x-user", "b");
+    assert!(r.allowed(&a), "admin-a,b starts with admin-");
+    let allow = authz(&[on_service(
+        "shop",
+        "only-admins",
+        "reviews",
+        "rules: [{when: [{key: \"request.headers[x-user]\", values: [\"admin-*\"]}]}]",
+    )]);
+    let e = Req::to("shop", "reviews").header("x-user", "bob").explain(&allow);
+    assert_eq!(
+        e.policies[0].why,
+        ["rule 0: when[0] request.headers[x-user]: bob not in [admin-*]"]
+    );
+    let e = Req::to("shop", "reviews").explain(&allow);
+    assert_eq!(
+        e.policies[0].why,
+        ["rule 0: when[0] request.headers[x-user]: no value (no identity, or no such header)"]
+    );
+    // A TCP port: the header cannot be read, so the ALLOW admits nothing.
+    assert!(!Req::to("shop", "reviews").port(5432).explain_tcp(&allow).decision.allowed());
 }
 
 #[test]

@@ -218,6 +218,82 @@ pub struct Rule {
     /// Operations; any may match.
     #[serde(default)]
     pub to: Vec<RuleTo>,
+    /// Conditions; all must match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<Condition>,
+}
+
+/// `when[i]`: a condition on one attribute of the connection or request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Condition {
+    /// The attribute (see [`ConditionKey`]).
+    pub key: String,
+    /// Values of which the attribute must match one.
+    #[serde(default)]
+    pub values: Vec<String>,
+    /// Values the attribute must match none of.
+    #[serde(default)]
+    pub not_values: Vec<String>,
+}
+
+/// The attributes a condition can test: Istio's keys that need no JWT and no proxy-protocol
+/// or `X-Forwarded-For` trust configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConditionKey {
+    /// `source.ip`: the peer address (values are addresses or CIDRs).
+    SourceIp,
+    /// `source.namespace`: the namespace of the peer's identity.
+    SourceNamespace,
+    /// `source.principal`: the peer's identity, `<trust domain>/ns/<ns>/sa/<sa>`.
+    SourcePrincipal,
+    /// `destination.port`: the destination port (values are port numbers).
+    DestinationPort,
+    /// `request.headers[<name>]`: an HTTP request header (L7), the name lower-cased.
+    RequestHeader(String),
+}
+
+/// The keys [`ConditionKey::parse`] accepts, for messages.
+const CONDITION_KEYS: &str = "source.ip, source.namespace, source.principal, destination.port, \
+                              request.headers[<name>]";
+
+impl ConditionKey {
+    /// Parses a `when` key; the error says why a key is refused.
+    pub fn parse(key: &str) -> Result<Self, String> {
+        Ok(match key {
+            "source.ip" => Self::SourceIp,
+            "source.namespace" => Self::SourceNamespace,
+            "source.principal" => Self::SourcePrincipal,
+            "destination.port" => Self::DestinationPort,
+            _ => {
+                if let Some(name) =
+                    key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']'))
+                {
+                    let token =
+                        |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+                    if name.is_empty() || !name.bytes().all(token) {
+                        return Err(format!("{key:?}: {name:?} is not an HTTP header name"));
+                    }
+                    return Ok(Self::RequestHeader(name.to_ascii_lowercase()));
+                }
+                let known = ["remote.ip", "destination.ip", "connection.sni"].contains(&key)
+                    || key.starts_with("request.auth.")
+                    || key.starts_with("experimental.");
+                return Err(if known {
+                    format!(
+                        "{key:?} is an Istio condition Sinew does not evaluate (it supports {CONDITION_KEYS})"
+                    )
+                } else {
+                    format!("{key:?} is not a condition key (supported: {CONDITION_KEYS})")
+                });
+            }
+        })
+    }
+
+    /// True for a key only an HTTP request has.
+    pub fn is_l7(&self) -> bool {
+        matches!(self, Self::RequestHeader(_))
+    }
 }
 
 /// `from[i]`.
@@ -288,6 +364,13 @@ pub struct Operation {
     /// Negated `paths`.
     #[serde(default)]
     pub not_paths: Vec<String>,
+    /// HTTP hosts (`Host` or `:authority` as sent, port included), compared without regard to
+    /// case, with `*` prefix or suffix wildcards (L7, waypoint only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Negated `hosts`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<String>,
 }
 
 /// Parses `ipBlocks` entries: a CIDR or a single address.
@@ -312,6 +395,7 @@ impl Validate for AuthorizationPolicySpec {
             e.each("to", &rule.to, |e, t| {
                 e.at("operation", |e| t.operation.validate(e));
             });
+            e.each("when", &rule.when, |e, c| c.validate(e));
         });
     }
 }
@@ -368,8 +452,46 @@ impl Validate for Source {
     }
 }
 
+impl Validate for Condition {
+    fn validate(&self, e: &mut Errors) {
+        let key = match ConditionKey::parse(&self.key) {
+            Ok(k) => k,
+            Err(message) => return e.add("key", message),
+        };
+        e.check(!self.values.is_empty() || !self.not_values.is_empty(), "", || {
+            "a condition needs values or notValues".into()
+        });
+        for (field, list) in [("values", &self.values), ("notValues", &self.not_values)] {
+            e.each(field, list, |e, v| {
+                let problem = match key {
+                    ConditionKey::SourceIp => parse_ip_block(v)
+                        .is_none()
+                        .then(|| format!("{v:?} is not an address or CIDR")),
+                    ConditionKey::DestinationPort => v
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|p| *p > 0)
+                        .is_none()
+                        .then(|| format!("{v:?} is not a port number")),
+                    _ => {
+                        (!wildcard_ok(v)).then(|| format!("{v:?}: `*` only as a prefix or suffix"))
+                    }
+                };
+                if let Some(message) = problem {
+                    e.add("", message);
+                }
+            });
+        }
+    }
+}
+
 impl Validate for Operation {
     fn validate(&self, e: &mut Errors) {
+        for (field, list) in [("hosts", &self.hosts), ("notHosts", &self.not_hosts)] {
+            e.each(field, list, |e, h| {
+                e.check(wildcard_ok(h), "", || format!("{h:?}: `*` only as a prefix or suffix"))
+            });
+        }
         for (field, list) in [("methods", &self.methods), ("notMethods", &self.not_methods)] {
             e.each(field, list, |e, m| {
                 // An RFC 9110 token without lower case (methods match exactly, and a lower-

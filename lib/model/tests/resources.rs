@@ -47,7 +47,10 @@ spec:
             notNamespaces: [untrusted]
             ipBlocks: [198.18.0.0/15]
       to:
-        - operation: {ports: ["9080"], methods: [GET], paths: ["/reviews/*"]}
+        - operation: {ports: ["9080"], methods: [GET], paths: ["/reviews/*"], hosts: ["*.shop"]}
+      when:
+        - {key: "request.headers[x-team]", values: [reviews]}
+        - {key: source.ip, notValues: [198.18.9.0/24]}
 ---
 apiVersion: security.sinew.io/v1
 kind: PeerAuthentication

@@ -7,7 +7,7 @@ use sinew_model::Action;
 
 use super::{
     HttpRequest, PolicyTrace, Source, Target,
-    rules::{Field, Miss, Policy, Trace},
+    rules::{Field, Miss, Policy, Request, Trace},
 };
 
 /// Collects the misses of the policy being evaluated, then one [`PolicyTrace`] per policy.
@@ -52,9 +52,9 @@ impl<'a> Explainer<'a> {
     fn describe(&self, policy: &Policy, rule: usize, miss: Miss) -> String {
         let rule = policy.rules.get(rule);
         match miss {
-            Miss::L7 { to, field } => format!(
-                "to[{to}].operation.{field}: L7 field, not evaluated at L4: an ALLOW rule with \
-                 it never matches"
+            Miss::L7 => format!(
+                "{}: L7 field, not evaluated at L4: an ALLOW rule with it never matches",
+                rule.and_then(|r| r.l7.as_deref()).unwrap_or("an L7 field")
             ),
             Miss::From { index, field } => {
                 let path = format!("from[{index}].source.{}", field.name());
@@ -76,7 +76,9 @@ impl<'a> Explainer<'a> {
                     | Field::Methods
                     | Field::NotMethods
                     | Field::Paths
-                    | Field::NotPaths => return path,
+                    | Field::NotPaths
+                    | Field::Hosts
+                    | Field::NotHosts => return path,
                 };
                 match self.source_value(field) {
                     Some(value) => in_list(&path, field, value, list),
@@ -94,6 +96,8 @@ impl<'a> Explainer<'a> {
                     Field::NotMethods => (http.map(|r| r.method), &op.not_methods),
                     Field::Paths => (http.map(|r| r.path), &op.paths),
                     Field::NotPaths => (http.map(|r| r.path), &op.not_paths),
+                    Field::Hosts => (http.map(|r| r.host), &op.hosts),
+                    Field::NotHosts => (http.map(|r| r.host), &op.not_hosts),
                     _ => {
                         let list = if field == Field::NotPorts { &op.not_ports } else { &op.ports };
                         let ports: Vec<u16> = list.iter().map(|p| p.0).collect();
@@ -103,6 +107,27 @@ impl<'a> Explainer<'a> {
                 match value {
                     Some(value) => in_list(&path, field, value, list),
                     None => path,
+                }
+            }
+            Miss::When { index, negated } => {
+                let Some(c) = rule.and_then(|r| r.when.get(index)) else {
+                    return format!("when[{index}]");
+                };
+                let (list, relation) =
+                    if negated { (&c.spec.not_values, "in") } else { (&c.spec.values, "not in") };
+                let path = format!("when[{index}] {}", c.spec.key);
+                let req = Request {
+                    identity: self.source.identity,
+                    ip: self.source.ip.to_canonical(),
+                    port: self.port,
+                    http: self.http,
+                };
+                match c.value(&req) {
+                    Some(value) => {
+                        let what = if negated { " notValues" } else { "" };
+                        format!("{path}: {value} {relation}{what} [{}]", list.join(", "))
+                    }
+                    None => format!("{path}: no value (no identity, or no such header)"),
                 }
             }
         }
@@ -150,11 +175,11 @@ impl Trace for Explainer<'_> {
             Some(rule) => {
                 why.push(format!("rule {rule} matched"));
                 if self.http.is_none()
-                    && let Some((to, field)) = policy.rules.get(rule).and_then(|r| r.l7)
+                    && let Some(l7) = policy.rules.get(rule).and_then(|r| r.l7.as_deref())
                 {
                     why.push(format!(
-                        "rule {rule}: to[{to}].operation.{field}: L7 field ignored at L4: a {} \
-                         rule matches without it (fail safe)",
+                        "rule {rule}: {l7}: L7 field ignored at L4: a {} rule matches without it \
+                         (fail safe)",
                         action_name(policy.action)
                     ));
                 }

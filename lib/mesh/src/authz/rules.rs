@@ -8,7 +8,9 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
 use sinew_identity::SpiffeId;
-use sinew_model::{Action, AuthorizationPolicySpec, Operation, PolicyTargetRef, Rule};
+use sinew_model::{
+    Action, AuthorizationPolicySpec, Condition, ConditionKey, Operation, PolicyTargetRef, Rule,
+};
 
 use super::{HttpRequest, Scope, Target};
 
@@ -39,6 +41,8 @@ pub(super) enum Field {
     NotMethods,
     Paths,
     NotPaths,
+    Hosts,
+    NotHosts,
 }
 
 impl Field {
@@ -59,6 +63,8 @@ impl Field {
             Self::NotMethods => "notMethods",
             Self::Paths => "paths",
             Self::NotPaths => "notPaths",
+            Self::Hosts => "hosts",
+            Self::NotHosts => "notHosts",
         }
     }
 
@@ -73,6 +79,7 @@ impl Field {
                 | Self::NotPorts
                 | Self::NotMethods
                 | Self::NotPaths
+                | Self::NotHosts
         )
     }
 }
@@ -80,12 +87,15 @@ impl Field {
 /// Why a rule did not match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Miss {
-    /// An ALLOW rule with an L7-only field in `to[to]`: it never matches at L4.
-    L7 { to: usize, field: &'static str },
+    /// An ALLOW rule with an L7-only part (see [`CompiledRule::l7`]): it never matches at L4.
+    L7,
     /// `from[index]` failed on `field` (reported for every source when none matched).
     From { index: usize, field: Field },
     /// `to[index]` failed on `field` (reported for every operation when none matched).
     To { index: usize, field: Field },
+    /// `when[index]` failed: no value matched its `values` or (`negated`) one matched its
+    /// `notValues`.
+    When { index: usize, negated: bool },
 }
 
 /// Receives what an evaluation went through. [`NoTrace`] for `check`, the explainer for
@@ -202,20 +212,31 @@ impl Policy {
 pub(super) struct CompiledRule {
     pub from: Vec<CompiledSource>,
     pub to: Vec<Operation>,
-    /// The first L7-only field (`to` index, field name), which an L4 check cannot evaluate.
-    pub l7: Option<(usize, &'static str)>,
+    pub when: Vec<CompiledCondition>,
+    /// The first L7-only part, which an L4 check cannot evaluate, as written
+    /// (`to[0].operation.methods`, `when[1] request.headers[x-user]`).
+    pub l7: Option<String>,
 }
 
 impl CompiledRule {
     fn new(rule: &Rule) -> Self {
+        let when: Vec<_> = rule.when.iter().filter_map(CompiledCondition::new).collect();
+        let in_to =
+            rule.to.iter().enumerate().find_map(|(i, t)| {
+                l7_field(&t.operation).map(|f| format!("to[{i}].operation.{f}"))
+            });
+        let in_when = || {
+            rule.when
+                .iter()
+                .enumerate()
+                .find(|(_, c)| ConditionKey::parse(&c.key).is_ok_and(|k| k.is_l7()))
+                .map(|(i, c)| format!("when[{i}] {}", c.key))
+        };
         Self {
             from: rule.from.iter().map(|f| CompiledSource::new(&f.source)).collect(),
             to: rule.to.iter().map(|t| t.operation.clone()).collect(),
-            l7: rule
-                .to
-                .iter()
-                .enumerate()
-                .find_map(|(i, t)| l7_field(&t.operation).map(|f| (i, f))),
+            l7: in_to.or_else(in_when),
+            when,
         }
     }
 
@@ -231,11 +252,8 @@ impl CompiledRule {
         req: &Request<'_>,
         t: &mut T,
     ) -> bool {
-        if action == Action::Allow
-            && req.http.is_none()
-            && let Some((to, field)) = self.l7
-        {
-            t.miss(index, Miss::L7 { to, field });
+        if action == Action::Allow && req.http.is_none() && self.l7.is_some() {
+            t.miss(index, Miss::L7);
             return false;
         }
         if !self.from.is_empty() && !self.from.iter().any(|s| s.check(req, policy_ns).is_ok()) {
@@ -258,6 +276,12 @@ impl CompiledRule {
             }
             return false;
         }
+        for (i, c) in self.when.iter().enumerate() {
+            if let Err(negated) = c.check(req) {
+                t.miss(index, Miss::When { index: i, negated });
+                return false;
+            }
+        }
         true
     }
 }
@@ -268,6 +292,8 @@ fn l7_field(op: &Operation) -> Option<&'static str> {
         (!op.not_methods.is_empty(), "notMethods"),
         (!op.paths.is_empty(), "paths"),
         (!op.not_paths.is_empty(), "notPaths"),
+        (!op.hosts.is_empty(), "hosts"),
+        (!op.not_hosts.is_empty(), "notHosts"),
     ]
     .into_iter()
     .find_map(|(present, name)| present.then_some(name))
@@ -334,12 +360,117 @@ fn check_operation(op: &Operation, req: &Request<'_>) -> Result<(), Field> {
     let Some(http) = req.http else { return Ok(()) };
     let method = |list: &[String]| list.iter().any(|m| *m == http.method);
     let path = |list: &[String]| list.iter().any(|p| wildcard_matches(p, &[http.path]));
+    let host = |list: &[String]| list.iter().any(|p| host_matches(p, http.host));
     first_failure([
         (Field::Methods, &op.methods, &|| method(&op.methods)),
         (Field::NotMethods, &op.not_methods, &|| method(&op.not_methods)),
         (Field::Paths, &op.paths, &|| path(&op.paths)),
         (Field::NotPaths, &op.not_paths, &|| path(&op.not_paths)),
+        (Field::Hosts, &op.hosts, &|| host(&op.hosts)),
+        (Field::NotHosts, &op.not_hosts, &|| host(&op.not_hosts)),
     ])
+}
+
+/// `when[i]`, its addresses and ports parsed once.
+#[derive(Debug, Clone)]
+pub(super) struct CompiledCondition {
+    pub key: ConditionKey,
+    pub spec: Condition,
+    nets: [Vec<IpNet>; 2],
+    ports: [Vec<u16>; 2],
+}
+
+impl CompiledCondition {
+    /// `None` for a key validation refuses: the rule then goes without that condition, which
+    /// cannot happen to a resource that passed validation.
+    fn new(spec: &Condition) -> Option<Self> {
+        let key = ConditionKey::parse(&spec.key).ok()?;
+        let lists = [&spec.values, &spec.not_values];
+        Some(Self {
+            nets: lists.map(|l| l.iter().filter_map(|v| parse_block(v)).collect()),
+            ports: lists.map(|l| l.iter().filter_map(|v| v.parse().ok()).collect()),
+            key,
+            spec: spec.clone(),
+        })
+    }
+
+    /// The attribute's value as text (for explanations); `None` when the connection or
+    /// request has none (no identity, no such header) or, at L4, an HTTP one.
+    pub fn value(&self, req: &Request<'_>) -> Option<String> {
+        match &self.key {
+            ConditionKey::SourceIp => Some(req.ip.to_string()),
+            ConditionKey::DestinationPort => Some(req.port.to_string()),
+            ConditionKey::SourceNamespace => req.identity.map(|id| id.namespace.clone()),
+            ConditionKey::SourcePrincipal => req.identity.map(|id| id.principal()),
+            ConditionKey::RequestHeader(name) => header(req.http?.headers?, name),
+        }
+    }
+
+    /// Whether the attribute matches one entry of `values` (`0`) or `notValues` (`1`);
+    /// `None` when there is no value to compare.
+    fn any_match(&self, list: usize, req: &Request<'_>) -> Option<bool> {
+        let strings = if list == 0 { &self.spec.values } else { &self.spec.not_values };
+        Some(match &self.key {
+            ConditionKey::SourceIp => self.nets[list].iter().any(|n| n.contains(&req.ip)),
+            ConditionKey::DestinationPort => self.ports[list].contains(&req.port),
+            ConditionKey::SourceNamespace => {
+                let id = req.identity?;
+                strings.iter().any(|p| wildcard_matches(p, &[&id.namespace]))
+            }
+            ConditionKey::SourcePrincipal => {
+                let id = req.identity?;
+                strings.iter().any(|p| principal_matches(p, id))
+            }
+            ConditionKey::RequestHeader(name) => {
+                let value = header(req.http?.headers?, name)?;
+                strings.iter().any(|p| wildcard_matches(p, &[&value]))
+            }
+        })
+    }
+
+    /// `Ok` when the condition holds; `Err(negated)` as in [`Miss::When`]. A missing value
+    /// fails `values` and passes `notValues`, as a plaintext source does with identity
+    /// fields. At L4 a header condition is skipped, as L7 fields are (see
+    /// [`CompiledRule::matches`]).
+    pub fn check(&self, req: &Request<'_>) -> Result<(), bool> {
+        if self.key.is_l7() && req.http.is_none() {
+            return Ok(());
+        }
+        if !self.spec.values.is_empty() && self.any_match(0, req) != Some(true) {
+            return Err(false);
+        }
+        if !self.spec.not_values.is_empty() && self.any_match(1, req) == Some(true) {
+            return Err(true);
+        }
+        Ok(())
+    }
+}
+
+/// Header `name`'s values, several joined with `,` as Envoy's matchers see them; `None` when
+/// absent or not text.
+fn header(headers: &http::HeaderMap, name: &str) -> Option<String> {
+    let mut values = headers.get_all(name).iter().map(|v| v.to_str().ok());
+    let mut out = values.next()??.to_owned();
+    for v in values {
+        out.push(',');
+        out.push_str(v?);
+    }
+    Some(out)
+}
+
+/// Istio's `hosts` match: [`wildcard_matches`] without regard to ASCII case.
+fn host_matches(pattern: &str, host: &str) -> bool {
+    let h = host.as_bytes();
+    if pattern == "*" {
+        true
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        h.len() >= suffix.len()
+            && h[h.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+    } else if let Some(prefix) = pattern.strip_suffix('*') {
+        h.len() >= prefix.len() && h[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    } else {
+        host.eq_ignore_ascii_case(pattern)
+    }
 }
 
 /// A field, its list, and whether the value is in that list (computed only when needed).
