@@ -748,10 +748,11 @@ async fn route_and_forward(
         headers: &parts.headers,
     };
     // L7 authorization: policies attached to the service or to this waypoint (targetRefs).
-    // The authority as sent: HTTP/1.1's Host header, else HTTP/2's :authority.
+    // The authority as sent (bytes: a Host that is not text is still matched, never taken
+    // for none): HTTP/1.1's Host header, else HTTP/2's :authority.
     let host = match parts.headers.get(header::HOST) {
-        Some(h) => h.to_str().unwrap_or_default(),
-        None => parts.uri.authority().map_or("", |a| a.as_str()),
+        Some(h) => h.as_bytes(),
+        None => parts.uri.authority().map_or(&b""[..], |a| a.as_str().as_bytes()),
     };
     let request = HttpRequest {
         method: parts.method.as_str(),

@@ -119,13 +119,11 @@ pub fn explain(
         let (explanation, request) = if svc.is_tcp_port(dst.port()) {
             (mesh.authz().explain_tcp(&target, &src), "TCP connection".to_owned())
         } else {
-            // As a client naming the service by its hostname sends it, without headers.
+            // As a client naming the service by its hostname sends it, without other headers.
             let host = svc.hostname();
-            let req = HttpRequest { host: &host, ..HttpRequest::new(method, path) };
-            (
-                mesh.authz().explain_http(&target, &src, &req),
-                format!("{method} {path} (Host: {host})"),
-            )
+            let req = HttpRequest { host: host.as_bytes(), ..HttpRequest::new(method, path) };
+            let request = format!("{method} {path} (Host: {host}, no other headers)");
+            (mesh.authz().explain_http(&target, &src, &req), request)
         };
         let d = &explanation.decision;
         l7 = Some(json!({
@@ -298,7 +296,10 @@ spec: {selector: {matchLabels: {app: v6}}, rules: [{from: [{source: {ipBlocks: [
         let m = mesh();
         let e = explain(&m, "cluster.local", "shop/client", "198.18.200.1:80", None).unwrap();
         assert_eq!(e["waypoint"]["waypoint"], "shop/wp", "{e:#}");
-        assert_eq!(e["waypoint"]["request"], "GET / (Host: api.shop.svc.cluster.local)");
+        assert_eq!(
+            e["waypoint"]["request"],
+            "GET / (Host: api.shop.svc.cluster.local, no other headers)"
+        );
         // The endpoint sees the client's identity from the waypoint's address.
         assert_eq!(e["endpoints"][0]["verdict"], "allow", "{e:#}");
         assert_eq!(e["verdict"], "allow");

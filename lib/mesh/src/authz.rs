@@ -43,8 +43,9 @@
 //! the L7 fields are evaluated: `methods` / `notMethods` exactly (case-sensitive), `paths` /
 //! `notPaths` against the path without its query, with Istio's string match (`*` alone, one
 //! leading or trailing `*`, otherwise exact), `hosts` / `notHosts` the same way against the
-//! authority as sent but without regard to case, `request.headers[name]` conditions against
-//! the header's values (several joined with `,`), `ports` against the service port.
+//! authority as sent but without regard to case (`*` needs one), `request.headers[name]`
+//! conditions against the header's values as sent (bytes; several joined with `,`), `ports`
+//! against the service port.
 //!
 //! A plain TCP port behind a waypoint ([`Authz::check_tcp`]) is decided by the same attached
 //! policies with the L4 rule semantics: nothing to read `methods` or `paths` from, so an
@@ -98,9 +99,9 @@ pub struct HttpRequest<'a> {
     /// The path, without query (anything from a `?` on is ignored all the same). Compared as
     /// given: normalizing it is the caller's job.
     pub path: &'a str,
-    /// The authority as sent (`Host`, or HTTP/2's `:authority`), what `hosts` match; empty
-    /// when there is none.
-    pub host: &'a str,
+    /// The authority as sent (`Host`, or HTTP/2's `:authority`), what `hosts` match: bytes,
+    /// as a header value may hold more than text; empty when there is none.
+    pub host: &'a [u8],
     /// The request headers, what `when` conditions on `request.headers[...]` read; `None`
     /// reads as a request without any.
     pub headers: Option<&'a http::HeaderMap>,
@@ -109,7 +110,7 @@ pub struct HttpRequest<'a> {
 impl<'a> HttpRequest<'a> {
     /// A request with method and path only (no host, no headers), as `sinew explain` asks.
     pub fn new(method: &'a str, path: &'a str) -> Self {
-        Self { method, path, host: "", headers: None }
+        Self { method, path, host: b"", headers: None }
     }
 
     /// The same request with anything from a `?` dropped from the path, so that a query can

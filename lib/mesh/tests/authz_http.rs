@@ -52,7 +52,7 @@ struct Req {
     ip: IpAddr,
     method: String,
     path: String,
-    host: String,
+    host: Vec<u8>,
     headers: http::HeaderMap,
 }
 
@@ -69,18 +69,18 @@ impl Req {
             ip: "10.0.0.9".parse().unwrap(),
             method: "GET".into(),
             path: "/".into(),
-            host: format!("{service}.{ns}"),
+            host: format!("{service}.{ns}").into_bytes(),
             headers: http::HeaderMap::new(),
         }
     }
 
-    fn host(mut self, host: &str) -> Self {
-        self.host = host.into();
+    fn host(mut self, host: impl AsRef<[u8]>) -> Self {
+        self.host = host.as_ref().to_vec();
         self
     }
 
-    fn header(mut self, name: &'static str, value: &str) -> Self {
-        self.headers.append(name, value.parse().unwrap());
+    fn header(mut self, name: &'static str, value: impl AsRef<[u8]>) -> Self {
+        self.headers.append(name, http::HeaderValue::from_bytes(value.as_ref()).unwrap());
         self
     }
 
@@ -264,6 +264,24 @@ fn hosts_match_the_authority_without_regard_to_case() {
     for host in ["reviews.shop:80", "example.com", ""] {
         assert!(!Req::to("shop", "reviews").host(host).allowed(&a), "{host}");
     }
+    // Bytes outside ASCII are compared as sent, not taken for a missing host.
+    let deny = authz(&[on_service(
+        "shop",
+        "no-internal",
+        "reviews",
+        "action: DENY, rules: [{to: [{operation: {hosts: [\"internal.*\"]}}]}]",
+    )]);
+    assert!(!Req::to("shop", "reviews").host(b"internal.x\x80").allowed(&deny));
+    // `*` needs a host.
+    let any = authz(&[on_service(
+        "shop",
+        "any",
+        "reviews",
+        "rules: [{to: [{operation: {hosts: [\"*\"]}}]}]",
+    )]);
+    assert!(Req::to("shop", "reviews").host("x").allowed(&any));
+    let e = Req::to("shop", "reviews").host("").explain(&any);
+    assert_eq!(e.policies[0].why, ["rule 0: to[0].operation.hosts: (none) not in [*]"]);
     let e = Req::to("shop", "reviews").host("evil.org").explain(&a);
     assert_eq!(
         e.policies[0].why,
@@ -284,6 +302,9 @@ fn header_conditions() {
     assert!(Req::to("shop", "reviews").header("x-user", "admin-ann").allowed(&a));
     let e = Req::to("shop", "reviews").header("x-user", "guest").explain(&a);
     assert_eq!(e.decision.reason, "denied by DENY policy shop/deny-guests (rule 0)");
+    // A value with bytes outside ASCII is compared as sent, not taken for a missing header.
+    assert!(Req::to("shop", "reviews").header("x-user", b"admin-\x80").allowed(&a));
+    assert!(!Req::to("shop", "reviews").header("x-user", b"guest\x80").allowed(&a));
     // No header: `notValues` passes, so the DENY matches.
     assert!(!Req::to("shop", "reviews").allowed(&a));
     // Several values are joined with `,`, as Envoy's matchers see them.

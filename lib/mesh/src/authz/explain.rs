@@ -1,7 +1,7 @@
 //! The tracer behind `Authz::explain`, `Authz::explain_http` and `Authz::explain_tcp`: turns
 //! what the evaluation went through into words.
 
-use std::fmt::Display;
+use std::{borrow::Cow, fmt::Display};
 
 use sinew_model::Action;
 
@@ -92,12 +92,12 @@ impl<'a> Explainer<'a> {
                 };
                 let http = self.http;
                 let (value, list) = match field {
-                    Field::Methods => (http.map(|r| r.method), &op.methods),
-                    Field::NotMethods => (http.map(|r| r.method), &op.not_methods),
-                    Field::Paths => (http.map(|r| r.path), &op.paths),
-                    Field::NotPaths => (http.map(|r| r.path), &op.not_paths),
-                    Field::Hosts => (http.map(|r| r.host), &op.hosts),
-                    Field::NotHosts => (http.map(|r| r.host), &op.not_hosts),
+                    Field::Methods => (http.map(|r| Cow::from(r.method)), &op.methods),
+                    Field::NotMethods => (http.map(|r| Cow::from(r.method)), &op.not_methods),
+                    Field::Paths => (http.map(|r| Cow::from(r.path)), &op.paths),
+                    Field::NotPaths => (http.map(|r| Cow::from(r.path)), &op.not_paths),
+                    Field::Hosts => (http.map(|r| host_text(r.host)), &op.hosts),
+                    Field::NotHosts => (http.map(|r| host_text(r.host)), &op.not_hosts),
                     _ => {
                         let list = if field == Field::NotPorts { &op.not_ports } else { &op.ports };
                         let ports: Vec<u16> = list.iter().map(|p| p.0).collect();
@@ -202,4 +202,10 @@ impl Trace for Explainer<'_> {
             why,
         });
     }
+}
+
+/// A host as explanations show it: the bytes as text (any that are not shown as U+FFFD),
+/// `(none)` for a request without one.
+fn host_text(host: &[u8]) -> Cow<'_, str> {
+    if host.is_empty() { Cow::Borrowed("(none)") } else { String::from_utf8_lossy(host) }
 }

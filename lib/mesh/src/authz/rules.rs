@@ -4,7 +4,7 @@
 //! piece instead of being formatted, and a failed match reports only which field failed
 //! ([`Miss`]); [`super::explain`] turns that into words when someone asks.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{borrow::Cow, collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
 use sinew_identity::SpiffeId;
@@ -220,7 +220,7 @@ pub(super) struct CompiledRule {
 
 impl CompiledRule {
     fn new(rule: &Rule) -> Self {
-        let when: Vec<_> = rule.when.iter().filter_map(CompiledCondition::new).collect();
+        let when: Vec<_> = rule.when.iter().map(CompiledCondition::new).collect();
         let in_to =
             rule.to.iter().enumerate().find_map(|(i, t)| {
                 l7_field(&t.operation).map(|f| format!("to[{i}].operation.{f}"))
@@ -374,35 +374,36 @@ fn check_operation(op: &Operation, req: &Request<'_>) -> Result<(), Field> {
 /// `when[i]`, its addresses and ports parsed once.
 #[derive(Debug, Clone)]
 pub(super) struct CompiledCondition {
-    pub key: ConditionKey,
+    /// `None` for a key validation refuses (which no resource that passed it has): such a
+    /// condition never holds, so a rule with it matches less, never more.
+    key: Option<ConditionKey>,
     pub spec: Condition,
     nets: [Vec<IpNet>; 2],
     ports: [Vec<u16>; 2],
 }
 
 impl CompiledCondition {
-    /// `None` for a key validation refuses: the rule then goes without that condition, which
-    /// cannot happen to a resource that passed validation.
-    fn new(spec: &Condition) -> Option<Self> {
-        let key = ConditionKey::parse(&spec.key).ok()?;
+    fn new(spec: &Condition) -> Self {
         let lists = [&spec.values, &spec.not_values];
-        Some(Self {
+        Self {
             nets: lists.map(|l| l.iter().filter_map(|v| parse_block(v)).collect()),
             ports: lists.map(|l| l.iter().filter_map(|v| v.parse().ok()).collect()),
-            key,
+            key: ConditionKey::parse(&spec.key).ok(),
             spec: spec.clone(),
-        })
+        }
     }
 
     /// The attribute's value as text (for explanations); `None` when the connection or
     /// request has none (no identity, no such header) or, at L4, an HTTP one.
     pub fn value(&self, req: &Request<'_>) -> Option<String> {
-        match &self.key {
+        match self.key.as_ref()? {
             ConditionKey::SourceIp => Some(req.ip.to_string()),
             ConditionKey::DestinationPort => Some(req.port.to_string()),
             ConditionKey::SourceNamespace => req.identity.map(|id| id.namespace.clone()),
             ConditionKey::SourcePrincipal => req.identity.map(|id| id.principal()),
-            ConditionKey::RequestHeader(name) => header(req.http?.headers?, name),
+            ConditionKey::RequestHeader(name) => {
+                header(req.http?.headers?, name).map(|v| String::from_utf8_lossy(&v).into_owned())
+            }
         }
     }
 
@@ -410,7 +411,7 @@ impl CompiledCondition {
     /// `None` when there is no value to compare.
     fn any_match(&self, list: usize, req: &Request<'_>) -> Option<bool> {
         let strings = if list == 0 { &self.spec.values } else { &self.spec.not_values };
-        Some(match &self.key {
+        Some(match self.key.as_ref()? {
             ConditionKey::SourceIp => self.nets[list].iter().any(|n| n.contains(&req.ip)),
             ConditionKey::DestinationPort => self.ports[list].contains(&req.port),
             ConditionKey::SourceNamespace => {
@@ -423,7 +424,7 @@ impl CompiledCondition {
             }
             ConditionKey::RequestHeader(name) => {
                 let value = header(req.http?.headers?, name)?;
-                strings.iter().any(|p| wildcard_matches(p, &[&value]))
+                strings.iter().any(|p| bytes_match(p, &value, false))
             }
         })
     }
@@ -433,7 +434,8 @@ impl CompiledCondition {
     /// fields. At L4 a header condition is skipped, as L7 fields are (see
     /// [`CompiledRule::matches`]).
     pub fn check(&self, req: &Request<'_>) -> Result<(), bool> {
-        if self.key.is_l7() && req.http.is_none() {
+        let Some(key) = &self.key else { return Err(false) };
+        if key.is_l7() && req.http.is_none() {
             return Ok(());
         }
         if !self.spec.values.is_empty() && self.any_match(0, req) != Some(true) {
@@ -446,31 +448,43 @@ impl CompiledCondition {
     }
 }
 
-/// Header `name`'s values, several joined with `,` as Envoy's matchers see them; `None` when
-/// absent or not text.
-fn header(headers: &http::HeaderMap, name: &str) -> Option<String> {
-    let mut values = headers.get_all(name).iter().map(|v| v.to_str().ok());
-    let mut out = values.next()??.to_owned();
-    for v in values {
-        out.push(',');
-        out.push_str(v?);
+/// Header `name`'s values as sent, several joined with `,` as Envoy's matchers see them;
+/// `None` when absent. Bytes, not text: a value with bytes outside ASCII (which HTTP/1.1
+/// allows) is compared as it is, never taken for a missing header.
+fn header<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<Cow<'h, [u8]>> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?.as_bytes();
+    let Some(second) = values.next() else { return Some(Cow::Borrowed(first)) };
+    let mut out = first.to_vec();
+    for v in std::iter::once(second).chain(values) {
+        out.push(b',');
+        out.extend_from_slice(v.as_bytes());
     }
-    Some(out)
+    Some(Cow::Owned(out))
 }
 
-/// Istio's `hosts` match: [`wildcard_matches`] without regard to ASCII case.
-fn host_matches(pattern: &str, host: &str) -> bool {
-    let h = host.as_bytes();
+/// Istio's string match of `pattern` against bytes as sent: `*` matches any value (present:
+/// callers pass only values that exist), a leading `*` a suffix, a trailing one a prefix,
+/// else exact; `ignore_case` compares ASCII letters without regard to case (`hosts`).
+fn bytes_match(pattern: &str, value: &[u8], ignore_case: bool) -> bool {
+    let eq = |a: &[u8], b: &[u8]| if ignore_case { a.eq_ignore_ascii_case(b) } else { a == b };
     if pattern == "*" {
         true
     } else if let Some(suffix) = pattern.strip_prefix('*') {
-        h.len() >= suffix.len()
-            && h[h.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+        let suffix = suffix.as_bytes();
+        value.len() >= suffix.len() && eq(&value[value.len() - suffix.len()..], suffix)
     } else if let Some(prefix) = pattern.strip_suffix('*') {
-        h.len() >= prefix.len() && h[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+        let prefix = prefix.as_bytes();
+        value.len() >= prefix.len() && eq(&value[..prefix.len()], prefix)
     } else {
-        host.eq_ignore_ascii_case(pattern)
+        eq(value, pattern.as_bytes())
     }
+}
+
+/// Istio's `hosts` match: case-blind, the port as sent; `*` needs a host (Istio checks the
+/// header is present).
+fn host_matches(pattern: &str, host: &[u8]) -> bool {
+    !host.is_empty() && bytes_match(pattern, host, true)
 }
 
 /// A field, its list, and whether the value is in that list (computed only when needed).
