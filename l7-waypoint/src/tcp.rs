@@ -21,7 +21,7 @@ use std::{
 use http::StatusCode;
 use sinew_hbone::{H2Stream, Inbound, random_u64};
 use sinew_identity::SpiffeId;
-use sinew_mesh::{CLOSED_BY_POLICY, ServiceInfo};
+use sinew_mesh::{CLOSED_BY_POLICY, ServiceInfo, WorkloadInfo};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::watch,
@@ -30,7 +30,7 @@ use tracing::debug;
 
 use crate::{
     state::{Snapshot, Waypoint},
-    telemetry::ConnectionEntry,
+    telemetry::{ByteCounters, ConnectionEntry, DestinationLabels, SourceLabels, TcpLabels},
     upstream::open_tunnel,
 };
 
@@ -74,6 +74,7 @@ pub async fn serve(
             inbound.refuse(StatusCode::UNAUTHORIZED);
             entry.flags = "RBAC";
             entry.reason = Some(d.reason.into_owned());
+            count_failed(&wp, &snapshot, &service, (&source, client), &entry);
             return log(&wp, entry, start);
         }
     }
@@ -81,7 +82,9 @@ pub async fn serve(
     match inbound.accept() {
         Ok(down) => {
             let peer = Peer { source: &source, client, source_tag, changes };
-            forward(&wp, down, &service, port, peer, &mut entry).await
+            if !forward(&wp, down, &service, port, peer, &mut entry).await {
+                count_failed(&wp, &snapshot, &service, (&source, client), &entry);
+            }
         }
         Err(e) => {
             debug!(error = %e, "CONNECT accept failed");
@@ -89,6 +92,49 @@ pub async fn serve(
         }
     }
     log(&wp, entry, start);
+}
+
+/// The `istio_tcp_*` labels of a connection from `source` at `client` to `service`, through
+/// `endpoint` when one was picked, as a waypoint reports them.
+fn tcp_labels(
+    wp: &Waypoint,
+    snapshot: &Snapshot,
+    service: &ServiceInfo,
+    (source, client): (&SpiffeId, SocketAddr),
+    endpoint: Option<&WorkloadInfo>,
+    response_flags: &'static str,
+) -> TcpLabels {
+    TcpLabels {
+        reporter: "waypoint",
+        source: SourceLabels::new(
+            snapshot.mesh.workload_by_ip(client.ip()).map(|w| &**w),
+            Some(&source.namespace),
+            Some(source.to_string()),
+        ),
+        destination: DestinationLabels::new(
+            endpoint,
+            Some(endpoint.map_or(service.namespace.as_str(), |w| w.namespace.as_str())),
+            endpoint.and_then(|w| w.identity(&wp.trust_domain).ok()).map(|i| i.to_string()),
+            Some(service),
+        ),
+        request_protocol: "tcp",
+        response_flags,
+        connection_security_policy: "mutual_tls",
+    }
+}
+
+/// Counts a connection that never reached an endpoint: opened and closed at once, with its
+/// flags, as the agents count theirs.
+fn count_failed(
+    wp: &Waypoint,
+    snapshot: &Snapshot,
+    service: &ServiceInfo,
+    peer: (&SpiffeId, SocketAddr),
+    entry: &ConnectionEntry,
+) {
+    let labels = tcp_labels(wp, snapshot, service, peer, None, entry.flags);
+    wp.metrics.tcp.opened(&labels);
+    wp.metrics.tcp.closed(&labels);
 }
 
 /// Writes the connection's access-log line.
@@ -113,7 +159,8 @@ struct Peer<'a> {
 /// Carries one accepted connection through to an endpoint the service's balancer picks, as
 /// long as the policies admit it: every new configuration decides it again, and one that
 /// denies it resets both sides (as the agents do with theirs). Failures reset the client's
-/// stream; what happened goes into `entry`.
+/// stream; what happened goes into `entry`. True once the endpoint was reached (and the
+/// connection counted in the metrics).
 async fn forward(
     wp: &Arc<Waypoint>,
     mut down: H2Stream,
@@ -121,7 +168,7 @@ async fn forward(
     port: u16,
     peer: Peer<'_>,
     entry: &mut ConnectionEntry,
-) {
+) -> bool {
     let Peer { source, client, source_tag, mut changes } = peer;
     let snapshot = wp.snapshot.borrow().clone();
     let (Some(backend), Some(target_port)) =
@@ -129,20 +176,23 @@ async fn forward(
     else {
         debug!(service = %entry.service, "TCP: no such service port");
         entry.flags = "NC";
-        return down.reset();
+        down.reset();
+        return false;
     };
     // A TCP connection is what maxConnections counts (as Istio applies it to TCP).
     let Some(_permit) = backend.limits.try_connection() else {
         debug!(service = %entry.service, "TCP: connection limit reached");
         entry.flags = "UO";
-        return down.reset();
+        down.reset();
+        return false;
     };
     let now = Instant::now();
     let Some(i) = backend.balancer.pick(random_u64(), None, |i| backend.outlier.is_ejected(i, now))
     else {
         debug!(service = %entry.service, "TCP: no healthy endpoint");
         entry.flags = "UH";
-        return down.reset();
+        down.reset();
+        return false;
     };
     let endpoint = &backend.endpoints[i];
     entry.upstream = Some(endpoint.key());
@@ -151,7 +201,8 @@ async fn forward(
     let Some(ip) = ip.copied() else {
         debug!(service = %entry.service, endpoint = %endpoint.key(), "TCP: endpoint has no address");
         entry.flags = "UH";
-        return down.reset();
+        down.reset();
+        return false;
     };
     let _inflight = backend.balancer.start(i);
     let up = match open_tunnel(wp, SocketAddr::new(ip, target_port), Some(source_tag)).await {
@@ -161,11 +212,15 @@ async fn forward(
             debug!(service = %entry.service, error = %e, "TCP: upstream tunnel failed");
             entry.flags = "UF";
             entry.error = Some(e.to_string());
-            return down.reset();
+            down.reset();
+            return false;
         }
     };
     backend.outlier.record(i, true, Instant::now());
-    let (mut down, mut up) = (Counted::new(down), Counted::new(up));
+    let labels = tcp_labels(wp, &snapshot, service, (source, client), Some(endpoint), "-");
+    wp.metrics.tcp.opened(&labels);
+    let bytes = wp.metrics.tcp.bytes(&labels);
+    let (mut down, mut up) = (Counted::new(down, &bytes, true), Counted::new(up, &bytes, false));
     let copied = {
         let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
         tokio::pin!(copy);
@@ -188,7 +243,7 @@ async fn forward(
         }
     };
     // Counted as they went, so a reset loses none.
-    (entry.bytes_sent, entry.bytes_received) = (down.read, up.read);
+    (entry.bytes_sent, entry.bytes_received) = bytes.totals();
     match copied {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
@@ -208,21 +263,25 @@ async fn forward(
             up.inner.reset();
         }
     }
+    wp.metrics.tcp.closed(&labels);
+    true
 }
 
-/// A tunnelled stream that counts the bytes read from it.
-struct Counted {
+/// A tunnelled stream whose bytes read are counted as they go: toward the destination (the
+/// client's side) or back from it (the endpoint's).
+struct Counted<'a> {
     inner: H2Stream,
-    read: u64,
+    bytes: &'a ByteCounters,
+    toward: bool,
 }
 
-impl Counted {
-    fn new(inner: H2Stream) -> Self {
-        Self { inner, read: 0 }
+impl<'a> Counted<'a> {
+    fn new(inner: H2Stream, bytes: &'a ByteCounters, toward: bool) -> Self {
+        Self { inner, bytes, toward }
     }
 }
 
-impl AsyncRead for Counted {
+impl AsyncRead for Counted<'_> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -230,12 +289,17 @@ impl AsyncRead for Counted {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
+        let n = (buf.filled().len() - before) as u64;
+        if self.toward {
+            self.bytes.add(n, 0)
+        } else {
+            self.bytes.add(0, n)
+        }
         polled
     }
 }
 
-impl AsyncWrite for Counted {
+impl AsyncWrite for Counted<'_> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

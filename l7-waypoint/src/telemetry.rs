@@ -1,6 +1,6 @@
 //! Istio's request metrics (`istio_requests_total`, `istio_request_duration_milliseconds`,
-//! same names and labels) and one JSON access-log line per request (per connection on plain
-//! TCP ports).
+//! same names and labels; `istio_tcp_*` on plain TCP ports) and one JSON access-log line per
+//! request (per connection on plain TCP ports).
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -8,7 +8,10 @@ use prometheus_client::{
     registry::Registry,
 };
 use serde::Serialize;
-pub use sinew_telemetry::labels::{DestinationLabels, SourceLabels};
+pub use sinew_telemetry::{
+    labels::{DestinationLabels, SourceLabels},
+    tcp::{ByteCounters, TcpLabels, TcpMetrics},
+};
 
 /// The labels of the request metrics: Istio's names and values, as a waypoint reports them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -65,6 +68,8 @@ pub struct Metrics {
     pub request_bytes: Family<RequestLabels, Histogram>,
     /// `istio_response_bytes`: response body sizes.
     pub response_bytes: Family<RequestLabels, Histogram>,
+    /// The `istio_tcp_*` families, for plain TCP ports (reporter `waypoint`).
+    pub tcp: TcpMetrics,
 }
 
 /// Istio's size buckets, in bytes.
@@ -103,7 +108,9 @@ impl Default for Metrics {
             "L7 authorization decisions that denied a request or matched an AUDIT policy",
             decisions.clone(),
         );
-        Self { registry, decisions, requests, duration, request_bytes, response_bytes }
+        let tcp = TcpMetrics::default();
+        tcp.register(&mut registry);
+        Self { registry, decisions, requests, duration, request_bytes, response_bytes, tcp }
     }
 }
 

@@ -1,11 +1,7 @@
 //! What the agent reports: Istio's `istio_tcp_*` metrics (same names and labels, so existing
 //! dashboards work), authorization decisions, and one JSON access-log line per connection.
 
-use std::{
-    net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -13,28 +9,10 @@ use prometheus_client::{
     registry::Registry,
 };
 use serde::Serialize;
-pub use sinew_telemetry::labels::{DestinationLabels, SourceLabels};
-
-/// The labels of every `istio_tcp_*` series: Istio's names and values, as ztunnel reports
-/// them.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct TcpLabels {
-    /// `source` (outbound side) or `destination` (inbound side).
-    pub reporter: &'static str,
-    /// `source_workload`, `source_principal`, `source_canonical_service`, ...
-    #[prometheus(flatten)]
-    pub source: SourceLabels,
-    /// `destination_workload`, `destination_service`, ...
-    #[prometheus(flatten)]
-    pub destination: DestinationLabels,
-    /// Always `tcp` at L4.
-    pub request_protocol: &'static str,
-    /// `-`, or `DENY` when authorization refused the connection, `CONNECT` when the
-    /// destination could not be reached (ztunnel's flags).
-    pub response_flags: &'static str,
-    /// `mutual_tls` over HBONE, `unknown` for plaintext (as ztunnel).
-    pub connection_security_policy: &'static str,
-}
+pub use sinew_telemetry::{
+    labels::{DestinationLabels, SourceLabels},
+    tcp::{ByteCounters, TcpLabels, TcpMetrics},
+};
 
 /// The labels of `sinew_authorization_decisions_total`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -58,16 +36,8 @@ pub const CONNECT_FAILED: &str = "CONNECT";
 /// The agent's metrics.
 pub struct Metrics {
     registry: Registry,
-    /// `istio_tcp_connections_opened_total`.
-    pub opened: Family<TcpLabels, Counter>,
-    /// `istio_tcp_connections_closed_total`.
-    pub closed: Family<TcpLabels, Counter>,
-    /// `istio_tcp_received_bytes_total`: bytes of the request, from the source toward the
-    /// destination (Istio: "bytes received during request").
-    pub request_bytes: Family<TcpLabels, Counter>,
-    /// `istio_tcp_sent_bytes_total`: bytes of the response, from the destination back
-    /// (Istio: "bytes sent during response").
-    pub response_bytes: Family<TcpLabels, Counter>,
+    /// The `istio_tcp_*` families.
+    pub tcp: TcpMetrics,
     /// `sinew_authorization_decisions_total`.
     pub decisions: Family<DecisionLabels, Counter>,
 }
@@ -75,40 +45,15 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
-        let m = Metrics {
-            registry: Registry::default(),
-            opened: Family::default(),
-            closed: Family::default(),
-            request_bytes: Family::default(),
-            response_bytes: Family::default(),
-            decisions: Family::default(),
-        };
-        registry.register(
-            "istio_tcp_connections_opened",
-            "TCP connections opened",
-            m.opened.clone(),
-        );
-        registry.register(
-            "istio_tcp_connections_closed",
-            "TCP connections closed",
-            m.closed.clone(),
-        );
-        registry.register(
-            "istio_tcp_sent_bytes",
-            "Bytes sent during response (from the destination back to the source)",
-            m.response_bytes.clone(),
-        );
-        registry.register(
-            "istio_tcp_received_bytes",
-            "Bytes received during request (from the source toward the destination)",
-            m.request_bytes.clone(),
-        );
+        let tcp = TcpMetrics::default();
+        tcp.register(&mut registry);
+        let decisions = Family::default();
         registry.register(
             "sinew_authorization_decisions",
             "L4 authorization decisions on inbound connections",
-            m.decisions.clone(),
+            decisions.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics { registry, tcp, decisions }
     }
 }
 
@@ -124,50 +69,6 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
-    }
-
-    /// Counts a closed connection.
-    pub fn closed(&self, labels: &TcpLabels) {
-        self.closed.get_or_create(labels).inc();
-    }
-
-    /// The byte counters of a connection's series, to count into as bytes flow (ztunnel's
-    /// way: a long-lived connection's traffic shows while it lives, and bytes moved before a
-    /// reset count too).
-    pub fn bytes(&self, labels: &TcpLabels) -> ByteCounters {
-        ByteCounters {
-            toward: self.request_bytes.get_or_create(labels).clone(),
-            back: self.response_bytes.get_or_create(labels).clone(),
-            totals: Default::default(),
-        }
-    }
-}
-
-/// One connection's bytes: `istio_tcp_received_bytes_total` (toward the destination) and
-/// `istio_tcp_sent_bytes_total` (back from it) of its series, and its own totals for the
-/// access log (which a reset does not lose).
-pub struct ByteCounters {
-    toward: Counter,
-    back: Counter,
-    totals: [AtomicU64; 2],
-}
-
-impl ByteCounters {
-    /// Counts bytes moved `toward` the destination and `back` from it.
-    pub fn add(&self, toward: u64, back: u64) {
-        if toward > 0 {
-            self.toward.inc_by(toward);
-            self.totals[0].fetch_add(toward, Ordering::Relaxed);
-        }
-        if back > 0 {
-            self.back.inc_by(back);
-            self.totals[1].fetch_add(back, Ordering::Relaxed);
-        }
-    }
-
-    /// (toward the destination, back from it) so far.
-    pub fn totals(&self) -> (u64, u64) {
-        (self.totals[0].load(Ordering::Relaxed), self.totals[1].load(Ordering::Relaxed))
     }
 }
 
@@ -268,10 +169,10 @@ mod tests {
             response_flags: "-",
             connection_security_policy: "unknown",
         };
-        let bytes = m.bytes(&labels);
+        let bytes = m.tcp.bytes(&labels);
         bytes.add(60, 0);
         bytes.add(40, 1000);
-        m.closed(&labels);
+        m.tcp.closed(&labels);
         assert_eq!(bytes.totals(), (100, 1000));
         let text = m.encode();
         let value = |name: &str| {

@@ -575,6 +575,22 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     ensure!(line["source"] == "spiffe://cluster.local/ns/demo/sa/client", "{line}");
     ensure!(line["bytes_sent"].as_u64() >= Some(1048576), "{line}");
     ensure!(line["bytes_received"].as_u64() >= Some(1048576), "{line}");
+    // And counts it in Istio's TCP metrics, as reporter `waypoint`.
+    let tcp_metric = |c: &Cluster, name: &str, labels: &[&str]| -> Result<f64> {
+        let wp = c.pods.iter().find(|p| p.name == "wp").context("waypoint pod")?;
+        let text = c.pod_get(wp, "http://127.0.0.1:15000/metrics")?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum())
+    };
+    let store_series = ["reporter=\"waypoint\"", "destination_service_name=\"store\""];
+    let to_v1 = [&store_series[..], &["destination_workload=\"reviews-1\""]].concat();
+    let received = tcp_metric(&c, "istio_tcp_received_bytes_total", &to_v1)?;
+    ensure!(received >= 1048576.0, "istio_tcp_received_bytes_total {received}");
+    let closed = tcp_metric(&c, "istio_tcp_connections_closed_total", &to_v1)?;
+    ensure!(closed >= 1.0, "istio_tcp_connections_closed_total {closed}");
 
     // The policies attached to the Service apply to its TCP port too, with the L4 rule
     // semantics (Istio's for TCP traffic): a DENY rule matches without its HTTP fields, an
@@ -627,6 +643,9 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     ensure!(line["upstream"].is_null() && line["bytes_sent"] == 0, "refused before any: {line}");
     ensure!(line["policy"] == "demo/store-deny", "{line}");
     ensure!(store_decisions(&c, "deny", "demo/store-deny")?, "no deny by demo/store-deny counted");
+    let rbac = [&store_series[..], &["response_flags=\"RBAC\""]].concat();
+    let refused = tcp_metric(&c, "istio_tcp_connections_opened_total", &rbac)?;
+    ensure!(refused >= 1.0, "refused connections in istio_tcp_connections_opened_total: {refused}");
     // An ALLOW that only lists paths: nothing matches at L4, so the default is deny (policy
     // `-`, counted once the new policy is in).
     store_authz("store-paths", "  rules:\n  - to:\n    - operation: {paths: [\"/*\"]}\n")?;

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod labels;
+pub mod tcp;
 
 use std::{
     io::Write,

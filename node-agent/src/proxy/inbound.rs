@@ -357,8 +357,8 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
     let (mut log, mut labels) = arrival.entry(&pod, &mesh);
     if !authorize(&pod, &mesh, &arrival, &mut log, &mut labels) {
         inbound.refuse(StatusCode::UNAUTHORIZED);
-        ctx.metrics.opened.get_or_create(&labels).inc();
-        ctx.metrics.closed(&labels);
+        ctx.metrics.tcp.opened(&labels);
+        ctx.metrics.tcp.closed(&labels);
         return finish(&pod, log, start);
     }
     // Live from the decision on: a policy change while the application is being connected
@@ -377,8 +377,8 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
             ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             inbound.refuse(StatusCode::SERVICE_UNAVAILABLE);
             labels.response_flags = CONNECT_FAILED;
-            ctx.metrics.opened.get_or_create(&labels).inc();
-            ctx.metrics.closed(&labels);
+            ctx.metrics.tcp.opened(&labels);
+            ctx.metrics.tcp.closed(&labels);
             log.error = Some(format!("connecting to {destination}: {e}"));
             return finish(&pod, log, start);
         }
@@ -391,10 +391,10 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
             return finish(&pod, log, start);
         }
     };
-    ctx.metrics.opened.get_or_create(&labels).inc();
+    ctx.metrics.tcp.opened(&labels);
     let active = ctx.stats.count_active();
     let (mut stream, mut upstream) = (stream, upstream);
-    let bytes = ctx.metrics.bytes(&labels);
+    let bytes = ctx.metrics.tcp.bytes(&labels);
     let result = tokio::select! {
         r = copy_tunnel(&mut stream, &mut upstream, &bytes) => r,
         () = kill.notified() => {
@@ -441,7 +441,7 @@ fn record(
         }
         log.error = Some(e.to_string());
     }
-    pod.ctx.metrics.closed(labels);
+    pod.ctx.metrics.tcp.closed(labels);
 }
 
 /// A plaintext connection on the pod's 15006 listener (a client outside the mesh, or a
@@ -480,8 +480,8 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
         log.decision = "allow";
         log.reason = Some(TRUSTED_SOURCE.into());
     } else if !authorize(&pod, &mesh, &arrival, &mut log, &mut labels) {
-        ctx.metrics.opened.get_or_create(&labels).inc();
-        ctx.metrics.closed(&labels);
+        ctx.metrics.tcp.opened(&labels);
+        ctx.metrics.tcp.closed(&labels);
         finish(&pod, log, start);
         return reset(&downstream);
     }
@@ -501,17 +501,17 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
         Err(e) => {
             ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             labels.response_flags = CONNECT_FAILED;
-            ctx.metrics.opened.get_or_create(&labels).inc();
-            ctx.metrics.closed(&labels);
+            ctx.metrics.tcp.opened(&labels);
+            ctx.metrics.tcp.closed(&labels);
             log.error = Some(format!("connecting to {destination}: {e}"));
             finish(&pod, log, start);
             return reset(&downstream);
         }
     };
-    ctx.metrics.opened.get_or_create(&labels).inc();
+    ctx.metrics.tcp.opened(&labels);
     let active = ctx.stats.count_active();
     let (mut downstream, mut upstream) = (downstream, upstream);
-    let bytes = ctx.metrics.bytes(&labels);
+    let bytes = ctx.metrics.tcp.bytes(&labels);
     let progress = |toward, back| bytes.add(toward, back);
     let result = tokio::select! {
         r = copy(&mut downstream, &mut upstream, &progress) => r,

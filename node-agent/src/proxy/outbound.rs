@@ -226,8 +226,8 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                     }
                     debug!(pod = %pod.name, %peer, dst = %resolved.addr, error = %e, "HBONE connect failed");
                     log.error = Some(e.to_string());
-                    ctx.metrics.opened.get_or_create(&labels).inc();
-                    ctx.metrics.closed(&labels);
+                    ctx.metrics.tcp.opened(&labels);
+                    ctx.metrics.tcp.closed(&labels);
                     finish(&pod, log, start);
                     return reset(&downstream);
                 }
@@ -240,10 +240,10 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
             let bytes = OnceLock::<ByteCounters>::new();
             let unanswered_up = AtomicU64::new(early_len);
             let on_answer = || {
-                let b = bytes.get_or_init(|| ctx.metrics.bytes(&labels));
+                let b = bytes.get_or_init(|| ctx.metrics.tcp.bytes(&labels));
                 b.add(unanswered_up.swap(0, Ordering::Relaxed), 0);
                 ctx.stats.hbone_outbound.fetch_add(1, Ordering::Relaxed);
-                ctx.metrics.opened.get_or_create(&labels).inc();
+                ctx.metrics.tcp.opened(&labels);
             };
             let progress = |to, from| match bytes.get() {
                 Some(b) => b.add(to, from),
@@ -271,11 +271,11 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                         }
                         debug!(pod = %pod.name, %peer, dst = %resolved.addr, error = %e, "HBONE tunnel not accepted");
                     }
-                    ctx.metrics.opened.get_or_create(&labels).inc();
+                    ctx.metrics.tcp.opened(&labels);
                 }
                 log.error = Some(e.to_string());
             }
-            ctx.metrics.closed(&labels);
+            ctx.metrics.tcp.closed(&labels);
             finish(&pod, log, start);
         }
         None => {
@@ -285,17 +285,17 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                     ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
                     debug!(pod = %pod.name, %peer, target = %resolved.addr, error = %e, "upstream connect failed");
                     labels.response_flags = CONNECT_FAILED;
-                    ctx.metrics.opened.get_or_create(&labels).inc();
-                    ctx.metrics.closed(&labels);
+                    ctx.metrics.tcp.opened(&labels);
+                    ctx.metrics.tcp.closed(&labels);
                     log.error = Some(e.to_string());
                     finish(&pod, log, start);
                     return reset(&downstream);
                 }
             };
-            ctx.metrics.opened.get_or_create(&labels).inc();
+            ctx.metrics.tcp.opened(&labels);
             let active = ctx.stats.count_active();
             let (mut downstream, mut upstream) = (downstream, upstream);
-            let bytes = ctx.metrics.bytes(&labels);
+            let bytes = ctx.metrics.tcp.bytes(&labels);
             let progress = |to, from| bytes.add(to, from);
             let result = tokio::select! {
                 r = copy(&mut downstream, &mut upstream, &progress) => r,
@@ -310,7 +310,7 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
             if let Err(e) = result {
                 log.error = Some(e.to_string());
             }
-            ctx.metrics.closed(&labels);
+            ctx.metrics.tcp.closed(&labels);
             finish(&pod, log, start);
         }
     }
