@@ -512,3 +512,21 @@ fn a_hashing_cookie_takes_a_name_or_istios_object() {
     assert!(json.contains(r#""httpCookie":"session""#), "{json}");
     assert!(!errors_of(&policy("{name: session, tll: 1h}")).is_empty(), "a typo is refused");
 }
+
+/// The README's examples are resources as written: every YAML block parses and validates.
+#[test]
+fn the_readme_examples_are_valid() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README.md");
+    let mut blocks = 0;
+    for block in readme.split("```yaml\n").skip(1) {
+        let yaml = block.split("```").next().unwrap_or_default();
+        for doc in parse_file(Path::new("README.md"), yaml).expect("YAML") {
+            if let Err(r) = doc {
+                panic!("{:?}\n{yaml}", r.errors);
+            }
+        }
+        blocks += 1;
+    }
+    assert!(blocks >= 2, "the README's YAML examples went missing");
+}
