@@ -11,7 +11,8 @@
 //! - [`upstream`]: HTTP to an endpoint through an HBONE stream.
 //! - [`replay`]: request bodies that stream to a try while kept for the next one.
 //! - [`tcp`]: plain TCP service ports, passed through to an endpoint unparsed.
-//! - [`telemetry`]: Istio's request metrics and the JSON access log.
+//! - [`telemetry`]: Istio's request metrics (`istio_tcp_*` on plain TCP ports) and the JSON
+//!   access log.
 //! - [`otlp`]: OpenTelemetry span export (OTLP/HTTP JSON).
 #![forbid(unsafe_code)]
 

@@ -132,9 +132,7 @@ fn count_failed(
     peer: (&SpiffeId, SocketAddr),
     entry: &ConnectionEntry,
 ) {
-    let labels = tcp_labels(wp, snapshot, service, peer, None, entry.flags);
-    wp.metrics.tcp.opened(&labels);
-    wp.metrics.tcp.closed(&labels);
+    wp.metrics.tcp.refused(&tcp_labels(wp, snapshot, service, peer, None, entry.flags));
 }
 
 /// Writes the connection's access-log line.
@@ -289,7 +287,7 @@ impl AsyncRead for Counted<'_> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
+        let n = buf.filled().len().saturating_sub(before) as u64;
         if self.toward {
             self.bytes.add(n, 0)
         } else {

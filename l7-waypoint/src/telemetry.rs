@@ -58,7 +58,8 @@ pub struct DecisionLabels {
 /// The waypoint's metrics.
 pub struct Metrics {
     registry: Registry,
-    /// `sinew_authorization_decisions_total`: L7 denials and audits, per policy.
+    /// `sinew_authorization_decisions_total`: denials and audits of requests and of plain TCP
+    /// connections, per policy.
     pub decisions: Family<DecisionLabels, Counter>,
     /// `istio_requests_total`.
     pub requests: Family<RequestLabels, Counter>,
@@ -105,7 +106,7 @@ impl Default for Metrics {
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "sinew_authorization_decisions",
-            "L7 authorization decisions that denied a request or matched an AUDIT policy",
+            "Authorization decisions that denied a request or TCP connection, or matched an AUDIT policy",
             decisions.clone(),
         );
         let tcp = TcpMetrics::default();

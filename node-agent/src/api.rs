@@ -109,8 +109,8 @@ async fn handle(line: &[u8], registry: &Arc<Registry>) -> Response {
     }
 }
 
-/// The request to explain a waypoint's L7 policies for: method and path, each defaulted
-/// (`GET`, `/`); `None` when neither is given.
+/// The request to explain a waypoint's policies for: method and path, each defaulted (`GET`,
+/// `/`); `None` when neither is given (and for a plain TCP port, where they are not used).
 pub(crate) fn http_request<'a>(
     method: Option<&'a str>,
     path: Option<&'a str>,

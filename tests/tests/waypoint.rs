@@ -424,6 +424,8 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     ensure!(blocked.trim() == "403", "x-block: yes got {blocked}");
     let elsewhere = curl_out(&c, &client, "%{http_code}", &["-H", "Host: Evil.Example", &admin])?;
     ensure!(elsewhere.trim() == "403", "Host: Evil.Example got {elsewhere}");
+    // Later requests to reviews name it by its VIP (or `reviews*`), which `notHosts` admits;
+    // the policies stay for the decision counts read at the end.
     let out = curl_out(&c, &client, "%{http_code}", &[&format!("http://{VIP}/admin/users")])?;
     ensure!(out.trim() == "200", "GET must pass: {out}");
     // The policy sees the normalized path: dot segments and escaped letters do not pass it.
@@ -576,10 +578,12 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     ensure!(line["bytes_sent"].as_u64() >= Some(1048576), "{line}");
     ensure!(line["bytes_received"].as_u64() >= Some(1048576), "{line}");
     // And counts it in Istio's TCP metrics, as reporter `waypoint`.
-    let tcp_metric = |c: &Cluster, name: &str, labels: &[&str]| -> Result<f64> {
+    let wp_metrics = |c: &Cluster| -> Result<String> {
         let wp = c.pods.iter().find(|p| p.name == "wp").context("waypoint pod")?;
-        let text = c.pod_get(wp, "http://127.0.0.1:15000/metrics")?;
-        Ok(text
+        c.pod_get(wp, "http://127.0.0.1:15000/metrics")
+    };
+    let tcp_metric = |c: &Cluster, name: &str, labels: &[&str]| -> Result<f64> {
+        Ok(wp_metrics(c)?
             .lines()
             .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
             .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
@@ -616,10 +620,6 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
                 "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  targetRefs: [{{kind: Service, name: store}}]\n{spec}"
             ),
         )
-    };
-    let wp_metrics = |c: &Cluster| -> Result<String> {
-        let wp = c.pods.iter().find(|p| p.name == "wp").context("waypoint pod")?;
-        c.pod_get(wp, "http://127.0.0.1:15000/metrics")
     };
     let store_decisions = |c: &Cluster, decision: &str, policy: &str| -> Result<bool> {
         Ok(wp_metrics(c)?.lines().any(|l| {
@@ -667,7 +667,7 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     // A connection held open: a change that still admits it leaves it be (an AUDIT policy,
     // in force once a new connection is audited), one that denies it resets it.
     let mut held = client
-        .command(&c.binary("sinew-testapp"), &["hold", store, "30"])
+        .command(&c.binary("sinew-testapp"), &["hold", store, "60"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()?;
@@ -680,9 +680,11 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         "store-audit.yaml",
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: store-audit, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: store}]\n  action: AUDIT\n  rules: [{}]\n",
     )?;
-    let mut audited = false;
+    let (mut audited, mut refused) = (false, 0);
     for _ in 0..50 {
-        ensure!(store_answers(), "the ALLOW for the client's principal stopped admitting it");
+        // A stray failure on a loaded machine is not the policy's: the held connection is.
+        refused += usize::from(!store_answers());
+        ensure!(refused <= 2, "the ALLOW for the client's principal stopped admitting it");
         if store_decisions(&c, "audit", "demo/store-audit")? {
             audited = true;
             break;
@@ -690,6 +692,8 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     ensure!(audited, "the AUDIT policy never audited a connection");
+    // The held connection is decided again on a task of its own: give it time to be wrong.
+    std::thread::sleep(Duration::from_millis(500));
     ensure!(held.try_wait()?.is_none(), "a change that still admits it ended the held connection");
     let started = std::time::Instant::now();
     store_authz(

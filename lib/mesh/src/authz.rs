@@ -215,8 +215,8 @@ pub struct Explanation {
     /// One entry per applicable policy, in evaluation order (DENY, ALLOW, AUDIT).
     pub policies: Vec<PolicyTrace>,
     /// The PeerAuthentication mode resolved for the destination (see [`Authz::mtls_mode`]); for
-    /// [`Authz::explain_http`], the mode of the service's namespace (a waypoint has no workload
-    /// labels for selectors to match).
+    /// [`Authz::explain_http`] and [`Authz::explain_tcp`], the mode of the service's namespace
+    /// (a waypoint has no workload labels for selectors to match).
     pub mtls_mode: MtlsMode,
 }
 

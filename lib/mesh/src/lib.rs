@@ -15,7 +15,8 @@
 //! the hot path; [`Authz::explain`] runs the same evaluation while recording why each policy
 //! matched or not, for the admin API and the CLI. Policies attached with `targetRefs` are
 //! left to the waypoint, which asks [`Authz::check_http`] (and [`Authz::explain_http`]) with the
-//! method and path of each request.
+//! method, path, host and headers of each request, and [`Authz::check_tcp`] (and
+//! [`Authz::explain_tcp`]) for each connection to a plain TCP port.
 #![forbid(unsafe_code)]
 
 mod authz;

@@ -27,7 +27,8 @@ pub struct TcpLabels {
     pub request_protocol: &'static str,
     /// `-`, or ztunnel's and Envoy's flags: `DENY` (agent) or `RBAC` (waypoint) when
     /// authorization refused the connection, `CONNECT` (agent) or `UF` (waypoint) when the
-    /// destination could not be reached.
+    /// destination could not be reached; at the waypoint also `NC` (no such backend), `UO`
+    /// (connection limit) and `UH` (no healthy endpoint).
     pub response_flags: &'static str,
     /// `mutual_tls` over HBONE, `unknown` for plaintext (as ztunnel).
     pub connection_security_policy: &'static str,
@@ -82,6 +83,13 @@ impl TcpMetrics {
     /// Counts a closed connection.
     pub fn closed(&self, labels: &TcpLabels) {
         self.closed.get_or_create(labels).inc();
+    }
+
+    /// Counts a connection that ended before it carried a byte (refused, or its destination
+    /// unreachable): opened and closed at once, as ztunnel counts them.
+    pub fn refused(&self, labels: &TcpLabels) {
+        self.opened(labels);
+        self.closed(labels);
     }
 
     /// The byte counters of a connection's series, to count into as bytes flow (ztunnel's

@@ -357,8 +357,7 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
     let (mut log, mut labels) = arrival.entry(&pod, &mesh);
     if !authorize(&pod, &mesh, &arrival, &mut log, &mut labels) {
         inbound.refuse(StatusCode::UNAUTHORIZED);
-        ctx.metrics.tcp.opened(&labels);
-        ctx.metrics.tcp.closed(&labels);
+        ctx.metrics.tcp.refused(&labels);
         return finish(&pod, log, start);
     }
     // Live from the decision on: a policy change while the application is being connected
@@ -377,8 +376,7 @@ async fn tunnel(pod: Arc<PodNet>, inbound: Inbound) {
             ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             inbound.refuse(StatusCode::SERVICE_UNAVAILABLE);
             labels.response_flags = CONNECT_FAILED;
-            ctx.metrics.tcp.opened(&labels);
-            ctx.metrics.tcp.closed(&labels);
+            ctx.metrics.tcp.refused(&labels);
             log.error = Some(format!("connecting to {destination}: {e}"));
             return finish(&pod, log, start);
         }
@@ -480,8 +478,7 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
         log.decision = "allow";
         log.reason = Some(TRUSTED_SOURCE.into());
     } else if !authorize(&pod, &mesh, &arrival, &mut log, &mut labels) {
-        ctx.metrics.tcp.opened(&labels);
-        ctx.metrics.tcp.closed(&labels);
+        ctx.metrics.tcp.refused(&labels);
         finish(&pod, log, start);
         return reset(&downstream);
     }
@@ -501,8 +498,7 @@ pub(super) async fn plaintext(downstream: TcpStream, peer: SocketAddr, pod: Arc<
         Err(e) => {
             ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             labels.response_flags = CONNECT_FAILED;
-            ctx.metrics.tcp.opened(&labels);
-            ctx.metrics.tcp.closed(&labels);
+            ctx.metrics.tcp.refused(&labels);
             log.error = Some(format!("connecting to {destination}: {e}"));
             finish(&pod, log, start);
             return reset(&downstream);

@@ -226,8 +226,7 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                     }
                     debug!(pod = %pod.name, %peer, dst = %resolved.addr, error = %e, "HBONE connect failed");
                     log.error = Some(e.to_string());
-                    ctx.metrics.tcp.opened(&labels);
-                    ctx.metrics.tcp.closed(&labels);
+                    ctx.metrics.tcp.refused(&labels);
                     finish(&pod, log, start);
                     return reset(&downstream);
                 }
@@ -285,8 +284,7 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
                     ctx.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
                     debug!(pod = %pod.name, %peer, target = %resolved.addr, error = %e, "upstream connect failed");
                     labels.response_flags = CONNECT_FAILED;
-                    ctx.metrics.tcp.opened(&labels);
-                    ctx.metrics.tcp.closed(&labels);
+                    ctx.metrics.tcp.refused(&labels);
                     log.error = Some(e.to_string());
                     finish(&pod, log, start);
                     return reset(&downstream);

@@ -277,7 +277,7 @@ impl CompiledRule {
             return false;
         }
         for (i, c) in self.when.iter().enumerate() {
-            if let Err(negated) = c.check(req) {
+            if let Err(negated) = c.check(req, action) {
                 t.miss(index, Miss::When { index: i, negated });
                 return false;
             }
@@ -375,7 +375,8 @@ fn check_operation(op: &Operation, req: &Request<'_>) -> Result<(), Field> {
 #[derive(Debug, Clone)]
 pub(super) struct CompiledCondition {
     /// `None` for a key validation refuses (which no resource that passed it has): such a
-    /// condition never holds, so a rule with it matches less, never more.
+    /// condition is decided on the safe side, as an L7 field at L4 is (see
+    /// [`CompiledCondition::check`]).
     key: Option<ConditionKey>,
     pub spec: Condition,
     nets: [Vec<IpNet>; 2],
@@ -432,9 +433,12 @@ impl CompiledCondition {
     /// `Ok` when the condition holds; `Err(negated)` as in [`Miss::When`]. A missing value
     /// fails `values` and passes `notValues`, as a plaintext source does with identity
     /// fields. At L4 a header condition is skipped, as L7 fields are (see
-    /// [`CompiledRule::matches`]).
-    pub fn check(&self, req: &Request<'_>) -> Result<(), bool> {
-        let Some(key) = &self.key else { return Err(false) };
+    /// [`CompiledRule::matches`]). A key that cannot be evaluated holds for a DENY or AUDIT
+    /// rule and fails an ALLOW rule: the rule then denies more, never admits more.
+    pub fn check(&self, req: &Request<'_>, action: Action) -> Result<(), bool> {
+        let Some(key) = &self.key else {
+            return if action == Action::Allow { Err(false) } else { Ok(()) };
+        };
         if key.is_l7() && req.http.is_none() {
             return Ok(());
         }
@@ -604,6 +608,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_condition_that_cannot_be_evaluated_takes_the_safe_side() {
+        let c = CompiledCondition::new(&Condition {
+            key: "request.auth.claims[iss]".into(),
+            values: vec!["x".into()],
+            not_values: vec![],
+        });
+        let req = Request { identity: None, ip: [10, 0, 0, 1].into(), port: 80, http: None };
+        assert_eq!(c.check(&req, Action::Allow), Err(false), "an ALLOW rule admits nothing");
+        assert_eq!(c.check(&req, Action::Deny), Ok(()), "a DENY rule matches without it");
+        assert_eq!(c.check(&req, Action::Audit), Ok(()));
     }
 
     #[test]
