@@ -6,6 +6,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use sinew_mesh::{MeshIndex, warn_unbound};
 use sinew_model::{ConfigError, Resource, Store};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -23,6 +24,8 @@ pub struct FileSource {
     errors: Arc<Mutex<Vec<ConfigError>>>,
     /// Where the last good resources are kept across restarts (`--state-file`).
     state: Option<PathBuf>,
+    /// Policies enforced nowhere, as last warned about (each is warned about once).
+    unbound: Vec<String>,
 }
 
 /// The last good configuration as saved: per file, its resources as JSON.
@@ -139,6 +142,7 @@ impl FileSource {
             fingerprint: vec![],
             errors: Arc::default(),
             state: state.map(Path::to_path_buf),
+            unbound: Vec::new(),
         };
         s.reload();
         s.save();
@@ -166,6 +170,8 @@ impl FileSource {
             warn!(error = %e, "resource rejected; its last good version stays in service");
         }
         *self.errors.lock().expect("errors lock poisoned") = errors;
+        let mesh = MeshIndex::build(self.store.resources().into_values());
+        warn_unbound(&mesh, &mut self.unbound);
     }
 
     /// Polls the directory and publishes a new snapshot whenever the served content changes.

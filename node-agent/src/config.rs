@@ -8,7 +8,7 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use sinew_control_client::{ClientConfig, start_config};
-use sinew_mesh::MeshIndex;
+use sinew_mesh::{MeshIndex, warn_unbound};
 use sinew_model::{Resource, Store};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
@@ -23,15 +23,19 @@ pub type MeshView = watch::Receiver<Arc<MeshIndex>>;
 /// last good version stays in force.
 pub fn from_dir(dir: PathBuf) -> (MeshView, JoinHandle<()>) {
     let mut store = Store::new();
-    let mut reported = Vec::new();
+    let (mut reported, mut unbound) = (Vec::new(), Vec::new());
     let mut last = reload(&mut store, &dir, &mut reported);
-    let (tx, rx) = watch::channel(Arc::new(MeshIndex::build(last.iter())));
+    let first = MeshIndex::build(last.iter());
+    warn_unbound(&first, &mut unbound);
+    let (tx, rx) = watch::channel(Arc::new(first));
     let task = tokio::spawn(async move {
         loop {
             tokio::time::sleep(DIR_POLL).await;
             let now = reload(&mut store, &dir, &mut reported);
             if now != last {
-                tx.send_replace(Arc::new(MeshIndex::build(now.iter())));
+                let mesh = MeshIndex::build(now.iter());
+                warn_unbound(&mesh, &mut unbound);
+                tx.send_replace(Arc::new(mesh));
                 last = now;
             }
         }

@@ -413,6 +413,39 @@ impl Authz {
         }
     }
 
+    /// The policies with `targetRefs` that nothing enforces, each with why: every Service they
+    /// name is missing from `services` or has no waypoint, and no service uses a waypoint they
+    /// name. Agents leave such policies to a waypoint, so a DENY among them denies nothing:
+    /// worth a warning, as istiod marks them in their status.
+    pub fn unbound_policies(&self, services: &[&crate::ServiceInfo]) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut namespaces: Vec<_> = self.targeted.iter().collect();
+        namespaces.sort_by_key(|(ns, _)| *ns);
+        for (ns, group) in namespaces {
+            for p in group.deny.iter().chain(&group.allow).chain(&group.audit) {
+                let bound = p.targets.iter().any(|t| match t {
+                    rules::TargetRef::Service(name) => services
+                        .iter()
+                        .any(|s| s.namespace == *ns && s.name == *name && s.waypoint.is_some()),
+                    rules::TargetRef::Gateway(name) => services.iter().any(|s| {
+                        s.waypoint.as_deref() == Some(name.as_str())
+                            && (ns == ROOT_NAMESPACE || s.namespace == *ns)
+                    }),
+                });
+                if !bound && !p.targets.is_empty() {
+                    out.push(format!(
+                        "AuthorizationPolicy {} is enforced nowhere: its targetRefs name no Service \
+                         that has a waypoint (label sinew.io/use-waypoint on it or its namespace) \
+                         and no waypoint in use; node agents enforce only policies with a selector \
+                         or neither",
+                        p.key
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// True when any policy targets this service or waypoint (so the waypoint can skip
     /// evaluation otherwise: [`Authz::check_http`] and [`Authz::check_tcp`] would allow by
     /// default).

@@ -314,6 +314,13 @@ impl MeshIndex {
     pub fn authz(&self) -> &Authz {
         &self.authz
     }
+
+    /// The policies with `targetRefs` that nothing enforces, each with why (see
+    /// [`Authz::unbound_policies`]).
+    pub fn unbound_policies(&self) -> Vec<String> {
+        let services: Vec<&ServiceInfo> = self.services().map(|s| &**s).collect();
+        self.authz.unbound_policies(&services)
+    }
 }
 
 fn namespace_infos(namespaces: Vec<&Object<NamespaceSpec>>) -> HashMap<String, NamespaceInfo> {

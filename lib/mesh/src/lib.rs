@@ -28,6 +28,17 @@ pub use authz::{
 };
 pub use index::{MeshIndex, SERVICE_DOMAIN, ServiceInfo, WorkloadInfo};
 
+/// Logs a warning for each policy `mesh` enforces nowhere (see
+/// [`MeshIndex::unbound_policies`]) that is not in `warned` yet; `warned` becomes the current
+/// list, so each is warned about once, and again if it comes back.
+pub fn warn_unbound(mesh: &MeshIndex, warned: &mut Vec<String>) {
+    let now = mesh.unbound_policies();
+    for message in now.iter().filter(|m| !warned.contains(m)) {
+        tracing::warn!("{message}");
+    }
+    *warned = now;
+}
+
 use sinew_model::Object;
 
 /// `(namespace, name)` of a resource. A namespaced kind always has a namespace once

@@ -235,3 +235,32 @@ fn istio_workload_and_service_names_for_metrics() {
     assert!(idx.service_of_endpoint(web, 9999).is_none());
     assert!(idx.service_of_endpoint(bare, 8080).is_none());
 }
+
+#[test]
+fn policies_attached_to_nothing_with_a_waypoint_are_reported() {
+    let policy = |ns: &str, name: &str, target: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: \
+             {name}, namespace: {ns}}}\nspec: {{targetRefs: [{target}], action: DENY, rules: \
+             [{{}}]}}\n---\n"
+        )
+    };
+    let yaml = [
+        namespace("shop", "sinew.io/dataplane-mode: ambient"),
+        service("shop", "web", "sinew.io/use-waypoint: wp", "198.18.200.1", "app: web"),
+        service("shop", "db", "", "198.18.200.2", "app: db"),
+        policy("shop", "on-web", "{kind: Service, name: web}"),
+        policy("shop", "on-db", "{kind: Service, name: db}"),
+        policy("shop", "on-nothing", "{kind: Service, name: gone}"),
+        policy("shop", "on-wp", "{kind: Gateway, name: wp}"),
+        policy("shop", "on-other-wp", "{kind: Gateway, name: other}"),
+        // One bound target is enough.
+        policy("shop", "on-both", "{kind: Service, name: db}, {kind: Service, name: web}"),
+    ]
+    .concat();
+    let unbound = index(&yaml).unbound_policies();
+    let named: Vec<&str> =
+        unbound.iter().map(|m| m.split_whitespace().nth(1).unwrap_or_default()).collect();
+    assert_eq!(named, ["shop/on-db", "shop/on-nothing", "shop/on-other-wp"], "{unbound:?}");
+    assert!(unbound[0].contains("enforced nowhere"), "{}", unbound[0]);
+}

@@ -120,7 +120,7 @@ impl Trace for NoTrace {
 
 /// What a `targetRefs` entry attaches a policy to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum TargetRef {
+pub(in crate::authz) enum TargetRef {
     /// A Service of the policy's namespace, by name.
     Service(String),
     /// A waypoint, by name.
