@@ -293,7 +293,7 @@ impl Authz {
         for p in sorted(policies) {
             let (ns, name) = ns_name(p);
             authz.policies += 1;
-            if let Some(first) = p.spec.target_refs.first() {
+            if let Some(first) = p.spec.targets().next() {
                 // The scope a trace shows is worked out per request or connection
                 // (`Policy::targeted_scope`).
                 let scope = if first.kind == "Service" { Scope::Service } else { Scope::Gateway };

@@ -737,7 +737,7 @@ fn verdict_from_traces(e: &Explanation) -> Verdict {
 }
 
 fn targeted(r: &Resource) -> bool {
-    matches!(r, Resource::AuthorizationPolicy(p) if !p.spec.target_refs.is_empty())
+    matches!(r, Resource::AuthorizationPolicy(p) if p.spec.targets().next().is_some())
 }
 
 /// A DENY on `r`'s service matching exactly its source, port, method and path.
@@ -791,4 +791,16 @@ fn random_policy_sets_agree_and_split_between_l4_and_l7() {
         assert_eq!(d.verdict, Verdict::Deny, "{ctx}");
         assert!(d.policy.is_some(), "{ctx}");
     }
+}
+
+#[test]
+fn the_single_target_ref_form_attaches_as_target_refs_does() {
+    let a = authz(&[policy(
+        "shop",
+        "deny-all",
+        "{targetRef: {kind: Service, name: reviews}, action: DENY, rules: [{}]}",
+    )]);
+    assert!(!Req::to("shop", "reviews").allowed(&a));
+    assert!(Req::to("shop", "ratings").allowed(&a));
+    assert!(Req::to("shop", "reviews").l4(&a).allowed(), "not the agents'");
 }

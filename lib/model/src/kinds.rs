@@ -162,6 +162,9 @@ pub struct AuthorizationPolicySpec {
     /// `selector`.
     #[serde(default, rename = "targetRefs")]
     pub target_refs: Vec<PolicyTargetRef>,
+    /// Istio's earlier single form of `targetRefs` (1.22), exclusive with it.
+    #[serde(default, rename = "targetRef", skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<PolicyTargetRef>,
     /// ALLOW (default), DENY or AUDIT.
     #[serde(default)]
     pub action: Action,
@@ -382,12 +385,28 @@ fn wildcard_ok(s: &str) -> bool {
     !s.is_empty() && (s == "*" || !s.trim_start_matches('*').trim_end_matches('*').contains('*'))
 }
 
+impl AuthorizationPolicySpec {
+    /// What the policy is attached to: `targetRefs`, or the single `targetRef`.
+    pub fn targets(&self) -> impl Iterator<Item = &PolicyTargetRef> {
+        self.target_ref.iter().chain(&self.target_refs)
+    }
+}
+
 impl Validate for AuthorizationPolicySpec {
     fn validate(&self, e: &mut Errors) {
         e.check(self.selector.is_none() || self.target_refs.is_empty(), "targetRefs", || {
             "selector and targetRefs are exclusive".to_owned()
         });
+        e.check(self.selector.is_none() || self.target_ref.is_none(), "targetRef", || {
+            "selector and targetRef are exclusive".to_owned()
+        });
+        e.check(self.target_refs.is_empty() || self.target_ref.is_none(), "targetRef", || {
+            "targetRef and targetRefs are exclusive".to_owned()
+        });
         e.each("targetRefs", &self.target_refs, |e, t| t.validate(e));
+        if let Some(t) = &self.target_ref {
+            e.at("targetRef", |e| t.validate(e));
+        }
         e.each("rules", &self.rules, |e, rule| {
             e.each("from", &rule.from, |e, f| {
                 e.at("source", |e| f.source.validate(e));

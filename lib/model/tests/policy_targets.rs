@@ -98,3 +98,24 @@ fn selector_and_target_refs_are_exclusive() {
     let ok = errors_of(&policy("  selector: {matchLabels: {app: reviews}}\n  targetRefs: []\n"));
     assert!(ok.is_empty(), "an empty targetRefs attaches to nothing: {ok:?}");
 }
+
+#[test]
+fn the_single_target_ref_form_is_accepted_alone() {
+    let docs =
+        parse_file(Path::new("f.yaml"), &policy("  targetRef: {kind: Service, name: reviews}\n"))
+            .unwrap();
+    let Some(Ok(Resource::AuthorizationPolicy(p))) = docs.into_iter().next() else {
+        panic!("not a valid AuthorizationPolicy")
+    };
+    let names: Vec<&str> = p.spec.targets().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["reviews"]);
+    let r = Resource::AuthorizationPolicy(p);
+    assert_eq!(Resource::from_json("control", &r.to_json()).unwrap(), r);
+    let e = errors_of(&policy(
+        "  targetRef: {kind: Service, name: a}\n  targetRefs: [{kind: Service, name: b}]\n",
+    ));
+    assert_eq!(fields(&e), ["spec.targetRef"]);
+    assert_eq!(e[0].message, "targetRef and targetRefs are exclusive");
+    let e = errors_of(&policy("  targetRef: {kind: Pod, name: a}\n"));
+    assert_eq!(fields(&e), ["spec.targetRef.kind"], "{e:?}");
+}

@@ -162,7 +162,7 @@ impl Policy {
             action: spec.action,
             scope,
             selector: spec.selector.as_ref().map(|s| s.match_labels.clone()).unwrap_or_default(),
-            targets: spec.target_refs.iter().filter_map(TargetRef::new).collect(),
+            targets: spec.targets().filter_map(TargetRef::new).collect(),
             rules: spec.rules.iter().map(CompiledRule::new).collect(),
         }
     }
