@@ -49,11 +49,30 @@ impl Snapshot {
             warn!(problem = %p, "route problem");
         }
         let mut destinations = HashMap::new();
+        let mut rules = Vec::new();
         for r in resources.clone() {
-            if let Resource::DestinationPolicy(o) = r {
-                let ns = o.metadata.namespace.clone().unwrap_or_default();
-                destinations.insert(format!("{ns}/{}", o.spec.service), o.spec.clone());
+            match r {
+                Resource::DestinationPolicy(o) => {
+                    let ns = o.metadata.namespace.as_deref().unwrap_or_default();
+                    destinations.insert(format!("{ns}/{}", o.spec.service), o.spec.clone());
+                }
+                Resource::DestinationRule(o) => rules.push(o),
+                _ => {}
             }
+        }
+        // Istio's DestinationRules, for a Service no DestinationPolicy names (Sinew's own
+        // resource wins); of several for one Service the first in namespace/name order, as
+        // resources come.
+        for o in rules {
+            let rule_ns = o.metadata.namespace.as_deref().unwrap_or_default();
+            let Some((ns, policy)) = o.spec.policy(rule_ns) else { continue };
+            let key = format!("{ns}/{}", policy.service);
+            if destinations.contains_key(&key) {
+                let rule = format!("{rule_ns}/{}", o.metadata.name);
+                warn!(%rule, service = %key, "DestinationRule not applied: a DestinationPolicy or an earlier DestinationRule names the same Service");
+                continue;
+            }
+            destinations.insert(key, policy);
         }
         Self { mesh: MeshIndex::build(resources), routes, destinations, synced: true }
     }

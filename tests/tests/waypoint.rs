@@ -531,11 +531,12 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
         tcp["bytes_sent"].as_u64().unwrap_or(0) + tcp["bytes_received"].as_u64().unwrap_or(0);
     ensure!(bytes >= 2 * 1048576, "both MiB crossed the destination agent: {tcp}");
 
-    // Circuit breaking on that port: with maxConnections 1, a connection held open takes the
-    // only place and a second one is refused; once the first ends, one gets through again.
+    // Circuit breaking on that port, from Istio's DestinationRule: with maxConnections 1, a
+    // connection held open takes the only place and a second one is refused; once the first
+    // ends, one gets through again.
     c.write_config(
         "store-policy.yaml",
-        "apiVersion: networking.sinew.io/v1alpha1\nkind: DestinationPolicy\nmetadata: {name: store, namespace: demo}\nspec:\n  service: store\n  connectionPool: {maxConnections: 1}\n",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: store, namespace: demo}\nspec:\n  host: store.demo.svc.cluster.local\n  trafficPolicy:\n    connectionPool: {tcp: {maxConnections: 1}}\n",
     )?;
     let store = "198.18.200.23:7000";
     let mut refused = false;

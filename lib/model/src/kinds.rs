@@ -1493,30 +1493,8 @@ pub struct DestinationPolicySpec {
 impl Validate for DestinationPolicySpec {
     fn validate(&self, e: &mut Errors) {
         dns_label(e, "service", &self.service);
-        if let Some(h) = self.load_balancer.as_ref().and_then(|lb| lb.consistent_hash.as_ref()) {
-            let keys = h.http_header_name.is_some() as u8
-                + h.http_cookie.is_some() as u8
-                + h.use_source_ip as u8;
-            e.check(keys == 1, "loadBalancer.consistentHash", || {
-                "exactly one of httpHeaderName, httpCookie, useSourceIp".into()
-            });
-            if let Some(c) = &h.http_cookie {
-                let token = |s: &str| {
-                    !s.is_empty()
-                        && s.bytes()
-                            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
-                };
-                e.check(token(&c.name), "loadBalancer.consistentHash.httpCookie.name", || {
-                    format!("{:?} is not a cookie name", c.name)
-                });
-                if let Some(p) = &c.path {
-                    let ok =
-                        p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic() && b != b';');
-                    e.check(ok, "loadBalancer.consistentHash.httpCookie.path", || {
-                        format!("{p:?} is not a cookie path")
-                    });
-                }
-            }
+        if let Some(lb) = &self.load_balancer {
+            e.at("loadBalancer", |e| validate_load_balancer(e, lb));
         }
         if let Some(p) = &self.connection_pool {
             for (field, v) in [
@@ -1530,20 +1508,192 @@ impl Validate for DestinationPolicySpec {
             }
         }
         if let Some(o) = &self.outlier_detection {
-            e.check(
-                o.max_ejection_percent.is_none_or(|p| p <= 100),
-                "outlierDetection.maxEjectionPercent",
-                || format!("{} is out of range 0-100", o.max_ejection_percent.unwrap_or_default()),
-            );
-            e.check(o.consecutive_errors != Some(0), "outlierDetection.consecutiveErrors", || {
-                "must be at least 1 (consecutive5xxErrors: 0 turns the 5xx count off)".into()
-            });
-            e.check(
-                o.base_ejection_time.is_none_or(|d| d.0 >= std::time::Duration::from_millis(1)),
-                "outlierDetection.baseEjectionTime",
-                || "must be at least 1ms".into(),
-            );
+            e.at("outlierDetection", |e| validate_outlier_detection(e, o));
         }
+    }
+}
+
+/// `loadBalancer`, of a DestinationPolicy or a DestinationRule.
+fn validate_load_balancer(e: &mut Errors, lb: &LoadBalancer) {
+    let Some(h) = &lb.consistent_hash else { return };
+    let keys =
+        h.http_header_name.is_some() as u8 + h.http_cookie.is_some() as u8 + h.use_source_ip as u8;
+    e.check(keys == 1, "consistentHash", || {
+        "exactly one of httpHeaderName, httpCookie, useSourceIp".into()
+    });
+    if let Some(c) = &h.http_cookie {
+        let token = |s: &str| {
+            !s.is_empty()
+                && s.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+        };
+        e.check(token(&c.name), "consistentHash.httpCookie.name", || {
+            format!("{:?} is not a cookie name", c.name)
+        });
+        if let Some(p) = &c.path {
+            let ok = p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic() && b != b';');
+            e.check(ok, "consistentHash.httpCookie.path", || format!("{p:?} is not a cookie path"));
+        }
+    }
+}
+
+/// `outlierDetection`, of a DestinationPolicy or a DestinationRule.
+fn validate_outlier_detection(e: &mut Errors, o: &OutlierDetection) {
+    e.check(o.max_ejection_percent.is_none_or(|p| p <= 100), "maxEjectionPercent", || {
+        format!("{} is out of range 0-100", o.max_ejection_percent.unwrap_or_default())
+    });
+    e.check(o.consecutive_errors != Some(0), "consecutiveErrors", || {
+        "must be at least 1 (consecutive5xxErrors: 0 turns the 5xx count off)".into()
+    });
+    e.check(
+        o.base_ejection_time.is_none_or(|d| d.0 >= std::time::Duration::from_millis(1)),
+        "baseEjectionTime",
+        || "must be at least 1ms".into(),
+    );
+}
+
+// ---- DestinationRule (Istio, networking.istio.io) ----
+
+/// Istio's `DestinationRule.spec`, the part a waypoint applies: the `trafficPolicy` of one
+/// Service of the mesh, read as a [`DestinationPolicySpec`]. What Sinew does not apply
+/// (`subsets`, `tls`, `portLevelSettings`, `workloadSelector`, HTTP pool settings other than
+/// the two limits) is refused by name rather than ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    /// The Service: `name` (of the rule's namespace), `name.namespace`, or
+    /// `name.namespace.svc[.cluster.local]`.
+    pub host: String,
+    /// What applies to its traffic.
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
+    /// Where the rule is visible; only `*` (everywhere, Istio's default) is supported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_to: Vec<String>,
+}
+
+/// `trafficPolicy`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    /// Load balancing (the same fields as a DestinationPolicy's).
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancer>,
+    /// Istio's connection pool, by protocol.
+    #[serde(default)]
+    pub connection_pool: Option<IstioConnectionPool>,
+    /// Ejection of failing endpoints (the same fields as a DestinationPolicy's).
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// Istio's `connectionPool`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IstioConnectionPool {
+    /// `tcp`.
+    #[serde(default)]
+    pub tcp: Option<IstioTcpPool>,
+    /// `http`.
+    #[serde(default)]
+    pub http: Option<IstioHttpPool>,
+}
+
+/// Istio's `connectionPool.tcp`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IstioTcpPool {
+    /// Connections open at once to the service.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// Connect timeout.
+    #[serde(default)]
+    pub connect_timeout: Option<Duration>,
+}
+
+/// Istio's `connectionPool.http`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IstioHttpPool {
+    /// Requests waiting for a connection.
+    #[serde(default, rename = "http1MaxPendingRequests")]
+    pub http1_max_pending_requests: Option<u32>,
+    /// Requests in flight.
+    #[serde(default, rename = "http2MaxRequests")]
+    pub http2_max_requests: Option<u32>,
+}
+
+impl DestinationRuleSpec {
+    /// The Service `host` names, for a rule of `namespace`: (namespace, name); `None` for a
+    /// host outside the mesh's Services (another domain, a wildcard).
+    pub fn service(&self, namespace: &str) -> Option<(String, String)> {
+        let host = self.host.strip_suffix(".cluster.local").unwrap_or(&self.host);
+        let host = host.strip_suffix(".svc").unwrap_or(host);
+        let (name, ns) = host.split_once('.').unwrap_or((host, namespace));
+        (is_dns_label(name) && is_dns_label(ns)).then(|| (ns.to_owned(), name.to_owned()))
+    }
+
+    /// The rule as a [`DestinationPolicySpec`] of its Service's namespace: (namespace,
+    /// policy); `None` when `host` is no Service of the mesh.
+    pub fn policy(&self, namespace: &str) -> Option<(String, DestinationPolicySpec)> {
+        let (ns, service) = self.service(namespace)?;
+        let t = self.traffic_policy.clone().unwrap_or_default();
+        let pool = t.connection_pool.map(|p| {
+            let (tcp, http) = (p.tcp.unwrap_or_default(), p.http.unwrap_or_default());
+            ConnectionPool {
+                max_connections: tcp.max_connections,
+                max_pending_requests: http.http1_max_pending_requests,
+                max_requests: http.http2_max_requests,
+                connect_timeout: tcp.connect_timeout,
+            }
+        });
+        let policy = DestinationPolicySpec {
+            service,
+            load_balancer: t.load_balancer,
+            connection_pool: pool,
+            outlier_detection: t.outlier_detection,
+        };
+        Some((ns, policy))
+    }
+}
+
+impl Validate for DestinationRuleSpec {
+    fn validate(&self, e: &mut Errors) {
+        e.check(self.service("default").is_some(), "host", || {
+            format!(
+                "{:?} is not a Service of the mesh (name, name.namespace or \
+                 name.namespace.svc.cluster.local)",
+                self.host
+            )
+        });
+        e.each("exportTo", &self.export_to, |e, x| {
+            e.check(x == "*", "", || format!("{x:?}: only \"*\" (everywhere) is supported"))
+        });
+        let Some(t) = &self.traffic_policy else { return };
+        e.at("trafficPolicy", |e| {
+            if let Some(lb) = &t.load_balancer {
+                e.at("loadBalancer", |e| validate_load_balancer(e, lb));
+            }
+            if let Some(p) = &t.connection_pool {
+                let tcp = p.tcp.as_ref();
+                let http = p.http.as_ref();
+                for (field, v) in [
+                    ("connectionPool.tcp.maxConnections", tcp.and_then(|t| t.max_connections)),
+                    (
+                        "connectionPool.http.http1MaxPendingRequests",
+                        http.and_then(|h| h.http1_max_pending_requests),
+                    ),
+                    (
+                        "connectionPool.http.http2MaxRequests",
+                        http.and_then(|h| h.http2_max_requests),
+                    ),
+                ] {
+                    e.check(v != Some(0), field, || "must be at least 1".into());
+                }
+            }
+            if let Some(o) = &t.outlier_detection {
+                e.at("outlierDetection", |e| validate_outlier_detection(e, o));
+            }
+        });
     }
 }
 

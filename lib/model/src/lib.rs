@@ -173,6 +173,7 @@ resources! {
     HttpRoute(HttpRouteSpec) = "HTTPRoute", "gateway.networking.k8s.io/v1", true;
     GrpcRoute(GrpcRouteSpec) = "GRPCRoute", "gateway.networking.k8s.io/v1", true;
     DestinationPolicy(DestinationPolicySpec) = "DestinationPolicy", "networking.sinew.io/v1alpha1", true;
+    DestinationRule(DestinationRuleSpec) = "DestinationRule", "networking.istio.io/v1", true;
 }
 
 /// The largest resource, as JSON, that the model accepts (Kubernetes stores objects of up to

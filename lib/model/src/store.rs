@@ -116,8 +116,13 @@ pub fn parse_document(
     let mut found = Vec::new();
     // Istio's own apiVersion is accepted for the kinds Sinew shares with Istio, so existing
     // policies apply unchanged.
-    let istio_alias = want_api == "security.sinew.io/v1"
-        && matches!(api.as_str(), "security.istio.io/v1" | "security.istio.io/v1beta1");
+    let istio_alias = (want_api == "security.sinew.io/v1"
+        && matches!(api.as_str(), "security.istio.io/v1" | "security.istio.io/v1beta1"))
+        || (want_api == "networking.istio.io/v1"
+            && matches!(
+                api.as_str(),
+                "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3"
+            ));
     if api != want_api && !istio_alias {
         found.push((
             "apiVersion".to_owned(),

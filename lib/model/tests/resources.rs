@@ -530,3 +530,62 @@ fn the_readme_examples_are_valid() {
     }
     assert!(blocks >= 2, "the README's YAML examples went missing");
 }
+
+#[test]
+fn an_istio_destination_rule_reads_as_a_destination_policy() {
+    let rule = |api: &str, spec: &str| {
+        format!(
+            "apiVersion: {api}\nkind: DestinationRule\nmetadata: {{name: r, namespace: shop}}\n\
+             spec:\n{spec}"
+        )
+    };
+    let spec = "  host: reviews\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n    \
+                connectionPool:\n      tcp: {maxConnections: 10, connectTimeout: 2s}\n      \
+                http: {http1MaxPendingRequests: 5, http2MaxRequests: 50}\n    \
+                outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 30s}\n";
+    for api in ["networking.istio.io/v1", "networking.istio.io/v1beta1"] {
+        let docs = parse_file(Path::new("dr.yaml"), &rule(api, spec)).unwrap();
+        let Ok(Resource::DestinationRule(r)) = &docs[0] else { panic!("{docs:?}") };
+        let (ns, p) = r.spec.policy("shop").unwrap();
+        assert_eq!((ns.as_str(), p.service.as_str()), ("shop", "reviews"));
+        let pool = p.connection_pool.unwrap();
+        assert_eq!(
+            (pool.max_connections, pool.max_pending_requests, pool.max_requests),
+            (Some(10), Some(5), Some(50))
+        );
+        assert_eq!(pool.connect_timeout.unwrap().0.as_secs(), 2);
+        assert_eq!(p.outlier_detection.unwrap().consecutive_5xx_errors, Some(3));
+        let back = Resource::from_json("control", &docs[0].as_ref().unwrap().to_json()).unwrap();
+        assert_eq!(&back, docs[0].as_ref().unwrap());
+    }
+    // The host's forms.
+    let service = |host: &str| {
+        let spec = sinew_model::DestinationRuleSpec { host: host.into(), ..Default::default() };
+        spec.service("shop")
+    };
+    let at = |ns: &str, name: &str| Some((ns.to_owned(), name.to_owned()));
+    assert_eq!(service("reviews"), at("shop", "reviews"));
+    assert_eq!(service("reviews.bank"), at("bank", "reviews"));
+    assert_eq!(service("reviews.bank.svc"), at("bank", "reviews"));
+    assert_eq!(service("reviews.bank.svc.cluster.local"), at("bank", "reviews"));
+    assert_eq!(service("*.bank.svc.cluster.local"), None);
+    assert_eq!(service("example.com.org"), None);
+    // What Sinew does not apply is refused by name, not ignored.
+    let refused = |spec: &str| {
+        fields(&errors_of(&rule("networking.istio.io/v1", spec)))
+            .iter()
+            .map(|(_, f)| f.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(refused("  host: reviews\n  subsets: [{name: v1}]\n"), ["spec.subsets"]);
+    assert_eq!(refused("  host: \"*.example.com\"\n"), ["spec.host"]);
+    assert_eq!(refused("  host: reviews\n  exportTo: [\".\"]\n"), ["spec.exportTo[0]"]);
+    assert_eq!(
+        refused("  host: reviews\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 0}}}\n"),
+        ["spec.trafficPolicy.connectionPool.tcp.maxConnections"]
+    );
+    assert_eq!(
+        refused("  host: reviews\n  trafficPolicy: {connectionPool: {http: {idleTimeout: 1s}}}\n"),
+        ["spec.trafficPolicy.connectionPool.http.idleTimeout"]
+    );
+}
