@@ -1333,8 +1333,10 @@ impl Validate for GrpcRouteSpec {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum LbAlgorithm {
-    /// Power of two choices over EWMA latency (the default).
+    /// Power of two choices over EWMA latency (the default). Istio's deprecated `LEAST_CONN`
+    /// and its `UNSPECIFIED` (the default there too) read as this.
     #[default]
+    #[serde(alias = "LEAST_CONN", alias = "UNSPECIFIED")]
     LeastRequest,
     /// Round robin.
     RoundRobin,

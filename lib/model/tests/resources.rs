@@ -558,6 +558,12 @@ fn an_istio_destination_rule_reads_as_a_destination_policy() {
         let back = Resource::from_json("control", &docs[0].as_ref().unwrap().to_json()).unwrap();
         assert_eq!(&back, docs[0].as_ref().unwrap());
     }
+    // Istio's other names for the default algorithm.
+    for simple in ["LEAST_CONN", "UNSPECIFIED"] {
+        let spec =
+            format!("  host: reviews\n  trafficPolicy: {{loadBalancer: {{simple: {simple}}}}}\n");
+        assert!(errors_of(&rule("networking.istio.io/v1", &spec)).is_empty(), "{simple}");
+    }
     // The host's forms.
     let service = |host: &str| {
         let spec = sinew_model::DestinationRuleSpec { host: host.into(), ..Default::default() };
