@@ -52,7 +52,7 @@ fn full(count: usize, bytes: usize) -> bool {
 }
 
 /// Kinds only waypoints need; agents do not receive them.
-const WAYPOINT_ONLY: [&str; 2] = ["HTTPRoute/", "GRPCRoute/"];
+const WAYPOINT_ONLY: [&str; 3] = ["HTTPRoute/", "GRPCRoute/", "DestinationRule/"];
 
 /// A connected client as the admin endpoint shows it.
 #[derive(Debug, Clone, Default, Serialize)]

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use sinew_mesh::{MeshIndex, warn_unbound};
+use sinew_mesh::{MeshIndex, warn_once};
 use sinew_model::{ConfigError, Resource, Store};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -24,7 +24,8 @@ pub struct FileSource {
     errors: Arc<Mutex<Vec<ConfigError>>>,
     /// Where the last good resources are kept across restarts (`--state-file`).
     state: Option<PathBuf>,
-    /// Policies enforced nowhere, as last warned about (each is warned about once).
+    /// What the configuration does not do although accepted (policies enforced nowhere,
+    /// DestinationRules left out), as last warned about (each is warned about once).
     unbound: Vec<String>,
 }
 
@@ -170,8 +171,10 @@ impl FileSource {
             warn!(error = %e, "resource rejected; its last good version stays in service");
         }
         *self.errors.lock().expect("errors lock poisoned") = errors;
-        let mesh = MeshIndex::build(self.store.resources().into_values());
-        warn_unbound(&mesh, &mut self.unbound);
+        let resources = self.store.resources();
+        let mut problems = MeshIndex::build(resources.values().copied()).unbound_policies(true);
+        problems.extend(sinew_model::destination_policies(resources.into_values()).1);
+        warn_once(problems, &mut self.unbound);
     }
 
     /// Polls the directory and publishes a new snapshot whenever the served content changes.

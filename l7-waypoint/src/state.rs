@@ -21,7 +21,7 @@ use sinew_mesh::{Decision, HttpRequest, MeshIndex, ServiceInfo, Source, Target, 
 use sinew_model::{LocalRateLimit, Resource};
 use sinew_workers::PerWorker;
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{
     telemetry::{AccessLog, Metrics},
@@ -48,31 +48,10 @@ impl Snapshot {
         for p in problems {
             warn!(problem = %p, "route problem");
         }
-        let mut destinations = HashMap::new();
-        let mut rules = Vec::new();
-        for r in resources.clone() {
-            match r {
-                Resource::DestinationPolicy(o) => {
-                    let ns = o.metadata.namespace.as_deref().unwrap_or_default();
-                    destinations.insert(format!("{ns}/{}", o.spec.service), o.spec.clone());
-                }
-                Resource::DestinationRule(o) => rules.push(o),
-                _ => {}
-            }
-        }
-        // Istio's DestinationRules, for a Service no DestinationPolicy names (Sinew's own
-        // resource wins); of several for one Service the first in namespace/name order, as
-        // resources come.
-        for o in rules {
-            let rule_ns = o.metadata.namespace.as_deref().unwrap_or_default();
-            let Some((ns, policy)) = o.spec.policy(rule_ns) else { continue };
-            let key = format!("{ns}/{}", policy.service);
-            if destinations.contains_key(&key) {
-                let rule = format!("{rule_ns}/{}", o.metadata.name);
-                warn!(%rule, service = %key, "DestinationRule not applied: a DestinationPolicy or an earlier DestinationRule names the same Service");
-                continue;
-            }
-            destinations.insert(key, policy);
+        // Control warns about rules left out (once, not at every waypoint and change).
+        let (destinations, left_out) = sinew_model::destination_policies(resources.clone());
+        for problem in left_out {
+            debug!(%problem, "DestinationRule left out");
         }
         Self { mesh: MeshIndex::build(resources), routes, destinations, synced: true }
     }

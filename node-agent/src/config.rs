@@ -8,7 +8,7 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use sinew_control_client::{ClientConfig, start_config};
-use sinew_mesh::{MeshIndex, warn_unbound};
+use sinew_mesh::{MeshIndex, warn_once};
 use sinew_model::{Resource, Store};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
@@ -26,7 +26,8 @@ pub fn from_dir(dir: PathBuf) -> (MeshView, JoinHandle<()>) {
     let (mut reported, mut unbound) = (Vec::new(), Vec::new());
     let mut last = reload(&mut store, &dir, &mut reported);
     let first = MeshIndex::build(last.iter());
-    warn_unbound(&first, &mut unbound);
+    // Without control there is no waypoint: every attached policy is enforced nowhere.
+    warn_once(first.unbound_policies(false), &mut unbound);
     let (tx, rx) = watch::channel(Arc::new(first));
     let task = tokio::spawn(async move {
         loop {
@@ -34,7 +35,7 @@ pub fn from_dir(dir: PathBuf) -> (MeshView, JoinHandle<()>) {
             let now = reload(&mut store, &dir, &mut reported);
             if now != last {
                 let mesh = MeshIndex::build(now.iter());
-                warn_unbound(&mesh, &mut unbound);
+                warn_once(mesh.unbound_policies(false), &mut unbound);
                 tx.send_replace(Arc::new(mesh));
                 last = now;
             }

@@ -413,6 +413,15 @@ impl Authz {
         }
     }
 
+    /// The keys (`namespace/name`) of the policies with `targetRefs`, in namespace order.
+    pub fn targeted_policies(&self) -> impl Iterator<Item = &str> {
+        let mut namespaces: Vec<_> = self.targeted.iter().collect();
+        namespaces.sort_by_key(|(ns, _)| *ns);
+        namespaces.into_iter().flat_map(|(_, g)| {
+            g.deny.iter().chain(&g.allow).chain(&g.audit).map(|p| p.key.as_str())
+        })
+    }
+
     /// The policies with `targetRefs` that nothing enforces, each with why: every Service they
     /// name is missing from `services` or has no waypoint, and no service uses a waypoint they
     /// name. Agents leave such policies to a waypoint, so a DENY among them denies nothing:

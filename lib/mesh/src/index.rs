@@ -316,8 +316,22 @@ impl MeshIndex {
     }
 
     /// The policies with `targetRefs` that nothing enforces, each with why (see
-    /// [`Authz::unbound_policies`]).
-    pub fn unbound_policies(&self) -> Vec<String> {
+    /// [`Authz::unbound_policies`]); with `waypoints` false (an agent without control, where no
+    /// waypoint runs), every one.
+    pub fn unbound_policies(&self, waypoints: bool) -> Vec<String> {
+        if !waypoints {
+            return self
+                .authz
+                .targeted_policies()
+                .map(|key| {
+                    format!(
+                        "AuthorizationPolicy {key} is enforced nowhere: it is attached with \
+                         targetRefs, which only a waypoint enforces, and an agent without \
+                         control runs with none"
+                    )
+                })
+                .collect();
+        }
         let services: Vec<&ServiceInfo> = self.services().map(|s| &**s).collect();
         self.authz.unbound_policies(&services)
     }

@@ -28,15 +28,15 @@ pub use authz::{
 };
 pub use index::{MeshIndex, SERVICE_DOMAIN, ServiceInfo, WorkloadInfo};
 
-/// Logs a warning for each policy `mesh` enforces nowhere (see
-/// [`MeshIndex::unbound_policies`]) that is not in `warned` yet; `warned` becomes the current
-/// list, so each is warned about once, and again if it comes back.
-pub fn warn_unbound(mesh: &MeshIndex, warned: &mut Vec<String>) {
-    let now = mesh.unbound_policies();
-    for message in now.iter().filter(|m| !warned.contains(m)) {
+/// Logs a warning for each of `problems` not in `warned` yet; `warned` becomes `problems`,
+/// so each is warned about once per configuration change that brings it, and again if it
+/// comes back. For what a configuration does not do although it was accepted: policies
+/// enforced nowhere ([`MeshIndex::unbound_policies`]), rules left out.
+pub fn warn_once(problems: Vec<String>, warned: &mut Vec<String>) {
+    for message in problems.iter().filter(|m| !warned.contains(m)) {
         tracing::warn!("{message}");
     }
-    *warned = now;
+    *warned = problems;
 }
 
 use sinew_model::Object;

@@ -258,9 +258,11 @@ fn policies_attached_to_nothing_with_a_waypoint_are_reported() {
         policy("shop", "on-both", "{kind: Service, name: db}, {kind: Service, name: web}"),
     ]
     .concat();
-    let unbound = index(&yaml).unbound_policies();
+    let unbound = index(&yaml).unbound_policies(true);
     let named: Vec<&str> =
         unbound.iter().map(|m| m.split_whitespace().nth(1).unwrap_or_default()).collect();
     assert_eq!(named, ["shop/on-db", "shop/on-nothing", "shop/on-other-wp"], "{unbound:?}");
     assert!(unbound[0].contains("enforced nowhere"), "{}", unbound[0]);
+    // Without control no waypoint runs: every attached policy is enforced nowhere.
+    assert_eq!(index(&yaml).unbound_policies(false).len(), 6);
 }

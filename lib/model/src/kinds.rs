@@ -162,7 +162,8 @@ pub struct AuthorizationPolicySpec {
     /// `selector`.
     #[serde(default, rename = "targetRefs")]
     pub target_refs: Vec<PolicyTargetRef>,
-    /// Istio's earlier single form of `targetRefs` (1.22), exclusive with it.
+    /// Istio's earlier single form of `targetRefs` (deprecated since 1.22), exclusive with it;
+    /// moved into `targetRefs` once validated, so it is never sent on.
     #[serde(default, rename = "targetRef", skip_serializing_if = "Option::is_none")]
     pub target_ref: Option<PolicyTargetRef>,
     /// ALLOW (default), DENY or AUDIT.
@@ -393,6 +394,12 @@ impl AuthorizationPolicySpec {
 }
 
 impl Validate for AuthorizationPolicySpec {
+    fn normalize(&mut self) {
+        if let Some(t) = self.target_ref.take() {
+            self.target_refs.insert(0, t);
+        }
+    }
+
     fn validate(&self, e: &mut Errors) {
         e.check(self.selector.is_none() || self.target_refs.is_empty(), "targetRefs", || {
             "selector and targetRefs are exclusive".to_owned()
@@ -1464,7 +1471,8 @@ pub struct OutlierDetection {
     /// Sinew's earlier name for `consecutive5xxErrors`, which wins when both are given.
     #[serde(default)]
     pub consecutive_errors: Option<u32>,
-    /// How often ejections are evaluated.
+    /// How often ejections are evaluated (Envoy's sweep). Accepted, not used: an endpoint is
+    /// ejected at its failure in a row and comes back when its time is up, not at a sweep.
     #[serde(default)]
     pub interval: Option<Duration>,
     /// First ejection time, multiplied by the number of ejections.
@@ -1562,8 +1570,9 @@ fn validate_outlier_detection(e: &mut Errors, o: &OutlierDetection) {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DestinationRuleSpec {
-    /// The Service: `name` (of the rule's namespace), `name.namespace`, or
-    /// `name.namespace.svc[.cluster.local]`.
+    /// The Service: `name` (of the rule's namespace) or `name.namespace.svc.cluster.local`
+    /// as in Istio, or `name.namespace` and `name.namespace.svc` (Kubernetes DNS's shorter
+    /// forms); other domains are not Services of the mesh.
     pub host: String,
     /// What applies to its traffic.
     #[serde(default)]
@@ -1628,9 +1637,12 @@ impl DestinationRuleSpec {
     /// The Service `host` names, for a rule of `namespace`: (namespace, name); `None` for a
     /// host outside the mesh's Services (another domain, a wildcard).
     pub fn service(&self, namespace: &str) -> Option<(String, String)> {
-        let host = self.host.strip_suffix(".cluster.local").unwrap_or(&self.host);
-        let host = host.strip_suffix(".svc").unwrap_or(host);
-        let (name, ns) = host.split_once('.').unwrap_or((host, namespace));
+        let parts: Vec<&str> = self.host.split('.').collect();
+        let (name, ns) = match parts.as_slice() {
+            [name] => (*name, namespace),
+            [name, ns] | [name, ns, "svc"] | [name, ns, "svc", "cluster", "local"] => (*name, *ns),
+            _ => return None,
+        };
         (is_dns_label(name) && is_dns_label(ns)).then(|| (ns.to_owned(), name.to_owned()))
     }
 
@@ -1648,22 +1660,89 @@ impl DestinationRuleSpec {
                 connect_timeout: tcp.connect_timeout,
             }
         });
+        // Istio's deprecated `consecutiveErrors` counts gateway errors (502, 503, 504) and turns
+        // the 5xx count off; in a DestinationPolicy the same name is Sinew's earlier name for
+        // the 5xx count.
+        let outlier = t.outlier_detection.map(|mut o| {
+            if let Some(n) = o.consecutive_errors.take() {
+                o.consecutive_gateway_errors = o.consecutive_gateway_errors.or(Some(n));
+                o.consecutive_5xx_errors = o.consecutive_5xx_errors.or(Some(0));
+            }
+            o
+        });
         let policy = DestinationPolicySpec {
             service,
             load_balancer: t.load_balancer,
             connection_pool: pool,
-            outlier_detection: t.outlier_detection,
+            outlier_detection: outlier,
         };
         Some((ns, policy))
     }
+}
+
+/// The DestinationPolicy of each Service (`<namespace>/<name>`) that `resources` configure,
+/// and why some were left out. A DestinationPolicy wins; else a DestinationRule of the
+/// Service's namespace, else one of the root namespace, the oldest first (by
+/// `creationTimestamp`, then name), as Istio picks among rules. A rule of another namespace
+/// is for clients there (Istio's lookup starts at the client's namespace), never a waypoint's:
+/// it is left out.
+pub fn destination_policies<'a>(
+    resources: impl IntoIterator<Item = &'a crate::Resource>,
+) -> (std::collections::HashMap<String, DestinationPolicySpec>, Vec<String>) {
+    let mut out = std::collections::HashMap::new();
+    let mut rules = Vec::new();
+    for r in resources {
+        match r {
+            crate::Resource::DestinationPolicy(o) => {
+                let ns = o.metadata.namespace.as_deref().unwrap_or_default();
+                out.insert(format!("{ns}/{}", o.spec.service), o.spec.clone());
+            }
+            crate::Resource::DestinationRule(o) => rules.push(o),
+            _ => {}
+        }
+    }
+    let mut problems = Vec::new();
+    let mut candidates = Vec::new();
+    for o in rules {
+        let rule_ns = o.metadata.namespace.as_deref().unwrap_or_default();
+        let rule = format!("DestinationRule {rule_ns}/{}", o.metadata.name);
+        let Some((ns, policy)) = o.spec.policy(rule_ns) else { continue };
+        let key = format!("{ns}/{}", policy.service);
+        let rank = match rule_ns {
+            n if n == ns => 0,
+            crate::ROOT_NAMESPACE => 1,
+            _ => {
+                problems.push(format!(
+                    "{rule} is not applied: it is for clients of namespace {rule_ns}, and \
+                     Service {key} is served by its waypoint (put it in namespace {ns})"
+                ));
+                continue;
+            }
+        };
+        let created = o.metadata.creation_timestamp.clone();
+        let age = (rank, created.is_none(), created, o.metadata.name.clone());
+        candidates.push((key, age, rule, policy));
+    }
+    candidates.sort_by(|a, b| a.1.cmp(&b.1));
+    for (key, _, rule, policy) in candidates {
+        if out.contains_key(&key) {
+            problems.push(format!(
+                "{rule} is not applied: a DestinationPolicy or an earlier DestinationRule \
+                 already configures Service {key}"
+            ));
+            continue;
+        }
+        out.insert(key, policy);
+    }
+    (out, problems)
 }
 
 impl Validate for DestinationRuleSpec {
     fn validate(&self, e: &mut Errors) {
         e.check(self.service("default").is_some(), "host", || {
             format!(
-                "{:?} is not a Service of the mesh (name, name.namespace or \
-                 name.namespace.svc.cluster.local)",
+                "{:?} is not a Service of the mesh (name, name.namespace, name.namespace.svc \
+                 or name.namespace.svc.cluster.local)",
                 self.host
             )
         });

@@ -234,4 +234,9 @@ pub trait Validate: Sized {
     fn empty() -> Option<Self> {
         None
     }
+
+    /// Rewrites a valid spec in its one canonical form (run after [`Validate::validate`]),
+    /// so that what the control service sends reads the same to a client of an earlier
+    /// release. Nothing by default.
+    fn normalize(&mut self) {}
 }

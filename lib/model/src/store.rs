@@ -40,7 +40,7 @@ where
         let field = if path == "." { "-".to_owned() } else { path };
         vec![(field, e.into_inner().to_string())]
     })?;
-    let Some(spec) = env.spec.or_else(S::empty) else {
+    let Some(mut spec) = env.spec.or_else(S::empty) else {
         return Err(vec![("spec".into(), "missing".into())]);
     };
     let mut errors = Errors::default();
@@ -48,6 +48,7 @@ where
     if !errors.found.is_empty() {
         return Err(errors.found);
     }
+    spec.normalize();
     Ok(Object { metadata: env.metadata, spec })
 }
 

@@ -109,8 +109,12 @@ fn the_single_target_ref_form_is_accepted_alone() {
     };
     let names: Vec<&str> = p.spec.targets().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["reviews"]);
+    // Sent on as `targetRefs`, which clients of an earlier release read.
+    assert!(p.spec.target_ref.is_none() && p.spec.target_refs.len() == 1);
     let r = Resource::AuthorizationPolicy(p);
-    assert_eq!(Resource::from_json("control", &r.to_json()).unwrap(), r);
+    let json = String::from_utf8(r.to_json()).unwrap();
+    assert!(json.contains("\"targetRefs\"") && !json.contains("\"targetRef\""), "{json}");
+    assert_eq!(Resource::from_json("control", json.as_bytes()).unwrap(), r);
     let e = errors_of(&policy(
         "  targetRef: {kind: Service, name: a}\n  targetRefs: [{kind: Service, name: b}]\n",
     ));

@@ -576,6 +576,8 @@ fn an_istio_destination_rule_reads_as_a_destination_policy() {
     assert_eq!(service("reviews.bank.svc.cluster.local"), at("bank", "reviews"));
     assert_eq!(service("*.bank.svc.cluster.local"), None);
     assert_eq!(service("example.com.org"), None);
+    assert_eq!(service("reviews.bank.cluster.local"), None);
+    assert_eq!(service("reviews.bank.svc.example.org"), None);
     // What Sinew does not apply is refused by name, not ignored.
     let refused = |spec: &str| {
         fields(&errors_of(&rule("networking.istio.io/v1", spec)))
@@ -593,5 +595,52 @@ fn an_istio_destination_rule_reads_as_a_destination_policy() {
     assert_eq!(
         refused("  host: reviews\n  trafficPolicy: {connectionPool: {http: {idleTimeout: 1s}}}\n"),
         ["spec.trafficPolicy.connectionPool.http.idleTimeout"]
+    );
+}
+
+#[test]
+fn which_destination_rule_configures_a_service() {
+    let rule = |ns: &str, name: &str, host: &str, created: &str, errors: u32| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, \
+             namespace: {ns}, creationTimestamp: \"{created}\"}}\nspec:\n  host: {host}\n  \
+             trafficPolicy: {{outlierDetection: {{consecutiveErrors: {errors}}}}}\n---\n"
+        )
+    };
+    let yaml = [
+        rule("shop", "b-newer", "web", "2026-02-01T00:00:00Z", 1),
+        rule("shop", "a-older", "web", "2026-01-01T00:00:00Z", 2),
+        rule("sinew-system", "mesh-wide", "web.shop.svc.cluster.local", "2025-01-01T00:00:00Z", 3),
+        rule("sinew-system", "for-db", "db.shop", "2025-01-01T00:00:00Z", 4),
+        rule("client", "clients-own", "db.shop.svc", "2024-01-01T00:00:00Z", 5),
+        "apiVersion: networking.sinew.io/v1alpha1\nkind: DestinationPolicy\nmetadata: {name: p, \
+         namespace: shop}\nspec: {service: cache}\n---\n"
+            .to_owned(),
+        rule("shop", "for-cache", "cache", "2024-01-01T00:00:00Z", 6),
+    ]
+    .concat();
+    let resources: Vec<Resource> = parse_file(Path::new("dr.yaml"), &yaml)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("{:?}", e.errors)))
+        .collect();
+    let (policies, left_out) = sinew_model::destination_policies(&resources);
+    let gateway = |key: &str| {
+        let o = policies[key].outlier_detection.as_ref().unwrap();
+        // Istio's deprecated consecutiveErrors: gateway errors, the 5xx count off.
+        assert_eq!(o.consecutive_5xx_errors, Some(0), "{key}");
+        o.consecutive_gateway_errors.unwrap()
+    };
+    assert_eq!(gateway("shop/web"), 2, "the Service's namespace first, the oldest there");
+    assert_eq!(gateway("shop/db"), 4, "then the root namespace");
+    assert!(policies["shop/cache"].outlier_detection.is_none(), "a DestinationPolicy wins");
+    assert_eq!(left_out.len(), 4, "{left_out:?}");
+    assert!(
+        left_out
+            .iter()
+            .any(|p| p.contains("client/clients-own") && p.contains("clients of namespace client"))
+    );
+    assert!(
+        left_out.iter().any(|p| p.contains("shop/b-newer") && p.contains("already configures"))
     );
 }
