@@ -23,14 +23,14 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    /// From a destination's `loadBalancer`: `consistentHash` wins over `simple`;
+    /// From a destination's `loadBalancer` (`consistentHash` and `simple` are exclusive);
     /// `LEAST_REQUEST` (and no block at all) is P2C over EWMA.
     pub fn from_model(lb: Option<&sinew_model::LoadBalancer>) -> Self {
         use sinew_model::LbAlgorithm;
         match lb {
             None => Self::P2cEwma,
             Some(lb) if lb.consistent_hash.is_some() => Self::ConsistentHash,
-            Some(lb) => match lb.simple {
+            Some(lb) => match lb.simple.unwrap_or_default() {
                 LbAlgorithm::LeastRequest => Self::P2cEwma,
                 LbAlgorithm::RoundRobin => Self::RoundRobin,
                 LbAlgorithm::Random => Self::Random,

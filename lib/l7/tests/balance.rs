@@ -29,12 +29,12 @@ fn types_are_send_and_sync() {
 fn algorithm_from_model() {
     use sinew_model::{ConsistentHash, LbAlgorithm, LoadBalancer};
     assert_eq!(Algorithm::from_model(None), Algorithm::P2cEwma);
-    let lb = |simple| LoadBalancer { simple, consistent_hash: None };
+    let lb = |simple| LoadBalancer { simple: Some(simple), consistent_hash: None };
     assert_eq!(Algorithm::from_model(Some(&lb(LbAlgorithm::LeastRequest))), Algorithm::P2cEwma);
     assert_eq!(Algorithm::from_model(Some(&lb(LbAlgorithm::RoundRobin))), Algorithm::RoundRobin);
     assert_eq!(Algorithm::from_model(Some(&lb(LbAlgorithm::Random))), Algorithm::Random);
     let hashed = LoadBalancer {
-        simple: LbAlgorithm::RoundRobin,
+        simple: None,
         consistent_hash: Some(ConsistentHash {
             http_header_name: Some("x-user".into()),
             http_cookie: None,

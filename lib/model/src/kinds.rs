@@ -1430,9 +1430,9 @@ pub struct ConsistentHash {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LoadBalancer {
-    /// Algorithm, unless `consistentHash` is set.
-    #[serde(default)]
-    pub simple: LbAlgorithm,
+    /// Algorithm (default `LEAST_REQUEST`); exclusive with `consistentHash`, as in Istio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simple: Option<LbAlgorithm>,
     /// Consistent hashing instead.
     #[serde(default)]
     pub consistent_hash: Option<ConsistentHash>,
@@ -1526,6 +1526,8 @@ impl Validate for DestinationPolicySpec {
 /// `loadBalancer`, of a DestinationPolicy or a DestinationRule.
 fn validate_load_balancer(e: &mut Errors, lb: &LoadBalancer) {
     let Some(h) = &lb.consistent_hash else { return };
+    // Istio's two forms of `lbPolicy`: taking one and dropping the other would be a guess.
+    e.check(lb.simple.is_none(), "simple", || "simple and consistentHash are exclusive".into());
     let keys =
         h.http_header_name.is_some() as u8 + h.http_cookie.is_some() as u8 + h.use_source_ip as u8;
     e.check(keys == 1, "consistentHash", || {

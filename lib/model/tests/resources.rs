@@ -596,6 +596,12 @@ fn an_istio_destination_rule_reads_as_a_destination_policy() {
         refused("  host: reviews\n  trafficPolicy: {connectionPool: {http: {idleTimeout: 1s}}}\n"),
         ["spec.trafficPolicy.connectionPool.http.idleTimeout"]
     );
+    assert_eq!(
+        refused(
+            "  host: reviews\n  trafficPolicy: {loadBalancer: {simple: RANDOM, consistentHash: {useSourceIp: true}}}\n"
+        ),
+        ["spec.trafficPolicy.loadBalancer.simple"]
+    );
 }
 
 #[test]
