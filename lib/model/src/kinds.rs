@@ -1527,7 +1527,11 @@ impl Validate for DestinationPolicySpec {
 fn validate_load_balancer(e: &mut Errors, lb: &LoadBalancer) {
     let Some(h) = &lb.consistent_hash else { return };
     // Istio's two forms of `lbPolicy`: taking one and dropping the other would be a guess.
-    e.check(lb.simple.is_none(), "simple", || "simple and consistentHash are exclusive".into());
+    // The default is let through: earlier releases wrote `simple: LEAST_REQUEST` beside every
+    // `consistentHash` (in control's messages and the saved and cached configurations).
+    e.check(lb.simple.is_none_or(|s| s == LbAlgorithm::LeastRequest), "simple", || {
+        "simple and consistentHash are exclusive".into()
+    });
     let keys =
         h.http_header_name.is_some() as u8 + h.http_cookie.is_some() as u8 + h.use_source_ip as u8;
     e.check(keys == 1, "consistentHash", || {

@@ -602,6 +602,11 @@ fn an_istio_destination_rule_reads_as_a_destination_policy() {
         ),
         ["spec.trafficPolicy.loadBalancer.simple"]
     );
+    // What earlier releases wrote beside every consistentHash still reads.
+    assert!(
+        refused("  host: reviews\n  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST, consistentHash: {useSourceIp: true}}}\n")
+            .is_empty()
+    );
 }
 
 #[test]
