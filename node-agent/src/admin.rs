@@ -1,7 +1,7 @@
 //! The agent's admin endpoint (localhost by default): Prometheus metrics, readiness, the
 //! configuration and certificates in force, and policy explanations.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use axum::{
     Json, Router,
@@ -73,9 +73,12 @@ async fn certs(State(r): State<Arc<Registry>>) -> impl IntoResponse {
 
 async fn explain(
     State(r): State<Arc<Registry>>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<Vec<(String, String)>>,
 ) -> impl IntoResponse {
-    let (Some(src), Some(dst)) = (q.get("src"), q.get("dst")) else {
+    let get = |key: &str| q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let headers: Vec<String> =
+        q.iter().filter(|(k, _)| k == "header").map(|(_, v)| v.clone()).collect();
+    let (Some(src), Some(dst)) = (get("src"), get("dst")) else {
         return (
             StatusCode::BAD_REQUEST,
             Json(
@@ -84,11 +87,13 @@ async fn explain(
         );
     };
     let mesh = r.ctx().mesh.borrow().clone();
-    let request = crate::api::http_request(
-        q.get("method").map(String::as_str),
-        q.get("path").map(String::as_str),
-    );
-    match crate::explain::explain(&mesh, &r.ctx().trust_domain, src, dst, request) {
+    let request = crate::explain::RequestSpec {
+        method: get("method"),
+        path: get("path"),
+        host: get("host"),
+        headers: &headers,
+    };
+    match crate::explain::explain(&mesh, &r.ctx().trust_domain, src, dst, &request) {
         Ok(v) => (StatusCode::OK, Json(v)),
         Err(e) => (StatusCode::BAD_REQUEST, Json(json!({ "error": e }))),
     }

@@ -83,17 +83,22 @@ async fn handle(line: &[u8], registry: &Arc<Registry>) -> Response {
         Request::Enroll { pod } => registry.enroll(pod).map(Response::Enrolled),
         Request::Unenroll { uid } => registry.unenroll(&uid).map(|()| Response::Unenrolled { uid }),
         Request::Status {} => Ok(Response::Status(registry.status())),
-        Request::Explain { source, destination, method, path } => {
+        Request::Explain { source, destination, method, path, host, headers } => {
             let ctx = registry.ctx();
             let mesh = ctx.mesh.borrow().clone();
-            let request = http_request(method.as_deref(), path.as_deref());
+            let request = crate::explain::RequestSpec {
+                method: method.as_deref(),
+                path: path.as_deref(),
+                host: host.as_deref(),
+                headers: &headers,
+            };
             Ok(
                 match crate::explain::explain(
                     &mesh,
                     &ctx.trust_domain,
                     &source,
                     &destination,
-                    request,
+                    &request,
                 ) {
                     Ok(v) => Response::Explanation(v),
                     Err(message) => Response::Error { message },
@@ -107,15 +112,6 @@ async fn handle(line: &[u8], registry: &Arc<Registry>) -> Response {
         Ok(Err(e)) => Response::Error { message: e.to_string() },
         Err(e) => Response::Error { message: format!("internal error: {e}") },
     }
-}
-
-/// The request to explain a waypoint's policies for: method and path, each defaulted (`GET`,
-/// `/`); `None` when neither is given (and for a plain TCP port, where they are not used).
-pub(crate) fn http_request<'a>(
-    method: Option<&'a str>,
-    path: Option<&'a str>,
-) -> Option<(&'a str, &'a str)> {
-    (method.is_some() || path.is_some()).then(|| (method.unwrap_or("GET"), path.unwrap_or("/")))
 }
 
 #[cfg(test)]

@@ -7,19 +7,48 @@ use serde_json::{Value, json};
 use sinew_mesh::{Destination, HttpRequest, MeshIndex, Source, Target};
 use sinew_model::MtlsMode;
 
+/// The HTTP request to explain a waypoint's policies for, each part as given.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RequestSpec<'a> {
+    /// Method; `GET` when not given.
+    pub method: Option<&'a str>,
+    /// Path; `/` when not given.
+    pub path: Option<&'a str>,
+    /// Host (`Host` or `:authority`, as sent); the service's hostname when not given.
+    pub host: Option<&'a str>,
+    /// Other headers, each `Name: value`.
+    pub headers: &'a [String],
+}
+
+/// `Name: value` lines as a header map; the error names the line at fault.
+fn header_map(lines: &[String]) -> Result<http::HeaderMap, String> {
+    let mut map = http::HeaderMap::new();
+    for line in lines {
+        let bad = |why: &str| format!("header {line:?}: {why}");
+        let (name, value) = line.split_once(':').ok_or_else(|| bad("expected `Name: value`"))?;
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| bad("not a header name"))?;
+        let value =
+            http::HeaderValue::from_str(value.trim()).map_err(|_| bad("not a header value"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
 /// Explains `source` (`<namespace>/<name>` or an address) reaching `destination`
 /// (`<address>:<port>`, a pod or a service VIP) under `mesh`. For a service behind a
-/// waypoint the waypoint's policies are evaluated too, for `request` (method and path;
-/// `GET /` when not given; a plain TCP port: the connection, with the L4 rule semantics),
-/// and the endpoints' L4 policies see the original client's
+/// waypoint the waypoint's policies are evaluated too, for `request` (a plain TCP port: the
+/// connection, with the L4 rule semantics), and the endpoints' L4 policies see the original
+/// client's
 /// identity arriving from the waypoint's address, as the data path does.
 pub fn explain(
     mesh: &MeshIndex,
     trust_domain: &str,
     source: &str,
     destination: &str,
-    request: Option<(&str, &str)>,
+    request: &RequestSpec<'_>,
 ) -> Result<Value, String> {
+    let headers = header_map(request.headers)?;
     let src_workload = match source.split_once('/') {
         Some((ns, name)) => Some(
             mesh.workload(ns, name)
@@ -104,7 +133,7 @@ pub fn explain(
     let mut l7 = None;
     let mut arriving_from = src_ip;
     if let Some((svc, wp)) = via_waypoint.as_ref().filter(|_| identity.is_some()) {
-        let (method, path) = request.unwrap_or(("GET", "/"));
+        let (method, path) = (request.method.unwrap_or("GET"), request.path.unwrap_or("/"));
         let target = Target {
             namespace: &svc.namespace,
             service: &svc.name,
@@ -119,10 +148,18 @@ pub fn explain(
         let (explanation, request) = if svc.is_tcp_port(dst.port()) {
             (mesh.authz().explain_tcp(&target, &src), "TCP connection".to_owned())
         } else {
-            // As a client naming the service by its hostname sends it, without other headers.
-            let host = svc.hostname();
-            let req = HttpRequest { host: host.as_bytes(), ..HttpRequest::new(method, path) };
-            let request = format!("{method} {path} (Host: {host}, no other headers)");
+            // Unless told otherwise, as a client naming the service by its hostname sends it.
+            let host = request.host.map_or_else(|| svc.hostname(), str::to_owned);
+            let req = HttpRequest {
+                host: host.as_bytes(),
+                headers: Some(&headers),
+                ..HttpRequest::new(method, path)
+            };
+            let others = match request.headers {
+                [] => "no other headers".to_owned(),
+                lines => lines.join(", "),
+            };
+            let request = format!("{method} {path} (Host: {host}, {others})");
             (mesh.authz().explain_http(&target, &src, &req), request)
         };
         let d = &explanation.decision;
@@ -281,20 +318,28 @@ spec: {selector: {matchLabels: {app: v6}}, rules: [{from: [{source: {ipBlocks: [
 ";
         let m = mesh_of(&format!("{}{extra}", mesh_yaml()));
         // A service with no endpoints: the data path refuses, so explain says deny.
-        let e = explain(&m, "cluster.local", "shop/client", "198.18.200.2:80", None).unwrap();
+        let e =
+            explain(&m, "cluster.local", "shop/client", "198.18.200.2:80", &RequestSpec::default())
+                .unwrap();
         assert_eq!(e["verdict"], "deny", "{e:#}");
         // Behind a waypoint too: it passes the request on to nobody.
-        let e = explain(&m, "cluster.local", "shop/client", "198.18.200.3:80", None).unwrap();
+        let e =
+            explain(&m, "cluster.local", "shop/client", "198.18.200.3:80", &RequestSpec::default())
+                .unwrap();
         assert_eq!(e["verdict"], "deny", "{e:#}");
         // A dual-stack source toward an IPv6 destination is judged by its IPv6 address.
-        let e = explain(&m, "cluster.local", "shop/dual", "[2001:2::30]:8080", None).unwrap();
+        let e =
+            explain(&m, "cluster.local", "shop/dual", "[2001:2::30]:8080", &RequestSpec::default())
+                .unwrap();
         assert_eq!(e["verdict"], "allow", "{e:#}");
     }
 
     #[test]
     fn a_service_behind_a_waypoint_is_explained_through_it() {
         let m = mesh();
-        let e = explain(&m, "cluster.local", "shop/client", "198.18.200.1:80", None).unwrap();
+        let e =
+            explain(&m, "cluster.local", "shop/client", "198.18.200.1:80", &RequestSpec::default())
+                .unwrap();
         assert_eq!(e["waypoint"]["waypoint"], "shop/wp", "{e:#}");
         assert_eq!(
             e["waypoint"]["request"],
@@ -309,18 +354,57 @@ spec: {selector: {matchLabels: {app: v6}}, rules: [{from: [{source: {ipBlocks: [
             "cluster.local",
             "shop/client",
             "198.18.200.1:80",
-            Some(("GET", "/admin/users")),
+            &RequestSpec { path: Some("/admin/users"), ..Default::default() },
         )
         .unwrap();
         assert_eq!(e["waypoint"]["verdict"], "deny", "{e:#}");
         assert_eq!(e["verdict"], "deny");
         // A source outside the mesh is not captured: it reaches the endpoint directly.
-        let e = explain(&m, "cluster.local", "198.18.9.9", "198.18.200.1:80", None).unwrap();
+        let e =
+            explain(&m, "cluster.local", "198.18.9.9", "198.18.200.1:80", &RequestSpec::default())
+                .unwrap();
         assert!(e["waypoint"].is_null(), "{e:#}");
         // Straight to the pod (no waypoint), the client's own address does not pass ipBlocks.
-        let e = explain(&m, "cluster.local", "shop/client", "198.18.2.10:8080", None).unwrap();
+        let e = explain(
+            &m,
+            "cluster.local",
+            "shop/client",
+            "198.18.2.10:8080",
+            &RequestSpec::default(),
+        )
+        .unwrap();
         assert!(e["waypoint"].is_null());
         assert_eq!(e["verdict"], "deny", "{e:#}");
+    }
+
+    #[test]
+    fn the_request_explained_can_name_its_host_and_headers() {
+        let extra = "\
+---
+apiVersion: security.sinew.io/v1
+kind: AuthorizationPolicy
+metadata: {name: admins-only, namespace: shop}
+spec: {targetRefs: [{kind: Service, name: api}], rules: [{to: [{operation: {hosts: [\"api.shop*\"]}}], when: [{key: \"request.headers[x-role]\", values: [admin]}]}]}
+";
+        let m = mesh_of(&format!("{}{extra}", mesh_yaml()));
+        let vip = "198.18.200.1:80";
+        let ask = |host: Option<&str>, headers: &[String]| {
+            let r = RequestSpec { host, headers, ..Default::default() };
+            explain(&m, "cluster.local", "shop/client", vip, &r)
+        };
+        let admin = ["X-Role: admin".to_owned()];
+        let e = ask(None, &admin).unwrap();
+        assert_eq!(e["waypoint"]["verdict"], "allow", "{e:#}");
+        assert_eq!(
+            e["waypoint"]["request"],
+            "GET / (Host: api.shop.svc.cluster.local, X-Role: admin)"
+        );
+        let e = ask(Some("evil.example"), &admin).unwrap();
+        assert_eq!(e["waypoint"]["verdict"], "deny", "{e:#}");
+        let e = ask(None, &[]).unwrap();
+        assert_eq!(e["waypoint"]["verdict"], "deny", "no x-role header: {e:#}");
+        let err = ask(None, &["no colon".to_owned()]).unwrap_err();
+        assert_eq!(err, "header \"no colon\": expected `Name: value`");
     }
 
     #[test]
@@ -339,7 +423,14 @@ spec: {targetRefs: [{kind: Service, name: db}], action: DENY, rules: [{from: [{s
 ";
         let m = mesh_of(&format!("{}{extra}", mesh_yaml()));
         // No method to read on a TCP connection: the DENY matches on its source alone.
-        let e = explain(&m, "cluster.local", "shop/client", "198.18.200.4:5432", None).unwrap();
+        let e = explain(
+            &m,
+            "cluster.local",
+            "shop/client",
+            "198.18.200.4:5432",
+            &RequestSpec::default(),
+        )
+        .unwrap();
         assert_eq!(e["waypoint"]["request"], "TCP connection", "{e:#}");
         assert_eq!(
             e["waypoint"]["reason"],
@@ -347,7 +438,9 @@ spec: {targetRefs: [{kind: Service, name: db}], action: DENY, rules: [{from: [{s
         );
         assert_eq!(e["verdict"], "deny");
         // Another source passes the waypoint, then meets the endpoint's own L4 ALLOW.
-        let e = explain(&m, "cluster.local", "shop/wp", "198.18.200.4:5432", None).unwrap();
+        let e =
+            explain(&m, "cluster.local", "shop/wp", "198.18.200.4:5432", &RequestSpec::default())
+                .unwrap();
         assert_eq!(e["waypoint"]["verdict"], "allow", "{e:#}");
     }
 }

@@ -126,6 +126,8 @@ fn explain(c: &mut Cluster, node: u8, src: &str, dst: &str) -> Result<serde_json
         destination: dst.into(),
         method: None,
         path: None,
+        host: None,
+        headers: Vec::new(),
     })?;
     match r {
         Response::Explanation(v) => Ok(v),

@@ -105,6 +105,8 @@ pub fn run(bin_dir: &Path) -> Result<()> {
         destination: target.clone(),
         method: None,
         path: None,
+        host: None,
+        headers: Vec::new(),
     })? {
         println!("$ sinew explain shop/client {target}");
         for ep in v["endpoints"].as_array().into_iter().flatten() {

@@ -76,6 +76,13 @@ pub enum Request {
         /// For a service behind a waypoint: the request's path (default `/`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         path: Option<String>,
+        /// For a service behind a waypoint: the request's host (default: the service's
+        /// hostname).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host: Option<String>,
+        /// For a service behind a waypoint: the request's other headers, each `Name: value`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        headers: Vec<String>,
     },
 }
 

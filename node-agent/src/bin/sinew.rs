@@ -63,6 +63,13 @@ enum Cmd {
         /// not used for a plain TCP port).
         #[arg(long)]
         path: Option<String>,
+        /// For a service behind a waypoint: the Host its L7 policies see (default: the
+        /// service's hostname).
+        #[arg(long)]
+        host: Option<String>,
+        /// For a service behind a waypoint: a request header, `Name: value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
     },
 }
 
@@ -76,8 +83,8 @@ fn main() -> Result<()> {
         }
         Cmd::Unenroll { uid } => Request::Unenroll { uid },
         Cmd::Status => Request::Status {},
-        Cmd::Explain { source, destination, method, path } => {
-            Request::Explain { source, destination, method, path }
+        Cmd::Explain { source, destination, method, path, host, headers } => {
+            Request::Explain { source, destination, method, path, host, headers }
         }
     };
     match Client::new(&cli.agent).call(&request)? {
