@@ -153,6 +153,18 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
     // destination agent does on a CONNECT).
     c.start_app(&ds, &["relay", &Cluster::target(ds.v4(), 9091), &local(8080), "lazy"])?;
     c.start_app(&dc, &["relay", &local(9002), &Cluster::target(ds.v4(), 9091), "warm"])?;
+    // And the same shape speaking HBONE with this project's library (TLS 1.3, HTTP/2 CONNECT
+    // over a pooled connection, the 200 sent with the app's first answer): what the tunnel's
+    // protocol adds to the floor, without capture, policy, telemetry or pod namespaces.
+    let certs = c.dir().join("hbone-relays");
+    let certs = certs.to_str().context("cluster dir is not UTF-8")?;
+    let testapp = c.binary("sinew-testapp");
+    sinew_test_util::sh(testapp.to_str().context("odd path")?, &["hbone-certs", certs])?;
+    c.start_app(&ds, &["relay", &Cluster::target(ds.v4(), 9093), &local(8080), "hbone-in", certs])?;
+    c.start_app(
+        &dc,
+        &["relay", &local(9003), &Cluster::target(ds.v4(), 9093), "hbone-out", certs],
+    )?;
     let paths = [("direct", &dc, &ds), ("mesh", &mc, &ms)];
     for (name, client, server) in paths {
         // Warm up (ARP, certificates, pooled connection) and wait for nginx.
@@ -193,25 +205,33 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
     // ratios against a direct path that moves by tens of percent between runs.
     let pids = [agent_pid(&mut c, 1)?, agent_pid(&mut c, 2)?];
     let mut cpu_per_gib = Vec::new();
-    let (mut relays_us, mut warm_us) = (Vec::new(), Vec::new());
-    // CPU per new connection of both agents, and of the warm relays: where the mesh's extra
-    // latency is not extra work, it is on the critical path.
-    let (mut agents_cpu, mut warm_cpu) = (Vec::new(), Vec::new());
+    let (mut relays_us, mut warm_us, mut hbone_us) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU per new connection of both agents, and of the warm and HBONE relays: where the
+    // mesh's extra latency is not extra work, it is on the critical path.
+    let (mut agents_cpu, mut warm_cpu, mut hbone_cpu) = (Vec::new(), Vec::new(), Vec::new());
     c.run_in(&dc, &["ping", &local(9002), "20"])?;
-    let warm_pids = ["9002", "9091"]
-        .iter()
-        .map(|port| {
-            let out =
-                sinew_test_util::sh("pgrep", &["-f", &format!("relay .*{port} .*(warm|lazy)")])?;
-            let pid = out.lines().next().with_context(|| format!("no relay on {port}"))?;
-            Ok(pid.trim().parse()?)
-        })
-        .collect::<Result<Vec<u32>>>()?;
+    c.run_in(&dc, &["ping", &local(9003), "20"])?;
+    let relay_pids = |ports: [&str; 2], modes: &str| {
+        ports
+            .iter()
+            .map(|port| {
+                let pattern = format!("relay .*{port} .*({modes})");
+                let out = sinew_test_util::sh("pgrep", &["-f", &pattern])?;
+                let pid = out.lines().next().with_context(|| format!("no relay on {port}"))?;
+                Ok(pid.trim().parse()?)
+            })
+            .collect::<Result<Vec<u32>>>()
+    };
+    let warm_pids = relay_pids(["9002", "9091"], "warm|lazy")?;
+    let hbone_pids = relay_pids(["9003", "9093"], "hbone-out|hbone-in")?;
     for _ in 0..ROUNDS {
         relays_us.push(field(&c.run_in(&dc, &["ping", &local(9001), "500"])?, "mean_us")?);
         let (us, cpu) = ping_with_cpu(&c, &dc, &local(9002), &warm_pids)?;
         warm_us.push(us);
         warm_cpu.push(cpu);
+        let (us, cpu) = ping_with_cpu(&c, &dc, &local(9003), &hbone_pids)?;
+        hbone_us.push(us);
+        hbone_cpu.push(cpu);
         for (i, (_, client, server)) in paths.iter().enumerate() {
             let target = Cluster::target(server.v4(), 8080);
             let before = cpu_ms(pids[0])? + cpu_ms(pids[1])?;
@@ -241,7 +261,9 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
     let cpu_per_gib = median(&mut cpu_per_gib);
     let relays_us = median(&mut relays_us);
     let warm_us = median(&mut warm_us);
+    let hbone_us = median(&mut hbone_us);
     let (agents_cpu, warm_cpu) = (median(&mut agents_cpu), median(&mut warm_cpu));
+    let hbone_cpu = median(&mut hbone_cpu);
     let m: Vec<[f64; 6]> = s
         .iter_mut()
         .map(|r| {
@@ -265,7 +287,8 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
     }
     println!(
         "  bare relays: connect+first byte {relays_us:6.1} us   warm bare relays: {warm_us:6.1} us   \
-         CPU per new connection: agents {agents_cpu:.0} us, warm relays {warm_cpu:.0} us"
+         HBONE relays: {hbone_us:6.1} us   CPU per new connection: agents {agents_cpu:.0} us, \
+         warm relays {warm_cpu:.0} us, HBONE relays {hbone_cpu:.0} us"
     );
     let (d, x) = (m[0], m[1]);
     let report = json!({
@@ -282,6 +305,8 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
         "warm_bare_relays": { "connect_mean_us": warm_us, "cpu_us_per_connection": warm_cpu },
         "agents_cpu_us_per_connection": agents_cpu,
         "warm_bare_relays_connect_latency_ratio": warm_us / d[2],
+        "hbone_relays": { "connect_mean_us": hbone_us, "cpu_us_per_connection": hbone_cpu },
+        "hbone_relays_connect_latency_ratio": hbone_us / d[2],
         "agent_rss_idle_mib": rss_idle_kib as f64 / 1024.0,
         "agent_rss_loaded_mib": rss_loaded_kib as f64 / 1024.0,
         "agents_cpu_ms_per_gib_1_stream": cpu_per_gib,
@@ -300,13 +325,16 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
                    the floor of connect latency with a user-space hop on each node, without capture, TLS, HTTP/2, policy or telemetry. \
                    warm_bare_relays = the same in the tunnel's shape: the cross-node connection opened before the client comes \
                    (as a pooled HBONE connection), the far relay connecting to the app once the first bytes are in. \
+                   hbone_relays = the warm relays' shape speaking HBONE through sinew-hbone (TLS 1.3, HTTP/2 CONNECT on a pooled \
+                   connection, optimistic, the 200 with the app's first answer): the protocol's own cost, without capture, \
+                   policy, telemetry or pod namespaces. \
                    CPU per connection: both agents' (or both warm relays') scheduler time over the 500-connection loop. \
                    HTTP: wrk -t2 -c30 for 5 s against nginx (1 worker). CPU per GiB: both agents' user+system time during the 1-stream run. RSS: the larger agent's VmRSS, idle after warm-up and after the load. \
                    Median of 3 interleaved rounds.",
     });
     println!(
         "throughput_1_ratio {:.3} (goal >= 0.45)  throughput_8_ratio {:.3}  http_rps_ratio {:.3} (goal >= 0.7)  \
-         http_p99_added_ms {:.3} (goal <= 0.7)  connect_latency_ratio {:.2} (goal <= 2.0; bare relays {:.2}, warm {:.2})  agent_rss_idle_mib {:.1} (goal <= 12)  agents_cpu_ms_per_gib_1_stream {:.0}",
+         http_p99_added_ms {:.3} (goal <= 0.7)  connect_latency_ratio {:.2} (goal <= 2.0; bare relays {:.2}, warm {:.2}, HBONE {:.2})  agent_rss_idle_mib {:.1} (goal <= 12)  agents_cpu_ms_per_gib_1_stream {:.0}",
         x[0] / d[0],
         x[1] / d[1],
         x[3] / d[3],
@@ -314,6 +342,7 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
         x[2] / d[2],
         relays_us / d[2],
         warm_us / d[2],
+        hbone_us / d[2],
         rss_idle_kib as f64 / 1024.0,
         cpu_per_gib
     );

@@ -17,7 +17,8 @@ use tokio::{
 
 const USAGE: &str = "usage: sinew-testapp serve PORT... | xfer TARGET UP DOWN SEED | \
 many TARGETS(,) COUNT | sink TARGET SECS [STREAMS] | ping TARGET COUNT [SOURCE-IP] | reset TARGET | \
-hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | grpc-retry TARGET | raw TARGET TEXT | fire TARGET TEXT | steal PORT SECS | flood TARGET COUNT | relay LISTEN TARGET [warm|lazy]";
+hold TARGET SECS | mark TARGET TEXT REPEAT | http PORT NAME | upgrade TARGET | grpc PORT NAME | grpc-call TARGET | grpc-retry TARGET | raw TARGET TEXT | fire TARGET TEXT | steal PORT SECS | flood TARGET COUNT | relay LISTEN TARGET [warm|lazy] | \
+hbone-certs DIR | relay LISTEN TARGET hbone-out|hbone-in DIR";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -54,14 +55,18 @@ fn main() -> Result<()> {
             "fire" => fire(arg(1)?.parse()?, arg(2)?).await,
             "flood" => flood(arg(1)?.parse()?, arg(2)?.parse()?).await,
             "relay" => {
+                let (listen, target) = (arg(1)?.parse()?, arg(2)?.parse()?);
                 let mode = match args.get(3).map(String::as_str) {
                     None => Relay::Plain,
                     Some("warm") => Relay::Warm,
                     Some("lazy") => Relay::Lazy,
+                    Some("hbone-out") => return hbone::relay_out(listen, target, arg(4)?).await,
+                    Some("hbone-in") => return hbone::relay_in(listen, target, arg(4)?).await,
                     Some(_) => bail!(USAGE),
                 };
-                relay(arg(1)?.parse()?, arg(2)?.parse()?, mode).await
+                relay(listen, target, mode).await
             }
+            "hbone-certs" => hbone::certs(arg(1)?),
             "mark" => mark(arg(1)?.parse()?, arg(2)?, arg(3)?.parse()?).await,
             _ => bail!(USAGE),
         }
@@ -316,6 +321,114 @@ async fn relay(listen: SocketAddr, target: SocketAddr, mode: Relay) -> Result<()
         if mode == Relay::Warm {
             // Spawned after the copy, so it runs once that has had its first turn.
             spare = Some(tokio::spawn(connect()));
+        }
+    }
+}
+
+/// The simplest HBONE relays (this project's HBONE library: TLS 1.3 and HTTP/2 CONNECT over
+/// a pooled connection), in the agents' places: the benchmarks' floor of what the tunnel's
+/// protocol itself costs, without capture, policy, telemetry or pod namespaces.
+mod hbone {
+    use std::{net::SocketAddr, path::Path, time::Duration};
+
+    use anyhow::{Context, Result};
+    use sinew_hbone::{Connect, Pool, PoolKey, serve_connection, tls::Identity};
+    use sinew_identity::{Ca, SpiffeId};
+    use tokio::net::{TcpListener, TcpStream};
+
+    const FILES: [&str; 2] = ["out", "in"];
+
+    fn id(name: &str) -> Result<SpiffeId> {
+        Ok(SpiffeId::new("cluster.local", "bench", name)?)
+    }
+
+    /// Writes a CA's bundle and a certificate and key for each relay into `dir`.
+    pub(super) fn certs(dir: &str) -> Result<()> {
+        let dir = Path::new(dir);
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let ca = Ca::generate("cluster.local")?;
+        std::fs::write(dir.join("bundle.pem"), ca.bundle().concat())?;
+        for name in FILES {
+            let (key, cert) = ca.issue(&id(name)?, &[], Duration::from_secs(24 * 3600))?;
+            std::fs::write(dir.join(format!("{name}.pem")), cert)?;
+            std::fs::write(dir.join(format!("{name}.key")), key)?;
+        }
+        Ok(())
+    }
+
+    fn identity(dir: &str, name: &str) -> Result<Identity> {
+        let dir = Path::new(dir);
+        let read =
+            |f: String| std::fs::read_to_string(dir.join(&f)).with_context(|| format!("read {f}"));
+        let bundle = vec![read("bundle.pem".into())?];
+        Ok(Identity::from_pem(
+            &read(format!("{name}.pem"))?,
+            &read(format!("{name}.key"))?,
+            &bundle,
+        )?)
+    }
+
+    fn ready() -> Result<()> {
+        println!("ready");
+        std::io::Write::flush(&mut std::io::stdout())?;
+        Ok(())
+    }
+
+    /// Each connection on `listen` becomes an optimistic CONNECT to `peer` (a `relay_in`),
+    /// carrying the bytes already in, as the source agent sends it.
+    pub(super) async fn relay_out(listen: SocketAddr, peer: SocketAddr, dir: &str) -> Result<()> {
+        let me = identity(dir, "out")?;
+        let key = PoolKey {
+            source: me.id().clone(),
+            source_ip: listen.ip(),
+            destination: peer,
+            expected: id("in")?,
+        };
+        let l = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
+        let pool = Pool::new();
+        ready()?;
+        loop {
+            let (mut down, client) = l.accept().await?;
+            let (pool, me, key) = (pool.clone(), me.clone(), key.clone());
+            tokio::spawn(async move {
+                let _ = down.set_nodelay(true);
+                let mut early = bytes::BytesMut::with_capacity(16 << 10);
+                if matches!(down.try_read_buf(&mut early), Err(e) if e.kind() != std::io::ErrorKind::WouldBlock)
+                {
+                    return;
+                }
+                let req = Connect {
+                    authority: peer,
+                    client,
+                    baggage: None,
+                    early: early.freeze(),
+                    optimistic: true,
+                };
+                let Ok(mut up) = pool.connect(&key, &me, req, TcpStream::connect).await else {
+                    return;
+                };
+                let _ = up.copy_tcp(&mut down, &|_, _| {}).await;
+            });
+        }
+    }
+
+    /// Terminates HBONE on `listen` and connects each CONNECT to `app`, as the destination
+    /// agent does.
+    pub(super) async fn relay_in(listen: SocketAddr, app: SocketAddr, dir: &str) -> Result<()> {
+        let config = identity(dir, "in")?.server_config()?;
+        let l = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
+        ready()?;
+        loop {
+            let (tcp, peer) = l.accept().await?;
+            tokio::spawn(serve_connection(tcp, peer, config.clone(), move |inbound| async move {
+                let Ok(mut up) = TcpStream::connect(app).await else {
+                    return inbound.refuse(http::StatusCode::SERVICE_UNAVAILABLE);
+                };
+                let _ = up.set_nodelay(true);
+                if let Ok(mut s) = inbound.accept_with_answer() {
+                    let _ = s.copy_tcp(&mut up, &|_, _| {}).await;
+                }
+            }));
         }
     }
 }
