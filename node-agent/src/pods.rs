@@ -317,26 +317,7 @@ impl Registry {
         if mode == Mode::Api && !*self.known.borrow() {
             return Err(PodError::NotReady(spec.uid));
         }
-        let resolved = match &spec.cgroup {
-            Some(p) => cgroup::validate(&self.settings.cgroup_root, p)?,
-            None => cgroup::discover(&self.settings.cgroup_root, &spec.uid)?,
-        };
-        // The spec is stored as JSON (state file, status answers): a path that is not UTF-8
-        // could not be written there.
-        if resolved.to_str().is_none() {
-            return Err(PodError::Invalid {
-                uid: spec.uid,
-                field: "cgroup",
-                reason: format!("{} is not valid UTF-8", resolved.display()),
-            });
-        }
-        // Programs attached to a cgroup act on every cgroup below it: one holding the agent
-        // would capture the agent's own connections, one around or inside another pod's
-        // would capture that pod under this one's identity.
-        if cgroup::nested(&resolved, &self.settings.agent_cgroup) {
-            return Err(PodError::HoldsAgent { uid: spec.uid, cgroup: resolved });
-        }
-        spec.cgroup = Some(resolved);
+        spec.cgroup = Some(self.checked_cgroup(&spec)?);
         let netns = Netns::open(&spec.netns)?;
 
         let mut pods = self.pods.lock().expect("pod registry lock poisoned");
@@ -452,6 +433,31 @@ impl Registry {
     }
 
     /// Creates the pod's listeners, registers its addresses and attaches the programs.
+    /// The pod's cgroup, given (and then checked to be under the cgroup root) or discovered
+    /// from its UID, and refused where programs attached to it would capture the agent.
+    fn checked_cgroup(&self, spec: &PodSpec) -> Result<PathBuf, PodError> {
+        let resolved = match &spec.cgroup {
+            Some(p) => cgroup::validate(&self.settings.cgroup_root, p)?,
+            None => cgroup::discover(&self.settings.cgroup_root, &spec.uid)?,
+        };
+        // The spec is stored as JSON (state file, status answers): a path that is not UTF-8
+        // could not be written there.
+        if resolved.to_str().is_none() {
+            return Err(PodError::Invalid {
+                uid: spec.uid.clone(),
+                field: "cgroup",
+                reason: format!("{} is not valid UTF-8", resolved.display()),
+            });
+        }
+        // Programs attached to a cgroup act on every cgroup below it: one holding the agent
+        // would capture the agent's own connections, one around or inside another pod's
+        // would capture that pod under this one's identity.
+        if cgroup::nested(&resolved, &self.settings.agent_cgroup) {
+            return Err(PodError::HoldsAgent { uid: spec.uid.clone(), cgroup: resolved });
+        }
+        Ok(resolved)
+    }
+
     fn capture_pod(&self, spec: &PodSpec, netns: Netns) -> Result<Vec<JoinHandle<()>>, PodError> {
         let uid = &spec.uid;
         if self.draining() {
@@ -517,8 +523,10 @@ impl Registry {
                 // closed) and swap our programs in.
                 capture.relink_pod(uid)?;
             } else {
-                let cgroup = spec.cgroup.as_deref().expect("cgroup resolved before capture");
-                capture.attach_pod(uid, cgroup, &netns)?;
+                // Checked again: a pod whose re-adoption failed is retried from its state
+                // file entry, which may name no cgroup or one its checks never saw.
+                let cgroup = self.checked_cgroup(spec)?;
+                capture.attach_pod(uid, &cgroup, &netns)?;
             }
             Ok(())
         };

@@ -404,6 +404,48 @@ fn restart_keeps_a_pod_it_cannot_readopt_failing_closed() -> Result<()> {
 }
 
 #[test]
+fn a_state_file_pod_without_a_findable_cgroup_stays_closed_and_the_agent_serves() -> Result<()> {
+    let (mut c, _client, server) = two_nodes()?;
+    c.agent(2).kill();
+    // The state file names no cgroup for the server (an older or hand-written one), none can
+    // be discovered from its UID (the harness does not name cgroups pod<uid>), and its pins
+    // are gone: re-adoption fails, and the retries attach from that entry. They once took
+    // the agent down with it (a panic holding the pod registry's lock).
+    let state = c.agent(2).state_dir.join("pods.json");
+    let mut pods: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state)?)?;
+    for p in pods.as_array_mut().context("pods.json is not a list")? {
+        if p["name"] == "server" {
+            p.as_object_mut().context("a pod is not an object")?.remove("cgroup");
+        }
+    }
+    std::fs::write(&state, serde_json::to_vec(&pods)?)?;
+    std::fs::remove_dir_all(
+        c.agent(2).bpffs_dir.join("pods").join(format!("uid-{}", server.name)),
+    )?;
+    c.agent(2).restart()?;
+    // A new mesh view retries every pod that should be captured (as does a timer, later).
+    c.write_config("nudge.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: nudge\n")?;
+    let mut reason = String::new();
+    for _ in 0..150 {
+        let pods = c.agent(2).status()?.pods;
+        let pod = pods.iter().find(|p| p.spec.name == "server").context("server forgotten")?;
+        ensure!(!pod.captured, "{pod:?}");
+        reason = pod.reason.clone().unwrap_or_default();
+        if reason.contains("capture failed") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ensure!(reason.contains("capture failed") && reason.contains("cgroup"), "{reason}");
+    // The agent still serves: a new pod enrolls and is captured, status keeps answering.
+    let other = c.add_pod(2, "other", "demo")?;
+    ensure!(c.agent(2).enroll(&other)?.captured);
+    ensure!(c.agent(2).status()?.pods.len() == 2);
+    ensure!(!c.agent(2).log_text().contains("panicked"), "{}", c.agent(2).log_text());
+    Ok(())
+}
+
+#[test]
 fn a_namespace_unlabelled_while_the_agent_was_down_is_released_at_restart() -> Result<()> {
     let (mut c, _client, server) = two_nodes()?;
     let labelled = |on: bool| {
