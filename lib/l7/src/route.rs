@@ -745,11 +745,13 @@ pub fn modify_headers(headers: &mut HeaderMap, m: &HeaderModifier) {
             HeaderValue::from_str(&h.value).ok()?,
         ))
     };
+    // A full map (thousands of names) takes no more rather than failing the request; the
+    // lists are bounded when validated, so only a request already that large gets here.
     for (name, value) in m.set.iter().filter_map(parse) {
-        headers.insert(name, value);
+        let _ = headers.try_insert(name, value);
     }
     for (name, value) in m.add.iter().filter_map(parse) {
-        headers.append(name, value);
+        let _ = headers.try_append(name, value);
     }
 }
 

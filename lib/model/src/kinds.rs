@@ -1111,10 +1111,20 @@ fn header_value_ok(value: &str) -> bool {
     value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
+/// Entries per list of a header modifier (`set`, `add`, `remove`), Gateway API's `maxItems`.
+const MAX_HEADER_MODIFIER_ENTRIES: usize = 16;
+
 /// Header modifier entries the waypoint could not apply are refused here: skipped at run
 /// time they would fail silently (a `remove` of a sensitive header doing nothing).
 fn validate_header_modifier(e: &mut Errors, field: &str, m: &HeaderModifier) {
     e.at(field, |e| {
+        // Gateway API's own bound: a request's header map has room for a few thousand
+        // names at most, and a route that would overflow it could not be served.
+        for (list, n) in [("set", m.set.len()), ("add", m.add.len()), ("remove", m.remove.len())] {
+            e.check(n <= MAX_HEADER_MODIFIER_ENTRIES, list, || {
+                format!("{n} entries: at most {MAX_HEADER_MODIFIER_ENTRIES}, as in Gateway API")
+            });
+        }
         for (list, values) in [("set", &m.set), ("add", &m.add)] {
             e.each(list, values, |e, h| {
                 e.check(header_name_ok(&h.name), "name", || {

@@ -199,6 +199,25 @@ fn backend_filters_are_limited_to_the_kinds_applied_per_backend() {
 }
 
 #[test]
+fn header_modifier_lists_are_bounded_as_in_gateway_api() {
+    let entries = |n: usize| {
+        (0..n).map(|i| format!("{{name: x-h{i}, value: v}}")).collect::<Vec<_>>().join(", ")
+    };
+    let route = |set: &str, add: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec:\n  parentRefs: [{{name: svc}}]\n  rules:\n    - filters:\n      - {{type: ResponseHeaderModifier, responseHeaderModifier: {{set: [{set}], add: [{add}]}}}}\n      backendRefs: [{{name: a, port: 80}}]\n"
+        )
+    };
+    assert!(errors_of(&route(&entries(16), &entries(16))).is_empty());
+    let e = errors_of(&route(&entries(17), &entries(3)));
+    assert_eq!(
+        fields(&e),
+        [("HTTPRoute/shop/r", "spec.rules[0].filters[0].responseHeaderModifier.set")]
+    );
+    assert!(e[0].message.contains("17 entries: at most 16"), "{}", e[0].message);
+}
+
+#[test]
 fn filter_values_the_waypoint_could_not_apply_are_named() {
     let e = errors_of(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{name: svc}]\n  rules:\n    - filters:\n      - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: \"x a\", value: ok}], add: [{name: x-b, value: \"a\\nb\"}], remove: [\"\"]}}\n      - {type: URLRewrite, urlRewrite: {hostname: \"Bad_Host\", path: {type: ReplaceFullPath, replaceFullPath: \"no-slash\"}}}\n      - {type: RequestRedirect, requestRedirect: {statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: \"x\"}}}\n      - {type: RequestMirror, requestMirror: {backendRef: {name: Bad, port: 80}}}\n      backendRefs: [{name: a, port: 80}]\n",
