@@ -81,9 +81,10 @@ struct Args {
     /// OpenTelemetry collector (`http://host:4318`): one span per request, OTLP/HTTP JSON.
     #[arg(long)]
     otlp_endpoint: Option<String>,
-    /// Worker threads, each serving its connections start to end (thread per core).
-    #[arg(long, default_value_t = 2)]
-    workers: usize,
+    /// Worker threads, each serving its connections start to end (thread per core), 1 to
+    /// 1024.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: u16,
     /// Pin workers to CPUs: `auto` pins each to its own when there is one per CPU the
     /// process may use; `off` never does.
     #[arg(long, default_value_t = Pinning::Auto)]
@@ -102,9 +103,6 @@ struct Args {
 fn main() -> Result<()> {
     sinew_telemetry::init_logging();
     let args = Args::parse();
-    if args.workers == 0 {
-        bail!("--workers must be at least 1");
-    }
     let id = SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)
         .with_context(|| {
             format!("--namespace {} --service-account {}", args.namespace, args.service_account)
@@ -119,7 +117,7 @@ fn main() -> Result<()> {
     // The control plane (configuration, certificates, admin) runs on this thread; requests
     // run on the workers, one connection per worker from accept to close.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let workers = Workers::start(args.workers, "sinew-waypoint", args.pin_workers)?;
+    let workers = Workers::start(usize::from(args.workers), "sinew-waypoint", args.pin_workers)?;
     info!(workers = args.workers, cpus = ?workers.cpus(), "workers started");
     if let (Some(listen), Some(upstream)) = (args.plain_http, args.plain_upstream) {
         let stream_idle = stream_idle(&args);

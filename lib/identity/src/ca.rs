@@ -155,7 +155,9 @@ impl Ca {
             // there since stay.
             for partial in [&cert, &key] {
                 let modified = std::fs::metadata(partial).and_then(|m| m.modified());
-                if modified.is_ok_and(|t| t <= marker + Duration::from_secs(60)) {
+                // (A marker dated at the end of time counts every file as not older.)
+                let until = marker.checked_add(Duration::from_secs(60)).unwrap_or(marker);
+                if modified.is_ok_and(|t| t <= until) {
                     let _ = std::fs::remove_file(partial);
                 }
             }

@@ -100,7 +100,7 @@ impl Workers {
     /// the same or higher requests/s. A pin that fails leaves that worker unpinned.
     pub fn start(n: usize, name: &str, pinning: Pinning) -> io::Result<Self> {
         let n = n.max(1);
-        let arenas = i32::try_from(n + 1).unwrap_or(i32::MAX);
+        let arenas = i32::try_from(n.saturating_add(1)).unwrap_or(i32::MAX);
         // SAFETY: mallopt only tunes the allocator and may be called at any time; a failure
         // (0) leaves glibc's default in place.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
