@@ -432,7 +432,6 @@ impl Registry {
         Ok(status)
     }
 
-    /// Creates the pod's listeners, registers its addresses and attaches the programs.
     /// The pod's cgroup, given (and then checked to be under the cgroup root) or discovered
     /// from its UID, and refused where programs attached to it would capture the agent.
     fn checked_cgroup(&self, spec: &PodSpec) -> Result<PathBuf, PodError> {
@@ -458,6 +457,7 @@ impl Registry {
         Ok(resolved)
     }
 
+    /// Creates the pod's listeners, registers its addresses and attaches the programs.
     fn capture_pod(&self, spec: &PodSpec, netns: Netns) -> Result<Vec<JoinHandle<()>>, PodError> {
         let uid = &spec.uid;
         if self.draining() {
