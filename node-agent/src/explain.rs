@@ -183,8 +183,9 @@ pub fn explain(
         });
         if !w.in_mesh {
             e["verdict"] = json!("allow");
-            e["reason"] =
-                json!("the destination's namespace is not in the mesh: no policy applies");
+            e["reason"] = json!(
+                "the destination is not in the mesh (its namespace, or its own sinew.io/dataplane-mode label): no policy applies"
+            );
         } else {
             let explanation =
                 mesh.authz().explain(&dest, &Source { identity: identity.as_ref(), ip });

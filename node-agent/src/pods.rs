@@ -18,6 +18,7 @@ use sinew_ebpf_common::{
 };
 use sinew_identity::SpiffeId;
 use sinew_local_api::{AgentStatus, PodSpec, PodStatus};
+use sinew_mesh::MeshIndex;
 use tokio::{net::TcpListener, runtime::Handle, task::JoinHandle};
 use tracing::{info, warn};
 
@@ -216,8 +217,8 @@ impl Registry {
         &self.ctx
     }
 
-    fn namespace_is_ambient(&self, namespace: &str) -> bool {
-        self.ctx.mesh.borrow().namespace_is_ambient(namespace)
+    fn in_mesh(&self, spec: &PodSpec) -> bool {
+        self.ctx.mesh.borrow().pod_in_mesh(&spec.namespace, &spec.name)
     }
 
     fn state_file(&self) -> PathBuf {
@@ -381,7 +382,7 @@ impl Registry {
                 });
             }
         }
-        let (pod, captured) = if self.namespace_is_ambient(&spec.namespace) {
+        let (pod, captured) = if self.in_mesh(&spec) {
             let tasks = self.capture_pod(&spec, netns)?;
             (
                 Pod {
@@ -405,7 +406,7 @@ impl Registry {
             {
                 self.release(&spec)?;
             }
-            let reason = not_enrolled(&spec.namespace);
+            let reason = not_enrolled(&self.ctx.mesh.borrow(), &spec);
             (
                 Pod {
                     status: PodStatus { spec, captured: false, reason: Some(reason) },
@@ -597,7 +598,7 @@ impl Registry {
         let mut pods = self.pods.lock().expect("pod registry lock poisoned");
         for pod in pods.values_mut() {
             let spec = &pod.status.spec;
-            let want = mesh.namespace_is_ambient(&spec.namespace);
+            let want = mesh.pod_in_mesh(&spec.namespace, &spec.name);
             if want == pod.status.captured || (want && pod.refused) {
                 // Uncaptured but still pinned (re-adopted before configuration arrived, or
                 // a re-adoption that failed): the view now says it is out of the mesh.
@@ -607,7 +608,7 @@ impl Registry {
                 {
                     match self.release(spec) {
                         Ok(()) => {
-                            pod.status.reason = Some(not_enrolled(&spec.namespace));
+                            pod.status.reason = Some(not_enrolled(&mesh, spec));
                             changed += 1;
                             info!(pod = %spec.uid, "namespace not in the mesh: pins released");
                         }
@@ -645,7 +646,7 @@ impl Registry {
                     t.abort();
                 }
                 pod.status.captured = false;
-                pod.status.reason = Some(not_enrolled(&spec.namespace));
+                pod.status.reason = Some(not_enrolled(&mesh, spec));
                 changed += 1;
                 info!(pod = %spec.uid, "namespace left the mesh: released");
             }
@@ -724,12 +725,18 @@ impl Registry {
     }
 }
 
-fn not_enrolled(namespace: &str) -> String {
-    format!(
-        "namespace {namespace:?} is not enrolled (label {}={})",
-        sinew_model::DATAPLANE_MODE_LABEL,
-        sinew_model::DATAPLANE_MODE_AMBIENT
-    )
+fn not_enrolled(mesh: &MeshIndex, spec: &PodSpec) -> String {
+    let label = sinew_model::DATAPLANE_MODE_LABEL;
+    match mesh.workload(&spec.namespace, &spec.name).and_then(|w| w.labels.get(label)) {
+        Some(mode) => {
+            format!("Workload {}/{} is labelled {label}={mode}", spec.namespace, spec.name)
+        }
+        None => format!(
+            "namespace {:?} is not enrolled (label {label}={})",
+            spec.namespace,
+            sinew_model::DATAPLANE_MODE_AMBIENT
+        ),
+    }
 }
 
 /// Field checks that need no system access.

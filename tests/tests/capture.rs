@@ -446,6 +446,59 @@ fn a_state_file_pod_without_a_findable_cgroup_stays_closed_and_the_agent_serves(
 }
 
 #[test]
+fn a_workload_label_takes_one_pod_out_of_the_mesh_or_brings_one_in() -> Result<()> {
+    let (mut c, _client, server) = two_nodes()?;
+    let to_server = Cluster::target(server.v4(), 8080);
+    const MODE: &str = "sinew.io/dataplane-mode";
+    // Polls the agent's view of `pod` until it is `captured` (the agent reads the Workload's
+    // label from its configuration, re-read every 2 s).
+    let settle = |c: &mut Cluster, pod: &Pod, captured: bool| -> Result<String> {
+        let mut last = None;
+        for _ in 0..100 {
+            let pods = c.agent(1).status()?.pods;
+            let p = pods.iter().find(|p| p.spec.name == pod.name).context("pod unknown")?;
+            if p.captured == captured && c.pod_has_links(pod)? == captured {
+                return Ok(p.reason.clone().unwrap_or_default());
+            }
+            last = Some(p.clone());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        anyhow::bail!("{} never became captured={captured}: {last:?}", pod.name)
+    };
+    // Out of an ambient namespace: not captured, its connections go direct.
+    let out = c.add_pod_labeled(1, "out", "demo", "default", &[(MODE, "none")])?;
+    c.agent(1).enroll(&out)?;
+    let reason = settle(&mut c, &out, false)?;
+    ensure!(
+        reason.contains("Workload demo/out is labelled sinew.io/dataplane-mode=none"),
+        "{reason}"
+    );
+    let before = c.agent(1).status()?.counters.outbound;
+    xfer(&c, &out, &to_server, 4096, 4096)?;
+    ensure!(c.agent(1).status()?.counters.outbound == before, "an excluded pod was captured");
+    // Into a namespace that is not in the mesh: captured.
+    let inside = c.add_pod_labeled(1, "inside", "plain", "default", &[(MODE, "ambient")])?;
+    c.agent(1).enroll(&inside)?;
+    settle(&mut c, &inside, true)?;
+    xfer(&c, &inside, &to_server, 4096, 4096)?;
+    ensure!(c.agent(1).status()?.counters.outbound == before + 1, "an enrolled pod went direct");
+    // Without the label the namespace decides again, for both, while they run.
+    for pod in [&out, &inside] {
+        c.write_config(
+            &format!("workload-{}.yaml", pod.name),
+            &format!(
+                "apiVersion: sinew.io/v1alpha1\nkind: Workload\nmetadata: {{name: {}, namespace: {}}}\nspec: {{serviceAccount: default, node: node1, ips: [\"{}\", \"{}\"]}}\n",
+                pod.name, pod.namespace, pod.ips[0], pod.ips[1]
+            ),
+        )?;
+    }
+    settle(&mut c, &out, true)?;
+    let reason = settle(&mut c, &inside, false)?;
+    ensure!(reason.contains("namespace \"plain\" is not enrolled"), "{reason}");
+    Ok(())
+}
+
+#[test]
 fn a_namespace_unlabelled_while_the_agent_was_down_is_released_at_restart() -> Result<()> {
     let (mut c, _client, server) = two_nodes()?;
     let labelled = |on: bool| {

@@ -30,7 +30,8 @@ pub struct WorkloadInfo {
     pub ips: Vec<IpAddr>,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
-    /// Its namespace is labelled `sinew.io/dataplane-mode=ambient`.
+    /// In the mesh: its own `sinew.io/dataplane-mode` label (`ambient` or `none`, as Istio
+    /// enrolls or excludes a single pod) or, without one, its namespace's.
     pub in_mesh: bool,
     /// `sinew.io/use-waypoint` of its namespace, if any (an empty value counts as none).
     pub waypoint: Option<String>,
@@ -310,6 +311,16 @@ impl MeshIndex {
         self.ambient.contains(ns)
     }
 
+    /// Whether pod `name` of namespace `ns` is to be captured: its Workload's own
+    /// `sinew.io/dataplane-mode` label decides (`ambient` enrolls it in a namespace that is
+    /// not, `none` keeps it out of one that is, as Istio's pod label does), else its
+    /// namespace's.
+    pub fn pod_in_mesh(&self, ns: &str, name: &str) -> bool {
+        self.workload(ns, name)
+            .and_then(|w| dataplane_mode(&w.labels))
+            .unwrap_or_else(|| self.namespace_is_ambient(ns))
+    }
+
     /// The authorization policies and peer authentications.
     pub fn authz(&self) -> &Authz {
         &self.authz
@@ -352,6 +363,12 @@ fn namespace_infos(namespaces: Vec<&Object<NamespaceSpec>>) -> HashMap<String, N
         .collect()
 }
 
+/// A workload's own choice, when its labels make one: `ambient` in, anything else (`none`,
+/// the one other value validation admits) out.
+fn dataplane_mode(labels: &BTreeMap<String, String>) -> Option<bool> {
+    labels.get(DATAPLANE_MODE_LABEL).map(|m| m == DATAPLANE_MODE_AMBIENT)
+}
+
 fn workload_info(
     w: &Object<WorkloadSpec>,
     namespaces: &HashMap<String, NamespaceInfo>,
@@ -365,7 +382,7 @@ fn workload_info(
         node: w.spec.node.clone(),
         ips: w.spec.ips.clone(),
         labels: w.metadata.labels.clone(),
-        in_mesh: ns_info.is_some_and(|n| n.ambient),
+        in_mesh: dataplane_mode(&w.metadata.labels).unwrap_or(ns_info.is_some_and(|n| n.ambient)),
         waypoint: ns_info.and_then(|n| n.waypoint.clone()),
     }
 }

@@ -128,6 +128,29 @@ fn endpoints_by_selector_within_the_namespace() {
 }
 
 #[test]
+fn a_workload_label_enrolls_or_excludes_one_pod() {
+    let idx = index(
+        &[
+            namespace("shop", "sinew.io/dataplane-mode: ambient"),
+            namespace("other", ""),
+            workload("shop", "db-1", "db", "10.0.0.3", "sinew.io/dataplane-mode: none"),
+            workload("shop", "web-1", "web", "10.0.0.1", ""),
+            workload("other", "web-9", "web", "10.0.9.1", "sinew.io/dataplane-mode: ambient"),
+            workload("other", "web-8", "web", "10.0.9.2", ""),
+        ]
+        .concat(),
+    );
+    // Out of an ambient namespace, into one that is not; the rest follow their namespace.
+    assert!(!idx.workload("shop", "db-1").unwrap().in_mesh && !idx.pod_in_mesh("shop", "db-1"));
+    assert!(idx.workload("other", "web-9").unwrap().in_mesh && idx.pod_in_mesh("other", "web-9"));
+    assert!(idx.workload("shop", "web-1").unwrap().in_mesh && idx.pod_in_mesh("shop", "web-1"));
+    assert!(!idx.workload("other", "web-8").unwrap().in_mesh);
+    assert!(!idx.pod_in_mesh("other", "web-8"));
+    // A pod with no Workload (yet): its namespace decides.
+    assert!(idx.pod_in_mesh("shop", "new") && !idx.pod_in_mesh("other", "new"));
+}
+
+#[test]
 fn in_mesh_from_the_namespace_label() {
     let idx = shop();
     assert!(idx.workload("shop", "web-1").unwrap().in_mesh);

@@ -164,8 +164,12 @@ pub fn parse_document(
     }
     match crate::parse_kind(kind, value) {
         Some(Ok(resource)) if found.is_empty() => {
-            if let Resource::Namespace(ns) = &resource
-                && let Some(mode) = ns.metadata.labels.get(crate::DATAPLANE_MODE_LABEL)
+            let labels = match &resource {
+                Resource::Namespace(ns) => Some(&ns.metadata.labels),
+                Resource::Workload(w) => Some(&w.metadata.labels),
+                _ => None,
+            };
+            if let Some(mode) = labels.and_then(|l| l.get(crate::DATAPLANE_MODE_LABEL))
                 && mode != crate::DATAPLANE_MODE_AMBIENT
                 && mode != "none"
             {

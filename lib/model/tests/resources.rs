@@ -199,6 +199,30 @@ fn backend_filters_are_limited_to_the_kinds_applied_per_backend() {
 }
 
 #[test]
+fn dataplane_mode_labels_are_ambient_or_none_on_namespaces_and_workloads() {
+    for kind in ["Namespace", "Workload"] {
+        let (api, ns, spec) = match kind {
+            "Namespace" => ("v1", "", ""),
+            _ => (
+                "sinew.io/v1alpha1",
+                ", namespace: shop",
+                "\nspec: {serviceAccount: web, node: n1, ips: [198.18.1.10]}",
+            ),
+        };
+        let doc = |mode: &str| {
+            format!(
+                "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: a{ns}, labels: {{sinew.io/dataplane-mode: {mode}}}}}{spec}\n"
+            )
+        };
+        assert!(errors_of(&doc("ambient")).is_empty() && errors_of(&doc("none")).is_empty());
+        let e = errors_of(&doc("on"));
+        assert_eq!(e.len(), 1, "{kind}: {e:?}");
+        assert_eq!(e[0].field, "metadata.labels.sinew.io/dataplane-mode", "{kind}");
+        assert!(e[0].message.contains("must be \"ambient\" or \"none\""), "{}", e[0].message);
+    }
+}
+
+#[test]
 fn header_modifier_lists_are_bounded_as_in_gateway_api() {
     let entries = |n: usize| {
         (0..n).map(|i| format!("{{name: x-h{i}, value: v}}")).collect::<Vec<_>>().join(", ")
