@@ -880,7 +880,15 @@ impl Cluster {
             self.control.is_some(),
             "a waypoint needs the control service: start_control first"
         );
-        let pod = self.add_pod_as(node, name, namespace, "waypoint")?;
+        // Labelled out of the mesh, as Istio labels its waypoint pods: no agent captures a
+        // waypoint, which terminates HBONE itself, and agents still tunnel to it.
+        let pod = self.add_pod_labeled(
+            node,
+            name,
+            namespace,
+            "waypoint",
+            &[("sinew.io/dataplane-mode", "none")],
+        )?;
         let d = |p: String| self.dir.join(p).to_string_lossy().into_owned();
         let args = [
             "--name".to_string(),

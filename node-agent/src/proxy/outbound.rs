@@ -132,10 +132,12 @@ pub(super) async fn handle(downstream: TcpStream, peer: std::net::SocketAddr, po
         service: resolved.service.as_ref().map(|s| s.hostname()),
         via: None,
     };
-    let hbone = resolved
-        .workload
-        .as_ref()
-        .filter(|w| w.in_mesh && ctx.certs.enabled() && !pod.ips.contains(&resolved.addr.ip()));
+    // A waypoint takes HBONE whatever its own Workload's labels say (Istio labels waypoint
+    // pods `dataplane-mode: none`: no agent captures them, they terminate HBONE themselves).
+    let via_waypoint = resolved.service.as_ref().is_some_and(|s| s.waypoint.is_some());
+    let hbone = resolved.workload.as_ref().filter(|w| {
+        (w.in_mesh || via_waypoint) && ctx.certs.enabled() && !pod.ips.contains(&resolved.addr.ip())
+    });
     let mut labels = TcpLabels {
         reporter: "source",
         source: SourceLabels::new(
