@@ -306,7 +306,8 @@ impl Registry {
         Ok(restored)
     }
 
-    /// Adds a pod; captures it when its namespace is enrolled. Idempotent for the same spec.
+    /// Adds a pod; captures it when it is in the mesh (its namespace enrolled, or its own
+    /// Workload labelled so; see [`MeshIndex::pod_in_mesh`]). Idempotent for the same spec.
     pub fn enroll(&self, spec: PodSpec) -> Result<PodStatus, PodError> {
         let _change = self.change();
         self.enroll_now(spec, Mode::Api)
@@ -464,6 +465,10 @@ impl Registry {
         if self.draining() {
             return Err(PodError::Stopping(uid.clone()));
         }
+        // Checked again, before anything is registered: a pod whose re-adoption failed is
+        // retried from its state file entry, which may name no cgroup, or one its checks
+        // never saw.
+        let cgroup = self.checked_cgroup(spec)?;
         let identity =
             SpiffeId::new(&self.ctx.trust_domain, &spec.namespace, &spec.service_account).map_err(
                 |e| PodError::Invalid {
@@ -524,9 +529,6 @@ impl Registry {
                 // closed) and swap our programs in.
                 capture.relink_pod(uid)?;
             } else {
-                // Checked again: a pod whose re-adoption failed is retried from its state
-                // file entry, which may name no cgroup or one its checks never saw.
-                let cgroup = self.checked_cgroup(spec)?;
                 capture.attach_pod(uid, &cgroup, &netns)?;
             }
             Ok(())
@@ -586,8 +588,9 @@ impl Registry {
         Ok(())
     }
 
-    /// Applies namespace enrollment changes to known pods, without restarting them: pods of a
-    /// namespace labelled since are captured, pods of one unlabelled are released (with
+    /// Applies enrollment changes to known pods, without restarting them: pods now in the
+    /// mesh (their namespace, or their own Workload, labelled since) are captured, pods now
+    /// out of it are released (with
     /// `releases`: on a new mesh view; a retry on a timer only captures). A rejected
     /// resource changes nothing: its last good version stays in force.
     /// Returns how many pods changed.
@@ -610,7 +613,7 @@ impl Registry {
                         Ok(()) => {
                             pod.status.reason = Some(not_enrolled(&mesh, spec));
                             changed += 1;
-                            info!(pod = %spec.uid, "namespace not in the mesh: pins released");
+                            info!(pod = %spec.uid, "not in the mesh: pins released");
                         }
                         Err(e) => warn!(pod = %spec.uid, error = %e, "cannot release pod"),
                     }
@@ -627,11 +630,15 @@ impl Registry {
                         pod.status.captured = true;
                         pod.status.reason = None;
                         changed += 1;
-                        info!(pod = %spec.uid, "namespace enrolled: captured");
+                        info!(pod = %spec.uid, "in the mesh: captured");
                     }
                     Err(e) => {
                         warn!(pod = %spec.uid, error = %e, "cannot capture pod");
                         pod.status.reason = Some(format!("capture failed: {e}"));
+                        // What no retry changes (a cgroup holding the agent, a path that
+                        // is not UTF-8): closed, and not retried, as at enroll.
+                        pod.refused |=
+                            matches!(e, PodError::HoldsAgent { .. } | PodError::Invalid { .. });
                     }
                 }
             } else {
@@ -648,7 +655,7 @@ impl Registry {
                 pod.status.captured = false;
                 pod.status.reason = Some(not_enrolled(&mesh, spec));
                 changed += 1;
-                info!(pod = %spec.uid, "namespace left the mesh: released");
+                info!(pod = %spec.uid, "left the mesh: released");
             }
         }
         drop(pods);

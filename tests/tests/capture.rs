@@ -404,7 +404,7 @@ fn restart_keeps_a_pod_it_cannot_readopt_failing_closed() -> Result<()> {
 }
 
 #[test]
-fn a_state_file_pod_without_a_findable_cgroup_stays_closed_and_the_agent_serves() -> Result<()> {
+fn a_state_file_pod_without_a_findable_cgroup_is_not_captured_and_the_agent_serves() -> Result<()> {
     let (mut c, _client, server) = two_nodes()?;
     c.agent(2).kill();
     // The state file names no cgroup for the server (an older or hand-written one), none can
@@ -473,6 +473,9 @@ fn a_workload_label_takes_one_pod_out_of_the_mesh_or_brings_one_in() -> Result<(
         reason.contains("Workload demo/out is labelled sinew.io/dataplane-mode=none"),
         "{reason}"
     );
+    // Enrolled again now that the agent's view has the label: decided at enroll.
+    c.agent(1).unenroll(&out)?;
+    ensure!(!c.agent(1).enroll(&out)?.captured, "enrolled against its label");
     let before = c.agent(1).status()?.counters.outbound;
     xfer(&c, &out, &to_server, 4096, 4096)?;
     ensure!(c.agent(1).status()?.counters.outbound == before, "an excluded pod was captured");
@@ -480,6 +483,8 @@ fn a_workload_label_takes_one_pod_out_of_the_mesh_or_brings_one_in() -> Result<(
     let inside = c.add_pod_labeled(1, "inside", "plain", "default", &[(MODE, "ambient")])?;
     c.agent(1).enroll(&inside)?;
     settle(&mut c, &inside, true)?;
+    c.agent(1).unenroll(&inside)?;
+    ensure!(c.agent(1).enroll(&inside)?.captured, "not captured at enroll despite its label");
     xfer(&c, &inside, &to_server, 4096, 4096)?;
     ensure!(c.agent(1).status()?.counters.outbound == before + 1, "an enrolled pod went direct");
     // Without the label the namespace decides again, for both, while they run.

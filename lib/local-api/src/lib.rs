@@ -30,7 +30,8 @@ pub struct PodSpec {
     pub uid: String,
     /// Pod name.
     pub name: String,
-    /// Kubernetes namespace; only pods of enrolled namespaces are captured.
+    /// Kubernetes namespace; only pods in the mesh are captured (of an enrolled namespace,
+    /// unless their Workload says otherwise).
     pub namespace: String,
     /// Service account, the identity the pod will hold.
     #[serde(default = "default_service_account")]

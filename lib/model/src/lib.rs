@@ -23,9 +23,10 @@ use serde::{Deserialize, Serialize};
 pub use store::{Rejected, Store, parse_document, parse_file};
 pub use validate::{Duration, Port, is_dns_label, is_dns_subdomain};
 
-/// The label that enrolls a namespace, and its enrolling value.
+/// The label that enrolls a namespace (or, on a Workload, that one pod), and its enrolling
+/// value.
 pub const DATAPLANE_MODE_LABEL: &str = "sinew.io/dataplane-mode";
-/// The value of [`DATAPLANE_MODE_LABEL`] that enrolls a namespace.
+/// The value of [`DATAPLANE_MODE_LABEL`] that enrolls (`none` excludes).
 pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
 /// The label that sends a namespace's or service's traffic through a waypoint.
 pub const USE_WAYPOINT_LABEL: &str = "sinew.io/use-waypoint";
