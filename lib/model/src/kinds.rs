@@ -1111,6 +1111,9 @@ fn header_value_ok(value: &str) -> bool {
     value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
+/// Filters per rule or per backendRef, Gateway API's `maxItems`.
+const MAX_FILTERS: usize = 16;
+
 /// Entries per list of a header modifier (`set`, `add`, `remove`), Gateway API's `maxItems`.
 const MAX_HEADER_MODIFIER_ENTRIES: usize = 16;
 
@@ -1161,6 +1164,11 @@ fn validate_hostname(e: &mut Errors, field: &str, h: &Option<String>) {
 }
 
 fn validate_filters(e: &mut Errors, filters: &[HttpFilter]) {
+    // Gateway API's bound, as on each header modifier's lists: together they keep what a
+    // route may add to a request well inside what a header map holds.
+    e.check(filters.len() <= MAX_FILTERS, "filters", || {
+        format!("{} filters: at most {MAX_FILTERS}, as in Gateway API", filters.len())
+    });
     e.each("filters", filters, |e, f| match f {
         HttpFilter::RequestHeaderModifier { request_header_modifier: m } => {
             validate_header_modifier(e, "requestHeaderModifier", m);

@@ -239,6 +239,15 @@ fn header_modifier_lists_are_bounded_as_in_gateway_api() {
         [("HTTPRoute/shop/r", "spec.rules[0].filters[0].responseHeaderModifier.set")]
     );
     assert!(e[0].message.contains("17 entries: at most 16"), "{}", e[0].message);
+    // And the filters themselves, so that many small modifiers cannot add up either.
+    let filter =
+        "{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-a, value: b}]}}";
+    let many = vec![filter; 17].join(", ");
+    let e = errors_of(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec:\n  parentRefs: [{{name: svc}}]\n  rules:\n    - filters: [{many}]\n      backendRefs: [{{name: a, port: 80}}]\n"
+    ));
+    assert_eq!(fields(&e), [("HTTPRoute/shop/r", "spec.rules[0].filters")]);
+    assert!(e[0].message.contains("17 filters: at most 16"), "{}", e[0].message);
 }
 
 #[test]
