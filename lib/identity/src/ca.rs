@@ -155,9 +155,13 @@ impl Ca {
             // there since stay.
             for partial in [&cert, &key] {
                 let modified = std::fs::metadata(partial).and_then(|m| m.modified());
-                // (A marker dated at the end of time counts every file as not older.)
-                let until = marker.checked_add(Duration::from_secs(60)).unwrap_or(marker);
-                if modified.is_ok_and(|t| t <= until) {
+                // Written after the marker, within a minute of it (a marker dated at the end
+                // of time, or later than the files, leaves them be).
+                let written_then = |t: std::time::SystemTime| {
+                    marker <= t
+                        && marker.checked_add(Duration::from_secs(60)).is_some_and(|end| t <= end)
+                };
+                if modified.is_ok_and(written_then) {
                     let _ = std::fs::remove_file(partial);
                 }
             }
@@ -822,6 +826,21 @@ mod tests {
         assert!(!ca_dir.join(".generating").exists());
         let again = Ca::load_or_generate(&ca_dir, "cluster.local").unwrap();
         assert_eq!(ca.root_pem(), again.root_pem(), "kept once whole");
+    }
+
+    #[test]
+    fn a_marker_newer_than_the_files_leaves_them_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let first = Ca::load_or_generate(&ca_dir, "cluster.local").unwrap();
+        // A marker left with a date after the root's files (a clock set back since, say):
+        // they are not a cut-short start's, so they stay.
+        let marker = std::fs::File::create(ca_dir.join(".generating")).unwrap();
+        let later = std::time::SystemTime::now() + Duration::from_secs(10 * 365 * 24 * 3600);
+        marker.set_modified(later).unwrap();
+        let again = Ca::load_or_generate(&ca_dir, "cluster.local").unwrap();
+        assert_eq!(first.root_pem(), again.root_pem());
+        assert!(!ca_dir.join(".generating").exists());
     }
 
     #[test]
