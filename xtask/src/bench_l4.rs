@@ -215,7 +215,8 @@ pub fn run(bin_dir: &Path, out_file: &Path) -> Result<()> {
         ports
             .iter()
             .map(|port| {
-                let pattern = format!("relay .*{port} .*({modes})");
+                // Anchored on the listen address: a relay's target may have the same port.
+                let pattern = format!("relay [^ ]*:{port} .*({modes})");
                 let out = sinew_test_util::sh("pgrep", &["-f", &pattern])?;
                 let pid = out.lines().next().with_context(|| format!("no relay on {port}"))?;
                 Ok(pid.trim().parse()?)
