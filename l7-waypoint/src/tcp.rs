@@ -267,19 +267,19 @@ async fn forward(
 
 /// A tunnelled stream whose bytes read are counted as they go: toward the destination (the
 /// client's side) or back from it (the endpoint's).
-struct Counted<'a> {
-    inner: H2Stream,
+struct Counted<'a, S> {
+    inner: S,
     bytes: &'a ByteCounters,
     toward: bool,
 }
 
-impl<'a> Counted<'a> {
-    fn new(inner: H2Stream, bytes: &'a ByteCounters, toward: bool) -> Self {
+impl<'a, S> Counted<'a, S> {
+    fn new(inner: S, bytes: &'a ByteCounters, toward: bool) -> Self {
         Self { inner, bytes, toward }
     }
 }
 
-impl AsyncRead for Counted<'_> {
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -297,7 +297,7 @@ impl AsyncRead for Counted<'_> {
     }
 }
 
-impl AsyncWrite for Counted<'_> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -275,7 +275,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// An HBONE stream as a hyper connection, holding its place under the backend's
 /// `maxConnections` for as long as it lives.
 pub struct HboneIo(
-    TokioIo<H2Stream>,
+    TokioIo<Upstream>,
     #[allow(dead_code, reason = "held, not read: given back when the connection drops")]
     Option<ConnectionPlace>,
 );
@@ -376,20 +376,86 @@ impl tower_service::Service<Uri> for HboneConnector {
     }
 }
 
-/// An HBONE stream to `authority` (an endpoint's `<ip>:<port>`) through its agent, as the
-/// waypoint, naming the original client identity `source` (see [`Waypoint::source_tag`]) in
-/// the CONNECT's baggage. Pooled HTTP connections and forwarded TCP connections both use it.
+/// The waypoint's connection to an endpoint: HBONE to one in the mesh, plain TCP to one
+/// outside it (of a namespace not in the mesh, or labelled out), as Istio's waypoint and the
+/// agents do.
+pub enum Upstream {
+    /// A tunnel through the endpoint's agent.
+    Hbone(H2Stream),
+    /// A plain connection.
+    Plain(TcpStream),
+}
+
+impl Upstream {
+    /// Ends it with a reset: RST_STREAM, or a TCP RST once dropped.
+    pub fn reset(&mut self) {
+        match self {
+            Self::Hbone(s) => s.reset(),
+            Self::Plain(t) => drop(t.set_zero_linger()),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Hbone(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Plain(t) => Pin::new(t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Hbone(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Plain(t) => Pin::new(t).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Hbone(s) => Pin::new(s).poll_flush(cx),
+            Self::Plain(t) => Pin::new(t).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Hbone(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Plain(t) => Pin::new(t).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A connection to `authority` (an endpoint's `<ip>:<port>`): for an endpoint in the mesh an
+/// HBONE stream through its agent, as the waypoint, naming the original client identity
+/// `source` (see [`Waypoint::source_tag`]) in the CONNECT's baggage; for one outside it,
+/// plain TCP. Pooled HTTP connections and forwarded TCP connections both use it.
 pub async fn open_tunnel(
     wp: &Waypoint,
     authority: SocketAddr,
     source: Option<u32>,
-) -> Result<H2Stream, UpstreamError> {
+) -> Result<Upstream, UpstreamError> {
     let err = |reason: String| UpstreamError::Connect { endpoint: authority.to_string(), reason };
     let snapshot = wp.snapshot.borrow().clone();
     let workload = snapshot
         .mesh
         .workload_by_ip(authority.ip())
         .ok_or_else(|| err("no workload has this address".into()))?;
+    if !workload.in_mesh {
+        let tcp = TcpStream::connect(authority).await.map_err(|e| err(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        return Ok(Upstream::Plain(tcp));
+    }
     let expected = workload.identity(&wp.trust_domain).map_err(|e| err(e.to_string()))?;
     let identity =
         wp.identity().ok_or_else(|| err("no valid certificate (none yet, or expired)".into()))?;
@@ -417,6 +483,7 @@ pub async fn open_tunnel(
         .get()
         .connect(&key, &identity, connect, TcpStream::connect)
         .await
+        .map(Upstream::Hbone)
         .map_err(|e| err(e.to_string()))
 }
 

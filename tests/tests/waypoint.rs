@@ -36,6 +36,18 @@ spec:
   clusterIPs: [\"198.18.200.22\"]
   ports: [{port: 80, targetPort: 8080}]
   selector: {version: v2}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: legacy
+  namespace: demo
+  labels:
+    sinew.io/use-waypoint: wp
+spec:
+  clusterIPs: [\"198.18.200.24\"]
+  ports: [{port: 80, targetPort: 8080}]
+  selector: {app: legacy}
 ";
 
 /// A plain TCP port (`appProtocol: tcp`) behind the same waypoint: passed through unparsed.
@@ -169,6 +181,14 @@ fn setup() -> Result<(Cluster, Pod)> {
         "reviews",
         &[("app", "reviews"), ("version", "v2")],
     )?;
+    // Labelled out of the mesh, behind the waypoint all the same: reached in plain TCP.
+    let legacy = c.add_pod_labeled(
+        2,
+        "legacy",
+        "demo",
+        "legacy",
+        &[("app", "legacy"), ("sinew.io/dataplane-mode", "none")],
+    )?;
     c.write_config("services.yaml", SERVICES)?;
     c.write_config("routes.yaml", ROUTES)?;
     c.write_config("grpc.yaml", GRPC)?;
@@ -192,6 +212,7 @@ fn setup() -> Result<(Cluster, Pod)> {
     }
     c.serve_http(&v1, 8080, "v1")?;
     c.serve_http(&v2, 8080, "v2")?;
+    c.serve_http(&legacy, 8080, "legacy")?;
     c.start_app(&v1, &["grpc", "9000", "v1"])?;
     c.serve(&v1, &[7000])?;
     Ok((c, client))
@@ -279,6 +300,11 @@ fn waypoint_routes_splits_retries_times_out_limits_and_reports() -> Result<()> {
     ensure!(v1 + v2 == 2000, "every request must succeed: {s:?}");
     let share = v2 as f64 / 2000.0 * 100.0;
     ensure!((7.0..=13.0).contains(&share), "v2 got {share:.1} % (want 10 +- 3): {s:?}");
+
+    // A service whose endpoint is out of the mesh: the waypoint reaches it in plain TCP,
+    // as the agents would (HBONE to it would find no agent listening).
+    let got = served(&c, &client, "http://198.18.200.24/?n=[1-5]")?;
+    ensure!(got == BTreeMap::from([("200 legacy".to_string(), 5)]), "legacy: {got:?}");
 
     // Header routing picks v2.
     let out =
