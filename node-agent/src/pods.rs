@@ -218,7 +218,7 @@ impl Registry {
     }
 
     fn in_mesh(&self, spec: &PodSpec) -> bool {
-        self.ctx.mesh.borrow().pod_in_mesh(&spec.namespace, &spec.name)
+        self.ctx.mesh.borrow().pod_in_mesh(&spec.namespace, &spec.name, &spec.ips)
     }
 
     fn state_file(&self) -> PathBuf {
@@ -601,7 +601,7 @@ impl Registry {
         let mut pods = self.pods.lock().expect("pod registry lock poisoned");
         for pod in pods.values_mut() {
             let spec = &pod.status.spec;
-            let want = mesh.pod_in_mesh(&spec.namespace, &spec.name);
+            let want = mesh.pod_in_mesh(&spec.namespace, &spec.name, &spec.ips);
             if want == pod.status.captured || (want && pod.refused) {
                 // Uncaptured but still pinned (re-adopted before configuration arrived, or
                 // a re-adoption that failed): the view now says it is out of the mesh.
@@ -734,10 +734,9 @@ impl Registry {
 
 fn not_enrolled(mesh: &MeshIndex, spec: &PodSpec) -> String {
     let label = sinew_model::DATAPLANE_MODE_LABEL;
-    match mesh.workload(&spec.namespace, &spec.name).and_then(|w| w.labels.get(label)) {
-        Some(mode) => {
-            format!("Workload {}/{} is labelled {label}={mode}", spec.namespace, spec.name)
-        }
+    let workload = mesh.pod_workload(&spec.namespace, &spec.name, &spec.ips);
+    match workload.and_then(|w| w.labels.get(label).map(|mode| (w, mode))) {
+        Some((w, mode)) => format!("Workload {} is labelled {label}={mode}", w.key()),
         None => format!(
             "namespace {:?} is not enrolled (label {label}={})",
             spec.namespace,

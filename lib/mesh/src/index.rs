@@ -311,14 +311,23 @@ impl MeshIndex {
         self.ambient.contains(ns)
     }
 
-    /// Whether pod `name` of namespace `ns` is to be captured: its Workload's own
+    /// Whether pod `name` of namespace `ns`, at `ips`, is to be captured: its Workload's own
     /// `sinew.io/dataplane-mode` label decides (`ambient` enrolls it in a namespace that is
     /// not, `none` keeps it out of one that is, as Istio's pod label does), else its
-    /// namespace's.
-    pub fn pod_in_mesh(&self, ns: &str, name: &str) -> bool {
-        self.workload(ns, name)
+    /// namespace's. The Workload is [`Self::pod_workload`]'s.
+    pub fn pod_in_mesh(&self, ns: &str, name: &str, ips: &[IpAddr]) -> bool {
+        self.pod_workload(ns, name, ips)
             .and_then(|w| dataplane_mode(&w.labels))
             .unwrap_or_else(|| self.namespace_is_ambient(ns))
+    }
+
+    /// The Workload of pod `name` of namespace `ns`, at `ips`: its namesake, or else the one
+    /// of its namespace at one of its addresses, which is how peers find it (so that the
+    /// tunnel they choose toward it, by [`WorkloadInfo::in_mesh`], and its capture agree).
+    pub fn pod_workload(&self, ns: &str, name: &str, ips: &[IpAddr]) -> Option<&Arc<WorkloadInfo>> {
+        self.workload(ns, name).or_else(|| {
+            ips.iter().filter_map(|ip| self.workload_by_ip(*ip)).find(|w| w.namespace == ns)
+        })
     }
 
     /// The authorization policies and peer authentications.

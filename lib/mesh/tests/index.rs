@@ -141,13 +141,23 @@ fn a_workload_label_enrolls_or_excludes_one_pod() {
         .concat(),
     );
     // Out of an ambient namespace, into one that is not; the rest follow their namespace.
-    assert!(!idx.workload("shop", "db-1").unwrap().in_mesh && !idx.pod_in_mesh("shop", "db-1"));
-    assert!(idx.workload("other", "web-9").unwrap().in_mesh && idx.pod_in_mesh("other", "web-9"));
-    assert!(idx.workload("shop", "web-1").unwrap().in_mesh && idx.pod_in_mesh("shop", "web-1"));
+    assert!(
+        !idx.workload("shop", "db-1").unwrap().in_mesh && !idx.pod_in_mesh("shop", "db-1", &[])
+    );
+    assert!(
+        idx.workload("other", "web-9").unwrap().in_mesh && idx.pod_in_mesh("other", "web-9", &[])
+    );
+    assert!(
+        idx.workload("shop", "web-1").unwrap().in_mesh && idx.pod_in_mesh("shop", "web-1", &[])
+    );
     assert!(!idx.workload("other", "web-8").unwrap().in_mesh);
-    assert!(!idx.pod_in_mesh("other", "web-8"));
+    assert!(!idx.pod_in_mesh("other", "web-8", &[]));
     // A pod with no Workload (yet): its namespace decides.
-    assert!(idx.pod_in_mesh("shop", "new") && !idx.pod_in_mesh("other", "new"));
+    assert!(idx.pod_in_mesh("shop", "new", &[]) && !idx.pod_in_mesh("other", "new", &[]));
+    // A pod named otherwise than its Workload: found at its address, in its namespace only.
+    assert!(!idx.pod_in_mesh("shop", "db-1-abc", &[ip("10.0.0.3")]));
+    assert!(idx.pod_in_mesh("other", "x", &[ip("10.0.9.1")]));
+    assert!(idx.pod_in_mesh("shop", "x", &[ip("10.0.9.1")]), "another namespace's Workload");
 }
 
 #[test]
