@@ -31,7 +31,7 @@ use tracing::debug;
 use crate::{
     state::{Snapshot, Waypoint},
     telemetry::{ByteCounters, ConnectionEntry, DestinationLabels, SourceLabels, TcpLabels},
-    upstream::open_tunnel,
+    upstream::{self, open_tunnel},
 };
 
 /// Serves one CONNECT to plain TCP port `port` of `service`: authorizes it, then carries the
@@ -249,7 +249,7 @@ async fn forward(
             debug!(service = %entry.service, error = %e, "TCP connection reset");
             entry.error = Some(e.to_string());
             down.inner.reset();
-            up.inner.reset();
+            upstream::reset(&mut up.inner);
         }
         Err(d) => {
             debug!(service = %entry.service, source = %entry.source, reason = %d.reason, "TCP connection closed by a policy change");
@@ -258,7 +258,7 @@ async fn forward(
             entry.policy = d.policy.clone();
             entry.reason = Some(d.reason.into_owned());
             down.inner.reset();
-            up.inner.reset();
+            upstream::reset(&mut up.inner);
         }
     }
     wp.metrics.tcp.closed(&labels);

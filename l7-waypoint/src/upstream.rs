@@ -376,63 +376,16 @@ impl tower_service::Service<Uri> for HboneConnector {
     }
 }
 
-/// The waypoint's connection to an endpoint: HBONE to one in the mesh, plain TCP to one
-/// outside it (of a namespace not in the mesh, or labelled out), as Istio's waypoint and the
-/// agents do.
-pub enum Upstream {
-    /// A tunnel through the endpoint's agent.
-    Hbone(H2Stream),
-    /// A plain connection.
-    Plain(TcpStream),
-}
+/// The waypoint's connection to an endpoint: an HBONE stream through its agent to one in
+/// the mesh (`Left`), plain TCP to one outside it (`Right`: of a namespace not in the mesh,
+/// or labelled out), as Istio's waypoint and the agents do.
+pub type Upstream = tokio_util::either::Either<H2Stream, TcpStream>;
 
-impl Upstream {
-    /// Ends it with a reset: RST_STREAM, or a TCP RST once dropped.
-    pub fn reset(&mut self) {
-        match self {
-            Self::Hbone(s) => s.reset(),
-            Self::Plain(t) => drop(t.set_zero_linger()),
-        }
-    }
-}
-
-impl tokio::io::AsyncRead for Upstream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Hbone(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Plain(t) => Pin::new(t).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Upstream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Self::Hbone(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Plain(t) => Pin::new(t).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Hbone(s) => Pin::new(s).poll_flush(cx),
-            Self::Plain(t) => Pin::new(t).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Hbone(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Plain(t) => Pin::new(t).poll_shutdown(cx),
-        }
+/// Ends `up` with a reset: RST_STREAM, or a TCP RST once dropped.
+pub fn reset(up: &mut Upstream) {
+    match up {
+        Upstream::Left(s) => s.reset(),
+        Upstream::Right(t) => drop(t.set_zero_linger()),
     }
 }
 
@@ -454,7 +407,7 @@ pub async fn open_tunnel(
     if !workload.in_mesh {
         let tcp = TcpStream::connect(authority).await.map_err(|e| err(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        return Ok(Upstream::Plain(tcp));
+        return Ok(Upstream::Right(tcp));
     }
     let expected = workload.identity(&wp.trust_domain).map_err(|e| err(e.to_string()))?;
     let identity =
@@ -483,7 +436,7 @@ pub async fn open_tunnel(
         .get()
         .connect(&key, &identity, connect, TcpStream::connect)
         .await
-        .map(Upstream::Hbone)
+        .map(Upstream::Left)
         .map_err(|e| err(e.to_string()))
 }
 
